@@ -1,0 +1,314 @@
+"""The decoder-only language model shared by every supported family.
+
+Parameters live as ``nnx.Param`` with a ``logical_axes`` tuple (read by
+``jaxsft.sharding``). Per-layer weights are stacked on a leading ``layers`` axis
+and run under ``lax.scan`` so compile time does not grow with depth; the layer
+body is a pure function, so remat is a ``jax.checkpoint`` around it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsft.models import layers as L
+from jaxsft.models.spec import ModelSpec
+
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys and values, [layers, batch, max_len, kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def layer_param_shapes(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], tuple[Optional[str], ...], str]]:
+    """name -> (per-layer shape, logical axes without the layers axis, init kind).
+
+    The single source of truth for what a layer holds; the HF key tables and the
+    sharding rules are both checked against it.
+    """
+    h, f, n, kv, d = spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    shapes: dict[str, tuple[tuple[int, ...], tuple[Optional[str], ...], str]] = {
+        "attn_norm_scale": ((h,), ("norm",), "ones"),
+        "q_proj": ((h, n, d), ("embed", "q_heads", "head_dim"), "normal"),
+        "k_proj": ((h, kv, d), ("embed", "kv_heads", "head_dim"), "normal"),
+        "v_proj": ((h, kv, d), ("embed", "kv_heads", "head_dim"), "normal"),
+        "o_proj": ((n, d, h), ("q_heads", "head_dim", "embed"), "normal"),
+        "mlp_norm_scale": ((h,), ("norm",), "ones"),
+        "up_proj": ((h, f), ("embed", "mlp"), "normal"),
+        "down_proj": ((f, h), ("mlp", "embed"), "normal"),
+    }
+    if spec.norm == "layer":
+        shapes["attn_norm_bias"] = ((h,), ("norm",), "zeros")
+        shapes["mlp_norm_bias"] = ((h,), ("norm",), "zeros")
+    if spec.qkv_bias:
+        shapes["q_bias"] = ((n, d), ("q_heads", "head_dim"), "zeros")
+        shapes["k_bias"] = ((kv, d), ("kv_heads", "head_dim"), "zeros")
+        shapes["v_bias"] = ((kv, d), ("kv_heads", "head_dim"), "zeros")
+    if spec.o_bias:
+        shapes["o_bias"] = ((h,), ("norm",), "zeros")
+    if spec.qk_norm:
+        shapes["q_norm_scale"] = ((d,), ("head_dim",), "ones")
+        shapes["k_norm_scale"] = ((d,), ("head_dim",), "ones")
+    if spec.mlp == "gated":
+        shapes["gate_proj"] = ((h, f), ("embed", "mlp"), "normal")
+    if spec.mlp_bias:
+        shapes["up_bias"] = ((f,), ("mlp",), "zeros")
+        shapes["down_bias"] = ((h,), ("norm",), "zeros")
+        if spec.mlp == "gated":
+            shapes["gate_bias"] = ((f,), ("mlp",), "zeros")
+    return shapes
+
+
+def _init(kind: str, key: jax.Array, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
+    if kind == "ones":
+        return jnp.ones(shape, dtype)
+    if kind == "zeros":
+        return jnp.zeros(shape, dtype)
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class DecoderLayers(nnx.Module):
+    """All transformer blocks, each weight stacked on a leading layers axis."""
+
+    def __init__(self, spec: ModelSpec, *, param_dtype, rngs: nnx.Rngs):
+        for name, (shape, axes, kind) in layer_param_shapes(spec).items():
+            value = _init(kind, rngs.params(), (spec.num_layers, *shape), spec.initializer_range, param_dtype)
+            setattr(self, name, nnx.Param(value, logical_axes=("layers", *axes)))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self._names()}
+
+    def _names(self) -> list[str]:
+        return [k for k, v in vars(self).items() if isinstance(v, nnx.Param)]
+
+
+class CausalLM(nnx.Module):
+    """A decoder-only LM. ``__call__(input_ids, attention_mask=None)`` returns fp32 logits [B, T, V]."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+        remat: bool = False,
+        remat_policy: str = "nothing_saveable",
+        attention_implementation: str = "auto",
+        hf_config_json: Optional[str] = None,
+    ):
+        self.spec = spec
+        self.dtype = jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)
+        self.remat = remat
+        self.remat_policy = remat_policy
+        self.attention_implementation = attention_implementation
+        self.hf_config_json = hf_config_json
+        std = spec.initializer_range
+        h = spec.hidden_size
+        self.embed = nnx.Param(
+            _init("normal", rngs.params(), (spec.vocab_size, h), std, param_dtype), logical_axes=("vocab", "embed")
+        )
+        if spec.position == "learned":
+            self.pos_embed = nnx.Param(
+                _init("normal", rngs.params(), (spec.max_position_embeddings, h), std, param_dtype),
+                logical_axes=(None, "embed"),
+            )
+        self.layers = DecoderLayers(spec, param_dtype=param_dtype, rngs=rngs)
+        self.final_norm_scale = nnx.Param(jnp.ones((h,), param_dtype), logical_axes=("norm",))
+        if spec.norm == "layer":
+            self.final_norm_bias = nnx.Param(jnp.zeros((h,), param_dtype), logical_axes=("norm",))
+        if not spec.tie_word_embeddings:
+            self.lm_head = nnx.Param(
+                _init("normal", rngs.params(), (spec.vocab_size, h), std, param_dtype), logical_axes=("vocab", "embed")
+            )
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def config(self):
+        """The Hugging Face config this model was built from (a ``transformers.PretrainedConfig``)."""
+        from transformers import AutoConfig
+
+        if self.hf_config_json is None:
+            return None
+        data = json.loads(self.hf_config_json)
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: Optional[jax.Array] = None,
+        positions: Optional[jax.Array] = None,
+    ) -> jax.Array:
+        hidden = self.hidden_states(input_ids, attention_mask, positions)
+        return self.logits(hidden)
+
+    def unembedding(self) -> jax.Array:
+        """The output projection as [vocab, hidden] (the embedding itself when tied)."""
+        if self.spec.tie_word_embeddings:
+            return self.embed[...]
+        return self.lm_head[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        w = self.unembedding().astype(self.dtype)
+        return jnp.einsum("bth,vh->btv", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: Optional[jax.Array] = None,
+        positions: Optional[jax.Array] = None,
+    ) -> jax.Array:
+        """Final-norm hidden states [B, T, H].
+
+        Without ``attention_mask`` the batch is taken as unpadded or right-padded
+        (causal attention alone keeps real tokens from seeing padding), which lets
+        the GPU use cuDNN flash attention. With a mask (left padding, holes),
+        positions count real tokens only and padded keys are masked out.
+        """
+        input_ids = jnp.asarray(input_ids)
+        batch, length = input_ids.shape
+        mask = None
+        if attention_mask is not None:
+            attention_mask = jnp.asarray(attention_mask).astype(bool)
+            if positions is None:
+                positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+            causal = jnp.tril(jnp.ones((length, length), bool))
+            mask = causal[None, None] & attention_mask[:, None, None, :]
+            mask = self._apply_window(mask, positions, positions)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        h = self._embed(input_ids, positions)
+        h, _ = self._run_layers(h, positions, mask=mask, causal=True, cache=None, write_index=None)
+        return self._final_norm(h)
+
+    def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
+        s = self.spec
+        shape = (s.num_layers, batch, max_length, s.num_kv_heads, s.head_dim)
+        dtype = dtype or self.dtype
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def forward_with_cache(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        cache: KVCache,
+        write_index: jax.Array,
+        kv_mask: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """Run T new tokens against a KV cache; returns final hidden states and the updated cache.
+
+        The new keys/values are written at cache slots ``write_index .. write_index+T-1``
+        (the same slots for every row: prompts are left-padded). ``kv_mask`` [B, S]
+        marks cache slots holding real tokens, the new ones included.
+        """
+        t = input_ids.shape[1]
+        slots = jnp.arange(cache.k.shape[2])
+        query_slots = write_index + jnp.arange(t)
+        causal = slots[None, :] <= query_slots[:, None]  # [T, S]
+        mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]
+        if self.spec.sliding_window is not None:
+            within = query_slots[:, None] - slots[None, :] < self.spec.sliding_window
+            mask = mask & within[None, None]
+        h = self._embed(input_ids, positions)
+        h, cache = self._run_layers(h, positions, mask=mask, causal=True, cache=cache, write_index=write_index)
+        return self._final_norm(h), cache
+
+    # ------------------------------------------------------------------ internals
+    def _apply_window(self, mask: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+        if self.spec.sliding_window is None:
+            return mask
+        within = (q_pos[:, :, None] - k_pos[:, None, :]) < self.spec.sliding_window
+        return mask & within[:, None]
+
+    def _embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+        if self.spec.position == "learned":
+            h = h + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
+        return h
+
+    def _final_norm(self, h: jax.Array) -> jax.Array:
+        if self.spec.norm == "layer":
+            return L.layer_norm(h, self.final_norm_scale[...], self.final_norm_bias[...], self.spec.norm_eps)
+        return L.rms_norm(h, self.final_norm_scale[...], self.spec.norm_eps)
+
+    def _run_layers(self, h, positions, *, mask, causal, cache: Optional[KVCache], write_index):
+        spec, dtype = self.spec, self.dtype
+        impl = L.resolve_attention_implementation(self.attention_implementation, dtype)
+        rope = L.rope_cos_sin(spec, positions, dtype) if spec.position == "rope" else None
+        params = {k: v.astype(dtype) for k, v in self.layers.arrays().items()}
+
+        def block(h, p, layer_cache):
+            out, new_kv = _decoder_block(
+                spec, h, p, rope, mask=mask, causal=causal, impl=impl, layer_cache=layer_cache, write_index=write_index
+            )
+            return out, new_kv
+
+        if self.remat and cache is None:
+            block = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=())
+
+        if cache is None:
+            h, _ = jax.lax.scan(lambda c, p: (block(c, p, None)[0], None), h, params)
+            return h, None
+        h, (k, v) = jax.lax.scan(lambda c, xs: block(c, xs[0], (xs[1], xs[2])), h, (params, cache.k, cache.v))
+        return h, KVCache(k, v)
+
+
+def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cache, write_index):
+    """One pre-norm transformer block; returns (h, (k_cache, v_cache) or None)."""
+    if spec.norm == "layer":
+        x = L.layer_norm(h, p["attn_norm_scale"], p["attn_norm_bias"], spec.norm_eps)
+    else:
+        x = L.rms_norm(h, p["attn_norm_scale"], spec.norm_eps)
+    q = jnp.einsum("bth,hnd->btnd", x, p["q_proj"])
+    k = jnp.einsum("bth,hnd->btnd", x, p["k_proj"])
+    v = jnp.einsum("bth,hnd->btnd", x, p["v_proj"])
+    if spec.qkv_bias:
+        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    if spec.qk_norm:
+        q = L.rms_norm(q, p["q_norm_scale"], spec.norm_eps)
+        k = L.rms_norm(k, p["k_norm_scale"], spec.norm_eps)
+    if rope is not None:
+        cos, sin = rope
+        q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
+    new_kv = None
+    if layer_cache is not None:
+        k_cache, v_cache = layer_cache
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
+        new_kv = (k_cache, v_cache)
+        k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+    attn = L.attention(q, k, v, mask=mask, causal=causal, sliding_window=spec.sliding_window, implementation=impl)
+    o = jnp.einsum("btnd,ndh->bth", attn, p["o_proj"])
+    if spec.o_bias:
+        o = o + p["o_bias"]
+    h = h + o
+    if spec.norm == "layer":
+        x = L.layer_norm(h, p["mlp_norm_scale"], p["mlp_norm_bias"], spec.norm_eps)
+    else:
+        x = L.rms_norm(h, p["mlp_norm_scale"], spec.norm_eps)
+    up = x @ p["up_proj"]
+    if spec.mlp_bias:
+        up = up + p["up_bias"]
+    if spec.mlp == "gated":
+        gate = x @ p["gate_proj"]
+        if spec.mlp_bias:
+            gate = gate + p["gate_bias"]
+        inner = L.activation(spec.activation, gate) * up
+    else:
+        inner = L.activation(spec.activation, up)
+    down = inner @ p["down_proj"]
+    if spec.mlp_bias:
+        down = down + p["down_bias"]
+    return h + down, new_kv

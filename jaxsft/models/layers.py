@@ -1,0 +1,114 @@
+"""Pure building blocks of the decoder: norms, rotary embedding, activations, attention.
+
+They are plain functions of arrays so the scanned layer body stays a pure function
+that ``jax.checkpoint`` (remat) and ``lax.scan`` can transform freely.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsft.models.spec import ModelSpec
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """HF's RMSNorm: normalise in fp32, cast back, then multiply by the weight."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """torch.nn.LayerNorm in fp32 (what autocast does), cast back to the stream dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    normed = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def rope_inverse_frequencies(spec: ModelSpec) -> np.ndarray:
+    """Inverse frequencies in fp32, computed as transformers does (incl. Llama-3 scaling)."""
+    dim = spec.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / (np.float32(spec.rope_theta) ** exponents)).astype(np.float32)
+    if spec.rope_type == "linear":
+        inv_freq = (inv_freq / np.float32(spec.rope_factor)).astype(np.float32)
+    elif spec.rope_type == "llama3":
+        factor = spec.rope_factor
+        low, high = spec.rope_low_freq_factor, spec.rope_high_freq_factor
+        old_len = spec.rope_original_max_position
+        low_wavelen = old_len / low
+        high_wavelen = old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cos_sin(spec: ModelSpec, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, T, head_dim] for integer positions [B, T]."""
+    inv_freq = jnp.asarray(rope_inverse_frequencies(spec))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on [B, T, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def resolve_attention_implementation(requested: str, dtype) -> str:
+    """cuDNN flash attention on GPU for 16-bit compute; XLA everywhere else (CPU, TPU, fp32)."""
+    if requested in ("xla", "cudnn"):
+        return requested
+    on_gpu = jax.default_backend() == "gpu"
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if (on_gpu and half) else "xla"
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: Optional[jax.Array],
+    causal: bool,
+    sliding_window: Optional[int],
+    implementation: str,
+) -> jax.Array:
+    """Scaled dot-product attention [B, T, N, D] x [B, S, K, D] (GQA when K < N).
+
+    ``mask`` is a boolean [B, 1, T, S] (True = may attend) that already includes
+    causality when given; ``causal`` alone serves right-padded training batches.
+    """
+    window = None
+    if sliding_window is not None and mask is None and causal:
+        window = (sliding_window - 1, 0)
+    impl = implementation if mask is None else "xla"
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=causal and mask is None, local_window_size=window, implementation=impl
+    )

@@ -1,0 +1,209 @@
+"""One family-independent description of a decoder-only architecture.
+
+Llama, Mistral, Qwen2/2.5, Qwen3, SmolLM2 and GPT-2 differ only in a handful of
+switches (norm kind, position encoding, MLP kind, biases, q/k norm, tying), so a
+single decoder reads this spec instead of one file per family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class UnsupportedModelError(ValueError):
+    """Raised for a model_type or an option jaxsft cannot reproduce exactly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm: str  # "rms" | "layer"
+    norm_eps: float
+    position: str  # "rope" | "learned"
+    mlp: str  # "gated" (SwiGLU family) | "plain" (GPT-2)
+    activation: str  # "silu" | "gelu_new" | "gelu" | "relu" | "gelu_pytorch_tanh"
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+    initializer_range: float = 0.02
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    sliding_window: Optional[int] = None
+    pad_token_id: Optional[int] = None
+    eos_token_id: Any = None
+    bos_token_id: Optional[int] = None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_parameters(self, *, include_embeddings: bool = True) -> int:
+        """Parameter count (tied embeddings counted once), used for MFU figures."""
+        h, f, L = self.hidden_size, self.intermediate_size, self.num_layers
+        attn = h * self.q_size * 2 + h * self.kv_size * 2
+        if self.qkv_bias:
+            attn += self.q_size + 2 * self.kv_size
+        if self.o_bias:
+            attn += h
+        if self.qk_norm:
+            attn += 2 * self.head_dim
+        mlp = (3 if self.mlp == "gated" else 2) * h * f
+        if self.mlp_bias:
+            mlp += (2 * f if self.mlp == "gated" else f) + h
+        norms = 2 * h * (2 if self.norm == "layer" else 1)
+        total = L * (attn + mlp + norms) + h * (2 if self.norm == "layer" else 1)
+        if include_embeddings:
+            total += self.vocab_size * h
+            if not self.tie_word_embeddings:
+                total += self.vocab_size * h
+            if self.position == "learned":
+                total += self.max_position_embeddings * h
+        return total
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> "ModelSpec":
+        """Read a ``transformers`` config (4.56+ or 5.x); refuse what we would get wrong."""
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} is not supported by jaxsft; supported families: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM2 is model_type 'llama', Qwen2.5 is 'qwen2')."
+            )
+        if model_type == "gpt2":
+            return _gpt2_spec(config)
+        return _llama_like_spec(config, model_type)
+
+
+def _rope_parameters(config: Any) -> dict:
+    """transformers 5 keeps rope settings in ``rope_parameters``; 4.x in rope_theta/rope_scaling."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and params:
+        merged = dict(params)
+    else:
+        merged = dict(getattr(config, "rope_scaling", None) or {})
+        merged.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if "type" in merged and "rope_type" not in merged:
+        merged["rope_type"] = merged["type"]
+    merged.setdefault("rope_type", "default")
+    if merged.get("rope_theta") is None:
+        merged["rope_theta"] = getattr(config, "rope_theta", 10000.0) or 10000.0
+    return merged
+
+
+def _llama_like_spec(config: Any, model_type: str) -> ModelSpec:
+    rope = _rope_parameters(config)
+    rope_type = rope["rope_type"]
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"rope type {rope_type!r} of this {model_type} config is not supported; supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}."
+        )
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    act = getattr(config, "hidden_act", "silu")
+    if act not in ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported; use silu, gelu, gelu_new or relu.")
+    sliding = None
+    if model_type == "mistral":
+        sliding = getattr(config, "sliding_window", None)
+    elif model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
+        raise UnsupportedModelError(f"{model_type} with use_sliding_window=True is not supported; set it to False.")
+    attention_bias = bool(getattr(config, "attention_bias", False))
+    qkv_bias = model_type == "qwen2" or attention_bias
+    return ModelSpec(
+        model_type=model_type,
+        vocab_size=config.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        max_position_embeddings=getattr(config, "max_position_embeddings", 2048),
+        norm="rms",
+        norm_eps=config.rms_norm_eps,
+        position="rope",
+        mlp="gated",
+        activation=act,
+        qkv_bias=qkv_bias,
+        o_bias=attention_bias and model_type != "qwen2",
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        qk_norm=model_type == "qwen3",
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        initializer_range=getattr(config, "initializer_range", 0.02),
+        rope_theta=float(rope["rope_theta"]),
+        rope_type=rope_type,
+        rope_factor=float(rope.get("factor", 1.0) or 1.0),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
+        sliding_window=sliding,
+        pad_token_id=getattr(config, "pad_token_id", None),
+        eos_token_id=_hashable(getattr(config, "eos_token_id", None)),
+        bos_token_id=getattr(config, "bos_token_id", None),
+    )
+
+
+def _gpt2_spec(config: Any) -> ModelSpec:
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if getattr(config, flag, False):
+            raise UnsupportedModelError(f"GPT-2 option {flag}=True is not supported; set it to False.")
+    if not getattr(config, "scale_attn_weights", True):
+        raise UnsupportedModelError("GPT-2 option scale_attn_weights=False is not supported.")
+    act = config.activation_function
+    if act not in ("gelu_new", "gelu", "relu", "silu", "gelu_pytorch_tanh"):
+        raise UnsupportedModelError(f"GPT-2 activation_function {act!r} is not supported.")
+    hidden = config.n_embd
+    return ModelSpec(
+        model_type="gpt2",
+        vocab_size=config.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=config.n_inner or 4 * hidden,
+        num_layers=config.n_layer,
+        num_heads=config.n_head,
+        num_kv_heads=config.n_head,
+        head_dim=hidden // config.n_head,
+        max_position_embeddings=config.n_positions,
+        norm="layer",
+        norm_eps=config.layer_norm_epsilon,
+        position="learned",
+        mlp="plain",
+        activation=act,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        qk_norm=False,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
+        initializer_range=config.initializer_range,
+        pad_token_id=getattr(config, "pad_token_id", None),
+        eos_token_id=_hashable(getattr(config, "eos_token_id", None)),
+        bos_token_id=getattr(config, "bos_token_id", None),
+    )
+
+
+def _hashable(value: Any) -> Any:
+    """Specs are jit-static, so list-valued config fields (eos_token_id) become tuples."""
+    return tuple(value) if isinstance(value, list) else value

@@ -1,0 +1,144 @@
+"""Device meshes, the logical-axis rules table, and placement of params and batches.
+
+Every parameter carries logical axis names (``nnx.Param(..., logical_axes=...)``);
+this module is the one place that maps them onto mesh axes. GSPMD (jit with
+shardings) does all communication: there is no hand-written collective here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis (or None = replicated). One row per parameter dimension kind.
+LOGICAL_AXIS_RULES: dict[Optional[str], Optional[str]] = {
+    "layers": None,  # scanned; never split
+    "vocab": "tensor",  # embeddings and lm_head: vocab-parallel
+    "embed": "fsdp",  # the hidden dimension of every matrix: FSDP shards it
+    "q_heads": "tensor",  # attention heads: Megatron-style tensor parallel
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",  # MLP width: tensor parallel
+    "norm": None,  # norm scales and output biases are small: replicated
+    None: None,
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh. One axis may be -1 to take the remaining devices.
+
+    The default, ``make_mesh()``, puts every device (of every process) on the data
+    axis: plain data parallelism, like DDP with a per-device batch size.
+    """
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = [data, fsdp, tensor]
+    if sum(s == -1 for s in sizes) > 1:
+        raise ValueError(f"make_mesh: at most one axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}.")
+    for name, size in zip(MESH_AXES, sizes):
+        if size != -1 and (not isinstance(size, int) or size < 1):
+            raise ValueError(f"make_mesh: {name}={size!r} must be a positive integer or -1.")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"make_mesh: {len(devices)} devices cannot be split with the fixed axes of size {known}; "
+                "choose sizes whose product divides the device count."
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"make_mesh: data*fsdp*tensor = {int(np.prod(sizes))} but {len(devices)} devices were given; "
+            "make the product equal the device count (use -1 for one axis)."
+        )
+    grid = np.asarray(devices, dtype=object).reshape(sizes)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def single_device_mesh(device: Any = None) -> Mesh:
+    """A 1x1x1 mesh on one device (default: the first)."""
+    return make_mesh(1, 1, 1, devices=[device or jax.devices()[0]])
+
+
+def logical_to_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, name: str = "") -> P:
+    """Map logical axes to a PartitionSpec, refusing splits that do not divide evenly."""
+    spec = []
+    for axis_name, dim in zip(logical_axes, shape):
+        if axis_name not in LOGICAL_AXIS_RULES:
+            raise ValueError(f"parameter {name}: logical axis {axis_name!r} has no row in LOGICAL_AXIS_RULES.")
+        mesh_axis = LOGICAL_AXIS_RULES[axis_name]
+        if mesh_axis is None or mesh.shape[mesh_axis] == 1:
+            spec.append(None)
+            continue
+        size = mesh.shape[mesh_axis]
+        if dim % size:
+            raise ValueError(
+                f"parameter {name} (shape {tuple(shape)}): its {axis_name!r} dimension of size {dim} is not "
+                f"divisible by the {mesh_axis!r} mesh axis of size {size}; pick a mesh whose {mesh_axis} size "
+                f"divides {dim}."
+            )
+        spec.append(mesh_axis)
+    return P(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedShardings for every variable of an (abstract) nnx State, from its logical axes."""
+
+    def one(path, variable):
+        axes = getattr(variable, "logical_axes", None) or (None,) * len(variable.shape)
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        return NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh, name))
+
+    return nnx.map_state(one, state) if hasattr(nnx, "map_state") else _map_variables(one, state)
+
+
+def _map_variables(fn, state: nnx.State) -> nnx.State:
+    flat = nnx.to_flat_state(state)
+    mapped = [(path, variable.replace(fn(path, variable))) for path, variable in flat]
+    return nnx.from_flat_state(mapped)
+
+
+def sharding_tree(state: nnx.State, mesh: Mesh):
+    """A pytree of NamedSharding matching ``state``'s array leaves (for jit in/out shardings)."""
+    shardings = state_shardings(state, mesh)
+    return jax.tree.map(lambda x: x, shardings)
+
+
+def place_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Put a host array (the same full value on every process) onto its sharding, shard by shard."""
+    return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows split over the data and FSDP axes; other dimensions replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_rows_multiple(mesh: Mesh) -> int:
+    """How many ways a batch's rows are split (its row count must be a multiple of this)."""
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def place_batch(local_rows: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Assemble a global batch from each process's local rows (multi-host safe)."""
+    sharding = batch_sharding(mesh, local_rows.ndim)
+    return jax.make_array_from_process_local_data(sharding, local_rows)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def fetch_to_host(array: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-host sharded) array as numpy, on every process."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
