@@ -1,0 +1,27 @@
+"""jaxsft: TRL's IterativeSFTTrainer in JAX/Flax NNX, for generate → filter → train loops at scale."""
+
+from jaxsft.config import TrainConfig
+from jaxsft.models import CausalLM, ModelSpec, from_pretrained, init_model, save_pretrained
+from jaxsft.sharding import make_mesh, single_device_mesh
+
+__all__ = [
+    "TrainConfig", "CausalLM", "ModelSpec", "from_pretrained", "init_model", "save_pretrained",
+    "make_mesh", "single_device_mesh", "IterativeSFTTrainer", "generate", "distributed",
+]
+
+
+def __getattr__(name):
+    # Lazy: the trainer and generation pull in optax/tqdm; model-only users need not pay for them.
+    if name == "IterativeSFTTrainer":
+        from jaxsft.trainer import IterativeSFTTrainer
+
+        return IterativeSFTTrainer
+    if name == "generate":
+        from jaxsft.generate import generate
+
+        return generate
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module("jaxsft.distributed")
+    raise AttributeError(f"module 'jaxsft' has no attribute {name!r}")

@@ -1,0 +1,114 @@
+"""Multi-host glue on JAX's own distributed runtime.
+
+Each process passes its own examples to ``step()`` (as TRL's ranks do). Before a
+call's programs run, processes agree on the number of micro-batches and on each
+micro-batch's bucket, so every process runs the same sequence of programs; a
+process with fewer examples contributes zero-weight rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from jaxsft import batching
+
+
+def initialize(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    local_device_ids: Optional[Sequence[int]] = None,
+) -> None:
+    """Start JAX's multi-controller runtime (call once per process, before any other jax use).
+
+    Arguments default to ``JAXSFT_COORDINATOR``/``JAXSFT_NUM_PROCESSES``/``JAXSFT_PROCESS_ID``,
+    then to whatever ``jax.distributed.initialize`` detects itself (SLURM, TPU pods,
+    Open MPI, and its ``JAX_COORDINATOR_ADDRESS``-style variables).
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAXSFT_COORDINATOR")
+    if num_processes is None and "JAXSFT_NUM_PROCESSES" in env:
+        num_processes = int(env["JAXSFT_NUM_PROCESSES"])
+    if process_id is None and "JAXSFT_PROCESS_ID" in env:
+        process_id = int(env["JAXSFT_PROCESS_ID"])
+    if (num_processes is None) != (process_id is None):
+        raise ValueError("initialize(): pass both num_processes and process_id, or neither (auto-detect).")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+    )
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def _allgather(values: np.ndarray) -> np.ndarray:
+    """Stack ``values`` from every process: [num_processes, *values.shape]."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(values, tiled=False))
+
+
+def global_sum(value: int) -> int:
+    if jax.process_count() == 1:
+        return int(value)
+    return int(_allgather(np.asarray([value], np.int64)).sum())
+
+
+def agree_on_microbatches(microbatches: list, rows: int) -> list:
+    """Make every process hold the same number of micro-batches with the same bucket lengths."""
+    if jax.process_count() == 1:
+        return microbatches
+    counts = _allgather(np.asarray([len(microbatches)], np.int64)).reshape(-1)
+    target_count = int(counts.max())
+    lengths = np.zeros((target_count,), np.int64)
+    lengths[: len(microbatches)] = [mb.input_ids.shape[1] for mb in microbatches]
+    target_lengths = _allgather(lengths).max(axis=0)
+    agreed = []
+    for i, length in enumerate(target_lengths):
+        if i < len(microbatches):
+            agreed.append(repad(microbatches[i], int(length)))
+        else:
+            agreed.append(empty_microbatch(rows, int(length)))
+    return agreed
+
+
+def repad(mb, length: int):
+    """Right-pad a micro-batch to a longer bucket (zero weight on the new columns)."""
+    extra = length - mb.input_ids.shape[1]
+    if extra == 0:
+        return mb
+    pad = ((0, 0), (0, extra))
+    return dataclasses.replace(
+        mb,
+        input_ids=np.pad(mb.input_ids, pad),
+        attention_mask=np.pad(mb.attention_mask, pad),
+        labels=np.pad(mb.labels, pad, constant_values=-100),
+    )
+
+
+def empty_microbatch(rows: int, length: int):
+    """A micro-batch of filler rows only: it runs the same program and contributes nothing."""
+    return batching.MicroBatch(
+        input_ids=np.zeros((rows, length), np.int32),
+        attention_mask=np.zeros((rows, length), np.int32),
+        labels=np.full((rows, length), -100, np.int32),
+        num_examples=0,
+        num_label_tokens=0,
+    )
+
+
+def global_label_counts(updates: list[list]) -> list[int]:
+    """Label tokens per update summed over processes (an update with none is skipped everywhere)."""
+    local = np.asarray([sum(mb.num_label_tokens for mb in update) for update in updates], np.int64)
+    if jax.process_count() == 1:
+        return [int(x) for x in local]
+    return [int(x) for x in _allgather(local).sum(axis=0)]

@@ -1,0 +1,117 @@
+"""The pure functions that become the compiled train and eval programs.
+
+Each takes the model's graph definition as a closure constant and works on plain
+pytrees (params, optimizer state, batch arrays), so the trainer can compile them
+ahead of time per batch shape, donate params and optimizer state, and count the
+programs it owns.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxsft.loss import causal_lm_loss
+
+Batch = dict[str, jax.Array]
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, chunk_size: Optional[int]) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
+    """(params, batch) -> (sum of token losses, number of label tokens)."""
+
+    def loss_fn(params, batch: Batch):
+        model = nnx.merge(graphdef, params)
+        # Micro-batches are right-padded, so causal attention alone isolates padding.
+        hidden = model.hidden_states(batch["input_ids"])
+        return causal_lm_loss(
+            hidden, model.unembedding(), batch["labels"], chunk_size=chunk_size, compute_dtype=model.dtype
+        )
+
+    return loss_fn
+
+
+def _sum_grads(loss_fn):
+    """Gradient of the token-loss SUM; normalisation by the update's token count comes later."""
+
+    def grads_of(params, batch):
+        (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        return grads, loss_sum, count
+
+    return grads_of
+
+
+def _global_norm(tree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def _apply(tx: optax.GradientTransformation, schedule: Optional[optax.Schedule], params, opt_state, grad_sum, loss_sum, count, step_count):
+    scale = 1.0 / jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grad_sum)
+    grad_norm = _global_norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {
+        "loss": loss_sum / jnp.maximum(count, 1.0),
+        "loss_sum": loss_sum,
+        "num_tokens": count,
+        "grad_norm": grad_norm,
+    }
+    if schedule is not None:
+        # As HF Trainer logs it: the rate after the scheduler step, i.e. for the next update.
+        metrics["learning_rate"] = jnp.asarray(schedule(step_count + 1), jnp.float32)
+    return params, opt_state, metrics
+
+
+def make_fused_update(graphdef, tx, schedule, chunk_size):
+    """One micro-batch per update (gradient_accumulation_steps == 1): grads and optimizer in one program."""
+    grads_of = _sum_grads(make_loss_fn(graphdef, chunk_size))
+
+    def fused(params, opt_state, batch, step_count):
+        grads, loss_sum, count = grads_of(params, batch)
+        return _apply(tx, schedule, params, opt_state, grads, loss_sum, count, step_count)
+
+    return fused
+
+
+def make_accumulate(graphdef, chunk_size):
+    """Adds one micro-batch's gradient sum into the running sums (donated)."""
+    grads_of = _sum_grads(make_loss_fn(graphdef, chunk_size))
+
+    def accumulate(params, acc, batch):
+        grads, loss_sum, count = grads_of(params, batch)
+        acc_grads, acc_loss, acc_count = acc
+        acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
+        return acc_grads, acc_loss + loss_sum, acc_count + count
+
+    return accumulate
+
+
+def make_zero_accumulator():
+    def zeros(params):
+        return jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+
+    return zeros
+
+
+def make_apply(tx, schedule):
+    """Applies one optimizer update from accumulated sums: loss = sum / total label tokens (exact)."""
+
+    def apply(params, opt_state, acc, step_count):
+        grad_sum, loss_sum, count = acc
+        return _apply(tx, schedule, params, opt_state, grad_sum, loss_sum, count, step_count)
+
+    return apply
+
+
+def make_eval(graphdef, chunk_size):
+    loss_fn = make_loss_fn(graphdef, chunk_size)
+
+    def evaluate(params, batch):
+        return loss_fn(params, batch)
+
+    return evaluate
