@@ -1,0 +1,341 @@
+"""Examples → shuffled, bucketed, right-padded micro-batches (pure numpy, no jax).
+
+Everything here runs on the host before a compiled step sees any data, so every
+check that can reject user input lives here and names the argument at fault.
+Padding is identified by ``attention_mask``, never by token id: a real EOS that
+happens to share the pad id stays in the example and is learned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from jaxsft.config import TRUNCATION_MODES
+
+IGNORE_INDEX = -100
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One training sequence; ``labels`` is aligned with ``input_ids`` (the shift happens in the loss)."""
+
+    input_ids: np.ndarray  # int32 [n]
+    labels: np.ndarray  # int32 [n], -100 = not learned
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatch:
+    """A fixed-shape slab for one compiled step.
+
+    ``num_label_tokens`` counts the targets the *shifted* loss uses: label
+    positions 1..n-1 of each row that are not -100. The label at position 0 of
+    a row is never predicted (nothing precedes it), so counting it would skew
+    the per-token mean the trainer forms across micro-batches.
+    """
+
+    input_ids: np.ndarray  # int32 [rows, length], right-padded with 0
+    attention_mask: np.ndarray  # int32 [rows, length], 1 = real token
+    labels: np.ndarray  # int32 [rows, length], -100 at padding and filler rows
+    num_examples: int  # real rows; the rest are zero-weight filler
+    num_label_tokens: int
+
+
+# ---------------------------------------------------------------------------
+# input checking
+
+
+def _rows(value: Any, name: str) -> list[Any]:
+    """Split a list of 1-D sequences or a 2-D array into per-example rows."""
+    if isinstance(value, np.ndarray):
+        if value.ndim != 2:
+            raise TypeError(
+                f"{name} must be a list of 1-D sequences or a 2-D array [num_examples, length]; got a "
+                f"{value.ndim}-D array of shape {value.shape}. Wrap a single example in a list: {name}=[ids]."
+            )
+        rows = list(value)
+    elif isinstance(value, (list, tuple)):
+        rows = list(value)
+    else:
+        raise TypeError(
+            f"{name} must be a list of 1-D integer sequences or a 2-D numpy array; got {type(value).__name__}. "
+            f"Convert it, e.g. {name}=[np.asarray(x) for x in ...]."
+        )
+    if not rows:
+        raise ValueError(f"{name} is empty; pass at least one example.")
+    return rows
+
+
+def _as_int_row(row: Any, name: str, index: int, *, allow_bool: bool = False) -> np.ndarray:
+    """One example as int64 (for range checks before the int32 cast)."""
+    arr = np.asarray(row)
+    if arr.ndim != 1:
+        raise ValueError(
+            f"{name}[{index}] must be a 1-D sequence of integers; got shape {arr.shape}. "
+            f"Pass one flat sequence per example."
+        )
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    if arr.dtype == np.bool_ and allow_bool:
+        return arr.astype(np.int64)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(
+            f"{name}[{index}] has dtype {arr.dtype}; token data must be integers. "
+            f"Cast it, e.g. np.asarray(x, dtype=np.int32)."
+        )
+    return arr.astype(np.int64)
+
+
+def _check_ids(ids: np.ndarray, index: int) -> None:
+    if ids.size and ids.min() < 0:
+        raise ValueError(
+            f"input_ids[{index}] contains the negative id {int(ids.min())}; token ids must be >= 0. "
+            f"Mark ignored positions in labels (-100), not in input_ids."
+        )
+    if ids.size and ids.max() > _INT32_MAX:
+        raise ValueError(f"input_ids[{index}] contains the id {int(ids.max())}, beyond int32; check the tokenizer.")
+
+
+def _check_mask(mask: np.ndarray, index: int) -> None:
+    bad = mask[(mask != 0) & (mask != 1)]
+    if bad.size:
+        raise ValueError(
+            f"attention_mask[{index}] contains {int(bad[0])}; its values must be 0 (padding) or 1 (real token)."
+        )
+
+
+def _check_labels(labels: np.ndarray, index: int) -> None:
+    bad = labels[(labels < IGNORE_INDEX) | ((labels > IGNORE_INDEX) & (labels < 0)) | (labels > _INT32_MAX)]
+    if bad.size:
+        raise ValueError(
+            f"labels[{index}] contains {int(bad[0])}; labels must be token ids >= 0 or -100 (not learned)."
+        )
+
+
+def _truncate(
+    ids: np.ndarray, labels: np.ndarray, max_length: Optional[int], mode: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut along the sequence axis (TRL's documented intent; 0.23.1 cut the batch axis)."""
+    if max_length is None or ids.shape[0] <= max_length:
+        return ids, labels
+    if mode == "keep_end":
+        return ids[-max_length:], labels[-max_length:]
+    return ids[:max_length], labels[:max_length]
+
+
+def _check_truncation(max_length: Optional[int], truncation_mode: str) -> None:
+    if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 1):
+        raise ValueError(f"max_length={max_length!r} must be None or a positive integer; pass e.g. max_length=512.")
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be either 'keep_end' or 'keep_start', got {truncation_mode}")
+
+
+def _make_example(ids: np.ndarray, labels: np.ndarray, max_length: Optional[int], mode: str) -> Example:
+    ids, labels = _truncate(ids, labels, max_length, mode)
+    return Example(input_ids=ids.astype(np.int32), labels=labels.astype(np.int32))
+
+
+# ---------------------------------------------------------------------------
+# public constructors
+
+
+def examples_from_tokens(
+    input_ids: Any,
+    attention_mask: Any = None,
+    labels: Any = None,
+    *,
+    max_length: Optional[int],
+    truncation_mode: str,
+) -> list[Example]:
+    """Turn (possibly padded) token data into unpadded examples.
+
+    Positions where ``attention_mask`` is 0 are dropped, wherever they sit (left
+    or right padding, holes). Labels default to ``input_ids``; given labels are
+    kept as they are. Truncation keeps the last (``keep_end``) or first
+    (``keep_start``) ``max_length`` tokens of each example.
+    """
+    _check_truncation(max_length, truncation_mode)
+    id_rows = _rows(input_ids, "input_ids")
+    mask_rows = None if attention_mask is None else _rows(attention_mask, "attention_mask")
+    label_rows = None if labels is None else _rows(labels, "labels")
+    for name, rows in (("attention_mask", mask_rows), ("labels", label_rows)):
+        if rows is not None and len(rows) != len(id_rows):
+            raise ValueError(
+                f"{name} has {len(rows)} examples but input_ids has {len(id_rows)}; pass one {name} row per example."
+            )
+
+    examples = []
+    for i, row in enumerate(id_rows):
+        ids = _as_int_row(row, "input_ids", i)
+        _check_ids(ids, i)
+        lab = ids
+        if label_rows is not None:
+            lab = _as_int_row(label_rows[i], "labels", i)
+            if lab.shape != ids.shape:
+                raise ValueError(
+                    f"labels[{i}] has length {lab.shape[0]} but input_ids[{i}] has length {ids.shape[0]}; "
+                    f"labels must be aligned token by token with input_ids."
+                )
+            _check_labels(lab, i)
+        if mask_rows is not None:
+            mask = _as_int_row(mask_rows[i], "attention_mask", i, allow_bool=True)
+            if mask.shape != ids.shape:
+                raise ValueError(
+                    f"attention_mask[{i}] has length {mask.shape[0]} but input_ids[{i}] has length {ids.shape[0]}; "
+                    f"the mask must cover every token."
+                )
+            _check_mask(mask, i)
+            keep = mask == 1
+            ids, lab = ids[keep], lab[keep]
+        if ids.shape[0] == 0:
+            raise ValueError(
+                f"input_ids[{i}] is empty after dropping positions where attention_mask is 0; "
+                f"remove that example or fix its attention_mask."
+            )
+        examples.append(_make_example(ids, lab, max_length, truncation_mode))
+    return examples
+
+
+def _check_texts(value: Any, name: str) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"{name} must be a list of str; got {type(value).__name__}. Wrap a single text in a list: {name}=[text]."
+        )
+    if not value:
+        raise ValueError(f"{name} is empty; pass at least one text.")
+    for i, text in enumerate(value):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{i}] is a {type(text).__name__}; every element of {name} must be a str.")
+    return list(value)
+
+
+def examples_from_texts(
+    tokenizer: Any,
+    texts: Sequence[str],
+    texts_labels: Optional[Sequence[str]] = None,
+    *,
+    max_length: Optional[int],
+    truncation_mode: str,
+) -> list[Example]:
+    """Tokenize texts for causal-LM training.
+
+    Without ``texts_labels`` every token is learned. With them, example i is
+    ``texts[i]`` (tokenized with the tokenizer's default special tokens, e.g. a
+    BOS) followed by ``texts_labels[i]`` (no special tokens, so no BOS lands
+    mid-sequence), and only the completion tokens are learned. Each list is
+    tokenized in one batched call because per-text calls dominate host time.
+    """
+    if tokenizer is None:
+        raise ValueError("texts were given but no tokenizer; pass processing_class=<a tokenizer> to the trainer.")
+    _check_truncation(max_length, truncation_mode)
+    texts = _check_texts(texts, "texts")
+    prompts = [np.asarray(x, dtype=np.int64) for x in tokenizer(texts)["input_ids"]]
+    if texts_labels is None:
+        completions = [np.zeros(0, np.int64)] * len(prompts)
+    else:
+        texts_labels = _check_texts(texts_labels, "texts_labels")
+        if len(texts_labels) != len(texts):
+            raise ValueError(
+                f"texts_labels has {len(texts_labels)} entries but texts has {len(texts)}; "
+                f"pass one completion per text."
+            )
+        encoded = tokenizer(texts_labels, add_special_tokens=False)["input_ids"]
+        completions = [np.asarray(x, dtype=np.int64) for x in encoded]
+
+    examples = []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        ids = np.concatenate([prompt, completion])
+        if ids.shape[0] == 0:
+            raise ValueError(f"texts[{i}] tokenizes to no tokens; remove it or give it some text.")
+        _check_ids(ids, i)
+        if texts_labels is None:
+            lab = ids
+        else:
+            lab = np.concatenate([np.full(prompt.shape, IGNORE_INDEX, np.int64), completion])
+        examples.append(_make_example(ids, lab, max_length, truncation_mode))
+    return examples
+
+
+def validate_vocab(examples: Sequence[Example], vocab_size: int) -> None:
+    """Reject ids the embedding table cannot hold (XLA would silently clamp or fill them)."""
+    for i, ex in enumerate(examples):
+        for name, values in (("input_ids", ex.input_ids), ("labels", ex.labels[ex.labels != IGNORE_INDEX])):
+            bad = values[values >= vocab_size]
+            if bad.size:
+                raise ValueError(
+                    f"{name}[{i}] contains the id {int(bad[0])}, but the model's vocabulary has {vocab_size} entries "
+                    f"(ids 0..{vocab_size - 1}); use the tokenizer that belongs to this model."
+                )
+
+
+# ---------------------------------------------------------------------------
+# planning
+
+
+def _bucket_for(length: int, buckets: tuple[int, ...]) -> int:
+    for size in buckets:
+        if size >= length:
+            return size
+    raise ValueError(
+        f"an example has {length} tokens but the largest length bucket is {buckets[-1]}; "
+        f"set max_length so examples are truncated to at most {buckets[-1]} tokens."
+    )
+
+
+def _pack(group: list[Example], rows: int, length: int) -> MicroBatch:
+    input_ids = np.zeros((rows, length), np.int32)
+    attention_mask = np.zeros((rows, length), np.int32)
+    labels = np.full((rows, length), IGNORE_INDEX, np.int32)
+    for r, ex in enumerate(group):
+        n = ex.input_ids.shape[0]
+        input_ids[r, :n] = ex.input_ids
+        attention_mask[r, :n] = 1
+        labels[r, :n] = ex.labels
+    num_label_tokens = int(np.count_nonzero(labels[:, 1:] != IGNORE_INDEX))
+    return MicroBatch(input_ids, attention_mask, labels, num_examples=len(group), num_label_tokens=num_label_tokens)
+
+
+def plan_microbatches(
+    examples: Sequence[Example],
+    *,
+    rows: int,
+    buckets: tuple[int, ...],
+    rng: np.random.Generator,
+    shuffle: bool = True,
+) -> list[MicroBatch]:
+    """Shuffle once, cut into groups of ``rows``, pad each group to its smallest fitting bucket.
+
+    A short last group is filled with all-padding rows (mask 0, labels -100)
+    so every micro-batch has the compiled shape but the filler carries no weight.
+    """
+    if not isinstance(rows, (int, np.integer)) or rows < 1:
+        raise ValueError(f"rows={rows!r} must be a positive integer (the per-device batch size times devices).")
+    buckets = tuple(int(b) for b in buckets)
+    if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+        raise ValueError(f"buckets={buckets!r} must be strictly ascending positive integers, e.g. (64, 128, 256).")
+    if not examples:
+        raise ValueError("examples is empty; there is nothing to train on.")
+    order = rng.permutation(len(examples)) if shuffle else np.arange(len(examples))
+    ordered = [examples[int(i)] for i in order]
+    batches = []
+    for start in range(0, len(ordered), rows):
+        group = ordered[start : start + rows]
+        length = _bucket_for(max(ex.input_ids.shape[0] for ex in group), buckets)
+        batches.append(_pack(group, rows, length))
+    return batches
+
+
+def group_into_updates(microbatches: Sequence[MicroBatch], gradient_accumulation_steps: int) -> list[list[MicroBatch]]:
+    """Consecutive groups of ``gradient_accumulation_steps`` micro-batches, one per optimizer update.
+
+    A leftover group with fewer micro-batches still forms an update: its loss is
+    normalised by its own token count, so the short update is not down-weighted
+    and no example of the step is dropped.
+    """
+    ga = gradient_accumulation_steps
+    if not isinstance(ga, (int, np.integer)) or ga < 1:
+        raise ValueError(f"gradient_accumulation_steps={ga!r} must be a positive integer.")
+    return [list(microbatches[i : i + ga]) for i in range(0, len(microbatches), ga)]

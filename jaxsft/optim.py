@@ -1,0 +1,224 @@
+"""TrainConfig → optax: Hugging Face learning-rate schedules, decay mask, torch-exact clipping.
+
+The aim is that a run configured like ``transformers.Trainer`` takes the same
+steps: schedules reproduce ``transformers.get_scheduler`` + ``LambdaLR``,
+clipping reproduces ``torch.nn.utils.clip_grad_norm_``, and AdamW / SGD
+reproduce ``torch.optim.AdamW`` / ``torch.optim.SGD`` with HF's parameter groups.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxsft.config import TrainConfig
+
+# ---------------------------------------------------------------------------
+# schedules
+
+
+def _hf_lambda(config: TrainConfig) -> tuple[Callable[[int], float], int]:
+    """HF's lr multiplier as a float64 Python function, and the last step the lookup table must cover.
+
+    Past that step the multiplier is constant, except for cosine, where
+    :func:`make_schedule` falls back to an fp32 formula.
+    """
+    kind = config.lr_scheduler_type
+    warmup = config.num_warmup_steps()
+    total = config.max_steps
+    kwargs = dict(config.lr_scheduler_kwargs or {})
+    if kind == "cosine":
+        num_cycles = float(kwargs.pop("num_cycles", 0.5))
+    if kwargs and kind != "constant":  # HF passes these on and the schedule function rejects them
+        raise ValueError(
+            f"TrainConfig.lr_scheduler_kwargs={config.lr_scheduler_kwargs!r}: {sorted(kwargs)} not understood by "
+            f"the {kind!r} schedule; only cosine takes 'num_cycles'."
+        )
+
+    def warm(step: int) -> float:
+        return float(step) / float(max(1, warmup))
+
+    if kind == "constant":
+        return (lambda step: 1.0), 0
+    if kind == "constant_with_warmup" or total <= 0:
+        return (lambda step: warm(step) if step < warmup else 1.0), warmup
+    if kind == "linear":
+
+        def linear(step: int) -> float:
+            if step < warmup:
+                return warm(step)
+            return max(0.0, float(total - step) / float(max(1, total - warmup)))
+
+        return linear, total
+
+    def cosine(step: int) -> float:
+        if step < warmup:
+            return warm(step)
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress)))
+
+    return cosine, total
+
+
+def make_schedule(config: TrainConfig) -> optax.Schedule:
+    """``transformers.get_scheduler`` as an optax schedule; the argument is the number of updates already applied.
+
+    HF evaluates its multiplier in float64; an fp32 formula loses relative
+    precision where the rate approaches 0 (1 + cos near -1). So the rate for
+    every step up to the horizon is computed once in float64 on the host and
+    looked up, which rounds each value to fp32 exactly once. Past the horizon
+    the multiplier is constant (linear: 0, warmup types: 1), except cosine,
+    which HF lets rise again; that tail uses the fp32 formula.
+
+    Linear or cosine without a horizon (``max_steps <= 0``) warm up and then
+    stay constant, with a warning, rather than silently training at lr 0.
+    """
+    if config.lr_scheduler_type in ("linear", "cosine") and config.max_steps <= 0:
+        warnings.warn(
+            f"lr_scheduler_type={config.lr_scheduler_type!r} decays towards max_steps, but max_steps="
+            f"{config.max_steps} gives no horizon; the learning rate will warm up and then stay constant at "
+            f"{config.learning_rate}. Set max_steps to the number of optimizer updates you will run "
+            f"(or use lr_scheduler_type='constant_with_warmup' to silence this).",
+            UserWarning,
+            stacklevel=2,
+        )
+    multiplier, horizon = _hf_lambda(config)
+    base = float(config.learning_rate)
+    table = np.asarray([base * multiplier(s) for s in range(horizon + 1)], dtype=np.float32)
+    cosine_tail = config.lr_scheduler_type == "cosine" and config.max_steps > 0
+    warmup, total = config.num_warmup_steps(), config.max_steps
+    num_cycles = float((config.lr_scheduler_kwargs or {}).get("num_cycles", 0.5))
+
+    def schedule(count: Any) -> jax.Array:
+        count = jnp.asarray(count)
+        value = jnp.asarray(table)[jnp.clip(count, 0, horizon)]
+        if cosine_tail:
+            progress = (count - warmup).astype(jnp.float32) / float(max(1, total - warmup))
+            tail = base * jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * num_cycles * 2.0 * progress)))
+            value = jnp.where(count > horizon, tail, value)
+        return value
+
+    return schedule
+
+
+# ---------------------------------------------------------------------------
+# weight decay mask
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def decay_mask(params: Any) -> Any:
+    """True where weight decay applies: every leaf whose path mentions neither "norm" nor "bias".
+
+    Mirrors HF Trainer's ``get_decay_parameter_names`` for Llama/Qwen/GPT-2
+    (norm scales and biases excluded, embeddings decayed) on nnx States and dicts.
+    """
+
+    def decays(path: tuple, _leaf: Any) -> bool:
+        name = "/".join(_key_name(k) for k in path).lower()
+        return "norm" not in name and "bias" not in name
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+# ---------------------------------------------------------------------------
+# clipping
+
+
+def global_norm(grads: Any) -> jax.Array:
+    """fp32 L2 norm over every leaf, whatever the gradient dtype."""
+    leaves = jax.tree_util.tree_leaves(grads)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
+    """``torch.nn.utils.clip_grad_norm_``: scale by ``min(1, max_norm / (norm + 1e-6))``.
+
+    optax.clip_by_global_norm uses ``max_norm / norm`` without the 1e-6 and so
+    differs from torch right at the threshold.
+    """
+
+    def init(params: Any) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
+        del params
+        coef = jnp.minimum(max_norm / (global_norm(updates) + 1e-6), 1.0)
+        return jax.tree_util.tree_map(lambda g: (g * coef).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+# ---------------------------------------------------------------------------
+# optimizers
+
+
+def _adafactor(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Adafactor as HF Trainer's ``optim="adafactor"`` runs it.
+
+    HF uses ``Adafactor(lr=..., scale_parameter=False, relative_step=False)``:
+    second-moment decay ``1 - t**-0.8``, eps 1e-30 on g², update RMS clipped
+    at 1.0, no momentum, no parameter-scale multiplier, and weight decay
+    ``p -= lr * wd * p``. ``optax.adafactor`` adds its decay *after* the lr
+    scaling (``p -= wd * p``), so the chain is built here with the decay before
+    the lr. Remaining difference: optax factors the second moment only when a
+    tensor's two largest dims are both >= 128, while HF factors every >= 2-D
+    tensor over its last two dims; small matrices keep a full second moment here.
+    """
+    parts = [
+        optax.scale_by_factored_rms(decay_rate=0.8, min_dim_size_to_factor=128, epsilon=1e-30),
+        optax.clip_by_block_rms(1.0),
+    ]
+    if config.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+    parts.append(optax.scale_by_learning_rate(schedule))
+    return optax.chain(*parts)
+
+
+def _sgd(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """torch SGD: weight decay is L2 added to the gradient *before* momentum, then ``p -= lr * buf``."""
+    parts = []
+    if config.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+    parts.append(optax.sgd(learning_rate=schedule, momentum=config.sgd_momentum or None))
+    return optax.chain(*parts)
+
+
+def make_optimizer(config: TrainConfig, schedule: Optional[optax.Schedule] = None) -> optax.GradientTransformation:
+    """Clipping (when enabled) followed by the configured optimizer at ``schedule``.
+
+    AdamW matches ``torch.optim.AdamW``: ``p *= 1 - lr*wd`` on decayed leaves,
+    then the bias-corrected Adam step, with the same scheduled lr for both.
+    """
+    if schedule is None:
+        schedule = make_schedule(config)
+    if config.optim == "adamw":
+        opt = optax.adamw(
+            learning_rate=schedule,
+            b1=config.adam_beta1,
+            b2=config.adam_beta2,
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
+            mask=decay_mask,
+        )
+    elif config.optim == "adafactor":
+        opt = _adafactor(config, schedule)
+    elif config.optim == "sgd":
+        opt = _sgd(config, schedule)
+    else:  # TrainConfig already rejects this; kept so a new name cannot fall through silently
+        raise ValueError(f"TrainConfig.optim={config.optim!r} is not supported.")
+    if config.clipping_enabled:
+        return optax.chain(clip_by_global_norm_torch(float(config.max_grad_norm)), opt)
+    return opt
