@@ -56,33 +56,34 @@ def _full_loss(hidden: jax.Array, w: jax.Array, targets: jax.Array, compute_dtyp
 # --- chunked path -----------------------------------------------------------
 
 
-def _to_chunks(h_flat: jax.Array, t_flat: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """[N, H] -> [n, c, H] with *strided* chunks: chunk i holds tokens i, i+n, i+2n, ...
+def _to_chunks(h: jax.Array, t: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """[S, N, H] -> [n, S, c, H]: each of the S batch shards is cut into chunks of c tokens.
 
-    The loss is a sum, so which tokens share a chunk does not matter; striding
-    means a token axis sharded over devices stays sharded inside every chunk,
-    so each scan step runs on all devices instead of on one.
+    S is the number of ways the batch is split over devices; keeping it as an
+    explicit axis lets every device walk its own tokens and accumulate its own
+    partial unembedding gradient, so devices communicate once per call instead of
+    once per chunk.
     """
-    n_tok = h_flat.shape[0]
+    shards, n_tok, width = h.shape
     pad = (-n_tok) % chunk
-    h_flat = jnp.pad(h_flat, ((0, pad), (0, 0)))
-    t_flat = jnp.pad(t_flat, (0, pad), constant_values=IGNORE_INDEX)
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    t = jnp.pad(t, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
     n_chunks = (n_tok + pad) // chunk
-    h_c = h_flat.reshape(chunk, n_chunks, -1).swapaxes(0, 1)
-    t_c = t_flat.reshape(chunk, n_chunks).swapaxes(0, 1)
+    h_c = h.reshape(shards, n_chunks, chunk, width).swapaxes(0, 1)
+    t_c = t.reshape(shards, n_chunks, chunk).swapaxes(0, 1)
     return h_c, t_c
 
 
 def _from_chunks(d_c: jax.Array, n_tok: int) -> jax.Array:
     """Inverse of :func:`_to_chunks` for a per-token array, dropping the padding."""
-    n_chunks, chunk, width = d_c.shape
-    return d_c.swapaxes(0, 1).reshape(n_chunks * chunk, width)[:n_tok]
+    n_chunks, shards, chunk, width = d_c.shape
+    return d_c.swapaxes(0, 1).reshape(shards, n_chunks * chunk, width)[:, :n_tok]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked_loss(h_flat: jax.Array, w: jax.Array, t_flat: jax.Array, chunk: int, compute_dtype: Any) -> jax.Array:
-    """Loss only (used when nobody differentiates, e.g. evaluation)."""
-    h_c, t_c = _to_chunks(h_flat, t_flat, chunk)
+def _chunked_loss(h: jax.Array, w: jax.Array, t: jax.Array, chunk: int, compute_dtype: Any) -> jax.Array:
+    """Loss only (used when nobody differentiates, e.g. evaluation). h: [S, N, H], t: [S, N]."""
+    h_c, t_c = _to_chunks(h, t, chunk)
     w_c = w.astype(compute_dtype)
 
     def body(total, xs):
@@ -94,28 +95,29 @@ def _chunked_loss(h_flat: jax.Array, w: jax.Array, t_flat: jax.Array, chunk: int
     return total
 
 
-def _chunked_fwd(h_flat, w, t_flat, chunk, compute_dtype):
+def _chunked_fwd(h, w, t, chunk, compute_dtype):
     """Loss plus d(loss)/d(hidden) and d(loss)/d(unembedding), chunk by chunk."""
-    h_c, t_c = _to_chunks(h_flat, t_flat, chunk)
+    h_c, t_c = _to_chunks(h, t, chunk)
     w_c = w.astype(compute_dtype)
-    vocab = w.shape[0]
+    shards, vocab = h.shape[0], w.shape[0]
 
     def body(carry, xs):
         total, d_w = carry
-        h_i, t_i = xs
+        h_i, t_i = xs  # [S, c, H], [S, c]
         logits = _logits(h_i, w_c, compute_dtype)
         losses, lse, weight = _token_losses(logits, t_i)
-        probs = jnp.exp(logits - lse[:, None])
+        probs = jnp.exp(logits - lse[..., None])
         one_hot = jax.nn.one_hot(jnp.where(t_i != IGNORE_INDEX, t_i, 0), vocab, dtype=jnp.float32)
-        d_logits = ((probs - one_hot) * weight[:, None]).astype(compute_dtype)
-        d_h = jnp.dot(d_logits, w_c, preferred_element_type=jnp.float32)
-        d_w = d_w + jnp.dot(d_logits.T, h_i.astype(compute_dtype), preferred_element_type=jnp.float32)
-        return (total + jnp.sum(losses), d_w), d_h.astype(h_flat.dtype)
+        d_logits = ((probs - one_hot) * weight[..., None]).astype(compute_dtype)
+        d_h = jnp.einsum("scv,vh->sch", d_logits, w_c, preferred_element_type=jnp.float32)
+        # Per-shard partial sums: no cross-device reduction inside the loop.
+        d_w = d_w + jnp.einsum("scv,sch->svh", d_logits, h_i.astype(compute_dtype), preferred_element_type=jnp.float32)
+        return (total + jnp.sum(losses), d_w), d_h.astype(h.dtype)
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32))
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((shards, *w.shape), jnp.float32))
     (total, d_w), d_h_c = jax.lax.scan(body, init, (h_c, t_c))
-    d_h = _from_chunks(d_h_c, h_flat.shape[0])
-    return total, (d_h, d_w.astype(w.dtype))
+    d_h = _from_chunks(d_h_c, h.shape[1])
+    return total, (d_h, jnp.sum(d_w, axis=0).astype(w.dtype))
 
 
 def _chunked_bwd(chunk, compute_dtype, residuals, g):
@@ -135,12 +137,15 @@ def causal_lm_loss(
     *,
     chunk_size: Optional[int] = None,
     compute_dtype: Any = jnp.float32,
+    num_shards: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of next-token cross entropies and the number of target tokens (both fp32 scalars).
 
     hidden: [B, L, H] final hidden states; unembedding: [V, H]; labels: [B, L]
     aligned with the inputs, -100 = ignored. Position t is scored against
-    ``labels[:, t+1]``. ``num_tokens`` carries no gradient.
+    ``labels[:, t+1]``. ``num_tokens`` carries no gradient. ``num_shards`` is the
+    number of ways the batch rows are split over devices (it must divide B); the
+    chunked path keeps one partial unembedding gradient per shard.
     """
     if hidden.ndim != 3 or labels.shape != hidden.shape[:2] or unembedding.ndim != 2:
         raise ValueError(
@@ -157,7 +162,15 @@ def causal_lm_loss(
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be None or a positive integer.")
     batch, length, width = hidden.shape
-    n_tok = batch * length
-    chunk = min(int(chunk_size), n_tok)
-    loss = _chunked_loss(hidden.reshape(n_tok, width), unembedding, targets.reshape(n_tok), chunk, compute_dtype)
+    if batch % num_shards:
+        raise ValueError(f"num_shards={num_shards} must divide the batch size {batch}.")
+    per_shard = batch // num_shards * length
+    chunk = min(int(chunk_size), per_shard)
+    loss = _chunked_loss(
+        hidden.reshape(num_shards, per_shard, width),
+        unembedding,
+        targets.reshape(num_shards, per_shard),
+        chunk,
+        compute_dtype,
+    )
     return loss, num_tokens

@@ -142,3 +142,33 @@ def fetch_to_host(array: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+# logical activation axis -> mesh axes. Constraining activations this way makes GSPMD
+# gather FSDP-sharded weights before a matmul instead of splitting the matmul's
+# contraction over devices (which would all-reduce activations and logits).
+ACTIVATION_RULES: dict[Optional[str], Any] = {
+    "batch": BATCH_AXES,
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    None: None,
+}
+
+
+def constrain(x, logical_axes: Sequence[Optional[str]]):
+    """Pin an activation's layout inside jit when a jaxsft mesh is active; a no-op otherwise."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or tuple(mesh.axis_names) != MESH_AXES:
+        return x
+    spec = []
+    for axis_name, dim in zip(logical_axes, x.shape):
+        mesh_axes = ACTIVATION_RULES[axis_name]
+        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        names = tuple(n for n in names if mesh.shape[n] > 1)
+        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        if not names or dim % size:
+            spec.append(None)
+        else:
+            spec.append(names if len(names) > 1 else names[0])
+    return jax.lax.with_sharding_constraint(x, P(*spec))

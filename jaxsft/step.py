@@ -20,15 +20,26 @@ from jaxsft.loss import causal_lm_loss
 Batch = dict[str, jax.Array]
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, chunk_size: Optional[int]) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
-    """(params, batch) -> (sum of token losses, number of label tokens)."""
+def make_loss_fn(
+    graphdef: nnx.GraphDef, chunk_size: Optional[int], num_shards: int = 1
+) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
+    """(params, batch) -> (sum of token losses, number of label tokens).
+
+    ``num_shards`` is how many ways the batch rows are split over devices; the
+    chunked loss keeps per-shard partial sums so it communicates once.
+    """
 
     def loss_fn(params, batch: Batch):
         model = nnx.merge(graphdef, params)
         # Micro-batches are right-padded, so causal attention alone isolates padding.
         hidden = model.hidden_states(batch["input_ids"])
         return causal_lm_loss(
-            hidden, model.unembedding(), batch["labels"], chunk_size=chunk_size, compute_dtype=model.dtype
+            hidden,
+            model.unembedding(),
+            batch["labels"],
+            chunk_size=chunk_size,
+            compute_dtype=model.dtype,
+            num_shards=num_shards,
         )
 
     return loss_fn
@@ -67,9 +78,9 @@ def _apply(tx: optax.GradientTransformation, schedule: Optional[optax.Schedule],
     return params, opt_state, metrics
 
 
-def make_fused_update(graphdef, tx, schedule, chunk_size):
+def make_fused_update(graphdef, tx, schedule, chunk_size, num_shards=1):
     """One micro-batch per update (gradient_accumulation_steps == 1): grads and optimizer in one program."""
-    grads_of = _sum_grads(make_loss_fn(graphdef, chunk_size))
+    grads_of = _sum_grads(make_loss_fn(graphdef, chunk_size, num_shards))
 
     def fused(params, opt_state, batch, step_count):
         grads, loss_sum, count = grads_of(params, batch)
@@ -78,9 +89,9 @@ def make_fused_update(graphdef, tx, schedule, chunk_size):
     return fused
 
 
-def make_accumulate(graphdef, chunk_size):
+def make_accumulate(graphdef, chunk_size, num_shards=1):
     """Adds one micro-batch's gradient sum into the running sums (donated)."""
-    grads_of = _sum_grads(make_loss_fn(graphdef, chunk_size))
+    grads_of = _sum_grads(make_loss_fn(graphdef, chunk_size, num_shards))
 
     def accumulate(params, acc, batch):
         grads, loss_sum, count = grads_of(params, batch)
@@ -108,8 +119,8 @@ def make_apply(tx, schedule):
     return apply
 
 
-def make_eval(graphdef, chunk_size):
-    loss_fn = make_loss_fn(graphdef, chunk_size)
+def make_eval(graphdef, chunk_size, num_shards=1):
+    loss_fn = make_loss_fn(graphdef, chunk_size, num_shards)
 
     def evaluate(params, batch):
         return loss_fn(params, batch)

@@ -48,9 +48,11 @@ def _close(actual, expected, rtol):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=1e-6 * np.abs(expected).max())
 
 
-def _value_and_grads(hidden, unembedding, labels, chunk_size, compute_dtype=jnp.float32):
+def _value_and_grads(hidden, unembedding, labels, chunk_size, compute_dtype=jnp.float32, num_shards=1):
     def loss_sum(h, w):
-        total, count = causal_lm_loss(h, w, labels, chunk_size=chunk_size, compute_dtype=compute_dtype)
+        total, count = causal_lm_loss(
+            h, w, labels, chunk_size=chunk_size, compute_dtype=compute_dtype, num_shards=num_shards
+        )
         return total, count
 
     (total, count), (g_h, g_w) = jax.jit(jax.value_and_grad(loss_sum, argnums=(0, 1), has_aux=True))(
@@ -72,11 +74,12 @@ def test_value_count_and_grads_match_torch(chunk_size):
     _close(g_w, ref_gw, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_shards", [1, 3])
 @pytest.mark.parametrize("chunk_size", CHUNKS)
-def test_chunked_matches_unchunked(chunk_size):
+def test_chunked_matches_unchunked(chunk_size, num_shards):
     hidden, unembedding, labels = map(jnp.asarray, _inputs(seed=1))
     full = _value_and_grads(hidden, unembedding, labels, None)
-    chunked = _value_and_grads(hidden, unembedding, labels, chunk_size)
+    chunked = _value_and_grads(hidden, unembedding, labels, chunk_size, num_shards=num_shards)
     np.testing.assert_allclose(float(chunked[0]), float(full[0]), rtol=1e-5)
     assert float(chunked[1]) == float(full[1])
     _close(chunked[2], np.asarray(full[2]), rtol=1e-5)
@@ -188,8 +191,8 @@ def test_sharded_inputs_under_jit():
     h = jax.device_put(hidden, NamedSharding(mesh, P("data", None, None)))
     y = jax.device_put(labels, NamedSharding(mesh, P("data", None)))
     w = jax.device_put(unembedding, NamedSharding(mesh, P()))
-    for chunk_size in (None, 16, 7):
-        loss_sum = lambda h, w, y: causal_lm_loss(h, w, y, chunk_size=chunk_size)[0]  # noqa: E731
+    for chunk_size, shards in ((None, 1), (16, 1), (7, 1), (7, n), (5, n // 2)):
+        loss_sum = lambda h, w, y: causal_lm_loss(h, w, y, chunk_size=chunk_size, num_shards=shards)[0]  # noqa: E731
         fn = jax.jit(jax.value_and_grad(loss_sum, argnums=(0, 1)))
         with jax.set_mesh(mesh):  # as the trainer runs it
             total, (g_h, g_w) = fn(h, w, y)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsft.models import layers as L
+from jaxsft.sharding import constrain
 from jaxsft.models.spec import ModelSpec
 
 REMAT_POLICIES = {
@@ -236,9 +237,10 @@ class CausalLM(nnx.Module):
         h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         if self.spec.position == "learned":
             h = h + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
-        return h
+        return constrain(h, ("batch", None, None))
 
     def _final_norm(self, h: jax.Array) -> jax.Array:
+        h = constrain(h, ("batch", None, None))
         if self.spec.norm == "layer":
             return L.layer_norm(h, self.final_norm_scale[...], self.final_norm_bias[...], self.spec.norm_eps)
         return L.rms_norm(h, self.final_norm_scale[...], self.spec.norm_eps)
@@ -267,6 +269,7 @@ class CausalLM(nnx.Module):
 
 def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cache, write_index):
     """One pre-norm transformer block; returns (h, (k_cache, v_cache) or None)."""
+    h = constrain(h, ("batch", None, None))
     if spec.norm == "layer":
         x = L.layer_norm(h, p["attn_norm_scale"], p["attn_norm_bias"], spec.norm_eps)
     else:
@@ -276,6 +279,9 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
     v = jnp.einsum("bth,hnd->btnd", x, p["v_proj"])
     if spec.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    q = constrain(q, ("batch", None, "q_heads", None))
+    k = constrain(k, ("batch", None, "kv_heads", None))
+    v = constrain(v, ("batch", None, "kv_heads", None))
     if spec.qk_norm:
         q = L.rms_norm(q, p["q_norm_scale"], spec.norm_eps)
         k = L.rms_norm(k, p["k_norm_scale"], spec.norm_eps)
@@ -308,6 +314,7 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
         inner = L.activation(spec.activation, gate) * up
     else:
         inner = L.activation(spec.activation, up)
+    inner = constrain(inner, ("batch", None, "mlp"))
     down = inner @ p["down_proj"]
     if spec.mlp_bias:
         down = down + p["down_bias"]
