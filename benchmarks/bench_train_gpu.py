@@ -77,7 +77,7 @@ def jax_matmul_peak() -> float:
     return 2 * n**3 / sorted(samples)[len(samples) // 2]
 
 
-def run_jax(shape: str, mesh_shape: tuple[int, int, int], warmup: int, timed: int, remat: bool) -> dict:
+def run_jax(shape: str, mesh_shape: tuple[int, int, int], warmup: int, timed: int, remat: bool, loss: str) -> dict:
     import jax
     import numpy as np
 
@@ -94,6 +94,9 @@ def run_jax(shape: str, mesh_shape: tuple[int, int, int], warmup: int, timed: in
         learning_rate=1e-5, lr_scheduler_type="constant", per_device_train_batch_size=PER_DEVICE_BATCH,
         max_length=SEQ, length_buckets=(SEQ,), bf16=True, logging_steps=0, disable_tqdm=True,
         gradient_checkpointing=remat,
+        scan_layers=os.environ.get("JAXSFT_BENCH_SCAN", "1") == "1",
+        # "full": never chunk the lm_head + loss; "auto": chunk over tokens when fp32 logits pass 1 GiB/device.
+        loss_chunk_bytes=1 << 62 if loss == "full" else 1 << 30,
     )
     trainer = jaxsft.IterativeSFTTrainer(model, cfg, mesh=mesh)
     ways = data * fsdp
@@ -113,7 +116,7 @@ def run_jax(shape: str, mesh_shape: tuple[int, int, int], warmup: int, timed: in
     median = float(np.median(times))
     tokens = SEQS_PER_WAY * ways * SEQ
     return {
-        "impl": "jaxsft", "mesh": f"{data}x{fsdp}x{tensor}", "gpus": ndev, "tokens_per_s": tokens / median,
+        "impl": f"jaxsft ({loss} loss, chunk {trainer._chunk_size}{'' if cfg.scan_layers else ', unrolled'})", "mesh": f"{data}x{fsdp}x{tensor}", "gpus": ndev, "tokens_per_s": tokens / median,
         "step_median_s": median, "first_step_s": first, "peak_gib_per_gpu": peak / 2**30,
         "losses": losses, "updates_per_call": stats["num_updates"], "compiled": stats["compiled_shapes"],
         "matmul_peak_tflops": jax_matmul_peak() / 1e12 if (ndev == 1 and jax.default_backend() == "gpu") else None, "device": str(devices[0].device_kind),
@@ -187,26 +190,31 @@ def main() -> None:
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mesh", default="1,1,1", help=argparse.SUPPRESS)
+    parser.add_argument("--loss", default="auto", choices=("auto", "full"), help=argparse.SUPPRESS)
+    parser.add_argument("--ablate-loss", action="store_true", help="also run every mesh with full logits")
     args = parser.parse_args()
 
     if args.worker == "jax":
         mesh = tuple(int(x) for x in args.mesh.split(","))
-        print("RESULT " + json.dumps(run_jax(args.shape, mesh, args.warmup, args.timed, args.remat)), flush=True)
+        result = run_jax(args.shape, mesh, args.warmup, args.timed, args.remat, args.loss)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     if args.worker == "torch":
         print("RESULT " + json.dumps(run_torch(args.shape, args.warmup, args.timed)), flush=True)
         return
 
-    plans = [("jax", "1,1,1")]
-    if args.gpus > 1:
-        plans += [("jax", f"{args.gpus},1,1"), ("jax", f"1,{args.gpus},1")]
+    meshes = ["1,1,1"] + ([f"{args.gpus},1,1", f"1,{args.gpus},1"] if args.gpus > 1 else [])
+    plans = [("jax", mesh, "auto") for mesh in meshes]
+    if args.ablate_loss:
+        plans += [("jax", mesh, "full") for mesh in meshes[:2]]
     if not args.skip_torch:
-        plans.append(("torch", "-"))
+        plans.append(("torch", "-", "-"))
     results = []
-    for worker, mesh in plans:
-        cmd = [sys.executable, __file__, "--worker", worker, "--mesh", mesh, "--shape", args.shape,
-               "--warmup", str(args.warmup), "--timed", str(args.timed)] + (["--remat"] if args.remat else [])
-        print(f"== {worker} mesh={mesh}", flush=True)
+    for worker, mesh, loss in plans:
+        cmd = [sys.executable, __file__, "--worker", worker, "--mesh", mesh, "--shape", args.shape, "--loss",
+               loss if loss != "-" else "auto", "--warmup", str(args.warmup), "--timed", str(args.timed)]
+        cmd += ["--remat"] if args.remat else []
+        print(f"== {worker} mesh={mesh} loss={loss}", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -217,7 +225,8 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
 
     fpt = flops_per_token(args.shape)
-    base_jax = next((r for r in results if r.get("impl") == "jaxsft" and r.get("gpus") == 1 and "error" not in r), None)
+    is_jax = lambda r: r.get("impl", "").startswith("jaxsft")  # noqa: E731
+    base_jax = next((r for r in results if is_jax(r) and r.get("gpus") == 1 and "error" not in r), None)
     base_torch = next((r for r in results if r.get("impl", "").startswith("torch") and "error" not in r), None)
     peak = (base_jax or {}).get("matmul_peak_tflops") or (base_torch or {}).get("matmul_peak_tflops")
     print(f"\nshape={args.shape}  seq={SEQ}  micro-batch {PER_DEVICE_BATCH}x{SEQ} per device  "
@@ -231,7 +240,8 @@ def main() -> None:
         per_gpu = r["tokens_per_s"] / r["gpus"]
         mfu = 100 * fpt * per_gpu / (peak * 1e12) if peak else float("nan")
         vs_torch = r["tokens_per_s"] / base_torch["tokens_per_s"] if base_torch else float("nan")
-        eff = per_gpu / base_jax["tokens_per_s"] if (base_jax and r["impl"] == "jaxsft") else float("nan")
+        same_loss = [b for b in results if is_jax(b) and b.get("gpus") == 1 and b.get("impl") == r["impl"]]
+        eff = per_gpu / same_loss[0]["tokens_per_s"] if (is_jax(r) and same_loss) else float("nan")
         print(f"| {r['impl']} | {r['mesh']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {per_gpu:,.0f} | {mfu:.1f} | "
               f"{vs_torch:.2f}× | {eff:.3f} | {r['peak_gib_per_gpu']:.1f} | {r['first_step_s']:.1f} |")
     if args.out:

@@ -59,6 +59,9 @@ class TrainConfig:
     loss_chunk_size: Optional[int] = None
     loss_chunk_bytes: int = 1 << 30
     attention_implementation: str = "auto"
+    # False unrolls the layer loop in the train step: slower to compile, lets XLA
+    # overlap per-layer gradient communication with compute on many devices.
+    scan_layers: bool = True
     disable_tqdm: bool = False
 
     def __post_init__(self) -> None:

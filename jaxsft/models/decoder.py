@@ -115,6 +115,7 @@ class CausalLM(nnx.Module):
         self.remat = remat
         self.remat_policy = remat_policy
         self.attention_implementation = attention_implementation
+        self.scan_layers = True
         self.hf_config_json = hf_config_json
         std = spec.initializer_range
         h = spec.hidden_size
@@ -260,6 +261,12 @@ class CausalLM(nnx.Module):
         if self.remat and cache is None:
             block = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=())
 
+        if cache is None and not self.scan_layers:
+            # Unrolled: longer compiles, but XLA can overlap each layer's gradient
+            # all-reduce with the rest of the backward pass.
+            for i in range(spec.num_layers):
+                h = block(h, {k: v[i] for k, v in params.items()}, None)[0]
+            return h, None
         if cache is None:
             h, _ = jax.lax.scan(lambda c, p: (block(c, p, None)[0], None), h, params)
             return h, None
