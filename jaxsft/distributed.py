@@ -38,6 +38,10 @@ def initialize(
         process_id = int(env["JAXSFT_PROCESS_ID"])
     if (num_processes is None) != (process_id is None):
         raise ValueError("initialize(): pass both num_processes and process_id, or neither (auto-detect).")
+    # CPU devices need a cross-process collectives backend, or every program that spans
+    # processes fails. jax >= 0.5 defaults to gloo; older versions default to none.
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
@@ -69,6 +73,8 @@ def agree_on_microbatches(microbatches: list, rows: int) -> list:
         return microbatches
     counts = _allgather(np.asarray([len(microbatches)], np.int64)).reshape(-1)
     target_count = int(counts.max())
+    if target_count == 0:  # no process had examples this call
+        return []
     lengths = np.zeros((target_count,), np.int64)
     lengths[: len(microbatches)] = [mb.input_ids.shape[1] for mb in microbatches]
     target_lengths = _allgather(lengths).max(axis=0)

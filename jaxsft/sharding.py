@@ -7,6 +7,7 @@ shardings) does all communication: there is no hand-written collective here.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional, Sequence
 
 import jax
@@ -31,19 +32,28 @@ LOGICAL_AXIS_RULES: dict[Optional[str], Optional[str]] = {
 }
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence[Any]] = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh. One axis may be -1 to take the remaining devices.
+def make_mesh(
+    data: Optional[int] = None, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence[Any]] = None
+) -> Mesh:
+    """A (data, fsdp, tensor) mesh over ``devices`` (default: every device of every process).
 
-    The default, ``make_mesh()``, puts every device (of every process) on the data
-    axis: plain data parallelism, like DDP with a per-device batch size.
+    One axis may be -1 to take the devices the others leave. ``data`` left out is
+    -1 (or 1 when ``fsdp`` or ``tensor`` is -1), so the default, ``make_mesh()``,
+    puts every device on the data axis: plain data parallelism, like DDP with a
+    per-device batch size; ``make_mesh(fsdp=-1)`` is pure FSDP.
     """
     devices = list(devices) if devices is not None else jax.devices()
+    if not devices:
+        raise ValueError("make_mesh: devices is empty; pass at least one device (default: jax.devices()).")
+    if data is None:
+        data = 1 if -1 in (fsdp, tensor) else -1
     sizes = [data, fsdp, tensor]
-    if sum(s == -1 for s in sizes) > 1:
-        raise ValueError(f"make_mesh: at most one axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}.")
     for name, size in zip(MESH_AXES, sizes):
-        if size != -1 and (not isinstance(size, int) or size < 1):
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or (size != -1 and size < 1):
             raise ValueError(f"make_mesh: {name}={size!r} must be a positive integer or -1.")
+    sizes = [int(s) for s in sizes]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"make_mesh: at most one axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}.")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:
@@ -108,6 +118,62 @@ def sharding_tree(state: nnx.State, mesh: Mesh):
     """A pytree of NamedSharding matching ``state``'s array leaves (for jit in/out shardings)."""
     shardings = state_shardings(state, mesh)
     return jax.tree.map(lambda x: x, shardings)
+
+
+def optimizer_state_shardings(opt_state: Any, params: Any, mesh: Mesh) -> Any:
+    """Shardings for an (abstract) optimizer state: a leaf that mirrors a parameter takes its sharding.
+
+    A leaf mirrors a parameter when the parameter's full tree path is a suffix of
+    the leaf's path (``...mu['layers']['q_proj'].value`` ends with
+    ``['layers']['q_proj'].value``) and the shapes agree; that covers Adam's
+    mu/nu, momentum traces and accumulators of any optax chain. Everything else
+    (step counts, factored statistics) is replicated. Without this, ``tx.init``
+    under jit returns replicated moments (``zeros_like`` drops the input layout),
+    which costs two full parameter copies per device.
+    """
+    by_path = {tuple(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    rep = replicated(mesh)
+
+    def one(path, leaf):
+        path = tuple(path)
+        for start in range(len(path)):
+            param = by_path.get(path[start:])
+            if param is not None and tuple(param.shape) == tuple(leaf.shape):
+                return param.sharding
+        return rep
+
+    return jax.tree_util.tree_map_with_path(one, opt_state)
+
+
+def check_batch_split_over_processes(mesh: Mesh) -> None:
+    """Refuse a multi-process mesh whose batch axes do not give each process its own rows.
+
+    Each process passes its own examples to ``step()`` and contributes
+    ``rows / process_count`` rows of every global micro-batch; that only works when
+    the data x fsdp axes split the batch so each process owns an equal, disjoint
+    set of row blocks (e.g. not a mesh with the processes along the tensor axis).
+    """
+    if jax.process_count() == 1:
+        return
+    blocks = batch_rows_multiple(mesh)
+    owners: dict[int, set[int]] = {}
+    for device, index in batch_sharding(mesh, 1).devices_indices_map((blocks,)).items():
+        owners.setdefault(index[0].start or 0, set()).add(device.process_index)
+    per_process: dict[int, int] = {}
+    for start, procs in owners.items():
+        if len(procs) > 1:
+            raise ValueError(
+                f"mesh {dict(mesh.shape)}: batch rows block {start} is held by processes {sorted(procs)}; every "
+                "process must own its own rows. Put the processes along the data/fsdp axes (e.g. "
+                "make_mesh(data=jax.process_count(), fsdp=-1)) rather than the tensor axis."
+            )
+        (proc,) = procs
+        per_process[proc] = per_process.get(proc, 0) + 1
+    if len(per_process) != jax.process_count() or len(set(per_process.values())) != 1:
+        raise ValueError(
+            f"mesh {dict(mesh.shape)}: processes own unequal numbers of batch row blocks {per_process}; "
+            "use the same number of devices on every process and split data*fsdp across processes."
+        )
 
 
 def place_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:

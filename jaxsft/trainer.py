@@ -86,6 +86,7 @@ class IterativeSFTTrainer:
         if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
             raise TypeError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}.")
         self.config = config
+        self._user_model = model
         self.tokenizer = tokenizer
         self.eval_dataset = eval_dataset
         self.callbacks = list(callbacks)
@@ -98,11 +99,13 @@ class IterativeSFTTrainer:
         self.rows = config.per_device_train_batch_size * shd.batch_rows_multiple(self.mesh)
         self.eval_rows = config.per_device_eval_batch_size * shd.batch_rows_multiple(self.mesh)
         self._check_tensor_axis()
+        shd.check_batch_split_over_processes(self.mesh)
 
         graphdef, params = nnx.split(model)
         training_view = nnx.merge(graphdef, params)
         training_view.dtype = jnp.dtype(jnp.bfloat16) if config.bf16 else model.dtype
         training_view.remat = bool(config.gradient_checkpointing)
+        training_view.scan_layers = bool(config.scan_layers)
         if config.attention_implementation != "auto":
             training_view.attention_implementation = config.attention_implementation
         self._graphdef, params = nnx.split(training_view)
@@ -114,8 +117,11 @@ class IterativeSFTTrainer:
         self._schedule = schedule
         self._tx = optimizer
         with jax.set_mesh(self.mesh):
-            self._opt_state = jax.jit(self._tx.init)(self._params)
+            # Moments take their parameter's sharding (zeros_like under jit would replicate them).
+            opt_shardings = shd.optimizer_state_shardings(jax.eval_shape(self._tx.init, self._params), self._params, self.mesh)
+            self._opt_state = jax.jit(self._tx.init, out_shardings=opt_shardings)(self._params)
         self._rng = np.random.default_rng(config.seed)
+        self._shards = shd.batch_rows_multiple(self.mesh)
         self._chunk_size = self._loss_chunk_size()
         self._programs: dict[tuple, Any] = {}
         self._params_version = 0
@@ -169,13 +175,14 @@ class IterativeSFTTrainer:
         started = time.perf_counter()
         microbatches = batching.plan_microbatches(
             examples, rows=self.rows // jax.process_count(), buckets=self.buckets, rng=self._rng
-        )
+        ) if examples else []  # multi-process: this process has nothing this call (filler micro-batches below)
         microbatches = distributed.agree_on_microbatches(microbatches, self.rows // jax.process_count())
         updates = batching.group_into_updates(microbatches, self.config.gradient_accumulation_steps)
         totals = distributed.global_label_counts(updates)
 
         per_update_metrics = []
         applied_steps = []
+        eval_metrics: dict[int, dict[str, float]] = {}
         progress = self._progress(len(updates))
         for update, total in zip(updates, totals):
             if total == 0:
@@ -190,10 +197,17 @@ class IterativeSFTTrainer:
             self._params_version += 1
             per_update_metrics.append(metrics)
             applied_steps.append(self.state.global_step)
+            if self._eval_due(self.state.global_step):
+                # Now, on this update's weights (a later update of the call would otherwise be measured).
+                eval_metrics[self.state.global_step] = self._eval_metrics(self.eval_dataset)
             if progress is not None:
                 progress.update(1)
         if progress is not None:
             progress.close()
+        if per_update_metrics:
+            # The caller's model object shares the arrays the first update donated: point it at the new ones,
+            # so the model passed in is trained in place (as a torch model would be) and stays usable.
+            nnx.update(self._user_model, self._params)
 
         host_metrics = jax.device_get(per_update_metrics)  # the call's one host sync
         elapsed = time.perf_counter() - started
@@ -202,13 +216,16 @@ class IterativeSFTTrainer:
         self.state.num_input_tokens_seen += input_tokens
         self.state.total_label_tokens += label_tokens
         for step_number, metrics in zip(applied_steps, host_metrics):
-            self._after_update(step_number, metrics)
+            self._after_update(step_number, metrics, eval_metrics.get(step_number))
         loss_sum = sum(float(m["loss_sum"]) for m in host_metrics)
         return {
-            "loss": loss_sum / label_tokens if label_tokens else float("nan"),
+            # A call with no label tokens trained nothing; it reports 0.0 (not NaN, which poisons running means).
+            "loss": loss_sum / label_tokens if label_tokens else 0.0,
             "learning_rate": self.current_learning_rate(),
             "grad_norm": float(host_metrics[-1]["grad_norm"]) if host_metrics else None,
             "num_tokens": label_tokens,
+            # Each applied update's exact loss (its token-loss sum over its label tokens), unrounded.
+            "update_losses": [float(m["loss"]) for m in host_metrics],
             "num_updates": len(host_metrics),
             "num_microbatches": len(microbatches),
             "global_step": self.state.global_step,
@@ -219,13 +236,31 @@ class IterativeSFTTrainer:
 
     def evaluate(self, eval_dataset: Any = None) -> dict[str, float]:
         """Mean token loss over a dataset (``step()``-style dict, list of strings, or the one given at init)."""
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        metrics = self._eval_metrics(eval_dataset if eval_dataset is not None else self.eval_dataset)
+        self._report_eval(metrics, self.state.global_step)
+        return metrics
+
+    def _report_eval(self, metrics: dict[str, float], step_number: int) -> None:
+        """As HF Trainer.evaluate: the metrics go into log_history (with the step) and to on_log / on_evaluate."""
+        if jax.process_index() == 0:
+            logs = {**metrics, "step": step_number}
+            self.state.log_history.append(logs)
+            for callback in self.callbacks:
+                callback.on_log(self, logs)
+        for callback in self.callbacks:
+            callback.on_evaluate(self, metrics)
+
+    def _eval_due(self, step_number: int) -> bool:
+        every = self.config.eval_steps
+        return bool(every) and step_number % every == 0 and self.eval_dataset is not None
+
+    def _eval_metrics(self, dataset: Any) -> dict[str, float]:
         if dataset is None:
             raise ValueError("evaluate(): no eval_dataset given here or at construction; pass eval_dataset=...")
         examples = self._examples(**_dataset_as_step_kwargs(dataset))
         microbatches = batching.plan_microbatches(
             examples, rows=self.eval_rows // jax.process_count(), buckets=self.buckets, rng=self._rng, shuffle=False
-        )
+        ) if examples else []
         microbatches = distributed.agree_on_microbatches(microbatches, self.eval_rows // jax.process_count())
         sums = []
         for mb in microbatches:
@@ -235,10 +270,7 @@ class IterativeSFTTrainer:
         sums = jax.device_get(sums)
         loss_sum = sum(float(s) for s, _ in sums)
         count = sum(float(c) for _, c in sums)
-        metrics = {"eval_loss": loss_sum / count if count else float("nan"), "eval_num_tokens": int(count)}
-        for callback in self.callbacks:
-            callback.on_evaluate(self, metrics)
-        return metrics
+        return {"eval_loss": loss_sum / count if count else float("nan"), "eval_num_tokens": int(count)}
 
     def generate(self, prompts: Sequence[Any], **kwargs: Any):
         """Sample from the current training weights (see :func:`jaxsft.generate`)."""
@@ -256,7 +288,17 @@ class IterativeSFTTrainer:
 
     # ------------------------------------------------------------------ inputs
     def _examples(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None):
+        if jax.process_count() > 1 and _is_empty(texts if texts is not None else input_ids):
+            # Multi-process: a process may have no examples this call; it still joins every collective
+            # program with zero-weight filler rows (distributed.agree_on_microbatches).
+            return []
         if texts is not None:
+            given = [n for n, v in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels)) if v is not None]
+            if given:
+                raise ValueError(
+                    f"step() got texts=... together with {', '.join(given)}; pass either texts (with texts_labels) "
+                    f"or token arrays, not both."
+                )
             if self.tokenizer is None:
                 raise ValueError("step(texts=...) needs a tokenizer; pass tokenizer= when building the trainer.")
             examples = batching.examples_from_texts(
@@ -308,7 +350,7 @@ class IterativeSFTTrainer:
                 "fused",
                 batch,
                 lambda: self._compile(
-                    step_fns.make_fused_update(self._graphdef, self._tx, self._schedule, self._chunk_size),
+                    step_fns.make_fused_update(self._graphdef, self._tx, self._schedule, self._chunk_size, self._shards),
                     (self._params, self._opt_state, batch, step_count),
                     donate=(0, 1),
                     out_shardings=(params_sh, opt_sh, rep),
@@ -326,7 +368,7 @@ class IterativeSFTTrainer:
                 "accumulate",
                 batch,
                 lambda: self._compile(
-                    step_fns.make_accumulate(self._graphdef, self._chunk_size),
+                    step_fns.make_accumulate(self._graphdef, self._chunk_size, self._shards),
                     (self._params, acc, batch),
                     donate=(1,),
                     out_shardings=(params_sh, rep, rep),
@@ -349,15 +391,15 @@ class IterativeSFTTrainer:
     def _compile_eval(self, batch):
         rep = shd.replicated(self.mesh)
         return self._compile(
-            step_fns.make_eval(self._graphdef, self._chunk_size), (self._params, batch), donate=(), out_shardings=(rep, rep)
+            step_fns.make_eval(self._graphdef, self._chunk_size, self._shards), (self._params, batch), donate=(), out_shardings=(rep, rep)
         )
 
     # ------------------------------------------------------------------ logging
-    def _after_update(self, step_number: int, metrics: dict[str, Any]) -> None:
+    def _after_update(self, step_number: int, metrics: dict[str, Any], eval_metrics: Optional[dict] = None) -> None:
         self._loss_since_log.append(float(metrics["loss"]))
         cfg = self.config
-        if cfg.eval_steps and step_number % cfg.eval_steps == 0 and self.eval_dataset is not None:
-            self.evaluate()
+        if eval_metrics is not None:  # measured right after this update, reported here (before its log, as HF)
+            self._report_eval(eval_metrics, step_number)
         if cfg.logging_steps and step_number % cfg.logging_steps == 0:
             logs: dict[str, Any] = {
                 "loss": round(float(np.mean(self._loss_since_log)), 4),
@@ -387,8 +429,8 @@ class IterativeSFTTrainer:
         """Chunk the lm_head + loss over tokens only when full fp32 logits would be large."""
         if self.config.loss_chunk_size is not None:
             return self.config.loss_chunk_size
-        tokens = self.rows * self.max_length
-        if tokens * self.spec.vocab_size * 4 <= self.config.loss_chunk_bytes:
+        tokens_per_device = self.config.per_device_train_batch_size * self.max_length
+        if tokens_per_device * self.spec.vocab_size * 4 <= self.config.loss_chunk_bytes:
             return None
         per_chunk = max(256, (1 << 28) // (4 * self.spec.vocab_size))
         return 1 << int(math.log2(per_chunk))
@@ -405,6 +447,13 @@ class IterativeSFTTrainer:
                     f"mesh tensor axis of size {tensor} does not divide the model's {what} ({size}); "
                     f"choose a tensor size that divides it (e.g. make_mesh(tensor=1))."
                 )
+
+
+def _is_empty(value: Any) -> bool:
+    try:
+        return value is not None and len(value) == 0
+    except TypeError:
+        return False
 
 
 def _mesh_of(model: CausalLM) -> jax.sharding.Mesh:
