@@ -170,9 +170,11 @@ ARGUMENTS: tuple[ArgumentRow, ...] = (
     ArgumentRow("save_strategy", IGNORED, "-", "step() never saves (nor did TRL's); call trainer.save_model()."),
     ArgumentRow("load_best_model_at_end", IGNORED, "-", "No checkpoints are written, so there is no best model."),
     ArgumentRow("metric_for_best_model", IGNORED, "-", "No checkpoints are written, so there is no best model."),
-    ArgumentRow("report_to", IGNORED, "-",
-                "Logs go to trainer.state.log_history only; no integration (wandb, tensorboard, ...) is called. "
-                "Warned when it names any integration."),
+    ArgumentRow("report_to", FACADE, "compat.IterativeSFTTrainer",
+                "The named integrations (tensorboard, wandb, ...) are transformers' own callbacks, built with "
+                "transformers.integrations.get_reporting_integration_callbacks as HF Trainer does: on_train_begin "
+                "fires at the first update, then on_log, on_step_end and on_evaluate. on_train_end never fires "
+                "(there is no end of training). TRL called on_log only, after the same setup."),
     ArgumentRow("include_num_input_tokens_seen", IGNORED, "-", "Not counted in the state (TRL never updated it)."),
     ArgumentRow("disable_tqdm", MAPPED, "TrainConfig.disable_tqdm",
                 "None resolves as in TrainingArguments (off unless the log level is above WARN)."),

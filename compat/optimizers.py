@@ -222,8 +222,11 @@ def _table_schedule(values: np.ndarray, tail: Optional[Callable[[jax.Array], jax
     """Look up ``values[count]`` (float64 on the host, rounded to fp32 once).
 
     Past the table, ``tail(count)`` if given (an fp32 formula), else the last value.
+    The returned schedule carries ``host_value(count) -> float``: the float64 value
+    before rounding, which is what torch's ``get_last_lr()`` reports (used for logs).
     """
-    table = np.asarray(values, dtype=np.float32)
+    host = np.asarray(values, dtype=np.float64)
+    table = host.astype(np.float32)
     last = len(table) - 1
 
     def schedule(count: Any) -> jax.Array:
@@ -233,6 +236,13 @@ def _table_schedule(values: np.ndarray, tail: Optional[Callable[[jax.Array], jax
             value = jnp.where(count > last, tail(count).astype(jnp.float32), value)
         return value
 
+    def host_value(count: int) -> float:
+        """The rate as torch computes it (float64), for logging; fp32 past a table with a tail."""
+        if count > last and tail is not None:
+            return float(schedule(count))
+        return float(host[min(max(int(count), 0), last)])
+
+    schedule.host_value = host_value  # type: ignore[attr-defined]
     return schedule
 
 

@@ -1,0 +1,315 @@
+"""The torch side of the facade: HF parameter names <-> jaxsft parameters.
+
+Two jobs, both driven by the per-family key tables in ``jaxsft.models.hf_keys``
+(the same tables that load and save checkpoints, so names and layouts live in one place):
+
+* :class:`TorchWeightSync` copies a jaxsft model's weights into the torch model the
+  user handed in, in place (``trainer.model`` stays the caller's object), so
+  ``trainer.model.generate(...)`` between ``step()`` calls sees the trained weights.
+* :func:`hf_decay_mask_fn` turns the set of HF parameter names a torch optimizer
+  decays into an optax mask over jaxsft's parameter tree (for
+  ``compat.optimizers.torch_optimizer_to_optax(decay_mask_fn=...)``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import warnings
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from jaxsft.models.decoder import CausalLM, layer_param_shapes
+from jaxsft.models.hf_io import expected_hf_shapes, hf_state_dict, top_level_shapes
+from jaxsft.models.hf_keys import normalise_key, rules_for
+from jaxsft.models.spec import ModelSpec
+from jaxsft.optim import _key_name
+
+# torch dtypes numpy can write into directly (np.copyto into the tensor's own memory).
+_NUMPY_WRITABLE = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+def hf_parameter_names(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every HF weight name a jaxsft model of ``spec`` fills, with its HF shape (layers expanded)."""
+    shapes = expected_hf_shapes(spec)
+    out: dict[str, tuple[int, ...]] = {}
+    for rule in rules_for(spec):
+        if rule.per_layer:
+            for i in range(spec.num_layers):
+                out[rule.hf.format(i=i)] = shapes[rule.hf]
+        else:
+            out[rule.hf] = shapes[rule.hf]
+    return out
+
+
+class TorchWeightSync:
+    """Copies jaxsft weights into a torch model's parameters, in place.
+
+    Built once per trainer: it checks that every torch parameter has a jaxsft counterpart of the same
+    shape and remembers the parameter objects. Tied weights appear once in ``named_parameters()`` and are
+    written once. Parameters keep their dtype and device.
+
+    :meth:`copy_from` does the HF layout change on the accelerator: for every key rule whose ``to_hf`` is
+    a reshape, or a reshape and a transpose (found once by running ``to_hf`` on a small probe, so the
+    tables in ``jaxsft.models.hf_keys`` stay the only place that knows the layouts), a jitted program
+    produces the stacked HF-layout array in the torch dtype, its transfer to the host starts at once, and
+    at most three rules' outputs are alive at a time; the host then only does contiguous copies into the
+    torch tensors. When the torch model sits on the GPU that holds the JAX arrays, the copy goes
+    device-to-device through DLPack instead. On the CPU backend the arrays already are host memory, and
+    ``to_hf`` runs on them directly. Other rules (GPT-2's fused q/k/v) go through ``to_hf`` on the host. Multi-host runs,
+    whose arrays a process cannot read alone, use :func:`jaxsft.models.hf_io.hf_state_dict` (gathered).
+    """
+
+    def __init__(self, torch_model: torch.nn.Module, spec: ModelSpec):
+        expected = hf_parameter_names(spec)
+        self._spec = spec
+        self._targets: list[tuple[str, torch.nn.Parameter]] = []
+        unknown, misshaped = [], []
+        for name, param in torch_model.named_parameters():
+            key = normalise_key(spec, name)
+            if key not in expected:
+                unknown.append(name)
+            elif tuple(param.shape) != expected[key]:
+                misshaped.append(f"{name} {tuple(param.shape)} vs {expected[key]}")
+            else:
+                self._targets.append((key, param))
+        if unknown or misshaped:
+            raise ValueError(
+                "the torch model has parameters jaxsft cannot mirror "
+                f"({'unknown: ' + ', '.join(unknown[:5]) if unknown else ''}"
+                f"{'; ' if unknown and misshaped else ''}"
+                f"{'wrong shape: ' + ', '.join(misshaped[:5]) if misshaped else ''}); "
+                "pass a plain transformers causal LM of a supported family (no adapters or extra heads)."
+            )
+        by_key = dict(self._targets)
+        self._plans: list[_Plan] = []
+        for rule in rules_for(spec):
+            keys = [rule.hf.format(i=i) for i in range(spec.num_layers)] if rule.per_layer else [rule.hf]
+            params = [by_key.get(k) for k in keys]
+            present = [p for p in params if p is not None]
+            if not present:
+                continue
+            same_dtype = all(p.dtype == present[0].dtype for p in present)
+            kind = _layout_kind(rule, spec) if same_dtype else None
+            self._plans.append(_Plan(rule, kind, expected[keys[0]], present[0].dtype, params))
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self._targets]
+
+    def copy_from(self, model: CausalLM) -> None:
+        """Overwrite the torch parameters with ``model``'s current weights."""
+        pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        leaves = jax.tree.leaves(pure)
+        on_cpu = all(d.platform == "cpu" for x in leaves for d in x.devices())
+        if on_cpu or not all(getattr(x, "is_fully_addressable", True) for x in leaves):
+            # CPU arrays are host memory already (numpy reads them without a copy) and numpy's transposes
+            # beat a second XLA program there; arrays of other hosts must be gathered.
+            self.copy_arrays(hf_state_dict(model))
+            return
+        in_flight: collections.deque = collections.deque()
+        on_gpu: list[Any] = []  # DLPack views torch is still copying from
+        with torch.no_grad():
+            for plan in self._plans:
+                if plan.kind is None:
+                    continue
+                name = plan.rule.ours[0]
+                source = pure["layers"][name] if plan.rule.per_layer else pure[name]
+                out = _device_layout(source, plan.kind, plan.shape, plan.rule.per_layer, _jax_dtype(plan.dtype))
+                shard = _same_gpu_shard(out, plan)
+                if shard is not None:  # torch lives on the same GPU: device-to-device, no host round trip
+                    on_gpu.append(_write_from_gpu(plan, shard))
+                    continue
+                out.copy_to_host_async()
+                in_flight.append((plan, out))
+                if len(in_flight) > 3:
+                    _write(*in_flight.popleft())
+            for plan in self._plans:  # host layouts, overlapping the transfers queued above
+                if plan.kind is None:
+                    self._write_on_host(plan, pure)
+            while in_flight:
+                _write(*in_flight.popleft())
+            if on_gpu:
+                torch.cuda.synchronize()  # the copies read JAX's buffers: finish before they can be freed
+
+    def copy_arrays(self, weights: dict[str, np.ndarray]) -> None:
+        """Overwrite the torch parameters from HF-named host arrays (``hf_state_dict`` output)."""
+        with torch.no_grad():
+            for name, param in self._targets:
+                _copy_into(param, weights[name])
+
+    def _write_on_host(self, plan: "_Plan", pure: dict[str, Any]) -> None:
+        rule = plan.rule
+        inputs = [np.asarray(pure["layers"][n] if rule.per_layer else pure[n]) for n in rule.ours]
+        for index, param in enumerate(plan.params):
+            if param is not None:
+                parts = tuple(x[index] for x in inputs) if rule.per_layer else tuple(inputs)
+                _copy_into(param, rule.to_hf(parts, self._spec))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    rule: Any  # KeyRule
+    kind: Optional[str]  # "reshape" | "transpose" | None (host to_hf)
+    shape: tuple[int, ...]  # HF shape of one tensor
+    dtype: torch.dtype  # the torch parameters' dtype
+    params: list  # one torch parameter (or None) per layer, or a single one
+
+
+def _probe_spec(spec: ModelSpec) -> ModelSpec:
+    """The same architecture with small, pairwise different sizes, so a transpose cannot pass for a reshape."""
+    return dataclasses.replace(
+        spec, vocab_size=11, hidden_size=6, intermediate_size=7, num_layers=1, num_heads=2, num_kv_heads=1,
+        head_dim=5, max_position_embeddings=13,
+    )
+
+
+def _layout_kind(rule: Any, spec: ModelSpec) -> Optional[str]:
+    """How ``rule.to_hf`` lays out its one input: "reshape", "transpose" (reshape to the transposed HF
+    shape, then transpose) or None (anything else, e.g. several inputs), read off ``to_hf(arange)``."""
+    if len(rule.ours) != 1:
+        return None
+    probe_spec = _probe_spec(spec)
+    shapes = {name: shape for name, (shape, _, _) in layer_param_shapes(probe_spec).items()}
+    shapes.update(top_level_shapes(probe_spec))
+    shape = shapes[rule.ours[0]]
+    flat = np.arange(int(np.prod(shape)))
+    out = np.asarray(rule.to_hf((flat.reshape(shape),), probe_spec))
+    if out.size != flat.size:
+        return None
+    if np.array_equal(out.reshape(-1), flat):
+        return "reshape"
+    if out.ndim == 2 and np.array_equal(out.T.reshape(-1), flat):
+        return "transpose"
+    return None
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "shape", "per_layer", "dtype"))
+def _device_layout(x: jax.Array, kind: str, shape: tuple[int, ...], per_layer: bool, dtype: Any) -> jax.Array:
+    lead = (x.shape[0],) if per_layer else ()
+    if kind == "reshape":
+        y = x.reshape(lead + shape)
+    else:
+        y = jnp.swapaxes(x.reshape(lead + shape[::-1]), -1, -2)
+    return y.astype(dtype)
+
+
+def _jax_dtype(dtype: torch.dtype) -> Any:
+    return {torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}.get(dtype, jnp.float32)
+
+
+def _same_gpu_shard(out: jax.Array, plan: _Plan) -> Optional[jax.Array]:
+    """A whole (replicated) copy of ``out`` on the CUDA device the torch parameters live on, else None."""
+    devices = {p.device for p in plan.params if p is not None}
+    if len(devices) != 1:
+        return None
+    (device,) = devices
+    if device.type != "cuda":
+        return None
+    for shard in out.addressable_shards:
+        jax_device = shard.device
+        ordinal = getattr(jax_device, "local_hardware_id", jax_device.id)
+        if jax_device.platform == "gpu" and ordinal == device.index and shard.data.shape == out.shape:
+            return shard.data
+    return None
+
+
+def _write_from_gpu(plan: _Plan, array: jax.Array) -> torch.Tensor:
+    source = torch.from_dlpack(array)
+    if plan.rule.per_layer:
+        for index, param in enumerate(plan.params):
+            if param is not None:
+                param.copy_(source[index], non_blocking=True)
+    else:
+        plan.params[0].copy_(source, non_blocking=True)
+    return source
+
+
+def _write(plan: _Plan, out: jax.Array) -> None:
+    host = np.asarray(out)  # waits for this transfer only
+    if plan.rule.per_layer:
+        for index, param in enumerate(plan.params):
+            if param is not None:
+                _copy_into(param, host[index])
+    else:
+        _copy_into(plan.params[0], host)
+
+
+def _copy_into(param: torch.Tensor, array: np.ndarray) -> None:
+    """Write ``array`` into ``param`` (same shape), casting to its dtype and moving to its device."""
+    if array.dtype == jnp.bfloat16:  # numpy has no bf16 of its own: hand torch the bits
+        param.copy_(_from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16))
+        return
+    if param.device.type == "cpu" and param.dtype in _NUMPY_WRITABLE and param.is_contiguous():
+        np.copyto(param.detach().numpy(), array, casting="same_kind")
+        return
+    param.copy_(_from_numpy(np.asarray(array)))
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # read-only views of fetched arrays: torch only reads them here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def _ours_key(path: tuple) -> tuple[str, ...]:
+    """A params-tree path ('layers', 'q_proj', 'value') -> the jaxsft name key ('layers', 'q_proj')."""
+    names = [_key_name(k) for k in path]
+    if names and names[0] == "layers":
+        return ("layers", names[1])
+    return (names[0],)
+
+
+def hf_decay_mask_fn(spec: ModelSpec) -> Callable[[frozenset[str]], Callable[[Any], Any]]:
+    """``names -> (params -> bool tree)``: weight decay on a jaxsft parameter iff its HF weights are decayed.
+
+    A jaxsft layer parameter is one array stacked over layers, so the torch
+    optimizer must make the same choice for that weight in every layer; GPT-2's
+    fused ``c_attn`` fills q/k/v, which then share its choice. Splits that
+    cannot be expressed raise ValueError naming the weight.
+    """
+    rules = rules_for(spec)
+
+    def mask_for(decayed: frozenset[str]) -> Callable[[Any], Any]:
+        decayed = frozenset(normalise_key(spec, n) for n in decayed)
+        decision: dict[tuple[str, ...], bool] = {}
+        for rule in rules:
+            keys = [rule.hf.format(i=i) for i in range(spec.num_layers)] if rule.per_layer else [rule.hf]
+            flags = {key in decayed for key in keys}
+            if len(flags) > 1:
+                on = [k for k in keys if k in decayed]
+                raise ValueError(
+                    f"the optimizer's param groups decay {rule.hf.format(i='*')} in some layers only ({on[:3]}...); "
+                    "jaxsft stacks each weight over layers, so all layers must share one weight-decay choice. "
+                    "Put that weight of every layer in the same param group."
+                )
+            flag = flags.pop()
+            for name in rule.ours:
+                key = ("layers", name) if rule.per_layer else (name,)
+                if decision.setdefault(key, flag) != flag:
+                    raise ValueError(
+                        f"the optimizer's param groups give {name} two weight-decay choices; put the HF weights "
+                        "that fill it in the same param group."
+                    )
+
+        def mask(params: Any) -> Any:
+            def leaf(path: tuple, _value: Any) -> bool:
+                key = _ours_key(path)
+                if key not in decision:
+                    raise ValueError(f"decay mask: jaxsft parameter {'/'.join(key)} has no HF weight rule.")
+                return decision[key]
+
+            return jax.tree_util.tree_map_with_path(leaf, params)
+
+        return mask
+
+    return mask_for
+
+
+__all__ = ["TorchWeightSync", "hf_decay_mask_fn", "hf_parameter_names"]

@@ -1,0 +1,914 @@
+"""``compat.IterativeSFTTrainer``: TRL's IterativeSFTTrainer API, trained by jaxsft's JAX core.
+
+Switching is one import::
+
+    from compat import IterativeSFTTrainer, IterativeSFTConfig   # was: from trl import ...
+
+The facade owns no training logic. It validates and converts the torch/TRL world
+(a transformers model, TrainingArguments, torch optimizers, lists of tensors) and
+delegates every update to :class:`jaxsft.IterativeSFTTrainer`:
+
+* ``model`` (a transformers causal LM, or a local folder) is converted once with
+  ``jaxsft.from_pretrained``; ``trainer.model`` stays the caller's torch object and
+  is brought up to date *lazily*, the first time it is read after an update, by
+  copying the JAX weights into its parameters in place.
+* ``args`` go through ``compat.arguments.training_arguments_to_config`` (one
+  warning per field that has no effect); ``optimizers=(optimizer, scheduler)``
+  through ``compat.optimizers``.
+* ``step()`` inputs go through ``compat.inputs.convert_step_inputs`` (TRL's checks
+  and messages first, then stricter ones), and every check runs before any state
+  changes, so a rejected call leaves the trainer and the torch model untouched.
+* ``state``, ``log_history`` and HF ``TrainerCallback`` events (``on_train_begin`` at
+  the first update, ``on_log``, ``on_step_end``, ``on_evaluate``) follow
+  ``transformers.Trainer``; ``report_to`` integrations and the console progress
+  callback are HF's own classes.
+
+Deliberate differences from TRL 0.23.1 are listed in docs/compat.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import os
+import time
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import jax
+import numpy as np
+import optax
+import torch
+from flax import nnx
+
+import jaxsft
+from jaxsft import batching
+from jaxsft import sharding as shd
+from jaxsft.config import TrainConfig
+from jaxsft.optim import _hf_lambda, clip_by_global_norm_torch, make_schedule
+from jaxsft.trainer import IterativeSFTTrainer as CoreTrainer
+from jaxsft.trainer import TrainerCallback as CoreCallback
+
+from compat.arguments import ignored_argument_message, training_arguments_to_config
+from compat.config import IterativeSFTConfig
+from compat.inputs import IGNORE_INDEX, StepInputs, convert_step_inputs
+from compat.optimizers import torch_optimizer_to_optax, torch_scheduler_to_schedule
+from compat.torch_sync import TorchWeightSync, hf_decay_mask_fn
+
+STEP_KEYWORDS = ("input_ids", "attention_mask", "labels", "texts", "texts_labels")
+TAGS = ("trl", "iterative-sft", "jaxsft")
+# torch model -> the trainer whose sync hooks it carries (the newest one built on it)
+_HOOK_OWNER: "weakref.WeakKeyDictionary[Any, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_base():
+    from transformers import PreTrainedTokenizerBase
+
+    return PreTrainedTokenizerBase
+
+
+class _LearningRateView:
+    """``trainer.lr_scheduler``: read-only, with torch's ``get_last_lr()`` (the rate for the next update)."""
+
+    def __init__(self, trainer: "IterativeSFTTrainer"):
+        self._trainer = trainer
+
+    @property
+    def last_epoch(self) -> int:
+        return self._trainer.core.state.global_step
+
+    def get_last_lr(self) -> list[float]:
+        rate = self._trainer._learning_rate_at(self._trainer.core.state.global_step)
+        return [] if rate is None else [rate]
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(
+            "trainer.lr_scheduler is a read-only view: the schedule advances by one on every optimizer update that "
+            "step() applies. Pass optimizers=(optimizer, scheduler) at construction to change the schedule."
+        )
+
+    def __repr__(self) -> str:
+        return f"<compat learning-rate view: last_lr={self.get_last_lr()}>"
+
+
+class _CoreBridge(CoreCallback):
+    """Forwards the core's events to the facade, which speaks HF's callback protocol."""
+
+    def __init__(self, facade: "IterativeSFTTrainer"):
+        self._facade = facade
+
+    def on_log(self, trainer: CoreTrainer, logs: dict[str, Any]) -> None:
+        self._facade._on_core_log(logs)
+
+    def on_step_end(self, trainer: CoreTrainer) -> None:
+        self._facade._on_core_step_end()
+
+    def on_evaluate(self, trainer: CoreTrainer, metrics: dict[str, Any]) -> None:
+        self._facade._on_core_evaluate(metrics)
+
+
+class _Core(CoreTrainer):
+    """The core trainer, with HF-style evaluation metrics.
+
+    The core decides *when* to evaluate (``eval_steps``: right after the update, on its weights) and
+    reports the metrics (``log_history``, ``on_log``, ``on_evaluate``); this override decides *what* is
+    measured: the core's ``eval_loss`` on inputs converted from the torch world, plus ``compute_metrics``.
+    """
+
+    facade: "IterativeSFTTrainer"
+
+    def _eval_metrics(self, dataset: Any) -> dict[str, float]:
+        return self.facade._eval_metrics(dataset, lambda kwargs: super(_Core, self)._eval_metrics(kwargs))
+
+
+class IterativeSFTTrainer:
+    """TRL's ``IterativeSFTTrainer`` (classic signature, TRL 0.18+'s config), running on jaxsft.
+
+    Args:
+        model: a transformers causal LM (Llama, Mistral, Qwen2, Qwen3, SmolLM2, GPT-2) or a local model
+            folder, loaded with ``AutoModelForCausalLM.from_pretrained(path, **args.model_init_kwargs)``.
+        args: ``transformers.TrainingArguments`` or :class:`compat.IterativeSFTConfig`; ``None`` gives
+            ``IterativeSFTConfig(output_dir="<model name>-IterativeSFT")``. A tokenizer passed here (the
+            documented ``IterativeSFTTrainer(model, tokenizer)``) is taken as the tokenizer.
+        tokenizer / processing_class: the tokenizer (two names for one argument; give at most one).
+            ``None``: loaded from the model folder when there is one.
+        optimizers: ``(optimizer, scheduler)``: a torch AdamW / Adam / SGD or an optax transformation, and a
+            torch LR scheduler (or, with an optax transformation, an optax schedule, used for logging).
+        data_collator: accepted for compatibility; jaxsft batches itself (warned unless it is the default
+            ``DataCollatorForLanguageModeling(mlm=False)``).
+        eval_dataset: a ``datasets.Dataset`` (``input_ids``/``attention_mask``/``labels`` or ``text``
+            columns), a dict of ``step()`` keywords, a list of strings or of token sequences.
+        max_length, truncation_mode, optimize_device_cache: the classic keywords; the same fields of
+            ``IterativeSFTConfig`` are used when these are left at their defaults.
+        preprocess_logits_for_metrics, compute_metrics: as ``transformers.Trainer``, used by ``evaluate()``.
+        callbacks: extra HF ``TrainerCallback`` classes or instances (keyword only).
+        mesh: a jaxsft device mesh (keyword only); default: every device on the data axis.
+    """
+
+    _tag_names = list(TAGS[:2])
+
+    def __init__(
+        self,
+        model: Any = None,
+        args: Any = None,
+        tokenizer: Any = None,
+        optimizers: Any = (None, None),
+        data_collator: Any = None,
+        eval_dataset: Any = None,
+        max_length: Optional[int] = None,
+        truncation_mode: str = "keep_end",
+        preprocess_logits_for_metrics: Optional[Callable] = None,
+        compute_metrics: Optional[Callable] = None,
+        optimize_device_cache: bool = False,
+        *,
+        processing_class: Any = None,
+        callbacks: Optional[Sequence[Any]] = None,
+        mesh: Optional[jax.sharding.Mesh] = None,
+    ):
+        from transformers import TrainingArguments
+
+        # ---- tokenizer: two names, and the documented positional (model, tokenizer) form
+        if tokenizer is not None and processing_class is not None:
+            raise ValueError(
+                "Both `tokenizer` and `processing_class` were given; they are the same argument (TRL renamed it in "
+                "0.12). Pass only one."
+            )
+        name = "processing_class" if processing_class is not None else "tokenizer"
+        tokenizer = processing_class if processing_class is not None else tokenizer
+        if isinstance(args, _tokenizer_base()):
+            if tokenizer is not None:
+                raise ValueError(
+                    f"args is a tokenizer ({type(args).__name__}) and {name} was given too; pass TrainingArguments "
+                    f"or IterativeSFTConfig as args."
+                )
+            tokenizer, args = args, None
+        if tokenizer is not None and not isinstance(tokenizer, _tokenizer_base()):
+            hint = ""
+            if callable(tokenizer) and not isinstance(tokenizer, type):
+                hint = (
+                    "; the positional order is the classic one, (model, args, tokenizer, optimizers, data_collator, "
+                    "...): pass a data collator as data_collator=..."
+                )
+            raise ValueError(
+                f"{name} must be a PreTrainedTokenizerBase like a PreTrainedTokenizer or a PreTrainedTokenizerFast, "
+                f"got {type(tokenizer)}{hint}"
+            )
+
+        # ---- model (type checks before any loading)
+        from transformers import PreTrainedModel
+
+        if isinstance(model, (str, os.PathLike)):
+            model_id: Optional[str] = os.fspath(model)
+        elif isinstance(model, PreTrainedModel):
+            model_id = getattr(model.config, "_name_or_path", "") or None
+        else:
+            raise ValueError(
+                f"model must be a PreTrainedModel, got {type(model)}; pass a transformers causal LM or a local "
+                "model folder (for a jaxsft CausalLM use jaxsft.IterativeSFTTrainer)."
+            )
+
+        # ---- args
+        if args is None:
+            stem = (model_id or getattr(getattr(model, "config", None), "model_type", None) or "model")
+            args = IterativeSFTConfig(output_dir=f"{stem.rstrip('/').split('/')[-1]}-IterativeSFT")
+        if not isinstance(args, TrainingArguments):
+            raise TypeError(
+                f"args must be a transformers.TrainingArguments or compat.IterativeSFTConfig - got {type(args)}; "
+                "build one with IterativeSFTConfig(output_dir=...)."
+            )
+        self.args = args
+        self.max_length = _pick("max_length", max_length, None, getattr(args, "max_length", None))
+        self.truncation_mode = _pick("truncation_mode", truncation_mode, "keep_end",
+                                     getattr(args, "truncation_mode", "keep_end"))
+        self.optimize_device_cache = bool(
+            _pick("optimize_device_cache", optimize_device_cache, False, getattr(args, "optimize_device_cache", False))
+        )
+        config, ignored = training_arguments_to_config(
+            args, max_length=self.max_length, truncation_mode=self.truncation_mode
+        )
+        opt, sched = _split_optimizers(optimizers)
+        eval_steps = config.eval_steps
+        if eval_steps and eval_dataset is None:
+            raise ValueError(
+                f"args.eval_steps={args.eval_steps} makes step() evaluate every {eval_steps} updates, but no "
+                "eval_dataset was given; pass eval_dataset=... or set eval_steps=None."
+            )
+        for field in ignored:
+            warnings.warn(ignored_argument_message(args, field), UserWarning, stacklevel=2)
+        _warn_about_collator(data_collator)
+
+        # ---- load and convert (the first expensive work)
+        model_init_kwargs = getattr(args, "model_init_kwargs", None)
+        if isinstance(model, PreTrainedModel):
+            if model_init_kwargs:
+                warnings.warn(
+                    "You passed model_init_kwargs to the `IterativeSFTConfig`, but your model is already "
+                    "instantiated. The `model_init_kwargs` will be ignored.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            torch_model = model
+        else:
+            torch_model = _load_torch_model(model_id, model_init_kwargs or {})
+        _check_torch_model(torch_model)
+        if tokenizer is None:
+            tokenizer = _local_tokenizer(model_id)
+
+        from transformers import set_seed
+
+        set_seed(int(args.seed))  # as Trainer.__init__: seeds python, numpy and torch (e.g. for generate())
+        jax_model = jaxsft.from_pretrained(torch_model, mesh=mesh)
+        self._sync = TorchWeightSync(torch_model, jax_model.spec)
+        tx, schedule, self._host_rate = _optimizer_and_schedule(opt, sched, config, torch_model, jax_model.spec)
+
+        self._torch_model = torch_model
+        self.processing_class = tokenizer
+        self.data_collator = data_collator
+        self.eval_dataset = eval_dataset
+        self.compute_metrics = compute_metrics
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        self.is_encoder_decoder = False
+        self.is_peft_model = False
+        self._torch_optimizers = (opt, sched)
+        self._eval_options: tuple[Optional[list[str]], str] = (None, "eval")
+        core_config = dataclasses.replace(config, disable_tqdm=True)  # progress: HF's ProgressCallback
+        self.core = _Core(
+            jax_model, core_config, tokenizer, optimizer=tx, schedule=schedule, mesh=mesh,
+            eval_dataset=eval_dataset, callbacks=[_CoreBridge(self)],
+        )
+        self.core.facade = self
+        self._synced_version = self.core.params_version
+        self._hook_handles = _install_sync_hooks(torch_model, weakref.ref(self))
+        weakref.finalize(self, _remove_hooks, self._hook_handles)
+        previous = _HOOK_OWNER.get(torch_model)
+        if previous is not None and previous() is not None:  # a newer trainer now drives this torch model
+            _remove_hooks(previous()._hook_handles)
+        _HOOK_OWNER[torch_model] = weakref.ref(self)
+        self._forward_fn = None
+        self._stepping = False
+        self._update_open = False
+        self._train_begun = False
+
+        from transformers import TrainerControl, TrainerState
+
+        zero = jax.process_index() == 0
+        self.state = TrainerState(is_local_process_zero=zero, is_world_process_zero=zero)
+        self.state.log_history = self.core.state.log_history  # one list, appended by the core
+        self.state.max_steps = max(config.max_steps, 0)
+        self.state.logging_steps = config.logging_steps
+        self.state.eval_steps = eval_steps
+        self.state.save_steps = _save_steps(args, config.max_steps)
+        self.state.train_batch_size = self.core.rows
+        self.control = TrainerControl()
+        self.callback_handler = _make_callback_handler(self, callbacks)
+
+    # ------------------------------------------------------------------ the torch view
+    @property
+    def model(self) -> Any:
+        """The caller's torch model, holding the current trained weights (synced lazily, in place)."""
+        self._sync_torch_model()
+        return self._torch_model
+
+    def _sync_torch_model(self) -> None:
+        """Copy the JAX weights into the torch model if an update happened since the last copy.
+
+        Runs when ``trainer.model`` is read, and through hooks when the caller's own reference to the torch
+        model runs ``forward`` (so ``generate``) or ``state_dict`` (so ``save_pretrained``).
+        """
+        version = self.core.params_version
+        if version != self._synced_version:
+            self._sync.copy_from(self.core.model)
+            self._synced_version = version
+
+    @model.setter
+    def model(self, value: Any) -> None:
+        raise AttributeError(
+            "trainer.model cannot be replaced: the JAX copy the trainer updates was built from the model given at "
+            "construction. Build a new trainer for another model."
+        )
+
+    @property
+    def jax_model(self):
+        """The jaxsft CausalLM with the current weights (no copy)."""
+        return self.core.model
+
+    @property
+    def tokenizer(self) -> Any:
+        """TRL < 0.12's name for ``processing_class``."""
+        return self.processing_class
+
+    @property
+    def optimizer(self) -> optax.GradientTransformation:
+        """The optax transformation that updates the weights (a torch optimizer given at construction was
+        translated into it; its own state and ``param_groups`` are not updated)."""
+        return self.core._tx
+
+    @property
+    def lr_scheduler(self) -> _LearningRateView:
+        return _LearningRateView(self)
+
+    # ------------------------------------------------------------------ training
+    def step(
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        labels: Any = None,
+        texts: Any = None,
+        texts_labels: Any = None,
+        **unexpected: Any,
+    ) -> dict[str, Any]:
+        """Train on one batch of examples; returns the step's statistics (TRL documented a dict, returned None).
+
+        Token inputs: lists of 1-D tensors / arrays / int lists, or 2-D tensors, with optional
+        ``attention_mask`` (0 = padding, dropped) and ``labels`` (-100 = not learned; default: input_ids).
+        Text inputs: ``texts``, optionally with ``texts_labels`` (completions appended to each text and
+        learned alone). The examples are shuffled and cut into micro-batches of
+        ``per_device_train_batch_size``; every ``gradient_accumulation_steps`` micro-batches make one update.
+        """
+        if unexpected:
+            raise TypeError(
+                f"step() got unexpected keyword argument(s) {', '.join(sorted(unexpected))}; it accepts "
+                f"{', '.join(STEP_KEYWORDS)}."
+            )
+        inputs = convert_step_inputs(
+            input_ids, attention_mask, labels, texts, texts_labels, is_encoder_decoder=self.is_encoder_decoder
+        )
+        if inputs.texts is not None and self.processing_class is None:
+            raise ValueError(
+                "step(texts=...) needs a tokenizer, and none was given or found in the model folder; pass "
+                "processing_class=<tokenizer> to the trainer, or pass input_ids=... instead."
+            )
+        self._stepping = True
+        try:
+            stats = self.core.step(**inputs.as_kwargs())
+        finally:
+            self._stepping = self._update_open = False
+            self.state.global_step = self.core.state.global_step
+            self.state.num_input_tokens_seen = self.core.state.num_input_tokens_seen
+        stats["learning_rate"] = self._learning_rate_at(self.core.state.global_step)
+        if self.optimize_device_cache:
+            del inputs
+            _free_device_memory()
+        return stats
+
+    def train(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "Trainer: training requires a train_dataset. IterativeSFTTrainer has no train(): call "
+            "trainer.step(input_ids=... or texts=...) for each batch you generate."
+        )
+
+    # ------------------------------------------------------------------ events from the core
+    def _learning_rate_at(self, count: int) -> Optional[float]:
+        return None if self._host_rate is None else self._host_rate(count)
+
+    def _open_update(self) -> None:
+        """The first event of an update inside step(): fire on_train_begin once, then advance the HF state.
+
+        The core reports an update's events in order (its evaluation, its log, on_step_end), after the
+        call's updates have run; ``state.global_step`` follows them, so callbacks see each update's number.
+        """
+        if not self._stepping or self._update_open:
+            return
+        self._update_open = True
+        if not self._train_begun:
+            self._train_begun = True
+            self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        self.state.global_step += 1
+        self.state.num_input_tokens_seen = self.core.state.num_input_tokens_seen
+
+    def _on_core_log(self, logs: dict[str, Any]) -> None:
+        self._open_update()
+        if "learning_rate" in logs and "step" in logs:
+            # The entry in log_history is this dict: torch reports the rate in float64, the device holds fp32.
+            logs["learning_rate"] = self._learning_rate_at(logs["step"])
+        shown = {k: v for k, v in logs.items() if k != "step"}  # HF passes logs without "step" to on_log
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, shown)
+
+    def _on_core_evaluate(self, metrics: dict[str, Any]) -> None:
+        self._open_update()
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+
+    def _on_core_step_end(self) -> None:
+        self._open_update()
+        self.control = self.callback_handler.on_step_end(self.args, self.state, self.control)
+        self._update_open = False
+
+    # ------------------------------------------------------------------ logging and callbacks (HF API)
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """Append ``{**logs, "step": global_step}`` to ``state.log_history`` and fire ``on_log`` (as HF Trainer)."""
+        output = {**logs, "step": self.state.global_step}
+        if self.state.is_world_process_zero:
+            self.state.log_history.append(output)
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, dict(logs))
+
+    def add_callback(self, callback: Any) -> None:
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback: Any) -> Any:
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback: Any) -> None:
+        self.callback_handler.remove_callback(callback)
+
+    def is_world_process_zero(self) -> bool:
+        return self.state.is_world_process_zero
+
+    def is_local_process_zero(self) -> bool:
+        return self.state.is_local_process_zero
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: Optional[list[str]] = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """``eval_loss`` (mean token loss, computed by the JAX model) plus ``compute_metrics``; fires ``on_evaluate``.
+
+        With ``compute_metrics``, logits come from the JAX model on right-padded batches, go through
+        ``preprocess_logits_for_metrics(logits, labels)`` (torch tensors, as HF) and reach
+        ``compute_metrics`` as an ``EvalPrediction`` of numpy arrays padded with -100, labels aligned with
+        input_ids (the shift happens in the loss, as in HF).
+        """
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        if _is_dataset_dict(dataset):  # HF: a dict of named eval sets
+            metrics: dict[str, float] = {}
+            for key, value in dataset.items():
+                metrics.update(self.evaluate(value, ignore_keys, f"{metric_key_prefix}_{key}"))
+            return metrics
+        self._eval_options = (ignore_keys, metric_key_prefix)
+        try:
+            return self.core.evaluate(dataset)  # measures via _eval_metrics below, then logs and fires events
+        finally:
+            self._eval_options = (None, "eval")
+
+    def _eval_metrics(self, dataset: Any, core_metrics: Callable[[dict[str, Any]], dict[str, float]]) -> dict[str, float]:
+        """What one evaluation measures (called by the core, on its current weights)."""
+        ignore_keys, prefix = self._eval_options
+        started = time.perf_counter()
+        inputs = convert_step_inputs(**_dataset_as_step_kwargs(dataset))
+        metrics = dict(core_metrics(inputs.as_kwargs()))  # eval_loss, eval_num_tokens
+        num_examples = len(inputs.texts if inputs.texts is not None else inputs.input_ids)
+        if self.compute_metrics is not None:
+            from transformers import EvalPrediction
+
+            predictions, label_ids = self._predict(inputs)
+            extra = self.compute_metrics(EvalPrediction(predictions=predictions, label_ids=label_ids)) or {}
+            for key, value in extra.items():
+                if ignore_keys and key in ignore_keys:
+                    continue
+                metrics[key if key.startswith("eval_") else f"eval_{key}"] = value
+        runtime = time.perf_counter() - started
+        metrics["eval_runtime"] = round(runtime, 4)
+        metrics["eval_samples_per_second"] = round(num_examples / runtime, 3) if runtime > 0 else float("nan")
+        if prefix != "eval":
+            metrics = {f"{prefix}_{k[len('eval_'):]}": v for k, v in metrics.items()}
+        return metrics
+
+    def _predict(self, inputs: StepInputs) -> tuple[Any, np.ndarray]:
+        core = self.core
+        if inputs.texts is not None:
+            examples = batching.examples_from_texts(
+                self.processing_class, inputs.texts, inputs.texts_labels, max_length=core.max_length,
+                truncation_mode=core.config.truncation_mode,
+            )
+        else:
+            examples = batching.examples_from_tokens(
+                inputs.input_ids, inputs.attention_mask, inputs.labels, max_length=core.max_length,
+                truncation_mode=core.config.truncation_mode,
+            )
+        batching.validate_vocab(examples, core.spec.vocab_size)
+        forward = self._forward()
+        rows = core.eval_rows // jax.process_count()
+        preds, labels = [], []
+        for start in range(0, len(examples), rows):
+            group = examples[start : start + rows]
+            longest = max(ex.input_ids.shape[0] for ex in group)
+            length = next(b for b in core.buckets if b >= longest)
+            ids = np.zeros((rows, length), np.int32)
+            lab = np.full((len(group), longest), IGNORE_INDEX, np.int64)
+            for r, ex in enumerate(group):
+                n = ex.input_ids.shape[0]
+                ids[r, :n] = ex.input_ids
+                lab[r, :n] = ex.labels
+            with jax.set_mesh(core.mesh):
+                logits = forward(core.params, shd.place_batch(ids, core.mesh))
+            logits = np.array(jax.device_get(logits)[: len(group), :longest])  # a writable host copy
+            logits_t, labels_t = torch.from_numpy(logits), torch.from_numpy(lab)
+            if self.preprocess_logits_for_metrics is not None:
+                logits_t = self.preprocess_logits_for_metrics(logits_t, labels_t)
+            preds.append(_to_numpy(logits_t))
+            labels.append(lab)
+        return _concat_padded(preds), _concat_padded(labels)
+
+    def _forward(self):
+        if self._forward_fn is None:
+            graphdef = nnx.split(self.core.model)[0]
+
+            def forward(params, input_ids):
+                return nnx.merge(graphdef, params)(input_ids)  # right-padded: causal attention suffices
+
+            self._forward_fn = jax.jit(forward)
+        return self._forward_fn
+
+    # ------------------------------------------------------------------ saving and sharing
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Write a folder ``transformers`` loads: config, safetensors weights (the torch model's dtype),
+        generation config, tokenizer and ``training_args.bin``."""
+        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        dtype = _jax_dtype_of(self._torch_model)
+        jaxsft.save_pretrained(self.core.model, output_dir, tokenizer=self.processing_class, dtype=dtype)
+        if not self.state.is_world_process_zero:
+            return
+        generation_config = getattr(self._torch_model, "generation_config", None)
+        if generation_config is not None:
+            try:
+                generation_config.save_pretrained(str(output_dir))
+            except Exception as err:  # an invalid generation config must not lose the weights
+                warnings.warn(f"save_model: generation_config was not saved: {err}", UserWarning, stacklevel=2)
+        torch.save(self.args, output_dir / "training_args.bin")
+
+    def create_model_card(
+        self,
+        model_name: Optional[str] = None,
+        dataset_name: Optional[str] = None,
+        tags: Union[str, list[str], None] = None,
+    ) -> None:
+        """Write ``<output_dir>/README.md`` (trainer "Iterative SFT", tags trl, iterative-sft, jaxsft)."""
+        if not self.state.is_world_process_zero:
+            return
+        from huggingface_hub import ModelCardData
+
+        config = self._torch_model.config
+        base_model = getattr(config, "_name_or_path", None) or None
+        if base_model is not None and os.path.isdir(base_model):
+            base_model = None
+        tag_set = {tags} if isinstance(tags, str) else set(tags or ())
+        tag_set.update(TAGS)
+        if "JOB_ID" in os.environ:
+            tag_set.add("hf_jobs")
+        data = ModelCardData(
+            base_model=base_model, datasets=dataset_name, library_name="transformers", model_name=model_name,
+            tags=sorted(tag_set),
+        )
+        title = model_name or Path(self.args.output_dir).name
+        origin = f"a fine-tuned version of [{base_model}](https://huggingface.co/{base_model})" if base_model else (
+            "a fine-tuned model"
+        )
+        trained_on = f" on the [{dataset_name}](https://huggingface.co/datasets/{dataset_name}) dataset" if (
+            dataset_name) else ""
+        import flax
+        import transformers
+
+        card = (
+            f"---\n{data.to_yaml()}\n---\n\n# Model Card for {title}\n\n"
+            f"This model is {origin}{trained_on}.\n"
+            "It has been trained with Iterative SFT: jaxsft's TRL-compatible `IterativeSFTTrainer`, which runs "
+            "TRL's IterativeSFTTrainer API on a JAX/Flax training core.\n\n"
+            "## Training procedure\n\nThis model was trained with Iterative SFT (`step()` calls between "
+            "generation and filtering).\n\n"
+            "### Framework versions\n\n"
+            f"- jaxsft: {_version('jaxsft')}\n- JAX: {jax.__version__}\n- Flax: {flax.__version__}\n"
+            f"- Transformers: {transformers.__version__}\n- PyTorch: {torch.__version__}\n"
+        )
+        output_dir = Path(self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "README.md").write_text(card)
+
+    def push_to_hub(
+        self,
+        commit_message: Optional[str] = "End of training",
+        blocking: bool = True,
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Save to ``args.output_dir``, write the model card, and upload the folder with ``HfApi().upload_folder``.
+
+        The repository is ``args.hub_model_id`` or the output folder's name. Offline (``HF_HUB_OFFLINE=1``) or
+        unreachable Hub: ``ConnectionError`` saying so; the files stay in ``output_dir``.
+        """
+        output_dir = str(self.args.output_dir)
+        self.save_model(output_dir)
+        card_kwargs = {k: kwargs.pop(k) for k in ("model_name", "dataset_name", "tags") if k in kwargs}
+        self.create_model_card(**card_kwargs)
+        if not self.state.is_world_process_zero:
+            return None
+        repo_id = getattr(self.args, "hub_model_id", None) or Path(output_dir).absolute().name
+        from huggingface_hub import HfApi, constants
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+        saved = f"The model was saved to {output_dir}; upload it later with huggingface_hub.HfApi().upload_folder("
+        saved += f"repo_id={repo_id!r}, folder_path={output_dir!r})."
+        if constants.HF_HUB_OFFLINE:
+            raise ConnectionError(
+                f"push_to_hub: cannot upload to the Hugging Face Hub because offline mode is enabled "
+                f"(HF_HUB_OFFLINE=1). {saved} Unset HF_HUB_OFFLINE to push."
+            )
+        api = HfApi(token=token or getattr(self.args, "hub_token", None))
+        try:
+            api.create_repo(repo_id, exist_ok=True, private=getattr(self.args, "hub_private_repo", None))
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=output_dir, commit_message=commit_message, revision=revision,
+                run_as_future=not blocking, ignore_patterns=["_*", "checkpoint-*"],
+            )
+        except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as err:
+            raise ConnectionError(f"push_to_hub: uploading to {repo_id!r} failed: {err}. {saved}") from err
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _pick(name: str, passed: Any, default: Any, from_args: Any) -> Any:
+    """A classic trainer keyword vs the IterativeSFTConfig field: the one that was set; both set and different: error."""
+    if passed is None or passed == default:
+        return from_args
+    if from_args is not None and from_args != default and from_args != passed:
+        raise ValueError(
+            f"{name}={passed!r} was passed to the trainer but args.{name}={from_args!r}; set it in one place "
+            f"(IterativeSFTConfig.{name} is the current one)."
+        )
+    return passed
+
+
+def _split_optimizers(optimizers: Any) -> tuple[Any, Any]:
+    if optimizers is None:
+        return None, None
+    if not isinstance(optimizers, (tuple, list)) or len(optimizers) != 2:
+        raise TypeError(
+            f"optimizers must be a tuple (optimizer, scheduler), either of which may be None - got {optimizers!r}."
+        )
+    opt, sched = optimizers
+    if opt is None and sched is not None:
+        raise ValueError(
+            "optimizers=(None, scheduler): a scheduler drives the optimizer it was built with; pass that optimizer "
+            "too, optimizers=(optimizer, scheduler)."
+        )
+    return opt, sched
+
+
+def _warn_about_collator(collator: Any) -> None:
+    if collator is None:
+        return
+    from transformers import DataCollatorForLanguageModeling
+
+    if isinstance(collator, DataCollatorForLanguageModeling) and not collator.mlm:
+        return  # what TRL used for causal models; jaxsft's batching does the same job
+    warnings.warn(
+        f"data_collator={type(collator).__name__} is not used: jaxsft pads, batches and builds labels itself "
+        "(labels = input_ids, or the labels / texts_labels you pass; padding masked by attention_mask).",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _load_torch_model(model_id: str, init_kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_id, **init_kwargs)
+    except (OSError, ValueError) as err:
+        raise type(err)(
+            f"could not load a causal LM from {model_id!r}: {err}. Pass a local model folder (config.json and "
+            "safetensors weights) or a transformers model instance."
+        ) from err
+
+
+def _check_torch_model(model: Any) -> None:
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder (seq2seq) model; jaxsft supports decoder-only causal LMs "
+            f"({', '.join(jaxsft.models.SUPPORTED_MODEL_TYPES)}) only, so seq2seq training (e.g. T5) is not "
+            "supported yet."
+        )
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"{len(frozen)} parameter(s) of the model have requires_grad=False (e.g. {frozen[:3]}); jaxsft trains "
+            "every parameter. Unfreeze them (param.requires_grad_(True)) before building the trainer."
+        )
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and not can_generate():
+        warnings.warn(
+            f"The current model class {type(model)} is not compatible with `.generate()`"
+            "Please make sure that this is intended.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _local_tokenizer(model_id: Optional[str]) -> Any:
+    """TRL 0.18+ loads the tokenizer from the model id; jaxsft only looks in a local folder (never downloads)."""
+    if not model_id or not os.path.isdir(model_id):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_id)
+    except Exception:  # a weights-only folder: step(input_ids=...) still works
+        return None
+
+
+def _optimizer_and_schedule(opt: Any, sched: Any, config: TrainConfig, torch_model: Any, spec: Any):
+    """(optax transformation or None, schedule or None, host learning-rate function or None)."""
+    if opt is None:  # the core builds AdamW + clipping + schedule from config
+        return None, None, _config_rate(config)
+    if isinstance(opt, optax.GradientTransformation):
+        if isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
+            raise TypeError(
+                "a torch LR scheduler cannot drive an optax optimizer; pass an optax schedule (and build the optax "
+                "optimizer with it), or a torch optimizer with its scheduler."
+            )
+        if sched is not None and not callable(sched):
+            raise TypeError(
+                f"with an optax optimizer, the scheduler must be None or an optax schedule (count -> rate), "
+                f"used to log the learning rate - got {type(sched)}."
+            )
+        tx, schedule = opt, sched
+        host = None if sched is None else (lambda count: float(sched(count)))
+    else:
+        factory = torch_optimizer_to_optax(opt, decay_mask_fn=hf_decay_mask_fn(spec), model=torch_model)
+        if sched is None:  # HF Trainer.create_scheduler: args' schedule type on the user's optimizer
+            rated = dataclasses.replace(config, learning_rate=float(factory.lr))
+            schedule, host = make_schedule(rated), _config_rate(rated)
+        else:
+            schedule = torch_scheduler_to_schedule(sched)
+            host = schedule.host_value
+        tx = factory(schedule)
+    if config.clipping_enabled:
+        tx = optax.chain(clip_by_global_norm_torch(float(config.max_grad_norm)), tx)
+    return tx, schedule, host
+
+
+def _config_rate(config: TrainConfig) -> Callable[[int], float]:
+    """HF's LambdaLR value in float64: ``base_lr * lr_lambda(count)``, exactly what torch logs."""
+    multiplier, _ = _hf_lambda(config)
+    base = float(config.learning_rate)
+    return lambda count: base * multiplier(int(count))
+
+
+def _save_steps(args: Any, max_steps: int) -> int:
+    value = getattr(args, "save_steps", 0) or 0
+    if isinstance(value, float) and 0 < value < 1:
+        return math.ceil(max_steps * value) if max_steps > 0 else 0
+    return int(value)
+
+
+def _make_callback_handler(trainer: IterativeSFTTrainer, callbacks: Optional[Iterable[Any]]):
+    from transformers.integrations import get_reporting_integration_callbacks
+    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback
+
+    report_to = trainer.args.report_to
+    chosen = [DefaultFlowCallback] + list(get_reporting_integration_callbacks(report_to)) + list(callbacks or [])
+    # The torch model itself (isinstance checks keep working); its forward / state_dict hooks sync it on use.
+    handler = CallbackHandler(chosen, trainer._torch_model, trainer.processing_class, None, _LearningRateView(trainer))
+    handler.add_callback(PrinterCallback if trainer.args.disable_tqdm else ProgressCallback)
+    return handler
+
+
+def _install_sync_hooks(torch_model: Any, trainer_ref: "weakref.ref[IterativeSFTTrainer]") -> list[Any]:
+    """Sync before the caller's torch model computes or is serialised (weakly: the hooks keep nothing alive)."""
+
+    def hook(*_args: Any, **_kwargs: Any) -> None:
+        trainer = trainer_ref()
+        if trainer is not None:
+            trainer._sync_torch_model()
+
+    return [torch_model.register_forward_pre_hook(hook), torch_model.register_state_dict_pre_hook(hook)]
+
+
+def _remove_hooks(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def _free_device_memory() -> None:
+    """optimize_device_cache: drop what is no longer referenced (donated buffers are already freed by XLA).
+
+    JAX has no public equivalent of ``torch.cuda.empty_cache()``; clearing JAX's caches would throw away the
+    compiled programs, so this only collects garbage, which releases device buffers held by dead objects.
+    """
+    gc.collect()
+
+
+def _is_dataset_dict(dataset: Any) -> bool:
+    return isinstance(dataset, dict) and bool(dataset) and not set(dataset) <= set(STEP_KEYWORDS)
+
+
+def _dataset_as_step_kwargs(dataset: Any) -> dict[str, Any]:
+    """An eval dataset in any of the accepted forms -> step() keywords."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and hasattr(dataset, "__getitem__"):  # datasets.Dataset
+        if "input_ids" in columns:
+            return {k: dataset[k] for k in ("input_ids", "attention_mask", "labels") if k in columns}
+        for key in ("text", "texts"):
+            if key in columns:
+                return {"texts": dataset[key]}
+        raise ValueError(
+            f"eval_dataset has columns {columns}; it needs input_ids (with optional attention_mask and labels) or text."
+        )
+    if isinstance(dataset, dict):
+        unknown = set(dataset) - set(STEP_KEYWORDS)
+        if unknown:
+            raise ValueError(f"eval_dataset has unknown keys {sorted(unknown)}; use {', '.join(STEP_KEYWORDS)}.")
+        return dict(dataset)
+    if isinstance(dataset, (list, tuple)) and dataset:
+        if all(isinstance(x, str) for x in dataset):
+            return {"texts": list(dataset)}
+        if all(isinstance(x, dict) for x in dataset):
+            keys = [k for k in ("input_ids", "attention_mask", "labels") if k in dataset[0]]
+            if "input_ids" not in keys:
+                raise ValueError("eval_dataset rows must have an input_ids entry.")
+            return {k: [row[k] for row in dataset] for k in keys}
+        return {"input_ids": list(dataset)}
+    raise TypeError(
+        "eval_dataset must be a datasets.Dataset, a dict of step() keywords, a list of strings, a list of token "
+        f"sequences or a list of dicts with input_ids - got {type(dataset)}."
+    )
+
+
+def _to_numpy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_numpy(v) for v in value)
+    return np.asarray(value)
+
+
+def _concat_padded(parts: list[Any]) -> Any:
+    """Concatenate batches along axis 0, padding axis 1 with -100 as HF's nested_concat does."""
+    if isinstance(parts[0], (tuple, list)):
+        return type(parts[0])(_concat_padded(list(group)) for group in zip(*parts))
+    if parts[0].ndim < 2:
+        return np.concatenate(parts, axis=0)
+    width = max(p.shape[1] for p in parts)
+    padded = []
+    for p in parts:
+        if p.shape[1] < width:
+            pad = [(0, 0)] * p.ndim
+            pad[1] = (0, width - p.shape[1])
+            p = np.pad(p, pad, constant_values=IGNORE_INDEX)
+        padded.append(p)
+    return np.concatenate(padded, axis=0)
+
+
+def _jax_dtype_of(torch_model: Any) -> Any:
+    import jax.numpy as jnp
+
+    dtype = next(torch_model.parameters()).dtype
+    return {torch.float32: jnp.float32, torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}.get(dtype, jnp.float32)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+__all__ = ["IterativeSFTTrainer", "IterativeSFTConfig"]
