@@ -5,6 +5,14 @@ trainer in 0.24): the same constructor and ``step()``, trained by jaxsft's JAX c
 """
 
 from compat.config import IterativeSFTConfig
-from compat.trainer import IterativeSFTTrainer
 
 __all__ = ["IterativeSFTTrainer", "IterativeSFTConfig"]
+
+
+def __getattr__(name):
+    # Lazy, so the torch-only pieces (config, inputs, arguments) import without JAX.
+    if name == "IterativeSFTTrainer":
+        from compat.trainer import IterativeSFTTrainer
+
+        return IterativeSFTTrainer
+    raise AttributeError(f"module 'compat' has no attribute {name!r}")
