@@ -22,6 +22,8 @@ import numpy as np
 import optax
 import torch
 
+from jaxsft.optim import adamw_torch, scale_by_adam_torch
+
 # A function from the set of HF parameter names that get weight decay to an optax
 # mask over jaxsft's parameter tree (a pytree of bools, or a callable params -> that).
 DecayMaskFn = Callable[[frozenset[str]], Any]
@@ -191,12 +193,12 @@ def torch_optimizer_to_optax(
         if decoupled:
             return OptaxOptimizerFactory(
                 "adamw", lr, hyper,
-                lambda rate: optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
+                lambda rate: adamw_torch(rate, b1, b2, eps, weight_decay, mask),
             )
 
         def adam(rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
             parts = [optax.add_decayed_weights(weight_decay, mask)] if weight_decay else []
-            return optax.chain(*parts, optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.scale_by_learning_rate(rate))
+            return optax.chain(*parts, scale_by_adam_torch(b1, b2, eps), optax.scale_by_learning_rate(rate))
 
         return OptaxOptimizerFactory("adam", lr, hyper, adam)
 

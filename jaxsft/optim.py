@@ -196,6 +196,49 @@ def _sgd(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransfo
     return optax.chain(*parts)
 
 
+def scale_by_adam_torch(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam's scaling exactly as ``torch.optim.Adam(W)`` computes it.
+
+    optax forms the bias corrections ``1 - b**t`` from fp32 powers, which drift
+    about 1e-5 relative from torch's float64 ones over thousands of steps; here
+    they are ``-expm1(t * log(b))`` with the logarithm taken in float64 on the
+    host, and the moments use torch's lerp/addcmul forms.
+    """
+    log_b1, log_b2 = float(np.log(b1)), float(np.log(b2))
+
+    def init(params: Any) -> optax.ScaleByAdamState:
+        zeros = lambda p: jnp.zeros_like(p, jnp.float32)  # noqa: E731
+        return optax.ScaleByAdamState(
+            count=jnp.zeros((), jnp.int32), mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params)
+        )
+
+    def update(updates: Any, state: optax.ScaleByAdamState, params: Any = None):
+        del params
+        count = state.count + 1
+        t = count.astype(jnp.float32)
+        correction1 = -jnp.expm1(t * log_b1)
+        correction2_sqrt = jnp.sqrt(-jnp.expm1(t * log_b2))
+        mu = jax.tree.map(lambda m, g: m + (1.0 - b1) * (g.astype(jnp.float32) - m), state.mu, updates)
+        nu = jax.tree.map(lambda v, g: v * b2 + (1.0 - b2) * jnp.square(g.astype(jnp.float32)), state.nu, updates)
+        steps = jax.tree.map(
+            lambda m, v, g: ((m / correction1) / (jnp.sqrt(v) / correction2_sqrt + eps)).astype(g.dtype), mu, nu, updates
+        )
+        return steps, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def adamw_torch(
+    learning_rate: optax.ScalarOrSchedule, b1: float, b2: float, eps: float, weight_decay: float, mask: Any
+) -> optax.GradientTransformation:
+    """``torch.optim.AdamW``: decoupled decay ``p -= lr*wd*p`` on masked leaves, then the Adam step."""
+    return optax.chain(
+        scale_by_adam_torch(b1, b2, eps),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
 def make_optimizer(config: TrainConfig, schedule: Optional[optax.Schedule] = None) -> optax.GradientTransformation:
     """Clipping (when enabled) followed by the configured optimizer at ``schedule``.
 
@@ -205,13 +248,8 @@ def make_optimizer(config: TrainConfig, schedule: Optional[optax.Schedule] = Non
     if schedule is None:
         schedule = make_schedule(config)
     if config.optim == "adamw":
-        opt = optax.adamw(
-            learning_rate=schedule,
-            b1=config.adam_beta1,
-            b2=config.adam_beta2,
-            eps=config.adam_epsilon,
-            weight_decay=config.weight_decay,
-            mask=decay_mask,
+        opt = adamw_torch(
+            schedule, config.adam_beta1, config.adam_beta2, config.adam_epsilon, config.weight_decay, decay_mask
         )
     elif config.optim == "adafactor":
         opt = _adafactor(config, schedule)
