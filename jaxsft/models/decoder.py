@@ -270,7 +270,22 @@ class CausalLM(nnx.Module):
         if cache is None:
             h, _ = jax.lax.scan(lambda c, p: (block(c, p, None)[0], None), h, params)
             return h, None
-        h, (k, v) = jax.lax.scan(lambda c, xs: block(c, xs[0], (xs[1], xs[2])), h, (params, cache.k, cache.v))
+        # The whole cache rides in the scan carry and only the T new slots of each layer are written back, in
+        # place: scanning over it as xs/ys would rebuild (copy) the full [layers, B, S, ...] cache every call,
+        # which dominated CPU decode steps.
+        t = h.shape[1]
+
+        def cached_layer(carry, xs):
+            h, k_all, v_all = carry
+            p, i = xs
+            h, (k_layer, v_layer) = block(h, p, (k_all[i], v_all[i]))
+            start = (i, 0, write_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, jax.lax.dynamic_slice_in_dim(k_layer, write_index, t, 1)[None], start)
+            v_all = jax.lax.dynamic_update_slice(v_all, jax.lax.dynamic_slice_in_dim(v_layer, write_index, t, 1)[None], start)
+            return (h, k_all, v_all), None
+
+        layer_ids = jnp.arange(spec.num_layers, dtype=jnp.int32)
+        (h, k, v), _ = jax.lax.scan(cached_layer, (h, cache.k, cache.v), (params, layer_ids))
         return h, KVCache(k, v)
 
 

@@ -1,0 +1,83 @@
+"""The demo pipeline end to end on a tiny model (the real SmolLM2 run is too slow for CI)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tiny
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny llama saved as a Hugging Face folder with a chat-template tokenizer (what --model takes)."""
+    root = tmp_path_factory.mktemp("demo-model")
+    tok = tiny.load_tokenizer(tiny.tokenizer_dir(str(root)))
+    tok.chat_template = CHAT_TEMPLATE
+    folder = root / "hf"
+    tiny.tiny_torch_model("llama").save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_demo_end_to_end(model_dir, tmp_path):
+    from jaxsft import tasks
+    from jaxsft.demo import DemoConfig, run
+
+    class Lenient(tasks.Task):
+        """The tiny random model never gets arithmetic right; accept every non-empty reply so training runs."""
+
+        def verify(self, completion, problem, finish_reason="eos"):
+            return bool(completion.strip())
+
+    base = tasks.get_task("add1")
+    task = Lenient(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+    cfg = DemoConfig(
+        model=str(model_dir), rounds=2, output_dir=str(tmp_path / "out"), train_prompts=4, samples_per_prompt=2,
+        eval_prompts=6, max_new_tokens=6, batch_size=1, epochs=1, max_length=64, quiet=True,
+    )
+    summary = run(cfg, task=task)
+
+    out = tmp_path / "out"
+    table = (out / "results.md").read_text()
+    assert table.startswith("| round | held-out acc |") and len(table.strip().splitlines()) == 2 + 3
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in saved["rounds"]] == [0, 1, 2]
+    assert all(r["kept"] > 0 and np.isfinite(r["loss"]) for r in saved["rounds"][1:])
+    assert summary["accuracy_before"] == saved["rounds"][0]["accuracy"]
+
+    # The final model is a Hugging Face folder that transformers loads, with the tokenizer beside it.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tok(["the quick brown fox"], return_tensors="pt")
+    with torch.no_grad():
+        assert not torch.allclose(hf(**ids).logits, original(**ids).logits)  # it trained
+
+
+def test_cli_parses_demo_as_default(monkeypatch):
+    import jaxsft.__main__ as cli
+    import jaxsft.demo
+
+    seen = []
+    monkeypatch.setattr(jaxsft.demo, "run", lambda cfg: seen.append(cfg))
+    assert cli.main([]) == 0
+    assert cli.main(["--rounds", "2", "--task", "sub", "--seed", "3"]) == 0
+    assert cli.main(["demo", "--output-dir", "x", "--model", "some/folder", "--no-replay"]) == 0
+    assert seen[0] == jaxsft.demo.DemoConfig()
+    assert (seen[1].rounds, seen[1].task, seen[1].seed) == (2, "sub", 3)
+    assert (seen[2].output_dir, seen[2].model, seen[2].replay) == ("x", "some/folder", False)
+    with pytest.raises(SystemExit):
+        cli.main(["--task", "no-such-task"])
