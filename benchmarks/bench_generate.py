@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     import torch
 
     import jaxsft
-    from jaxsft.generate import generate
+    from jaxsft.generation import generate
 
     on_gpu_jax = jax.default_backend() != "cpu"
     torch_device = "cuda" if torch.cuda.is_available() else "cpu"

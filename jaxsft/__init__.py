@@ -17,7 +17,7 @@ def __getattr__(name):
 
         return IterativeSFTTrainer
     if name == "generate":
-        from jaxsft.generate import generate
+        from jaxsft.generation import generate
 
         return generate
     if name == "distributed":

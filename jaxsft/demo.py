@@ -102,7 +102,7 @@ def load_model(model: Optional[str], *, dtype=None):
 # ---------------------------------------------------------------------------- the loop
 def evaluate(model, tokenizer, task: task_lib.Task, problems, max_new_tokens: int) -> tuple[float, list[str], list[bool]]:
     """Greedy accuracy on ``problems``, with the replies and per-problem verdicts."""
-    from jaxsft.generate import generate
+    from jaxsft.generation import generate
 
     result = generate(model, tokenizer, task.prompts(problems), max_new_tokens=max_new_tokens, return_tokens=True)
     correct = [task.verify(t, p, r) for t, p, r in zip(result.texts, problems, result.finish_reasons)]
@@ -120,7 +120,7 @@ def run(cfg: DemoConfig, *, model=None, tokenizer=None, task: Optional[task_lib.
     from tqdm.auto import tqdm
 
     import jaxsft
-    from jaxsft.generate import compiled_programs, generate
+    from jaxsft.generation import compiled_programs, generate
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)

