@@ -136,6 +136,7 @@ def generate(
     eos_token_ids: Optional[Sequence[int]] = None,
     skip_special_tokens: bool = True,
     stop_check_every: int = 32,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> Union[list[str], GenerationResult]:
     """Generate completions for ``prompts`` with a jaxsft model.
 
@@ -145,6 +146,8 @@ def generate(
     message). ``temperature=0`` is greedy; otherwise sampling with optional
     ``top_k`` / ``top_p``. ``eos_token_ids`` overrides the EOS set (``[]`` never
     stops early). ``batch_size`` caps the rows (prompts x samples) run at once.
+    ``mesh`` defaults to the mesh the model's params live on; another mesh moves
+    them there first (per the sharding rules table).
 
     Returns the generated texts, prompt-major (``len(prompts) *
     num_return_sequences``), or a :class:`GenerationResult` with ``return_tokens``.
@@ -210,7 +213,10 @@ def generate(
     prompts_per_chunk = max(1, batch_size // nrs)
 
     graphdef, state = nnx.split(model)
-    mesh = _mesh_of(state)
+    if mesh is not None:
+        state = shd.place_state(state, mesh)
+    else:
+        mesh = _mesh_of(state)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a chunk
     tokens_out: list[Optional[np.ndarray]] = [None] * (len(prompt_ids) * nrs)
     reasons: list[str] = [""] * len(tokens_out)

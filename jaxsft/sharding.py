@@ -114,6 +114,15 @@ def _map_variables(fn, state: nnx.State) -> nnx.State:
     return nnx.from_flat_state(mapped)
 
 
+def place_state(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """Move a model state onto ``mesh`` per the rules table (a no-op when it is already there)."""
+    leaves, treedef = jax.tree.flatten(state)
+    targets = jax.tree.leaves(state_shardings(state, mesh))  # same order: both walk the State's keys
+    if all(x.sharding == t for x, t in zip(leaves, targets)):
+        return state
+    return treedef.unflatten([jax.device_put(x, t) for x, t in zip(leaves, targets)])
+
+
 def sharding_tree(state: nnx.State, mesh: Mesh):
     """A pytree of NamedSharding matching ``state``'s array leaves (for jit in/out shardings)."""
     shardings = state_shardings(state, mesh)

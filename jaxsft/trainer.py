@@ -109,7 +109,7 @@ class IterativeSFTTrainer:
         if config.attention_implementation != "auto":
             training_view.attention_implementation = config.attention_implementation
         self._graphdef, params = nnx.split(training_view)
-        self._params = _place_on_mesh(params, self.mesh)
+        self._params = shd.place_state(params, self.mesh)
 
         if optimizer is None:
             schedule = make_schedule(config)
@@ -462,16 +462,6 @@ def _mesh_of(model: CausalLM) -> jax.sharding.Mesh:
     if isinstance(mesh, jax.sharding.Mesh) and tuple(mesh.axis_names) == shd.MESH_AXES:
         return mesh
     return shd.make_mesh()
-
-
-def _place_on_mesh(params: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
-    """Re-place params onto ``mesh`` when they live elsewhere (no-op when already there)."""
-    target = shd.state_shardings(params, mesh)
-    flat_params = jax.tree.leaves(params)
-    flat_target = jax.tree.leaves(target)
-    if all(p.sharding == t for p, t in zip(flat_params, flat_target)):
-        return params
-    return jax.tree.map(lambda p, t: jax.device_put(p, t), params, target)
 
 
 def _dataset_as_step_kwargs(dataset: Any) -> dict[str, Any]:
