@@ -105,13 +105,7 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         return NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh, name))
 
-    return nnx.map_state(one, state) if hasattr(nnx, "map_state") else _map_variables(one, state)
-
-
-def _map_variables(fn, state: nnx.State) -> nnx.State:
-    flat = nnx.to_flat_state(state)
-    mapped = [(path, variable.replace(fn(path, variable))) for path, variable in flat]
-    return nnx.from_flat_state(mapped)
+    return nnx.map_state(one, state)
 
 
 def place_state(state: nnx.State, mesh: Mesh) -> nnx.State:
@@ -121,12 +115,6 @@ def place_state(state: nnx.State, mesh: Mesh) -> nnx.State:
     if all(x.sharding == t for x, t in zip(leaves, targets)):
         return state
     return treedef.unflatten([jax.device_put(x, t) for x, t in zip(leaves, targets)])
-
-
-def sharding_tree(state: nnx.State, mesh: Mesh):
-    """A pytree of NamedSharding matching ``state``'s array leaves (for jit in/out shardings)."""
-    shardings = state_shardings(state, mesh)
-    return jax.tree.map(lambda x: x, shardings)
 
 
 def optimizer_state_shardings(opt_state: Any, params: Any, mesh: Mesh) -> Any:
