@@ -216,7 +216,8 @@ def generate(
     if mesh is not None:
         state = shd.place_state(state, mesh)
     else:
-        mesh = _mesh_of(state)
+        single_process = jax.process_count() == 1
+        mesh = shd.mesh_of(state, shd.make_mesh(devices=jax.devices()[:1]) if single_process else None)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a chunk
     tokens_out: list[Optional[np.ndarray]] = [None] * (len(prompt_ids) * nrs)
     reasons: list[str] = [""] * len(tokens_out)
@@ -304,15 +305,6 @@ def _default_batch_size(spec, dtype, prompt_len: int, new_bucket: int) -> int:
     per_row = max(cache, scores)
     rows = max(1, DEFAULT_CACHE_BYTES // per_row)
     return 1 << (int(rows).bit_length() - 1)
-
-
-def _mesh_of(state: nnx.State) -> jax.sharding.Mesh:
-    for leaf in jax.tree.leaves(state):
-        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
-        if isinstance(mesh, jax.sharding.Mesh) and tuple(mesh.axis_names) == shd.MESH_AXES:
-            return mesh
-        break
-    return shd.make_mesh(devices=jax.devices()[:1]) if jax.process_count() == 1 else shd.make_mesh()
 
 
 def _first_stop(text: str, stops: list[str]) -> Optional[int]:

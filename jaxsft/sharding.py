@@ -108,6 +108,16 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     return nnx.map_state(one, state)
 
 
+def mesh_of(state: Any, default: Optional[Mesh] = None) -> Mesh:
+    """The jaxsft mesh a model state's arrays live on, else ``default`` (else all devices on data)."""
+    for leaf in jax.tree.leaves(state):
+        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        if isinstance(mesh, Mesh) and tuple(mesh.axis_names) == MESH_AXES:
+            return mesh
+        break
+    return default if default is not None else make_mesh()
+
+
 def place_state(state: nnx.State, mesh: Mesh) -> nnx.State:
     """Move a model state onto ``mesh`` per the rules table (a no-op when it is already there)."""
     leaves, treedef = jax.tree.flatten(state)

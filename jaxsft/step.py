@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from jaxsft.loss import causal_lm_loss
+from jaxsft.optim import global_norm
 
 Batch = dict[str, jax.Array]
 
@@ -55,15 +56,10 @@ def _sum_grads(loss_fn):
     return grads_of
 
 
-def _global_norm(tree) -> jax.Array:
-    leaves = jax.tree.leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
-
 def _apply(tx: optax.GradientTransformation, schedule: Optional[optax.Schedule], params, opt_state, grad_sum, loss_sum, count, step_count):
     scale = 1.0 / jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grad_sum)
-    grad_norm = _global_norm(grads)
+    grad_norm = global_norm(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {

@@ -93,7 +93,7 @@ class IterativeSFTTrainer:
         self.state = TrainerState()
         self.spec = model.spec
 
-        self.mesh = mesh if mesh is not None else _mesh_of(model)
+        self.mesh = mesh if mesh is not None else shd.mesh_of(nnx.state(model))
         self.buckets = config.buckets(model.spec.max_position_embeddings)
         self.max_length = self.buckets[-1]
         self.rows = config.per_device_train_batch_size * shd.batch_rows_multiple(self.mesh)
@@ -454,14 +454,6 @@ def _is_empty(value: Any) -> bool:
         return value is not None and len(value) == 0
     except TypeError:
         return False
-
-
-def _mesh_of(model: CausalLM) -> jax.sharding.Mesh:
-    sharding = model.embed[...].sharding
-    mesh = getattr(sharding, "mesh", None)
-    if isinstance(mesh, jax.sharding.Mesh) and tuple(mesh.axis_names) == shd.MESH_AXES:
-        return mesh
-    return shd.make_mesh()
 
 
 def _dataset_as_step_kwargs(dataset: Any) -> dict[str, Any]:
