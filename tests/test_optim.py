@@ -26,17 +26,22 @@ from jaxsft.optim import clip_by_global_norm_torch, decay_mask, global_norm, mak
 # --- schedules ----------------------------------------------------------------
 
 
-def _hf_rates(config: TrainConfig, steps: int) -> list[float]:
-    """lr used by update s (s = 0, 1, ...) under HF's get_scheduler + LambdaLR."""
-    param = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([param], lr=config.learning_rate)
-    sched = get_scheduler(
+
+def _hf_scheduler(config, opt):
+    """transformers' scheduler for ``config`` on a torch optimizer (the reference for every schedule test)."""
+    return get_scheduler(
         config.lr_scheduler_type,
         opt,
         num_warmup_steps=config.num_warmup_steps(),
         num_training_steps=config.max_steps,
         scheduler_specific_kwargs=dict(config.lr_scheduler_kwargs),
     )
+
+def _hf_rates(config: TrainConfig, steps: int) -> list[float]:
+    """lr used by update s (s = 0, 1, ...) under HF's get_scheduler + LambdaLR."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=config.learning_rate)
+    sched = _hf_scheduler(config, opt)
     rates = []
     for _ in range(steps):
         rates.append(opt.param_groups[0]["lr"])
@@ -214,13 +219,7 @@ def _run_torch(config: TrainConfig, params: dict, grads: list[dict], make_torch_
         {"params": [p for k, p in named.items() if k not in DECAYED], "weight_decay": 0.0},
     ]
     opt = make_torch_opt(groups)
-    sched = get_scheduler(
-        config.lr_scheduler_type,
-        opt,
-        num_warmup_steps=config.num_warmup_steps(),
-        num_training_steps=config.max_steps,
-        scheduler_specific_kwargs=dict(config.lr_scheduler_kwargs),
-    )
+    sched = _hf_scheduler(config, opt)
     history = []
     for g in grads:
         for k, v in _by_name(g).items():
