@@ -97,6 +97,8 @@ def run_jax(shape: str, mesh_shape: tuple[int, int, int], warmup: int, timed: in
         scan_layers=os.environ.get("JAXSFT_BENCH_SCAN", "1") == "1",
         # "full": never chunk the lm_head + loss; "auto": chunk over tokens when fp32 logits pass 1 GiB/device.
         loss_chunk_bytes=1 << 62 if loss == "full" else 1 << 30,
+        # JSON dict of XLA options; unset = TrainConfig's default (overlap options on GPUs).
+        xla_options=json.loads(os.environ["JAXSFT_BENCH_XLA_OPTIONS"]) if os.environ.get("JAXSFT_BENCH_XLA_OPTIONS") else None,
     )
     trainer = jaxsft.IterativeSFTTrainer(model, cfg, mesh=mesh)
     ways = data * fsdp

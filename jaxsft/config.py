@@ -62,6 +62,10 @@ class TrainConfig:
     # False unrolls the layer loop in the train step: slower to compile, lets XLA
     # overlap per-layer gradient communication with compute on many devices.
     scan_layers: bool = True
+    # XLA compiler options for the train and eval programs (``compile(compiler_options=...)``).
+    # None or {}: XLA's own defaults. jaxsft.compile_options.gpu_overlap_options() is an
+    # opt-in preset for GPU communication/compute overlap.
+    xla_options: Optional[dict[str, Any]] = None
     disable_tqdm: bool = False
 
     def __post_init__(self) -> None:
@@ -112,6 +116,11 @@ class TrainConfig:
             self.length_buckets = tuple(buckets)
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise bad("loss_chunk_size", "must be None or >= 1", "pass e.g. loss_chunk_size=1024")
+        if self.xla_options is not None and (
+            not isinstance(self.xla_options, dict) or not all(isinstance(k, str) for k in self.xla_options)
+        ):
+            raise bad("xla_options", "must be None or a dict of XLA option names to values",
+                      "pass e.g. xla_options={'xla_gpu_enable_latency_hiding_scheduler': True}, or {} for XLA's defaults")
         if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
             raise bad(
                 "attention_implementation",

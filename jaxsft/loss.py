@@ -19,6 +19,10 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
+from jaxsft.sharding import BATCH_AXES, active_mesh, constrain
+
 IGNORE_INDEX = -100
 
 
@@ -91,7 +95,7 @@ def _chunked_loss(h: jax.Array, w: jax.Array, t: jax.Array, chunk: int, compute_
         losses, _, _ = _token_losses(_logits(h_i, w_c, compute_dtype), t_i)
         return total + jnp.sum(losses), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_c, t_c))
+    total, _ = jax.lax.scan(body, _varying_like(jnp.zeros((), jnp.float32), h, w), (h_c, t_c))
     return total
 
 
@@ -114,7 +118,10 @@ def _chunked_fwd(h, w, t, chunk, compute_dtype):
         d_w = d_w + jnp.einsum("scv,sch->svh", d_logits, h_i.astype(compute_dtype), preferred_element_type=jnp.float32)
         return (total + jnp.sum(losses), d_w), d_h.astype(h.dtype)
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros((shards, *w.shape), jnp.float32))
+    # Each device keeps only its own shard's partial sum: left unconstrained, the [S, V, H] carry is
+    # replicated and XLA all-reduces all S copies (S times the bytes) after the loop.
+    d_w0 = constrain(jnp.zeros((shards, *w.shape), jnp.float32), ("batch", "vocab", None))
+    init = (_varying_like(jnp.zeros((), jnp.float32), h, w), _varying_like(d_w0, h, w))
     (total, d_w), d_h_c = jax.lax.scan(body, init, (h_c, t_c))
     d_h = _from_chunks(d_h_c, h.shape[1])
     return total, (d_h, jnp.sum(d_w, axis=0).astype(w.dtype))
@@ -157,20 +164,73 @@ def causal_lm_loss(
     compute_dtype = jnp.dtype(compute_dtype)
     targets = _shifted_targets(labels.astype(jnp.int32))
     num_tokens = jax.lax.stop_gradient(jnp.sum(targets != IGNORE_INDEX).astype(jnp.float32))
-    if chunk_size is None:
-        return _full_loss(hidden, unembedding, targets, compute_dtype), num_tokens
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be None or a positive integer.")
+    if hidden.shape[0] % num_shards:
+        raise ValueError(f"num_shards={num_shards} must divide the batch size {hidden.shape[0]}.")
+    axes = _batch_axes_to_split(hidden.shape[0])
+    if axes:
+        return _per_device_then_sum(hidden, unembedding, targets, chunk_size, compute_dtype, axes), num_tokens
+    return _loss_sum(hidden, unembedding, targets, chunk_size, compute_dtype, num_shards), num_tokens
+
+
+def _loss_sum(hidden, unembedding, targets, chunk_size, compute_dtype, num_shards):
+    if chunk_size is None:
+        return _full_loss(hidden, unembedding, targets, compute_dtype)
     batch, length, width = hidden.shape
-    if batch % num_shards:
-        raise ValueError(f"num_shards={num_shards} must divide the batch size {batch}.")
     per_shard = batch // num_shards * length
     chunk = min(int(chunk_size), per_shard)
-    loss = _chunked_loss(
+    return _chunked_loss(
         hidden.reshape(num_shards, per_shard, width),
         unembedding,
         targets.reshape(num_shards, per_shard),
         chunk,
         compute_dtype,
     )
-    return loss, num_tokens
+
+
+def _batch_axes_to_split(batch: int) -> tuple[str, ...]:
+    """The mesh axes (of a jaxsft mesh active around tracing) that split the batch rows, if any."""
+    mesh = active_mesh()
+    if mesh is None:
+        return ()
+    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    ways = 1
+    for a in axes:
+        ways *= mesh.shape[a]
+    return axes if ways > 1 and batch % ways == 0 else ()
+
+
+def _per_device_then_sum(hidden, unembedding, targets, chunk_size, compute_dtype, axes):
+    """Each device scores its own rows; the unembedding gradient crosses devices exactly once.
+
+    Left to GSPMD, the per-device partial unembedding gradients ([V, H] fp32, the largest gradient
+    of a small model) were all-reduced twice over on GPUs (1.09 GB instead of 0.54 GB per update
+    at Qwen2.5-0.5B). Here the table enters shard_map as a per-device ("varying") value, so the
+    transpose of that marking is one all-reduce of the summed fp32 partials.
+    """
+
+    def local(h, w, t):
+        return jax.lax.psum(_loss_sum(h, _as_varying(w, axes), t, chunk_size, compute_dtype, 1), axes)
+
+    rows = P(axes)
+    return jax.shard_map(local, in_specs=(rows, P(), rows), out_specs=P(), axis_names=frozenset(axes))(
+        hidden, unembedding, targets
+    )
+
+
+def _varying_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
+    """``x`` marked per-device over the manual axes ``refs`` vary over (a scan carry must match its body)."""
+    axes = set()
+    for ref in refs:
+        aval = jax.typeof(ref)
+        manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; older releases call it ``vma``
+        axes |= set(manual.varying if manual is not None else (getattr(aval, "vma", ()) or ()))
+    return _as_varying(x, tuple(sorted(axes))) if axes else x
+
+
+def _as_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """Mark a replicated value as per-device inside shard_map (its gradient is then summed over ``axes``)."""
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, axes, to="varying")
+    return jax.lax.pvary(x, axes)

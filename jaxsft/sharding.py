@@ -225,20 +225,31 @@ ACTIVATION_RULES: dict[Optional[str], Any] = {
     "q_heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
+    "vocab": "tensor",
     None: None,
 }
 
 
-def constrain(x, logical_axes: Sequence[Optional[str]]):
-    """Pin an activation's layout inside jit when a jaxsft mesh is active; a no-op otherwise."""
+def active_mesh() -> Optional[Any]:
+    """The (abstract) jaxsft mesh set by ``jax.set_mesh`` around the code being traced, else None."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or tuple(mesh.axis_names) != MESH_AXES:
+        return None
+    return mesh
+
+
+def constrain(x, logical_axes: Sequence[Optional[str]]):
+    """Pin an activation's layout inside jit when a jaxsft mesh is active; a no-op otherwise."""
+    mesh = active_mesh()
+    if mesh is None:
         return x
+    # Inside shard_map the manual axes are already split by hand; constrain only the others.
+    manual = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual}
     spec = []
     for axis_name, dim in zip(logical_axes, x.shape):
         mesh_axes = ACTIVATION_RULES[axis_name]
         names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-        names = tuple(n for n in names if mesh.shape[n] > 1)
+        names = tuple(n for n in names if mesh.shape[n] > 1 and n not in manual)
         size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
         if not names or dim % size:
             spec.append(None)

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsft import batching, distributed
+from jaxsft import batching, compile_options, distributed
 from jaxsft import sharding as shd
 from jaxsft import step as step_fns
 from jaxsft.config import TrainConfig
@@ -99,6 +99,8 @@ class IterativeSFTTrainer:
         self.rows = config.per_device_train_batch_size * shd.batch_rows_multiple(self.mesh)
         self.eval_rows = config.per_device_eval_batch_size * shd.batch_rows_multiple(self.mesh)
         self._check_tensor_axis()
+        self._xla_options = compile_options.resolve(config.xla_options, self.mesh.devices.flat[0].platform)
+        compile_options.check(self._xla_options)
         shd.check_batch_split_over_processes(self.mesh)
 
         graphdef, params = nnx.split(model)
@@ -335,7 +337,8 @@ class IterativeSFTTrainer:
 
     def _compile(self, fn, args, *, donate, out_shardings):
         with jax.set_mesh(self.mesh):
-            return jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings).lower(*args).compile()
+            lowered = jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings).lower(*args)
+            return lowered.compile(compiler_options=self._xla_options or None)
 
     def _step_count(self) -> jax.Array:
         return jax.device_put(jnp.asarray(self.state.global_step, jnp.int32), shd.replicated(self.mesh))

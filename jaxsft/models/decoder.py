@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsft.models import layers as L
+from jaxsft.models.embedding import embedding_lookup
 from jaxsft.sharding import constrain
 from jaxsft.models.spec import ModelSpec
 
@@ -235,9 +236,9 @@ class CausalLM(nnx.Module):
         return mask & within[:, None]
 
     def _embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
-        h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+        h = embedding_lookup(self.embed[...], input_ids, ("vocab", "embed")).astype(self.dtype)
         if self.spec.position == "learned":
-            h = h + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
+            h = h + embedding_lookup(self.pos_embed[...], positions, (None, "embed")).astype(self.dtype)
         return constrain(h, ("batch", None, None))
 
     def _final_norm(self, h: jax.Array) -> jax.Array:
