@@ -16,15 +16,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax.sharding import PartitionSpec as P
-
 from jaxsft import sharding as shd
 
 
-def _rows_to_gather(ids: jax.Array, table_shape: tuple[int, ...]) -> tuple[str, ...]:
-    """Batch mesh axes to gather token rows over, or () when the dense gradient is as cheap."""
-    axes = shd.batch_split_axes(ids.shape[0]) if ids.ndim >= 1 else ()
-    return axes if axes and ids.size <= table_shape[0] else ()
+def _gather_cheaper(rows_shape: tuple[int, ...], table_shape: tuple[int, ...]) -> bool:
+    """True when a batch-sharded mesh is active and the token rows are fewer than the table's rows."""
+    mesh = shd.active_mesh()
+    if mesh is None or shd.batch_rows_multiple(mesh) == 1:
+        return False
+    tokens = 1
+    for dim in rows_shape[:-1]:
+        tokens *= dim
+    return tokens <= table_shape[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -38,40 +41,20 @@ def _lookup_fwd(table, ids, logical_axes):
 
 
 def _lookup_bwd(logical_axes, residuals, g):
-    del logical_axes
     table, ids = residuals
+    grad = jnp.zeros(table.shape, jnp.float32)
     rows = g.astype(jnp.float32)
-    axes = _rows_to_gather(ids, table.shape)
-    if axes:
-        grad = _scatter_all_rows(table.shape, ids, rows, axes)
-    else:
-        grad = jnp.zeros(table.shape, jnp.float32).at[ids].add(rows, mode="drop")
+    if _gather_cheaper(g.shape, table.shape):
+        mesh = shd.active_mesh()
+        table_spec = shd.logical_to_spec(logical_axes, table.shape, mesh)
+        # Every device sees every token's row (hidden split as the table's hidden dimension is),
+        # so the scatter-add below needs no cross-device reduction afterwards.
+        hidden_axis = table_spec[1] if len(table_spec) > 1 else None
+        rows = jax.lax.with_sharding_constraint(rows, shd.P(*([None] * (rows.ndim - 1)), hidden_axis))
+        ids = jax.lax.with_sharding_constraint(ids, shd.P(*([None] * ids.ndim)))
+        grad = jax.lax.with_sharding_constraint(grad, table_spec)
+    grad = grad.at[ids].add(rows, mode="drop")
     return grad.astype(table.dtype), None
-
-
-def _scatter_all_rows(table_shape, ids, rows, axes):
-    """Every device gathers every token's (id, row) and scatter-adds all of them: no all-reduce after.
-
-    Written with shard_map so the layout is explicit: left to GSPMD, the scatter was split by
-    token on GPUs and its [V, H] result all-reduced, which is what this avoids.
-    """
-
-    def local(ids, rows):
-        ids = _gather(ids, axes)
-        rows = _gather(rows, axes)
-        return jnp.zeros(table_shape, jnp.float32).at[ids].add(rows, mode="drop")
-
-    rows_spec = P(axes)
-    # check_vma=False: after the all-gather every device holds the same rows, so the scatter's
-    # result is replicated (out_specs P()); the type system cannot see that through all_gather.
-    return jax.shard_map(
-        local, in_specs=(rows_spec, rows_spec), out_specs=P(), axis_names=frozenset(axes), check_vma=False
-    )(ids, rows)
-
-
-def _gather(x, axes):
-    """Concatenate every device's rows along axis 0."""
-    return jax.lax.all_gather(x, axes, axis=0, tiled=True)
 
 
 embedding_lookup.defvjp(_lookup_fwd, _lookup_bwd)
