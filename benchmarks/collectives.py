@@ -27,7 +27,7 @@ def fused_update_hlo(
     import numpy as np
 
     import jaxsft
-    from jaxsft import step as step_fns
+    from jaxsft.diagnostics import update_program_text
     from jaxsft.models.spec import ModelSpec
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -43,16 +43,7 @@ def fused_update_hlo(
                              scan_layers=scan, logging_steps=0, disable_tqdm=True, xla_options=xla_options,
                              loss_chunk_size=loss_chunk_size)
     trainer = jaxsft.IterativeSFTTrainer(model, cfg, mesh=mesh)
-    ids = np.ones((trainer.rows, seq), np.int32)
-    batch_arrays = {"input_ids": jaxsft.sharding.place_batch(ids, mesh), "labels": jaxsft.sharding.place_batch(ids, mesh)}
-    params_sh, opt_sh = trainer._shardings()
-    compiled = trainer._compile(
-        step_fns.make_fused_update(trainer._graphdef, trainer._tx, trainer._schedule, trainer._chunk_size, trainer._shards),
-        (trainer._params, trainer._opt_state, batch_arrays, trainer._step_count()),
-        donate=(0, 1),
-        out_shardings=(params_sh, opt_sh, jaxsft.sharding.replicated(mesh)),
-    )
-    return compiled.as_text()
+    return update_program_text(trainer, trainer.rows, seq)
 
 
 def main() -> None:

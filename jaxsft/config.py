@@ -59,9 +59,11 @@ class TrainConfig:
     loss_chunk_size: Optional[int] = None
     loss_chunk_bytes: int = 1 << 30
     attention_implementation: str = "auto"
-    # False unrolls the layer loop in the train step: slower to compile, lets XLA
-    # overlap per-layer gradient communication with compute on many devices.
-    scan_layers: bool = True
+    # True runs the layers as one scanned loop (fast to compile, fastest on one device);
+    # False unrolls them, which lets XLA overlap each layer's FSDP gathers and gradient
+    # reductions with compute. None (default): unrolled when the mesh has an fsdp axis > 1.
+    # On 2 x H200 at 0.5B, FSDP unrolled ran 150k tokens/s against 132k scanned.
+    scan_layers: Optional[bool] = None
     # XLA compiler options for the train and eval programs (``compile(compiler_options=...)``).
     # None or {}: XLA's own defaults. jaxsft.compile_options.gpu_overlap_options() is an
     # opt-in preset for GPU communication/compute overlap.
@@ -116,6 +118,8 @@ class TrainConfig:
             self.length_buckets = tuple(buckets)
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise bad("loss_chunk_size", "must be None or >= 1", "pass e.g. loss_chunk_size=1024")
+        if self.scan_layers is not None and not isinstance(self.scan_layers, bool):
+            raise bad("scan_layers", "must be True, False or None (automatic)", "pass e.g. scan_layers=None")
         if self.xla_options is not None and (
             not isinstance(self.xla_options, dict) or not all(isinstance(k, str) for k in self.xla_options)
         ):

@@ -30,8 +30,9 @@ def _array_bytes(dtype: str, dims: str) -> int:
 def collectives(hlo_text: str) -> list[dict]:
     """One record per collective op in optimized HLO text (``compiled.as_text()``).
 
-    Each has the op, its result bytes, dtypes, the enclosing computation, and ``in_loop``:
-    whether that computation is the body of a ``while`` (a scanned layer loop).
+    Each has the op, its result bytes, dtypes, array shapes, the JAX op it came from, the
+    enclosing computation, and ``in_loop``: whether that computation is the body of a ``while``
+    (a scanned layer loop). Async ``*-start`` ops are counted once, by their results.
     """
     loop_bodies = set(re.findall(r"\bbody=%?([\w.\-]+)", hlo_text))
     found, computation = [], "?"
@@ -44,9 +45,13 @@ def collectives(hlo_text: str) -> list[dict]:
         if not match:
             continue
         arrays = _ARRAY.findall(match.group("types"))
+        op = match.group("op")
+        if op.endswith("-start") and len(arrays) % 2 == 0 and arrays[: len(arrays) // 2] == arrays[len(arrays) // 2:]:
+            arrays = arrays[: len(arrays) // 2]  # an async start's type lists (operands..., results...) of equal shapes
+        elif op in ("all-gather-start", "collective-permute-start") and len(arrays) > 1:
+            # (operands..., results...): count the results
+            arrays = arrays[len(arrays) // 2:] if len(arrays) % 2 == 0 else arrays[1:]
         nbytes = sum(_array_bytes(dtype, dims) for dtype, dims in arrays)
-        if match.group("op") in ("all-gather-start", "collective-permute-start") and len(arrays) > 1:
-            nbytes -= _array_bytes(*arrays[0])  # these async starts carry (operand, result) shapes
         origin = re.search(r'op_name="([^"]*)"', line)
         found.append({"op": match.group("op").replace("-start", ""), "bytes": nbytes,
                       "dtypes": sorted({d for d, _ in arrays}), "computation": computation,
@@ -78,3 +83,26 @@ def largest(records: list[dict], count: int = 5) -> str:
         lines.append(f"{r['op']} {r['bytes'] / 1e6:.1f} MB {'in loop' if r['in_loop'] else r['computation']}: {shapes}\n"
                      f"    from {r['origin'][:300]}")
     return "\n".join(lines)
+
+
+def update_program_text(trainer, rows: int, length: int) -> str:
+    """Optimized HLO of ``trainer``'s one-micro-batch update for a [rows, length] batch (compiled, not run).
+
+    ``rows`` is the global micro-batch (``trainer.rows``); the program is the one ``step()`` would
+    run with gradient_accumulation_steps == 1, with the trainer's shardings and XLA options.
+    """
+    import numpy as np
+
+    from jaxsft import sharding as shd
+    from jaxsft import step as step_fns
+
+    ids = np.ones((rows, length), np.int32)
+    batch = {"input_ids": shd.place_batch(ids, trainer.mesh), "labels": shd.place_batch(ids, trainer.mesh)}
+    params_sh, opt_sh = trainer._shardings()
+    compiled = trainer._compile(
+        step_fns.make_fused_update(trainer._graphdef, trainer._tx, trainer._schedule, trainer._chunk_size, trainer._shards),
+        (trainer._params, trainer._opt_state, batch, trainer._step_count()),
+        donate=(),
+        out_shardings=(params_sh, opt_sh, shd.replicated(trainer.mesh)),
+    )
+    return compiled.as_text()

@@ -107,7 +107,9 @@ class IterativeSFTTrainer:
         training_view = nnx.merge(graphdef, params)
         training_view.dtype = jnp.dtype(jnp.bfloat16) if config.bf16 else model.dtype
         training_view.remat = bool(config.gradient_checkpointing)
-        training_view.scan_layers = bool(config.scan_layers)
+        # Unrolled layers let XLA overlap FSDP gathers/reductions per layer (benchmarks/RESULTS.md).
+        self.scan_layers = bool(config.scan_layers if config.scan_layers is not None else self.mesh.shape["fsdp"] == 1)
+        training_view.scan_layers = self.scan_layers
         if config.attention_implementation != "auto":
             training_view.attention_implementation = config.attention_implementation
         self._graphdef, params = nnx.split(training_view)
