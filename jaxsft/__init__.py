@@ -7,6 +7,7 @@ from jaxsft.sharding import make_mesh, single_device_mesh
 __all__ = [
     "TrainConfig", "CausalLM", "ModelSpec", "from_pretrained", "init_model", "save_pretrained",
     "make_mesh", "single_device_mesh", "IterativeSFTTrainer", "generate", "distributed",
+    "checkpoint", "diagnostics",
 ]
 
 
@@ -20,8 +21,8 @@ def __getattr__(name):
         from jaxsft.generation import generate
 
         return generate
-    if name == "distributed":
+    if name in ("distributed", "checkpoint", "diagnostics"):
         import importlib
 
-        return importlib.import_module("jaxsft.distributed")
+        return importlib.import_module(f"jaxsft.{name}")
     raise AttributeError(f"module 'jaxsft' has no attribute {name!r}")

@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from jaxsft import batching, compile_options, distributed
+from jaxsft import checkpoint as checkpointing
 from jaxsft import sharding as shd
 from jaxsft import step as step_fns
 from jaxsft.config import TrainConfig
@@ -283,6 +284,25 @@ class IterativeSFTTrainer:
         if self.tokenizer is None:
             raise ValueError("generate(): the trainer has no tokenizer; pass tokenizer= at construction.")
         return generate(self.model, self.tokenizer, prompts, **kwargs)
+
+    def save_checkpoint(self, directory: str) -> str:
+        """Write the whole trainer state to ``directory/checkpoint-<global_step>`` atomically; returns the path.
+
+        Weights, optimizer state, step counters, log history and the shuffling RNG: a run restored
+        from it takes the same updates as one that never stopped. A state holding NaN or inf is
+        refused (``FloatingPointError``) and nothing is written. Call it on every process.
+        """
+        return checkpointing.save(self, directory)
+
+    def restore_checkpoint(self, path: str) -> None:
+        """Load a checkpoint from :meth:`save_checkpoint` (onto this trainer's mesh, whichever it is).
+
+        ``path`` is a ``checkpoint-<step>`` folder (``jaxsft.checkpoint.latest_checkpoint(dir)``
+        finds the newest). A checkpoint of another architecture or optimizer is refused before
+        anything changes. The config is this trainer's, so a resumed run may change e.g. the
+        learning rate; the schedule continues from the restored ``global_step``.
+        """
+        checkpointing.restore(self, path)
 
     def save_pretrained(self, directory: str, **kwargs: Any):
         from jaxsft.models.hf_io import save_pretrained
