@@ -18,6 +18,7 @@ import json
 import os
 import sys
 
+
 def fused_update_hlo(
     shape: str, mesh_shape: tuple[int, int, int], scan: bool, seq: int, batch: int, layers: int | None = None,
     xla_options: dict | None = None, loss_chunk_size: int | None = None,

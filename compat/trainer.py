@@ -120,8 +120,8 @@ class _Core(CoreTrainer):
 
     facade: "IterativeSFTTrainer"
 
-    def _eval_metrics(self, dataset: Any) -> dict[str, float]:
-        return self.facade._eval_metrics(dataset, lambda kwargs: super(_Core, self)._eval_metrics(kwargs))
+    def measure_eval(self, dataset: Any) -> dict[str, float]:
+        return self.facade._eval_metrics(dataset, lambda kwargs: super(_Core, self).measure_eval(kwargs))
 
 
 class IterativeSFTTrainer:
@@ -480,7 +480,7 @@ class IterativeSFTTrainer:
             return metrics
         self._eval_options = (ignore_keys, metric_key_prefix)
         try:
-            return self.core.evaluate(dataset)  # measures via _eval_metrics below, then logs and fires events
+            return self.core.evaluate(dataset)  # measures via measure_eval -> _eval_metrics below, then logs and fires events
         finally:
             self._eval_options = (None, "eval")
 

@@ -40,6 +40,10 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: Optional[float] = 1.0
+    # The NaN guard: an update whose loss or gradient norm is NaN/inf is skipped inside the
+    # compiled step (weights and optimizer state untouched; stats["skipped_updates"] counts it;
+    # global_step and the schedule still advance). Off by default, as in HF Trainer.
+    skip_nonfinite_updates: bool = False
     optim: str = "adamw"
     sgd_momentum: float = 0.0
     seed: int = 42
@@ -118,6 +122,8 @@ class TrainConfig:
             self.length_buckets = tuple(buckets)
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise bad("loss_chunk_size", "must be None or >= 1", "pass e.g. loss_chunk_size=1024")
+        if not isinstance(self.skip_nonfinite_updates, bool):
+            raise bad("skip_nonfinite_updates", "must be True or False", "pass e.g. skip_nonfinite_updates=True")
         if self.scan_layers is not None and not isinstance(self.scan_layers, bool):
             raise bad("scan_layers", "must be True, False or None (automatic)", "pass e.g. scan_layers=None")
         if self.xla_options is not None and (

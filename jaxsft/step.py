@@ -56,31 +56,41 @@ def _sum_grads(loss_fn):
     return grads_of
 
 
-def _apply(tx: optax.GradientTransformation, schedule: Optional[optax.Schedule], params, opt_state, grad_sum, loss_sum, count, step_count):
+def _apply(tx, schedule, params, opt_state, grad_sum, loss_sum, count, step_count, skip_nonfinite: bool = False):
     scale = 1.0 / jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grad_sum)
     grad_norm = global_norm(grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+
+    def updated(_):
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt_state
+
     metrics = {
         "loss": loss_sum / jnp.maximum(count, 1.0),
         "loss_sum": loss_sum,
         "num_tokens": count,
         "grad_norm": grad_norm,
     }
+    if skip_nonfinite:
+        # The guard: a NaN/inf loss or gradient leaves weights and optimizer state as they were.
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.lax.cond(finite, updated, lambda _: (params, opt_state), None)
+        metrics["skipped"] = jnp.logical_not(finite)
+    else:
+        params, opt_state = updated(None)
     if schedule is not None:
         # As HF Trainer logs it: the rate after the scheduler step, i.e. for the next update.
         metrics["learning_rate"] = jnp.asarray(schedule(step_count + 1), jnp.float32)
     return params, opt_state, metrics
 
 
-def make_fused_update(graphdef, tx, schedule, chunk_size, num_shards=1):
+def make_fused_update(graphdef, tx, schedule, chunk_size, num_shards=1, skip_nonfinite=False):
     """One micro-batch per update (gradient_accumulation_steps == 1): grads and optimizer in one program."""
     grads_of = _sum_grads(make_loss_fn(graphdef, chunk_size, num_shards))
 
     def fused(params, opt_state, batch, step_count):
         grads, loss_sum, count = grads_of(params, batch)
-        return _apply(tx, schedule, params, opt_state, grads, loss_sum, count, step_count)
+        return _apply(tx, schedule, params, opt_state, grads, loss_sum, count, step_count, skip_nonfinite)
 
     return fused
 
@@ -105,12 +115,12 @@ def make_zero_accumulator():
     return zeros
 
 
-def make_apply(tx, schedule):
+def make_apply(tx, schedule, skip_nonfinite=False):
     """Applies one optimizer update from accumulated sums: loss = sum / total label tokens (exact)."""
 
     def apply(params, opt_state, acc, step_count):
         grad_sum, loss_sum, count = acc
-        return _apply(tx, schedule, params, opt_state, grad_sum, loss_sum, count, step_count)
+        return _apply(tx, schedule, params, opt_state, grad_sum, loss_sum, count, step_count, skip_nonfinite)
 
     return apply
 

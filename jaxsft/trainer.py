@@ -204,7 +204,7 @@ class IterativeSFTTrainer:
             applied_steps.append(self.state.global_step)
             if self._eval_due(self.state.global_step):
                 # Now, on this update's weights (a later update of the call would otherwise be measured).
-                eval_metrics[self.state.global_step] = self._eval_metrics(self.eval_dataset)
+                eval_metrics[self.state.global_step] = self.measure_eval(self.eval_dataset)
             if progress is not None:
                 progress.update(1)
         if progress is not None:
@@ -223,6 +223,13 @@ class IterativeSFTTrainer:
         for step_number, metrics in zip(applied_steps, host_metrics):
             self._after_update(step_number, metrics, eval_metrics.get(step_number))
         loss_sum = sum(float(m["loss_sum"]) for m in host_metrics)
+        skipped = sum(bool(m.get("skipped", False)) for m in host_metrics)
+        if skipped:
+            warnings.warn(
+                f"step(): {skipped} of {len(host_metrics)} updates had a non-finite loss or gradient norm and were "
+                "skipped (skip_nonfinite_updates=True): weights and optimizer state were left as they were.",
+                stacklevel=2,
+            )
         return {
             # A call with no label tokens trained nothing; it reports 0.0 (not NaN, which poisons running means).
             "loss": loss_sum / label_tokens if label_tokens else 0.0,
@@ -232,6 +239,7 @@ class IterativeSFTTrainer:
             # Each applied update's exact loss (its token-loss sum over its label tokens), unrounded.
             "update_losses": [float(m["loss"]) for m in host_metrics],
             "num_updates": len(host_metrics),
+            "skipped_updates": skipped,
             "num_microbatches": len(microbatches),
             "global_step": self.state.global_step,
             "tokens_per_second": input_tokens / elapsed if elapsed > 0 else float("nan"),
@@ -241,7 +249,7 @@ class IterativeSFTTrainer:
 
     def evaluate(self, eval_dataset: Any = None) -> dict[str, float]:
         """Mean token loss over a dataset (``step()``-style dict, list of strings, or the one given at init)."""
-        metrics = self._eval_metrics(eval_dataset if eval_dataset is not None else self.eval_dataset)
+        metrics = self.measure_eval(eval_dataset if eval_dataset is not None else self.eval_dataset)
         self._report_eval(metrics, self.state.global_step)
         return metrics
 
@@ -259,7 +267,13 @@ class IterativeSFTTrainer:
         every = self.config.eval_steps
         return bool(every) and step_number % every == 0 and self.eval_dataset is not None
 
-    def _eval_metrics(self, dataset: Any) -> dict[str, float]:
+    def measure_eval(self, dataset: Any) -> dict[str, float]:
+        """Evaluation metrics of ``dataset`` on the current weights, without logging or callbacks.
+
+        ``evaluate()`` and in-training evaluation (``eval_steps``) both measure through this
+        method, so a subclass that overrides it (the TRL facade adds ``compute_metrics``)
+        changes every evaluation at once.
+        """
         if dataset is None:
             raise ValueError("evaluate(): no eval_dataset given here or at construction; pass eval_dataset=...")
         examples = self._examples(**_dataset_as_step_kwargs(dataset))
@@ -375,7 +389,10 @@ class IterativeSFTTrainer:
                 "fused",
                 batch,
                 lambda: self._compile(
-                    step_fns.make_fused_update(self._graphdef, self._tx, self._schedule, self._chunk_size, self._shards),
+                    step_fns.make_fused_update(
+                        self._graphdef, self._tx, self._schedule, self._chunk_size, self._shards,
+                        self.config.skip_nonfinite_updates,
+                    ),
                     (self._params, self._opt_state, batch, step_count),
                     donate=(0, 1),
                     out_shardings=(params_sh, opt_sh, rep),
@@ -404,7 +421,7 @@ class IterativeSFTTrainer:
             "apply",
             None,
             lambda: self._compile(
-                step_fns.make_apply(self._tx, self._schedule),
+                step_fns.make_apply(self._tx, self._schedule, self.config.skip_nonfinite_updates),
                 (self._params, self._opt_state, acc, step_count),
                 donate=(0, 1),
                 out_shardings=(params_sh, opt_sh, rep),

@@ -35,11 +35,12 @@ def make_trainer(mesh=None, family="llama", optimizer=None, **overrides):
     torch_model = tiny.tiny_torch_model(family, vocab_size=256, num_key_value_heads=4)
     mesh = mesh or jaxsft.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     model = jaxsft.from_pretrained(torch_model, mesh=mesh)
-    cfg = jaxsft.TrainConfig(
+    settings = dict(
         learning_rate=1e-3, per_device_train_batch_size=4 // (mesh.shape["data"] * mesh.shape["fsdp"]) or 1,
         gradient_accumulation_steps=1, max_steps=20, warmup_steps=2, weight_decay=0.01, logging_steps=1,
-        max_length=16, length_buckets=(16,), disable_tqdm=True, seed=7, **overrides,
+        max_length=16, length_buckets=(16,), disable_tqdm=True, seed=7,
     )
+    cfg = jaxsft.TrainConfig(**{**settings, **overrides})
     schedule = None
     if optimizer is not None:
         schedule = optax.constant_schedule(1e-3)
@@ -149,3 +150,44 @@ def test_incompatible_checkpoint_is_refused_without_changes(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="not a complete jaxsft checkpoint"):
         trainer.restore_checkpoint(str(tmp_path))
+
+
+def poison_final_norm(trainer) -> None:
+    """Put one inf in the final norm's scale: every loss becomes NaN/inf (as after a divergent update)."""
+    hit = []
+
+    def poison(path, x):
+        if "final_norm" in jax.tree_util.keystr(path) and not hit:
+            hit.append(path)
+            return x.at[(1,) * x.ndim].set(np.inf)
+        return x
+
+    trainer._params = jax.tree_util.tree_map_with_path(poison, trainer._params)
+    assert hit
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_nan_guard_skips_non_finite_updates(accumulation):
+    first, second = calls(4)
+    guarded = make_trainer(skip_nonfinite_updates=True, gradient_accumulation_steps=accumulation)
+    guarded.step(input_ids=first)
+    poison_final_norm(guarded)
+    before = leaves(guarded.params) + leaves(guarded._opt_state)
+    with pytest.warns(UserWarning, match=r"updates had a non-finite loss or gradient norm and were skipped"):
+        stats = guarded.step(input_ids=second)
+    assert stats["num_updates"] > 0 and stats["skipped_updates"] == stats["num_updates"]
+    for got, want in zip(leaves(guarded.params) + leaves(guarded._opt_state), before):
+        np.testing.assert_array_equal(got, want)  # nothing moved, NaN spread nowhere
+
+    # Without the guard the same call spreads NaN through the weights (HF Trainer's behaviour).
+    unguarded = make_trainer(gradient_accumulation_steps=accumulation)
+    unguarded.step(input_ids=first)
+    poison_final_norm(unguarded)
+    assert unguarded.step(input_ids=second)["skipped_updates"] == 0
+    assert sum(int(np.isnan(x).sum()) for x in leaves(unguarded.params)) > 1000
+
+    # A healthy call with the guard on trains exactly as without it.
+    a, b = make_trainer(skip_nonfinite_updates=True), make_trainer()
+    assert a.step(input_ids=first)["update_losses"] == b.step(input_ids=first)["update_losses"]
+    for got, want in zip(leaves(a.params), leaves(b.params)):
+        np.testing.assert_array_equal(got, want)
