@@ -245,7 +245,8 @@ def test_stats_dict(llama):
     out = trainer.step(input_ids=random_ids(np.random.default_rng(4), 20))
     expected = {
         "loss": float, "learning_rate": float, "grad_norm": float, "num_tokens": int, "update_losses": list,
-        "num_updates": int, "num_microbatches": int, "global_step": int, "tokens_per_second": float,
+        "num_updates": int, "skipped_updates": int, "num_microbatches": int, "global_step": int,
+        "tokens_per_second": float,
         "seconds": float, "compiled_shapes": int,
     }
     assert set(out) == set(expected)
