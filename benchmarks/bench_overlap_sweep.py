@@ -24,9 +24,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 VARIANTS = {
-    # name: (TrainConfig.xla_options as JSON, or "" for the trainer's default; scan layers; meshes besides 1x1x1)
+    # name: (TrainConfig.xla_options as JSON, "OVERLAP" for gpu_overlap_options(); scan layers; meshes besides 1x1x1)
     "xla-defaults": ("{}", True, ["data"]),
     "overlap": ("OVERLAP", True, ["data", "fsdp"]),
+    "env-flags": ("{}", True, ["data"]),  # every overlap flag of this build, set through XLA_FLAGS
     "unrolled": ("{}", False, ["data", "fsdp"]),
 }
 
@@ -98,7 +99,6 @@ def main() -> None:
 
     print("== GPU overlap preset accepted here:", co.gpu_overlap_options(), flush=True)
     discovered = discover_overlap_flags()
-    VARIANTS["env-flags"] = ("{}", True, ["data"])
     skip = ("disable", "host_offloading", "unsafe", "pipeline_parallelism", "_p2p", "pipelined_p", "limit")
     env_flags = " ".join(f"--{n}=true" for n in discovered if not any(k in n for k in skip) and flag_parses(n))
     print("== env-flags variant:", env_flags, flush=True)

@@ -97,9 +97,9 @@ def restore(trainer: "IterativeSFTTrainer", path: str) -> None:
         saved = json.load(f)
     if saved.get("format") != FORMAT:
         raise ValueError(f"restore_checkpoint: {path!r} has format {saved.get('format')!r}, expected {FORMAT!r}.")
-    ours = dataclasses.asdict(trainer.spec)
-    if saved["model_spec"] != json.loads(json.dumps(ours)):
-        diff = sorted(k for k in ours if saved["model_spec"].get(k) != json.loads(json.dumps(ours[k])))
+    ours = _as_json(dataclasses.asdict(trainer.spec))
+    if saved["model_spec"] != ours:
+        diff = sorted(k for k in ours if saved["model_spec"].get(k) != ours[k])
         raise ValueError(
             f"restore_checkpoint: {path!r} was saved from a different architecture (differs in {diff}); build the "
             "trainer from the same model family and shape before restoring."
@@ -137,8 +137,8 @@ def restore(trainer: "IterativeSFTTrainer", path: str) -> None:
 def _host_state(trainer: "IterativeSFTTrainer") -> dict[str, Any]:
     return {
         "format": FORMAT,
-        "model_spec": json.loads(json.dumps(dataclasses.asdict(trainer.spec))),
-        "config": json.loads(json.dumps(dataclasses.asdict(trainer.config), default=repr)),
+        "model_spec": _as_json(dataclasses.asdict(trainer.spec)),
+        "config": _as_json(dataclasses.asdict(trainer.config)),
         "mesh": dict(trainer.mesh.shape),
         "trainer": {
             "global_step": trainer.state.global_step,
@@ -150,6 +150,11 @@ def _host_state(trainer: "IterativeSFTTrainer") -> dict[str, Any]:
             "loss_since_log": list(trainer._loss_since_log),
         },
     }
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, odd objects their repr), for comparisons."""
+    return json.loads(json.dumps(value, default=repr))
 
 
 def _abstract(tree: Any) -> Any:

@@ -14,7 +14,7 @@ FSDP run compiled with it did not finish within 4 minutes, so it is not switched
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import jax
 
@@ -25,12 +25,6 @@ GPU_OVERLAP_OPTIONS: dict[str, Any] = {
     "xla_gpu_enable_pipelined_reduce_scatter": True,
     "xla_gpu_enable_while_loop_double_buffering": True,
 }
-
-
-def default_options(backend: Optional[str] = None) -> dict[str, Any]:
-    """The options used when ``TrainConfig.xla_options`` is None, for ``backend`` (default: JAX's)."""
-    del backend  # every backend: XLA's defaults (see the module docstring)
-    return {}
 
 
 def gpu_overlap_options() -> dict[str, Any]:
@@ -50,11 +44,6 @@ def accepted(name: str, value: Any) -> bool:
 
 def _compile_scalar(options: dict[str, Any]) -> None:
     jax.jit(lambda x: x + 1).lower(jax.numpy.zeros((), jax.numpy.float32)).compile(compiler_options=options)
-
-
-def resolve(user_options: Optional[dict[str, Any]], backend: Optional[str] = None) -> dict[str, Any]:
-    """``user_options`` when given (``{}`` means XLA's defaults), else the backend's defaults."""
-    return dict(user_options) if user_options is not None else default_options(backend)
 
 
 def check(options: dict[str, Any]) -> None:

@@ -94,16 +94,7 @@ def update_program_text(trainer, rows: int, length: int) -> str:
     import numpy as np
 
     from jaxsft import sharding as shd
-    from jaxsft import step as step_fns
 
     ids = np.ones((rows, length), np.int32)
     batch = {"input_ids": shd.place_batch(ids, trainer.mesh), "labels": shd.place_batch(ids, trainer.mesh)}
-    params_sh, opt_sh = trainer._shardings()
-    compiled = trainer._compile(
-        step_fns.make_fused_update(trainer._graphdef, trainer._tx, trainer._schedule, trainer._chunk_size, trainer._shards,
-                                   trainer.config.skip_nonfinite_updates),
-        (trainer._params, trainer._opt_state, batch, trainer._step_count()),
-        donate=(),
-        out_shardings=(params_sh, opt_sh, shd.replicated(trainer.mesh)),
-    )
-    return compiled.as_text()
+    return trainer._compile_fused(batch, trainer._step_count()).as_text()

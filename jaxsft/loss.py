@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jax.sharding import PartitionSpec as P
 
-from jaxsft.sharding import BATCH_AXES, active_mesh, constrain
+from jaxsft.sharding import batch_split_axes, constrain
 
 IGNORE_INDEX = -100
 
@@ -168,7 +168,7 @@ def causal_lm_loss(
         raise ValueError(f"chunk_size={chunk_size!r} must be None or a positive integer.")
     if hidden.shape[0] % num_shards:
         raise ValueError(f"num_shards={num_shards} must divide the batch size {hidden.shape[0]}.")
-    axes = _batch_axes_to_split(hidden.shape[0])
+    axes = batch_split_axes(hidden.shape[0])
     if axes:
         return _per_device_then_sum(hidden, unembedding, targets, chunk_size, compute_dtype, axes), num_tokens
     return _loss_sum(hidden, unembedding, targets, chunk_size, compute_dtype, num_shards), num_tokens
@@ -187,18 +187,6 @@ def _loss_sum(hidden, unembedding, targets, chunk_size, compute_dtype, num_shard
         chunk,
         compute_dtype,
     )
-
-
-def _batch_axes_to_split(batch: int) -> tuple[str, ...]:
-    """The mesh axes (of a jaxsft mesh active around tracing) that split the batch rows, if any."""
-    mesh = active_mesh()
-    if mesh is None:
-        return ()
-    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
-    ways = 1
-    for a in axes:
-        ways *= mesh.shape[a]
-    return axes if ways > 1 and batch % ways == 0 else ()
 
 
 def _per_device_then_sum(hidden, unembedding, targets, chunk_size, compute_dtype, axes):

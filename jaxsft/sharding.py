@@ -238,6 +238,16 @@ def active_mesh() -> Optional[Any]:
     return mesh
 
 
+def batch_split_axes(batch: int) -> tuple[str, ...]:
+    """Mesh axes (of the jaxsft mesh active around tracing) that split ``batch`` rows; () if none do."""
+    mesh = active_mesh()
+    if mesh is None:
+        return ()
+    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    return axes if ways > 1 and batch % ways == 0 else ()
+
+
 def constrain(x, logical_axes: Sequence[Optional[str]]):
     """Pin an activation's layout inside jit when a jaxsft mesh is active; a no-op otherwise."""
     mesh = active_mesh()

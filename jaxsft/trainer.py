@@ -100,7 +100,7 @@ class IterativeSFTTrainer:
         self.rows = config.per_device_train_batch_size * shd.batch_rows_multiple(self.mesh)
         self.eval_rows = config.per_device_eval_batch_size * shd.batch_rows_multiple(self.mesh)
         self._check_tensor_axis()
-        self._xla_options = compile_options.resolve(config.xla_options, self.mesh.devices.flat[0].platform)
+        self._xla_options = dict(config.xla_options or {})  # {}: XLA's defaults
         compile_options.check(self._xla_options)
         shd.check_batch_split_over_processes(self.mesh)
 
@@ -380,26 +380,14 @@ class IterativeSFTTrainer:
         return jax.device_put(jnp.asarray(self.state.global_step, jnp.int32), shd.replicated(self.mesh))
 
     def _run_update(self, update) -> dict[str, jax.Array]:
-        params_sh, opt_sh = self._shardings()
-        rep = shd.replicated(self.mesh)
         step_count = self._step_count()
         if len(update) == 1 and self.config.gradient_accumulation_steps == 1:
             batch = self._device_batch(update[0])
-            program = self._program(
-                "fused",
-                batch,
-                lambda: self._compile(
-                    step_fns.make_fused_update(
-                        self._graphdef, self._tx, self._schedule, self._chunk_size, self._shards,
-                        self.config.skip_nonfinite_updates,
-                    ),
-                    (self._params, self._opt_state, batch, step_count),
-                    donate=(0, 1),
-                    out_shardings=(params_sh, opt_sh, rep),
-                ),
-            )
+            program = self._program("fused", batch, lambda: self._compile_fused(batch, step_count))
             self._params, self._opt_state, metrics = program(self._params, self._opt_state, batch, step_count)
             return metrics
+        params_sh, opt_sh = self._shardings()
+        rep = shd.replicated(self.mesh)
         zeros = self._program(
             "zeros", None, lambda: self._compile(step_fns.make_zero_accumulator(), (self._params,), donate=(), out_shardings=(params_sh, rep, rep))
         )
@@ -429,6 +417,19 @@ class IterativeSFTTrainer:
         )
         self._params, self._opt_state, metrics = apply(self._params, self._opt_state, acc, step_count)
         return metrics
+
+    def _compile_fused(self, batch: dict, step_count: jax.Array):
+        """The one-micro-batch update program (gradients and optimizer step) for ``batch``'s shape."""
+        params_sh, opt_sh = self._shardings()
+        return self._compile(
+            step_fns.make_fused_update(
+                self._graphdef, self._tx, self._schedule, self._chunk_size, self._shards,
+                self.config.skip_nonfinite_updates,
+            ),
+            (self._params, self._opt_state, batch, step_count),
+            donate=(0, 1),
+            out_shardings=(params_sh, opt_sh, shd.replicated(self.mesh)),
+        )
 
     def _compile_eval(self, batch):
         rep = shd.replicated(self.mesh)

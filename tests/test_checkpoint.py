@@ -86,7 +86,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, uninterrupted, sizes):
     assert resumed.state.global_step == reference.state.global_step
     assert resumed.state.num_input_tokens_seen == reference.state.num_input_tokens_seen
     assert [h["step"] for h in resumed.state.log_history] == [h["step"] for h in reference.state.log_history]
-    # The caller's model object follows the restored and trained weights.
+    # The schedule continues from the restored step.
     assert resumed.current_learning_rate() == reference.current_learning_rate()
 
 

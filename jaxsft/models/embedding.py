@@ -19,15 +19,12 @@ import jax.numpy as jnp
 from jaxsft import sharding as shd
 
 
-def _gather_cheaper(rows_shape: tuple[int, ...], table_shape: tuple[int, ...]) -> bool:
-    """True when a batch-sharded mesh is active and the token rows are fewer than the table's rows."""
-    mesh = shd.active_mesh()
-    if mesh is None or shd.batch_rows_multiple(mesh) == 1:
-        return False
+def _gather_cheaper(ids_shape: tuple[int, ...], table_shape: tuple[int, ...]) -> bool:
+    """True when the mesh active around tracing splits the batch and the tokens are fewer than the table's rows."""
     tokens = 1
-    for dim in rows_shape[:-1]:
+    for dim in ids_shape:
         tokens *= dim
-    return tokens <= table_shape[0]
+    return bool(ids_shape) and bool(shd.batch_split_axes(ids_shape[0])) and tokens <= table_shape[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -44,7 +41,7 @@ def _lookup_bwd(logical_axes, residuals, g):
     table, ids = residuals
     grad = jnp.zeros(table.shape, jnp.float32)
     rows = g.astype(jnp.float32)
-    if _gather_cheaper(g.shape, table.shape):
+    if _gather_cheaper(ids.shape, table.shape):
         mesh = shd.active_mesh()
         table_spec = shd.logical_to_spec(logical_axes, table.shape, mesh)
         # Every device sees every token's row (hidden split as the table's hidden dimension is),
