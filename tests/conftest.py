@@ -1,12 +1,23 @@
-"""Test-wide settings: 8 simulated CPU devices, CPU only, no hub access.
+"""Test-wide settings: 8 simulated CPU devices, CPU only, no hub access, one compile cache.
 
-These must be set before jax is imported anywhere, hence module level here.
+The environment must be set before jax is imported anywhere, hence module level here.
 """
 
 import os
+import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+# Most of the suite's time is XLA compiling small programs, many of them identical across tests and
+# files (trainers built alike). XLA's persistent cache turns every repeat into a load, within a run and
+# across runs on the same checkout. JAXSFT_TEST_XLA_CACHE moves it (several worktrees can share one).
+_CACHE = os.environ.get("JAXSFT_TEST_XLA_CACHE") or str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "xla-tests")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

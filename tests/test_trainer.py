@@ -27,28 +27,14 @@ EOS = 1
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Most of this file's time is XLA compiling ~15 distinct programs, so for this module:
-
-    * trainers built alike compile identical programs: XLA's persistent cache turns repeats into loads;
-    * ``jax_disable_most_optimizations`` skips LLVM's backend optimisation (HLO passes, hence the
-      program's semantics and fusion decisions, are unchanged): compiles take ~40% less time.
-    """
-    from jax._src import compilation_cache as cc
-
-    settings = {
-        "jax_compilation_cache_dir": str(tmp_path_factory.getbasetemp() / "xla-cache"),
-        "jax_persistent_cache_min_compile_time_secs": 0.0,
-        "jax_disable_most_optimizations": True,
-    }
-    old = {name: jax.config.values[name] for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+def fast_compiles():
+    """``jax_disable_most_optimizations`` skips LLVM's backend optimisation for this module's ~15 programs
+    (HLO passes, hence semantics and fusion decisions, are unchanged): compiles take ~40% less time.
+    The persistent compile cache is set suite-wide in conftest.py."""
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
     yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+    jax.config.update("jax_disable_most_optimizations", old)
 
 
 @pytest.fixture(scope="module")
