@@ -1,9 +1,26 @@
 """Training configuration for the JAX-native trainer.
 
-Field names follow ``transformers.TrainingArguments`` wherever one exists, so the
-facade's mapping table is mostly identity and users carry their habits over.
-Every check happens here, at construction, so a bad value never reaches a
-compiled program.
+``TrainConfig`` holds the loop, batching and logging fields itself and three
+groups, each a small dataclass that validates its own fields:
+
+* ``config.optimization`` (:class:`Optimization`): learning rate, schedule,
+  optimizer, clipping, the NaN guard;
+* ``config.precision`` (:class:`PrecisionAndMemory`): compute dtype,
+  rematerialisation, loss chunking;
+* ``config.performance`` (:class:`Performance`): attention kernel, layer loop,
+  sequence buckets, XLA options.
+
+Every group field is also a constructor keyword and an attribute of the config
+itself, so ``TrainConfig(learning_rate=1e-5, bf16=True)`` and
+``config.learning_rate`` work as with a flat dataclass (field names follow
+``transformers.TrainingArguments`` wherever one exists, so the facade's mapping
+is mostly identity). The value lives in its group only; the flat name is a
+route to it, not a copy. Every check happens at construction, so a bad value
+never reaches a compiled program.
+
+The model-side knobs (compute dtype, remat, attention kernel, layer loop) are
+turned into the model's :class:`~jaxsft.models.options.RunOptions` in one place,
+:meth:`TrainConfig.run_options`.
 """
 
 from __future__ import annotations
@@ -12,131 +29,71 @@ import dataclasses
 import math
 from typing import Any, Optional, Sequence
 
+import jax.numpy as jnp
+
+from jaxsft.models.options import ATTENTION_IMPLEMENTATIONS, RunOptions
+
 SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+__all__ = [
+    "TrainConfig", "Optimization", "PrecisionAndMemory", "Performance", "SCHEDULER_TYPES", "TRUNCATION_MODES",
+    "OPTIMIZERS", "ATTENTION_IMPLEMENTATIONS",
+]
+
+
+def _bad(obj: Any, field: str, problem: str, fix: str) -> ValueError:
+    return ValueError(f"TrainConfig.{field}={getattr(obj, field)!r}: {problem}; {fix}.")
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    """Hyperparameters of :class:`jaxsft.IterativeSFTTrainer`.
-
-    Defaults are Hugging Face's (AdamW lr 5e-5, betas 0.9/0.999, eps 1e-8,
-    linear schedule, clipping at 1.0, seed 42) except ``logging_steps``, which
-    uses IterativeSFTConfig's 10 because ``step()`` calls are short.
-    """
+class Optimization:
+    """How updates are computed: the optimizer, its schedule and gradient clipping (HF's defaults)."""
 
     learning_rate: float = 5e-5
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = "linear"
+    lr_scheduler_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The schedule's horizon in optimizer updates (-1: none); step() calls themselves are the caller's loop.
     max_steps: int = -1
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
-    lr_scheduler_type: str = "linear"
-    lr_scheduler_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    optim: str = "adamw"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
+    sgd_momentum: float = 0.0
     max_grad_norm: Optional[float] = 1.0
     # The NaN guard: an update whose loss or gradient norm is NaN/inf is skipped inside the
     # compiled step (weights and optimizer state untouched; stats["skipped_updates"] counts it;
     # global_step and the schedule still advance). Off by default, as in HF Trainer.
     skip_nonfinite_updates: bool = False
-    optim: str = "adamw"
-    sgd_momentum: float = 0.0
-    seed: int = 42
-    logging_steps: int = 10
-    eval_steps: Optional[int] = None
-    per_device_eval_batch_size: int = 8
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    max_length: Optional[int] = None
-    truncation_mode: str = "keep_end"
-    # Sequence-length buckets (ascending). None: powers of two from
-    # ``min_bucket_length`` up to max_length, plus max_length itself.
-    length_buckets: Optional[Sequence[int]] = None
-    min_bucket_length: int = 32
-    # Tokens per chunk of the fused lm_head + cross-entropy. None: chunk only when
-    # the full fp32 logits of a micro-batch would exceed ``loss_chunk_bytes``.
-    loss_chunk_size: Optional[int] = None
-    loss_chunk_bytes: int = 1 << 30
-    attention_implementation: str = "auto"
-    # True runs the layers as one scanned loop (fast to compile, fastest on one device);
-    # False unrolls them, which lets XLA overlap each layer's FSDP gathers and gradient
-    # reductions with compute. None (default): unrolled when the mesh has an fsdp axis > 1.
-    # On 2 x H200 at 0.5B, FSDP unrolled ran 150k tokens/s against 132k scanned.
-    scan_layers: Optional[bool] = None
-    # XLA compiler options for the train and eval programs (``compile(compiler_options=...)``).
-    # None or {}: XLA's own defaults. jaxsft.compile_options.gpu_overlap_options() is an
-    # opt-in preset for GPU communication/compute overlap.
-    xla_options: Optional[dict[str, Any]] = None
-    disable_tqdm: bool = False
 
     def __post_init__(self) -> None:
-        def bad(field: str, problem: str, fix: str) -> ValueError:
-            return ValueError(f"TrainConfig.{field}={getattr(self, field)!r}: {problem}; {fix}.")
-
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
-            raise bad("learning_rate", "must be a finite number >= 0", "pass e.g. learning_rate=1e-5")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise bad(name, "must be an integer >= 1", f"pass e.g. {name}=1")
+            raise _bad(self, "learning_rate", "must be a finite number >= 0", "pass e.g. learning_rate=1e-5")
         if not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool):
-            raise bad("max_steps", "must be an integer", "pass the number of optimizer updates, or -1 for no horizon")
+            raise _bad(self, "max_steps", "must be an integer", "pass the number of optimizer updates, or -1 for no horizon")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise bad("warmup_steps", "must be an integer >= 0", "pass e.g. warmup_steps=10")
+            raise _bad(self, "warmup_steps", "must be an integer >= 0", "pass e.g. warmup_steps=10")
         if not (0.0 <= float(self.warmup_ratio) <= 1.0):
-            raise bad("warmup_ratio", "must lie in [0, 1]", "pass e.g. warmup_ratio=0.1")
+            raise _bad(self, "warmup_ratio", "must lie in [0, 1]", "pass e.g. warmup_ratio=0.1")
         if self.lr_scheduler_type not in SCHEDULER_TYPES:
-            raise bad("lr_scheduler_type", f"is not supported (supported: {', '.join(SCHEDULER_TYPES)})", "pick one of those")
+            raise _bad(self, "lr_scheduler_type", f"is not supported (supported: {', '.join(SCHEDULER_TYPES)})", "pick one of those")
         if self.weight_decay < 0:
-            raise bad("weight_decay", "must be >= 0", "pass e.g. weight_decay=0.01")
+            raise _bad(self, "weight_decay", "must be >= 0", "pass e.g. weight_decay=0.01")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise bad(name, "must lie in [0, 1)", f"pass e.g. {name}=0.9")
+                raise _bad(self, name, "must lie in [0, 1)", f"pass e.g. {name}=0.9")
         if self.adam_epsilon <= 0:
-            raise bad("adam_epsilon", "must be > 0", "pass e.g. adam_epsilon=1e-8")
+            raise _bad(self, "adam_epsilon", "must be > 0", "pass e.g. adam_epsilon=1e-8")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise bad("max_grad_norm", "must be >= 0 (0 or None turns clipping off)", "pass e.g. max_grad_norm=1.0")
+            raise _bad(self, "max_grad_norm", "must be >= 0 (0 or None turns clipping off)", "pass e.g. max_grad_norm=1.0")
         if self.optim not in OPTIMIZERS:
-            raise bad("optim", f"is not supported (supported: {', '.join(OPTIMIZERS)})", "pick one of those")
-        if not isinstance(self.logging_steps, int) or self.logging_steps < 0:
-            raise bad("logging_steps", "must be an integer >= 0 (0 turns logging off)", "pass e.g. logging_steps=10")
-        if self.eval_steps is not None and (not isinstance(self.eval_steps, int) or self.eval_steps < 1):
-            raise bad("eval_steps", "must be None or an integer >= 1", "pass e.g. eval_steps=50")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
-            raise bad("max_length", "must be None or an integer >= 2", "pass e.g. max_length=512")
-        if self.truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(
-                f"truncation_mode must be either 'keep_end' or 'keep_start', got {self.truncation_mode}"
-            )
-        if self.min_bucket_length < 1:
-            raise bad("min_bucket_length", "must be >= 1", "pass e.g. min_bucket_length=32")
-        if self.length_buckets is not None:
-            buckets = list(self.length_buckets)
-            if not buckets or any((not isinstance(b, int)) or b < 1 for b in buckets) or buckets != sorted(set(buckets)):
-                raise bad("length_buckets", "must be strictly ascending positive integers", "pass e.g. (64, 128, 256)")
-            self.length_buckets = tuple(buckets)
-        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
-            raise bad("loss_chunk_size", "must be None or >= 1", "pass e.g. loss_chunk_size=1024")
+            raise _bad(self, "optim", f"is not supported (supported: {', '.join(OPTIMIZERS)})", "pick one of those")
         if not isinstance(self.skip_nonfinite_updates, bool):
-            raise bad("skip_nonfinite_updates", "must be True or False", "pass e.g. skip_nonfinite_updates=True")
-        if self.scan_layers is not None and not isinstance(self.scan_layers, bool):
-            raise bad("scan_layers", "must be True, False or None (automatic)", "pass e.g. scan_layers=None")
-        if self.xla_options is not None and (
-            not isinstance(self.xla_options, dict) or not all(isinstance(k, str) for k in self.xla_options)
-        ):
-            raise bad("xla_options", "must be None or a dict of XLA option names to values",
-                      "pass e.g. xla_options={'xla_gpu_enable_latency_hiding_scheduler': True}, or {} for XLA's defaults")
-        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise bad(
-                "attention_implementation",
-                f"is not supported (supported: {', '.join(ATTENTION_IMPLEMENTATIONS)})",
-                "pick one of those",
-            )
+            raise _bad(self, "skip_nonfinite_updates", "must be True or False", "pass e.g. skip_nonfinite_updates=True")
 
     @property
     def clipping_enabled(self) -> bool:
@@ -150,6 +107,145 @@ class TrainConfig:
         if self.max_steps > 0:
             return math.ceil(self.warmup_ratio * self.max_steps)
         return 0
+
+
+@dataclasses.dataclass
+class PrecisionAndMemory:
+    """Numerics and activation memory: compute dtype, rematerialisation, loss chunking."""
+
+    # bf16 compute with fp32 parameters and optimizer state; False: the model's own compute dtype.
+    bf16: bool = False
+    # Recompute each decoder layer's activations in the backward pass (jax.checkpoint).
+    gradient_checkpointing: bool = False
+    # Tokens per chunk of the fused lm_head + cross-entropy. None: chunk only when
+    # the full fp32 logits of a micro-batch would exceed ``loss_chunk_bytes``.
+    loss_chunk_size: Optional[int] = None
+    loss_chunk_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            raise _bad(self, "loss_chunk_size", "must be None or >= 1", "pass e.g. loss_chunk_size=1024")
+
+
+@dataclasses.dataclass
+class Performance:
+    """Speed knobs that change no result: attention kernel, layer loop, compiled shapes, XLA options."""
+
+    # auto: cuDNN flash attention on GPU in 16-bit compute, XLA elsewhere.
+    attention_implementation: str = "auto"
+    # True runs the layers as one scanned loop (fast to compile, fastest on one device);
+    # False unrolls them, which lets XLA overlap each layer's FSDP gathers and gradient
+    # reductions with compute. None (default): unrolled when the mesh has an fsdp axis > 1.
+    # On 2 x H200 at 0.5B, FSDP unrolled ran 150k tokens/s against 132k scanned.
+    scan_layers: Optional[bool] = None
+    # Sequence-length buckets (ascending). None: powers of two from
+    # ``min_bucket_length`` up to max_length, plus max_length itself.
+    length_buckets: Optional[Sequence[int]] = None
+    min_bucket_length: int = 32
+    # XLA compiler options for the train and eval programs (``compile(compiler_options=...)``).
+    # None or {}: XLA's own defaults. jaxsft.compile_options.gpu_overlap_options() is an
+    # opt-in preset for GPU communication/compute overlap.
+    xla_options: Optional[dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        if self.min_bucket_length < 1:
+            raise _bad(self, "min_bucket_length", "must be >= 1", "pass e.g. min_bucket_length=32")
+        if self.length_buckets is not None:
+            buckets = list(self.length_buckets)
+            if not buckets or any((not isinstance(b, int)) or b < 1 for b in buckets) or buckets != sorted(set(buckets)):
+                raise _bad(self, "length_buckets", "must be strictly ascending positive integers", "pass e.g. (64, 128, 256)")
+            self.length_buckets = tuple(buckets)
+        if self.scan_layers is not None and not isinstance(self.scan_layers, bool):
+            raise _bad(self, "scan_layers", "must be True, False or None (automatic)", "pass e.g. scan_layers=None")
+        if self.xla_options is not None and (
+            not isinstance(self.xla_options, dict) or not all(isinstance(k, str) for k in self.xla_options)
+        ):
+            raise _bad(self, "xla_options", "must be None or a dict of XLA option names to values",
+                       "pass e.g. xla_options={'xla_gpu_enable_latency_hiding_scheduler': True}, or {} for XLA's defaults")
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise _bad(
+                self, "attention_implementation",
+                f"is not supported (supported: {', '.join(ATTENTION_IMPLEMENTATIONS)})", "pick one of those",
+            )
+
+
+GROUPS: dict[str, type] = {"optimization": Optimization, "precision": PrecisionAndMemory, "performance": Performance}
+# flat field name -> the group that owns it (names are unique across groups and TrainConfig).
+_OWNER: dict[str, str] = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+
+
+@dataclasses.dataclass(init=False)
+class TrainConfig:
+    """Hyperparameters of :class:`jaxsft.IterativeSFTTrainer`.
+
+    Build it with flat keywords (``TrainConfig(learning_rate=1e-5, bf16=True)``),
+    with groups (``TrainConfig(optimization=Optimization(...))``), or both, the
+    keywords applying on top of the groups (so ``dataclasses.replace(config,
+    learning_rate=...)`` works). Defaults are Hugging Face's (AdamW lr 5e-5,
+    betas 0.9/0.999, eps 1e-8, linear schedule, clipping at 1.0, seed 42) except
+    ``logging_steps``, which uses IterativeSFTConfig's 10 because ``step()``
+    calls are short.
+    """
+
+    # batching, loop and logging (the fields that belong to no group)
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    per_device_eval_batch_size: int = 8
+    max_length: Optional[int] = None
+    truncation_mode: str = "keep_end"
+    seed: int = 42
+    logging_steps: int = 10
+    eval_steps: Optional[int] = None
+    disable_tqdm: bool = False
+    # the groups
+    optimization: Optimization = dataclasses.field(default_factory=Optimization)
+    precision: PrecisionAndMemory = dataclasses.field(default_factory=PrecisionAndMemory)
+    performance: Performance = dataclasses.field(default_factory=Performance)
+
+    def __init__(self, **kwargs: Any) -> None:
+        own = [f for f in dataclasses.fields(self) if f.name not in GROUPS]
+        routed: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
+        for name in [k for k in kwargs if k in _OWNER]:
+            routed[_OWNER[name]][name] = kwargs.pop(name)
+        for group, cls in GROUPS.items():
+            given = kwargs.pop(group, None)
+            if given is not None and not isinstance(given, cls):
+                raise TypeError(f"TrainConfig.{group} must be a jaxsft.config.{cls.__name__}, got {type(given).__name__}.")
+            value = dataclasses.replace(given, **routed[group]) if given is not None else cls(**routed[group])
+            setattr(self, group, value)
+        for f in own:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(self, f.name, kwargs.pop(f.name, default))
+        if kwargs:
+            raise TypeError(
+                f"TrainConfig got unexpected keyword argument(s) {sorted(kwargs)}; the fields are "
+                f"{', '.join(f.name for f in own)} and those of {', '.join(c.__name__ for c in GROUPS.values())}."
+            )
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise _bad(self, name, "must be an integer >= 1", f"pass e.g. {name}=1")
+        if not isinstance(self.logging_steps, int) or self.logging_steps < 0:
+            raise _bad(self, "logging_steps", "must be an integer >= 0 (0 turns logging off)", "pass e.g. logging_steps=10")
+        if self.eval_steps is not None and (not isinstance(self.eval_steps, int) or self.eval_steps < 1):
+            raise _bad(self, "eval_steps", "must be None or an integer >= 1", "pass e.g. eval_steps=50")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
+            raise _bad(self, "max_length", "must be None or an integer >= 2", "pass e.g. max_length=512")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(
+                f"truncation_mode must be either 'keep_end' or 'keep_start', got {self.truncation_mode}"
+            )
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def clipping_enabled(self) -> bool:
+        return self.optimization.clipping_enabled
+
+    def num_warmup_steps(self) -> int:
+        return self.optimization.num_warmup_steps()
 
     def buckets(self, model_max_length: Optional[int] = None) -> tuple[int, ...]:
         """The finite set of padded sequence lengths a train step is compiled for."""
@@ -168,3 +264,41 @@ class TrainConfig:
             buckets.append(size)
             size *= 2
         return tuple(buckets + [limit])
+
+    def run_options(self, model: RunOptions, *, fsdp: int = 1) -> RunOptions:
+        """The model's compute options for training: the one place each model-side knob is decided.
+
+        * dtype: bf16 when ``bf16``, else the model's own compute dtype;
+        * remat: ``gradient_checkpointing`` (the model's remat policy is kept);
+        * attention: ``attention_implementation`` unless it is "auto", which keeps the model's;
+        * layer loop: ``scan_layers``, or when None scanned unless the mesh has an fsdp axis > 1
+          (unrolled layers let XLA overlap FSDP gathers and reductions; benchmarks/RESULTS.md).
+        """
+        return dataclasses.replace(
+            model,
+            dtype=jnp.dtype(jnp.bfloat16) if self.bf16 else model.dtype,
+            remat=bool(self.gradient_checkpointing),
+            attention_implementation=(
+                model.attention_implementation if self.attention_implementation == "auto" else self.attention_implementation
+            ),
+            scan_layers=bool(self.scan_layers if self.scan_layers is not None else fsdp == 1),
+        )
+
+
+def _route(name: str) -> property:
+    group = _OWNER[name]
+
+    def get(self: TrainConfig) -> Any:
+        return getattr(getattr(self, group), name)
+
+    def put(self: TrainConfig, value: Any) -> None:
+        setattr(getattr(self, group), name, value)
+
+    return property(get, put, doc=f"``{group}.{name}`` (a route to the group's field, not a copy).")
+
+
+for _name in _OWNER:
+    if hasattr(TrainConfig, _name):
+        raise TypeError(f"TrainConfig: field {_name!r} is defined twice")  # names must stay unique
+    setattr(TrainConfig, _name, _route(_name))
+del _name

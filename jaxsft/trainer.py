@@ -27,6 +27,7 @@ from jaxsft import sharding as shd
 from jaxsft import step as step_fns
 from jaxsft.config import TrainConfig
 from jaxsft.models.decoder import CausalLM
+from jaxsft.models.options import RunOptions, with_options
 from jaxsft.optim import make_optimizer, make_schedule
 
 
@@ -104,16 +105,11 @@ class IterativeSFTTrainer:
         compile_options.check(self._xla_options)
         shd.check_batch_split_over_processes(self.mesh)
 
-        graphdef, params = nnx.split(model)
-        training_view = nnx.merge(graphdef, params)
-        training_view.dtype = jnp.dtype(jnp.bfloat16) if config.bf16 else model.dtype
-        training_view.remat = bool(config.gradient_checkpointing)
-        # Unrolled layers let XLA overlap FSDP gathers/reductions per layer (benchmarks/RESULTS.md).
-        self.scan_layers = bool(config.scan_layers if config.scan_layers is not None else self.mesh.shape["fsdp"] == 1)
-        training_view.scan_layers = self.scan_layers
-        if config.attention_implementation != "auto":
-            training_view.attention_implementation = config.attention_implementation
-        self._graphdef, params = nnx.split(training_view)
+        # The training view: the model's arrays under the config's compute options (a derived module;
+        # the caller's model keeps its own options).
+        self.run_options = config.run_options(RunOptions.of(model), fsdp=self.mesh.shape["fsdp"])
+        self.scan_layers = self.run_options.scan_layers
+        self._graphdef, params = nnx.split(with_options(model, self.run_options))
         self._params = shd.place_state(params, self.mesh)
 
         if optimizer is None:

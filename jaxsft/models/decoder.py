@@ -17,13 +17,9 @@ from flax import nnx
 
 from jaxsft.models import layers as L
 from jaxsft.models.embedding import embedding_lookup
+from jaxsft.models.options import REMAT_POLICIES, RunOptions
 from jaxsft.sharding import constrain
 from jaxsft.models.spec import ModelSpec
-
-REMAT_POLICIES = {
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 class KVCache(NamedTuple):
@@ -108,15 +104,17 @@ class CausalLM(nnx.Module):
         remat: bool = False,
         remat_policy: str = "nothing_saveable",
         attention_implementation: str = "auto",
+        scan_layers: bool = True,
         hf_config_json: Optional[str] = None,
     ):
+        RunOptions(dtype, remat, remat_policy, attention_implementation, scan_layers)  # validates the knobs
         self.spec = spec
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
         self.remat = remat
         self.remat_policy = remat_policy
         self.attention_implementation = attention_implementation
-        self.scan_layers = True
+        self.scan_layers = scan_layers
         self.hf_config_json = hf_config_json
         std = spec.initializer_range
         h = spec.hidden_size

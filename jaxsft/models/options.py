@@ -1,0 +1,78 @@
+"""How a model computes, as one value: compute dtype, remat, attention kernel, layer loop.
+
+These knobs do not change what a :class:`~jaxsft.models.CausalLM` holds (its
+parameters), only the programs traced from it, so they live together in one
+frozen :class:`RunOptions`. ``CausalLM``, ``from_pretrained`` and ``init_model``
+take them as keywords; the trainer derives its training view with
+:func:`with_options` (a new module over the same arrays), never by mutating one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """The static compute knobs of a CausalLM (each defined here once, with its default)."""
+
+    dtype: Any = jnp.float32  # compute dtype; parameters keep their own param_dtype
+    remat: bool = False  # recompute each layer's activations in the backward pass
+    remat_policy: str = "nothing_saveable"
+    attention_implementation: str = "auto"  # auto: cuDNN on GPU in 16-bit, XLA elsewhere
+    scan_layers: bool = True  # one lax.scan over the layers (False: unrolled)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_implementation={self.attention_implementation!r} is not supported "
+                f"(supported: {', '.join(ATTENTION_IMPLEMENTATIONS)}); pick one of those."
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat_policy={self.remat_policy!r} is not supported (supported: {', '.join(REMAT_POLICIES)})."
+            )
+        for name in ("remat", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False.")
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def of(cls, model: Any) -> "RunOptions":
+        """The options a CausalLM was built with."""
+        return cls(**{f.name: getattr(model, f.name) for f in dataclasses.fields(cls)})
+
+
+def with_options(model: Any, options: RunOptions) -> Any:
+    """A CausalLM over ``model``'s own arrays that computes under ``options``; ``model`` is not changed.
+
+    The module structure comes from a shape-only model built with ``options`` (no
+    memory, no copy of a weight), so the view is derived, not patched.
+    """
+    from flax import nnx
+
+    from jaxsft.models.decoder import CausalLM
+
+    if RunOptions.of(model) == options:
+        return nnx.merge(*nnx.split(model))
+    abstract = nnx.eval_shape(
+        lambda: CausalLM(
+            model.spec, param_dtype=model.param_dtype, hf_config_json=model.hf_config_json, rngs=nnx.Rngs(0),
+            **options.as_kwargs(),
+        )
+    )
+    graphdef, _ = nnx.split(abstract)
+    return nnx.merge(graphdef, nnx.state(model))
