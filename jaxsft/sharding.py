@@ -28,6 +28,7 @@ LOGICAL_AXIS_RULES: dict[Optional[str], Optional[str]] = {
     "head_dim": None,
     "mlp": "tensor",  # MLP width: tensor parallel
     "norm": None,  # norm scales and output biases are small: replicated
+    "rel_buckets": None,  # T5 relative-position bias tables [buckets, heads]: heads follow q_heads
     None: None,
 }
 

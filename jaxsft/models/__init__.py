@@ -2,9 +2,12 @@
 
 from jaxsft.models.decoder import CausalLM, KVCache
 from jaxsft.models.hf_io import CheckpointError, from_pretrained, hf_state_dict, init_model, save_pretrained
+from jaxsft.models.seq2seq import Seq2SeqCache, Seq2SeqLM
+from jaxsft.models.seq2seq_spec import SEQ2SEQ_MODEL_TYPES, Seq2SeqSpec
 from jaxsft.models.spec import SUPPORTED_MODEL_TYPES, ModelSpec, UnsupportedModelError
 
 __all__ = [
     "CausalLM", "KVCache", "CheckpointError", "from_pretrained", "hf_state_dict", "init_model",
     "save_pretrained", "SUPPORTED_MODEL_TYPES", "ModelSpec", "UnsupportedModelError",
+    "Seq2SeqLM", "Seq2SeqCache", "Seq2SeqSpec", "SEQ2SEQ_MODEL_TYPES",
 ]

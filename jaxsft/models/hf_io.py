@@ -21,6 +21,9 @@ from flax import nnx
 from jaxsft import sharding as shd
 from jaxsft.models.decoder import CausalLM, layer_param_shapes
 from jaxsft.models.hf_keys import is_ignorable, normalise_key, rules_for
+from jaxsft.models import seq2seq_weights
+from jaxsft.models.seq2seq import Seq2SeqLM
+from jaxsft.models.seq2seq_spec import SEQ2SEQ_MODEL_TYPES, Seq2SeqSpec
 from jaxsft.models.spec import ModelSpec
 
 PathLike = Union[str, os.PathLike]
@@ -100,6 +103,21 @@ def _is_torch_model(source: Any) -> bool:
     return isinstance(source, PreTrainedModel)
 
 
+# ---------------------------------------------------------------------------- families
+AnySpec = Union[ModelSpec, Seq2SeqSpec]
+
+
+def spec_from_hf_config(config: Any) -> AnySpec:
+    """The jaxsft spec of an HF config: encoder-decoder families (T5, BART) or the decoder-only ones."""
+    if getattr(config, "model_type", None) in SEQ2SEQ_MODEL_TYPES:
+        return Seq2SeqSpec.from_hf_config(config)
+    return ModelSpec.from_hf_config(config)
+
+
+def model_class(spec: AnySpec):
+    return Seq2SeqLM if isinstance(spec, Seq2SeqSpec) else CausalLM
+
+
 # ---------------------------------------------------------------------------- conversion
 def top_level_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Shapes of the parameters outside the layer stack (as ``CausalLM.__init__`` creates them)."""
@@ -135,6 +153,8 @@ def import_params(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> dict[st
     Every key is checked (present, floating point, exactly the HF shape the config
     implies) before any conversion, and all problems are reported together.
     """
+    if isinstance(spec, Seq2SeqSpec):
+        return seq2seq_weights.import_params(spec, tensors)
     tensors = {normalise_key(spec, k): v for k, v in tensors.items()}
     remaining = set(tensors)
     top: dict[str, np.ndarray] = {}
@@ -185,6 +205,8 @@ def import_params(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> dict[st
 
 def export_params(spec: ModelSpec, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The inverse of :func:`import_params`: jaxsft arrays -> HF-named numpy arrays."""
+    if isinstance(spec, Seq2SeqSpec):
+        return seq2seq_weights.export_params(spec, params)
     out: dict[str, np.ndarray] = {}
     for rule in rules_for(spec):
         if rule.per_layer:
@@ -210,7 +232,7 @@ def hf_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------- building
 def abstract_model(spec: ModelSpec, **kwargs: Any) -> CausalLM:
     """A shape-only model (no memory), for checking shapes and computing shardings."""
-    return nnx.eval_shape(lambda: CausalLM(spec, rngs=nnx.Rngs(0), **kwargs))
+    return nnx.eval_shape(lambda: model_class(spec)(spec, rngs=nnx.Rngs(0), **kwargs))
 
 
 def build_model(
@@ -266,7 +288,7 @@ def init_model(
 
     @jax.jit
     def create():
-        model = CausalLM(spec, rngs=nnx.Rngs(seed), param_dtype=param_dtype, **model_kwargs)
+        model = model_class(spec)(spec, rngs=nnx.Rngs(seed), param_dtype=param_dtype, **model_kwargs)
         return nnx.state(model)
 
     with jax.set_mesh(mesh):
@@ -283,7 +305,7 @@ def from_pretrained(
     remat: bool = False,
     attention_implementation: str = "auto",
 ) -> CausalLM:
-    """Load a Hugging Face causal LM as a jaxsft model.
+    """Load a Hugging Face causal LM (or a T5 / BART encoder-decoder, as a ``Seq2SeqLM``) as a jaxsft model.
 
     ``source`` is a local folder (config.json with model.safetensors or a sharded
     index; fp32, bf16 or fp16) or a ``transformers`` PreTrainedModel (converted in
@@ -293,7 +315,7 @@ def from_pretrained(
     """
     if _is_torch_model(source):
         config = source.config
-        ModelSpec.from_hf_config(config)  # fail on the family before copying weights
+        spec_from_hf_config(config)  # fail on the family before copying weights
         tensors = _torch_state_dict(source)
     elif isinstance(source, (str, os.PathLike)):
         folder = Path(source)
@@ -303,14 +325,14 @@ def from_pretrained(
                 "(jaxsft never downloads) or a transformers model instance."
             )
         config = _read_config(folder)
-        spec = ModelSpec.from_hf_config(config)  # fail on the family before reading weights
+        spec = spec_from_hf_config(config)  # fail on the family before reading weights
         tensors = _read_safetensors(_safetensors_files(folder))
     else:
         raise TypeError(
             f"from_pretrained: source must be a local folder path or a transformers PreTrainedModel, got "
             f"{type(source).__name__}."
         )
-    spec = ModelSpec.from_hf_config(config)
+    spec = spec_from_hf_config(config)
     param_dtype = jnp.dtype(param_dtype or jnp.float32)
     params = import_params(spec, tensors)
     return build_model(
@@ -356,7 +378,7 @@ def save_pretrained(
     max_shard_size: Union[int, str] = "5GB",
     dtype: Any = None,
 ) -> Path:
-    """Write a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads as is.
+    """Write a folder that ``transformers.AutoModelForCausalLM`` (``AutoModelForSeq2SeqLM`` for T5/BART) loads as is.
 
     Weights are written in ``dtype`` (default: the model's parameter dtype), one
     safetensors file below ``max_shard_size`` or shards with an index above it.
