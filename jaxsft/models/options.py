@@ -64,12 +64,10 @@ def with_options(model: Any, options: RunOptions) -> Any:
     """
     from flax import nnx
 
-    from jaxsft.models.decoder import CausalLM
-
     if RunOptions.of(model) == options:
         return nnx.merge(*nnx.split(model))
     abstract = nnx.eval_shape(
-        lambda: CausalLM(
+        lambda: type(model)(  # CausalLM or Seq2SeqLM: both take the same option keywords
             model.spec, param_dtype=model.param_dtype, hf_config_json=model.hf_config_json, rngs=nnx.Rngs(0),
             **options.as_kwargs(),
         )

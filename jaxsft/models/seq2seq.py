@@ -24,10 +24,10 @@ from flax import nnx
 
 from jaxsft.models import layers as L
 from jaxsft.models.embedding import embedding_lookup
+from jaxsft.models.options import REMAT_POLICIES, RunOptions
 from jaxsft.models.seq2seq_spec import Seq2SeqSpec
 from jaxsft.sharding import constrain
 
-_REMAT = jax.checkpoint_policies.nothing_saveable
 _MASKED = float(np.finfo(np.float32).min)
 
 
@@ -278,15 +278,17 @@ class Seq2SeqLM(nnx.Module):
         remat: bool = False,
         remat_policy: str = "nothing_saveable",
         attention_implementation: str = "auto",
+        scan_layers: bool = True,
         hf_config_json: Optional[str] = None,
     ):
+        RunOptions(dtype, remat, remat_policy, attention_implementation, scan_layers)  # validates the knobs
         self.spec = spec
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
         self.remat = remat
         self.remat_policy = remat_policy
         self.attention_implementation = attention_implementation  # kept for API parity; attention is XLA here
-        self.scan_layers = True
+        self.scan_layers = scan_layers
         self.hf_config_json = hf_config_json
         for name, (shape, axes, kind) in top_level_shapes(spec).items():
             setattr(self, name, nnx.Param(_init(kind, rngs.params(), shape, spec.initializer_range, param_dtype),
@@ -449,7 +451,7 @@ class Seq2SeqLM(nnx.Module):
         keys = None if dropout_key is None else jax.random.split(dropout_key, count)
         body = layer
         if self.remat:
-            body = jax.checkpoint(layer, policy=_REMAT)
+            body = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat_policy])
         if not self.scan_layers:
             for i in range(count):
                 h = body(h, ({k: v[i] for k, v in params.items()}, None if keys is None else keys[i]))[0]
