@@ -1,11 +1,15 @@
 """jaxsft: TRL's IterativeSFTTrainer in JAX/Flax NNX, for generate → filter → train loops at scale."""
 
 from jaxsft.config import TrainConfig
-from jaxsft.models import CausalLM, ModelSpec, Seq2SeqLM, Seq2SeqSpec, from_pretrained, init_model, save_pretrained
+from jaxsft.models import (
+    CausalLM, LoraConfig, ModelSpec, Seq2SeqLM, Seq2SeqSpec, add_lora, from_pretrained, init_model, load_adapter,
+    save_adapter, save_pretrained,
+)
 from jaxsft.sharding import make_mesh, single_device_mesh
 
 __all__ = [
     "TrainConfig", "CausalLM", "ModelSpec", "Seq2SeqLM", "Seq2SeqSpec", "from_pretrained", "init_model", "save_pretrained",
+    "LoraConfig", "add_lora", "save_adapter", "load_adapter",
     "make_mesh", "single_device_mesh", "IterativeSFTTrainer", "generate", "distributed",
     "checkpoint", "diagnostics",
 ]

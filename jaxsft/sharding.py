@@ -29,6 +29,7 @@ LOGICAL_AXIS_RULES: dict[Optional[str], Optional[str]] = {
     "mlp": "tensor",  # MLP width: tensor parallel
     "norm": None,  # norm scales and output biases are small: replicated
     "rel_buckets": None,  # T5 relative-position bias tables [buckets, heads]: heads follow q_heads
+    "lora_rank": None,  # LoRA adapters' rank dimension: tiny, replicated (their other dims follow the base weight's)
     None: None,
 }
 

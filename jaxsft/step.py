@@ -4,6 +4,10 @@ Each takes the model's graph definition as a closure constant and works on plain
 pytrees (params, optimizer state, batch arrays), so the trainer can compile them
 ahead of time per batch shape, donate params and optimizer state, and count the
 programs it owns.
+
+``params`` is what trains. ``frozen`` (a tuple of states, empty for full fine-tuning) holds
+weights that take part in the forward pass but get no gradient, no optimizer state and are
+never donated: a LoRA model's base weights.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ def make_loss_fn(
     chunked loss keeps per-shard partial sums so it communicates once.
     """
 
-    def loss_fn(params, batch: Batch):
-        model = nnx.merge(graphdef, params)
+    def loss_fn(params, batch: Batch, frozen=()):
+        model = nnx.merge(graphdef, params, *frozen)
         # Micro-batches are right-padded, so causal attention alone isolates padding.
-        hidden = model.hidden_states(batch["input_ids"])
+        hidden = model.hidden_states(batch["input_ids"], dropout_rng=batch.get("dropout_rng"))
         return causal_lm_loss(
             hidden,
             model.unembedding(),
@@ -49,8 +53,8 @@ def make_loss_fn(
 def _sum_grads(loss_fn):
     """Gradient of the token-loss SUM; normalisation by the update's token count comes later."""
 
-    def grads_of(params, batch):
-        (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    def grads_of(params, batch, frozen=()):
+        (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, frozen)
         return grads, loss_sum, count
 
     return grads_of
@@ -88,8 +92,8 @@ def make_fused_update(graphdef, tx, schedule, chunk_size, num_shards=1, skip_non
     """One micro-batch per update (gradient_accumulation_steps == 1): grads and optimizer in one program."""
     grads_of = _sum_grads(make_loss_fn(graphdef, chunk_size, num_shards))
 
-    def fused(params, opt_state, batch, step_count):
-        grads, loss_sum, count = grads_of(params, batch)
+    def fused(params, opt_state, batch, step_count, frozen=()):
+        grads, loss_sum, count = grads_of(params, batch, frozen)
         return _apply(tx, schedule, params, opt_state, grads, loss_sum, count, step_count, skip_nonfinite)
 
     return fused
@@ -99,8 +103,8 @@ def make_accumulate(graphdef, chunk_size, num_shards=1):
     """Adds one micro-batch's gradient sum into the running sums (donated)."""
     grads_of = _sum_grads(make_loss_fn(graphdef, chunk_size, num_shards))
 
-    def accumulate(params, acc, batch):
-        grads, loss_sum, count = grads_of(params, batch)
+    def accumulate(params, acc, batch, frozen=()):
+        grads, loss_sum, count = grads_of(params, batch, frozen)
         acc_grads, acc_loss, acc_count = acc
         acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
         return acc_grads, acc_loss + loss_sum, acc_count + count
@@ -128,7 +132,7 @@ def make_apply(tx, schedule, skip_nonfinite=False):
 def make_eval(graphdef, chunk_size, num_shards=1):
     loss_fn = make_loss_fn(graphdef, chunk_size, num_shards)
 
-    def evaluate(params, batch):
-        return loss_fn(params, batch)
+    def evaluate(params, batch, frozen=()):
+        return loss_fn(params, batch, frozen)
 
     return evaluate

@@ -26,6 +26,7 @@ from jaxsft import checkpoint as checkpointing
 from jaxsft import sharding as shd
 from jaxsft import step as step_fns
 from jaxsft.config import TrainConfig
+from jaxsft.models import lora as lora_lib
 from jaxsft.models.decoder import CausalLM
 from jaxsft.models.options import RunOptions, with_options
 from jaxsft.optim import make_optimizer, make_schedule
@@ -109,8 +110,14 @@ class IterativeSFTTrainer:
         # the caller's model keeps its own options).
         self.run_options = config.run_options(RunOptions.of(model), fsdp=self.mesh.shape["fsdp"])
         self.scan_layers = self.run_options.scan_layers
-        self._graphdef, params = nnx.split(with_options(model, self.run_options))
+        view = with_options(model, self.run_options)
+        if lora_lib.lora_setup(model) is None:
+            self._graphdef, params = nnx.split(view)
+            frozen: tuple = ()
+        else:  # LoRA: only the adapters train; the base weights are frozen program inputs, never donated
+            self._graphdef, params, *frozen = nnx.split(view, lora_lib.LoraParam, ...)
         self._params = shd.place_state(params, self.mesh)
+        self._frozen = tuple(shd.place_state(f, self.mesh) for f in frozen)
 
         if optimizer is None:
             schedule = make_schedule(config)
@@ -136,11 +143,17 @@ class IterativeSFTTrainer:
 
         Re-read it after each ``step()``: the previous arrays are donated to the update.
         """
-        return nnx.merge(self._graphdef, self._params)
+        return nnx.merge(self._graphdef, self._params, *self._frozen)
 
     @property
     def params(self) -> nnx.State:
+        """The trained parameters: every weight, or only the adapters of a LoRA model."""
         return self._params
+
+    @property
+    def frozen_params(self) -> tuple[nnx.State, ...]:
+        """Weights used but never trained (a LoRA model's base); empty for full fine-tuning."""
+        return self._frozen
 
     @property
     def params_version(self) -> int:
@@ -279,9 +292,9 @@ class IterativeSFTTrainer:
         microbatches = distributed.agree_on_microbatches(microbatches, self.eval_rows // jax.process_count())
         sums = []
         for mb in microbatches:
-            batch = self._device_batch(mb)
+            batch = self._device_batch(mb, train=False)
             program = self._program("eval", batch, lambda: self._compile_eval(batch))
-            sums.append(program(self._params, batch))
+            sums.append(program(self._params, batch, self._frozen))
         sums = jax.device_get(sums)
         loss_sum = sum(float(s) for s, _ in sums)
         count = sum(float(c) for _, c in sums)
@@ -350,11 +363,17 @@ class IterativeSFTTrainer:
         return examples
 
     # ------------------------------------------------------------------ programs
-    def _device_batch(self, mb) -> dict[str, jax.Array]:
-        return {
+    def _device_batch(self, mb, train: bool = True) -> dict[str, jax.Array]:
+        batch = {
             "input_ids": shd.place_batch(mb.input_ids, self.mesh),
             "labels": shd.place_batch(mb.labels, self.mesh),
         }
+        setup = lora_lib.lora_setup(self._user_model)
+        if train and setup is not None and setup.config.lora_dropout > 0:
+            # Drawn from the checkpointed shuffling RNG, so a resumed run drops the same activations.
+            seed = int(self._rng.integers(0, 2**31 - 1))
+            batch["dropout_rng"] = jax.device_put(jax.random.PRNGKey(seed), shd.replicated(self.mesh))
+        return batch
 
     def _program(self, kind: str, batch: dict, build: Callable[[], Any]):
         key = (kind, tuple(batch["input_ids"].shape)) if batch is not None else (kind,)
@@ -380,7 +399,7 @@ class IterativeSFTTrainer:
         if len(update) == 1 and self.config.gradient_accumulation_steps == 1:
             batch = self._device_batch(update[0])
             program = self._program("fused", batch, lambda: self._compile_fused(batch, step_count))
-            self._params, self._opt_state, metrics = program(self._params, self._opt_state, batch, step_count)
+            self._params, self._opt_state, metrics = program(self._params, self._opt_state, batch, step_count, self._frozen)
             return metrics
         params_sh, opt_sh = self._shardings()
         rep = shd.replicated(self.mesh)
@@ -395,12 +414,12 @@ class IterativeSFTTrainer:
                 batch,
                 lambda: self._compile(
                     step_fns.make_accumulate(self._graphdef, self._chunk_size, self._shards),
-                    (self._params, acc, batch),
+                    (self._params, acc, batch, self._frozen),
                     donate=(1,),
                     out_shardings=(params_sh, rep, rep),
                 ),
             )
-            acc = program(self._params, acc, batch)
+            acc = program(self._params, acc, batch, self._frozen)
         apply = self._program(
             "apply",
             None,
@@ -422,7 +441,7 @@ class IterativeSFTTrainer:
                 self._graphdef, self._tx, self._schedule, self._chunk_size, self._shards,
                 self.config.skip_nonfinite_updates,
             ),
-            (self._params, self._opt_state, batch, step_count),
+            (self._params, self._opt_state, batch, step_count, self._frozen),
             donate=(0, 1),
             out_shardings=(params_sh, opt_sh, shd.replicated(self.mesh)),
         )
@@ -430,7 +449,8 @@ class IterativeSFTTrainer:
     def _compile_eval(self, batch):
         rep = shd.replicated(self.mesh)
         return self._compile(
-            step_fns.make_eval(self._graphdef, self._chunk_size, self._shards), (self._params, batch), donate=(), out_shardings=(rep, rep)
+            step_fns.make_eval(self._graphdef, self._chunk_size, self._shards), (self._params, batch, self._frozen), donate=(),
+            out_shardings=(rep, rep),
         )
 
     # ------------------------------------------------------------------ logging

@@ -4,10 +4,13 @@ from jaxsft.models.decoder import CausalLM, KVCache
 from jaxsft.models.hf_io import CheckpointError, from_pretrained, hf_state_dict, init_model, save_pretrained
 from jaxsft.models.seq2seq import Seq2SeqCache, Seq2SeqLM
 from jaxsft.models.seq2seq_spec import SEQ2SEQ_MODEL_TYPES, Seq2SeqSpec
+from jaxsft.models.lora import LoraConfig, add_lora
+from jaxsft.models.peft_io import AdapterError, load_adapter, save_adapter
 from jaxsft.models.spec import SUPPORTED_MODEL_TYPES, ModelSpec, UnsupportedModelError
 
 __all__ = [
     "CausalLM", "KVCache", "CheckpointError", "from_pretrained", "hf_state_dict", "init_model",
     "save_pretrained", "SUPPORTED_MODEL_TYPES", "ModelSpec", "UnsupportedModelError",
     "Seq2SeqLM", "Seq2SeqCache", "Seq2SeqSpec", "SEQ2SEQ_MODEL_TYPES",
+    "LoraConfig", "add_lora", "AdapterError", "load_adapter", "save_adapter",
 ]

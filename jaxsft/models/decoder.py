@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsft.models import layers as L
+from jaxsft.models import lora as lora_lib
 from jaxsft.models.embedding import embedding_lookup
 from jaxsft.models.options import REMAT_POLICIES, RunOptions
 from jaxsft.sharding import constrain
@@ -106,6 +107,7 @@ class CausalLM(nnx.Module):
         attention_implementation: str = "auto",
         scan_layers: bool = True,
         hf_config_json: Optional[str] = None,
+        lora: Optional["lora_lib.LoraSetup"] = None,
     ):
         RunOptions(dtype, remat, remat_policy, attention_implementation, scan_layers)  # validates the knobs
         self.spec = spec
@@ -134,6 +136,9 @@ class CausalLM(nnx.Module):
             self.lm_head = nnx.Param(
                 _init("normal", rngs.params(), (spec.vocab_size, h), std, param_dtype), logical_axes=("vocab", "embed")
             )
+        if lora is not None:  # structure only (zeros): adapters get their values from lora.add_lora / attach
+            self.lora = lora
+            self.lora_layers = lora_lib.LoraLayers.zeros(spec, lora)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -170,6 +175,7 @@ class CausalLM(nnx.Module):
         input_ids: jax.Array,
         attention_mask: Optional[jax.Array] = None,
         positions: Optional[jax.Array] = None,
+        dropout_rng: Optional[jax.Array] = None,
     ) -> jax.Array:
         """Final-norm hidden states [B, T, H].
 
@@ -177,6 +183,7 @@ class CausalLM(nnx.Module):
         (causal attention alone keeps real tokens from seeing padding), which lets
         the GPU use cuDNN flash attention. With a mask (left padding, holes),
         positions count real tokens only and padded keys are masked out.
+        ``dropout_rng`` (training only) drives LoRA dropout; without it there is none.
         """
         input_ids = jnp.asarray(input_ids)
         batch, length = input_ids.shape
@@ -191,7 +198,7 @@ class CausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         h = self._embed(input_ids, positions)
-        h, _ = self._run_layers(h, positions, mask=mask, causal=True, cache=None, write_index=None)
+        h, _ = self._run_layers(h, positions, mask=mask, causal=True, cache=None, write_index=None, dropout_rng=dropout_rng)
         return self._final_norm(h)
 
     def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
@@ -245,15 +252,18 @@ class CausalLM(nnx.Module):
             return L.layer_norm(h, self.final_norm_scale[...], self.final_norm_bias[...], self.spec.norm_eps)
         return L.rms_norm(h, self.final_norm_scale[...], self.spec.norm_eps)
 
-    def _run_layers(self, h, positions, *, mask, causal, cache: Optional[KVCache], write_index):
+    def _run_layers(self, h, positions, *, mask, causal, cache: Optional[KVCache], write_index, dropout_rng=None):
         spec, dtype = self.spec, self.dtype
         impl = L.resolve_attention_implementation(self.attention_implementation, dtype)
         rope = L.rope_cos_sin(spec, positions, dtype) if spec.position == "rope" else None
         params = {k: v.astype(dtype) for k, v in self.layers.arrays().items()}
+        params.update(lora_lib.layer_inputs(self, dtype, dropout_rng))  # adapters ride with their layer
+        lora = lora_lib.lora_setup(self)
 
         def block(h, p, layer_cache):
             out, new_kv = _decoder_block(
-                spec, h, p, rope, mask=mask, causal=causal, impl=impl, layer_cache=layer_cache, write_index=write_index
+                spec, h, p, rope, mask=mask, causal=causal, impl=impl, layer_cache=layer_cache, write_index=write_index,
+                lora=lora,
             )
             return out, new_kv
 
@@ -288,16 +298,19 @@ class CausalLM(nnx.Module):
         return h, KVCache(k, v)
 
 
-def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cache, write_index):
-    """One pre-norm transformer block; returns (h, (k_cache, v_cache) or None)."""
+def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cache, write_index, lora=None):
+    """One pre-norm transformer block; returns (h, (k_cache, v_cache) or None).
+
+    ``lora`` (a static LoraSetup) adds each adapted projection's ``x @ A @ B`` term (lora.adapted).
+    """
     h = constrain(h, ("batch", None, None))
     if spec.norm == "layer":
         x = L.layer_norm(h, p["attn_norm_scale"], p["attn_norm_bias"], spec.norm_eps)
     else:
         x = L.rms_norm(h, p["attn_norm_scale"], spec.norm_eps)
-    q = jnp.einsum("bth,hnd->btnd", x, p["q_proj"])
-    k = jnp.einsum("bth,hnd->btnd", x, p["k_proj"])
-    v = jnp.einsum("bth,hnd->btnd", x, p["v_proj"])
+    q = lora_lib.adapted(jnp.einsum("bth,hnd->btnd", x, p["q_proj"]), x, p, "q_proj", lora)
+    k = lora_lib.adapted(jnp.einsum("bth,hnd->btnd", x, p["k_proj"]), x, p, "k_proj", lora)
+    v = lora_lib.adapted(jnp.einsum("bth,hnd->btnd", x, p["v_proj"]), x, p, "v_proj", lora)
     if spec.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     q = constrain(q, ("batch", None, "q_heads", None))
@@ -317,7 +330,7 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
         new_kv = (k_cache, v_cache)
         k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
     attn = L.attention(q, k, v, mask=mask, causal=causal, sliding_window=spec.sliding_window, implementation=impl)
-    o = jnp.einsum("btnd,ndh->bth", attn, p["o_proj"])
+    o = lora_lib.adapted(jnp.einsum("btnd,ndh->bth", attn, p["o_proj"]), attn, p, "o_proj", lora)
     if spec.o_bias:
         o = o + p["o_bias"]
     h = h + o
@@ -325,18 +338,18 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
         x = L.layer_norm(h, p["mlp_norm_scale"], p["mlp_norm_bias"], spec.norm_eps)
     else:
         x = L.rms_norm(h, p["mlp_norm_scale"], spec.norm_eps)
-    up = x @ p["up_proj"]
+    up = lora_lib.adapted(x @ p["up_proj"], x, p, "up_proj", lora)
     if spec.mlp_bias:
         up = up + p["up_bias"]
     if spec.mlp == "gated":
-        gate = x @ p["gate_proj"]
+        gate = lora_lib.adapted(x @ p["gate_proj"], x, p, "gate_proj", lora)
         if spec.mlp_bias:
             gate = gate + p["gate_bias"]
         inner = L.activation(spec.activation, gate) * up
     else:
         inner = L.activation(spec.activation, up)
     inner = constrain(inner, ("batch", None, "mlp"))
-    down = inner @ p["down_proj"]
+    down = lora_lib.adapted(inner @ p["down_proj"], inner, p, "down_proj", lora)
     if spec.mlp_bias:
         down = down + p["down_bias"]
     return h + down, new_kv

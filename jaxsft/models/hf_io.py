@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxsft import sharding as shd
+from jaxsft.models import lora as lora_lib
 from jaxsft.models.decoder import CausalLM, layer_param_shapes
 from jaxsft.models.hf_keys import is_ignorable, normalise_key, rules_for
 from jaxsft.models import seq2seq_weights
@@ -225,8 +226,16 @@ def model_params_to_numpy(model: CausalLM) -> dict[str, Any]:
 
 
 def hf_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
-    """HF-named numpy weights of a jaxsft model (what ``save_pretrained`` writes)."""
-    return export_params(model.spec, model_params_to_numpy(model))
+    """HF-named numpy weights of a jaxsft model (what ``save_pretrained`` writes).
+
+    A LoRA model's adapters are merged in (``W + scale * A @ B``), as PEFT's ``merge_and_unload`` does.
+    """
+    params = model_params_to_numpy(model)
+    setup = lora_lib.lora_setup(model)
+    if setup is not None:
+        adapters = {k: np.asarray(v, np.float32) for k, v in params.pop("lora_layers").items()}
+        params["layers"] = lora_lib.merged_layer_weights(setup, params["layers"], adapters)
+    return export_params(model.spec, params)
 
 
 # ---------------------------------------------------------------------------- building
@@ -304,16 +313,27 @@ def from_pretrained(
     mesh=None,
     remat: bool = False,
     attention_implementation: str = "auto",
+    adapter: Optional[PathLike] = None,
 ) -> CausalLM:
     """Load a Hugging Face causal LM (or a T5 / BART encoder-decoder, as a ``Seq2SeqLM``) as a jaxsft model.
 
     ``source`` is a local folder (config.json with model.safetensors or a sharded
-    index; fp32, bf16 or fp16) or a ``transformers`` PreTrainedModel (converted in
-    memory). ``param_dtype`` (default fp32) is the stored precision, ``dtype`` the
-    compute precision (default: ``param_dtype``). ``mesh`` defaults to all devices
-    on the data axis.
+    index; fp32, bf16 or fp16), a ``transformers`` PreTrainedModel (converted in
+    memory) or a ``peft.PeftModel`` with one LoRA adapter (base and adapter both
+    converted). ``param_dtype`` (default fp32) is the stored precision, ``dtype`` the
+    compute precision (default: ``param_dtype``); LoRA adapters are always fp32.
+    ``mesh`` defaults to all devices on the data axis. ``adapter``: a PEFT LoRA
+    folder to attach to the base, to continue training it.
     """
-    if _is_torch_model(source):
+    from jaxsft.models import peft_io
+
+    peft_parts = None
+    if peft_io.is_peft_model(source):
+        if adapter is not None:
+            raise ValueError("from_pretrained: source is a PeftModel, which has its adapter; leave adapter=None.")
+        config, tensors, *peft_parts = peft_io.split_peft_model(source)
+        ModelSpec.from_hf_config(config)
+    elif _is_torch_model(source):
         config = source.config
         spec_from_hf_config(config)  # fail on the family before copying weights
         tensors = _torch_state_dict(source)
@@ -329,13 +349,17 @@ def from_pretrained(
         tensors = _read_safetensors(_safetensors_files(folder))
     else:
         raise TypeError(
-            f"from_pretrained: source must be a local folder path or a transformers PreTrainedModel, got "
-            f"{type(source).__name__}."
+            f"from_pretrained: source must be a local folder path, a transformers PreTrainedModel or a "
+            f"peft.PeftModel, got {type(source).__name__}."
+        )
+    if adapter is not None and not (Path(adapter) / peft_io.CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"from_pretrained: adapter={str(adapter)!r} has no {peft_io.CONFIG_FILE}; pass a PEFT LoRA adapter folder."
         )
     spec = spec_from_hf_config(config)
     param_dtype = jnp.dtype(param_dtype or jnp.float32)
     params = import_params(spec, tensors)
-    return build_model(
+    model = build_model(
         spec,
         params,
         mesh=mesh,
@@ -345,6 +369,11 @@ def from_pretrained(
         attention_implementation=attention_implementation,
         hf_config_json=_plain_config_json(config),
     )
+    if peft_parts is not None:
+        peft_io.attach_peft(model, *peft_parts)
+    elif adapter is not None:
+        peft_io.load_adapter(model, adapter)
+    return model
 
 
 def _plain_config_json(config: Any) -> str:

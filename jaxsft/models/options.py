@@ -69,8 +69,14 @@ def with_options(model: Any, options: RunOptions) -> Any:
     abstract = nnx.eval_shape(
         lambda: type(model)(  # CausalLM or Seq2SeqLM: both take the same option keywords
             model.spec, param_dtype=model.param_dtype, hf_config_json=model.hf_config_json, rngs=nnx.Rngs(0),
-            **options.as_kwargs(),
+            **options.as_kwargs(), **_adapter_kwargs(model),
         )
     )
     graphdef, _ = nnx.split(abstract)
     return nnx.merge(graphdef, nnx.state(model))
+
+
+def _adapter_kwargs(model: Any) -> dict[str, Any]:
+    """A LoRA model's adapter structure (jaxsft.models.lora) travels into the view with its arrays."""
+    setup = getattr(model, "lora", None)
+    return {} if setup is None else {"lora": setup}
