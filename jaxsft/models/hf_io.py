@@ -349,8 +349,8 @@ def from_pretrained(
         tensors = _read_safetensors(_safetensors_files(folder))
     else:
         raise TypeError(
-            f"from_pretrained: source must be a local folder path, a transformers PreTrainedModel or a "
-            f"peft.PeftModel, got {type(source).__name__}."
+            f"from_pretrained: source must be a local folder path or a transformers PreTrainedModel (or a "
+            f"peft.PeftModel with a LoRA adapter), got {type(source).__name__}."
         )
     if adapter is not None and not (Path(adapter) / peft_io.CONFIG_FILE).is_file():
         raise FileNotFoundError(
