@@ -159,7 +159,9 @@ def test_only_adapters_train_hold_state_and_are_donated():
     assert lora_layers["lora_b_q_proj"].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
     assert lora_layers["lora_a_down_proj"].sharding.spec == jax.sharding.PartitionSpec(None, "tensor", None)
 
-    cfg = jaxsft.TrainConfig(learning_rate=1e-2, per_device_train_batch_size=1, max_length=32, disable_tqdm=True, max_steps=5)
+    cfg = jaxsft.TrainConfig(
+        learning_rate=1e-2, per_device_train_batch_size=1, max_length=32, disable_tqdm=True, max_steps=5, bf16=True
+    )  # bf16 compute: the trainer's view is rebuilt under other options and must keep the adapters
     trainer = jaxsft.IterativeSFTTrainer(model, cfg, mesh=mesh)
     adapter_sizes = sorted(int(np.prod(v.shape)) for v in lora_layers.values())
     moments = [x for x in jax.tree.leaves(trainer._opt_state) if x.ndim > 0]
