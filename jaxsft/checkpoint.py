@@ -1,102 +1,233 @@
-"""Atomic checkpoints of the whole trainer state, and resuming from them.
+"""Atomic checkpoints of the whole trainer state, on orbax's ``CheckpointManager``.
 
-A checkpoint is a folder ``checkpoint-<global_step>`` holding the parameters and optimizer state
-(``arrays/``, written by orbax, shard by shard from every process, so nothing is gathered onto
-one host) and ``trainer_state.json`` (step counters, log history, the shuffling RNG, the model's
-architecture). It is written under a temporary name and renamed into place only when every part
-is on disk, so a crash mid-save leaves the previous checkpoint as the newest complete one.
-Non-finite weights or optimizer moments are refused before anything is written: a poisoned state
-never replaces a good checkpoint.
+A checkpoint is a folder ``checkpoint-<global_step>`` holding two orbax items: ``arrays``
+(parameters and optimizer state, written shard by shard from every process, so nothing is
+gathered onto one host) and ``trainer_state`` (JSON: step counters, log history, the shuffling
+RNG, the model's architecture and one checksum per array). orbax writes it under a temporary
+name and renames it into place once every part is on disk (its atomic commit), so a crash
+mid-save leaves the previous checkpoint as the newest complete one; the temporary folders of
+failed saves are removed at the next save. ``keep_last`` (``save_total_limit``) keeps the newest
+k. Non-finite weights or optimizer moments are refused before anything is written.
 
-Resuming restores everything ``step()`` depends on, so a run that saves, stops and resumes takes
-the same updates, in the same order, as one that never stopped.
+Re-saving a step that is already on disk writes the new checkpoint beside it first and then
+swaps the two, so at every instant one complete checkpoint of that step can be found
+(:func:`latest_checkpoint` also recognises the ``.previous`` name the old one holds for a moment).
+
+Restore reads and checks everything (JSON fields, architecture, shapes, dtypes, checksums,
+finiteness) before it calls the trainer's ``load_state_dict``: all or nothing.
+
+This module knows the trainer only through the :class:`Checkpointable` protocol
+(``state_dict`` / ``load_state_dict`` and a few public attributes), so it imports no trainer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
 import shutil
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-if TYPE_CHECKING:  # pragma: no cover
-    from jaxsft.trainer import IterativeSFTTrainer
-
-FORMAT = "jaxsft-trainer-checkpoint/1"
-STATE_FILE = "trainer_state.json"
-ARRAYS_DIR = "arrays"
+FORMAT = "jaxsft-trainer-checkpoint/2"
+ARRAYS_ITEM = "arrays"
+STATE_ITEM = "trainer_state"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_PREVIOUS = re.compile(r"^checkpoint-(\d+)\.previous$")
+_RESAVE_PREFIX = ".jaxsft-resave-"
+_TMP_MARK = ".orbax-checkpoint-tmp"
+HOST_FIELDS = ("global_step", "rng", "counters", "log_history")
+
+
+class Checkpointable(Protocol):
+    """What a checkpoint needs from a trainer (``jaxsft.IterativeSFTTrainer`` is one)."""
+
+    spec: Any
+    config: Any
+    mesh: jax.sharding.Mesh
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any], *, copy: bool = True) -> None: ...
 
 
 def checkpoint_path(directory: str, global_step: int) -> str:
     return os.path.join(directory, f"checkpoint-{global_step}")
 
 
-def latest_checkpoint(directory: str) -> Optional[str]:
-    """The complete checkpoint with the highest step in ``directory``, or None (temporary folders never count)."""
+def _state_file(path: str) -> str:
+    return os.path.join(path, STATE_ITEM, "metadata")
+
+
+def _is_complete(path: str) -> bool:
+    return os.path.isfile(_state_file(path)) and os.path.isdir(os.path.join(path, ARRAYS_ITEM))
+
+
+def list_checkpoints(directory: str) -> dict[int, str]:
+    """Complete checkpoints in ``directory`` by step (temporary and staging folders never count)."""
     if not os.path.isdir(directory):
-        return None
-    steps = [int(m.group(1)) for name in os.listdir(directory) if (m := _NAME.match(name))]
-    steps = [s for s in steps if os.path.isfile(os.path.join(checkpoint_path(directory, s), STATE_FILE))]
-    return checkpoint_path(directory, max(steps)) if steps else None
+        return {}
+    found: dict[int, str] = {}
+    names = os.listdir(directory)
+    for pattern in (_PREVIOUS, _NAME):  # a finished checkpoint-N wins over its .previous twin
+        for name in names:
+            m = pattern.match(name)
+            path = os.path.join(directory, name)
+            if m and _is_complete(path):
+                found[int(m.group(1))] = path
+    return found
 
 
-def save(trainer: "IterativeSFTTrainer", directory: str) -> str:
+def latest_checkpoint(directory: str) -> Optional[str]:
+    """The complete checkpoint with the highest step in ``directory``, or None."""
+    found = list_checkpoints(directory)
+    return found[max(found)] if found else None
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save(trainer: Checkpointable, directory: str, *, keep_last: Optional[int] = None) -> str:
     """Write ``trainer``'s whole state to ``directory/checkpoint-<global_step>`` atomically; returns that path.
 
-    Every process must call this (each writes its own shards); process 0 writes the JSON and renames.
-    An existing checkpoint of the same step is replaced only after the new one is complete.
+    Every process must call this (each writes its own shards; orbax coordinates the commit).
+    ``keep_last=k`` deletes all but the newest k checkpoints after a successful save.
+    An error from the file system (disk full included) is raised as ``OSError``.
     """
-    import orbax.checkpoint as ocp
-
-    _refuse_non_finite(trainer)
-    final = checkpoint_path(directory, trainer.state.global_step)
-    staging = os.path.join(directory, f".staging-checkpoint-{trainer.state.global_step}")
+    if keep_last is not None and (not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1):
+        raise ValueError(f"save_checkpoint: keep_last={keep_last!r} must be None or an integer >= 1.")
+    state = trainer.state_dict()
+    arrays = {"params": state["params"], "opt_state": state["opt_state"]}
+    named = _named_leaves(arrays)
+    _refuse_non_finite(named)
+    host = _host_json(trainer, state, named)
+    step = int(state["global_step"])
+    directory = os.path.abspath(directory)
+    final = checkpoint_path(directory, step)
     if jax.process_index() == 0:
         os.makedirs(directory, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)  # left by a save that crashed
-        os.makedirs(staging)
-    _barrier("jaxsft-checkpoint-staging")
-    arrays = {"params": nnx.to_pure_dict(trainer._params), "opt_state": trainer._opt_state}
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(os.path.join(staging, ARRAYS_DIR)), arrays)
-    checkpointer.wait_until_finished()
-    if jax.process_index() == 0:
-        with open(os.path.join(staging, STATE_FILE), "w") as f:
-            json.dump(_host_state(trainer), f, indent=1)
-        if os.path.exists(final):
-            retired = final + ".retired"
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(final, retired)
-            os.replace(staging, final)
-            shutil.rmtree(retired)
+        _clean_debris(directory)
+    _barrier("jaxsft-checkpoint-clean")
+    try:
+        if os.path.isdir(final) or os.path.isdir(final + ".previous"):
+            staging_root = os.path.join(directory, f"{_RESAVE_PREFIX}{step}")
+            _orbax_save(staging_root, step, arrays, host, None)
+            if jax.process_index() == 0:
+                _swap_in(checkpoint_path(staging_root, step), final)
+            _barrier("jaxsft-checkpoint-swap")
         else:
-            os.replace(staging, final)
+            _orbax_save(directory, step, arrays, host, keep_last)
+    except OSError:
+        raise
+    except Exception as err:  # orbax / tensorstore wrap file-system failures in other types
+        text = str(err)
+        if "No space left" in text or "ENOSPC" in text:
+            raise OSError(errno.ENOSPC, f"save_checkpoint: the disk is full while writing {final}: {text[:300]}") from err
+        if "Permission denied" in text or "Read-only file system" in text:
+            raise OSError(errno.EACCES, f"save_checkpoint: cannot write {final}: {text[:300]}") from err
+        raise
+    if keep_last is not None and jax.process_index() == 0:
+        for old_step, path in sorted(list_checkpoints(directory).items())[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
     _barrier("jaxsft-checkpoint-done")
     return final
 
 
-def restore(trainer: "IterativeSFTTrainer", path: str) -> None:
-    """Load a checkpoint written by :func:`save` into ``trainer`` (any mesh); every check runs before any change."""
+def _orbax_save(root: str, step: int, arrays: Any, host: dict, keep_last: Optional[int]) -> None:
     import orbax.checkpoint as ocp
 
-    state_file = os.path.join(path, STATE_FILE)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep_last,
+        step_name_format=_step_names(),
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,
+        save_root_metadata=False,
+        create=True,
+    )
+    with ocp.CheckpointManager(root, options=options, item_names=(ARRAYS_ITEM, STATE_ITEM)) as manager:
+        manager.save(
+            step,
+            args=ocp.args.Composite(**{ARRAYS_ITEM: ocp.args.StandardSave(arrays), STATE_ITEM: ocp.args.JsonSave(host)}),
+            force=True,
+        )
+        manager.wait_until_finished()
+
+
+def _swap_in(new: str, final: str) -> None:
+    """Replace ``final`` by ``new`` so that a complete checkpoint of this step exists at every instant."""
+    previous = final + ".previous"
+    if os.path.isdir(final):
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(final, previous)  # now only .previous holds the step: still found by latest_checkpoint
+    os.replace(new, final)
+    shutil.rmtree(previous, ignore_errors=True)
+    shutil.rmtree(os.path.dirname(new), ignore_errors=True)
+
+
+def _clean_debris(directory: str) -> None:
+    """Remove what failed or killed saves left: orbax temporaries, re-save staging, stale ``.previous``."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if _TMP_MARK in name or name.startswith(_RESAVE_PREFIX):
+            shutil.rmtree(path, ignore_errors=True)
+        elif (m := _PREVIOUS.match(name)) is not None:
+            final = checkpoint_path(directory, int(m.group(1)))
+            if _is_complete(final) or not _is_complete(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:  # killed between the two renames of a swap: put the old one back
+                os.replace(path, final)
+
+
+def _step_names():
+    """orbax names steps ``<prefix>_<n>``; HF (and our users' scripts) expect ``checkpoint-<n>``."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    class _Names(ocp.step.NameFormat):
+        def build_name(self, step: int) -> str:
+            return f"checkpoint-{step}"
+
+        def _metadata(self, path):
+            m = _NAME.match(path.name)
+            if m is None or not ocp.step.is_path_finalized(path):
+                return None
+            return ocp.step.Metadata(step=int(m.group(1)), path=path)
+
+        def find_all(self, base_path):
+            base = epath.Path(base_path)
+            if not base.is_dir():
+                return iter([])
+            return ocp.step.build_step_metadatas([p for p in base.iterdir() if _NAME.match(p.name)], self._metadata)
+
+        def find_step(self, base_path, step: int):
+            path = epath.Path(base_path) / self.build_name(step)
+            found = self._metadata(path) if path.exists() else None
+            if found is None:
+                raise ValueError(f"no finalized checkpoint-{step} under {base_path}")
+            return found
+
+    return _Names()
+
+
+# ---------------------------------------------------------------------------------------------- restore
+def read(trainer: Checkpointable, path: str) -> dict[str, Any]:
+    """Read and fully check the checkpoint at ``path``; returns a state dict for ``trainer.load_state_dict``.
+
+    Nothing of ``trainer`` is changed. Raises ``FileNotFoundError`` for a folder that is not a complete
+    checkpoint and ``ValueError`` (naming what is wrong) for anything that does not fit or does not verify.
+    """
+    import orbax.checkpoint as ocp
+
+    state_file = _state_file(path)
     if not os.path.isfile(state_file):
         raise FileNotFoundError(
-            f"restore_checkpoint: {path!r} is not a complete jaxsft checkpoint (no {STATE_FILE}); pass a "
+            f"restore_checkpoint: {path!r} is not a complete jaxsft checkpoint (no {STATE_ITEM}); pass a "
             "checkpoint-<step> folder written by save_checkpoint, e.g. jaxsft.checkpoint.latest_checkpoint(dir)."
         )
-    with open(state_file) as f:
-        saved = json.load(f)
-    if saved.get("format") != FORMAT:
-        raise ValueError(f"restore_checkpoint: {path!r} has format {saved.get('format')!r}, expected {FORMAT!r}.")
+    saved = _read_host_json(path, state_file)
     ours = _as_json(dataclasses.asdict(trainer.spec))
     if saved["model_spec"] != ours:
         diff = sorted(k for k in ours if saved["model_spec"].get(k) != ours[k])
@@ -104,52 +235,92 @@ def restore(trainer: "IterativeSFTTrainer", path: str) -> None:
             f"restore_checkpoint: {path!r} was saved from a different architecture (differs in {diff}); build the "
             "trainer from the same model family and shape before restoring."
         )
-    target = {
-        "params": nnx.to_pure_dict(_abstract(trainer._params)),
-        "opt_state": _abstract(trainer._opt_state),
-    }
-    try:
-        arrays = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, ARRAYS_DIR)), target)
-    except Exception as err:  # orbax: structure or shape mismatch (e.g. another optimizer)
+    current = trainer.state_dict()
+    target_tree = {"params": current["params"], "opt_state": current["opt_state"]}
+    target_named = _named_leaves(target_tree)
+    manifest = saved["arrays"]
+    mismatch = sorted(set(manifest) ^ {name for name, _ in target_named})
+    if not mismatch:
+        mismatch = [
+            name for name, leaf in target_named
+            if manifest[name]["shape"] != list(leaf.shape) or manifest[name]["dtype"] != str(leaf.dtype)
+        ]
+    if mismatch:
         raise ValueError(
             f"restore_checkpoint: the arrays in {path!r} do not fit this trainer's parameters and optimizer state "
-            f"({type(err).__name__}: {str(err)[:400]}); restore with the optimizer the checkpoint was trained with."
+            f"({len(mismatch)} differ in name, shape or dtype, first {mismatch[0]}); restore with the model and "
+            "optimizer the checkpoint was trained with."
+        )
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_tree)
+    try:
+        arrays = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), ARRAYS_ITEM), abstract)
+    except Exception as err:  # orbax: unreadable, truncated or structurally different files
+        raise ValueError(
+            f"restore_checkpoint: the arrays in {path!r} could not be read ({type(err).__name__}: {str(err)[:300]}); "
+            "the checkpoint is damaged or was written for another optimizer. Restore an older one."
         ) from None
-
-    # Nothing above changed the trainer; from here on it is assignment only.
-    params = trainer._params
-    nnx.replace_by_pure_dict(params, arrays["params"])
-    trainer._params = params
-    trainer._opt_state = arrays["opt_state"]
-    host = saved["trainer"]
-    trainer.state.global_step = int(host["global_step"])
-    trainer.state.log_history = list(host["log_history"])
-    trainer.state.num_input_tokens_seen = int(host["num_input_tokens_seen"])
-    trainer.state.total_label_tokens = int(host["total_label_tokens"])
-    trainer._rng.bit_generator.state = host["rng"]
-    trainer._last_logged_step = int(host["last_logged_step"])
-    trainer._loss_since_log = [float(x) for x in host["loss_since_log"]]
-    trainer._params_version += 1
-    nnx.update(trainer._user_model, trainer._params)
+    named = _named_leaves(arrays)
+    digests = _digests([leaf for _, leaf in named])
+    bad = [name for (name, _), digest in zip(named, digests) if manifest[name]["checksum"] != digest]
+    if bad:
+        raise ValueError(
+            f"restore_checkpoint: {len(bad)} arrays in {path!r} do not match the checksums written at save (first "
+            f"{bad[0]}); the files were changed or damaged after saving. Restore an older checkpoint."
+        )
+    _refuse_non_finite(named, what="restore_checkpoint", where=path)
+    return {"params": arrays["params"], "opt_state": arrays["opt_state"], **{k: saved["trainer"][k] for k in HOST_FIELDS}}
 
 
-# ---------------------------------------------------------------------------------------- helpers
-def _host_state(trainer: "IterativeSFTTrainer") -> dict[str, Any]:
+def restore(trainer: Checkpointable, path: str) -> None:
+    """Load a checkpoint written by :func:`save` into ``trainer`` (any mesh); all checks run before any change."""
+    trainer.load_state_dict(read(trainer, path), copy=False)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _host_json(trainer: Checkpointable, state: dict, named: list) -> dict[str, Any]:
+    digests = _digests([leaf for _, leaf in named])
     return {
         "format": FORMAT,
         "model_spec": _as_json(dataclasses.asdict(trainer.spec)),
         "config": _as_json(dataclasses.asdict(trainer.config)),
-        "mesh": dict(trainer.mesh.shape),
-        "trainer": {
-            "global_step": trainer.state.global_step,
-            "log_history": trainer.state.log_history,
-            "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
-            "total_label_tokens": trainer.state.total_label_tokens,
-            "rng": trainer._rng.bit_generator.state,
-            "last_logged_step": trainer._last_logged_step,
-            "loss_since_log": list(trainer._loss_since_log),
+        "mesh": {k: int(v) for k, v in trainer.mesh.shape.items()},
+        "trainer": {k: state[k] for k in HOST_FIELDS},
+        "arrays": {
+            name: {"shape": list(leaf.shape), "dtype": str(leaf.dtype), "checksum": digest}
+            for (name, leaf), digest in zip(named, digests)
         },
     }
+
+
+def _read_host_json(path: str, state_file: str) -> dict[str, Any]:
+    def broken(what: str) -> ValueError:
+        return ValueError(f"restore_checkpoint: {path!r} has a damaged {STATE_ITEM} ({what}); restore an older checkpoint.")
+
+    try:
+        with open(state_file) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise broken(f"not readable JSON: {err}") from None
+    if not isinstance(saved, dict):
+        raise broken("not a JSON object")
+    if saved.get("format") != FORMAT:
+        raise ValueError(f"restore_checkpoint: {path!r} has format {saved.get('format')!r}, expected {FORMAT!r}.")
+    for key, kind in (("model_spec", dict), ("trainer", dict), ("arrays", dict)):
+        if not isinstance(saved.get(key), kind):
+            raise broken(f"field {key!r} missing or not a {kind.__name__}")
+    host = saved["trainer"]
+    missing = [k for k in HOST_FIELDS if k not in host]
+    if missing:
+        raise broken(f"trainer fields {missing} missing")
+    for name, entry in saved["arrays"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list) and isinstance(entry.get("dtype"), str)
+                and isinstance(entry.get("checksum"), list)):
+            raise broken(f"array entry {name!r} lacks shape, dtype or checksum")
+    return saved
+
+
+def _named_leaves(tree: Any) -> list[tuple[str, jax.Array]]:
+    return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _as_json(value: Any) -> Any:
@@ -157,8 +328,30 @@ def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=repr))
 
 
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def _as_words(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words (16- and 8-bit types widened), for an order-free checksum."""
+    width = jnp.dtype(x.dtype).itemsize
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).reshape(-1)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _digest_arrays(leaves: list[jax.Array]) -> jax.Array:
+    """Two wrapping uint32 sums per array: plain and position-weighted. Integer sums are exact in any
+    reduction order, so the digest is the same on any mesh (a checkpoint resumes onto another one)."""
+    out = []
+    for x in leaves:
+        words = _as_words(x)
+        index = jnp.arange(words.shape[0], dtype=jnp.uint32)
+        mixed = (words ^ (index * jnp.uint32(0x9E3779B9))) * (index * jnp.uint32(2) + jnp.uint32(1))
+        out.append(jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(mixed, dtype=jnp.uint32)]))
+    return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
+
+
+def _digests(leaves: list[jax.Array]) -> list[list[int]]:
+    return [[int(a), int(b)] for a, b in np.asarray(jax.device_get(_digest_arrays(leaves)))]
 
 
 @jax.jit
@@ -166,21 +359,23 @@ def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]) if leaves else jnp.ones((0,), bool)
 
 
-def _refuse_non_finite(trainer: "IterativeSFTTrainer") -> None:
+def _refuse_non_finite(named: list, *, what: str = "save_checkpoint", where: str = "") -> None:
     """The NaN guard: raise, naming the first bad array, if any weight or optimizer value is NaN or inf."""
-    named = []
-    for prefix, tree in (("params", trainer._params), ("opt_state", trainer._opt_state)):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            if jnp.issubdtype(leaf.dtype, jnp.inexact):
-                named.append((prefix + jax.tree_util.keystr(path), leaf))
-    flags = np.asarray(jax.device_get(_finite_flags([leaf for _, leaf in named])))
-    bad = [name for (name, _), ok in zip(named, flags) if not ok]
-    if bad:
+    floats = [(name, leaf) for name, leaf in named if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    flags = np.asarray(jax.device_get(_finite_flags([leaf for _, leaf in floats])))
+    bad = [name for (name, _), ok in zip(floats, flags) if not ok]
+    if not bad:
+        return
+    if what == "save_checkpoint":
         raise FloatingPointError(
             f"save_checkpoint: refusing to save a non-finite state ({len(bad)} arrays hold NaN or inf, first "
             f"{bad[0]}); the checkpoints already on disk are untouched. Restore the latest one "
             "(jaxsft.checkpoint.latest_checkpoint) and lower the learning rate or enable clipping."
         )
+    raise ValueError(
+        f"{what}: {where!r} holds non-finite values ({len(bad)} arrays, first {bad[0]}); the trainer was left as it "
+        "was. Restore an older checkpoint."
+    )
 
 
 def _barrier(name: str) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Optional, Sequence
 
 import jax.numpy as jnp
@@ -45,6 +46,36 @@ __all__ = [
 
 def _bad(obj: Any, field: str, problem: str, fix: str) -> ValueError:
     return ValueError(f"TrainConfig.{field}={getattr(obj, field)!r}: {problem}; {fix}.")
+
+
+class ConfigTypeError(TypeError, ValueError):
+    """A TrainConfig field of the wrong type. A ValueError too: a bad value is a bad value, whatever its kind."""
+
+
+def _check_fields(obj: Any) -> None:
+    """Types first (bools are not numbers, strings are not bools: bf16="no" must not turn bf16 on), then
+    finiteness, for every field of ``obj``, naming the field. numpy scalars become plain Python values."""
+    for field in dataclasses.fields(obj):
+        if field.name not in _FIELD_KINDS:
+            continue  # a group (checked by its own __post_init__)
+        kind, optional = _FIELD_KINDS[field.name]
+        value = getattr(obj, field.name)
+        if value is None and optional:
+            continue
+        ok, normalised = _coerce(kind, value)
+        if not ok:
+            expected = ("None or " if optional else "") + _KIND_WORDS[kind]
+            example = field.default if field.default is not dataclasses.MISSING else "..."
+            raise ConfigTypeError(
+                f"TrainConfig.{field.name}={value!r}: must be {expected}, got {type(value).__name__}; pass e.g. "
+                f"{field.name}={example!r}."
+            )
+        if isinstance(normalised, float) and not math.isfinite(normalised):
+            raise ValueError(
+                f"TrainConfig.{field.name}={value!r}: must be a finite number (NaN and inf poison training, e.g. "
+                f"NaN max_grad_norm silently turns clipping off); pass e.g. {field.name}={field.default!r}."
+            )
+        setattr(obj, field.name, normalised)
 
 
 @dataclasses.dataclass
@@ -69,8 +100,23 @@ class Optimization:
     # compiled step (weights and optimizer state untouched; stats["skipped_updates"] counts it;
     # global_step and the schedule still advance). Off by default, as in HF Trainer.
     skip_nonfinite_updates: bool = False
+    # Stop step() with FloatingPointError once this many updates in a row had a non-finite loss or
+    # gradient norm (counted across calls, saved in checkpoints; guard on or off). None: never stop.
+    max_nonfinite_in_a_row: Optional[int] = None
 
     def __post_init__(self) -> None:
+        _check_fields(self)
+        if not 0.0 <= self.sgd_momentum <= 1.0:
+            raise _bad(self, "sgd_momentum", "must lie in [0, 1]", "pass e.g. sgd_momentum=0.9")
+        if self.max_steps < -1:
+            raise _bad(self, "max_steps", "must be the number of optimizer updates, or -1 for no horizon",
+                       "pass e.g. max_steps=-1")
+        if self.max_nonfinite_in_a_row is not None and self.max_nonfinite_in_a_row < 1:
+            raise _bad(self, "max_nonfinite_in_a_row", "must be None or an integer >= 1",
+                       "pass e.g. max_nonfinite_in_a_row=3")
+        if not all(isinstance(k, str) for k in self.lr_scheduler_kwargs):
+            raise _bad(self, "lr_scheduler_kwargs", "must be a dict with str keys",
+                       "pass e.g. lr_scheduler_kwargs={'num_cycles': 0.5}")
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
             raise _bad(self, "learning_rate", "must be a finite number >= 0", "pass e.g. learning_rate=1e-5")
         if not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool):
@@ -123,6 +169,9 @@ class PrecisionAndMemory:
     loss_chunk_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.loss_chunk_bytes < 1:
+            raise _bad(self, "loss_chunk_bytes", "must be an integer >= 1", "pass e.g. loss_chunk_bytes=1 << 30")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise _bad(self, "loss_chunk_size", "must be None or >= 1", "pass e.g. loss_chunk_size=1024")
 
@@ -148,13 +197,14 @@ class Performance:
     xla_options: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         if self.min_bucket_length < 1:
             raise _bad(self, "min_bucket_length", "must be >= 1", "pass e.g. min_bucket_length=32")
         if self.length_buckets is not None:
             buckets = list(self.length_buckets)
-            if not buckets or any((not isinstance(b, int)) or b < 1 for b in buckets) or buckets != sorted(set(buckets)):
+            if not buckets or any(not _is_int(b) or b < 1 for b in buckets) or buckets != sorted(set(buckets)):
                 raise _bad(self, "length_buckets", "must be strictly ascending positive integers", "pass e.g. (64, 128, 256)")
-            self.length_buckets = tuple(buckets)
+            self.length_buckets = tuple(int(b) for b in buckets)
         if self.scan_layers is not None and not isinstance(self.scan_layers, bool):
             raise _bad(self, "scan_layers", "must be True, False or None (automatic)", "pass e.g. scan_layers=None")
         if self.xla_options is not None and (
@@ -197,6 +247,9 @@ class TrainConfig:
     logging_steps: int = 10
     eval_steps: Optional[int] = None
     disable_tqdm: bool = False
+    # Multi-process only: how long a process waits for its peers to reach the same trainer call
+    # before raising TimeoutError (a peer that died, or processes making different calls).
+    agreement_timeout_s: float = 300.0
     # the groups
     optimization: Optimization = dataclasses.field(default_factory=Optimization)
     precision: PrecisionAndMemory = dataclasses.field(default_factory=PrecisionAndMemory)
@@ -224,6 +277,11 @@ class TrainConfig:
         self._validate()
 
     def _validate(self) -> None:
+        _check_fields(self)
+        if not 0 <= self.seed < 2**63:
+            raise _bad(self, "seed", "must be an integer in [0, 2**63)", "pass e.g. seed=42")
+        if self.agreement_timeout_s <= 0:
+            raise _bad(self, "agreement_timeout_s", "must be a number of seconds > 0", "pass e.g. agreement_timeout_s=300")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -302,3 +360,48 @@ for _name in _OWNER:
         raise TypeError(f"TrainConfig: field {_name!r} is defined twice")  # names must stay unique
     setattr(TrainConfig, _name, _route(_name))
 del _name
+
+
+# ------------------------------------------------------------------------------------------ field types
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _coerce(kind: str, value: Any) -> tuple[bool, Any]:
+    """(accepted?, value as a plain Python object). numpy scalars are accepted and converted."""
+    import numpy as np
+
+    if kind == "int":
+        return (True, int(value)) if _is_int(value) else (False, value)
+    if kind == "float":
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return (True, float(value)) if ok else (False, value)
+    if kind == "bool":
+        return (True, bool(value)) if isinstance(value, (bool, np.bool_)) else (False, value)
+    if kind == "str":
+        return isinstance(value, str), value
+    if kind == "dict":
+        return isinstance(value, dict), value
+    if kind == "ints":
+        return isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1), value
+    raise AssertionError(kind)
+
+
+_KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
+               "dict": "a dict", "ints": "a sequence of integers"}
+
+# Every field of TrainConfig and its groups: (kind, None allowed). A field missing here fails test_config.
+_FIELD_KINDS: dict[str, tuple[str, bool]] = {
+    "learning_rate": ("float", False), "per_device_train_batch_size": ("int", False),
+    "gradient_accumulation_steps": ("int", False), "max_steps": ("int", False), "warmup_steps": ("int", False),
+    "warmup_ratio": ("float", False), "lr_scheduler_type": ("str", False), "lr_scheduler_kwargs": ("dict", False),
+    "weight_decay": ("float", False), "adam_beta1": ("float", False), "adam_beta2": ("float", False),
+    "adam_epsilon": ("float", False), "max_grad_norm": ("float", True), "skip_nonfinite_updates": ("bool", False),
+    "max_nonfinite_in_a_row": ("int", True), "optim": ("str", False), "sgd_momentum": ("float", False),
+    "seed": ("int", False), "logging_steps": ("int", False), "eval_steps": ("int", True),
+    "per_device_eval_batch_size": ("int", False), "bf16": ("bool", False), "gradient_checkpointing": ("bool", False),
+    "max_length": ("int", True), "truncation_mode": ("str", False), "length_buckets": ("ints", True),
+    "min_bucket_length": ("int", False), "loss_chunk_size": ("int", True), "loss_chunk_bytes": ("int", False),
+    "attention_implementation": ("str", False), "scan_layers": ("bool", True), "xla_options": ("dict", True),
+    "disable_tqdm": ("bool", False), "agreement_timeout_s": ("float", False),
+}

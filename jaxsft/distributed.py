@@ -1,14 +1,21 @@
 """Multi-host glue on JAX's own distributed runtime.
 
-Each process passes its own examples to ``step()`` (as TRL's ranks do). Before a
-call's programs run, processes agree on the number of micro-batches and on each
-micro-batch's bucket, so every process runs the same sequence of programs; a
-process with fewer examples contributes zero-weight rows.
+Each process passes its own examples to ``step()`` (as TRL's ranks do). Before any
+collective of a call, :func:`agree` shares every process's validation verdict and
+configuration fingerprint through the runtime's key-value store (bounded waits, no
+device collective), so a bad input on one process raises the same clear error on all
+of them and a dead peer raises ``TimeoutError`` instead of hanging. Then processes
+agree on the number of micro-batches and on each micro-batch's bucket, so every
+process runs the same sequence of programs; a process with fewer examples
+contributes zero-weight rows.
 """
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
+import itertools
+import json
 import os
 from typing import Optional, Sequence
 
@@ -48,6 +55,89 @@ def initialize(
         process_id=process_id,
         local_device_ids=local_device_ids,
     )
+
+
+_ROUNDS = itertools.count(1)  # every process makes the same sequence of agree() calls
+
+
+class PeerError(Exception):
+    """Mixed into the error raised on processes whose own inputs were fine but a peer's were not."""
+
+
+def _client():
+    """The distributed runtime's client (its key-value store); jax exposes no public accessor yet."""
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise RuntimeError("jaxsft.distributed: the JAX distributed runtime is not initialized.")
+    return client
+
+
+def agree(what: str, error: Optional[BaseException], fingerprint: dict, timeout_s: float) -> None:
+    """Raise on every process if any process failed its checks or has another fingerprint; else return.
+
+    ``error`` is this process's validation failure (or None); ``fingerprint`` the settings that
+    must match everywhere (batch size, accumulation, buckets, mesh, step count). Waits at most
+    ``timeout_s`` for each peer; a peer that never arrives (dead, or in another call) gives
+    ``TimeoutError``. Single process: raises ``error`` if there is one.
+    """
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return
+    client, me, count = _client(), jax.process_index(), jax.process_count()
+    round_id = next(_ROUNDS)
+    mine = {
+        "what": what,
+        "fingerprint": fingerprint,
+        "error": None if error is None else [type(error).__name__, str(error)],
+    }
+    client.key_value_set(f"jaxsft/agree/{round_id}/{me}", json.dumps(mine, default=repr))
+    verdicts = {}
+    for peer in range(count):
+        if peer == me:
+            verdicts[peer] = mine
+            continue
+        try:
+            text = client.blocking_key_value_get(f"jaxsft/agree/{round_id}/{peer}", int(timeout_s * 1000))
+        except Exception as err:  # the runtime raises its own error type on a deadline
+            raise TimeoutError(
+                f"{what}: process {peer} did not reach this call (agreement #{round_id}) within {timeout_s:g} s "
+                f"(TrainConfig.agreement_timeout_s); it may have died, or the processes are running different "
+                f"sequences of step()/evaluate() calls. Nothing was changed on this process. ({type(err).__name__})"
+            ) from None
+        verdicts[peer] = json.loads(text)
+    if round_id > 1:  # every peer has read our previous key by now (it published this round after doing so)
+        try:
+            client.key_value_delete(f"jaxsft/agree/{round_id - 1}/{me}")
+        except Exception:  # best effort: a leftover key costs a few bytes
+            pass
+    if error is not None:
+        raise error
+    failed = [(peer, v["error"]) for peer, v in sorted(verdicts.items()) if v["error"] is not None]
+    if failed:
+        peer, (kind, message) = failed[0]
+        base = getattr(builtins, kind, None)
+        base = base if isinstance(base, type) and issubclass(base, Exception) else ValueError
+        raise type(base.__name__, (base, PeerError), {})(
+            f"{what} refused on process {peer} (so on every process; nothing changed anywhere): {message}"
+        )
+    for peer, verdict in sorted(verdicts.items()):
+        if verdict["what"] != what:
+            raise RuntimeError(
+                f"{what}: process {peer} is in {verdict['what']} at the same point; every process must make the "
+                "same sequence of trainer calls."
+            )
+        differing = sorted(k for k in set(fingerprint) | set(verdict["fingerprint"])
+                           if json.dumps(fingerprint.get(k), default=repr) != json.dumps(verdict["fingerprint"].get(k), default=repr))
+        if differing:
+            key = differing[0]
+            raise ValueError(
+                f"{what}: process {peer} has {key}={verdict['fingerprint'].get(key)!r} but process {me} has "
+                f"{key}={fingerprint.get(key)!r}; every process must build its trainer with the same settings "
+                f"(differing: {', '.join(differing)}). Nothing was changed."
+            )
 
 
 def is_main_process() -> bool:

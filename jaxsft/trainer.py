@@ -34,12 +34,23 @@ from jaxsft.optim import make_optimizer, make_schedule
 
 @dataclasses.dataclass
 class TrainerState:
-    """What HF's TrainerState holds that matters here."""
+    """The host half of the trainer's state (HF TrainerState's fields that matter here, plus logging position).
+
+    The trainer is its only writer; :meth:`IterativeSFTTrainer.state_dict` carries it, with the
+    device arrays and the shuffling RNG, in and out of checkpoints.
+    """
 
     global_step: int = 0
     log_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     num_input_tokens_seen: int = 0
     total_label_tokens: int = 0
+    last_logged_step: int = 0
+    loss_since_log: list[float] = dataclasses.field(default_factory=list)
+    # Updates in a row whose loss or gradient norm was NaN/inf (TrainConfig.max_nonfinite_in_a_row).
+    nonfinite_in_a_row: int = 0
+
+
+COUNTER_FIELDS = ("num_input_tokens_seen", "total_label_tokens", "last_logged_step", "loss_since_log", "nonfinite_in_a_row")
 
 
 class TrainerCallback:
@@ -88,6 +99,22 @@ class IterativeSFTTrainer:
             raise TypeError(f"config must be a jaxsft.TrainConfig, got {type(config).__name__}.")
         if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
             raise TypeError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}.")
+        if schedule is not None and not callable(schedule):
+            raise TypeError(f"schedule must be an optax schedule (step -> learning rate), got {type(schedule).__name__}.")
+        if mesh is not None and (not isinstance(mesh, jax.sharding.Mesh) or set(mesh.axis_names) != {"data", "fsdp", "tensor"}):
+            raise TypeError(
+                f"mesh must be a jax Mesh with axes data, fsdp and tensor (build it with jaxsft.make_mesh), got "
+                f"{getattr(mesh, 'axis_names', type(mesh).__name__)}."
+            )
+        if isinstance(callbacks, TrainerCallback) or not isinstance(callbacks, (list, tuple)):
+            raise TypeError(f"callbacks must be a list of jaxsft TrainerCallback objects, got {type(callbacks).__name__}.")
+        for i, callback in enumerate(callbacks):
+            missing = [h for h in ("on_log", "on_step_end", "on_evaluate") if not callable(getattr(callback, h, None))]
+            if missing:
+                raise TypeError(
+                    f"callbacks[{i}] ({type(callback).__name__}) lacks {', '.join(missing)}; subclass "
+                    "jaxsft.trainer.TrainerCallback and override the hooks you need."
+                )
         self.config = config
         self._user_model = model
         self.tokenizer = tokenizer
@@ -99,6 +126,12 @@ class IterativeSFTTrainer:
         self.mesh = mesh if mesh is not None else shd.mesh_of(nnx.state(model))
         self.buckets = config.buckets(model.spec.max_position_embeddings)
         self.max_length = self.buckets[-1]
+        if model.spec.position == "learned" and self.max_length > model.spec.max_position_embeddings:
+            raise ValueError(
+                f"TrainConfig.max_length={self.max_length} exceeds the model's learned position table "
+                f"({model.spec.max_position_embeddings} positions, e.g. GPT-2's n_positions): longer sequences have "
+                f"no position embedding. Pass max_length <= {model.spec.max_position_embeddings}."
+            )
         self.rows = config.per_device_train_batch_size * shd.batch_rows_multiple(self.mesh)
         self.eval_rows = config.per_device_eval_batch_size * shd.batch_rows_multiple(self.mesh)
         self._check_tensor_axis()
@@ -133,8 +166,9 @@ class IterativeSFTTrainer:
         self._chunk_size = self._loss_chunk_size()
         self._programs: dict[tuple, Any] = {}
         self._params_version = 0
-        self._last_logged_step = 0
-        self._loss_since_log: list[float] = []
+        # Checked now, so that evaluation inside step() (eval_steps) cannot fail after an update.
+        self._eval_examples = None if eval_dataset is None else self._eval_inputs(eval_dataset)
+        distributed.agree("IterativeSFTTrainer()", None, self._fingerprint(), config.agreement_timeout_s)
 
     # ------------------------------------------------------------------ public
     @property
@@ -185,7 +219,13 @@ class IterativeSFTTrainer:
         leftover micro-batches (fewer than gradient_accumulation_steps) still make
         one update.
         """
-        examples = self._examples(input_ids, attention_mask, labels, texts, texts_labels)
+        error: Optional[Exception] = None
+        try:
+            examples = self._examples(input_ids, attention_mask, labels, texts, texts_labels)
+        except (TypeError, ValueError) as err:
+            error = err
+        # Multi-process: every process learns every process's verdict before any collective runs.
+        distributed.agree("step()", error, self._fingerprint(), self.config.agreement_timeout_s)
         started = time.perf_counter()
         microbatches = batching.plan_microbatches(
             examples, rows=self.rows // jax.process_count(), buckets=self.buckets, rng=self._rng
@@ -194,44 +234,56 @@ class IterativeSFTTrainer:
         updates = batching.group_into_updates(microbatches, self.config.gradient_accumulation_steps)
         totals = distributed.global_label_counts(updates)
 
+        # 1. run: the updates on device. Whatever happens, the caller's model ends up on live arrays and
+        #    global_step counts the updates that ran (the arrays they consumed are donated, so no going back).
         per_update_metrics = []
-        applied_steps = []
         eval_metrics: dict[int, dict[str, float]] = {}
+        first_step = self.state.global_step
         progress = self._progress(len(updates))
-        for update, total in zip(updates, totals):
-            if total == 0:
-                warnings.warn(
-                    "step(): an update had no label tokens (all labels -100 or masked); it was skipped and "
-                    "the weights, optimizer state and schedule were left unchanged.",
-                    stacklevel=2,
-                )
-                continue
-            metrics = self._run_update(update)
-            self.state.global_step += 1
-            self._params_version += 1
-            per_update_metrics.append(metrics)
-            applied_steps.append(self.state.global_step)
-            if self._eval_due(self.state.global_step):
-                # Now, on this update's weights (a later update of the call would otherwise be measured).
-                eval_metrics[self.state.global_step] = self.measure_eval(self.eval_dataset)
+        try:
+            for update, total in zip(updates, totals):
+                if total == 0:
+                    warnings.warn(
+                        "step(): an update had no label tokens (all labels -100 or masked); it was skipped and "
+                        "the weights, optimizer state and schedule were left unchanged.",
+                        stacklevel=2,
+                    )
+                    continue
+                per_update_metrics.append(self._run_update(update))
+                self.state.global_step += 1
+                self._params_version += 1
+                if self._eval_due(self.state.global_step):
+                    # Now, on this update's weights (a later update of the call would otherwise be measured).
+                    eval_metrics[self.state.global_step] = self.measure_eval(self.eval_dataset)
+                if progress is not None:
+                    progress.update(1)
+        finally:
             if progress is not None:
-                progress.update(1)
-        if progress is not None:
-            progress.close()
-        if per_update_metrics:
-            # The caller's model object shares the arrays the first update donated: point it at the new ones,
-            # so the model passed in is trained in place (as a torch model would be) and stays usable.
-            nnx.update(self._user_model, self._params)
+                progress.close()
+            if per_update_metrics:
+                # The caller's model object shares the arrays the first update donated: point it at the new
+                # ones, so the model passed in is trained in place (as a torch model would be) and stays usable.
+                nnx.update(self._user_model, self._params)
+        applied_steps = list(range(first_step + 1, self.state.global_step + 1))
 
+        # 2. collect: every host-side consequence, computed before any of it is stored.
         host_metrics = jax.device_get(per_update_metrics)  # the call's one host sync
         elapsed = time.perf_counter() - started
         input_tokens = distributed.global_sum(sum(int(mb.attention_mask.sum()) for mb in microbatches))
         label_tokens = int(sum(totals))
+        events, stopped, host = self._collect_logs(applied_steps, host_metrics, eval_metrics)
+
+        # 3. apply: counters and logs in one go. 4. notify: callbacks see a complete state; one that raises
+        #    cannot leave it half-done.
         self.state.num_input_tokens_seen += input_tokens
         self.state.total_label_tokens += label_tokens
-        for step_number, metrics in zip(applied_steps, host_metrics):
-            self._after_update(step_number, metrics, eval_metrics.get(step_number))
-        loss_sum = sum(float(m["loss_sum"]) for m in host_metrics)
+        for name, value in host.items():
+            setattr(self.state, name, value)
+        if jax.process_index() == 0:
+            self.state.log_history.extend(entry for kind, entry, _ in events if kind in ("eval", "log"))
+        self._notify(events)
+
+        finite = [m for m in host_metrics if _finite_update(m)]
         skipped = sum(bool(m.get("skipped", False)) for m in host_metrics)
         if skipped:
             warnings.warn(
@@ -239,13 +291,24 @@ class IterativeSFTTrainer:
                 "skipped (skip_nonfinite_updates=True): weights and optimizer state were left as they were.",
                 stacklevel=2,
             )
+        elif len(finite) < len(host_metrics):
+            warnings.warn(
+                f"step(): {len(host_metrics) - len(finite)} of {len(host_metrics)} updates had a non-finite loss or "
+                "gradient norm and were applied, so the weights may now hold NaN/inf. Set "
+                "TrainConfig(skip_nonfinite_updates=True) to skip such updates.",
+                stacklevel=2,
+            )
+        if stopped is not None:
+            raise FloatingPointError(stopped)
+        # A skipped update's NaN stays out of the reported loss; a call that trained nothing reports 0.0.
+        applied_tokens = sum(float(m["num_tokens"]) for m in finite) if skipped else label_tokens
+        loss_sum = sum(float(m["loss_sum"]) for m in (finite if skipped else host_metrics))
         return {
-            # A call with no label tokens trained nothing; it reports 0.0 (not NaN, which poisons running means).
-            "loss": loss_sum / label_tokens if label_tokens else 0.0,
+            "loss": loss_sum / applied_tokens if applied_tokens else 0.0,
             "learning_rate": self.current_learning_rate(),
             "grad_norm": float(host_metrics[-1]["grad_norm"]) if host_metrics else None,
             "num_tokens": label_tokens,
-            # Each applied update's exact loss (its token-loss sum over its label tokens), unrounded.
+            # Each update's exact loss (its token-loss sum over its label tokens), unrounded.
             "update_losses": [float(m["loss"]) for m in host_metrics],
             "num_updates": len(host_metrics),
             "skipped_updates": skipped,
@@ -263,14 +326,11 @@ class IterativeSFTTrainer:
         return metrics
 
     def _report_eval(self, metrics: dict[str, float], step_number: int) -> None:
-        """As HF Trainer.evaluate: the metrics go into log_history (with the step) and to on_log / on_evaluate."""
+        """As HF Trainer.evaluate: the metrics go into log_history (with the step), then to on_log / on_evaluate."""
+        events = [("eval", {**metrics, "step": step_number}, metrics)]
         if jax.process_index() == 0:
-            logs = {**metrics, "step": step_number}
-            self.state.log_history.append(logs)
-            for callback in self.callbacks:
-                callback.on_log(self, logs)
-        for callback in self.callbacks:
-            callback.on_evaluate(self, metrics)
+            self.state.log_history.append(events[0][1])
+        self._notify(events)
 
     def _eval_due(self, step_number: int) -> bool:
         every = self.config.eval_steps
@@ -285,7 +345,10 @@ class IterativeSFTTrainer:
         """
         if dataset is None:
             raise ValueError("evaluate(): no eval_dataset given here or at construction; pass eval_dataset=...")
-        examples = self._examples(**_dataset_as_step_kwargs(dataset))
+        if dataset is self.eval_dataset and self._eval_examples is not None:
+            examples = self._eval_examples  # checked at construction
+        else:
+            examples = self._eval_inputs(dataset)
         microbatches = batching.plan_microbatches(
             examples, rows=self.eval_rows // jax.process_count(), buckets=self.buckets, rng=self._rng, shuffle=False
         ) if examples else []
@@ -308,14 +371,15 @@ class IterativeSFTTrainer:
             raise ValueError("generate(): the trainer has no tokenizer; pass tokenizer= at construction.")
         return generate(self.model, self.tokenizer, prompts, **kwargs)
 
-    def save_checkpoint(self, directory: str) -> str:
+    def save_checkpoint(self, directory: str, *, keep_last: Optional[int] = None) -> str:
         """Write the whole trainer state to ``directory/checkpoint-<global_step>`` atomically; returns the path.
 
         Weights, optimizer state, step counters, log history and the shuffling RNG: a run restored
         from it takes the same updates as one that never stopped. A state holding NaN or inf is
-        refused (``FloatingPointError``) and nothing is written. Call it on every process.
+        refused (``FloatingPointError``) and nothing is written. ``keep_last=k`` keeps only the newest
+        k checkpoints in ``directory``. Call it on every process.
         """
-        return checkpointing.save(self, directory)
+        return checkpointing.save(self, directory, keep_last=keep_last)
 
     def restore_checkpoint(self, path: str) -> None:
         """Load a checkpoint from :meth:`save_checkpoint` (onto this trainer's mesh, whichever it is).
@@ -327,6 +391,53 @@ class IterativeSFTTrainer:
         """
         checkpointing.restore(self, path)
 
+    # ------------------------------------------------------------------ the state, as one pytree
+    def state_dict(self) -> dict[str, Any]:
+        """Everything ``step()`` depends on, as one pytree (the one thing checkpoints read and write).
+
+        ``params`` (a pure dict of arrays), ``opt_state``, ``global_step``, ``rng`` (the shuffling
+        generator's state), ``counters`` and ``log_history``. The arrays are the trainer's own (no copy):
+        the next ``step()`` donates them, so copy what you want to keep past it.
+        """
+        return {
+            "params": nnx.to_pure_dict(self._params),
+            "opt_state": self._opt_state,
+            "global_step": self.state.global_step,
+            "rng": self._rng.bit_generator.state,
+            "counters": {name: _plain(getattr(self.state, name)) for name in COUNTER_FIELDS},
+            "log_history": [dict(entry) for entry in self.state.log_history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, copy: bool = True) -> None:
+        """Replace the whole state with ``state`` (from :meth:`state_dict` or ``jaxsft.checkpoint.read``).
+
+        Everything is checked first (keys, tree structure, shapes, dtypes, host fields); on any mismatch
+        a ``ValueError`` names it and nothing changes. Arrays are placed onto this trainer's mesh (any
+        source mesh works); ``copy=False`` lets the trainer take ownership of arrays already placed there.
+        """
+        current = self.state_dict()
+        if not isinstance(state, dict) or set(state) != set(current):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"load_state_dict: state must have the keys {sorted(current)}, got {got}.")
+        for key in ("params", "opt_state"):
+            _check_same_arrays(key, state[key], current[key])
+        host = _checked_host_state(state, current)
+        shardings = jax.tree.map(lambda x: x.sharding, {"params": current["params"], "opt_state": current["opt_state"]})
+        arrays = {"params": state["params"], "opt_state": state["opt_state"]}
+        placed = jax.device_put(arrays, shardings, may_alias=False if copy else None)
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["rng"]
+        # Nothing above changed the trainer; from here on it is assignment only.
+        params = jax.tree.map(lambda x: x, self._params)
+        nnx.replace_by_pure_dict(params, placed["params"])
+        self._params, self._opt_state, self._rng = params, placed["opt_state"], rng
+        self.state.global_step = host["global_step"]
+        self.state.log_history = host["log_history"]
+        for name in COUNTER_FIELDS:
+            setattr(self.state, name, host["counters"][name])
+        self._params_version += 1
+        nnx.update(self._user_model, self._params)
+
     def save_pretrained(self, directory: str, **kwargs: Any):
         from jaxsft.models.hf_io import save_pretrained
 
@@ -334,6 +445,25 @@ class IterativeSFTTrainer:
         return save_pretrained(self.model, directory, **kwargs)
 
     # ------------------------------------------------------------------ inputs
+    def _eval_inputs(self, dataset: Any) -> list:
+        """An eval dataset as checked examples; errors name ``eval_dataset``."""
+        try:
+            return self._examples(**_dataset_as_step_kwargs(dataset))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"eval_dataset: {err}") from None
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What every process must agree on before a collective (distributed.agree)."""
+        return {
+            "global_step": self.state.global_step,
+            "rows": self.rows,
+            "eval_rows": self.eval_rows,
+            "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
+            "buckets": list(self.buckets),
+            "mesh": {k: int(v) for k, v in self.mesh.shape.items()},
+            "skip_nonfinite_updates": self.config.skip_nonfinite_updates,
+        }
+
     def _examples(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None):
         if jax.process_count() > 1 and _is_empty(texts if texts is not None else input_ids):
             # Multi-process: a process may have no examples this call; it still joins every collective
@@ -454,27 +584,61 @@ class IterativeSFTTrainer:
         )
 
     # ------------------------------------------------------------------ logging
-    def _after_update(self, step_number: int, metrics: dict[str, Any], eval_metrics: Optional[dict] = None) -> None:
-        self._loss_since_log.append(float(metrics["loss"]))
+    def _collect_logs(self, applied_steps, host_metrics, eval_metrics):
+        """The call's log entries and callback events in HF's order, and the logging position after them.
+
+        Pure with respect to the trainer: nothing is stored here (see step()'s collect/apply/notify).
+        Returns (events, stop message or None, host fields to store).
+        """
         cfg = self.config
-        if eval_metrics is not None:  # measured right after this update, reported here (before its log, as HF)
-            self._report_eval(eval_metrics, step_number)
-        if cfg.logging_steps and step_number % cfg.logging_steps == 0:
-            logs: dict[str, Any] = {
-                "loss": round(float(np.mean(self._loss_since_log)), 4),
-                "grad_norm": float(metrics["grad_norm"]),
-            }
-            if "learning_rate" in metrics:
-                logs["learning_rate"] = float(metrics["learning_rate"])
-            logs["step"] = step_number
-            self._loss_since_log = []
-            self._last_logged_step = step_number
-            if jax.process_index() == 0:
-                self.state.log_history.append(logs)
+        pending = list(self.state.loss_since_log)
+        last_logged = self.state.last_logged_step
+        in_a_row = self.state.nonfinite_in_a_row
+        stopped = None
+        events: list[tuple[str, Any, Any]] = []
+        for step_number, metrics in zip(applied_steps, host_metrics):
+            finite = _finite_update(metrics)
+            in_a_row = 0 if finite else in_a_row + 1
+            if finite or not bool(metrics.get("skipped", False)):
+                pending.append(float(metrics["loss"]))  # a skipped update's NaN never enters the logged loss
+            if step_number in eval_metrics:  # measured right after this update, reported before its log (as HF)
+                events.append(("eval", {**eval_metrics[step_number], "step": step_number}, eval_metrics[step_number]))
+            if cfg.logging_steps and step_number % cfg.logging_steps == 0:
+                logs: dict[str, Any] = {}
+                if pending:
+                    logs["loss"] = round(float(np.mean(pending)), 4)
+                logs["grad_norm"] = float(metrics["grad_norm"])
+                if "learning_rate" in metrics:
+                    logs["learning_rate"] = float(metrics["learning_rate"])
+                skipped_since = (step_number - last_logged) - len(pending)
+                if skipped_since > 0:
+                    logs["skipped_updates"] = skipped_since
+                logs["step"] = step_number
+                events.append(("log", logs, None))
+                pending, last_logged = [], step_number
+            events.append(("step_end", None, None))
+            limit = cfg.max_nonfinite_in_a_row
+            if limit is not None and in_a_row >= limit and stopped is None:
+                stopped = (
+                    f"step(): {in_a_row} updates in a row (up to global step {step_number}) had a non-finite loss or "
+                    f"gradient norm (TrainConfig.max_nonfinite_in_a_row={limit}); training was stopped. The state is "
+                    "consistent: restore the last good checkpoint and lower the learning rate, enable clipping, or "
+                    "check the data."
+                )
+        host = {"loss_since_log": pending, "last_logged_step": last_logged, "nonfinite_in_a_row": in_a_row}
+        return events, stopped, host
+
+    def _notify(self, events) -> None:
+        for kind, entry, extra in events:
+            if kind in ("eval", "log") and jax.process_index() == 0:
                 for callback in self.callbacks:
-                    callback.on_log(self, logs)
-        for callback in self.callbacks:
-            callback.on_step_end(self)
+                    callback.on_log(self, entry)
+            if kind == "eval":
+                for callback in self.callbacks:
+                    callback.on_evaluate(self, extra)
+            if kind == "step_end":
+                for callback in self.callbacks:
+                    callback.on_step_end(self)
 
     def _progress(self, total: int):
         if self.config.disable_tqdm or total < 8 or jax.process_index() != 0:
@@ -508,6 +672,69 @@ class IterativeSFTTrainer:
                 )
 
 
+def _finite_update(metrics: dict[str, Any]) -> bool:
+    return bool(np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"])))
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def _check_same_arrays(key: str, given: Any, current: Any) -> None:
+    """Refuse (naming the first difference) a tree whose structure, shapes or dtypes differ from ours."""
+    try:
+        given_leaves = jax.tree_util.tree_flatten_with_path(given)[0]
+        same_structure = jax.tree.structure(given) == jax.tree.structure(current)
+    except Exception:  # an unflattenable object
+        same_structure = False
+    if not same_structure:
+        raise ValueError(
+            f"load_state_dict: state[{key!r}] has another structure than this trainer's {key} (another model or "
+            "optimizer?); pass a state from a trainer built the same way."
+        )
+    for (path, got), want in zip(given_leaves, jax.tree.leaves(current)):
+        if not hasattr(got, "shape") or tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            what = f"{getattr(got, 'dtype', type(got).__name__)}{list(getattr(got, 'shape', []))}"
+            raise ValueError(
+                f"load_state_dict: state[{key!r}]{jax.tree_util.keystr(path)} is {what}, expected "
+                f"{want.dtype}{list(want.shape)}."
+            )
+
+
+def _checked_host_state(state: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The host fields of ``state``, type-checked and copied (never aliased into the trainer)."""
+    def bad(field: str, expected: str) -> ValueError:
+        return ValueError(f"load_state_dict: state[{field!r}] must be {expected}, got {state[field]!r:.80}.")
+
+    step = state["global_step"]
+    if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+        raise bad("global_step", "an integer >= 0")
+    rng = state["rng"]
+    if not isinstance(rng, dict) or rng.get("bit_generator") != current["rng"]["bit_generator"]:
+        raise bad("rng", f"a {current['rng']['bit_generator']} bit_generator state dict")
+    try:
+        np.random.default_rng().bit_generator.state = rng
+    except (TypeError, ValueError, KeyError):
+        raise bad("rng", "a valid numpy bit_generator state") from None
+    counters = state["counters"]
+    if not isinstance(counters, dict) or set(counters) != set(COUNTER_FIELDS):
+        raise bad("counters", f"a dict with the keys {list(COUNTER_FIELDS)}")
+    for name in COUNTER_FIELDS:
+        value = counters[name]
+        ok = (isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)) if name == "loss_since_log" \
+            else (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0)
+        if not ok:
+            raise ValueError(f"load_state_dict: state['counters'][{name!r}] has the wrong type or value: {value!r:.80}.")
+    logs = state["log_history"]
+    if not isinstance(logs, list) or not all(isinstance(entry, dict) for entry in logs):
+        raise bad("log_history", "a list of dicts")
+    return {
+        "global_step": int(step),
+        "counters": {k: (list(map(float, v)) if isinstance(v, list) else int(v)) for k, v in counters.items()},
+        "log_history": [dict(entry) for entry in logs],
+    }
+
+
 def _is_empty(value: Any) -> bool:
     try:
         return value is not None and len(value) == 0
@@ -516,16 +743,32 @@ def _is_empty(value: Any) -> bool:
 
 
 def _dataset_as_step_kwargs(dataset: Any) -> dict[str, Any]:
+    """An eval dataset (a dict of step() keywords, a datasets.Dataset, a list of strings, of token
+    sequences or of dicts with input_ids) as step() keywords."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and hasattr(dataset, "__getitem__"):  # datasets.Dataset
+        if "input_ids" in columns:
+            return {k: dataset[k] for k in ("input_ids", "attention_mask", "labels") if k in columns}
+        for key in ("text", "texts"):
+            if key in columns:
+                return {"texts": dataset[key]}
+        raise ValueError(f"eval_dataset has columns {columns}; it needs input_ids (with optional attention_mask "
+                         "and labels) or text.")
     if isinstance(dataset, dict):
         unknown = set(dataset) - set(STEP_KEYWORDS)
         if unknown:
             raise ValueError(f"eval_dataset has unknown keys {sorted(unknown)}; use {', '.join(STEP_KEYWORDS)}.")
         return dict(dataset)
-    if isinstance(dataset, (list, tuple)) and dataset and isinstance(dataset[0], str):
-        return {"texts": list(dataset)}
-    if isinstance(dataset, (list, tuple)):
+    if isinstance(dataset, (list, tuple)) and dataset:
+        if all(isinstance(x, str) for x in dataset):
+            return {"texts": list(dataset)}
+        if all(isinstance(x, dict) for x in dataset):
+            if not all("input_ids" in row for row in dataset):
+                raise ValueError("eval_dataset rows must each have an input_ids entry.")
+            keys = [k for k in ("input_ids", "attention_mask", "labels") if k in dataset[0]]
+            return {k: [row[k] for row in dataset] for k in keys}
         return {"input_ids": list(dataset)}
     raise TypeError(
-        f"eval_dataset must be a dict of step() keywords, a list of strings or a list of token arrays, "
-        f"got {type(dataset).__name__}."
+        f"eval_dataset must be a dict of step() keywords, a datasets.Dataset, a list of strings, a list of token "
+        f"sequences or a list of dicts with input_ids, got {type(dataset).__name__}."
     )
