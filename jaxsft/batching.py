@@ -48,8 +48,29 @@ class MicroBatch:
 # input checking
 
 
+def _host_array(value: Any, where: str) -> np.ndarray:
+    """Any array (numpy, JAX, torch on any device) as a host numpy array, with clear errors for torch
+    tensors that hold no data (meta device) or are not dense (sparse layouts)."""
+    if type(value).__module__.split(".")[0] == "torch":
+        if getattr(value, "is_meta", False):
+            raise ValueError(
+                f"{where} is a torch tensor on the meta device, which holds no values; pass real data "
+                "(build the tensor on the CPU or an accelerator)."
+            )
+        layout = str(getattr(value, "layout", "torch.strided"))
+        if layout != "torch.strided":
+            raise ValueError(f"{where} is a sparse torch tensor ({layout}); pass a dense one (tensor.to_dense()).")
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
 def _rows(value: Any, name: str) -> list[Any]:
     """Split a list of 1-D sequences or a 2-D array into per-example rows."""
+    if not isinstance(value, (np.ndarray, list, tuple)) and hasattr(value, "shape") and hasattr(value, "dtype"):
+        value = _host_array(value, name)  # a 2-D torch or JAX array
     if isinstance(value, np.ndarray):
         if value.ndim != 2:
             raise TypeError(
@@ -71,7 +92,7 @@ def _rows(value: Any, name: str) -> list[Any]:
 
 def _as_int_row(row: Any, name: str, index: int, *, allow_bool: bool = False) -> np.ndarray:
     """One example as int64 (for range checks before the int32 cast)."""
-    arr = np.asarray(row)
+    arr = _host_array(row, f"{name}[{index}]")
     if arr.ndim != 1:
         raise ValueError(
             f"{name}[{index}] must be a 1-D sequence of integers; got shape {arr.shape}. "
@@ -85,6 +106,11 @@ def _as_int_row(row: Any, name: str, index: int, *, allow_bool: bool = False) ->
         raise TypeError(
             f"{name}[{index}] has dtype {arr.dtype}; token data must be integers. "
             f"Cast it, e.g. np.asarray(x, dtype=np.int32)."
+        )
+    if arr.dtype.kind == "u" and int(arr.max()) > _INT32_MAX:  # before the cast, which would wrap it negative
+        raise ValueError(
+            f"{name}[{index}] contains the id {int(arr.max())}, beyond int32 ({_INT32_MAX}); token ids must fit the "
+            "model's vocabulary. Check the tokenizer, or the dtype the ids were read with."
         )
     return arr.astype(np.int64)
 

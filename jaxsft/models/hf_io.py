@@ -59,7 +59,15 @@ def _safetensors_files(folder: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except Exception as err:
             raise ValueError(f"could not read the shard index {index}: {err}") from err
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        names = sorted(set(weight_map.values()))
+        outside = [n for n in names if not isinstance(n, str) or os.path.isabs(n)
+                   or os.path.normpath(n).split(os.sep)[0] == ".." or os.path.normpath(n) in (".", "")]
+        if outside:
+            raise ValueError(
+                f"{index} names the shard file {outside[0]!r}, which is outside {folder}; shard files must sit in "
+                "the model folder itself. Refusing to read it: fix the index's weight_map."
+            )
+        files = [folder / name for name in names]
         for path in files:
             if not path.is_file():
                 raise FileNotFoundError(f"{index} lists {path.name}, which is missing from {folder}.")
@@ -89,6 +97,13 @@ def _torch_state_dict(model: Any) -> dict[str, np.ndarray]:
 
     out = {}
     for key, tensor in model.state_dict().items():
+        if tensor.is_meta:
+            raise ValueError(
+                f"the model's weight {key} is on the meta device (no values: e.g. a model built under "
+                "init_empty_weights or with device_map='meta'); load real weights before converting it."
+            )
+        if tensor.layout != torch.strided:
+            raise ValueError(f"the model's weight {key} is a sparse tensor ({tensor.layout}); make it dense first.")
         t = tensor.detach().cpu()
         if t.dtype in (torch.bfloat16, torch.float16):
             t = t.float()

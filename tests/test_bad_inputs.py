@@ -1,0 +1,344 @@
+"""The bad-input catalogue: every refused input names its argument and changes nothing.
+
+Over ``TrainConfig``, both trainers' constructors and both trainers' ``step()``: each case asserts
+the exception type, that the message names the argument at fault, and that nothing changed (weights,
+optimizer state, step counters, log history, the shuffling RNG, the caller's model object). Then the
+failures that used to happen *after* an update: a raising callback leaves a complete, consistent state,
+and a bad ``eval_dataset`` is refused at construction instead of in the middle of training.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import jaxsft
+from jaxsft.trainer import TrainerCallback
+
+import tiny
+
+VOCAB = 256
+
+
+def good_ids(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, VOCAB, int(rng.integers(4, 12))).astype(np.int32) for _ in range(n)]
+
+
+def core_config(**overrides):
+    settings = dict(learning_rate=1e-3, per_device_train_batch_size=4, max_steps=10, logging_steps=1,
+                    max_length=16, length_buckets=(16,), disable_tqdm=True, seed=3)
+    return jaxsft.TrainConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return jaxsft.single_device_mesh()
+
+
+@pytest.fixture(scope="module")
+def core(mesh):
+    """A core trainer that has already taken one update (so the state is not the initial one)."""
+    model = jaxsft.from_pretrained(tiny.tiny_torch_model("llama", vocab_size=VOCAB), mesh=mesh)
+    trainer = jaxsft.IterativeSFTTrainer(model, core_config(), mesh=mesh)
+    trainer.step(input_ids=good_ids())
+    return trainer, model
+
+
+def host_copy(tree):
+    return [np.array(jax.device_get(x)) for x in jax.tree.leaves(tree)]
+
+
+def snapshot(trainer, user_model):
+    state = trainer.state_dict()
+    return {
+        "params": host_copy(state["params"]),
+        "opt_state": host_copy(state["opt_state"]),
+        "host": copy.deepcopy({k: state[k] for k in ("global_step", "rng", "counters", "log_history")}),
+        "caller_model": host_copy(nnx.state(user_model)),  # the arrays the caller's object points at (must be live)
+        "compiled": trainer.compiled_shapes,
+    }
+
+
+def assert_same(before, after):
+    assert before["host"] == after["host"]
+    assert before["compiled"] == after["compiled"]
+    for key in ("params", "opt_state", "caller_model"):
+        assert len(before[key]) == len(after[key])
+        for a, b in zip(before[key], after[key]):
+            np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------- TrainConfig
+CONFIG_CASES = [
+    ("learning_rate", float("nan")), ("learning_rate", -1e-3), ("learning_rate", "1e-3"),
+    ("weight_decay", float("nan")), ("weight_decay", -0.1), ("adam_epsilon", float("nan")), ("adam_epsilon", 0.0),
+    ("max_grad_norm", float("nan")), ("max_grad_norm", float("inf")), ("sgd_momentum", float("nan")),
+    ("sgd_momentum", -0.5), ("adam_beta1", 1.0), ("adam_beta2", float("inf")), ("warmup_ratio", 1.5),
+    ("warmup_steps", 1.5), ("bf16", "no"), ("bf16", 1), ("gradient_checkpointing", "False"),
+    ("skip_nonfinite_updates", "yes"), ("disable_tqdm", None), ("seed", -1), ("seed", "42"), ("seed", 2.0),
+    ("per_device_train_batch_size", 0), ("per_device_train_batch_size", 2.5), ("gradient_accumulation_steps", True),
+    ("max_length", 1), ("logging_steps", -1), ("eval_steps", 0), ("max_nonfinite_in_a_row", 0),
+    ("max_steps", -5), ("lr_scheduler_type", "polynomial"), ("length_buckets", (64, 32)),
+    ("agreement_timeout_s", 0), ("agreement_timeout_s", float("nan")), ("loss_chunk_size", 0),
+    ("optim", "lion"), ("lr_scheduler_kwargs", None),
+]
+
+
+@pytest.mark.parametrize("field,value", CONFIG_CASES, ids=[f"{f}={v!r}" for f, v in CONFIG_CASES])
+def test_train_config_refuses(field, value):
+    with pytest.raises(ValueError) as err:  # wrong types raise ConfigTypeError: a TypeError and a ValueError
+        jaxsft.TrainConfig(**{field: value})
+    assert field in str(err.value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        assert isinstance(err.value, TypeError) or field in ("lr_scheduler_type", "optim", "length_buckets")
+
+
+def test_train_config_accepts_numpy_scalars_as_plain_values():
+    cfg = jaxsft.TrainConfig(seed=np.int64(5), learning_rate=np.float32(0.5), bf16=np.bool_(False))
+    assert (type(cfg.seed), type(cfg.learning_rate), type(cfg.bf16)) == (int, float, bool)
+
+
+# ---------------------------------------------------------------------------------------- core constructor
+class Shouting(TrainerCallback):
+    pass
+
+
+def core_constructor_cases(mesh):
+    return [
+        ("model", TypeError, lambda m: dict(model="not a model")),
+        ("config", TypeError, lambda m: dict(model=m, config={"learning_rate": 1e-3})),
+        ("optimizer", TypeError, lambda m: dict(model=m, optimizer="adamw")),
+        ("schedule", TypeError, lambda m: dict(model=m, schedule=3)),
+        ("mesh", TypeError, lambda m: dict(model=m, mesh="data")),
+        ("callbacks", TypeError, lambda m: dict(model=m, callbacks=[object()])),
+        ("callbacks", TypeError, lambda m: dict(model=m, callbacks=Shouting())),
+        ("eval_dataset", ValueError, lambda m: dict(model=m, eval_dataset=[[5, -1, 7]])),
+        ("eval_dataset", TypeError, lambda m: dict(model=m, eval_dataset=42)),
+        ("eval_dataset", ValueError, lambda m: dict(model=m, eval_dataset={"input_ids": [[5, 6]], "lables": [[5, 6]]})),
+        ("eval_dataset", ValueError, lambda m: dict(model=m, eval_dataset=[[5, VOCAB + 3]])),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_core_constructor_refuses(case, mesh, core):
+    _, model = core
+    argument, kind, build = core_constructor_cases(mesh)[case]
+    before = host_copy(nnx.state(model))
+    kwargs = build(model)
+    kwargs.setdefault("config", core_config())
+    kwargs.setdefault("mesh", mesh)
+    with pytest.raises(kind) as err:
+        jaxsft.IterativeSFTTrainer(**kwargs)
+    assert argument in str(err.value), str(err.value)
+    for a, b in zip(before, host_copy(nnx.state(model))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_core_refuses_max_length_beyond_learned_positions(mesh):
+    """GPT-2 has a learned position table: training past it turned every weight into NaN with no warning."""
+    model = jaxsft.from_pretrained(tiny.tiny_torch_model("gpt2", vocab_size=VOCAB, n_positions=32), mesh=mesh)
+    with pytest.raises(ValueError, match=r"max_length=64.*learned position table \(32 positions"):
+        jaxsft.IterativeSFTTrainer(model, core_config(max_length=64, length_buckets=(16, 64)), mesh=mesh)
+    jaxsft.IterativeSFTTrainer(model, core_config(max_length=32, length_buckets=(16, 32)), mesh=mesh)  # fits
+
+
+# ---------------------------------------------------------------------------------------- core step()
+def meta_tensor():
+    return torch.empty(5, dtype=torch.long, device="meta")
+
+
+STEP_CASES = [
+    ("input_ids", ValueError, dict(input_ids=None)),
+    ("input_ids", ValueError, dict(input_ids=[])),
+    ("input_ids", ValueError, dict(input_ids=[np.array([4, -2, 9])])),
+    ("input_ids", ValueError, dict(input_ids=[np.array([4, 2**40, 9], np.uint64)])),
+    ("input_ids", ValueError, dict(input_ids=[np.array([4, VOCAB, 9])])),
+    ("input_ids", TypeError, dict(input_ids=[np.array([4.0, 5.0])])),
+    ("input_ids", TypeError, dict(input_ids="4 5 6")),
+    ("input_ids", ValueError, dict(input_ids=[np.ones((2, 3), np.int32)])),
+    ("input_ids", ValueError, dict(input_ids=[meta_tensor()])),
+    ("input_ids", ValueError, dict(input_ids=[torch.tensor([4, 5, 6]).to_sparse()])),
+    ("labels", ValueError, dict(input_ids=[np.array([4, 5, 6])], labels=[np.array([4, 5])])),
+    ("labels", ValueError, dict(input_ids=[np.array([4, 5, 6])], labels=[np.array([4, -5, 6])])),
+    ("labels", ValueError, dict(input_ids=[np.array([4, 5, 6])], labels=[np.array([4, 5, VOCAB + 1])])),
+    ("attention_mask", ValueError, dict(input_ids=[np.array([4, 5, 6])], attention_mask=[np.array([1, 2, 1])])),
+    ("attention_mask", ValueError, dict(input_ids=[np.array([4, 5, 6])], attention_mask=[np.array([0, 0, 0])])),
+    ("attention_mask", ValueError, dict(input_ids=[np.array([4, 5, 6]), np.array([7, 8])],
+                                        attention_mask=[np.array([1, 1, 1])])),
+    ("texts", ValueError, dict(texts=["hello"])),  # no tokenizer on this trainer
+    ("texts_labels", ValueError, dict(input_ids=[np.array([4, 5, 6])], texts_labels=["x"])),
+]
+
+
+@pytest.mark.parametrize("argument,kind,kwargs", STEP_CASES, ids=[f"{i}-{c[0]}" for i, c in enumerate(STEP_CASES)])
+def test_core_step_refuses_without_changes(core, argument, kind, kwargs):
+    trainer, model = core
+    before = snapshot(trainer, model)
+    with pytest.raises(kind) as err:
+        trainer.step(**kwargs)
+    assert argument in str(err.value), str(err.value)
+    assert_same(before, snapshot(trainer, model))
+
+
+def test_huge_unsigned_id_is_not_reported_as_negative(core):
+    trainer, _ = core
+    with pytest.raises(ValueError) as err:
+        trainer.step(input_ids=[np.array([4, 2**63 + 5], np.uint64)])
+    assert "beyond int32" in str(err.value) and "negative" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------- failures after an update
+class RaisingCallback(TrainerCallback):
+    def __init__(self):
+        self.calls = 0
+
+    def on_log(self, trainer, logs):
+        self.calls += 1
+        raise RuntimeError("callback exploded")
+
+
+def test_raising_callback_leaves_a_complete_consistent_state(mesh):
+    model = jaxsft.from_pretrained(tiny.tiny_torch_model("llama", vocab_size=VOCAB), mesh=mesh)
+    boom = RaisingCallback()
+    trainer = jaxsft.IterativeSFTTrainer(model, core_config(per_device_train_batch_size=2), mesh=mesh, callbacks=[boom])
+    with pytest.raises(RuntimeError, match="callback exploded"):
+        trainer.step(input_ids=good_ids(6))  # three updates
+    # Collect -> apply -> notify: every update's bookkeeping was stored before the first callback ran.
+    assert trainer.state.global_step == 3
+    assert [e["step"] for e in trainer.state.log_history] == [1, 2, 3]
+    assert trainer.state.num_input_tokens_seen > 0 and boom.calls == 1
+    # The caller's model points at the trainer's live arrays (not at donated, deleted ones).
+    for a, b in zip(host_copy(nnx.state(model)), host_copy(trainer.params)):
+        np.testing.assert_array_equal(a, b)
+    trainer.callbacks.clear()
+    assert trainer.step(input_ids=good_ids(2))["global_step"] == 4  # and it trains on
+
+
+def test_bad_eval_dataset_is_refused_before_any_update(mesh):
+    model = jaxsft.from_pretrained(tiny.tiny_torch_model("llama", vocab_size=VOCAB), mesh=mesh)
+    before = host_copy(nnx.state(model))
+    with pytest.raises(ValueError, match=r"eval_dataset: input_ids\[1\] contains the negative id"):
+        jaxsft.IterativeSFTTrainer(model, core_config(eval_steps=1), mesh=mesh, eval_dataset=[[5, 6, 7], [5, -3]])
+    for a, b in zip(before, host_copy(nnx.state(model))):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------- NaN guard switches
+def poison(trainer):
+    """One inf in the final norm: every later loss is NaN (as after a divergent update)."""
+    state = trainer.state_dict()
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x.at[(0,) * x.ndim].set(np.inf) if "final_norm" in jax.tree_util.keystr(p) else x, state["params"]
+    )
+    trainer.load_state_dict({**state, "params": params})
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["guarded", "unguarded"])
+def test_stop_after_k_nonfinite_updates_in_a_row(mesh, guard):
+    model = jaxsft.from_pretrained(tiny.tiny_torch_model("llama", vocab_size=VOCAB), mesh=mesh)
+    trainer = jaxsft.IterativeSFTTrainer(
+        model, core_config(per_device_train_batch_size=2, skip_nonfinite_updates=guard, max_nonfinite_in_a_row=3),
+        mesh=mesh,
+    )
+    trainer.step(input_ids=good_ids(2))
+    poison(trainer)
+    with pytest.warns(UserWarning, match="non-finite"):
+        trainer.step(input_ids=good_ids(4, seed=1))  # two bad updates: under the limit
+    assert trainer.state.nonfinite_in_a_row == 2
+    with pytest.warns(UserWarning, match="non-finite"), pytest.raises(
+        FloatingPointError, match=r"3 updates in a row .*max_nonfinite_in_a_row=3"
+    ):
+        trainer.step(input_ids=good_ids(2, seed=2))
+    assert trainer.state.global_step == 4  # consistent: every update that ran is counted
+    if guard:
+        # The skipped updates' NaN never entered the logged loss: the entries after the poisoning have none.
+        after = [e for e in trainer.state.log_history if e["step"] > 1]
+        assert after and all("loss" not in e and e["skipped_updates"] == 1 for e in after)
+        assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
+
+
+# ---------------------------------------------------------------------------------------- compat (the facade)
+@pytest.fixture(scope="module")
+def facade(tmp_path_factory, mesh):
+    from transformers import TrainingArguments
+
+    from compat import IterativeSFTTrainer
+
+    out = tmp_path_factory.mktemp("facade")
+    torch_model = tiny.tiny_torch_model("llama", vocab_size=VOCAB)
+    args = TrainingArguments(output_dir=str(out), report_to=[], disable_tqdm=True, learning_rate=1e-3, max_steps=10,
+                             logging_steps=1, per_device_train_batch_size=4)
+    trainer = IterativeSFTTrainer(torch_model, args, mesh=mesh, max_length=16)
+    trainer.step(input_ids=[torch.tensor(x, dtype=torch.long) for x in good_ids()])
+    return trainer, torch_model, args
+
+
+def facade_snapshot(trainer, torch_model):
+    snap = snapshot(trainer.core, trainer.jax_model)
+    snap["facade"] = (trainer.state.global_step, copy.deepcopy(trainer.state.log_history))
+    snap["torch"] = [p.detach().clone() for p in torch_model.parameters()]
+    return snap
+
+
+FACADE_STEP_CASES = [
+    ("input_ids", dict(input_ids=[torch.tensor([4, -2, 9])])),
+    ("input_ids", dict(input_ids=[torch.tensor([4, VOCAB + 7])])),
+    ("input_ids", dict(input_ids=[torch.empty(4, dtype=torch.long, device="meta")])),
+    ("labels", dict(input_ids=[torch.tensor([4, 5, 6])], labels=[torch.tensor([4, 5])])),
+    ("attention_mask", dict(input_ids=[torch.tensor([4, 5, 6])], attention_mask=[torch.tensor([1, 3, 1])])),
+]
+
+
+@pytest.mark.parametrize("argument,kwargs", FACADE_STEP_CASES, ids=[c[0] + str(i) for i, c in enumerate(FACADE_STEP_CASES)])
+def test_facade_step_refuses_without_changes(facade, argument, kwargs):
+    trainer, torch_model, _ = facade
+    before = facade_snapshot(trainer, torch_model)
+    with pytest.raises((ValueError, TypeError)) as err:
+        trainer.step(**kwargs)
+    assert argument in str(err.value), str(err.value)
+    after = facade_snapshot(trainer, torch_model)
+    assert before["facade"] == after["facade"]
+    for a, b in zip(before.pop("torch"), after.pop("torch")):
+        assert torch.equal(a, b)
+    before.pop("facade"), after.pop("facade")
+    assert_same(before, after)
+
+
+def test_facade_constructor_refuses(facade, mesh, tmp_path):
+    from transformers import TrainingArguments
+
+    from compat import IterativeSFTTrainer
+
+    _, torch_model, args = facade
+    weights = [p.detach().clone() for p in torch_model.parameters()]
+    cases = [
+        ("weight_decay", ValueError, dict(model=torch_model, args=TrainingArguments(
+            output_dir=str(tmp_path), report_to=[], weight_decay=float("nan")))),
+        ("max_grad_norm", ValueError, dict(model=torch_model, args=TrainingArguments(
+            output_dir=str(tmp_path), report_to=[], max_grad_norm=float("nan")))),
+        ("model", ValueError, dict(model=42, args=args)),
+        ("optimizers", TypeError, dict(model=torch_model, args=args, optimizers=3)),
+        ("eval_dataset", ValueError, dict(model=torch_model, args=args, eval_dataset=[[5, -3]])),
+    ]
+    for argument, kind, kwargs in cases:
+        with pytest.raises(kind) as err:
+            IterativeSFTTrainer(mesh=mesh, max_length=16, **kwargs)
+        assert argument in str(err.value), (argument, str(err.value))
+    for a, b in zip(weights, torch_model.parameters()):
+        assert torch.equal(a, b.detach())
+
+
+def test_facade_missing_local_folder_is_not_a_hub_error(mesh, tmp_path):
+    from compat import IterativeSFTTrainer
+
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(FileNotFoundError) as err:
+        IterativeSFTTrainer(missing, mesh=mesh)
+    assert missing in str(err.value) and "repo" not in str(err.value).lower()
