@@ -88,56 +88,64 @@ class IterativeSFTTrainer:
         eval_dataset: Any = None,
         callbacks: Sequence[TrainerCallback] = (),
     ):
-        if not isinstance(model, CausalLM):
-            raise TypeError(
-                f"model must be a jaxsft CausalLM (use jaxsft.from_pretrained(path_or_torch_model)), got "
-                f"{type(model).__name__}."
-            )
-        if config is None:
-            config = TrainConfig()
-        if not isinstance(config, TrainConfig):
-            raise TypeError(f"config must be a jaxsft.TrainConfig, got {type(config).__name__}.")
-        if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
-            raise TypeError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}.")
-        if schedule is not None and not callable(schedule):
-            raise TypeError(f"schedule must be an optax schedule (step -> learning rate), got {type(schedule).__name__}.")
-        if mesh is not None and (not isinstance(mesh, jax.sharding.Mesh) or set(mesh.axis_names) != {"data", "fsdp", "tensor"}):
-            raise TypeError(
-                f"mesh must be a jax Mesh with axes data, fsdp and tensor (build it with jaxsft.make_mesh), got "
-                f"{getattr(mesh, 'axis_names', type(mesh).__name__)}."
-            )
-        if isinstance(callbacks, TrainerCallback) or not isinstance(callbacks, (list, tuple)):
-            raise TypeError(f"callbacks must be a list of jaxsft TrainerCallback objects, got {type(callbacks).__name__}.")
-        for i, callback in enumerate(callbacks):
-            missing = [h for h in ("on_log", "on_step_end", "on_evaluate") if not callable(getattr(callback, h, None))]
-            if missing:
+        error: Optional[Exception] = None
+        try:  # every check before any device work; multi-process: every process learns every verdict
+            if not isinstance(model, CausalLM):
                 raise TypeError(
-                    f"callbacks[{i}] ({type(callback).__name__}) lacks {', '.join(missing)}; subclass "
-                    "jaxsft.trainer.TrainerCallback and override the hooks you need."
+                    f"model must be a jaxsft CausalLM (use jaxsft.from_pretrained(path_or_torch_model)), got "
+                    f"{type(model).__name__}."
                 )
-        self.config = config
-        self._user_model = model
-        self.tokenizer = tokenizer
-        self.eval_dataset = eval_dataset
-        self.callbacks = list(callbacks)
-        self.state = TrainerState()
-        self.spec = model.spec
+            if config is None:
+                config = TrainConfig()
+            if not isinstance(config, TrainConfig):
+                raise TypeError(f"config must be a jaxsft.TrainConfig, got {type(config).__name__}.")
+            if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
+                raise TypeError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}.")
+            if schedule is not None and not callable(schedule):
+                raise TypeError(f"schedule must be an optax schedule (step -> learning rate), got {type(schedule).__name__}.")
+            if mesh is not None and (not isinstance(mesh, jax.sharding.Mesh) or set(mesh.axis_names) != {"data", "fsdp", "tensor"}):
+                raise TypeError(
+                    f"mesh must be a jax Mesh with axes data, fsdp and tensor (build it with jaxsft.make_mesh), got "
+                    f"{getattr(mesh, 'axis_names', type(mesh).__name__)}."
+                )
+            if isinstance(callbacks, TrainerCallback) or not isinstance(callbacks, (list, tuple)):
+                raise TypeError(f"callbacks must be a list of jaxsft TrainerCallback objects, got {type(callbacks).__name__}.")
+            for i, callback in enumerate(callbacks):
+                missing = [h for h in ("on_log", "on_step_end", "on_evaluate") if not callable(getattr(callback, h, None))]
+                if missing:
+                    raise TypeError(
+                        f"callbacks[{i}] ({type(callback).__name__}) lacks {', '.join(missing)}; subclass "
+                        "jaxsft.trainer.TrainerCallback and override the hooks you need."
+                    )
+            self.config = config
+            self._user_model = model
+            self.tokenizer = tokenizer
+            self.eval_dataset = eval_dataset
+            self.callbacks = list(callbacks)
+            self.state = TrainerState()
+            self.spec = model.spec
 
-        self.mesh = mesh if mesh is not None else shd.mesh_of(nnx.state(model))
-        self.buckets = config.buckets(model.spec.max_position_embeddings)
-        self.max_length = self.buckets[-1]
-        if model.spec.position == "learned" and self.max_length > model.spec.max_position_embeddings:
-            raise ValueError(
-                f"TrainConfig.max_length={self.max_length} exceeds the model's learned position table "
-                f"({model.spec.max_position_embeddings} positions, e.g. GPT-2's n_positions): longer sequences have "
-                f"no position embedding. Pass max_length <= {model.spec.max_position_embeddings}."
-            )
-        self.rows = config.per_device_train_batch_size * shd.batch_rows_multiple(self.mesh)
-        self.eval_rows = config.per_device_eval_batch_size * shd.batch_rows_multiple(self.mesh)
-        self._check_tensor_axis()
-        self._xla_options = dict(config.xla_options or {})  # {}: XLA's defaults
-        compile_options.check(self._xla_options)
-        shd.check_batch_split_over_processes(self.mesh)
+            self.mesh = mesh if mesh is not None else shd.mesh_of(nnx.state(model))
+            self.buckets = config.buckets(model.spec.max_position_embeddings)
+            self.max_length = self.buckets[-1]
+            if model.spec.position == "learned" and self.max_length > model.spec.max_position_embeddings:
+                raise ValueError(
+                    f"TrainConfig.max_length={self.max_length} exceeds the model's learned position table "
+                    f"({model.spec.max_position_embeddings} positions, e.g. GPT-2's n_positions): longer sequences have "
+                    f"no position embedding. Pass max_length <= {model.spec.max_position_embeddings}."
+                )
+            self.rows = config.per_device_train_batch_size * shd.batch_rows_multiple(self.mesh)
+            self.eval_rows = config.per_device_eval_batch_size * shd.batch_rows_multiple(self.mesh)
+            self._check_tensor_axis()
+            self._xla_options = dict(config.xla_options or {})  # {}: XLA's defaults
+            compile_options.check(self._xla_options)
+            shd.check_batch_split_over_processes(self.mesh)
+            # Checked now, so that evaluation inside step() (eval_steps) cannot fail after an update.
+            self._eval_examples = None if eval_dataset is None else self._eval_inputs(eval_dataset)
+        except (TypeError, ValueError) as err:
+            error = err
+        timeout = config.agreement_timeout_s if isinstance(config, TrainConfig) else TrainConfig().agreement_timeout_s
+        distributed.agree("IterativeSFTTrainer()", error, {} if error else self._fingerprint(), timeout)
 
         # The training view: the model's arrays under the config's compute options (a derived module;
         # the caller's model keeps its own options).
@@ -166,9 +174,6 @@ class IterativeSFTTrainer:
         self._chunk_size = self._loss_chunk_size()
         self._programs: dict[tuple, Any] = {}
         self._params_version = 0
-        # Checked now, so that evaluation inside step() (eval_steps) cannot fail after an update.
-        self._eval_examples = None if eval_dataset is None else self._eval_inputs(eval_dataset)
-        distributed.agree("IterativeSFTTrainer()", None, self._fingerprint(), config.agreement_timeout_s)
 
     # ------------------------------------------------------------------ public
     @property

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -195,3 +196,161 @@ def test_nan_guard_skips_non_finite_updates(accumulation):
     assert a.step(input_ids=first)["update_losses"] == b.step(input_ids=first)["update_losses"]
     for got, want in zip(leaves(a.params), leaves(b.params)):
         np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------- issue 13: reliability
+def snapshot(trainer):
+    state = trainer.state_dict()
+    return leaves(state["params"]) + leaves(state["opt_state"]), json.dumps(
+        {k: state[k] for k in ("global_step", "rng", "counters", "log_history")}, sort_keys=True)
+
+
+def assert_unchanged(trainer, before):
+    arrays, host = snapshot(trainer)
+    assert host == before[1]
+    for got, want in zip(arrays, before[0]):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A trainer after one call, and a checkpoint of it."""
+    directory = tmp_path_factory.mktemp("saved")
+    trainer = make_trainer()
+    trainer.step(input_ids=calls(5)[0])
+    return trainer, trainer.save_checkpoint(str(directory))
+
+
+def copy_checkpoint(path, tmp_path):
+    import shutil
+
+    target = tmp_path / os.path.basename(path)
+    shutil.copytree(path, target)
+    return str(target)
+
+
+def test_state_dict_round_trip_and_refusals(saved):
+    trainer, _ = saved
+    fresh = make_trainer()
+    before = snapshot(fresh)
+    state = trainer.state_dict()
+    bad_states = {
+        "missing key": {k: v for k, v in state.items() if k != "rng"},
+        "params shape": {**state, "params": jax.tree.map(lambda x: x[..., :1] if x.ndim else x, state["params"])},
+        "opt_state structure": {**state, "opt_state": optax.sgd(1e-3).init(state["params"])},
+        "global_step": {**state, "global_step": -4},
+        "rng": {**state, "rng": {"bit_generator": "PCG64", "state": "garbage"}},
+        "counters": {**state, "counters": {**state["counters"], "total_label_tokens": "many"}},
+        "log_history": {**state, "log_history": "nothing"},
+    }
+    for what, bad in bad_states.items():
+        with pytest.raises(ValueError, match="load_state_dict"):
+            fresh.load_state_dict(bad)
+        assert_unchanged(fresh, before)
+    fresh.load_state_dict(state)
+    assert snapshot(fresh)[1] == snapshot(trainer)[1]
+    second = calls(5)[1]
+    a, b = trainer.step(input_ids=second), fresh.step(input_ids=second)  # trainer's arrays were copied, not shared
+    assert a["update_losses"] == b["update_losses"]
+
+
+def test_tampered_checkpoints_are_refused_before_any_change(saved, tmp_path):
+    trainer, path = saved
+    fresh = make_trainer()
+    before = snapshot(fresh)
+
+    def refused(folder, match):
+        with pytest.raises(ValueError, match=match):
+            fresh.restore_checkpoint(folder)
+        assert_unchanged(fresh, before)
+
+    # A flipped bit in one array's stored values: the per-array checksum catches it (or the reader does).
+    flipped = copy_checkpoint(path, tmp_path / "flip")
+    data = sorted((os.path.getsize(p), p) for p in
+                  (os.path.join(r, f) for r, _, fs in os.walk(os.path.join(flipped, ckpt.ARRAYS_ITEM)) for f in fs))
+    with open(data[-1][1], "r+b") as f:
+        f.seek(data[-1][0] // 2)
+        byte = f.read(1)
+        f.seek(data[-1][0] // 2)
+        f.write(bytes([byte[0] ^ 0x10]))
+    refused(flipped, "checksum|could not be read")
+
+    # A checksum that does not match what was saved (the arrays intact): refused by the checksum alone.
+    wrong = copy_checkpoint(path, tmp_path / "sum")
+    state_file = os.path.join(wrong, ckpt.STATE_ITEM, "metadata")
+    host = json.load(open(state_file))
+    first = sorted(host["arrays"])[0]
+    host["arrays"][first]["checksum"][1] ^= 1
+    json.dump(host, open(state_file, "w"))
+    refused(wrong, rf"do not match the checksums.*{re.escape(first)}")
+
+    # Garbled JSON and a missing host field: refused, though the arrays would load fine.
+    garbled = copy_checkpoint(path, tmp_path / "garbled")
+    with open(os.path.join(garbled, ckpt.STATE_ITEM, "metadata"), "w") as f:
+        f.write('{"format": "jaxsft-trainer-checkpoint/2", "trai')
+    refused(garbled, "damaged trainer_state")
+    missing = copy_checkpoint(path, tmp_path / "missing")
+    state_file = os.path.join(missing, ckpt.STATE_ITEM, "metadata")
+    host = json.load(open(state_file))
+    del host["trainer"]["rng"]
+    json.dump(host, open(state_file, "w"))
+    refused(missing, r"trainer fields \['rng'\] missing")
+
+    fresh.restore_checkpoint(path)  # the untouched original still restores
+    assert fresh.state.global_step == int(path.rsplit("-", 1)[1]) > 0
+
+
+def test_resave_keeps_a_complete_checkpoint_at_every_instant(tmp_path, monkeypatch):
+    """Re-saving step N swaps the new folder in; at each rename a complete checkpoint of step N is found."""
+    trainer = make_trainer()
+    trainer.step(input_ids=calls(6)[0])
+    first = trainer.save_checkpoint(str(tmp_path))
+    seen = []
+    real_replace = os.replace
+
+    def watching(src, dst):
+        seen.append(ckpt.latest_checkpoint(str(tmp_path)))
+        real_replace(src, dst)
+        seen.append(ckpt.latest_checkpoint(str(tmp_path)))
+
+    monkeypatch.setattr(os, "replace", watching)
+    again = trainer.save_checkpoint(str(tmp_path))
+    monkeypatch.undo()
+    assert again == first and seen and all(p is not None and p.startswith(first) for p in seen)
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(first)]
+
+
+def test_keep_last_and_staging_cleanup(tmp_path):
+    trainer = make_trainer(per_device_train_batch_size=12)
+    data = calls(7)
+    paths = []
+    for i in range(4):
+        trainer.step(input_ids=data[i % 2])
+        paths.append(trainer.save_checkpoint(str(tmp_path), keep_last=2))
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in paths[-2:])
+    # Debris of failed or killed saves (orbax temporaries, re-save staging) is removed by the next save.
+    for junk in ("checkpoint-99.orbax-checkpoint-tmp-1234", ".jaxsft-resave-3"):
+        os.makedirs(tmp_path / junk / "arrays")
+    trainer.step(input_ids=data[0])
+    newest = trainer.save_checkpoint(str(tmp_path), keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (paths[-1], newest))
+
+
+def test_disk_full_is_an_oserror_and_leaves_the_old_checkpoint(tmp_path):
+    """A real full file system (a 1 MB tmpfs): OSError(ENOSPC), and the half-written save never counts."""
+    import errno
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        trainer = make_trainer()  # ~0.35 MB of weights, ~1 MB with Adam's moments: the second save overflows
+        trainer.step(input_ids=calls(8)[0])
+        with pytest.raises(OSError) as err:
+            trainer.save_checkpoint(str(mount))
+        assert err.value.errno == errno.ENOSPC and "disk is full" in str(err.value)
+        assert ckpt.latest_checkpoint(str(mount)) is None
+    finally:
+        subprocess.run(["umount", str(mount)])

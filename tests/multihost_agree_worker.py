@@ -1,0 +1,86 @@
+"""One process of the cross-process agreement test (started by tests/test_multihost_agreement.py).
+
+Two processes, one CPU device each, a data=2 mesh over both. In order, every process:
+
+1. builds a trainer whose gradient_accumulation_steps differs on process 1: refused on both;
+2. builds the real trainer and trains one good call;
+3. process 1 passes a negative token id: both processes raise ValueError naming input_ids, nothing changes;
+4. both train a good call again (the processes stay paired: same global_step);
+5. process 1 dies (os._exit); process 0's next step() raises TimeoutError within agreement_timeout_s.
+
+Results go to ``--out/agree{pid}.json``. Imports no jax at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+TIMEOUT_S = 8.0
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--process-id", type=int, required=True)
+    parser.add_argument("--coordinator", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    import jax
+
+    import jaxsft
+
+    pid = args.process_id
+    jaxsft.distributed.initialize(coordinator_address=args.coordinator, num_processes=2, process_id=pid)
+    mesh = jaxsft.make_mesh(2, 1, 1)
+    model = jaxsft.from_pretrained(args.model, mesh=mesh)
+    report: dict = {}
+
+    def config(**overrides):
+        settings = dict(learning_rate=1e-3, per_device_train_batch_size=2, logging_steps=1, max_length=16,
+                        length_buckets=(16,), disable_tqdm=True, seed=1, agreement_timeout_s=TIMEOUT_S)
+        return jaxsft.TrainConfig(**{**settings, **overrides})
+
+    def attempt(name, fn):
+        try:
+            fn()
+            report[name] = None
+        except Exception as err:  # recorded and compared by the test
+            report[name] = [type(err).__name__, isinstance(err, ValueError), str(err)]
+
+    attempt("mismatch", lambda: jaxsft.IterativeSFTTrainer(
+        model, config(gradient_accumulation_steps=1 + pid), mesh=mesh))
+    trainer = jaxsft.IterativeSFTTrainer(model, config(), mesh=mesh)
+    rng = np.random.default_rng(pid)
+    good = lambda: [rng.integers(3, 200, 8) for _ in range(2)]  # noqa: E731
+    trainer.step(input_ids=good())
+    before = [np.asarray(x.addressable_shards[0].data).copy() for x in jax.tree.leaves(trainer.params)]
+    bad = [np.array([5, -7, 9])] + good()[:1] if pid == 1 else good()
+    attempt("bad_input", lambda: trainer.step(input_ids=bad))
+    after = [np.asarray(x.addressable_shards[0].data) for x in jax.tree.leaves(trainer.params)]
+    report["unchanged_after_bad_input"] = all(np.array_equal(a, b) for a, b in zip(before, after))
+    report["step_after_bad_input"] = trainer.state.global_step
+    trainer.step(input_ids=good())
+    report["step_after_retry"] = trainer.state.global_step
+    if pid == 1:
+        Path(args.out, "agree1.json").write_text(json.dumps(report))
+        os._exit(0)  # dies without a word to its peer
+    started = time.monotonic()
+    attempt("dead_peer", lambda: trainer.step(input_ids=good()))
+    report["dead_peer_seconds"] = time.monotonic() - started
+    report["step_after_dead_peer"] = trainer.state.global_step
+    Path(args.out, "agree0.json").write_text(json.dumps(report))
+    sys.stdout.flush()
+    os._exit(0)  # skip the runtime's shutdown barrier, which would wait for the dead peer
+
+
+if __name__ == "__main__":
+    main()
