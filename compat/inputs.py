@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from jaxsft import batching
+
 IGNORE_INDEX = -100
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -65,22 +67,16 @@ def _materialise(x: Any) -> Any:
     return x[:] if _is_column_like(x) else x
 
 
-def _to_numpy(x: Any) -> np.ndarray:
-    """A host copy of any array: torch (any device, with grad), JAX, numpy."""
-    module = type(x).__module__
-    if module.startswith("torch"):
-        x = x.detach().cpu()
-        if str(x.dtype) == "torch.bfloat16":  # numpy has no bf16; the float check below rejects it anyway
-            x = x.float()
-        return x.numpy().copy()
-    return np.array(x, copy=True)
+def _to_numpy(x: Any, where: str) -> np.ndarray:
+    """A host copy of any array: torch (any device, with grad), JAX, numpy (meta/sparse refused by batching)."""
+    return np.array(batching.host_array(x, where), copy=True)
 
 
 def _int_rows(name: str, value: Any, *, mask: bool) -> list[np.ndarray]:
     """One argument → a list of 1-D int32 arrays, or a TypeError/ValueError naming ``name``."""
     fix = f"pass {name} as a list of 1-D integer tensors/arrays/lists, or a 2-D [batch, seq] integer tensor"
     if _is_array_like(value):
-        array = _to_numpy(value)
+        array = _to_numpy(value, name)
         if array.ndim == 1 and array.dtype == object:
             rows = list(array)
         elif array.ndim == 2:
@@ -108,7 +104,7 @@ def _int_row(name: str, index: int, row: Any, *, mask: bool) -> np.ndarray:
         )
     dtype = str(getattr(row, "dtype", "")).replace("torch.", "")  # reported as the caller wrote it
     if _is_array_like(row):
-        array = _to_numpy(row)
+        array = _to_numpy(row, where)
     elif isinstance(row, (list, tuple)):
         if not all(isinstance(v, (int, np.integer)) for v in row):  # bool is an int: allowed for masks below
             bad = next(v for v in row if not isinstance(v, (int, np.integer)))

@@ -705,6 +705,14 @@ def _warn_about_collator(collator: Any) -> None:
 def _load_torch_model(model_id: str, init_kwargs: dict[str, Any]) -> Any:
     from transformers import AutoModelForCausalLM
 
+    if not os.path.isdir(model_id) and (os.path.isabs(model_id) or model_id.startswith((".", "~"))
+                                         or model_id.count("/") > 1 or os.sep + os.sep in model_id):
+        # A path, not a hub id: say the folder is missing (transformers would call it a malformed repo id).
+        raise FileNotFoundError(
+            f"model={model_id!r}: no such local folder. Pass an existing model folder (config.json and safetensors "
+            "weights) or a transformers model instance; jaxsft does not download."
+        )
+
     try:
         return AutoModelForCausalLM.from_pretrained(model_id, **init_kwargs)
     except (OSError, ValueError) as err:

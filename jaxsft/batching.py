@@ -48,7 +48,7 @@ class MicroBatch:
 # input checking
 
 
-def _host_array(value: Any, where: str) -> np.ndarray:
+def host_array(value: Any, where: str) -> np.ndarray:
     """Any array (numpy, JAX, torch on any device) as a host numpy array, with clear errors for torch
     tensors that hold no data (meta device) or are not dense (sparse layouts)."""
     if type(value).__module__.split(".")[0] == "torch":
@@ -70,7 +70,7 @@ def _host_array(value: Any, where: str) -> np.ndarray:
 def _rows(value: Any, name: str) -> list[Any]:
     """Split a list of 1-D sequences or a 2-D array into per-example rows."""
     if not isinstance(value, (np.ndarray, list, tuple)) and hasattr(value, "shape") and hasattr(value, "dtype"):
-        value = _host_array(value, name)  # a 2-D torch or JAX array
+        value = host_array(value, name)  # a 2-D torch or JAX array
     if isinstance(value, np.ndarray):
         if value.ndim != 2:
             raise TypeError(
@@ -92,7 +92,7 @@ def _rows(value: Any, name: str) -> list[Any]:
 
 def _as_int_row(row: Any, name: str, index: int, *, allow_bool: bool = False) -> np.ndarray:
     """One example as int64 (for range checks before the int32 cast)."""
-    arr = _host_array(row, f"{name}[{index}]")
+    arr = host_array(row, f"{name}[{index}]")
     if arr.ndim != 1:
         raise ValueError(
             f"{name}[{index}] must be a 1-D sequence of integers; got shape {arr.shape}. "

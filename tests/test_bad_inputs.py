@@ -283,7 +283,7 @@ def facade(tmp_path_factory, mesh):
 def facade_snapshot(trainer, torch_model):
     snap = snapshot(trainer.core, trainer.jax_model)
     snap["facade"] = (trainer.state.global_step, copy.deepcopy(trainer.state.log_history))
-    snap["torch"] = [p.detach().clone() for p in torch_model.parameters()]
+    snap["torch"] = [v.clone() for v in torch_model.state_dict().values()]
     return snap
 
 
@@ -317,7 +317,7 @@ def test_facade_constructor_refuses(facade, mesh, tmp_path):
     from compat import IterativeSFTTrainer
 
     _, torch_model, args = facade
-    weights = [p.detach().clone() for p in torch_model.parameters()]
+    weights = [v.clone() for v in torch_model.state_dict().values()]  # state_dict() syncs the lazy torch copy
     cases = [
         ("weight_decay", ValueError, dict(model=torch_model, args=TrainingArguments(
             output_dir=str(tmp_path), report_to=[], weight_decay=float("nan")))),
@@ -331,8 +331,8 @@ def test_facade_constructor_refuses(facade, mesh, tmp_path):
         with pytest.raises(kind) as err:
             IterativeSFTTrainer(mesh=mesh, max_length=16, **kwargs)
         assert argument in str(err.value), (argument, str(err.value))
-    for a, b in zip(weights, torch_model.parameters()):
-        assert torch.equal(a, b.detach())
+    for a, b in zip(weights, torch_model.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_facade_missing_local_folder_is_not_a_hub_error(mesh, tmp_path):
