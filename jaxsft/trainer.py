@@ -400,7 +400,8 @@ class IterativeSFTTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything ``step()`` depends on, as one pytree (the one thing checkpoints read and write).
 
-        ``params`` (a pure dict of arrays), ``opt_state``, ``global_step``, ``rng`` (the shuffling
+        ``params`` (a pure dict of the trained arrays: of a LoRA model, its adapters only; the frozen
+        base is not trainer state and comes from its own folder), ``opt_state``, ``global_step``, ``rng`` (the shuffling
         generator's state), ``counters`` and ``log_history``. The arrays are the trainer's own (no copy):
         the next ``step()`` donates them, so copy what you want to keep past it.
         """
