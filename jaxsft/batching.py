@@ -40,8 +40,18 @@ class MicroBatch:
     input_ids: np.ndarray  # int32 [rows, length], right-padded with 0
     attention_mask: np.ndarray  # int32 [rows, length], 1 = real token
     labels: np.ndarray  # int32 [rows, length], -100 at padding and filler rows
-    num_examples: int  # real rows; the rest are zero-weight filler
+    num_examples: int  # real examples; the rest of the rows (or row tails) are zero-weight filler
     num_label_tokens: int
+    # Packed micro-batches only (None otherwise): several examples share a row, end to end.
+    segment_ids: Optional[np.ndarray] = None  # int32 [rows, length]: 1, 2, ... per example in its row, 0 = padding
+    positions: Optional[np.ndarray] = None  # int32 [rows, length]: each example counts from 0
+    # int32 [rows, max_examples + 1]: each row's segment lengths in order, its padding tail as a last
+    # segment, then zeros (what segment-aware attention kernels take instead of ids).
+    segment_lengths: Optional[np.ndarray] = None
+
+    @property
+    def packed(self) -> bool:
+        return self.segment_ids is not None
 
 
 # ---------------------------------------------------------------------------
@@ -324,6 +334,71 @@ def _pack(group: list[Example], rows: int, length: int) -> MicroBatch:
     return MicroBatch(input_ids, attention_mask, labels, num_examples=len(group), num_label_tokens=num_label_tokens)
 
 
+def _pack_segments(group: list[Example], max_rows: int, length: int, row_multiple: int) -> MicroBatch:
+    """Lay a group's examples end to end in rows of ``length`` tokens (first-fit, longest first).
+
+    The row count is ``row_multiple`` times a power of two (at most ``max_rows``), so the set of
+    compiled shapes stays small and every device gets whole rows. Each example keeps its own
+    positions (from 0) and segment id; its first label is set to -100, because in a packed row
+    the token before it belongs to another example (unpacked, position 0 is never a target
+    either), so the shifted loss never crosses a boundary and the label count is unchanged.
+    """
+    order = sorted(range(len(group)), key=lambda i: -group[i].input_ids.shape[0])
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = group[i].input_ids.shape[0]
+        target = next((b for b, room in enumerate(free) if room >= n), None)
+        if target is None:
+            bins.append([])
+            free.append(length)
+            target = len(bins) - 1
+        bins[target].append(i)
+        free[target] -= n
+    rows = row_multiple
+    while rows < len(bins):
+        rows *= 2
+    rows = min(rows, max_rows)
+    input_ids = np.zeros((rows, length), np.int32)
+    attention_mask = np.zeros((rows, length), np.int32)
+    labels = np.full((rows, length), IGNORE_INDEX, np.int32)
+    segment_ids = np.zeros((rows, length), np.int32)
+    positions = np.zeros((rows, length), np.int32)
+    for r, members in enumerate(bins):
+        start = 0
+        for segment, i in enumerate(sorted(members), start=1):  # in group order within a row
+            ex = group[i]
+            n = ex.input_ids.shape[0]
+            span = slice(start, start + n)
+            input_ids[r, span] = ex.input_ids
+            attention_mask[r, span] = 1
+            labels[r, span] = ex.labels
+            labels[r, start] = IGNORE_INDEX
+            segment_ids[r, span] = segment
+            positions[r, span] = np.arange(n, dtype=np.int32)
+            start += n
+    num_label_tokens = int(np.count_nonzero(labels != IGNORE_INDEX))
+    return MicroBatch(
+        input_ids, attention_mask, labels, num_examples=len(group), num_label_tokens=num_label_tokens,
+        segment_ids=segment_ids, positions=positions, segment_lengths=segment_table(segment_ids, max_rows),
+    )
+
+
+def segment_table(segment_ids: np.ndarray, max_examples: int) -> np.ndarray:
+    """[rows, max_examples + 1]: each row's segment lengths (ids 1..k), its padding tail, then zeros.
+
+    Padding (id 0) only ever ends a row, so counting ids recovers the layout.
+    """
+    table = np.zeros((segment_ids.shape[0], max_examples + 1), np.int32)
+    for r, row in enumerate(segment_ids):
+        counts = np.bincount(row, minlength=1)
+        k = len(counts) - 1
+        table[r, :k] = counts[1:]
+        if counts[0]:
+            table[r, k] = counts[0]
+    return table
+
+
 def plan_microbatches(
     examples: Sequence[Example],
     *,
@@ -331,11 +406,16 @@ def plan_microbatches(
     buckets: tuple[int, ...],
     rng: np.random.Generator,
     shuffle: bool = True,
+    pack: bool = False,
+    row_multiple: int = 1,
 ) -> list[MicroBatch]:
     """Shuffle once, cut into groups of ``rows``, pad each group to its smallest fitting bucket.
 
     A short last group is filled with all-padding rows (mask 0, labels -100)
     so every micro-batch has the compiled shape but the filler carries no weight.
+    With ``pack`` each group (the same examples as unpacked, so updates, shuffling and
+    losses do not change) is laid end to end into as few rows of its bucket as fit,
+    rounded up to ``row_multiple`` times a power of two (``row_multiple`` must divide ``rows``).
     """
     if not isinstance(rows, (int, np.integer)) or rows < 1:
         raise ValueError(f"rows={rows!r} must be a positive integer (the per-device batch size times devices).")
@@ -344,13 +424,15 @@ def plan_microbatches(
         raise ValueError(f"buckets={buckets!r} must be strictly ascending positive integers, e.g. (64, 128, 256).")
     if not examples:
         raise ValueError("examples is empty; there is nothing to train on.")
+    if pack and (not isinstance(row_multiple, (int, np.integer)) or row_multiple < 1 or rows % row_multiple):
+        raise ValueError(f"row_multiple={row_multiple!r} must be a positive integer dividing rows={rows}.")
     order = rng.permutation(len(examples)) if shuffle else np.arange(len(examples))
     ordered = [examples[int(i)] for i in order]
     batches = []
     for start in range(0, len(ordered), rows):
         group = ordered[start : start + rows]
         length = _bucket_for(max(ex.input_ids.shape[0] for ex in group), buckets)
-        batches.append(_pack(group, rows, length))
+        batches.append(_pack_segments(group, rows, length, row_multiple) if pack else _pack(group, rows, length))
     return batches
 
 

@@ -157,48 +157,67 @@ def global_sum(value: int) -> int:
     return int(_allgather(np.asarray([value], np.int64)).sum())
 
 
-def agree_on_microbatches(microbatches: list, rows: int) -> list:
-    """Make every process hold the same number of micro-batches with the same bucket lengths."""
+def agree_on_microbatches(microbatches: list, rows: int, packed: bool = False) -> list:
+    """Make every process hold the same number of micro-batches with the same shapes.
+
+    Lengths are agreed per micro-batch (the longest bucket wins); packed micro-batches also
+    agree on their row count (the most rows win, the others get filler rows).
+    """
     if jax.process_count() == 1:
         return microbatches
     counts = _allgather(np.asarray([len(microbatches)], np.int64)).reshape(-1)
     target_count = int(counts.max())
     if target_count == 0:  # no process had examples this call
         return []
-    lengths = np.zeros((target_count,), np.int64)
-    lengths[: len(microbatches)] = [mb.input_ids.shape[1] for mb in microbatches]
-    target_lengths = _allgather(lengths).max(axis=0)
+    shapes = np.zeros((target_count, 2), np.int64)
+    shapes[: len(microbatches)] = [mb.input_ids.shape[::-1] for mb in microbatches]
+    target = _allgather(shapes).max(axis=0)
     agreed = []
-    for i, length in enumerate(target_lengths):
+    for i, (length, mb_rows) in enumerate(target):
+        mb_rows = int(mb_rows) if packed else rows
         if i < len(microbatches):
-            agreed.append(repad(microbatches[i], int(length)))
+            agreed.append(repad(microbatches[i], int(length), mb_rows))
         else:
-            agreed.append(empty_microbatch(rows, int(length)))
+            agreed.append(empty_microbatch(mb_rows, int(length), packed, max_examples=rows))
     return agreed
 
 
-def repad(mb, length: int):
-    """Right-pad a micro-batch to a longer bucket (zero weight on the new columns)."""
+def repad(mb, length: int, rows: Optional[int] = None):
+    """Right-pad a micro-batch to a longer bucket and more rows (zero weight on what is added)."""
     extra = length - mb.input_ids.shape[1]
-    if extra == 0:
+    extra_rows = 0 if rows is None else rows - mb.input_ids.shape[0]
+    if extra == 0 and extra_rows == 0:
         return mb
-    pad = ((0, 0), (0, extra))
+    pad = ((0, extra_rows), (0, extra))
+    packed_fields = {}
+    if mb.packed:
+        segment_ids = np.pad(mb.segment_ids, pad)
+        packed_fields = {
+            "segment_ids": segment_ids,
+            "positions": np.pad(mb.positions, pad),
+            "segment_lengths": batching.segment_table(segment_ids, mb.segment_lengths.shape[1] - 1),
+        }
     return dataclasses.replace(
         mb,
         input_ids=np.pad(mb.input_ids, pad),
         attention_mask=np.pad(mb.attention_mask, pad),
         labels=np.pad(mb.labels, pad, constant_values=-100),
+        **packed_fields,
     )
 
 
-def empty_microbatch(rows: int, length: int):
+def empty_microbatch(rows: int, length: int, packed: bool = False, max_examples: int = 0):
     """A micro-batch of filler rows only: it runs the same program and contributes nothing."""
+    zeros = np.zeros((rows, length), np.int32)
     return batching.MicroBatch(
-        input_ids=np.zeros((rows, length), np.int32),
-        attention_mask=np.zeros((rows, length), np.int32),
+        input_ids=zeros,
+        attention_mask=zeros,
         labels=np.full((rows, length), -100, np.int32),
         num_examples=0,
         num_label_tokens=0,
+        segment_ids=zeros if packed else None,
+        positions=zeros if packed else None,
+        segment_lengths=batching.segment_table(zeros, max_examples) if packed else None,
     )
 
 

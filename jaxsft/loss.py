@@ -4,11 +4,13 @@ Returns the *sum* of token losses and the number of target tokens, because the
 trainer divides by the token count of a whole update (all its micro-batches),
 not of one micro-batch.
 
-With ``chunk_size`` the [tokens, vocab] fp32 logits are never materialised at
-once: tokens are processed in chunks under ``lax.scan``, and the gradient with
-respect to hidden states and unembedding is computed in the same pass (a
-``custom_vjp``), so the backward pass neither stores logits nor recomputes the
-lm_head matmul; it only scales the saved gradients by the incoming cotangent.
+The gradient with respect to hidden states and unembedding is computed in the
+forward pass itself (a ``custom_vjp``): the loss is the last operation, so its
+cotangent is a scalar and the backward pass only scales the saved gradients; it
+neither stores logits nor recomputes the lm_head matmul. ``chunk_size`` bounds
+memory: tokens are processed in chunks of that many under ``lax.scan``, so the
+[tokens, vocab] fp32 logits of more than one chunk never exist at once. Without
+it the whole micro-batch is one chunk.
 """
 
 from __future__ import annotations
@@ -52,11 +54,6 @@ def _token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax
     return (lse - picked) * weight, lse, weight
 
 
-def _full_loss(hidden: jax.Array, w: jax.Array, targets: jax.Array, compute_dtype: Any) -> jax.Array:
-    losses, _, _ = _token_losses(_logits(hidden, w, compute_dtype), targets)
-    return jnp.sum(losses)
-
-
 # --- chunked path -----------------------------------------------------------
 
 
@@ -84,6 +81,18 @@ def _from_chunks(d_c: jax.Array, n_tok: int) -> jax.Array:
     return d_c.swapaxes(0, 1).reshape(shards, n_chunks * chunk, width)[:, :n_tok]
 
 
+def _scan_or_call(body, init, xs):
+    """``lax.scan`` over the leading axis, or one direct call when there is a single chunk.
+
+    A one-trip loop still costs its carry copies and blocks fusion across its boundary; the
+    common case (a whole micro-batch in one chunk) should compile to straight-line code.
+    """
+    if jax.tree.leaves(xs)[0].shape[0] == 1:
+        carry, y = body(init, jax.tree.map(lambda x: x[0], xs))
+        return carry, jax.tree.map(lambda x: x[None], y)
+    return jax.lax.scan(body, init, xs)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _chunked_loss(h: jax.Array, w: jax.Array, t: jax.Array, chunk: int, compute_dtype: Any) -> jax.Array:
     """Loss only (used when nobody differentiates, e.g. evaluation). h: [S, N, H], t: [S, N]."""
@@ -95,12 +104,17 @@ def _chunked_loss(h: jax.Array, w: jax.Array, t: jax.Array, chunk: int, compute_
         losses, _, _ = _token_losses(_logits(h_i, w_c, compute_dtype), t_i)
         return total + jnp.sum(losses), None
 
-    total, _ = jax.lax.scan(body, _varying_like(jnp.zeros((), jnp.float32), h, w), (h_c, t_c))
+    total, _ = _scan_or_call(body, _varying_like(jnp.zeros((), jnp.float32), h, w), (h_c, t_c))
     return total
 
 
 def _chunked_fwd(h, w, t, chunk, compute_dtype):
-    """Loss plus d(loss)/d(hidden) and d(loss)/d(unembedding), chunk by chunk."""
+    """Loss plus d(loss)/d(hidden) and d(loss)/d(unembedding), chunk by chunk.
+
+    The logits' cotangent is formed in ``compute_dtype`` (bf16 under mixed precision), so both
+    gradient matmuls run at the low-precision matmul rate with fp32 accumulation, as the
+    forward one does.
+    """
     h_c, t_c = _to_chunks(h, t, chunk)
     w_c = w.astype(compute_dtype)
     shards, vocab = h.shape[0], w.shape[0]
@@ -115,13 +129,18 @@ def _chunked_fwd(h, w, t, chunk, compute_dtype):
         d_logits = ((probs - one_hot) * weight[..., None]).astype(compute_dtype)
         d_h = jnp.einsum("scv,vh->sch", d_logits, w_c, preferred_element_type=jnp.float32)
         # Per-shard partial sums: no cross-device reduction inside the loop.
-        d_w = d_w + jnp.einsum("scv,sch->svh", d_logits, h_i.astype(compute_dtype), preferred_element_type=jnp.float32)
+        d_w_i = jnp.einsum("scv,sch->svh", d_logits, h_i.astype(compute_dtype), preferred_element_type=jnp.float32)
+        d_w = d_w_i if d_w is None else d_w + d_w_i
         return (total + jnp.sum(losses), d_w), d_h.astype(h.dtype)
 
-    # Each shard's partial sum stays on the devices holding that shard (no reduction inside the loop).
-    d_w0 = constrain(jnp.zeros((shards, *w.shape), jnp.float32), ("batch", "vocab", None))
-    init = (_varying_like(jnp.zeros((), jnp.float32), h, w), _varying_like(d_w0, h, w))
-    (total, d_w), d_h_c = jax.lax.scan(body, init, (h_c, t_c))
+    total0 = _varying_like(jnp.zeros((), jnp.float32), h, w)
+    if h_c.shape[0] == 1:
+        # One chunk: the gradient is written once, with no zero-initialised accumulator to re-read.
+        (total, d_w), d_h_c = _scan_or_call(body, (total0, None), (h_c, t_c))
+    else:
+        # Each shard's partial sum stays on the devices holding that shard (no reduction inside the loop).
+        d_w0 = constrain(jnp.zeros((shards, *w.shape), jnp.float32), ("batch", "vocab", None))
+        (total, d_w), d_h_c = jax.lax.scan(body, (total0, _varying_like(d_w0, h, w)), (h_c, t_c))
     d_h = _from_chunks(d_h_c, h.shape[1])
     return total, (d_h, jnp.sum(d_w, axis=0).astype(w.dtype))
 
@@ -175,11 +194,9 @@ def causal_lm_loss(
 
 
 def _loss_sum(hidden, unembedding, targets, chunk_size, compute_dtype, num_shards):
-    if chunk_size is None:
-        return _full_loss(hidden, unembedding, targets, compute_dtype)
     batch, length, width = hidden.shape
     per_shard = batch // num_shards * length
-    chunk = min(int(chunk_size), per_shard)
+    chunk = per_shard if chunk_size is None else min(int(chunk_size), per_shard)
     return _chunked_loss(
         hidden.reshape(num_shards, per_shard, width),
         unembedding,

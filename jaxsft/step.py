@@ -36,8 +36,12 @@ def make_loss_fn(
 
     def loss_fn(params, batch: Batch, frozen=()):
         model = nnx.merge(graphdef, params, *frozen)
-        # Micro-batches are right-padded, so causal attention alone isolates padding.
-        hidden = model.hidden_states(batch["input_ids"], dropout_rng=batch.get("dropout_rng"))
+        # Micro-batches are right-padded, so causal attention alone isolates padding; packed
+        # ones carry segment ids (attention stays within an example) and per-example positions.
+        hidden = model.hidden_states(
+            batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+            segment_lengths=batch.get("segment_lengths"), dropout_rng=batch.get("dropout_rng"),
+        )
         return causal_lm_loss(
             hidden,
             model.unembedding(),

@@ -233,9 +233,12 @@ class IterativeSFTTrainer:
         distributed.agree("step()", error, self._fingerprint(), self.config.agreement_timeout_s)
         started = time.perf_counter()
         microbatches = batching.plan_microbatches(
-            examples, rows=self.rows // jax.process_count(), buckets=self.buckets, rng=self._rng
+            examples, rows=self.rows // jax.process_count(), buckets=self.buckets, rng=self._rng,
+            pack=self.config.packing, row_multiple=max(1, self._shards // jax.process_count()),
         ) if examples else []  # multi-process: this process has nothing this call (filler micro-batches below)
-        microbatches = distributed.agree_on_microbatches(microbatches, self.rows // jax.process_count())
+        microbatches = distributed.agree_on_microbatches(
+            microbatches, self.rows // jax.process_count(), packed=self.config.packing
+        )
         updates = batching.group_into_updates(microbatches, self.config.gradient_accumulation_steps)
         totals = distributed.global_label_counts(updates)
 
@@ -509,10 +512,14 @@ class IterativeSFTTrainer:
             # Drawn from the checkpointed shuffling RNG, so a resumed run drops the same activations.
             seed = int(self._rng.integers(0, 2**31 - 1))
             batch["dropout_rng"] = jax.device_put(jax.random.PRNGKey(seed), shd.replicated(self.mesh))
+        if mb.packed:
+            batch["segment_ids"] = shd.place_batch(mb.segment_ids, self.mesh)
+            batch["positions"] = shd.place_batch(mb.positions, self.mesh)
+            batch["segment_lengths"] = shd.place_batch(mb.segment_lengths, self.mesh)
         return batch
 
     def _program(self, kind: str, batch: dict, build: Callable[[], Any]):
-        key = (kind, tuple(batch["input_ids"].shape)) if batch is not None else (kind,)
+        key = (kind, tuple(batch["input_ids"].shape), "segment_ids" in batch) if batch is not None else (kind,)
         if key not in self._programs:
             self._programs[key] = build()
         return self._programs[key]
@@ -654,15 +661,17 @@ class IterativeSFTTrainer:
         return tqdm(total=total, desc="jaxsft step", unit="update", leave=False)
 
     # ------------------------------------------------------------------ setup helpers
-    def _loss_chunk_size(self) -> Optional[int]:
-        """Chunk the lm_head + loss over tokens only when full fp32 logits would be large."""
+    def _loss_chunk_size(self) -> int:
+        """Tokens per chunk of the fused lm_head + loss: as many as ``loss_chunk_bytes`` of fp32 logits allow.
+
+        A power of two (at least 256), never more than one device's micro-batch tokens, where the
+        whole micro-batch is a single chunk with no accumulator.
+        """
         if self.config.loss_chunk_size is not None:
             return self.config.loss_chunk_size
         tokens_per_device = self.config.per_device_train_batch_size * self.max_length
-        if tokens_per_device * self.spec.vocab_size * 4 <= self.config.loss_chunk_bytes:
-            return None
-        per_chunk = max(256, (1 << 28) // (4 * self.spec.vocab_size))
-        return 1 << int(math.log2(per_chunk))
+        fitting = max(256, self.config.loss_chunk_bytes // (4 * self.spec.vocab_size))
+        return min(tokens_per_device, 1 << int(math.log2(fitting)))
 
     def _check_tensor_axis(self) -> None:
         tensor = self.mesh.shape["tensor"]

@@ -176,6 +176,8 @@ class CausalLM(nnx.Module):
         attention_mask: Optional[jax.Array] = None,
         positions: Optional[jax.Array] = None,
         dropout_rng: Optional[jax.Array] = None,
+        segment_ids: Optional[jax.Array] = None,
+        segment_lengths: Optional[jax.Array] = None,
     ) -> jax.Array:
         """Final-norm hidden states [B, T, H].
 
@@ -183,12 +185,25 @@ class CausalLM(nnx.Module):
         (causal attention alone keeps real tokens from seeing padding), which lets
         the GPU use cuDNN flash attention. With a mask (left padding, holes),
         positions count real tokens only and padded keys are masked out.
-        ``dropout_rng`` (training only) drives LoRA dropout; without it there is none.
+        ``dropout_rng`` (training only) drives LoRA dropout; without it there is none. With
+        ``segment_ids`` (packed rows: 1, 2, ... per example, 0 = padding, with
+        ``positions`` counting from 0 in each example) a token attends only to
+        earlier tokens of its own example; ``segment_lengths`` (the packer's table, see
+        ``batching.segment_table``) lets the GPU run that as cuDNN flash attention.
         """
         input_ids = jnp.asarray(input_ids)
         batch, length = input_ids.shape
         mask = None
-        if attention_mask is not None:
+        segments = None
+        if segment_ids is not None:
+            if attention_mask is not None or positions is None:
+                raise ValueError("hidden_states: segment_ids need positions and exclude attention_mask.")
+            segments = L.Segments(jnp.asarray(segment_ids), None if segment_lengths is None else jnp.asarray(segment_lengths))
+            if self.spec.sliding_window is not None:
+                positions = jnp.asarray(positions)
+                within = (positions[:, :, None] - positions[:, None, :]) < self.spec.sliding_window
+                mask = segments.mask() & within[:, None]
+        elif attention_mask is not None:
             attention_mask = jnp.asarray(attention_mask).astype(bool)
             if positions is None:
                 positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
@@ -198,7 +213,7 @@ class CausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         h = self._embed(input_ids, positions)
-        h, _ = self._run_layers(h, positions, mask=mask, causal=True, cache=None, write_index=None, dropout_rng=dropout_rng)
+        h, _ = self._run_layers(h, positions, mask=mask, causal=True, cache=None, write_index=None, dropout_rng=dropout_rng, segments=segments)
         return self._final_norm(h)
 
     def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
@@ -252,7 +267,7 @@ class CausalLM(nnx.Module):
             return L.layer_norm(h, self.final_norm_scale[...], self.final_norm_bias[...], self.spec.norm_eps)
         return L.rms_norm(h, self.final_norm_scale[...], self.spec.norm_eps)
 
-    def _run_layers(self, h, positions, *, mask, causal, cache: Optional[KVCache], write_index, dropout_rng=None):
+    def _run_layers(self, h, positions, *, mask, causal, cache: Optional[KVCache], write_index, dropout_rng=None, segments=None):
         spec, dtype = self.spec, self.dtype
         impl = L.resolve_attention_implementation(self.attention_implementation, dtype)
         rope = L.rope_cos_sin(spec, positions, dtype) if spec.position == "rope" else None
@@ -264,6 +279,7 @@ class CausalLM(nnx.Module):
             out, new_kv = _decoder_block(
                 spec, h, p, rope, mask=mask, causal=causal, impl=impl, layer_cache=layer_cache, write_index=write_index,
                 lora=lora,
+                segments=segments,
             )
             return out, new_kv
 
@@ -272,9 +288,11 @@ class CausalLM(nnx.Module):
 
         if cache is None and not self.scan_layers:
             # Unrolled: longer compiles, but XLA can overlap each layer's gradient
-            # all-reduce with the rest of the backward pass.
-            for i in range(spec.num_layers):
-                h = block(h, {k: v[i] for k, v in params.items()}, None)[0]
+            # all-reduce with the rest of the backward pass. The stacks are split into
+            # layers in one op: the transpose of a split is one concatenate, where per-layer
+            # slices would each transpose to a full-size pad and their sum to a chain of adds.
+            for i, layer in enumerate(_split_layers(params, spec.num_layers)):
+                h = block(h, layer, None)[0]
             return h, None
         if cache is None:
             h, _ = jax.lax.scan(lambda c, p: (block(c, p, None)[0], None), h, params)
@@ -298,7 +316,13 @@ class CausalLM(nnx.Module):
         return h, KVCache(k, v)
 
 
-def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cache, write_index, lora=None):
+def _split_layers(params: dict[str, jax.Array], num_layers: int) -> list[dict[str, jax.Array]]:
+    """Stacked [layers, ...] weights as one dict of per-layer weights per layer."""
+    pieces = {k: jax.lax.split(v, [1] * num_layers, axis=0) for k, v in params.items()}
+    return [{k: pieces[k][i][0] for k in params} for i in range(num_layers)]
+
+
+def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cache, write_index, lora=None, segments=None):
     """One pre-norm transformer block; returns (h, (k_cache, v_cache) or None).
 
     ``lora`` (a static LoraSetup) adds each adapted projection's ``x @ A @ B`` term (lora.adapted).
@@ -329,7 +353,10 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
         new_kv = (k_cache, v_cache)
         k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-    attn = L.attention(q, k, v, mask=mask, causal=causal, sliding_window=spec.sliding_window, implementation=impl)
+    if segments is not None:
+        attn = L.packed_attention(q, k, v, segments, mask=mask, sliding_window=spec.sliding_window, implementation=impl)
+    else:
+        attn = L.attention(q, k, v, mask=mask, causal=causal, sliding_window=spec.sliding_window, implementation=impl)
     o = lora_lib.adapted(jnp.einsum("btnd,ndh->bth", attn, p["o_proj"]), attn, p, "o_proj", lora)
     if spec.o_bias:
         o = o + p["o_bias"]

@@ -7,7 +7,7 @@ that ``jax.checkpoint`` (remat) and ``lax.scan`` can transform freely.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -111,4 +111,68 @@ def attention(
     impl = implementation if mask is None else "xla"
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=causal and mask is None, local_window_size=window, implementation=impl
+    )
+
+
+class Segments(NamedTuple):
+    """Packed rows: which example each token belongs to.
+
+    ``ids`` [B, T]: 1, 2, ... per example in its row, 0 for the padding tail. ``lengths``
+    [B, M] (optional): each row's segment lengths in order, the tail as a last segment,
+    then zeros; the cuDNN kernel takes these instead of ids.
+    """
+
+    ids: jax.Array
+    lengths: Optional[jax.Array] = None
+
+    def mask(self) -> jax.Array:
+        """[B, 1, T, T]: causal and within one segment (padding attends to padding only)."""
+        t = self.ids.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        same = self.ids[:, :, None] == self.ids[:, None, :]
+        return (causal[None] & same)[:, None]
+
+    def cudnn_tables(self) -> tuple[jax.Array, jax.Array]:
+        """(seqlens [B, M], offsets [B, M + 1]) with -1 for absent segments, as cuDNN's ragged layout wants."""
+        lengths = self.lengths
+        present = lengths > 0
+        starts = jnp.cumsum(lengths, axis=1) - lengths
+        seqlens = jnp.where(present, lengths, -1).astype(jnp.int32)
+        offsets = jnp.where(present, starts, -1).astype(jnp.int32)
+        offsets = jnp.concatenate([offsets, jnp.full((lengths.shape[0], 1), -1, jnp.int32)], axis=1)
+        return seqlens, offsets
+
+
+def packed_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segments: Segments,
+    *,
+    mask: Optional[jax.Array],
+    sliding_window: Optional[int],
+    implementation: str,
+) -> jax.Array:
+    """Causal attention within each packed example.
+
+    On GPU with 16-bit inputs and a segment table: cuDNN flash attention over the ragged
+    layout (segment offsets and lengths), which never forms the [T, T] mask. Elsewhere
+    (CPU, TPU, fp32, or a sliding window, whose ``mask`` the caller built): XLA attention
+    with the segment mask.
+    """
+    if implementation == "cudnn" and segments.lengths is not None and mask is None and sliding_window is None:
+        return _cudnn_ragged_attention(q, k, v, segments)
+    full = segments.mask() if mask is None else mask
+    return jax.nn.dot_product_attention(q, k, v, mask=full, implementation="xla")
+
+
+def _cudnn_ragged_attention(q, k, v, segments: Segments) -> jax.Array:
+    # jax.nn.dot_product_attention does not expose cuDNN's packed (ragged) layout; its own
+    # cuDNN module does. Only reached on GPU (resolve_attention_implementation), never on CPU/TPU.
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention as cudnn_attention
+
+    seqlens, offsets = segments.cudnn_tables()
+    return cudnn_attention(
+        q, k, v, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets, kv_offsets=offsets,
+        scale=1.0 / math.sqrt(q.shape[-1]), mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
     )
