@@ -1,0 +1,311 @@
+#!/usr/bin/env python3
+"""Training speed on one GPU: TRL 0.23.1 (eager and torch_compile) beside jaxsft (native and the compat facade).
+
+Every configuration runs in its own process, in one call of this script, so the ratios compare runs of the
+same machine. Two workloads, both as ``step()`` calls of 64 examples, micro-batch 8, one AdamW update per
+micro-batch, bf16 compute with fp32 master weights and Adam state, clipping at 1.0:
+
+* fixed: 64 random sequences of 512 tokens per call (the TRL baseline workload);
+* ragged: 64 examples per call with seeded log-normal lengths (median 180, sigma 0.9, clipped to
+  16...1024; call i uses numpy's default_rng(100 + i)), as a generate-filter loop produces them.
+
+Speed is real (non-padding) tokens per second over the timed calls. MFU = (6 N + 12 L H S) x tokens/s /
+the bf16 matmul peak measured in the same run on random data (torch, 8192^3). N counts non-embedding
+parameters plus the lm_head matmul; S is 512 for fixed and each example's own length for ragged (the
+attention term is averaged per real token). TRL runs from carried wheels (trl 0.23.1, datasets, dill,
+multiprocess; see ../shared/reference/trl_gpu_baseline.md); TRL needs a tokenizer even for token inputs,
+so a tiny byte-level BPE is trained offline.
+
+    python benchmarks/bench_speed.py --shapes qwen05 --impls trl,jaxsft --workloads fixed,ragged
+    python benchmarks/bench_speed.py --shapes tiny --impls jaxsft,compat,trl --cpu   # smoke test
+    python benchmarks/bench_speed.py --worker jaxsft --shape qwen05 --workload fixed --options '{"scan_layers": false}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+SHAPES = {
+    # name: (model_type, hidden, intermediate, layers, heads, kv_heads, vocab)  all tied
+    "tiny": ("qwen2", 64, 128, 2, 4, 2, 1024),
+    "smol": ("llama", 576, 1536, 30, 9, 3, 49152),
+    "qwen05": ("qwen2", 896, 4864, 24, 14, 2, 151936),
+    "qwen15": ("qwen2", 1536, 8960, 28, 12, 2, 151936),
+}
+CALLS = {"fixed": (2, 5), "ragged": (3, 5)}  # (warm-up, timed) step() calls
+EXAMPLES, MICRO_BATCH, SEQ, MAX_LEN = 64, 8, 512, 1024
+
+
+# ------------------------------------------------------------------------------------------- workload
+def workload(name: str, vocab: int) -> list[list]:
+    """The calls: lists of 1-D int arrays (ids >= 3, so none is a pad, bos or eos id)."""
+    import numpy as np
+
+    warm, timed = CALLS[name]
+    calls = []
+    for i in range(warm + timed):
+        rng = np.random.default_rng(100 + i)
+        if name == "fixed":
+            lengths = np.full(EXAMPLES, SEQ)
+        else:
+            lengths = np.clip(np.round(np.exp(rng.normal(np.log(180), 0.9, EXAMPLES))), 16, MAX_LEN).astype(int)
+        calls.append([rng.integers(3, min(vocab, 8192), int(n)).astype(np.int64) for n in lengths])
+    return calls
+
+
+def hf_config(shape: str):
+    import transformers as tf
+
+    model_type, hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
+    cls = tf.Qwen2Config if model_type == "qwen2" else tf.LlamaConfig
+    return cls(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096, tie_word_embeddings=True,
+        use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+
+
+def flops_per_token(shape: str, attended: float) -> float:
+    """6 N + 12 L H S with N = non-embedding parameters + the lm_head matmul (tied: the table once)."""
+    model_type, hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
+    head_dim = hidden // heads
+    attn = hidden * head_dim * (2 * heads + 2 * kv) + (head_dim * (heads + 2 * kv) if model_type == "qwen2" else 0)
+    mlp = 3 * hidden * inter
+    norms = 2 * hidden
+    n = layers * (attn + mlp + norms) + hidden + vocab * hidden
+    return 6 * n + 12 * layers * hidden * attended
+
+
+def attended_length(calls: list[list]) -> float:
+    """Mean attention span per real token: each example's own length, weighted by its tokens."""
+    lengths = [len(x) for call in calls for x in call]
+    return sum(n * n for n in lengths) / sum(lengths)
+
+
+def tokenizer():
+    """A tiny byte-level BPE trained offline (TRL's collator insists on a tokenizer with a pad token)."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))) for _ in range(500)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        [" ".join(rng.choice(words) for _ in range(50)) for _ in range(200)],
+        trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<bos>", "<eos>"], show_progress=False),
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+# ------------------------------------------------------------------------------------------- workers
+def _timed(step, calls, sync) -> tuple[list[float], list[float]]:
+    times, losses = [], []
+    for call in calls:
+        sync()
+        t = time.perf_counter()
+        stats = step(call)
+        sync()
+        times.append(time.perf_counter() - t)
+        losses.append(float(stats["loss"]) if isinstance(stats, dict) else float("nan"))  # TRL's step() returns None
+    return times, losses
+
+
+def _torch_model(shape: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = hf_config(shape)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    return model
+
+
+def _trl_args(cls, w: str, cpu: bool, **extra):
+    return cls(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=MICRO_BATCH, learning_rate=1e-5,
+        logging_steps=1000, report_to=[], save_strategy="no", bf16=not cpu, use_cpu=cpu, max_steps=1000,
+        gradient_checkpointing=False, max_length=SEQ if w == "fixed" else MAX_LEN, disable_tqdm=True, **extra,
+    )
+
+
+def run_trl(shape: str, w: str, cpu: bool, compile_: bool, facade: bool) -> dict:
+    """TRL 0.23.1's IterativeSFTTrainer, or the same script with one import changed to jaxsft's compat."""
+    import torch
+
+    if facade:
+        from compat import IterativeSFTConfig, IterativeSFTTrainer
+    else:
+        from trl import IterativeSFTConfig, IterativeSFTTrainer
+    device = "cpu" if cpu else "cuda"
+    model = _torch_model(shape, device)
+    extra = {"torch_compile": True} if compile_ else {}
+    trainer = IterativeSFTTrainer(model=model, args=_trl_args(IterativeSFTConfig, w, cpu, **extra), processing_class=tokenizer())
+    calls = workload(w, model.config.vocab_size)
+    tensors = [[torch.from_numpy(x) for x in call] for call in calls]
+    if not cpu:
+        torch.cuda.reset_peak_memory_stats()
+    if facade:
+        import jax
+
+        def sync():
+            jax.block_until_ready(jax.tree.leaves(trainer.core.params))
+    else:
+        sync = torch.cuda.synchronize if not cpu else (lambda: None)
+    step = lambda b: trainer.step(input_ids=b, attention_mask=[torch.ones_like(x) for x in b], labels=b)  # noqa: E731
+    times, losses = _timed(step, tensors, sync)
+    peak = 0.0
+    if facade:
+        import jax
+
+        peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
+    if not cpu:
+        peak += torch.cuda.max_memory_allocated() / 2**30
+    return _summary(w, calls, times, losses, peak)
+
+
+def run_jaxsft(shape: str, w: str, cpu: bool, options: dict, model_options: dict) -> dict:
+    import jax
+
+    import jaxsft
+    from jaxsft.models.spec import ModelSpec
+
+    mesh = jaxsft.single_device_mesh()
+    model = jaxsft.init_model(ModelSpec.from_hf_config(hf_config(shape)), mesh=mesh, seed=0, **model_options)
+    cfg = jaxsft.TrainConfig(**{
+        "learning_rate": 1e-5, "lr_scheduler_type": "constant", "per_device_train_batch_size": MICRO_BATCH,
+        "max_length": SEQ if w == "fixed" else MAX_LEN, "bf16": not cpu, "logging_steps": 0, "disable_tqdm": True,
+        "weight_decay": 0.0, "max_grad_norm": 1.0, **({"length_buckets": (SEQ,)} if w == "fixed" else {}), **options,
+    })
+    trainer = jaxsft.IterativeSFTTrainer(model, cfg, mesh=mesh)
+    calls = workload(w, model.spec.vocab_size)
+    times, losses = _timed(lambda b: trainer.step(input_ids=b), calls, lambda: jax.block_until_ready(trainer.params))
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
+    return _summary(w, calls, times, losses, peak, compiled=trainer.compiled_shapes)
+
+
+def _summary(w: str, calls, times, losses, peak_gib, **extra) -> dict:
+    warm, _ = CALLS[w]
+    real = sum(len(x) for call in calls[warm:] for x in call)
+    return {
+        "tokens_per_s": real / sum(times[warm:]), "first_step_s": times[0], "call_s": times, "losses": losses,
+        "peak_gib": peak_gib, "attended": attended_length(calls[warm:]), **extra,
+    }
+
+
+def run_peak(cpu: bool) -> dict:
+    """bf16 matmul peak on random data (zeros or ones would flatter it), torch, median of 10."""
+    import torch
+
+    if cpu:
+        return {"tflops": float("nan")}
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    samples = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    samples.sort()
+    return {"tflops": 2 * 8192**3 / samples[len(samples) // 2] / 1e12, "device": torch.cuda.get_device_name(0)}
+
+
+def worker(args) -> dict:
+    if args.worker == "peak":
+        return run_peak(args.cpu)
+    if args.worker in ("trl", "trl_compile", "compat"):
+        return run_trl(args.shape, args.workload, args.cpu, args.worker == "trl_compile", args.worker == "compat")
+    return run_jaxsft(args.shape, args.workload, args.cpu, json.loads(args.options), json.loads(args.model_options))
+
+
+# ------------------------------------------------------------------------------------------- driver
+def spawn(args, impl: str, shape: str, w: str, options: str = "{}", model_options: str = "{}", timeout: int = 900) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--shape", shape, "--workload", w,
+           "--options", options, "--model-options", model_options] + (["--cpu"] if args.cpu else [])
+    env = dict(os.environ)
+    if args.cpu:
+        env.setdefault("JAX_PLATFORMS", "cpu")
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout} s"}
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        return {"error": (proc.stderr or proc.stdout)[-1500:]}
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["process_s"] = time.perf_counter() - t
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="smol,qwen05,qwen15")
+    p.add_argument("--impls", default="trl,trl_compile,jaxsft,compat")
+    p.add_argument("--workloads", default="fixed,ragged")
+    p.add_argument("--variants", default="{}", help='JSON {"label": [TrainConfig overrides, model options], ...} of extra jaxsft runs')
+    p.add_argument("--skip", default="", help="comma list of impl:workload pairs not to run, e.g. trl_compile:ragged")
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--shape", default="tiny", help=argparse.SUPPRESS)
+    p.add_argument("--workload", default="fixed", help=argparse.SUPPRESS)
+    p.add_argument("--options", default="{}", help=argparse.SUPPRESS)
+    p.add_argument("--model-options", default="{}", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+
+    peak = spawn(args, "peak", "tiny", "fixed")
+    print(f"bf16 matmul peak (torch, random data): {peak}", flush=True)
+    skip = set(filter(None, args.skip.split(",")))
+    variants = json.loads(args.variants)
+    rows = []
+    for shape in args.shapes.split(","):
+        for w in args.workloads.split(","):
+            plans = [(impl, impl, "{}", "{}") for impl in args.impls.split(",") if f"{impl}:{w}" not in skip]
+            plans += [(label, "jaxsft", json.dumps(o), json.dumps(m)) for label, (o, m) in variants.items()]
+            for label, impl, options, model_options in plans:
+                r = spawn(args, impl, shape, w, options, model_options)
+                r.update(label=label, shape=shape, workload=w)
+                rows.append(r)
+                print(json.dumps({k: v for k, v in r.items() if k not in ("call_s",)})[:1500], flush=True)
+    print_table(rows, peak.get("tflops"))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"peak": peak, "rows": rows}, f, indent=1)
+
+
+def print_table(rows: list[dict], peak_tflops) -> None:
+    print(f"\n| shape | workload | impl | real tokens/s | vs TRL eager | MFU % | first step s | peak GiB | first loss | last loss |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['shape']} | {r['workload']} | {r['label']} | error: {r['error'][-120:]!r} | | | | | | |")
+            continue
+        base = next((b for b in rows if b["shape"] == r["shape"] and b["workload"] == r["workload"]
+                     and b["label"] == "trl" and "error" not in b), None)
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}×" if base else "-"
+        mfu = 100 * flops_per_token(r["shape"], r["attended"]) * r["tokens_per_s"] / (peak_tflops * 1e12) if peak_tflops == peak_tflops and peak_tflops else float("nan")
+        print(f"| {r['shape']} | {r['workload']} | {r['label']} | {r['tokens_per_s']:,.0f} | {ratio} | {mfu:.1f} | "
+              f"{r['first_step_s']:.1f} | {r['peak_gib']:.1f} | {r['losses'][0]:.4f} | {r['losses'][-1]:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
