@@ -1,6 +1,6 @@
 """The torch side of the facade: HF parameter names <-> jaxsft parameters.
 
-Two jobs, both driven by the per-family key tables in ``jaxsft.models.hf_keys``
+Two jobs, both driven by the per-family weight tables in ``jaxsft.models.hf_keys``
 (the same tables that load and save checkpoints, so names and layouts live in one place):
 
 * :class:`TorchWeightSync` copies a jaxsft model's weights into the torch model the
@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from flax import nnx
 
-from jaxsft.models.decoder import CausalLM, layer_param_shapes
-from jaxsft.models.hf_io import expected_hf_shapes, hf_state_dict, top_level_shapes
-from jaxsft.models.hf_keys import normalise_key, rules_for
+from jaxsft.models import weights
+from jaxsft.models.decoder import CausalLM
+from jaxsft.models.hf_io import hf_state_dict, hf_weight_shapes, param_shapes
+from jaxsft.models.hf_keys import table_for
 from jaxsft.models.spec import ModelSpec
 from jaxsft.optim import _key_name
 
@@ -37,15 +38,7 @@ _NUMPY_WRITABLE = {torch.float32: np.float32, torch.float64: np.float64, torch.f
 
 def hf_parameter_names(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Every HF weight name a jaxsft model of ``spec`` fills, with its HF shape (layers expanded)."""
-    shapes = expected_hf_shapes(spec)
-    out: dict[str, tuple[int, ...]] = {}
-    for rule in rules_for(spec):
-        if rule.per_layer:
-            for i in range(spec.num_layers):
-                out[rule.hf.format(i=i)] = shapes[rule.hf]
-        else:
-            out[rule.hf] = shapes[rule.hf]
-    return out
+    return hf_weight_shapes(spec)
 
 
 class TorchWeightSync:
@@ -55,15 +48,15 @@ class TorchWeightSync:
     shape and remembers the parameter objects. Tied weights appear once in ``named_parameters()`` and are
     written once. Parameters keep their dtype and device.
 
-    :meth:`copy_from` does the HF layout change on the accelerator: for every key rule whose ``to_hf`` is
-    a reshape, or a reshape and a transpose (found once by running ``to_hf`` on a small probe, so the
-    tables in ``jaxsft.models.hf_keys`` stay the only place that knows the layouts), a jitted program
-    produces the stacked HF-layout array in the torch dtype, its transfer to the host starts at once, and
-    at most three rules' outputs are alive at a time; the host then only does contiguous copies into the
-    torch tensors. When the torch model sits on the GPU that holds the JAX arrays, the copy goes
-    device-to-device through DLPack instead. On the CPU backend the arrays already are host memory, and
-    ``to_hf`` runs on them directly. Other rules (GPT-2's fused q/k/v) go through ``to_hf`` on the host. Multi-host runs,
-    whose arrays a process cannot read alone, use :func:`jaxsft.models.hf_io.hf_state_dict` (gathered).
+    :meth:`copy_from` does the HF layout change on the accelerator: for every row of the family's weight
+    table, a jitted program runs the row's op (``op.to_hf``, the same reshape/transpose that saving
+    uses, so the tables in ``jaxsft.models.hf_keys`` stay the only place that knows the layouts) over
+    all layers at once and produces the stacked HF-layout array in the torch dtype; its transfer to the
+    host starts at once, and at most three rows' outputs are alive at a time; the host then only does
+    contiguous copies into the torch tensors. When the torch model sits on the GPU that holds the JAX
+    arrays, the copy goes device-to-device through DLPack instead. On the CPU backend the arrays already
+    are host memory, and the ops run on them directly with numpy. Multi-host runs, whose arrays a
+    process cannot read alone, use :func:`jaxsft.models.hf_io.hf_state_dict` (gathered).
     """
 
     def __init__(self, torch_model: torch.nn.Module, spec: ModelSpec):
@@ -71,8 +64,9 @@ class TorchWeightSync:
         self._spec = spec
         self._targets: list[tuple[str, torch.nn.Parameter]] = []
         unknown, misshaped = [], []
+        table = table_for(spec)
         for name, param in torch_model.named_parameters():
-            key = normalise_key(spec, name)
+            key = table.normalise(name)
             if key not in expected:
                 unknown.append(name)
             elif tuple(param.shape) != expected[key]:
@@ -88,16 +82,15 @@ class TorchWeightSync:
                 "pass a plain transformers causal LM of a supported family (no adapters or extra heads)."
             )
         by_key = dict(self._targets)
+        shapes = param_shapes(spec)
         self._plans: list[_Plan] = []
-        for rule in rules_for(spec):
-            keys = [rule.hf.format(i=i) for i in range(spec.num_layers)] if rule.per_layer else [rule.hf]
-            params = [by_key.get(k) for k in keys]
+        for row in table.active(shapes):
+            params = [by_key.get(k) for k in row.keys(shapes)]
             present = [p for p in params if p is not None]
             if not present:
                 continue
-            same_dtype = all(p.dtype == present[0].dtype for p in present)
-            kind = _layout_kind(rule, spec) if same_dtype else None
-            self._plans.append(_Plan(rule, kind, expected[keys[0]], present[0].dtype, params))
+            on_device = all(p.dtype == present[0].dtype for p in present)
+            self._plans.append(_Plan(row, on_device, present[0].dtype, params))
 
     @property
     def names(self) -> list[str]:
@@ -117,11 +110,10 @@ class TorchWeightSync:
         on_gpu: list[Any] = []  # DLPack views torch is still copying from
         with torch.no_grad():
             for plan in self._plans:
-                if plan.kind is None:
+                if not plan.on_device:
                     continue
-                name = plan.rule.ours[0]
-                source = pure["layers"][name] if plan.rule.per_layer else pure[name]
-                out = _device_layout(source, plan.kind, plan.shape, plan.rule.per_layer, _jax_dtype(plan.dtype))
+                sources = tuple(_lookup(pure, path) for path in plan.row.ours)
+                out = _device_layout(sources, plan.row.op, plan.row.per_layer, _jax_dtype(plan.dtype))
                 shard = _same_gpu_shard(out, plan)
                 if shard is not None:  # torch lives on the same GPU: device-to-device, no host round trip
                     on_gpu.append(_write_from_gpu(plan, shard))
@@ -130,74 +122,48 @@ class TorchWeightSync:
                 in_flight.append((plan, out))
                 if len(in_flight) > 3:
                     _write(*in_flight.popleft())
-            for plan in self._plans:  # host layouts, overlapping the transfers queued above
-                if plan.kind is None:
+            for plan in self._plans:  # mixed torch dtypes in one row: per tensor on the host
+                if not plan.on_device:
                     self._write_on_host(plan, pure)
             while in_flight:
                 _write(*in_flight.popleft())
             if on_gpu:
                 torch.cuda.synchronize()  # the copies read JAX's buffers: finish before they can be freed
 
-    def copy_arrays(self, weights: dict[str, np.ndarray]) -> None:
+    def copy_arrays(self, tensors: dict[str, np.ndarray]) -> None:
         """Overwrite the torch parameters from HF-named host arrays (``hf_state_dict`` output)."""
         with torch.no_grad():
             for name, param in self._targets:
-                _copy_into(param, weights[name])
+                _copy_into(param, tensors[name])
 
     def _write_on_host(self, plan: "_Plan", pure: dict[str, Any]) -> None:
-        rule = plan.rule
-        inputs = [np.asarray(pure["layers"][n] if rule.per_layer else pure[n]) for n in rule.ours]
+        row = plan.row
+        inputs = [np.asarray(_lookup(pure, path)) for path in row.ours]
         for index, param in enumerate(plan.params):
             if param is not None:
-                parts = tuple(x[index] for x in inputs) if rule.per_layer else tuple(inputs)
-                _copy_into(param, rule.to_hf(parts, self._spec))
+                parts = [x[index] for x in inputs] if row.per_layer else inputs
+                _copy_into(param, row.op.to_hf(parts))
 
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    rule: Any  # KeyRule
-    kind: Optional[str]  # "reshape" | "transpose" | None (host to_hf)
-    shape: tuple[int, ...]  # HF shape of one tensor
+    row: weights.Row
+    on_device: bool  # one torch dtype for the whole row: one jitted layout program
     dtype: torch.dtype  # the torch parameters' dtype
     params: list  # one torch parameter (or None) per layer, or a single one
 
 
-def _probe_spec(spec: ModelSpec) -> ModelSpec:
-    """The same architecture with small, pairwise different sizes, so a transpose cannot pass for a reshape."""
-    return dataclasses.replace(
-        spec, vocab_size=11, hidden_size=6, intermediate_size=7, num_layers=1, num_heads=2, num_kv_heads=1,
-        head_dim=5, max_position_embeddings=13,
-    )
+def _lookup(pure: dict[str, Any], path: str) -> Any:
+    node = pure
+    for key in path.split("/"):
+        node = node[key]
+    return node
 
 
-def _layout_kind(rule: Any, spec: ModelSpec) -> Optional[str]:
-    """How ``rule.to_hf`` lays out its one input: "reshape", "transpose" (reshape to the transposed HF
-    shape, then transpose) or None (anything else, e.g. several inputs), read off ``to_hf(arange)``."""
-    if len(rule.ours) != 1:
-        return None
-    probe_spec = _probe_spec(spec)
-    shapes = {name: shape for name, (shape, _, _) in layer_param_shapes(probe_spec).items()}
-    shapes.update(top_level_shapes(probe_spec))
-    shape = shapes[rule.ours[0]]
-    flat = np.arange(int(np.prod(shape)))
-    out = np.asarray(rule.to_hf((flat.reshape(shape),), probe_spec))
-    if out.size != flat.size:
-        return None
-    if np.array_equal(out.reshape(-1), flat):
-        return "reshape"
-    if out.ndim == 2 and np.array_equal(out.T.reshape(-1), flat):
-        return "transpose"
-    return None
-
-
-@functools.partial(jax.jit, static_argnames=("kind", "shape", "per_layer", "dtype"))
-def _device_layout(x: jax.Array, kind: str, shape: tuple[int, ...], per_layer: bool, dtype: Any) -> jax.Array:
-    lead = (x.shape[0],) if per_layer else ()
-    if kind == "reshape":
-        y = x.reshape(lead + shape)
-    else:
-        y = jnp.swapaxes(x.reshape(lead + shape[::-1]), -1, -2)
-    return y.astype(dtype)
+@functools.partial(jax.jit, static_argnames=("op", "per_layer", "dtype"))
+def _device_layout(xs: tuple, op: weights.Op, per_layer: bool, dtype: Any) -> jax.Array:
+    """The row's HF layout of ``xs`` (stacked over layers for a per-layer row), in the torch dtype."""
+    return op.to_hf([x.astype(dtype) for x in xs], lead=1 if per_layer else 0)
 
 
 def _jax_dtype(dtype: torch.dtype) -> Any:
@@ -222,7 +188,7 @@ def _same_gpu_shard(out: jax.Array, plan: _Plan) -> Optional[jax.Array]:
 
 def _write_from_gpu(plan: _Plan, array: jax.Array) -> torch.Tensor:
     source = torch.from_dlpack(array)
-    if plan.rule.per_layer:
+    if plan.row.per_layer:
         for index, param in enumerate(plan.params):
             if param is not None:
                 param.copy_(source[index], non_blocking=True)
@@ -233,7 +199,7 @@ def _write_from_gpu(plan: _Plan, array: jax.Array) -> torch.Tensor:
 
 def _write(plan: _Plan, out: jax.Array) -> None:
     host = np.asarray(out)  # waits for this transfer only
-    if plan.rule.per_layer:
+    if plan.row.per_layer:
         for index, param in enumerate(plan.params):
             if param is not None:
                 _copy_into(param, host[index])
@@ -274,24 +240,26 @@ def hf_decay_mask_fn(spec: ModelSpec) -> Callable[[frozenset[str]], Callable[[An
     fused ``c_attn`` fills q/k/v, which then share its choice. Splits that
     cannot be expressed raise ValueError naming the weight.
     """
-    rules = rules_for(spec)
+    table, shapes = table_for(spec), param_shapes(spec)
+    rows = table.active(shapes)
 
     def mask_for(decayed: frozenset[str]) -> Callable[[Any], Any]:
-        decayed = frozenset(normalise_key(spec, n) for n in decayed)
+        decayed = frozenset(table.normalise(n) for n in decayed)
         decision: dict[tuple[str, ...], bool] = {}
-        for rule in rules:
-            keys = [rule.hf.format(i=i) for i in range(spec.num_layers)] if rule.per_layer else [rule.hf]
+        for row in rows:
+            keys = row.keys(shapes)
             flags = {key in decayed for key in keys}
             if len(flags) > 1:
                 on = [k for k in keys if k in decayed]
                 raise ValueError(
-                    f"the optimizer's param groups decay {rule.hf.format(i='*')} in some layers only ({on[:3]}...); "
+                    f"the optimizer's param groups decay {row.hf.replace('{i}', '*')} in some layers only ({on[:3]}...); "
                     "jaxsft stacks each weight over layers, so all layers must share one weight-decay choice. "
                     "Put that weight of every layer in the same param group."
                 )
             flag = flags.pop()
-            for name in rule.ours:
-                key = ("layers", name) if rule.per_layer else (name,)
+            for path in row.ours:
+                key = tuple(path.split("/"))
+                name = key[-1]
                 if decision.setdefault(key, flag) != flag:
                     raise ValueError(
                         f"the optimizer's param groups give {name} two weight-decay choices; put the HF weights "

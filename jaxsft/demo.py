@@ -1,6 +1,6 @@
 """The main demo: expert iteration (rejection-sampling fine-tuning, ReST-style) with a programmatic verifier.
 
-Each round samples several answers per training prompt with :func:`jaxsft.generate`,
+Each round samples several answers per training prompt with ``trainer.generate`` (the trainer's Sampler),
 keeps those the task's verifier accepts, trains on them with
 ``IterativeSFTTrainer.step(texts=prompts, texts_labels=answers)`` (completion-only
 loss) and measures greedy accuracy on held-out prompts. It writes a results table
@@ -100,11 +100,9 @@ def load_model(model: Optional[str], *, dtype=None):
 
 
 # ---------------------------------------------------------------------------- the loop
-def evaluate(model, tokenizer, task: task_lib.Task, problems, max_new_tokens: int) -> tuple[float, list[str], list[bool]]:
-    """Greedy accuracy on ``problems``, with the replies and per-problem verdicts."""
-    from jaxsft.generation import generate
-
-    result = generate(model, tokenizer, task.prompts(problems), max_new_tokens=max_new_tokens, return_tokens=True)
+def evaluate(trainer, task: task_lib.Task, problems, max_new_tokens: int) -> tuple[float, list[str], list[bool]]:
+    """Greedy accuracy on ``problems`` with the trainer's current weights, with the replies and verdicts."""
+    result = trainer.generate(task.prompts(problems), max_new_tokens=max_new_tokens, return_tokens=True)
     correct = [task.verify(t, p, r) for t, p, r in zip(result.texts, problems, result.finish_reasons)]
     return float(np.mean(correct)), result.texts, correct
 
@@ -120,7 +118,7 @@ def run(cfg: DemoConfig, *, model=None, tokenizer=None, task: Optional[task_lib.
     from tqdm.auto import tqdm
 
     import jaxsft
-    from jaxsft.generation import compiled_programs, generate
+    from jaxsft.generation import compiled_programs
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -166,7 +164,7 @@ def run(cfg: DemoConfig, *, model=None, tokenizer=None, task: Optional[task_lib.
     progress = tqdm(total=1 + 3 * cfg.rounds, desc="expert iteration", unit="phase", disable=cfg.quiet)
     t0 = time.perf_counter()
     progress.set_postfix_str("held-out eval")
-    accuracy, replies, correct = evaluate(trainer.model, tokenizer, task, held_out, max_new)
+    accuracy, replies, correct = evaluate(trainer, task, held_out, max_new)
     progress.update(1)
     history = [RoundResult(round=0, accuracy=accuracy, seconds=time.perf_counter() - t0)]
     replies_before = replies
@@ -179,8 +177,8 @@ def run(cfg: DemoConfig, *, model=None, tokenizer=None, task: Optional[task_lib.
         prompts = task.prompts(problems)
         progress.set_postfix_str(f"round {r}: sampling")
         g0 = time.perf_counter()
-        result = generate(
-            trainer.model, tokenizer, prompts, max_new_tokens=max_new, temperature=cfg.temperature,
+        result = trainer.generate(  # the trainer's Sampler: compiled once for every round
+            prompts, max_new_tokens=max_new, temperature=cfg.temperature,
             top_p=cfg.top_p, num_return_sequences=cfg.samples_per_prompt, seed=cfg.seed * 1000 + r, return_tokens=True,
         )
         gen_seconds = time.perf_counter() - g0
@@ -206,7 +204,7 @@ def run(cfg: DemoConfig, *, model=None, tokenizer=None, task: Optional[task_lib.
             train_tps.append(stats["tokens_per_second"])
         progress.update(1)
         progress.set_postfix_str(f"round {r}: held-out eval")
-        accuracy, replies, correct = evaluate(trainer.model, tokenizer, task, held_out, max_new)
+        accuracy, replies, correct = evaluate(trainer, task, held_out, max_new)
         progress.update(1)
         log_eval(r, replies, correct)
         history.append(

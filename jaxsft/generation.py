@@ -7,14 +7,17 @@ Design
   sized for ``max_new_tokens`` rounded up to a power of two (>= 16). The true
   ``max_new_tokens`` is a run-time value of the loop, so calls of similar size
   (e.g. 5 or 7 prompts of 20 or 30 tokens, 20 or 30 new tokens) share programs.
-* **Programs.** Each bucket gets exactly two ahead-of-time compiled programs:
+* **Programs.** A :class:`Sampler` owns its compiled programs; each bucket gets
+  exactly two ahead-of-time compiled programs:
   ``prefill`` (runs the prompts, writes the cache, samples the first token,
   repeats rows for ``num_return_sequences``) and ``decode`` (a
   ``lax.while_loop`` that runs one token per iteration and exits early once every
   row has finished). The cache key also holds the sampling *mode* (greedy or
   sampling, ``top_k`` value, top-p on/off); temperature, top-p value, seed, EOS
-  ids and the token budget are run-time values. :func:`compiled_programs` counts
-  compilations so tests can assert that nothing recompiles.
+  ids and the token budget are run-time values (:class:`Sampling`); the loop carries
+  a typed :class:`DecodeState`. :func:`compiled_programs` counts compilations
+  process-wide so tests can assert that nothing recompiles. :func:`generate` keeps
+  one Sampler per model object; ``trainer.generate`` uses the trainer's own.
 * **Sampling** happens in-jit, per row, from ``fold_in(fold_in(key(seed), row),
   step)``, where ``row`` is the output row's global index, so a row's sample does
   not depend on the batch bucket or on ``batch_size``. Order as in HF:
@@ -26,17 +29,19 @@ Design
   that contain a stop string as finished (so the loop may exit early); at the end
   every text is cut before the first stop string. Without ``stop`` the whole
   generation is one device call and one host transfer.
-* **Sharding.** Everything runs under the model's mesh. Batch rows are split
-  over the data axes when their bucket divides them, else replicated; the cache
-  follows (kv heads on the tensor axis when it divides them). The cache uses the
-  model's compute dtype.
+* **Sharding.** Everything runs under the model's mesh and the sharding rules'
+  activation table: rows ("batch") split over the data axes when their bucket
+  divides them, else replicated; the cache [layers, batch, slots, kv_heads,
+  head_dim] follows (KV heads on the tensor axis when it divides them). The cache
+  uses the model's compute dtype.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Sequence, Union
+import weakref
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +52,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxsft import sharding as shd
 from jaxsft.models.decoder import CausalLM, KVCache
 
-__all__ = ["generate", "GenerationResult", "compiled_programs", "clear_cache", "format_prompts"]
+__all__ = [
+    "generate", "Sampler", "DecodeState", "Sampling", "Mode", "GenerationResult", "compiled_programs", "clear_cache",
+    "format_prompts",
+]
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
@@ -56,18 +64,20 @@ DEFAULT_CACHE_BYTES = 4 << 30  # default batch_size keeps one chunk's KV cache u
 
 Prompt = Union[str, Sequence[dict]]
 
-_PROGRAMS: dict[tuple, Any] = {}
+# Process-wide compile counter (telemetry, not a cache): every Sampler adds to it.
 _COMPILES = {"prefill": 0, "decode": 0}
+# The Sampler that :func:`generate` keeps per model object (and mesh/rules); an entry dies with its model.
+_SAMPLERS: "weakref.WeakKeyDictionary[CausalLM, dict]" = weakref.WeakKeyDictionary()
 
 
 def compiled_programs() -> int:
-    """How many generation programs have been compiled in this process (prefill + decode)."""
+    """How many generation programs have been compiled in this process (prefill + decode), by any Sampler."""
     return sum(_COMPILES.values())
 
 
 def clear_cache() -> None:
-    """Drop every cached generation program (the compile counter keeps counting)."""
-    _PROGRAMS.clear()
+    """Forget the samplers :func:`generate` keeps per model (the compile counter keeps counting)."""
+    _SAMPLERS.clear()
 
 
 @dataclasses.dataclass
@@ -118,6 +128,360 @@ def format_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool = False
     return out
 
 
+class Mode(NamedTuple):
+    """The compile-time part of a sampling request: programs are cached by it."""
+
+    kind: str  # "greedy" | "sample"
+    top_k: Optional[int] = None
+    top_p: bool = False  # top-p filtering on (its value is a run-time scalar)
+
+
+class Sampling(NamedTuple):
+    """The run-time scalars of a request (device arrays, so new values never recompile)."""
+
+    temperature: Any
+    top_p: Any
+    eos: Any  # [MAX_EOS_IDS] int32, -1 padded
+    pad: Any
+    max_new: Any
+    seed: Any
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode loop carries, per chunk of rows (a pytree; donated between calls)."""
+
+    cache: KVCache  # [layers, rows, slots, kv_heads, head_dim]
+    kv_mask: Any  # [rows, slots] bool: slots holding real tokens
+    tokens: Any  # [rows, new_bucket] int32: generated so far (pad after the end)
+    last: Any  # [rows] int32: the token the next step feeds in
+    prompt_len: Any  # [rows] int32: real prompt tokens (positions continue from here)
+    keys: Any  # [rows] PRNG keys, one per output row
+    done: Any  # [rows] bool
+    finished_by_eos: Any  # [rows] bool
+    step: Any  # int32 scalar: tokens sampled so far
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """One validated ``generate`` call (host side)."""
+
+    max_new_tokens: int
+    mode: Mode
+    nrs: int
+    seed: int
+    temperature: float
+    top_p: float
+    stops: tuple[str, ...]
+    batch_size: Optional[int]
+    eos: tuple[int, ...]
+    skip_special_tokens: bool
+    stop_check_every: int
+
+
+class Sampler:
+    """Batched generation from a jaxsft model; owns its compiled prefill and decode programs.
+
+    Build one per model (the trainer keeps one for ``trainer.generate``) and call
+    :meth:`generate` as often as you like: calls of similar size share programs (see the
+    module doc), and ``model=`` hands in newer weights of the same model without recompiling.
+    ``mesh`` defaults to the mesh the model's params live on; another mesh moves them there
+    first, and ``sharding_rules`` (default ``jaxsft.sharding.DEFAULT_RULES``) lay out the
+    params, the KV cache and the rows.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Any,
+        *,
+        mesh: Optional[jax.sharding.Mesh] = None,
+        sharding_rules: Optional[shd.ShardingRules] = None,
+    ):
+        if not isinstance(model, CausalLM):
+            raise TypeError(f"generate(): model must be a jaxsft CausalLM, got {type(model).__name__}.")
+        if sharding_rules is not None and not isinstance(sharding_rules, shd.ShardingRules):
+            raise TypeError(f"sharding_rules must be a jaxsft.sharding.ShardingRules, got {type(sharding_rules).__name__}.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.mesh = mesh
+        self.sharding_rules = sharding_rules or shd.DEFAULT_RULES
+        self._programs: dict[tuple, Any] = {}
+
+    @property
+    def compiled_programs(self) -> int:
+        """How many programs this sampler has compiled (prefill + decode)."""
+        return len(self._programs)
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        num_return_sequences: int = 1,
+        seed: int = 0,
+        stop: Optional[Union[str, Sequence[str]]] = None,
+        return_tokens: bool = False,
+        chat: bool = False,
+        batch_size: Optional[int] = None,
+        eos_token_ids: Optional[Sequence[int]] = None,
+        skip_special_tokens: bool = True,
+        stop_check_every: int = 32,
+        model: Optional[CausalLM] = None,
+    ) -> Union[list[str], GenerationResult]:
+        """Generate completions for ``prompts`` (see :func:`generate` for the arguments).
+
+        ``model`` replaces the sampler's model from now on (e.g. the trainer's latest weights).
+        """
+        if model is not None:
+            if not isinstance(model, CausalLM):
+                raise TypeError(f"generate(): model must be a jaxsft CausalLM, got {type(model).__name__}.")
+            self.model = model
+        model, tokenizer = self.model, self.tokenizer
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], dict)
+        ):
+            raise TypeError("generate(): prompts must be a list of prompts (wrap a single prompt or chat in a list).")
+        prompts = list(prompts)
+        if not prompts:
+            return GenerationResult([], [], [], [], num_return_sequences) if return_tokens else []
+        request = _request(
+            model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            num_return_sequences=num_return_sequences, seed=seed, stop=stop, batch_size=batch_size,
+            eos_token_ids=eos_token_ids, skip_special_tokens=skip_special_tokens, stop_check_every=stop_check_every,
+        )
+        spec, nrs = model.spec, request.nrs
+        texts = format_prompts(tokenizer, prompts, chat)
+        is_chat = [chat or not isinstance(p, str) for p in prompts]
+        prompt_ids = _tokenize(tokenizer, texts, is_chat)
+        longest = max(len(p) for p in prompt_ids)
+        if spec.position == "learned" and longest + request.max_new_tokens > spec.max_position_embeddings:
+            raise ValueError(
+                f"generate(): prompt ({longest} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
+                f"model's {spec.max_position_embeddings} positions; shorten the prompts or lower max_new_tokens."
+            )
+        pad_id = _pad_id(tokenizer, spec, list(request.eos))
+        sampling = Sampling(
+            temperature=np.float32(request.temperature),
+            top_p=np.float32(request.top_p),
+            eos=np.asarray(list(request.eos) + [-1] * (MAX_EOS_IDS - len(request.eos)), np.int32),
+            pad=np.int32(pad_id),
+            max_new=np.int32(request.max_new_tokens),
+            seed=np.uint32(request.seed % (1 << 32)),
+        )
+        new_bucket = _pow2_at_least(request.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+        batch = request.batch_size or _default_batch_size(spec, model.dtype, longest, new_bucket)
+        prompts_per_chunk = max(1, batch // nrs)
+
+        graphdef, state = nnx.split(model)
+        mesh = self.mesh
+        if mesh is not None:
+            state = shd.place_state(state, mesh, self.sharding_rules)
+        else:
+            single_process = jax.process_count() == 1
+            mesh = shd.mesh_of(state, shd.make_mesh(devices=jax.devices()[:1]) if single_process else None)
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a chunk
+        tokens_out: list[Optional[np.ndarray]] = [None] * (len(prompt_ids) * nrs)
+        reasons: list[str] = [""] * len(tokens_out)
+        with jax.set_mesh(mesh), shd.use_rules(self.sharding_rules):
+            for start in range(0, len(order), prompts_per_chunk):
+                chunk = order[start : start + prompts_per_chunk]
+                plan = _Chunk.build([prompt_ids[i] for i in chunk], chunk, nrs, new_bucket, pad_id)
+                results = self._run_chunk(graphdef, state, mesh, plan, request, sampling)
+                for local, i in enumerate(chunk):
+                    for j in range(nrs):
+                        tokens_out[i * nrs + j], reasons[i * nrs + j] = results[local * nrs + j]
+        return _finish(tokenizer, tokens_out, reasons, prompt_ids, request, return_tokens)
+
+    # ------------------------------------------------------------------ programs
+    def _program(self, key: tuple, build: Callable[[], Any]) -> Any:
+        if key not in self._programs:
+            self._programs[key] = build()
+            _COMPILES[key[0]] += 1
+        return self._programs[key]
+
+    def _layouts(self, mesh, rows: int) -> DecodeState:
+        """Shardings of a chunk's decode state, from the activation rules: rows split over the batch
+        axes when they divide, the cache's KV heads over the tensor axis when it divides them."""
+        spec = self.model.spec
+
+        def named(axes, shape):
+            return NamedSharding(mesh, shd.activation_spec(axes, shape, mesh, self.sharding_rules))
+
+        cache_shape = (spec.num_layers, rows, 1, spec.num_kv_heads, spec.head_dim)
+        cache = named((None, "batch", None, "kv_heads", None), cache_shape)
+        row1, row2 = named(("batch",), (rows,)), named(("batch", None), (rows, 1))
+        return DecodeState(
+            cache=KVCache(cache, cache), kv_mask=row2, tokens=row2, last=row1, prompt_len=row1, keys=row1, done=row1,
+            finished_by_eos=row1, step=NamedSharding(mesh, P()),
+        )
+
+    def _run_chunk(self, graphdef, state, mesh, plan: "_Chunk", request: _Request, sampling: Sampling):
+        """Prefill + decode one chunk of prompts; returns (tokens, finish reason) per row, prompt-major."""
+        rep = NamedSharding(mesh, P())
+        layouts = self._layouts(mesh, plan.rows)
+        prompt_rows = self._layouts(mesh, plan.prompt_rows)
+        inputs = dict(
+            input_ids=shd.place_array(plan.ids, prompt_rows.tokens),
+            mask=shd.place_array(plan.mask, prompt_rows.tokens),
+            row_ids=shd.place_array(plan.row_ids, layouts.last),
+        )
+        scalars = Sampling(*(shd.place_array(np.asarray(v), rep) for v in sampling))
+        sig = _params_signature(state)
+        model = self.model
+        prefill = self._program(
+            ("prefill", graphdef, sig, mesh, plan.prompt_rows, plan.prompt_bucket, plan.new_bucket, request.nrs, request.mode),
+            lambda: jax.jit(
+                _make_prefill(graphdef, model.dtype, plan.prompt_bucket, plan.new_bucket, request.nrs, request.mode, layouts),
+                out_shardings=layouts,
+            ).lower(state, inputs, scalars).compile(),
+        )
+        dstate = prefill(state, inputs, scalars)
+        limit0 = shd.place_array(np.asarray(np.int32(request.max_new_tokens)), rep)
+        decode = self._program(
+            ("decode", graphdef, sig, mesh, plan.rows, plan.prompt_bucket, plan.new_bucket, request.mode),
+            lambda: jax.jit(
+                _make_decode(graphdef, model.dtype, plan.prompt_bucket, request.mode), donate_argnums=(1,),
+                out_shardings=layouts,
+            ).lower(state, dstate, scalars, limit0).compile(),
+        )
+
+        max_new = request.max_new_tokens
+        stop_rows: set[int] = set()
+        fields = ("tokens", "done", "finished_by_eos", "step")
+        if not request.stops:
+            dstate = decode(state, dstate, scalars, limit0)
+            host = jax.device_get({k: getattr(dstate, k) for k in fields})
+        else:
+            step = 1
+            while True:
+                limit = min(max_new, step + max(1, request.stop_check_every))
+                dstate = decode(state, dstate, scalars, shd.place_array(np.asarray(np.int32(limit)), rep))
+                host = jax.device_get({k: getattr(dstate, k) for k in fields})
+                step = int(host["step"])
+                if step >= max_new or bool(host["done"].all()):
+                    break
+                done = np.asarray(host["done"]).copy()
+                running = [r for r in range(plan.real_rows) if not done[r]]
+                decoded = self.tokenizer.batch_decode(
+                    [host["tokens"][r, :step].tolist() for r in running], skip_special_tokens=request.skip_special_tokens
+                )
+                for r, text in zip(running, decoded):
+                    if _first_stop(text, list(request.stops)) is not None:
+                        done[r] = True
+                        stop_rows.add(r)
+                if stop_rows and done.all():
+                    break
+                if done.any():
+                    dstate = dstate._replace(done=shd.place_array(done, layouts.done))
+
+        tokens = np.asarray(host["tokens"])
+        by_eos = np.asarray(host["finished_by_eos"])
+        step = int(host["step"])
+        eos = np.asarray(request.eos, np.int32)
+        results = []
+        for r in range(plan.real_rows):
+            row = tokens[r, :step]
+            if by_eos[r]:
+                n = int(np.argmax(np.isin(row, eos))) + 1
+                results.append((row[:n].copy(), "eos"))
+            elif r in stop_rows:
+                results.append((row.copy(), "stop"))
+            else:
+                results.append((row.copy(), "length"))
+        return results
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    """One chunk's host inputs: left-padded prompts in power-of-two buckets, and output row ids."""
+
+    ids: np.ndarray  # [prompt_rows, prompt_bucket]
+    mask: np.ndarray
+    row_ids: np.ndarray  # [rows]: global output row index, -1 for filler rows
+    prompt_rows: int
+    rows: int
+    prompt_bucket: int
+    new_bucket: int
+    real_rows: int  # prompts x num_return_sequences actually asked for
+
+    @classmethod
+    def build(cls, chunk_ids: list[list[int]], chunk_index: list[int], nrs: int, new_bucket: int, pad: int) -> "_Chunk":
+        n_prompts = len(chunk_ids)
+        prompt_rows = _pow2_at_least(n_prompts)
+        rows = prompt_rows * nrs
+        prompt_bucket = _pow2_at_least(max(len(p) for p in chunk_ids), MIN_PROMPT_BUCKET)
+        ids = np.full((prompt_rows, prompt_bucket), pad, np.int32)
+        mask = np.zeros((prompt_rows, prompt_bucket), np.int32)
+        for r, p in enumerate(chunk_ids):
+            ids[r, prompt_bucket - len(p):] = p
+            mask[r, prompt_bucket - len(p):] = 1
+        mask[n_prompts:, -1] = 1  # filler rows: one real token so no attention row is empty
+        row_ids = np.full((rows,), -1, np.int32)
+        for local, i in enumerate(chunk_index):
+            row_ids[local * nrs : (local + 1) * nrs] = i * nrs + np.arange(nrs)
+        return cls(ids, mask, row_ids, prompt_rows, rows, prompt_bucket, new_bucket, n_prompts * nrs)
+
+
+def _request(model, tokenizer, *, max_new_tokens, temperature, top_k, top_p, num_return_sequences, seed, stop,
+             batch_size, eos_token_ids, skip_special_tokens, stop_check_every) -> _Request:
+    """Validate one call's arguments (every check before any work)."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"generate(): max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
+    if temperature is None or temperature < 0 or not math.isfinite(temperature):
+        raise ValueError(f"generate(): temperature={temperature!r} must be a finite number >= 0 (0 = greedy).")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"generate(): top_k={top_k!r} must be None or an integer >= 1.")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError(f"generate(): top_p={top_p!r} must lie in (0, 1].")
+    if not isinstance(num_return_sequences, (int, np.integer)) or num_return_sequences < 1:
+        raise ValueError(f"generate(): num_return_sequences={num_return_sequences!r} must be an integer >= 1.")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"generate(): batch_size={batch_size!r} must be None or >= 1.")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise ValueError(f"generate(): stop={stop!r} must be a non-empty string or a list of them.")
+    eos = _eos_ids(model, tokenizer) if eos_token_ids is None else [int(e) for e in eos_token_ids]
+    if len(eos) > MAX_EOS_IDS:
+        raise ValueError(f"generate(): at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}.")
+    greedy = temperature == 0.0
+    mode = Mode("greedy") if greedy else Mode("sample", None if top_k is None else int(top_k), top_p is not None and top_p < 1.0)
+    return _Request(
+        max_new_tokens=int(max_new_tokens), mode=mode, nrs=int(num_return_sequences), seed=int(seed),
+        temperature=1.0 if greedy else float(temperature), top_p=1.0 if top_p is None else float(top_p),
+        stops=tuple(stops), batch_size=batch_size, eos=tuple(eos), skip_special_tokens=skip_special_tokens,
+        stop_check_every=stop_check_every,
+    )
+
+
+def _finish(tokenizer, tokens_out, reasons, prompt_ids, request: _Request, return_tokens: bool):
+    """Decode the rows, cut them at stop strings, and shape the return value."""
+    nrs, stops = request.nrs, list(request.stops)
+    final_tokens, final_texts = [], []
+    for r, toks in enumerate(tokens_out):
+        body = toks[:-1] if reasons[r] == "eos" else toks
+        text = tokenizer.decode(body.tolist(), skip_special_tokens=request.skip_special_tokens)
+        if stops:
+            cut = _first_stop(text, stops)
+            if cut is not None:
+                text = text[:cut]
+                toks = _tokens_through_stop(tokenizer, toks, stops, request.skip_special_tokens)
+                reasons[r] = "stop"
+        final_tokens.append(toks)
+        final_texts.append(text)
+    if not return_tokens:
+        return final_texts
+    return GenerationResult(
+        texts=final_texts,
+        tokens=final_tokens,
+        prompt_tokens=[np.asarray(prompt_ids[r // nrs]) for r in range(len(tokens_out))],
+        finish_reasons=reasons,
+        num_return_sequences=nrs,
+    )
+
+
 def generate(
     model: CausalLM,
     tokenizer: Any,
@@ -137,6 +501,7 @@ def generate(
     skip_special_tokens: bool = True,
     stop_check_every: int = 32,
     mesh: Optional[jax.sharding.Mesh] = None,
+    sharding_rules: Optional[shd.ShardingRules] = None,
 ) -> Union[list[str], GenerationResult]:
     """Generate completions for ``prompts`` with a jaxsft model.
 
@@ -147,111 +512,28 @@ def generate(
     ``top_k`` / ``top_p``. ``eos_token_ids`` overrides the EOS set (``[]`` never
     stops early). ``batch_size`` caps the rows (prompts x samples) run at once.
     ``mesh`` defaults to the mesh the model's params live on; another mesh moves
-    them there first (per the sharding rules table).
+    them there first (per ``sharding_rules``, default the rules table).
 
     Returns the generated texts, prompt-major (``len(prompts) *
     num_return_sequences``), or a :class:`GenerationResult` with ``return_tokens``.
+
+    The programs belong to a :class:`Sampler` kept for this model object (and dropped
+    with it), so repeated calls on one model compile once; a loop that gets a new model
+    object each time (``trainer.model``) should keep a ``Sampler`` or use ``trainer.generate``.
     """
     if not isinstance(model, CausalLM):
         raise TypeError(f"generate(): model must be a jaxsft CausalLM, got {type(model).__name__}.")
-    if isinstance(prompts, (str, dict)) or (
-        isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], dict)
-    ):
-        raise TypeError("generate(): prompts must be a list of prompts (wrap a single prompt or chat in a list).")
-    prompts = list(prompts)
-    if not prompts:
-        return GenerationResult([], [], [], [], num_return_sequences) if return_tokens else []
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"generate(): max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
-    if temperature is None or temperature < 0 or not math.isfinite(temperature):
-        raise ValueError(f"generate(): temperature={temperature!r} must be a finite number >= 0 (0 = greedy).")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise ValueError(f"generate(): top_k={top_k!r} must be None or an integer >= 1.")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise ValueError(f"generate(): top_p={top_p!r} must lie in (0, 1].")
-    if not isinstance(num_return_sequences, (int, np.integer)) or num_return_sequences < 1:
-        raise ValueError(f"generate(): num_return_sequences={num_return_sequences!r} must be an integer >= 1.")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"generate(): batch_size={batch_size!r} must be None or >= 1.")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not isinstance(s, str) or not s for s in stops):
-        raise ValueError(f"generate(): stop={stop!r} must be a non-empty string or a list of them.")
-
-    spec = model.spec
-    nrs = int(num_return_sequences)
-    texts = format_prompts(tokenizer, prompts, chat)
-    is_chat = [chat or not isinstance(p, str) for p in prompts]
-    prompt_ids = _tokenize(tokenizer, texts, is_chat)
-    eos = _eos_ids(model, tokenizer) if eos_token_ids is None else [int(e) for e in eos_token_ids]
-    if len(eos) > MAX_EOS_IDS:
-        raise ValueError(f"generate(): at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}.")
-    pad_id = _pad_id(tokenizer, spec, eos)
-    longest = max(len(p) for p in prompt_ids)
-    if spec.position == "learned" and longest + max_new_tokens > spec.max_position_embeddings:
-        raise ValueError(
-            f"generate(): prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"{spec.max_position_embeddings} positions; shorten the prompts or lower max_new_tokens."
-        )
-
-    greedy = temperature == 0.0
-    if greedy:
-        mode: tuple = ("greedy",)
-    else:
-        mode = ("sample", None if top_k is None else int(top_k), top_p is not None and top_p < 1.0)
-    scalars = dict(
-        temperature=np.float32(1.0 if greedy else temperature),
-        top_p=np.float32(1.0 if top_p is None else top_p),
-        eos=np.asarray(eos + [-1] * (MAX_EOS_IDS - len(eos)), np.int32),
-        pad=np.int32(pad_id),
-        max_new=np.int32(max_new_tokens),
-        seed=np.uint32(seed % (1 << 32)),
-    )
-
-    new_bucket = _pow2_at_least(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-    if batch_size is None:
-        batch_size = _default_batch_size(spec, model.dtype, longest, new_bucket)
-    prompts_per_chunk = max(1, batch_size // nrs)
-
-    graphdef, state = nnx.split(model)
-    if mesh is not None:
-        state = shd.place_state(state, mesh)
-    else:
-        single_process = jax.process_count() == 1
-        mesh = shd.mesh_of(state, shd.make_mesh(devices=jax.devices()[:1]) if single_process else None)
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a chunk
-    tokens_out: list[Optional[np.ndarray]] = [None] * (len(prompt_ids) * nrs)
-    reasons: list[str] = [""] * len(tokens_out)
-    with jax.set_mesh(mesh):
-        for start in range(0, len(order), prompts_per_chunk):
-            chunk = order[start : start + prompts_per_chunk]
-            results = _run_chunk(
-                graphdef, state, spec, model.dtype, mesh, [prompt_ids[i] for i in chunk], chunk, nrs, new_bucket,
-                mode, scalars, tokenizer, stops, stop_check_every, skip_special_tokens,
-            )
-            for local, i in enumerate(chunk):
-                for j in range(nrs):
-                    tokens_out[i * nrs + j], reasons[i * nrs + j] = results[local * nrs + j]
-
-    final_tokens, final_texts = [], []
-    for r, toks in enumerate(tokens_out):
-        body = toks[:-1] if reasons[r] == "eos" else toks
-        text = tokenizer.decode(body.tolist(), skip_special_tokens=skip_special_tokens)
-        if stops:
-            cut = _first_stop(text, stops)
-            if cut is not None:
-                text = text[:cut]
-                toks = _tokens_through_stop(tokenizer, toks, stops, skip_special_tokens)
-                reasons[r] = "stop"
-        final_tokens.append(toks)
-        final_texts.append(text)
-    if not return_tokens:
-        return final_texts
-    return GenerationResult(
-        texts=final_texts,
-        tokens=final_tokens,
-        prompt_tokens=[np.asarray(prompt_ids[r // nrs]) for r in range(len(tokens_out))],
-        finish_reasons=reasons,
-        num_return_sequences=nrs,
+    samplers = _SAMPLERS.setdefault(model, {})
+    key = (mesh, sharding_rules)
+    sampler = samplers.get(key)
+    if sampler is None:
+        sampler = samplers[key] = Sampler(model, tokenizer, mesh=mesh, sharding_rules=sharding_rules)
+    sampler.tokenizer = tokenizer
+    return sampler.generate(
+        prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        num_return_sequences=num_return_sequences, seed=seed, stop=stop, return_tokens=return_tokens, chat=chat,
+        batch_size=batch_size, eos_token_ids=eos_token_ids, skip_special_tokens=skip_special_tokens,
+        stop_check_every=stop_check_every,
     )
 
 
@@ -324,130 +606,6 @@ def _tokens_through_stop(tokenizer, toks: np.ndarray, stops, skip_special_tokens
     return toks[:lo]
 
 
-# ---------------------------------------------------------------------------- one chunk
-def _row_sharding(mesh, rows: int, ndim: int) -> NamedSharding:
-    if rows % shd.batch_rows_multiple(mesh) == 0:
-        return shd.batch_sharding(mesh, ndim)
-    return NamedSharding(mesh, P(*([None] * ndim)))
-
-
-def _cache_sharding(mesh, spec, rows: int) -> NamedSharding:
-    batch_axes = shd.BATCH_AXES if rows % shd.batch_rows_multiple(mesh) == 0 else None
-    tensor = mesh.shape["tensor"]
-    heads = "tensor" if tensor > 1 and spec.num_kv_heads % tensor == 0 else None
-    return NamedSharding(mesh, P(None, batch_axes, None, heads, None))
-
-
-def _state_shardings(mesh, spec, rows: int, new_bucket: int) -> dict:
-    row1, row2 = _row_sharding(mesh, rows, 1), _row_sharding(mesh, rows, 2)
-    cache = _cache_sharding(mesh, spec, rows)
-    rep = NamedSharding(mesh, P())
-    return {
-        "cache": KVCache(cache, cache),
-        "kv_mask": row2,
-        "tokens": row2,
-        "last": row1,
-        "prompt_len": row1,
-        "keys": row1,
-        "done": row1,
-        "finished_by_eos": row1,
-        "step": rep,
-    }
-
-
-def _run_chunk(graphdef, state, spec, dtype, mesh, chunk_ids, chunk_index, nrs, new_bucket, mode, scalars,
-               tokenizer, stops, stop_check_every, skip_special_tokens):
-    """Prefill + decode one chunk of prompts; returns (tokens, finish reason) per row, prompt-major."""
-    n_prompts = len(chunk_ids)
-    prompt_rows = _pow2_at_least(n_prompts)
-    rows = prompt_rows * nrs
-    prompt_bucket = _pow2_at_least(max(len(p) for p in chunk_ids), MIN_PROMPT_BUCKET)
-
-    ids = np.full((prompt_rows, prompt_bucket), scalars["pad"], np.int32)
-    mask = np.zeros((prompt_rows, prompt_bucket), np.int32)
-    for r, p in enumerate(chunk_ids):
-        ids[r, prompt_bucket - len(p):] = p
-        mask[r, prompt_bucket - len(p):] = 1
-    mask[n_prompts:, -1] = 1  # filler rows: one real token so no attention row is empty
-    row_ids = np.full((rows,), -1, np.int32)
-    for local, i in enumerate(chunk_index):
-        row_ids[local * nrs : (local + 1) * nrs] = i * nrs + np.arange(nrs)
-
-    rep = NamedSharding(mesh, P())
-    args_prefill = dict(
-        input_ids=shd.place_array(ids, _row_sharding(mesh, prompt_rows, 2)),
-        mask=shd.place_array(mask, _row_sharding(mesh, prompt_rows, 2)),
-        row_ids=shd.place_array(row_ids, _row_sharding(mesh, rows, 1)),
-        **{k: shd.place_array(np.asarray(v), rep) for k, v in scalars.items()},
-    )
-    sig = _params_signature(state)
-    out_sh = _state_shardings(mesh, spec, rows, new_bucket)
-    key = ("prefill", graphdef, sig, mesh, prompt_rows, prompt_bucket, new_bucket, nrs, mode)
-    prefill = _PROGRAMS.get(key)
-    if prefill is None:
-        fn = _make_prefill(graphdef, spec, dtype, prompt_bucket, new_bucket, nrs, mode, out_sh)
-        prefill = jax.jit(fn, out_shardings=out_sh).lower(state, args_prefill).compile()
-        _PROGRAMS[key] = prefill
-        _COMPILES["prefill"] += 1
-    dstate = prefill(state, args_prefill)
-
-    dkey = ("decode", graphdef, sig, mesh, rows, prompt_bucket, new_bucket, mode)
-    decode = _PROGRAMS.get(dkey)
-    args_decode = {k: args_prefill[k] for k in ("temperature", "top_p", "eos", "pad", "max_new", "seed")}
-    limit0 = shd.place_array(np.asarray(np.int32(scalars["max_new"])), rep)
-    if decode is None:
-        fn = _make_decode(graphdef, spec, dtype, prompt_bucket, mode)
-        decode = (
-            jax.jit(fn, donate_argnums=(1,), out_shardings=out_sh).lower(state, dstate, args_decode, limit0).compile()
-        )
-        _PROGRAMS[dkey] = decode
-        _COMPILES["decode"] += 1
-
-    max_new = int(scalars["max_new"])
-    stop_rows: set[int] = set()
-    if not stops:
-        dstate = decode(state, dstate, args_decode, limit0)
-        host = jax.device_get({k: dstate[k] for k in ("tokens", "done", "finished_by_eos", "step")})
-    else:
-        step = 1
-        while True:
-            limit = min(max_new, step + max(1, stop_check_every))
-            dstate = decode(state, dstate, args_decode, shd.place_array(np.asarray(np.int32(limit)), rep))
-            host = jax.device_get({k: dstate[k] for k in ("tokens", "done", "finished_by_eos", "step")})
-            step = int(host["step"])
-            if step >= max_new or bool(host["done"].all()):
-                break
-            done = np.asarray(host["done"]).copy()
-            running = [r for r in range(n_prompts * nrs) if not done[r]]
-            decoded = tokenizer.batch_decode(
-                [host["tokens"][r, :step].tolist() for r in running], skip_special_tokens=skip_special_tokens
-            )
-            for r, text in zip(running, decoded):
-                if _first_stop(text, stops) is not None:
-                    done[r] = True
-                    stop_rows.add(r)
-            if stop_rows and done.all():
-                break
-            if done.any():
-                dstate = dict(dstate)
-                dstate["done"] = shd.place_array(done, out_sh["done"])
-
-    tokens = np.asarray(host["tokens"])
-    by_eos = np.asarray(host["finished_by_eos"])
-    step = int(host["step"])
-    results = []
-    for r in range(n_prompts * nrs):
-        row = tokens[r, :step]
-        if by_eos[r]:
-            n = int(np.argmax(np.isin(row, scalars["eos"][scalars["eos"] >= 0]))) + 1
-            results.append((row[:n].copy(), "eos"))
-        elif r in stop_rows:
-            results.append((row.copy(), "stop"))
-        else:
-            results.append((row.copy(), "length"))
-    return results
-
-
 def _params_signature(state) -> tuple:
     return tuple((x.shape, str(x.dtype), x.sharding) for x in jax.tree.leaves(state))
 
@@ -470,17 +628,16 @@ def _compute_view(state, dtype):
     return jax.tree_util.tree_map_with_path(cast, state)
 
 
-def _sample(logits: jax.Array, keys: jax.Array, step: jax.Array, mode: tuple, temperature, top_p) -> jax.Array:
+def _sample(logits: jax.Array, keys: jax.Array, step: jax.Array, mode: Mode, temperature, top_p) -> jax.Array:
     """One token per row from fp32 logits [B, V]: greedy, or temperature -> top-k -> top-p (HF's order)."""
-    if mode[0] == "greedy":
+    if mode.kind == "greedy":
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    _, top_k, use_top_p = mode
     logits = logits / temperature
     neg = jnp.finfo(logits.dtype).min
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    if mode.top_k is not None and mode.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, mode.top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, neg, logits)  # HF TopKLogitsWarper: ties with the k-th survive
-    if use_top_p:
+    if mode.top_p:
         # HF TopPLogitsWarper: ascending sort, drop tokens whose cumulative probability <= 1 - top_p,
         # always keep the most likely one. Here as a threshold on the logit value.
         sorted_logits = jnp.sort(logits, axis=-1)
@@ -494,22 +651,22 @@ def _sample(logits: jax.Array, keys: jax.Array, step: jax.Array, mode: tuple, te
     return jax.vmap(lambda k, l: jax.random.categorical(k, l))(step_keys, logits).astype(jnp.int32)
 
 
-def _record(st: dict, tok: jax.Array, eos: jax.Array, pad: jax.Array) -> dict:
-    done = st["done"]
-    tok = jnp.where(done, pad, tok)
-    hit = jnp.any(tok[:, None] == eos[None, :], axis=-1) & ~done
-    tokens = jax.lax.dynamic_update_slice_in_dim(st["tokens"], tok[:, None], st["step"], axis=1)
-    return dict(
-        st, tokens=tokens, last=tok, done=done | hit, finished_by_eos=st["finished_by_eos"] | hit, step=st["step"] + 1
+def _record(st: DecodeState, tok: jax.Array, sampling: Sampling) -> DecodeState:
+    done = st.done
+    tok = jnp.where(done, sampling.pad, tok)
+    hit = jnp.any(tok[:, None] == sampling.eos[None, :], axis=-1) & ~done
+    tokens = jax.lax.dynamic_update_slice_in_dim(st.tokens, tok[:, None], st.step, axis=1)
+    return st._replace(
+        tokens=tokens, last=tok, done=done | hit, finished_by_eos=st.finished_by_eos | hit, step=st.step + 1
     )
 
 
-def _make_prefill(graphdef, spec, dtype, prompt_bucket, new_bucket, nrs, mode, out_sh):
+def _make_prefill(graphdef, dtype, prompt_bucket, new_bucket, nrs, mode: Mode, layouts: DecodeState):
     slots = prompt_bucket + new_bucket
 
-    def prefill(state, a):
+    def prefill(state, inputs, sampling: Sampling) -> DecodeState:
         model = nnx.merge(graphdef, _compute_view(state, dtype))
-        ids, mask = a["input_ids"], a["mask"].astype(bool)
+        ids, mask = inputs["input_ids"], inputs["mask"].astype(bool)
         rows_p = ids.shape[0]
         positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
         cache = model.init_cache(rows_p, slots, dtype)
@@ -522,45 +679,43 @@ def _make_prefill(graphdef, spec, dtype, prompt_bucket, new_bucket, nrs, mode, o
             logits = jnp.repeat(logits, nrs, axis=0)
             mask = jnp.repeat(mask, nrs, axis=0)
         rows = logits.shape[0]
-        cache = jax.lax.with_sharding_constraint(cache, out_sh["cache"])
-        base = jax.random.key(a["seed"])
-        keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(a["row_ids"])
-        st = dict(
+        cache = jax.lax.with_sharding_constraint(cache, layouts.cache)
+        base = jax.random.key(sampling.seed)
+        keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(inputs["row_ids"])
+        st = DecodeState(
             cache=cache,
             kv_mask=kv_mask,
-            tokens=jnp.full((rows, new_bucket), a["pad"], jnp.int32),
+            tokens=jnp.full((rows, new_bucket), sampling.pad, jnp.int32),
             last=jnp.zeros((rows,), jnp.int32),
             prompt_len=jnp.sum(mask, axis=-1).astype(jnp.int32),
             keys=keys,
-            done=a["row_ids"] < 0,
+            done=inputs["row_ids"] < 0,
             finished_by_eos=jnp.zeros((rows,), bool),
             step=jnp.int32(0),
         )
-        tok = _sample(logits, keys, jnp.int32(0), mode, a["temperature"], a["top_p"])
-        return _record(st, tok, a["eos"], a["pad"])
+        tok = _sample(logits, keys, jnp.int32(0), mode, sampling.temperature, sampling.top_p)
+        return _record(st, tok, sampling)
 
     return prefill
 
 
-def _make_decode(graphdef, spec, dtype, prompt_bucket, mode):
-    def decode(state, st, a, limit):
+def _make_decode(graphdef, dtype, prompt_bucket, mode: Mode):
+    def decode(state, st: DecodeState, sampling: Sampling, limit) -> DecodeState:
         model = nnx.merge(graphdef, _compute_view(state, dtype))  # cast once, outside the loop
-        end = jnp.minimum(limit, a["max_new"])
+        end = jnp.minimum(limit, sampling.max_new)
 
-        def cond(st):
-            return (st["step"] < end) & ~jnp.all(st["done"])
+        def cond(st: DecodeState):
+            return (st.step < end) & ~jnp.all(st.done)
 
-        def body(st):
-            s = st["step"]  # tokens sampled so far; the last one goes into the cache now
+        def body(st: DecodeState):
+            s = st.step  # tokens sampled so far; the last one goes into the cache now
             write = prompt_bucket + s - 1
-            kv_mask = jax.lax.dynamic_update_slice_in_dim(
-                st["kv_mask"], jnp.ones((st["kv_mask"].shape[0], 1), bool), write, axis=1
-            )
-            positions = (st["prompt_len"] + s - 1)[:, None]
-            hidden, cache = model.forward_with_cache(st["last"][:, None], positions, st["cache"], write, kv_mask)
+            kv_mask = jax.lax.dynamic_update_slice_in_dim(st.kv_mask, jnp.ones((st.kv_mask.shape[0], 1), bool), write, axis=1)
+            positions = (st.prompt_len + s - 1)[:, None]
+            hidden, cache = model.forward_with_cache(st.last[:, None], positions, st.cache, write, kv_mask)
             logits = model.logits(hidden)[:, 0]
-            tok = _sample(logits, st["keys"], s, mode, a["temperature"], a["top_p"])
-            return _record(dict(st, cache=cache, kv_mask=kv_mask), tok, a["eos"], a["pad"])
+            tok = _sample(logits, st.keys, s, mode, sampling.temperature, sampling.top_p)
+            return _record(st._replace(cache=cache, kv_mask=kv_mask), tok, sampling)
 
         return jax.lax.while_loop(cond, body, st)
 

@@ -7,8 +7,11 @@ shardings) does all communication: there is no hand-written collective here.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import numbers
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -24,7 +27,7 @@ LOGICAL_AXIS_RULES: dict[Optional[str], Optional[str]] = {
     "vocab": "tensor",  # embeddings and lm_head: vocab-parallel
     "embed": "fsdp",  # the hidden dimension of every matrix: FSDP shards it
     "q_heads": "tensor",  # attention heads: Megatron-style tensor parallel
-    "kv_heads": "tensor",
+    "kv_heads": "tensor",  # ... and replicated when the tensor axis does not divide them (GQA)
     "head_dim": None,
     "mlp": "tensor",  # MLP width: tensor parallel
     "norm": None,  # norm scales and output biases are small: replicated
@@ -32,6 +35,89 @@ LOGICAL_AXIS_RULES: dict[Optional[str], Optional[str]] = {
     "lora_rank": None,  # LoRA adapters' rank dimension: tiny, replicated (their other dims follow the base weight's)
     None: None,
 }
+
+# logical activation axis -> mesh axes. Constraining activations this way makes GSPMD
+# gather FSDP-sharded weights before a matmul instead of splitting the matmul's
+# contraction over devices (which would all-reduce activations and logits).
+ACTIVATION_RULES: dict[Optional[str], Any] = {
+    "batch": BATCH_AXES,
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    None: None,
+}
+
+# Logical axes that are replicated, instead of refused, when their mesh axis does not divide them.
+# KV heads: a GQA model with 2 KV heads (Qwen2.5) still runs on tensor=4; each device keeps
+# every KV head and its share of the query heads (as Megatron and vLLM do).
+REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads"})
+
+
+def _frozen(table: Any) -> tuple:
+    items = table.items() if isinstance(table, Mapping) else table
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in items)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Where each logical axis goes on the (data, fsdp, tensor) mesh: one table for parameters,
+    one for activations inside jit, and the axes replicated when their mesh axis does not divide them.
+
+    Pass one to ``from_pretrained`` / ``init_model`` / ``IterativeSFTTrainer`` / ``generate``
+    (``sharding_rules=``) to change a layout; the default, :data:`DEFAULT_RULES`, is the tables
+    above. Hashable (the tables are stored as tuples), so programs can be cached by it.
+    """
+
+    params: Any = dataclasses.field(default_factory=lambda: LOGICAL_AXIS_RULES)
+    activations: Any = dataclasses.field(default_factory=lambda: ACTIVATION_RULES)
+    replicate_if_indivisible: frozenset = REPLICATE_IF_INDIVISIBLE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", _frozen(self.params))
+        object.__setattr__(self, "activations", _frozen(self.activations))
+        object.__setattr__(self, "replicate_if_indivisible", frozenset(self.replicate_if_indivisible))
+        for table in (self.params, self.activations):
+            for _, axes in table:
+                names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+                unknown = [n for n in names if n not in MESH_AXES]
+                if unknown:
+                    raise ValueError(f"ShardingRules: mesh axes {unknown} are not among {MESH_AXES}.")
+
+    def param_axis(self, logical: Optional[str], name: str = "") -> Optional[str]:
+        table = dict(self.params)
+        if logical not in table:
+            raise ValueError(f"parameter {name}: logical axis {logical!r} has no row in LOGICAL_AXIS_RULES.")
+        return table[logical]
+
+    def activation_axes(self, logical: Optional[str]) -> tuple[str, ...]:
+        table = dict(self.activations)
+        if logical not in table:
+            raise ValueError(f"activation axis {logical!r} has no row in the activation rules ({sorted(map(str, table))}).")
+        axes = table[logical]
+        return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+DEFAULT_RULES = ShardingRules()
+_ACTIVE_RULES: contextvars.ContextVar[ShardingRules] = contextvars.ContextVar("jaxsft_sharding_rules", default=DEFAULT_RULES)
+
+
+def active_rules() -> ShardingRules:
+    """The rules set by :func:`use_rules` around the code being traced (else :data:`DEFAULT_RULES`)."""
+    return _ACTIVE_RULES.get()
+
+
+@contextlib.contextmanager
+def use_rules(rules: Optional[ShardingRules]) -> Iterator[ShardingRules]:
+    """Trace under ``rules`` (None: the defaults): ``constrain`` and ``logical_to_spec`` read them."""
+    rules = DEFAULT_RULES if rules is None else rules
+    if not isinstance(rules, ShardingRules):
+        raise TypeError(f"sharding_rules must be a jaxsft.sharding.ShardingRules, got {type(rules).__name__}.")
+    token = _ACTIVE_RULES.set(rules)
+    try:
+        yield rules
+    finally:
+        _ACTIVE_RULES.reset(token)
 
 
 def make_mesh(
@@ -78,18 +164,27 @@ def single_device_mesh(device: Any = None) -> Mesh:
     return make_mesh(1, 1, 1, devices=[device or jax.devices()[0]])
 
 
-def logical_to_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, name: str = "") -> P:
-    """Map logical axes to a PartitionSpec, refusing splits that do not divide evenly."""
+def logical_to_spec(
+    logical_axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, name: str = "",
+    rules: Optional[ShardingRules] = None,
+) -> P:
+    """Map a parameter's logical axes to a PartitionSpec (``rules``: default the active ones).
+
+    A split that does not divide its dimension is refused, except for the rules' replicable axes
+    (KV heads), which are then replicated.
+    """
+    rules = rules or active_rules()
     spec = []
     for axis_name, dim in zip(logical_axes, shape):
-        if axis_name not in LOGICAL_AXIS_RULES:
-            raise ValueError(f"parameter {name}: logical axis {axis_name!r} has no row in LOGICAL_AXIS_RULES.")
-        mesh_axis = LOGICAL_AXIS_RULES[axis_name]
+        mesh_axis = rules.param_axis(axis_name, name)
         if mesh_axis is None or mesh.shape[mesh_axis] == 1:
             spec.append(None)
             continue
         size = mesh.shape[mesh_axis]
         if dim % size:
+            if axis_name in rules.replicate_if_indivisible:
+                spec.append(None)
+                continue
             raise ValueError(
                 f"parameter {name} (shape {tuple(shape)}): its {axis_name!r} dimension of size {dim} is not "
                 f"divisible by the {mesh_axis!r} mesh axis of size {size}; pick a mesh whose {mesh_axis} size "
@@ -99,15 +194,35 @@ def logical_to_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int],
     return P(*spec)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Optional[ShardingRules] = None) -> nnx.State:
     """NamedShardings for every variable of an (abstract) nnx State, from its logical axes."""
 
     def one(path, variable):
         axes = getattr(variable, "logical_axes", None) or (None,) * len(variable.shape)
         name = "/".join(str(getattr(k, "key", k)) for k in path)
-        return NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh, name))
+        return NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh, name, rules))
 
     return nnx.map_state(one, state)
+
+
+def check_model_fits(spec: Any, mesh: Mesh, rules: Optional[ShardingRules] = None) -> None:
+    """Refuse a mesh whose tensor axis cannot split the model's heads, MLP or vocabulary, naming the config field.
+
+    Derived from the rules: a dimension is checked when its logical axis goes to the tensor
+    axis and is not one the rules replicate instead (KV heads).
+    """
+    rules = rules or active_rules()
+    tensor = mesh.shape["tensor"]
+    if tensor == 1:
+        return
+    dims = (("num_attention_heads", spec.num_heads, "q_heads"), ("num_key_value_heads", spec.num_kv_heads, "kv_heads"),
+            ("intermediate_size", spec.intermediate_size, "mlp"), ("vocab_size", spec.vocab_size, "vocab"))
+    for what, size, logical in dims:
+        if rules.param_axis(logical) == "tensor" and size % tensor and logical not in rules.replicate_if_indivisible:
+            raise ValueError(
+                f"mesh tensor axis of size {tensor} does not divide the model's {what} ({size}); "
+                f"choose a tensor size that divides it (e.g. make_mesh(tensor=1))."
+            )
 
 
 def mesh_of(state: Any, default: Optional[Mesh] = None) -> Mesh:
@@ -120,10 +235,10 @@ def mesh_of(state: Any, default: Optional[Mesh] = None) -> Mesh:
     return default if default is not None else make_mesh()
 
 
-def place_state(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """Move a model state onto ``mesh`` per the rules table (a no-op when it is already there)."""
+def place_state(state: nnx.State, mesh: Mesh, rules: Optional[ShardingRules] = None) -> nnx.State:
+    """Move a model state onto ``mesh`` per the rules (a no-op when it is already there)."""
     leaves, treedef = jax.tree.flatten(state)
-    targets = jax.tree.leaves(state_shardings(state, mesh))  # same order: both walk the State's keys
+    targets = jax.tree.leaves(state_shardings(state, mesh, rules))  # same order: both walk the State's keys
     if all(x.sharding == t for x, t in zip(leaves, targets)):
         return state
     return treedef.unflatten([jax.device_put(x, t) for x, t in zip(leaves, targets)])
@@ -219,19 +334,6 @@ def fetch_to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-# logical activation axis -> mesh axes. Constraining activations this way makes GSPMD
-# gather FSDP-sharded weights before a matmul instead of splitting the matmul's
-# contraction over devices (which would all-reduce activations and logits).
-ACTIVATION_RULES: dict[Optional[str], Any] = {
-    "batch": BATCH_AXES,
-    "q_heads": "tensor",
-    "kv_heads": "tensor",
-    "mlp": "tensor",
-    "vocab": "tensor",
-    None: None,
-}
-
-
 def active_mesh() -> Optional[Any]:
     """The (abstract) jaxsft mesh set by ``jax.set_mesh`` around the code being traced, else None."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -250,21 +352,26 @@ def batch_split_axes(batch: int) -> tuple[str, ...]:
     return axes if ways > 1 and batch % ways == 0 else ()
 
 
+def activation_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Any,
+                    rules: Optional[ShardingRules] = None, skip: frozenset = frozenset()) -> P:
+    """An activation's PartitionSpec per the activation rules; a dimension its axes do not divide stays whole."""
+    rules = rules or active_rules()
+    spec = []
+    for axis_name, dim in zip(logical_axes, shape):
+        names = tuple(n for n in rules.activation_axes(axis_name) if mesh.shape[n] > 1 and n not in skip)
+        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        if not names or dim % size:
+            spec.append(None)
+        else:
+            spec.append(names if len(names) > 1 else names[0])
+    return P(*spec)
+
+
 def constrain(x, logical_axes: Sequence[Optional[str]]):
     """Pin an activation's layout inside jit when a jaxsft mesh is active; a no-op otherwise."""
     mesh = active_mesh()
     if mesh is None:
         return x
     # Inside shard_map the manual axes are already split by hand; constrain only the others.
-    manual = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual}
-    spec = []
-    for axis_name, dim in zip(logical_axes, x.shape):
-        mesh_axes = ACTIVATION_RULES[axis_name]
-        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-        names = tuple(n for n in names if mesh.shape[n] > 1 and n not in manual)
-        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
-        if not names or dim % size:
-            spec.append(None)
-        else:
-            spec.append(names if len(names) > 1 else names[0])
-    return jax.lax.with_sharding_constraint(x, P(*spec))
+    manual = frozenset(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual)
+    return jax.lax.with_sharding_constraint(x, activation_spec(logical_axes, x.shape, mesh, skip=manual))

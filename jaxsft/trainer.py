@@ -73,7 +73,8 @@ class IterativeSFTTrainer:
     ``optimizer`` replaces the AdamW built from ``config`` with any optax
     transformation (pass ``schedule`` too if you want its rate logged).
     ``mesh`` defaults to the model's mesh (all local devices on the data axis for a
-    plain ``from_pretrained``).
+    plain ``from_pretrained``); ``sharding_rules`` (default ``jaxsft.sharding.DEFAULT_RULES``)
+    lay the parameters, optimizer state and activations out on it.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class IterativeSFTTrainer:
         optimizer: Optional[optax.GradientTransformation] = None,
         schedule: Optional[optax.Schedule] = None,
         mesh: Optional[jax.sharding.Mesh] = None,
+        sharding_rules: Optional[shd.ShardingRules] = None,
         eval_dataset: Any = None,
         callbacks: Sequence[TrainerCallback] = (),
     ):
@@ -126,6 +128,11 @@ class IterativeSFTTrainer:
             self.spec = model.spec
 
             self.mesh = mesh if mesh is not None else shd.mesh_of(nnx.state(model))
+            if sharding_rules is not None and not isinstance(sharding_rules, shd.ShardingRules):
+                raise TypeError(
+                    f"sharding_rules must be a jaxsft.sharding.ShardingRules, got {type(sharding_rules).__name__}."
+                )
+            self.sharding_rules = sharding_rules or shd.DEFAULT_RULES
             self.buckets = config.buckets(model.spec.max_position_embeddings)
             self.max_length = self.buckets[-1]
             if model.spec.position == "learned" and self.max_length > model.spec.max_position_embeddings:
@@ -136,7 +143,7 @@ class IterativeSFTTrainer:
                 )
             self.rows = config.per_device_train_batch_size * shd.batch_rows_multiple(self.mesh)
             self.eval_rows = config.per_device_eval_batch_size * shd.batch_rows_multiple(self.mesh)
-            self._check_tensor_axis()
+            shd.check_model_fits(self.spec, self.mesh, self.sharding_rules)
             self._xla_options = dict(config.xla_options or {})  # {}: XLA's defaults
             compile_options.check(self._xla_options)
             shd.check_batch_split_over_processes(self.mesh)
@@ -157,15 +164,15 @@ class IterativeSFTTrainer:
             frozen: tuple = ()
         else:  # LoRA: only the adapters train; the base weights are frozen program inputs, never donated
             self._graphdef, params, *frozen = nnx.split(view, lora_lib.LoraParam, ...)
-        self._params = shd.place_state(params, self.mesh)
-        self._frozen = tuple(shd.place_state(f, self.mesh) for f in frozen)
+        self._params = shd.place_state(params, self.mesh, self.sharding_rules)
+        self._frozen = tuple(shd.place_state(f, self.mesh, self.sharding_rules) for f in frozen)
 
         if optimizer is None:
             schedule = make_schedule(config)
             optimizer = make_optimizer(config, schedule)
         self._schedule = schedule
         self._tx = optimizer
-        with jax.set_mesh(self.mesh):
+        with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):
             # Moments take their parameter's sharding (zeros_like under jit would replicate them).
             opt_shardings = shd.optimizer_state_shardings(jax.eval_shape(self._tx.init, self._params), self._params, self.mesh)
             self._opt_state = jax.jit(self._tx.init, out_shardings=opt_shardings)(self._params)
@@ -173,6 +180,7 @@ class IterativeSFTTrainer:
         self._shards = shd.batch_rows_multiple(self.mesh)
         self._chunk_size = self._loss_chunk_size()
         self._programs: dict[tuple, Any] = {}
+        self._sampler = None  # built on the first generate()
         self._params_version = 0
 
     # ------------------------------------------------------------------ public
@@ -372,12 +380,21 @@ class IterativeSFTTrainer:
         return {"eval_loss": loss_sum / count if count else float("nan"), "eval_num_tokens": int(count)}
 
     def generate(self, prompts: Sequence[Any], **kwargs: Any):
-        """Sample from the current training weights (see :func:`jaxsft.generate`)."""
-        from jaxsft.generation import generate
+        """Sample from the current training weights (see :func:`jaxsft.generate`).
+
+        The trainer keeps one :class:`jaxsft.generation.Sampler` on its mesh and sharding rules,
+        so generate/train loops compile the generation programs once.
+        """
+        from jaxsft.generation import Sampler, generate
 
         if self.tokenizer is None:
             raise ValueError("generate(): the trainer has no tokenizer; pass tokenizer= at construction.")
-        return generate(self.model, self.tokenizer, prompts, **kwargs)
+        if "mesh" in kwargs or "sharding_rules" in kwargs:  # another layout: not the trainer's sampler
+            return generate(self.model, self.tokenizer, prompts, **kwargs)
+        if self._sampler is None:
+            self._sampler = Sampler(self.model, self.tokenizer, sharding_rules=self.sharding_rules)
+        self._sampler.tokenizer = self.tokenizer
+        return self._sampler.generate(prompts, model=self.model, **kwargs)
 
     def save_checkpoint(self, directory: str, *, keep_last: Optional[int] = None) -> str:
         """Write the whole trainer state to ``directory/checkpoint-<global_step>`` atomically; returns the path.
@@ -530,7 +547,7 @@ class IterativeSFTTrainer:
         return params_sh, opt_sh
 
     def _compile(self, fn, args, *, donate, out_shardings):
-        with jax.set_mesh(self.mesh):
+        with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):
             lowered = jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings).lower(*args)
             return lowered.compile(compiler_options=self._xla_options or None)
 
@@ -672,19 +689,6 @@ class IterativeSFTTrainer:
         tokens_per_device = self.config.per_device_train_batch_size * self.max_length
         fitting = max(256, self.config.loss_chunk_bytes // (4 * self.spec.vocab_size))
         return min(tokens_per_device, 1 << int(math.log2(fitting)))
-
-    def _check_tensor_axis(self) -> None:
-        tensor = self.mesh.shape["tensor"]
-        if tensor == 1:
-            return
-        s = self.spec
-        for what, size in (("num_attention_heads", s.num_heads), ("num_key_value_heads", s.num_kv_heads),
-                           ("intermediate_size", s.intermediate_size), ("vocab_size", s.vocab_size)):
-            if size % tensor:
-                raise ValueError(
-                    f"mesh tensor axis of size {tensor} does not divide the model's {what} ({size}); "
-                    f"choose a tensor size that divides it (e.g. make_mesh(tensor=1))."
-                )
 
 
 def _finite_update(metrics: dict[str, Any]) -> bool:

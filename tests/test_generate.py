@@ -332,3 +332,60 @@ def test_generate_on_an_explicit_mesh_matches_single_device(tok):
     single = generate(model, tok, PROMPTS[:3], max_new_tokens=6)
     sharded = generate(model, tok, PROMPTS[:3], max_new_tokens=6, mesh=jaxsft.make_mesh(2, 2, 2))
     assert sharded == single
+
+
+# ---------------------------------------------------------------------------- the Sampler object
+def test_sampler_owns_its_programs_and_takes_new_weights_without_recompiling(tok):
+    """A Sampler compiles its own two programs; ``model=`` with other weights of the same model reuses them
+    and generates from the new weights (equal to a fresh generate() on that model)."""
+    import jax
+    from flax import nnx
+
+    import jaxsft
+    from jaxsft.generation import DecodeState, Sampler
+
+    _, model = models("llama")
+    sampler = Sampler(model, tok)
+    first = sampler.generate(PROMPTS[:2], max_new_tokens=5)
+    assert sampler.compiled_programs == 2 and first == jaxsft.generate(model, tok, PROMPTS[:2], max_new_tokens=5)
+    graphdef, state = nnx.split(model)
+    other = nnx.merge(graphdef, jax.tree.map(lambda x: x * 0.5, state))  # same structure, other weights
+    again = sampler.generate(PROMPTS[:2], max_new_tokens=5, model=other)
+    assert sampler.compiled_programs == 2  # no new program
+    assert again == jaxsft.generate(other, tok, PROMPTS[:2], max_new_tokens=5) and again != first
+    assert Sampler(model, tok).compiled_programs == 0  # programs belong to a sampler, not to the module
+    assert "cache" in DecodeState._fields and "finished_by_eos" in DecodeState._fields
+
+
+def test_trainer_generate_keeps_one_sampler_across_steps(tok):
+    import jaxsft
+
+    torch_model = tiny.tiny_torch_model("llama", seed=2)
+    model = jaxsft.from_pretrained(torch_model, mesh=jaxsft.single_device_mesh())
+    trainer = jaxsft.IterativeSFTTrainer(
+        model, jaxsft.TrainConfig(max_length=32, length_buckets=(32,), lr_scheduler_type="constant",
+                                  learning_rate=1e-2, per_device_train_batch_size=2, disable_tqdm=True), tok)
+    before = trainer.generate(PROMPTS[:2], max_new_tokens=4)
+    trainer.step(texts=PROMPTS[:2])
+    after = trainer.generate(PROMPTS[:2], max_new_tokens=4)
+    assert trainer._sampler.compiled_programs == 2  # both calls ran the same two programs
+    assert after == jaxsft.generate(trainer.model, tok, PROMPTS[:2], max_new_tokens=4)  # the trained weights
+    assert len(before) == len(after) == 2
+
+
+def test_generate_with_kv_heads_replicated_on_tensor4_matches_single_device(tok):
+    """2 KV heads on make_mesh(tensor=4): the params' and the cache's KV heads are replicated (rules),
+    query heads split, and greedy output equals one device's."""
+    import jaxsft
+
+    _, model = models("llama")
+    assert model.spec.num_kv_heads == 2
+    single = generate_texts(model, tok)
+    sharded = jaxsft.generate(model, tok, PROMPTS[:3], max_new_tokens=6, mesh=jaxsft.make_mesh(tensor=4))
+    assert sharded == single
+
+
+def generate_texts(model, tok):
+    import jaxsft
+
+    return jaxsft.generate(model, tok, PROMPTS[:3], max_new_tokens=6)

@@ -311,7 +311,12 @@ def test_sharded_load_matches_single_device_and_follows_rules():
 
 
 def test_mesh_that_does_not_divide_is_refused_with_names():
-    # 4 heads, 2 kv heads: tensor=4 cannot split kv_heads of size 2
+    # 4 heads, 2 kv heads: tensor=4 cannot split kv_heads of size 2. Rules that do not replicate
+    # KV heads refuse it, naming the parameter; the default rules replicate them instead.
     mesh = shd.make_mesh(data=2, fsdp=1, tensor=4)
+    strict = shd.ShardingRules(replicate_if_indivisible=())
     with pytest.raises(ValueError, match=r"[kv]_proj.*'kv_heads' dimension of size 2.*'tensor' mesh axis of size 4"):
-        _load("llama", mesh=mesh)
+        _load("llama", mesh=mesh, sharding_rules=strict)
+    model = _load("llama", mesh=mesh)
+    assert model.layers.k_proj[...].sharding.spec == shd.P(None, None, None, None)
+    assert model.layers.q_proj[...].sharding.spec == shd.P(None, None, "tensor", None)

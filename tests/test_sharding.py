@@ -6,8 +6,10 @@
   micro-batch is the same everywhere: 8 rows = per_device x (data x fsdp).
 * Parameters and Adam moments are laid out as LOGICAL_AXIS_RULES says, and are
   born sharded (``init_model``, ``from_pretrained``): no device holds a full copy.
-* A tensor axis that does not divide heads / MLP / vocab fails at construction,
-  naming the parameter or dimension; ``make_mesh`` rejects bad arguments.
+* A tensor axis that does not divide query heads / MLP / vocab fails at construction,
+  naming the parameter or dimension; KV heads it does not divide are replicated (GQA on
+  ``make_mesh(tensor=4)`` with 2 KV heads trains as one device does); ``make_mesh`` rejects
+  bad arguments. The rules table is an argument (``sharding_rules=``).
 * A batch smaller than the data axes is padded with zero-weight rows and split
   over the data axes (never replicated, never an XLA error).
 * ``save_pretrained`` gathers sharded params into a folder transformers loads.
@@ -42,7 +44,7 @@ def mesh_id(sizes) -> str:
 @functools.lru_cache(maxsize=None)
 def torch_model(**overrides):
     """Tiny Llama: 4 query and 4 KV heads, MLP 128, vocab 256 (all divisible by tensor=4 and fsdp=8)."""
-    return tiny.tiny_torch_model("llama", vocab_size=VOCAB, num_key_value_heads=4, **overrides)
+    return tiny.tiny_torch_model("llama", vocab_size=VOCAB, **{"num_key_value_heads": 4, **overrides})
 
 
 def config(per_device: int, ga: int) -> jaxsft.TrainConfig:
@@ -75,17 +77,17 @@ def calls() -> list[dict]:
     return [dict(input_ids=ex(8, 3, 16)), dict(input_ids=long, labels=labels), dict(input_ids=ex(13, 3, 16))]
 
 
-def make_trainer(sizes, ga: int):
+def make_trainer(sizes, ga: int, kv_heads: int = 4):
     mesh = shd.single_device_mesh() if sizes is None else jaxsft.make_mesh(*sizes)
     per_device = GLOBAL_ROWS // shd.batch_rows_multiple(mesh)
-    model = jaxsft.from_pretrained(torch_model(), mesh=mesh)
+    model = jaxsft.from_pretrained(torch_model(num_key_value_heads=kv_heads), mesh=mesh)
     return jaxsft.IterativeSFTTrainer(model, config(per_device, ga), mesh=mesh)
 
 
 @functools.lru_cache(maxsize=None)
-def trained(sizes, ga: int):
+def trained(sizes, ga: int, kv_heads: int = 4):
     """(trainer, per-update losses) after the three calls; cached so each (mesh, ga) compiles once."""
-    trainer = make_trainer(sizes, ga)
+    trainer = make_trainer(sizes, ga, kv_heads)
     losses = []
     for kwargs in calls():
         out = trainer.step(**kwargs)
@@ -248,6 +250,45 @@ def test_mesh_training_equals_one_device(sizes, ga):
         assert q.addressable_shards[0].data.shape == (2, 8, 4, 16)  # 1/8 of [2, 64, 4, 16] per device
 
 
+def test_gqa_kv_heads_replicated_when_the_tensor_axis_does_not_divide_them():
+    """2 KV heads (4 query heads) on make_mesh(tensor=4): query heads, MLP and vocab split four ways,
+    the KV projections replicated, and training equals one device (losses and weights, rtol 1e-5)."""
+    ref_trainer, ref_losses = trained(None, 1, kv_heads=2)
+    trainer, losses = trained((2, 1, 4), 1, kv_heads=2)
+    assert dict(trainer.mesh.shape) == dict(jaxsft.make_mesh(tensor=4).shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    arrays = param_arrays(trainer.model)
+    assert arrays["layers/q_proj"].sharding.spec == P(None, None, "tensor", None)
+    assert arrays["layers/k_proj"].sharding.spec == arrays["layers/v_proj"].sharding.spec == P(None, None, None, None)
+    assert arrays["layers/k_proj"].shape[2] == 2
+    assert arrays["layers/up_proj"].sharding.spec == P(None, None, "tensor")
+    assert len(losses) == len(ref_losses) == 5
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert_same_weights(hf_state_dict(trainer.model), hf_state_dict(ref_trainer.model))
+    # the rule is the table's: without kv_heads among the replicable axes the same model is refused
+    strict = shd.ShardingRules(replicate_if_indivisible=())
+    with pytest.raises(ValueError, match=r"'kv_heads' dimension of size 2 is not divisible by the 'tensor' mesh axis"):
+        jaxsft.from_pretrained(torch_model(num_key_value_heads=2), mesh=trainer.mesh, sharding_rules=strict)
+
+
+def test_sharding_rules_are_an_argument():
+    """A rules table that keeps the MLP whole on the tensor axis lays the model out that way, and
+    the trainer keeps (and trains on) that layout."""
+    mesh = jaxsft.make_mesh(1, 2, 4)
+    rules = shd.ShardingRules(params={**shd.LOGICAL_AXIS_RULES, "mlp": None},
+                              activations={**shd.ACTIVATION_RULES, "mlp": None})
+    assert shd.DEFAULT_RULES == shd.ShardingRules() and hash(rules) != hash(shd.DEFAULT_RULES)
+    model = jaxsft.from_pretrained(torch_model(), mesh=mesh, sharding_rules=rules)
+    assert param_arrays(model)["layers/up_proj"].sharding.spec == P(None, "fsdp", None)
+    trainer = jaxsft.IterativeSFTTrainer(model, config(GLOBAL_ROWS // 2, 1), mesh=mesh, sharding_rules=rules)
+    trainer.step(**calls()[0])
+    assert param_arrays(trainer.model)["layers/up_proj"].sharding.spec == P(None, "fsdp", None)
+    assert param_arrays(trainer.model)["layers/q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
+    with pytest.raises(TypeError, match="sharding_rules must be a jaxsft.sharding.ShardingRules"):
+        jaxsft.IterativeSFTTrainer(model, config(GLOBAL_ROWS // 2, 1), mesh=mesh, sharding_rules={"mlp": None})
+    with pytest.raises(ValueError, match=r"mesh axes \['model'\] are not among"):
+        shd.ShardingRules(params={**shd.LOGICAL_AXIS_RULES, "mlp": "model"})
+
+
 # ---------------------------------------------------------------------------- errors
 
 
@@ -258,8 +299,8 @@ def test_mesh_training_equals_one_device(sizes, ga):
         (dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=6), (2, 1, 4), r"'(q|kv)_heads' dimension of size 6"),
         # MLP width 102 on tensor=4
         (dict(intermediate_size=102), (2, 1, 4), r"'mlp' dimension of size 102"),
-        # 4 KV heads on tensor=8
-        (dict(), (1, 1, 8), r"'kv_heads' dimension of size 4"),
+        # 4 query heads on tensor=8 (4 KV heads would be replicated; query heads must divide)
+        (dict(), (1, 1, 8), r"'q_heads' dimension of size 4"),
         # vocab 300 on tensor=8
         (dict(vocab_size=300), (1, 1, 8), r"'vocab' dimension of size 300"),
     ],

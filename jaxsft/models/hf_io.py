@@ -1,12 +1,17 @@
 """Hugging Face checkpoints in and out: safetensors folders and torch model instances.
 
 Loading is strict: every checkpoint key must be consumed, every parameter filled,
-every shape right, or nothing is returned. Parameters are placed straight onto
-their mesh shardings from host memory, never assembled whole on one device.
+every shape right, or nothing is returned; all of that is checked from the file
+headers before any tensor is read. The weights then stream through the family's
+weight table (:mod:`jaxsft.models.hf_keys`) one row at a time, each parameter
+placed straight onto its mesh sharding and dropped from host memory, so neither a
+whole checkpoint nor a whole parameter on one device is ever assembled.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
@@ -20,18 +25,15 @@ from flax import nnx
 
 from jaxsft import sharding as shd
 from jaxsft.models import lora as lora_lib
-from jaxsft.models.decoder import CausalLM, layer_param_shapes
-from jaxsft.models.hf_keys import is_ignorable, normalise_key, rules_for
-from jaxsft.models import seq2seq_weights
+from jaxsft.models import seq2seq_weights, weights
+from jaxsft.models.decoder import CausalLM
+from jaxsft.models.hf_keys import table_for
 from jaxsft.models.seq2seq import Seq2SeqLM
 from jaxsft.models.seq2seq_spec import SEQ2SEQ_MODEL_TYPES, Seq2SeqSpec
 from jaxsft.models.spec import ModelSpec
+from jaxsft.models.weights import CheckpointError
 
 PathLike = Union[str, os.PathLike]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match its config: missing, extra or mis-shaped weights."""
 
 
 # ---------------------------------------------------------------------------- reading
@@ -77,26 +79,71 @@ def _safetensors_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json{hint}.")
 
 
-def _read_safetensors(files: Iterable[Path]) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
 
-    tensors: dict[str, np.ndarray] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="np") as handle:
+
+class SafetensorsSource:
+    """The tensors of safetensors files, read lazily: headers at open, one tensor's data per ``read``."""
+
+    def __init__(self, files: Iterable[Path], stack: contextlib.ExitStack):
+        from safetensors import safe_open
+
+        self._where: dict[str, tuple[Path, Any]] = {}
+        for path in files:
+            try:
+                handle = stack.enter_context(safe_open(str(path), framework="np"))
                 for key in handle.keys():
-                    tensors[key] = handle.get_tensor(key)
+                    self._where[key] = (path, handle)
+            except Exception as err:
+                raise ValueError(f"could not read weights file {path}: {err}") from err
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def _slice(self, key: str):
+        path, handle = self._where[key]
+        try:
+            return handle.get_slice(key)
         except Exception as err:
             raise ValueError(f"could not read weights file {path}: {err}") from err
-    return tensors
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._slice(key).get_shape())
+
+    def is_float(self, key: str) -> tuple[bool, str]:
+        code = self._slice(key).get_dtype()
+        return code.startswith(("F", "BF")), _SAFETENSORS_DTYPES.get(code, code)
+
+    def read(self, key: str) -> np.ndarray:
+        path, handle = self._where[key]
+        try:
+            return handle.get_tensor(key)
+        except Exception as err:
+            raise ValueError(f"could not read weights file {path}: {err}") from err
 
 
-def _torch_state_dict(model: Any) -> dict[str, np.ndarray]:
-    """numpy copies of a torch model's weights (bf16/fp16 widened to fp32, which is exact)."""
+def _torch_to_numpy(tensor: Any) -> np.ndarray:
+    """One torch tensor as numpy (bf16/fp16 widened to fp32, which is exact)."""
     import torch
 
-    out = {}
-    for key, tensor in model.state_dict().items():
+    t = tensor.detach().cpu()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.numpy()
+
+
+def _torch_state_dict(model: Any) -> weights.ArraySource:
+    """A torch model's weights as a tensor source, converted to numpy one tensor at a time when read.
+
+    Meta and sparse tensors are refused here, before anything is read or placed.
+    """
+    import torch
+
+    state = model.state_dict()
+    for key, tensor in state.items():
         if tensor.is_meta:
             raise ValueError(
                 f"the model's weight {key} is on the meta device (no values: e.g. a model built under "
@@ -104,11 +151,7 @@ def _torch_state_dict(model: Any) -> dict[str, np.ndarray]:
             )
         if tensor.layout != torch.strided:
             raise ValueError(f"the model's weight {key} is a sparse tensor ({tensor.layout}); make it dense first.")
-        t = tensor.detach().cpu()
-        if t.dtype in (torch.bfloat16, torch.float16):
-            t = t.float()
-        out[key] = t.numpy()
-    return out
+    return weights.ArraySource(state, _torch_to_numpy)
 
 
 def _is_torch_model(source: Any) -> bool:
@@ -135,32 +178,17 @@ def model_class(spec: AnySpec):
 
 
 # ---------------------------------------------------------------------------- conversion
-def top_level_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Shapes of the parameters outside the layer stack (as ``CausalLM.__init__`` creates them)."""
-    h = spec.hidden_size
-    shapes = {"embed": (spec.vocab_size, h), "final_norm_scale": (h,)}
-    if spec.position == "learned":
-        shapes["pos_embed"] = (spec.max_position_embeddings, h)
-    if spec.norm == "layer":
-        shapes["final_norm_bias"] = (h,)
-    if not spec.tie_word_embeddings:
-        shapes["lm_head"] = (spec.vocab_size, h)
-    return shapes
+@functools.lru_cache(maxsize=64)
+def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """``{"embed": (V, H), "layers/q_proj": (L, H, N, D), ...}``: what a CausalLM of ``spec`` holds,
+    read off a shape-only model (so the weight tables are checked against the model itself)."""
+    state = nnx.state(abstract_model(spec), nnx.Param)
+    return {"/".join(map(str, path)): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
 
 
-def expected_hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """The shape every HF key must have under ``spec`` (``{i}`` left in per-layer keys).
-
-    Derived by running each rule's ``to_hf`` on zero arrays of our shapes, so it can
-    never disagree with what :func:`save_pretrained` writes.
-    """
-    ours = {name: shape for name, (shape, _, _) in layer_param_shapes(spec).items()}
-    ours.update(top_level_shapes(spec))
-    out = {}
-    for rule in rules_for(spec):
-        dummies = tuple(np.zeros(ours[name], np.int8) for name in rule.ours)
-        out[rule.hf] = tuple(rule.to_hf(dummies, spec).shape)
-    return out
+def hf_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every HF weight name a model of ``spec`` fills (layers expanded), with its HF shape."""
+    return table_for(spec).hf_shapes(param_shapes(spec))
 
 
 def import_params(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -171,66 +199,37 @@ def import_params(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> dict[st
     """
     if isinstance(spec, Seq2SeqSpec):
         return seq2seq_weights.import_params(spec, tensors)
-    tensors = {normalise_key(spec, k): v for k, v in tensors.items()}
-    remaining = set(tensors)
-    top: dict[str, np.ndarray] = {}
-    per_layer: dict[str, list] = {name: [None] * spec.num_layers for name in layer_param_shapes(spec)}
-    expected_shapes = expected_hf_shapes(spec)
-    missing, misshaped = [], []
-    for rule in rules_for(spec):
-        indices = range(spec.num_layers) if rule.per_layer else [None]
-        expected = expected_shapes[rule.hf]
-        for i in indices:
-            key = rule.hf.format(i=i) if i is not None else rule.hf
-            if key not in tensors:
-                missing.append(key)
-                continue
-            remaining.discard(key)
-            array = np.asarray(tensors[key])
-            if tuple(array.shape) != expected:
-                misshaped.append(f"{key} has shape {tuple(array.shape)}, expected {expected}")
-                continue
-            if not np.issubdtype(array.dtype, np.floating) and array.dtype != np.dtype(jnp.bfloat16):
-                misshaped.append(f"{key} has dtype {array.dtype}, expected a floating-point tensor")
-                continue
-            if misshaped:
-                continue  # already failing: skip conversion work
-            values = rule.to_ours(array, spec)
-            for name, value in zip(rule.ours, values):
-                if i is None:
-                    top[name] = value
-                else:
-                    per_layer[name][i] = value
-    extra = sorted(k for k in remaining if not is_ignorable(spec, k))
-    if missing or extra or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing weights: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if extra:
-            parts.append(f"unexpected weights: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
-        if misshaped:
-            parts.append(f"wrong weights: {'; '.join(misshaped[:8])}{' ...' if len(misshaped) > 8 else ''}")
-        raise CheckpointError(
-            f"checkpoint does not match its {spec.model_type} config ({'; '.join(parts)}); "
-            "check that config.json belongs to these weights."
-        )
-    params: dict[str, Any] = dict(top)
-    params["layers"] = {name: np.stack(values) for name, values in per_layer.items()}
-    return params
+    table, shapes, source = table_for(spec), param_shapes(spec), weights.ArraySource(tensors)
+    weights.check(table, shapes, source, spec.model_type)
+    return _nested(dict(weights.stream(table, shapes, source)))
 
 
 def export_params(spec: ModelSpec, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The inverse of :func:`import_params`: jaxsft arrays -> HF-named numpy arrays."""
     if isinstance(spec, Seq2SeqSpec):
         return seq2seq_weights.export_params(spec, params)
-    out: dict[str, np.ndarray] = {}
-    for rule in rules_for(spec):
-        if rule.per_layer:
-            for i in range(spec.num_layers):
-                values = tuple(np.asarray(params["layers"][name][i]) for name in rule.ours)
-                out[rule.hf.format(i=i)] = rule.to_hf(values, spec)
+    flat = {path: np.asarray(x) for path, x in _flat(params).items()}
+    return dict(weights.export(table_for(spec), flat))
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}/"))
         else:
-            out[rule.hf] = rule.to_hf(tuple(np.asarray(params[name]) for name in rule.ours), spec)
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
     return out
 
 
@@ -261,61 +260,59 @@ def abstract_model(spec: ModelSpec, **kwargs: Any) -> CausalLM:
 
 def build_model(
     spec: ModelSpec,
-    params: Mapping[str, Any],
+    params: Union[Mapping[str, Any], Iterable[tuple[str, np.ndarray]]],
     *,
     mesh=None,
     param_dtype: Any = jnp.float32,
+    sharding_rules: Optional[shd.ShardingRules] = None,
     **model_kwargs: Any,
 ) -> CausalLM:
-    """Place numpy params onto devices (sharded on ``mesh``) and return the module."""
+    """Place host params onto devices (sharded on ``mesh`` per ``sharding_rules``) and return the module.
+
+    ``params`` is a nested dict of numpy arrays, or an iterable of ``(path, array)`` pairs
+    (:func:`jaxsft.models.weights.stream`): each array goes to its devices as it arrives and
+    is dropped from host memory, so a checkpoint never sits whole in host RAM.
+    """
     abstract = abstract_model(spec, param_dtype=param_dtype, **model_kwargs)
     graphdef, abstract_state = nnx.split(abstract)
     mesh = mesh if mesh is not None else shd.make_mesh()
-    shardings = nnx.to_pure_dict(shd.state_shardings(abstract_state, mesh))
-    expected = nnx.to_pure_dict(abstract_state)
-
-    def place(path, shape_struct, sharding):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        value = _lookup(params, path)
-        if value is None:
-            raise CheckpointError(f"parameter {name} was not filled by the checkpoint.")
-        if tuple(value.shape) != tuple(shape_struct.shape):
+    shardings = _flat(nnx.to_pure_dict(shd.state_shardings(abstract_state, mesh, sharding_rules)))
+    expected = _flat(nnx.to_pure_dict(abstract_state))
+    pairs = _flat(params).items() if isinstance(params, Mapping) else params
+    placed: dict[str, jax.Array] = {}
+    for path, value in pairs:
+        if path not in expected:
+            raise CheckpointError(f"parameter {path} does not exist in a {spec.model_type} model.")
+        if tuple(value.shape) != tuple(expected[path].shape):
             raise CheckpointError(
-                f"parameter {name}: checkpoint shape {tuple(value.shape)} does not match the config's "
-                f"{tuple(shape_struct.shape)}; check that config.json belongs to these weights."
+                f"parameter {path}: checkpoint shape {tuple(value.shape)} does not match the config's "
+                f"{tuple(expected[path].shape)}; check that config.json belongs to these weights."
             )
-        return shd.place_array(np.asarray(value).astype(param_dtype, copy=False), sharding)
-
-    placed = jax.tree_util.tree_map_with_path(place, expected, shardings)
-    nnx.replace_by_pure_dict(abstract_state, placed)
+        placed[path] = shd.place_array(np.asarray(value).astype(param_dtype, copy=False), shardings[path])
+        del value
+    unfilled = sorted(set(expected) - set(placed))
+    if unfilled:
+        raise CheckpointError(f"parameter {unfilled[0]} was not filled by the checkpoint.")
+    nnx.replace_by_pure_dict(abstract_state, _nested(placed))
     return nnx.merge(graphdef, abstract_state)
 
 
-def _lookup(tree: Mapping[str, Any], path) -> Optional[np.ndarray]:
-    node: Any = tree
-    for k in path:
-        key = getattr(k, "key", k)
-        if not isinstance(node, Mapping) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
 def init_model(
-    spec: ModelSpec, *, seed: int = 0, mesh=None, param_dtype: Any = jnp.float32, **model_kwargs: Any
+    spec: ModelSpec, *, seed: int = 0, mesh=None, param_dtype: Any = jnp.float32,
+    sharding_rules: Optional[shd.ShardingRules] = None, **model_kwargs: Any
 ) -> CausalLM:
     """A randomly initialised model whose params are born sharded (created inside jit)."""
     abstract = abstract_model(spec, param_dtype=param_dtype, **model_kwargs)
     graphdef, abstract_state = nnx.split(abstract)
     mesh = mesh if mesh is not None else shd.make_mesh()
-    out_shardings = shd.state_shardings(abstract_state, mesh)
+    out_shardings = shd.state_shardings(abstract_state, mesh, sharding_rules)
 
     @jax.jit
     def create():
         model = model_class(spec)(spec, rngs=nnx.Rngs(seed), param_dtype=param_dtype, **model_kwargs)
         return nnx.state(model)
 
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), shd.use_rules(sharding_rules):
         state = jax.jit(create, out_shardings=out_shardings)()
     return nnx.merge(graphdef, state)
 
@@ -328,6 +325,7 @@ def from_pretrained(
     mesh=None,
     remat: bool = False,
     attention_implementation: str = "auto",
+    sharding_rules: Optional[shd.ShardingRules] = None,
     adapter: Optional[PathLike] = None,
 ) -> CausalLM:
     """Load a Hugging Face causal LM (or a T5 / BART encoder-decoder, as a ``Seq2SeqLM``) as a jaxsft model.
@@ -337,53 +335,66 @@ def from_pretrained(
     memory) or a ``peft.PeftModel`` with one LoRA adapter (base and adapter both
     converted). ``param_dtype`` (default fp32) is the stored precision, ``dtype`` the
     compute precision (default: ``param_dtype``); LoRA adapters are always fp32.
-    ``mesh`` defaults to all devices on the data axis. ``adapter``: a PEFT LoRA
-    folder to attach to the base, to continue training it.
+    ``mesh`` defaults to all devices on the data axis; ``sharding_rules`` (default
+    ``jaxsft.sharding.DEFAULT_RULES``) lay the parameters out on it. ``adapter``: a PEFT
+    LoRA folder to attach to the base, to continue training it.
+
+    Decoder-only checkpoints stream: every key is checked from the file headers first, then
+    the weights go onto the mesh one weight-table row at a time (never the whole checkpoint
+    in host memory).
     """
     from jaxsft.models import peft_io
 
     peft_parts = None
-    if peft_io.is_peft_model(source):
-        if adapter is not None:
-            raise ValueError("from_pretrained: source is a PeftModel, which has its adapter; leave adapter=None.")
-        config, tensors, *peft_parts = peft_io.split_peft_model(source)
-        ModelSpec.from_hf_config(config)
-    elif _is_torch_model(source):
-        config = source.config
-        spec_from_hf_config(config)  # fail on the family before copying weights
-        tensors = _torch_state_dict(source)
-    elif isinstance(source, (str, os.PathLike)):
-        folder = Path(source)
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"from_pretrained: {folder} is not a directory; pass a local Hugging Face model folder "
-                "(jaxsft never downloads) or a transformers model instance."
+    with contextlib.ExitStack() as stack:
+        if peft_io.is_peft_model(source):
+            if adapter is not None:
+                raise ValueError("from_pretrained: source is a PeftModel, which has its adapter; leave adapter=None.")
+            config, tensors, *peft_parts = peft_io.split_peft_model(source)
+            ModelSpec.from_hf_config(config)
+            tensors = weights.ArraySource(tensors)
+        elif _is_torch_model(source):
+            config = source.config
+            spec_from_hf_config(config)  # fail on the family before touching weights
+            tensors = _torch_state_dict(source)
+        elif isinstance(source, (str, os.PathLike)):
+            folder = Path(source)
+            if not folder.is_dir():
+                raise FileNotFoundError(
+                    f"from_pretrained: {folder} is not a directory; pass a local Hugging Face model folder "
+                    "(jaxsft never downloads) or a transformers model instance."
+                )
+            config = _read_config(folder)
+            spec_from_hf_config(config)  # fail on the family before reading weights
+            tensors = SafetensorsSource(_safetensors_files(folder), stack)
+        else:
+            raise TypeError(
+                f"from_pretrained: source must be a local folder path or a transformers PreTrainedModel (or a "
+                f"peft.PeftModel with a LoRA adapter), got {type(source).__name__}."
             )
-        config = _read_config(folder)
-        spec = spec_from_hf_config(config)  # fail on the family before reading weights
-        tensors = _read_safetensors(_safetensors_files(folder))
-    else:
-        raise TypeError(
-            f"from_pretrained: source must be a local folder path or a transformers PreTrainedModel (or a "
-            f"peft.PeftModel with a LoRA adapter), got {type(source).__name__}."
+        if adapter is not None and not (Path(adapter) / peft_io.CONFIG_FILE).is_file():
+            raise FileNotFoundError(
+                f"from_pretrained: adapter={str(adapter)!r} has no {peft_io.CONFIG_FILE}; pass a PEFT LoRA adapter folder."
+            )
+        spec = spec_from_hf_config(config)
+        param_dtype = jnp.dtype(param_dtype or jnp.float32)
+        if isinstance(spec, Seq2SeqSpec):  # its own rule tables (jaxsft.models.seq2seq_weights): not streamed yet
+            params: Any = import_params(spec, {k: tensors.read(k) for k in tensors.keys()})
+        else:
+            table, shapes = table_for(spec), param_shapes(spec)
+            weights.check(table, shapes, tensors, spec.model_type)  # headers only: nothing read or placed yet
+            params = weights.stream(table, shapes, tensors)  # one row of the table in host memory at a time
+        model = build_model(
+            spec,
+            params,
+            mesh=mesh,
+            param_dtype=param_dtype,
+            sharding_rules=sharding_rules,
+            dtype=jnp.dtype(dtype or param_dtype),
+            remat=remat,
+            attention_implementation=attention_implementation,
+            hf_config_json=_plain_config_json(config),
         )
-    if adapter is not None and not (Path(adapter) / peft_io.CONFIG_FILE).is_file():
-        raise FileNotFoundError(
-            f"from_pretrained: adapter={str(adapter)!r} has no {peft_io.CONFIG_FILE}; pass a PEFT LoRA adapter folder."
-        )
-    spec = spec_from_hf_config(config)
-    param_dtype = jnp.dtype(param_dtype or jnp.float32)
-    params = import_params(spec, tensors)
-    model = build_model(
-        spec,
-        params,
-        mesh=mesh,
-        param_dtype=param_dtype,
-        dtype=jnp.dtype(dtype or param_dtype),
-        remat=remat,
-        attention_implementation=attention_implementation,
-        hf_config_json=_plain_config_json(config),
-    )
     if peft_parts is not None:
         peft_io.attach_peft(model, *peft_parts)
     elif adapter is not None:
@@ -433,9 +444,9 @@ def save_pretrained(
     if model.hf_config_json is None:
         raise ValueError("save_pretrained: this model has no Hugging Face config (build it with from_pretrained).")
     directory = Path(directory)
-    weights = hf_state_dict(model)
+    tensors = hf_state_dict(model)
     out_dtype = np.dtype(jnp.dtype(dtype or model.param_dtype))
-    weights = {k: np.ascontiguousarray(v.astype(out_dtype)) for k, v in weights.items()}
+    tensors = {k: np.ascontiguousarray(v.astype(out_dtype)) for k, v in tensors.items()}
     if jax.process_index() != 0:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
@@ -447,23 +458,23 @@ def save_pretrained(
     else:
         config.torch_dtype = name
     config.save_pretrained(str(directory))
-    _write_shards(weights, directory, parse_size(max_shard_size), save_file)
+    _write_shards(tensors, directory, parse_size(max_shard_size), save_file)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory
 
 
-def _write_shards(weights: dict[str, np.ndarray], directory: Path, limit: int, save_file) -> None:
+def _write_shards(tensors: dict[str, np.ndarray], directory: Path, limit: int, save_file) -> None:
     for stale in list(directory.glob("model*.safetensors")) + list(directory.glob("model.safetensors.index.json")):
         stale.unlink()
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
-    for key in weights:
-        nbytes = weights[key].nbytes
+    for key in tensors:
+        nbytes = tensors[key].nbytes
         if shards[-1] and size + nbytes > limit:
             shards.append({})
             size = 0
-        shards[-1][key] = weights[key]
+        shards[-1][key] = tensors[key]
         size += nbytes
     metadata = {"format": "pt"}
     if len(shards) == 1:
@@ -474,5 +485,5 @@ def _write_shards(weights: dict[str, np.ndarray], directory: Path, limit: int, s
         name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(directory / name), metadata=metadata)
         weight_map.update({key: name for key in shard})
-    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

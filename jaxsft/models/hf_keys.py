@@ -1,186 +1,85 @@
-"""Per-family tables between Hugging Face weight names and jaxsft parameters.
+"""The decoder families' weight tables (format: :mod:`jaxsft.models.weights`).
 
-Each rule names HF keys (with ``{i}`` for the layer index), the jaxsft
-parameters they fill, and the two pure conversions. Loading and saving both walk
-these tables, so a name lives in exactly one place.
+Loading, saving, the torch weight sync and the decay-mask translation all read these rows, so
+an HF name and its layout live in exactly one place. Axis letters: ``h`` hidden, ``n`` heads
+(query or KV, as the parameter has them), ``d`` head_dim, ``f`` MLP width.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from typing import Callable
-
-import numpy as np
-
 from jaxsft.models.spec import ModelSpec
+from jaxsft.models.weights import W, WeightTable
 
-Arrays = tuple[np.ndarray, ...]
+_HEADS_IN = "(n d) h -> h n d"  # torch Linear [heads*dim, hidden] -> ours [hidden, heads, dim]
+_HEADS_OUT = "h (n d) -> n d h"  # torch Linear [hidden, heads*dim] -> ours [heads, dim, hidden]
+_HEAD_BIAS = "(n d) -> n d"
+_LINEAR = "o i -> i o"  # torch Linear [out, in] -> ours [in, out]
 
-
-@dataclasses.dataclass(frozen=True)
-class KeyRule:
-    hf: str  # HF key; "{i}" marks a per-layer rule
-    ours: tuple[str, ...]  # jaxsft names: top-level ("embed") or per-layer ("q_proj")
-    to_ours: Callable[[np.ndarray, ModelSpec], Arrays]
-    to_hf: Callable[[Arrays, ModelSpec], np.ndarray]
-    when: Callable[[ModelSpec], bool] = lambda s: True
-
-    @property
-    def per_layer(self) -> bool:
-        return "{i}" in self.hf
-
-
-def _same(x: np.ndarray, s: ModelSpec) -> Arrays:
-    return (x,)
-
-
-def _same_back(xs: Arrays, s: ModelSpec) -> np.ndarray:
-    return xs[0]
-
-
-def _transpose(x: np.ndarray, s: ModelSpec) -> Arrays:
-    return (np.ascontiguousarray(x.T),)
-
-
-def _transpose_back(xs: Arrays, s: ModelSpec) -> np.ndarray:
-    return np.ascontiguousarray(xs[0].T)
-
-
-def _heads_in(heads_of: Callable[[ModelSpec], int]):
-    """torch Linear [heads*dim, hidden] -> ours [hidden, heads, dim]."""
-
-    def to_ours(x: np.ndarray, s: ModelSpec) -> Arrays:
-        return (np.ascontiguousarray(x.T).reshape(s.hidden_size, heads_of(s), s.head_dim),)
-
-    def to_hf(xs: Arrays, s: ModelSpec) -> np.ndarray:
-        return np.ascontiguousarray(xs[0].reshape(s.hidden_size, -1).T)
-
-    return to_ours, to_hf
-
-
-def _head_bias(heads_of: Callable[[ModelSpec], int]):
-    def to_ours(x: np.ndarray, s: ModelSpec) -> Arrays:
-        return (x.reshape(heads_of(s), s.head_dim),)
-
-    def to_hf(xs: Arrays, s: ModelSpec) -> np.ndarray:
-        return xs[0].reshape(-1)
-
-    return to_ours, to_hf
-
-
-def _o_in(x: np.ndarray, s: ModelSpec) -> Arrays:
-    """torch Linear [hidden, heads*dim] -> ours [heads, dim, hidden]."""
-    return (np.ascontiguousarray(x.T).reshape(s.num_heads, s.head_dim, s.hidden_size),)
-
-
-def _o_back(xs: Arrays, s: ModelSpec) -> np.ndarray:
-    return np.ascontiguousarray(xs[0].reshape(-1, s.hidden_size).T)
-
-
-def _q_heads(s: ModelSpec) -> int:
-    return s.num_heads
-
-
-def _kv_heads(s: ModelSpec) -> int:
-    return s.num_kv_heads
-
-
-def _untied(s: ModelSpec) -> bool:
-    return not s.tie_word_embeddings
-
-
-LLAMA_RULES: tuple[KeyRule, ...] = (
-    KeyRule("model.embed_tokens.weight", ("embed",), _same, _same_back),
-    KeyRule("model.norm.weight", ("final_norm_scale",), _same, _same_back),
-    KeyRule("lm_head.weight", ("lm_head",), _same, _same_back, when=_untied),
-    KeyRule("model.layers.{i}.input_layernorm.weight", ("attn_norm_scale",), _same, _same_back),
-    KeyRule("model.layers.{i}.post_attention_layernorm.weight", ("mlp_norm_scale",), _same, _same_back),
-    KeyRule("model.layers.{i}.self_attn.q_proj.weight", ("q_proj",), *_heads_in(_q_heads)),
-    KeyRule("model.layers.{i}.self_attn.k_proj.weight", ("k_proj",), *_heads_in(_kv_heads)),
-    KeyRule("model.layers.{i}.self_attn.v_proj.weight", ("v_proj",), *_heads_in(_kv_heads)),
-    KeyRule("model.layers.{i}.self_attn.o_proj.weight", ("o_proj",), _o_in, _o_back),
-    KeyRule("model.layers.{i}.self_attn.q_proj.bias", ("q_bias",), *_head_bias(_q_heads), when=lambda s: s.qkv_bias),
-    KeyRule("model.layers.{i}.self_attn.k_proj.bias", ("k_bias",), *_head_bias(_kv_heads), when=lambda s: s.qkv_bias),
-    KeyRule("model.layers.{i}.self_attn.v_proj.bias", ("v_bias",), *_head_bias(_kv_heads), when=lambda s: s.qkv_bias),
-    KeyRule("model.layers.{i}.self_attn.o_proj.bias", ("o_bias",), _same, _same_back, when=lambda s: s.o_bias),
-    KeyRule("model.layers.{i}.self_attn.q_norm.weight", ("q_norm_scale",), _same, _same_back, when=lambda s: s.qk_norm),
-    KeyRule("model.layers.{i}.self_attn.k_norm.weight", ("k_norm_scale",), _same, _same_back, when=lambda s: s.qk_norm),
-    KeyRule("model.layers.{i}.mlp.gate_proj.weight", ("gate_proj",), _transpose, _transpose_back),
-    KeyRule("model.layers.{i}.mlp.up_proj.weight", ("up_proj",), _transpose, _transpose_back),
-    KeyRule("model.layers.{i}.mlp.down_proj.weight", ("down_proj",), _transpose, _transpose_back),
-    KeyRule("model.layers.{i}.mlp.gate_proj.bias", ("gate_bias",), _same, _same_back, when=lambda s: s.mlp_bias),
-    KeyRule("model.layers.{i}.mlp.up_proj.bias", ("up_bias",), _same, _same_back, when=lambda s: s.mlp_bias),
-    KeyRule("model.layers.{i}.mlp.down_proj.bias", ("down_bias",), _same, _same_back, when=lambda s: s.mlp_bias),
+LLAMA = WeightTable(
+    "llama",
+    rows=(
+        W("model.embed_tokens.weight", "embed"),
+        W("model.norm.weight", "final_norm_scale"),
+        W("lm_head.weight", "lm_head", tied_to="embed"),
+        W("model.layers.{i}.input_layernorm.weight", "layers/attn_norm_scale"),
+        W("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm_scale"),
+        W("model.layers.{i}.self_attn.q_proj.weight", "layers/q_proj", _HEADS_IN),
+        W("model.layers.{i}.self_attn.k_proj.weight", "layers/k_proj", _HEADS_IN),
+        W("model.layers.{i}.self_attn.v_proj.weight", "layers/v_proj", _HEADS_IN),
+        W("model.layers.{i}.self_attn.o_proj.weight", "layers/o_proj", _HEADS_OUT),
+        W("model.layers.{i}.self_attn.q_proj.bias", "layers/q_bias", _HEAD_BIAS),
+        W("model.layers.{i}.self_attn.k_proj.bias", "layers/k_bias", _HEAD_BIAS),
+        W("model.layers.{i}.self_attn.v_proj.bias", "layers/v_bias", _HEAD_BIAS),
+        W("model.layers.{i}.self_attn.o_proj.bias", "layers/o_bias"),
+        W("model.layers.{i}.self_attn.q_norm.weight", "layers/q_norm_scale"),
+        W("model.layers.{i}.self_attn.k_norm.weight", "layers/k_norm_scale"),
+        W("model.layers.{i}.mlp.gate_proj.weight", "layers/gate_proj", _LINEAR),
+        W("model.layers.{i}.mlp.up_proj.weight", "layers/up_proj", _LINEAR),
+        W("model.layers.{i}.mlp.down_proj.weight", "layers/down_proj", _LINEAR),
+        W("model.layers.{i}.mlp.gate_proj.bias", "layers/gate_bias"),
+        W("model.layers.{i}.mlp.up_proj.bias", "layers/up_bias"),
+        W("model.layers.{i}.mlp.down_proj.bias", "layers/down_bias"),
+    ),
+    ignore=(r".*rotary_emb\.inv_freq",),
 )
 
 
-def _split_qkv_weight(x: np.ndarray, s: ModelSpec) -> Arrays:
-    """GPT-2 Conv1D c_attn [hidden, 3*hidden] (already in x out) -> q, k, v [hidden, heads, dim]."""
-    return tuple(np.ascontiguousarray(part).reshape(s.hidden_size, s.num_heads, s.head_dim) for part in np.split(x, 3, axis=1))
-
-
-def _join_qkv_weight(xs: Arrays, s: ModelSpec) -> np.ndarray:
-    return np.concatenate([x.reshape(s.hidden_size, -1) for x in xs], axis=1)
-
-
-def _split_qkv_bias(x: np.ndarray, s: ModelSpec) -> Arrays:
-    return tuple(part.reshape(s.num_heads, s.head_dim) for part in np.split(x, 3))
-
-
-def _join_qkv_bias(xs: Arrays, s: ModelSpec) -> np.ndarray:
-    return np.concatenate([x.reshape(-1) for x in xs])
-
-
-def _gpt2_o_in(x: np.ndarray, s: ModelSpec) -> Arrays:
-    return (x.reshape(s.num_heads, s.head_dim, s.hidden_size),)
-
-
-def _gpt2_o_back(xs: Arrays, s: ModelSpec) -> np.ndarray:
-    return xs[0].reshape(-1, s.hidden_size)
-
-
-GPT2_RULES: tuple[KeyRule, ...] = (
-    KeyRule("transformer.wte.weight", ("embed",), _same, _same_back),
-    KeyRule("transformer.wpe.weight", ("pos_embed",), _same, _same_back),
-    KeyRule("transformer.ln_f.weight", ("final_norm_scale",), _same, _same_back),
-    KeyRule("transformer.ln_f.bias", ("final_norm_bias",), _same, _same_back),
-    KeyRule("lm_head.weight", ("lm_head",), _same, _same_back, when=_untied),
-    KeyRule("transformer.h.{i}.ln_1.weight", ("attn_norm_scale",), _same, _same_back),
-    KeyRule("transformer.h.{i}.ln_1.bias", ("attn_norm_bias",), _same, _same_back),
-    KeyRule("transformer.h.{i}.attn.c_attn.weight", ("q_proj", "k_proj", "v_proj"), _split_qkv_weight, _join_qkv_weight),
-    KeyRule("transformer.h.{i}.attn.c_attn.bias", ("q_bias", "k_bias", "v_bias"), _split_qkv_bias, _join_qkv_bias),
-    KeyRule("transformer.h.{i}.attn.c_proj.weight", ("o_proj",), _gpt2_o_in, _gpt2_o_back),
-    KeyRule("transformer.h.{i}.attn.c_proj.bias", ("o_bias",), _same, _same_back),
-    KeyRule("transformer.h.{i}.ln_2.weight", ("mlp_norm_scale",), _same, _same_back),
-    KeyRule("transformer.h.{i}.ln_2.bias", ("mlp_norm_bias",), _same, _same_back),
-    KeyRule("transformer.h.{i}.mlp.c_fc.weight", ("up_proj",), _same, _same_back),
-    KeyRule("transformer.h.{i}.mlp.c_fc.bias", ("up_bias",), _same, _same_back),
-    KeyRule("transformer.h.{i}.mlp.c_proj.weight", ("down_proj",), _same, _same_back),
-    KeyRule("transformer.h.{i}.mlp.c_proj.bias", ("down_bias",), _same, _same_back),
-)
-
-# Keys some checkpoints carry that are buffers, not weights: safe to skip on load.
-IGNORED_KEYS = {
-    "gpt2": (re.compile(r"transformer\.h\.\d+\.attn\.(masked_)?bias$"),),
-    "llama": (re.compile(r".*rotary_emb\.inv_freq$"),),
-}
-
-
-def rules_for(spec: ModelSpec) -> tuple[KeyRule, ...]:
-    table = GPT2_RULES if spec.model_type == "gpt2" else LLAMA_RULES
-    return tuple(rule for rule in table if rule.when(spec))
-
-
-def is_ignorable(spec: ModelSpec, key: str) -> bool:
-    family = "gpt2" if spec.model_type == "gpt2" else "llama"
-    if spec.tie_word_embeddings and key == "lm_head.weight":
-        return True  # tied: HF re-ties on load; some files still carry a copy
-    return any(p.match(key) for p in IGNORED_KEYS[family])
-
-
-def normalise_key(spec: ModelSpec, key: str) -> str:
+def _gpt2_alias(key: str) -> str:
     """Original GPT-2 checkpoints store keys without the ``transformer.`` prefix."""
-    if spec.model_type == "gpt2" and not key.startswith(("transformer.", "lm_head.")):
-        return "transformer." + key
-    return key
+    return key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
+
+
+GPT2 = WeightTable(
+    "gpt2",
+    rows=(
+        W("transformer.wte.weight", "embed"),
+        W("transformer.wpe.weight", "pos_embed"),
+        W("transformer.ln_f.weight", "final_norm_scale"),
+        W("transformer.ln_f.bias", "final_norm_bias"),
+        W("lm_head.weight", "lm_head", tied_to="embed"),
+        W("transformer.h.{i}.ln_1.weight", "layers/attn_norm_scale"),
+        W("transformer.h.{i}.ln_1.bias", "layers/attn_norm_bias"),
+        # Conv1D weights are stored [in, out] already; c_attn holds q, k and v side by side.
+        W("transformer.h.{i}.attn.c_attn.weight", ("layers/q_proj", "layers/k_proj", "layers/v_proj"),
+          "h (parts n d) -> parts h n d"),
+        W("transformer.h.{i}.attn.c_attn.bias", ("layers/q_bias", "layers/k_bias", "layers/v_bias"),
+          "(parts n d) -> parts n d"),
+        W("transformer.h.{i}.attn.c_proj.weight", "layers/o_proj", "(n d) h -> n d h"),
+        W("transformer.h.{i}.attn.c_proj.bias", "layers/o_bias"),
+        W("transformer.h.{i}.ln_2.weight", "layers/mlp_norm_scale"),
+        W("transformer.h.{i}.ln_2.bias", "layers/mlp_norm_bias"),
+        W("transformer.h.{i}.mlp.c_fc.weight", "layers/up_proj"),
+        W("transformer.h.{i}.mlp.c_fc.bias", "layers/up_bias"),
+        W("transformer.h.{i}.mlp.c_proj.weight", "layers/down_proj"),
+        W("transformer.h.{i}.mlp.c_proj.bias", "layers/down_bias"),
+    ),
+    ignore=(r"transformer\.h\.\d+\.attn\.(masked_)?bias",),
+    aliases=_gpt2_alias,
+)
+
+TABLES = {"llama": LLAMA, "gpt2": GPT2}
+
+
+def table_for(spec: ModelSpec) -> WeightTable:
+    """The weight table of ``spec``'s family (every supported family but GPT-2 uses Llama's names)."""
+    return GPT2 if spec.model_type == "gpt2" else LLAMA
