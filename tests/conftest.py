@@ -7,6 +7,13 @@ import os
 import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# With the persistent cache below, XLA:CPU executables *loaded from the cache* that hold several
+# collectives could deadlock (devices entering different all-reduces first: "Expected 8 threads to
+# join the rendezvous, but only 5 ... arrived", then an abort; seen in test_compat_trainer's quick start
+# on every warm run). The concurrency-optimised scheduler is what lets them reorder; without it warm
+# runs pass. It changes scheduling only, never results.
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
