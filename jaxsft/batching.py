@@ -359,6 +359,10 @@ def _pack_segments(group: list[Example], max_rows: int, length: int, row_multipl
     while rows < len(bins):
         rows *= 2
     rows = min(rows, max_rows)
+    if rows == max_rows:
+        # Nothing to gain (e.g. every example fills its bucket): the plain layout, whose attention
+        # needs no segment tables (the causal cuDNN kernel is a little faster than the ragged one).
+        return _pack(group, max_rows, length)
     input_ids = np.zeros((rows, length), np.int32)
     attention_mask = np.zeros((rows, length), np.int32)
     labels = np.full((rows, length), IGNORE_INDEX, np.int32)
@@ -381,6 +385,20 @@ def _pack_segments(group: list[Example], max_rows: int, length: int, row_multipl
     return MicroBatch(
         input_ids, attention_mask, labels, num_examples=len(group), num_label_tokens=num_label_tokens,
         segment_ids=segment_ids, positions=positions, segment_lengths=segment_table(segment_ids, max_rows),
+    )
+
+
+def as_packed(mb: MicroBatch, max_examples: int) -> MicroBatch:
+    """The packed form of a plain micro-batch (one example per row), so programs agree in structure."""
+    if mb.packed:
+        return mb
+    segment_ids = mb.attention_mask.astype(np.int32)  # right-padded: real tokens are segment 1, the tail 0
+    positions = (np.cumsum(segment_ids, axis=1) - 1).clip(min=0).astype(np.int32) * segment_ids
+    labels = mb.labels.copy()
+    labels[:, 0] = IGNORE_INDEX  # never a target in either layout
+    return dataclasses.replace(
+        mb, labels=labels, segment_ids=segment_ids, positions=positions,
+        segment_lengths=segment_table(segment_ids, max_examples),
     )
 
 

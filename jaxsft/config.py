@@ -178,16 +178,21 @@ class PrecisionAndMemory:
             raise _bad(self, "loss_chunk_size", "must be None or >= 1", "pass e.g. loss_chunk_size=1024")
 
 
+# The automatic layer loop unrolls models up to this depth (compile time grows with depth).
+UNROLL_MAX_LAYERS = 48
+
+
 @dataclasses.dataclass
 class Performance:
     """Speed knobs that change no result: attention kernel, layer loop, compiled shapes, XLA options."""
 
     # auto: cuDNN flash attention on GPU in 16-bit compute, XLA elsewhere.
     attention_implementation: str = "auto"
-    # True runs the layers as one scanned loop (fast to compile, fastest on one device);
-    # False unrolls them, which lets XLA overlap each layer's FSDP gathers and gradient
-    # reductions with compute. None (default): unrolled when the mesh has an fsdp axis > 1.
-    # On 2 x H200 at 0.5B, FSDP unrolled ran 150k tokens/s against 132k scanned.
+    # True runs the layers as one scanned loop (compile time independent of depth); False
+    # unrolls them: no stacked residual buffers or per-layer copies, and XLA can overlap each
+    # layer's FSDP gathers and gradient reductions with compute. None (default): unrolled up to
+    # UNROLL_MAX_LAYERS layers, scanned beyond (where unrolled compiles get long). On one H200 at
+    # Qwen2.5-0.5B shape, unrolled trained 111k tokens/s against 89k scanned (benchmarks/RESULTS.md).
     scan_layers: Optional[bool] = None
     # Lay each micro-batch's examples end to end in as few rows of its bucket as fit (segment ids
     # keep them apart in attention and loss): fewer padded tokens, same numbers. Pays off on
@@ -331,14 +336,14 @@ class TrainConfig:
             size *= 2
         return tuple(buckets + [limit])
 
-    def run_options(self, model: RunOptions, *, fsdp: int = 1) -> RunOptions:
+    def run_options(self, model: RunOptions, *, num_layers: int = 0) -> RunOptions:
         """The model's compute options for training: the one place each model-side knob is decided.
 
         * dtype: bf16 when ``bf16``, else the model's own compute dtype;
         * remat: ``gradient_checkpointing`` (the model's remat policy is kept);
         * attention: ``attention_implementation`` unless it is "auto", which keeps the model's;
-        * layer loop: ``scan_layers``, or when None scanned unless the mesh has an fsdp axis > 1
-          (unrolled layers let XLA overlap FSDP gathers and reductions; benchmarks/RESULTS.md).
+        * layer loop: ``scan_layers``, or when None unrolled for models of at most
+          ``UNROLL_MAX_LAYERS`` layers (faster on one device and on FSDP meshes; benchmarks/RESULTS.md).
         """
         return dataclasses.replace(
             model,
@@ -347,7 +352,7 @@ class TrainConfig:
             attention_implementation=(
                 model.attention_implementation if self.attention_implementation == "auto" else self.attention_implementation
             ),
-            scan_layers=bool(self.scan_layers if self.scan_layers is not None else fsdp == 1),
+            scan_layers=bool(self.scan_layers if self.scan_layers is not None else num_layers > UNROLL_MAX_LAYERS),
         )
 
 

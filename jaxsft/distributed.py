@@ -169,6 +169,8 @@ def agree_on_microbatches(microbatches: list, rows: int, packed: bool = False) -
     target_count = int(counts.max())
     if target_count == 0:  # no process had examples this call
         return []
+    if packed:  # a micro-batch that packing could not shrink keeps the plain layout; give it the packed one
+        microbatches = [batching.as_packed(mb, rows) for mb in microbatches]
     shapes = np.zeros((target_count, 2), np.int64)
     shapes[: len(microbatches)] = [mb.input_ids.shape[::-1] for mb in microbatches]
     target = _allgather(shapes).max(axis=0)

@@ -156,7 +156,7 @@ class IterativeSFTTrainer:
 
         # The training view: the model's arrays under the config's compute options (a derived module;
         # the caller's model keeps its own options).
-        self.run_options = config.run_options(RunOptions.of(model), fsdp=self.mesh.shape["fsdp"])
+        self.run_options = config.run_options(RunOptions.of(model), num_layers=model.spec.num_layers)
         self.scan_layers = self.run_options.scan_layers
         view = with_options(model, self.run_options)
         if lora_lib.lora_setup(model) is None:

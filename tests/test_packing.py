@@ -118,3 +118,15 @@ def test_packed_training_equals_unpacked(family, ga):
     np.testing.assert_allclose(packed_losses, plain_losses, rtol=1e-5)
     for got, want in zip(jax.tree.leaves(packed_params), jax.tree.leaves(plain_params)):
         assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+
+
+def test_full_rows_keep_the_plain_layout_and_as_packed_converts_it():
+    examples = _examples([32] * 4)
+    (mb,) = batching.plan_microbatches(examples, rows=4, buckets=(32,), rng=np.random.default_rng(0), pack=True)
+    assert not mb.packed and mb.input_ids.shape == (4, 32)  # packing would not save a row
+    short = batching.plan_microbatches(_examples([5, 9]), rows=4, buckets=(32,), rng=np.random.default_rng(0))[0]
+    packed = batching.as_packed(short, 4)
+    assert packed.packed and packed.num_label_tokens == short.num_label_tokens
+    np.testing.assert_array_equal(packed.segment_ids, short.attention_mask)
+    assert packed.positions[0, :5].tolist() == list(range(5)) and packed.positions[0, 5:].sum() == 0
+    np.testing.assert_array_equal(packed.segment_lengths[:, :2], [[5, 27], [9, 23], [32, 0], [32, 0]][: len(packed.segment_lengths)])

@@ -8,7 +8,7 @@
   bytes equal the fp32 parameter bytes (a tied embedding reduced twice, or densely, fails this).
 * ``jaxsft.diagnostics`` reads collectives out of HLO text, async pairs counted once.
 * ``TrainConfig.xla_options`` is checked when the trainer is built; ``scan_layers=None``
-  unrolls the layers exactly when the mesh has an FSDP axis.
+  unrolls the layers of shallow models on every mesh.
 """
 
 from __future__ import annotations
@@ -147,9 +147,16 @@ def test_bad_xla_options_fail_at_construction():
 
 
 def test_scan_layers_automatic_choice():
-    assert _tiny_trainer(jaxsft.make_mesh(8, 1, 1)).scan_layers is True
+    # Unrolled on every mesh for shallow models (measured faster on one GPU too since the split-based
+    # unrolled loop; benchmarks/RESULTS.md), scanned beyond UNROLL_MAX_LAYERS, explicit choices kept.
+    assert _tiny_trainer(jaxsft.make_mesh(8, 1, 1)).scan_layers is False
     assert _tiny_trainer(jaxsft.make_mesh(1, 8, 1)).scan_layers is False
     assert _tiny_trainer(jaxsft.make_mesh(2, 2, 2)).scan_layers is False
     assert _tiny_trainer(jaxsft.make_mesh(1, 8, 1), scan_layers=True).scan_layers is True
+    from jaxsft.config import UNROLL_MAX_LAYERS
+    from jaxsft.models.options import RunOptions
+
+    deep = jaxsft.TrainConfig().run_options(RunOptions(), num_layers=UNROLL_MAX_LAYERS + 1)
+    assert deep.scan_layers is True
     with pytest.raises(ValueError, match=r"TrainConfig\.scan_layers"):
         jaxsft.TrainConfig(scan_layers="yes")
