@@ -166,10 +166,19 @@ ARGUMENTS: tuple[ArgumentRow, ...] = (
                 "does not switch off an explicit eval_steps (TRL's behaviour). 'epoch': ignored (warned)."),
     ArgumentRow("eval_delay", IGNORED, "-", "TRL never honoured it."),
     ArgumentRow("eval_on_start", IGNORED, "-", "TRL never honoured it; call trainer.evaluate() yourself."),
-    ArgumentRow("save_steps", IGNORED, "-", "step() never saves (nor did TRL's); call trainer.save_model()."),
-    ArgumentRow("save_strategy", IGNORED, "-", "step() never saves (nor did TRL's); call trainer.save_model()."),
-    ArgumentRow("load_best_model_at_end", IGNORED, "-", "No checkpoints are written, so there is no best model."),
-    ArgumentRow("metric_for_best_model", IGNORED, "-", "No checkpoints are written, so there is no best model."),
+    ArgumentRow("save_steps", FACADE, "compat.IterativeSFTTrainer",
+                "With save_strategy='steps', a step() call whose updates reach a multiple of save_steps ends by "
+                "writing output_dir/checkpoint-N (N = global_step after the call): jaxsft's whole trainer state "
+                "(weights, optimizer state, counters, log history, shuffling RNG), atomically. A float < 1 is a "
+                "ratio of max_steps. TRL's step() never saved."),
+    ArgumentRow("save_strategy", FACADE, "compat.IterativeSFTTrainer",
+                "'steps' (TrainingArguments' default) saves as save_steps says; 'no' never saves; 'epoch' and "
+                "'best' are ignored (warned): step() has no epochs and no best metric."),
+    ArgumentRow("save_total_limit", FACADE, "compat.IterativeSFTTrainer",
+                "Keeps the newest N checkpoint-* folders under output_dir (orbax CheckpointManager's "
+                "max_to_keep); None keeps all."),
+    ArgumentRow("load_best_model_at_end", IGNORED, "-", "No best-model tracking; checkpoints are kept by recency."),
+    ArgumentRow("metric_for_best_model", IGNORED, "-", "No best-model tracking; checkpoints are kept by recency."),
     ArgumentRow("report_to", FACADE, "compat.IterativeSFTTrainer",
                 "The named integrations (tensorboard, wandb, ...) are transformers' own callbacks, built with "
                 "transformers.integrations.get_reporting_integration_callbacks as HF Trainer does: on_train_begin "
@@ -179,9 +188,12 @@ ARGUMENTS: tuple[ArgumentRow, ...] = (
     ArgumentRow("disable_tqdm", MAPPED, "TrainConfig.disable_tqdm",
                 "None resolves as in TrainingArguments (off unless the log level is above WARN)."),
     ArgumentRow("output_dir", FACADE, "compat.IterativeSFTTrainer",
-                "Default directory of save_model(); nothing is written during step()."),
+                "Default directory of save_model(), save_checkpoint() and the save_steps checkpoints."),
     ArgumentRow("push_to_hub", IGNORED, "-", "Nothing is pushed automatically (TRL only created the repo)."),
-    ArgumentRow("resume_from_checkpoint", IGNORED, "-", "Only read by training scripts; load the model yourself."),
+    ArgumentRow("resume_from_checkpoint", FACADE, "compat.IterativeSFTTrainer",
+                "A checkpoint-N folder, or True for the newest under output_dir: restored when the trainer is "
+                "built (weights, optimizer state, global_step, log_history, RNG), so the next step() continues "
+                "the saved run exactly. True with no checkpoint raises ValueError."),
     # --- IterativeSFTConfig ---------------------------------------------------------------------
     ArgumentRow("max_length", MAPPED, "TrainConfig.max_length",
                 "Truncates along the sequence axis, on the texts path and the token path alike. TRL 0.23.1 "
@@ -192,6 +204,13 @@ ARGUMENTS: tuple[ArgumentRow, ...] = (
     ArgumentRow("optimize_device_cache", FACADE, "compat.IterativeSFTTrainer",
                 "Frees accelerator memory after each step(), per trainer (TRL's flag was process-global)."),
     ArgumentRow("model_init_kwargs", FACADE, "compat.IterativeSFTTrainer", "Used when model is given as a string."),
+    ArgumentRow("skip_nonfinite_updates", MAPPED, "TrainConfig.skip_nonfinite_updates",
+                "IterativeSFTConfig only (jaxsft's NaN guard): an update whose loss or gradient norm is NaN/inf "
+                "is skipped inside the compiled step and its NaN stays out of the logged loss. Off by default, "
+                "as in HF Trainer."),
+    ArgumentRow("max_nonfinite_in_a_row", MAPPED, "TrainConfig.max_nonfinite_in_a_row",
+                "IterativeSFTConfig only: step() raises FloatingPointError after this many non-finite updates in "
+                "a row (None: never)."),
 )
 
 # TrainingArguments fields (transformers 4.56-5.x) that do not change what step() trains:
@@ -211,7 +230,7 @@ UNRELATED_FIELDS: frozenset[str] = frozenset({
     "per_gpu_train_batch_size", "prediction_loss_only", "project", "push_to_hub_model_id",
     "push_to_hub_organization", "push_to_hub_token", "ray_scope", "remove_unused_columns",
     "restore_callback_states_from_checkpoint", "run_name", "save_on_each_node", "save_only_model",
-    "save_safetensors", "save_total_limit", "skip_memory_metrics", "torch_compile_backend", "torch_compile_mode",
+    "save_safetensors", "skip_memory_metrics", "torch_compile_backend", "torch_compile_mode",
     "torchdynamo", "tpu_metrics_debug", "tpu_num_cores", "trackio_bucket_id", "trackio_space_id",
     "trackio_static_space_id", "use_cache", "use_legacy_prediction_loop", "use_mps_device",
 })
@@ -370,6 +389,8 @@ def training_arguments_to_config(
             ignored.append("logging_strategy")
         elif row.field == "eval_strategy" and str(_plain(args.eval_strategy)) == "epoch":
             ignored.append("eval_strategy")
+        elif row.field == "save_strategy" and str(_plain(getattr(args, "save_strategy", "steps"))) in ("epoch", "best"):
+            ignored.append("save_strategy")
         elif row.field == "optim_args":
             sgd_momentum = _sgd_momentum(args, optim, ignored)
 
@@ -398,6 +419,8 @@ def training_arguments_to_config(
         max_length=max_length,
         truncation_mode=truncation_mode,
         disable_tqdm=bool(args.disable_tqdm),
+        skip_nonfinite_updates=getattr(args, "skip_nonfinite_updates", False),
+        max_nonfinite_in_a_row=getattr(args, "max_nonfinite_in_a_row", None),
     )
     return config, ignored
 

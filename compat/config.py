@@ -49,6 +49,7 @@ class IterativeSFTConfig(TrainingArguments):
         max_length: longest sequence in tokens; longer inputs are truncated per ``truncation_mode``.
         truncation_mode: ``"keep_end"`` (drop tokens from the start) or ``"keep_start"``.
         optimize_device_cache: free accelerator memory after every ``step()``.
+        skip_nonfinite_updates, max_nonfinite_in_a_row: jaxsft's NaN guard (see ``jaxsft.TrainConfig``).
     """
 
     _VALID_DICT_FIELDS = list(TrainingArguments._VALID_DICT_FIELDS) + ["model_init_kwargs"]
@@ -68,6 +69,15 @@ class IterativeSFTConfig(TrainingArguments):
     optimize_device_cache: bool = dataclasses.field(
         default=False,
         metadata={"help": "Free accelerator memory after each step() call."},
+    )
+    # jaxsft additions (not in TRL): the NaN guard, reachable from the facade's config.
+    skip_nonfinite_updates: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Skip (inside the compiled step) any update whose loss or gradient norm is NaN/inf."},
+    )
+    max_nonfinite_in_a_row: Optional[int] = dataclasses.field(
+        default=None,
+        metadata={"help": "Raise FloatingPointError after this many non-finite updates in a row (None: never)."},
     )
     # TRL overrides of TrainingArguments defaults.
     logging_steps: float = dataclasses.field(

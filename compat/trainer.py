@@ -304,6 +304,9 @@ class IterativeSFTTrainer:
         self.state.train_batch_size = self.core.rows
         self.control = TrainerControl()
         self.callback_handler = _make_callback_handler(self, callbacks)
+        resume = _resume_path(args)
+        if resume is not None:
+            self.restore_checkpoint(resume)
 
     # ------------------------------------------------------------------ the torch view
     @property
@@ -389,6 +392,11 @@ class IterativeSFTTrainer:
             self.state.global_step = self.core.state.global_step
             self.state.num_input_tokens_seen = self.core.state.num_input_tokens_seen
         stats["learning_rate"] = self._learning_rate_at(self.core.state.global_step)
+        every = self.state.save_steps
+        if every and str(_plain_value(self.args.save_strategy)) == "steps" and stats["num_updates"]:
+            first = stats["global_step"] - stats["num_updates"] + 1
+            if any(step % every == 0 for step in range(first, stats["global_step"] + 1)):
+                self.save_checkpoint()
         if self.optimize_device_cache:
             del inputs
             _free_device_memory()
@@ -552,6 +560,27 @@ class IterativeSFTTrainer:
 
             self._forward_fn = jax.jit(forward)
         return self._forward_fn
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, output_dir: Optional[str] = None) -> str:
+        """Write the whole training state to ``<output_dir>/checkpoint-<global_step>`` (default ``args.output_dir``).
+
+        The core's checkpoint (see :meth:`jaxsft.IterativeSFTTrainer.save_checkpoint`): weights, optimizer
+        state, step counters, log history and the shuffling RNG, committed atomically; ``args.save_total_limit``
+        keeps the newest N. Call it on every process. Returns the folder.
+        """
+        directory = str(output_dir if output_dir is not None else self.args.output_dir)
+        return self.core.save_checkpoint(directory, keep_last=getattr(self.args, "save_total_limit", None))
+
+    def restore_checkpoint(self, path: str) -> None:
+        """Load a ``checkpoint-N`` folder from :meth:`save_checkpoint` (all or nothing); the run continues from it.
+
+        ``state.global_step`` and ``state.log_history`` are the core's (one list); the torch model receives
+        the restored weights the next time it is read.
+        """
+        self.core.restore_checkpoint(str(path))
+        self.state.global_step = self.core.state.global_step
+        self.state.num_input_tokens_seen = self.core.state.num_input_tokens_seen
 
     # ------------------------------------------------------------------ saving and sharing
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
@@ -794,6 +823,30 @@ def _config_rate(config: TrainConfig) -> Callable[[int], float]:
     multiplier, _ = _hf_lambda(config)
     base = float(config.learning_rate)
     return lambda count: base * multiplier(int(count))
+
+
+def _plain_value(value: Any) -> Any:
+    return getattr(value, "value", value)  # an HF enum member -> its string
+
+
+def _resume_path(args: Any) -> Optional[str]:
+    """``args.resume_from_checkpoint`` as a folder: a path as given, True (or "true") the newest in output_dir."""
+    from jaxsft.checkpoint import latest_checkpoint
+
+    value = getattr(args, "resume_from_checkpoint", None)
+    if value is None or value is False:
+        return None
+    if value is True or (isinstance(value, str) and value.lower() == "true"):
+        newest = latest_checkpoint(str(args.output_dir))
+        if newest is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True: no complete checkpoint-N folder in output_dir={str(args.output_dir)!r}; "
+                "save one with trainer.save_checkpoint() (or save_steps), or pass the checkpoint's path."
+            )
+        return newest
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"resume_from_checkpoint must be a checkpoint folder path or True, got {type(value).__name__}.")
+    return os.fspath(value)
 
 
 def _save_steps(args: Any, max_steps: int) -> int:

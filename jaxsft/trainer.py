@@ -458,7 +458,7 @@ class IterativeSFTTrainer:
         nnx.replace_by_pure_dict(params, placed["params"])
         self._params, self._opt_state, self._rng = params, placed["opt_state"], rng
         self.state.global_step = host["global_step"]
-        self.state.log_history = host["log_history"]
+        self.state.log_history[:] = host["log_history"]  # in place: whoever holds the list (the facade) sees it
         for name in COUNTER_FIELDS:
             setattr(self.state, name, host["counters"][name])
         self._params_version += 1
