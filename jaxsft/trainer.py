@@ -361,10 +361,15 @@ class IterativeSFTTrainer:
         """
         if dataset is None:
             raise ValueError("evaluate(): no eval_dataset given here or at construction; pass eval_dataset=...")
-        if dataset is self.eval_dataset and self._eval_examples is not None:
-            examples = self._eval_examples  # checked at construction
-        else:
-            examples = self._eval_inputs(dataset)
+        error: Optional[Exception] = None
+        try:
+            if dataset is self.eval_dataset and self._eval_examples is not None:
+                examples = self._eval_examples  # checked at construction
+            else:
+                examples = self._eval_inputs(dataset)
+        except (TypeError, ValueError) as err:
+            error = err
+        distributed.agree("evaluate()", error, self._fingerprint(), self.config.agreement_timeout_s)
         microbatches = batching.plan_microbatches(
             examples, rows=self.eval_rows // jax.process_count(), buckets=self.buckets, rng=self._rng, shuffle=False
         ) if examples else []

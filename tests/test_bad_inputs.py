@@ -342,3 +342,24 @@ def test_facade_missing_local_folder_is_not_a_hub_error(mesh, tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         IterativeSFTTrainer(missing, mesh=mesh)
     assert missing in str(err.value) and "repo" not in str(err.value).lower()
+
+
+# ---------------------------------------------------------------------------------------- loading
+def test_shard_index_naming_files_outside_the_folder_is_refused(tmp_path):
+    """model.safetensors.index.json may only name files inside the model folder (no ../, no absolute paths)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    tiny.tiny_torch_model("llama", vocab_size=VOCAB).save_pretrained(folder, max_shard_size="100KB")
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    for outside in ("../" + shard, str((tmp_path / shard).resolve())):
+        shutil.copy(folder / shard, tmp_path / shard)  # a readable file is there: it must still not be read
+        bad = dict(index, weight_map={k: (outside if v == shard else v) for k, v in index["weight_map"].items()})
+        index_file.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=r"names the shard file .* outside"):
+            jaxsft.from_pretrained(str(folder))
+    index_file.write_text(json.dumps(index))
+    jaxsft.from_pretrained(str(folder))  # the untouched index loads
