@@ -403,7 +403,8 @@ def _coerce(kind: str, value: Any) -> tuple[bool, Any]:
 _KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
                "dict": "a dict", "ints": "a sequence of integers"}
 
-# Every field of TrainConfig and its groups: (kind, None allowed). A field missing here fails test_config.
+# Every field of TrainConfig and its groups: (kind, None allowed). A field missing here fails
+# tests/test_bad_inputs.py::test_every_config_field_has_a_type_rule.
 _FIELD_KINDS: dict[str, tuple[str, bool]] = {
     "learning_rate": ("float", False), "per_device_train_batch_size": ("int", False),
     "gradient_accumulation_steps": ("int", False), "max_steps": ("int", False), "warmup_steps": ("int", False),
@@ -416,5 +417,5 @@ _FIELD_KINDS: dict[str, tuple[str, bool]] = {
     "max_length": ("int", True), "truncation_mode": ("str", False), "length_buckets": ("ints", True),
     "min_bucket_length": ("int", False), "loss_chunk_size": ("int", True), "loss_chunk_bytes": ("int", False),
     "attention_implementation": ("str", False), "scan_layers": ("bool", True), "xla_options": ("dict", True),
-    "disable_tqdm": ("bool", False), "agreement_timeout_s": ("float", False),
+    "disable_tqdm": ("bool", False), "agreement_timeout_s": ("float", False), "packing": ("bool", False),
 }

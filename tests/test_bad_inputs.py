@@ -363,3 +363,15 @@ def test_shard_index_naming_files_outside_the_folder_is_refused(tmp_path):
             jaxsft.from_pretrained(str(folder))
     index_file.write_text(json.dumps(index))
     jaxsft.from_pretrained(str(folder))  # the untouched index loads
+
+
+def test_every_config_field_has_a_type_rule():
+    """A new TrainConfig field must say what type it takes (else its wrong types would slip through)."""
+    import dataclasses
+
+    from jaxsft import config as cfg
+
+    names = [f.name for cls in (cfg.TrainConfig, *cfg.GROUPS.values()) for f in dataclasses.fields(cls)
+             if f.name not in cfg.GROUPS]
+    assert sorted(set(names) - set(cfg._FIELD_KINDS)) == []
+    assert sorted(set(cfg._FIELD_KINDS) - set(names)) == []
