@@ -56,6 +56,7 @@ from compat.arguments import ignored_argument_message, training_arguments_to_con
 from compat.config import IterativeSFTConfig
 from compat.inputs import IGNORE_INDEX, StepInputs, convert_step_inputs
 from compat.optimizers import torch_optimizer_to_optax, torch_scheduler_to_schedule
+from compat import peft_models
 from compat.torch_sync import TorchWeightSync, hf_decay_mask_fn
 
 STEP_KEYWORDS = ("input_ids", "attention_mask", "labels", "texts", "texts_labels")
@@ -146,6 +147,9 @@ class IterativeSFTTrainer:
         preprocess_logits_for_metrics, compute_metrics: as ``transformers.Trainer``, used by ``evaluate()``.
         callbacks: extra HF ``TrainerCallback`` classes or instances (keyword only).
         mesh: a jaxsft device mesh (keyword only); default: every device on the data axis.
+        peft_config: a ``peft.LoraConfig`` (keyword only, as TRL's SFTTrainer takes it): the model is
+            wrapped with ``peft.get_peft_model`` and only its adapters train. ``model`` may also be a
+            ``peft.PeftModel`` with one LoRA adapter; other PEFT methods are refused.
     """
 
     _tag_names = list(TAGS[:2])
@@ -167,6 +171,7 @@ class IterativeSFTTrainer:
         processing_class: Any = None,
         callbacks: Optional[Sequence[Any]] = None,
         mesh: Optional[jax.sharding.Mesh] = None,
+        peft_config: Any = None,
     ):
         from transformers import TrainingArguments
 
@@ -202,7 +207,7 @@ class IterativeSFTTrainer:
 
         if isinstance(model, (str, os.PathLike)):
             model_id: Optional[str] = os.fspath(model)
-        elif isinstance(model, PreTrainedModel):
+        elif isinstance(model, PreTrainedModel) or peft_models.is_peft_model(model):
             model_id = getattr(model.config, "_name_or_path", "") or None
         else:
             raise ValueError(
@@ -230,6 +235,11 @@ class IterativeSFTTrainer:
             args, max_length=self.max_length, truncation_mode=self.truncation_mode
         )
         opt, sched = _split_optimizers(optimizers)
+        if (peft_config is not None or peft_models.is_peft_model(model)) and isinstance(opt, torch.optim.Optimizer):
+            raise ValueError(
+                "optimizers=(torch optimizer, ...) with a PEFT model: jaxsft cannot map a torch optimizer's groups onto "
+                "the adapters; pass optimizers=(None, None) (AdamW from args) or an optax transformation."
+            )
         eval_steps = config.eval_steps
         if eval_steps and eval_dataset is None:
             raise ValueError(
@@ -242,7 +252,7 @@ class IterativeSFTTrainer:
 
         # ---- load and convert (the first expensive work)
         model_init_kwargs = getattr(args, "model_init_kwargs", None)
-        if isinstance(model, PreTrainedModel):
+        if isinstance(model, PreTrainedModel) or peft_models.is_peft_model(model):
             if model_init_kwargs:
                 warnings.warn(
                     "You passed model_init_kwargs to the `IterativeSFTConfig`, but your model is already "
@@ -253,15 +263,17 @@ class IterativeSFTTrainer:
             torch_model = model
         else:
             torch_model = _load_torch_model(model_id, model_init_kwargs or {})
-        _check_torch_model(torch_model)
+        torch_model = peft_models.wrap(torch_model, peft_config)  # a PeftModel to train the adapters of, or as is
+        peft = peft_models.is_peft_model(torch_model)
+        _check_torch_model(torch_model.get_base_model() if peft else torch_model, adapters=peft)
         if tokenizer is None:
             tokenizer = _local_tokenizer(model_id)
 
         from transformers import set_seed
 
         set_seed(int(args.seed))  # as Trainer.__init__: seeds python, numpy and torch (e.g. for generate())
-        jax_model = jaxsft.from_pretrained(torch_model, mesh=mesh)
-        self._sync = TorchWeightSync(torch_model, jax_model.spec)
+        jax_model = jaxsft.from_pretrained(torch_model, mesh=mesh)  # a PeftModel: base and adapters
+        self._sync = peft_models.TorchAdapterSync(torch_model) if peft else TorchWeightSync(torch_model, jax_model.spec)
         tx, schedule, self._host_rate = _optimizer_and_schedule(opt, sched, config, torch_model, jax_model.spec)
 
         self._torch_model = torch_model
@@ -271,7 +283,7 @@ class IterativeSFTTrainer:
         self.compute_metrics = compute_metrics
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.is_encoder_decoder = False
-        self.is_peft_model = False
+        self.is_peft_model = peft
         self._torch_optimizers = (opt, sched)
         self._eval_options: tuple[Optional[list[str]], str] = (None, "eval")
         core_config = dataclasses.replace(config, disable_tqdm=True)  # progress: HF's ProgressCallback
@@ -585,8 +597,16 @@ class IterativeSFTTrainer:
     # ------------------------------------------------------------------ saving and sharing
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Write a folder ``transformers`` loads: config, safetensors weights (the torch model's dtype),
-        generation config, tokenizer and ``training_args.bin``."""
+        generation config, tokenizer and ``training_args.bin``. A PeftModel's folder is PEFT's: the
+        adapter (adapter_config.json + adapter_model.safetensors), tokenizer and ``training_args.bin``."""
         output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.is_peft_model:
+            peft_models.save_adapter(self.core.model, output_dir)
+            if self.state.is_world_process_zero:
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(str(output_dir))
+                torch.save(self.args, output_dir / "training_args.bin")
+            return
         dtype = _jax_dtype_of(self._torch_model)
         jaxsft.save_pretrained(self.core.model, output_dir, tokenizer=self.processing_class, dtype=dtype)
         if not self.state.is_world_process_zero:
@@ -751,7 +771,8 @@ def _load_torch_model(model_id: str, init_kwargs: dict[str, Any]) -> Any:
         ) from err
 
 
-def _check_torch_model(model: Any) -> None:
+def _check_torch_model(model: Any, adapters: bool = False) -> None:
+    """``adapters``: the base of a PeftModel, whose weights are frozen on purpose (only adapters train)."""
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(
@@ -760,7 +781,7 @@ def _check_torch_model(model: Any) -> None:
             "supported yet."
         )
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-    if frozen:
+    if frozen and not adapters:
         raise ValueError(
             f"{len(frozen)} parameter(s) of the model have requires_grad=False (e.g. {frozen[:3]}); jaxsft trains "
             "every parameter. Unfreeze them (param.requires_grad_(True)) before building the trainer."

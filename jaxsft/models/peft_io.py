@@ -81,7 +81,7 @@ def export_adapters(model: "CausalLM") -> dict[str, np.ndarray]:
 def import_adapters(model: "CausalLM", setup: LoraSetup, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """PEFT-named arrays -> our stacked adapters, strictly (all problems reported together)."""
     shapes = lora_lib.adapter_shapes(model.spec, setup)
-    tensors = {_strip_adapter_name(k): v for k, v in tensors.items()}
+    tensors = {adapter_file_key(k): v for k, v in tensors.items()}
     remaining = set(tensors)
     problems: list[str] = []
     layers = model.spec.num_layers
@@ -118,8 +118,9 @@ def import_adapters(model: "CausalLM", setup: LoraSetup, tensors: Mapping[str, n
     return out
 
 
-def _strip_adapter_name(key: str) -> str:
-    """In-memory PEFT keys carry the adapter name (``lora_A.default.weight``); files do not."""
+def adapter_file_key(key: str) -> str:
+    """A PEFT parameter name -> its adapter-file key: in memory it carries the adapter name
+    (``...lora_A.default.weight``), files do not (``...lora_A.weight``)."""
     for part in ("lora_A", "lora_B"):
         head, sep, tail = key.partition(f".{part}.")
         if sep and tail != "weight" and tail.endswith(".weight"):
