@@ -33,6 +33,7 @@ import gc
 import math
 import os
 import time
+import types
 import warnings
 import weakref
 from pathlib import Path
@@ -327,11 +328,25 @@ class IterativeSFTTrainer:
         self._sync_torch_model()
         return self._torch_model
 
+    def sync_model(self) -> Any:
+        """Copy the trained weights into the caller's torch model now (if an update happened since the last
+        copy) and return that model.
+
+        Most reads sync by themselves: ``trainer.model``, and on the caller's own reference ``forward`` (so
+        ``generate``), ``state_dict()`` (so ``save_pretrained``), ``parameters()`` and ``named_parameters()``.
+        A tensor reached as an attribute (``model.lm_head.weight``) or held from before ``step()`` is only
+        current after a sync: call this first. Syncing after every step instead would copy the whole model
+        each update (on one H200 with the torch model on the CPU, 5x the step; benchmarks/RESULTS.md).
+        """
+        self._sync_torch_model()
+        return self._torch_model
+
     def _sync_torch_model(self) -> None:
         """Copy the JAX weights into the torch model if an update happened since the last copy.
 
         Runs when ``trainer.model`` is read, and through hooks when the caller's own reference to the torch
-        model runs ``forward`` (so ``generate``) or ``state_dict`` (so ``save_pretrained``).
+        model runs ``forward`` (so ``generate``), ``state_dict`` (so ``save_pretrained``), ``parameters`` or
+        ``named_parameters``.
         """
         version = self.core.params_version
         if version != self._synced_version:
@@ -890,14 +905,32 @@ def _make_callback_handler(trainer: IterativeSFTTrainer, callbacks: Optional[Ite
 
 
 def _install_sync_hooks(torch_model: Any, trainer_ref: "weakref.ref[IterativeSFTTrainer]") -> list[Any]:
-    """Sync before the caller's torch model computes or is serialised (weakly: the hooks keep nothing alive)."""
+    """Sync before the caller's torch model computes, is serialised or has its parameters listed (weakly: the
+    hooks keep nothing alive). Each hook costs one version comparison when nothing changed."""
 
     def hook(*_args: Any, **_kwargs: Any) -> None:
         trainer = trainer_ref()
         if trainer is not None:
             trainer._sync_torch_model()
 
+    if "named_parameters" not in vars(torch_model):
+        # torch has no hook for listing parameters: an instance attribute shadows the method (parameters()
+        # calls named_parameters()). It asks _HOOK_OWNER for the model's current trainer, so it needs no handle;
+        # being a bound method, a deepcopy of the model binds it to the copy, which has no trainer (no sync).
+        torch_model.named_parameters = types.MethodType(_synced_named_parameters, torch_model)
     return [torch_model.register_forward_pre_hook(hook), torch_model.register_state_dict_pre_hook(hook)]
+
+
+def _synced_named_parameters(module: Any, *args: Any, **kwargs: Any):
+    owner = _HOOK_OWNER.get(module)
+    trainer = owner() if owner is not None else None
+    if trainer is not None:
+        trainer._sync_torch_model()
+    return type(module).named_parameters(module, *args, **kwargs)
+
+
+# Pickling a bound method looks its name up on the object again: let that find the class's method.
+_synced_named_parameters.__name__ = "named_parameters"
 
 
 def _remove_hooks(handles: list[Any]) -> None:

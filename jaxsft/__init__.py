@@ -1,5 +1,7 @@
 """jaxsft: TRL's IterativeSFTTrainer in JAX/Flax NNX, for generate → filter → train loops at scale."""
 
+from importlib import metadata as _metadata
+
 from jaxsft.config import TrainConfig
 from jaxsft.models import (
     CausalLM, LoraConfig, ModelSpec, Seq2SeqLM, Seq2SeqSpec, add_lora, from_pretrained, init_model, load_adapter,
@@ -7,11 +9,16 @@ from jaxsft.models import (
 )
 from jaxsft.sharding import make_mesh, single_device_mesh
 
+try:
+    __version__ = _metadata.version("jaxsft")
+except _metadata.PackageNotFoundError:  # a source checkout that was never pip-installed
+    __version__ = "0.1.0"
+
 __all__ = [
     "TrainConfig", "CausalLM", "ModelSpec", "Seq2SeqLM", "Seq2SeqSpec", "from_pretrained", "init_model", "save_pretrained",
     "LoraConfig", "add_lora", "save_adapter", "load_adapter",
     "make_mesh", "single_device_mesh", "IterativeSFTTrainer", "generate", "distributed",
-    "checkpoint", "diagnostics",
+    "checkpoint", "diagnostics", "bundled",
 ]
 
 
@@ -25,7 +32,7 @@ def __getattr__(name):
         from jaxsft.generation import generate
 
         return generate
-    if name in ("distributed", "checkpoint", "diagnostics"):
+    if name in ("distributed", "checkpoint", "diagnostics", "bundled"):
         import importlib
 
         return importlib.import_module(f"jaxsft.{name}")

@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from jaxsft import chat
 from jaxsft.config import TRUNCATION_MODES
 
 IGNORE_INDEX = -100
@@ -235,7 +236,7 @@ def examples_from_tokens(
     return examples
 
 
-def _check_texts(value: Any, name: str) -> list[str]:
+def _check_texts(value: Any, name: str, *, chats: bool = False) -> list[Any]:
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         raise TypeError(
             f"{name} must be a list of str; got {type(value).__name__}. Wrap a single text in a list: {name}=[text]."
@@ -243,43 +244,111 @@ def _check_texts(value: Any, name: str) -> list[str]:
     if not value:
         raise ValueError(f"{name} is empty; pass at least one text.")
     for i, text in enumerate(value):
-        if not isinstance(text, str):
-            raise TypeError(f"{name}[{i}] is a {type(text).__name__}; every element of {name} must be a str.")
+        if isinstance(text, str):
+            continue
+        if chats and isinstance(text, (list, tuple)):
+            chat.check_messages(text, f"{name}[{i}]")
+            continue
+        kinds = "a str or a chat (a list of {'role', 'content'} messages)" if chats else "a str"
+        raise TypeError(f"{name}[{i}] is a {type(text).__name__}; every element of {name} must be {kinds}.")
     return list(value)
+
+
+def _prompts_and_replies(
+    tokenizer: Any, texts: list[Any], texts_labels: Optional[list[str]]
+) -> tuple[list[str], list[bool], Optional[list[str]]]:
+    """(prompt strings, which are chat-formatted, completion strings or None).
+
+    A chat prompt is formatted as ``generate`` formats it; its completion is the assistant turn the
+    template writes for ``texts_labels[i]``, or for the chat's own last message when that is the
+    assistant's and no ``texts_labels`` are given.
+    """
+    if not any(chat.is_chat(t) for t in texts):
+        return texts, [False] * len(texts), texts_labels
+    if texts_labels is None and not all(chat.is_chat(t) for t in texts):
+        raise ValueError(
+            "texts mixes chats ending in an assistant message with plain strings and no texts_labels; pass "
+            "texts_labels for every text, or make every text a chat."
+        )
+    prompts, is_chat, replies = [], [], []
+    for i, text in enumerate(texts):
+        if not chat.is_chat(text):
+            prompts.append(text)
+            is_chat.append(False)
+            replies.append(texts_labels[i] if texts_labels is not None else None)
+            continue
+        messages = list(text)
+        if texts_labels is not None:
+            reply = texts_labels[i]
+        elif messages[-1]["role"] == "assistant" and len(messages) > 1:
+            messages, reply = messages[:-1], messages[-1]["content"]
+        else:
+            raise ValueError(
+                f"texts[{i}] is a chat whose last message is from {messages[-1]['role']!r} (or its only message is the "
+                "assistant's), and no texts_labels were "
+                "given; pass texts_labels=[reply, ...] (learned as the assistant turn) or end the chat with an "
+                "assistant message."
+            )
+        prompts.append(chat.prompt_text(tokenizer, messages, f"texts[{i}]"))
+        is_chat.append(True)
+        replies.append(chat.assistant_turn(tokenizer, messages, reply, f"texts[{i}]"))
+    return prompts, is_chat, replies
+
+
+def _tokenize_prompts(tokenizer: Any, prompts: list[str], is_chat: list[bool]) -> list[np.ndarray]:
+    """Plain strings with the tokenizer's special tokens; chat-formatted ones without (the template has them)."""
+    out: list[Any] = [None] * len(prompts)
+    for flag in (False, True):
+        idx = [i for i, c in enumerate(is_chat) if c == flag]
+        if idx:
+            ids = tokenizer([prompts[i] for i in idx], add_special_tokens=not flag)["input_ids"]
+            for i, row in zip(idx, ids):
+                out[i] = np.asarray(row, dtype=np.int64)
+    return out
 
 
 def examples_from_texts(
     tokenizer: Any,
-    texts: Sequence[str],
+    texts: Sequence[Any],
     texts_labels: Optional[Sequence[str]] = None,
     *,
     max_length: Optional[int],
     truncation_mode: str,
+    eos_token_id: Optional[int] = None,
 ) -> list[Example]:
     """Tokenize texts for causal-LM training.
 
     Without ``texts_labels`` every token is learned. With them, example i is
     ``texts[i]`` (tokenized with the tokenizer's default special tokens, e.g. a
     BOS) followed by ``texts_labels[i]`` (no special tokens, so no BOS lands
-    mid-sequence), and only the completion tokens are learned. Each list is
-    tokenized in one batched call because per-text calls dominate host time.
+    mid-sequence), and only the completion tokens are learned. A text may be a
+    chat (list of messages): it is formatted with the chat template as
+    ``generate`` formats a prompt, and its completion is the assistant turn (see
+    :mod:`jaxsft.chat`). ``eos_token_id``: appended to every completion that does
+    not already end with it, so the model learns to stop. Each list is tokenized
+    in one batched call because per-text calls dominate host time.
     """
     if tokenizer is None:
         raise ValueError("texts were given but no tokenizer; pass processing_class=<a tokenizer> to the trainer.")
     _check_truncation(max_length, truncation_mode)
-    texts = _check_texts(texts, "texts")
-    prompts = [np.asarray(x, dtype=np.int64) for x in tokenizer(texts)["input_ids"]]
-    if texts_labels is None:
-        completions = [np.zeros(0, np.int64)] * len(prompts)
-    else:
+    texts = _check_texts(texts, "texts", chats=True)
+    if texts_labels is not None:
         texts_labels = _check_texts(texts_labels, "texts_labels")
         if len(texts_labels) != len(texts):
             raise ValueError(
                 f"texts_labels has {len(texts_labels)} entries but texts has {len(texts)}; "
                 f"pass one completion per text."
             )
-        encoded = tokenizer(texts_labels, add_special_tokens=False)["input_ids"]
+    prompt_texts, is_chat, replies = _prompts_and_replies(tokenizer, texts, texts_labels)
+    prompts = _tokenize_prompts(tokenizer, prompt_texts, is_chat)
+    if replies is None:
+        completions = [np.zeros(0, np.int64)] * len(prompts)
+    else:
+        encoded = tokenizer(list(replies), add_special_tokens=False)["input_ids"]
         completions = [np.asarray(x, dtype=np.int64) for x in encoded]
+        if eos_token_id is not None:
+            eos = np.asarray([eos_token_id], np.int64)
+            completions = [c if c.size and c[-1] == eos_token_id else np.concatenate([c, eos]) for c in completions]
 
     examples = []
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
@@ -287,7 +356,7 @@ def examples_from_texts(
         if ids.shape[0] == 0:
             raise ValueError(f"texts[{i}] tokenizes to no tokens; remove it or give it some text.")
         _check_ids(ids, i)
-        if texts_labels is None:
+        if replies is None:
             lab = ids
         else:
             lab = np.concatenate([np.full(prompt.shape, IGNORE_INDEX, np.int64), completion])

@@ -256,6 +256,9 @@ class TrainConfig:
     per_device_eval_batch_size: int = 8
     max_length: Optional[int] = None
     truncation_mode: str = "keep_end"
+    # Completions (``texts_labels``, a chat's assistant turn) get the tokenizer's EOS appended when
+    # they do not already end with it, so a model trained on kept samples learns to stop.
+    add_eos: bool = True
     seed: int = 42
     logging_steps: int = 10
     eval_steps: Optional[int] = None
@@ -414,7 +417,8 @@ _FIELD_KINDS: dict[str, tuple[str, bool]] = {
     "max_nonfinite_in_a_row": ("int", True), "optim": ("str", False), "sgd_momentum": ("float", False),
     "seed": ("int", False), "logging_steps": ("int", False), "eval_steps": ("int", True),
     "per_device_eval_batch_size": ("int", False), "bf16": ("bool", False), "gradient_checkpointing": ("bool", False),
-    "max_length": ("int", True), "truncation_mode": ("str", False), "length_buckets": ("ints", True),
+    "max_length": ("int", True), "truncation_mode": ("str", False), "add_eos": ("bool", False),
+    "length_buckets": ("ints", True),
     "min_bucket_length": ("int", False), "loss_chunk_size": ("int", True), "loss_chunk_bytes": ("int", False),
     "attention_implementation": ("str", False), "scan_layers": ("bool", True), "xla_options": ("dict", True),
     "disable_tqdm": ("bool", False), "agreement_timeout_s": ("float", False), "packing": ("bool", False),

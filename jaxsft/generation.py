@@ -49,6 +49,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxsft import chat as chat_format
 from jaxsft import sharding as shd
 from jaxsft.models.decoder import CausalLM, KVCache
 
@@ -124,7 +125,7 @@ def format_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool = False
             raise ValueError(
                 f"prompts[{i}] is a chat (list of messages) but the tokenizer has no chat_template; pass plain strings."
             )
-        out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        out.append(chat_format.prompt_text(tokenizer, messages))  # step(texts=chats) formats them the same way
     return out
 
 

@@ -48,9 +48,13 @@ class TrainerState:
     loss_since_log: list[float] = dataclasses.field(default_factory=list)
     # Updates in a row whose loss or gradient norm was NaN/inf (TrainConfig.max_nonfinite_in_a_row).
     nonfinite_in_a_row: int = 0
+    generate_calls: int = 0  # trainer.generate() calls that took the trainer's seed (it advances per call)
 
 
-COUNTER_FIELDS = ("num_input_tokens_seen", "total_label_tokens", "last_logged_step", "loss_since_log", "nonfinite_in_a_row")
+COUNTER_FIELDS = (
+    "num_input_tokens_seen", "total_label_tokens", "last_logged_step", "loss_since_log", "nonfinite_in_a_row",
+    "generate_calls",
+)
 
 
 class TrainerCallback:
@@ -247,6 +251,13 @@ class IterativeSFTTrainer:
         microbatches = distributed.agree_on_microbatches(
             microbatches, self.rows // jax.process_count(), packed=self.config.packing
         )
+        if not microbatches:
+            # A filter that kept nothing is a normal round, not an error: every process warns and trains nothing.
+            warnings.warn(
+                "step(): no examples (on any process) this call; nothing was trained and the weights, optimizer "
+                "state, schedule and RNG are unchanged.",
+                stacklevel=2,
+            )
         updates = batching.group_into_updates(microbatches, self.config.gradient_accumulation_steps)
         totals = distributed.global_label_counts(updates)
 
@@ -384,8 +395,14 @@ class IterativeSFTTrainer:
         count = sum(float(c) for _, c in sums)
         return {"eval_loss": loss_sum / count if count else float("nan"), "eval_num_tokens": int(count)}
 
-    def generate(self, prompts: Sequence[Any], **kwargs: Any):
-        """Sample from the current training weights (see :func:`jaxsft.generate`).
+    def generate(self, prompts: Sequence[Any], *, seed: Optional[int] = None, **kwargs: Any):
+        """Sample from the current training weights (see :func:`jaxsft.generate` for the arguments).
+
+        ``seed=None`` (the default) advances per call: call *n* samples with a seed derived from
+        ``(TrainConfig.seed, n)``, so every round of a loop draws fresh samples and a rerun with the
+        same config draws the same ones (the call count is saved in checkpoints). An explicit
+        ``seed=`` gives exactly the samples of any other call with that seed, and does not advance
+        the count. (The function ``jaxsft.generate`` is pure: its seed defaults to 0.)
 
         The trainer keeps one :class:`jaxsft.generation.Sampler` on its mesh and sharding rules,
         so generate/train loops compile the generation programs once.
@@ -394,12 +411,23 @@ class IterativeSFTTrainer:
 
         if self.tokenizer is None:
             raise ValueError("generate(): the trainer has no tokenizer; pass tokenizer= at construction.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"generate(): seed={seed!r} must be an integer, or None to advance per call.")
+        chosen = self.next_generation_seed() if seed is None else int(seed)
         if "mesh" in kwargs or "sharding_rules" in kwargs:  # another layout: not the trainer's sampler
-            return generate(self.model, self.tokenizer, prompts, **kwargs)
-        if self._sampler is None:
-            self._sampler = Sampler(self.model, self.tokenizer, sharding_rules=self.sharding_rules)
-        self._sampler.tokenizer = self.tokenizer
-        return self._sampler.generate(prompts, model=self.model, **kwargs)
+            out = generate(self.model, self.tokenizer, prompts, seed=chosen, **kwargs)
+        else:
+            if self._sampler is None:
+                self._sampler = Sampler(self.model, self.tokenizer, sharding_rules=self.sharding_rules)
+            self._sampler.tokenizer = self.tokenizer
+            out = self._sampler.generate(prompts, model=self.model, seed=chosen, **kwargs)
+        if seed is None:
+            self.state.generate_calls += 1  # only once the call succeeded: a rejected call changes nothing
+        return out
+
+    def next_generation_seed(self) -> int:
+        """The seed the next ``generate()`` call without ``seed=`` will use (reading it changes nothing)."""
+        return int(np.random.SeedSequence([self.config.seed % (1 << 32), self.state.generate_calls]).generate_state(1)[0])
 
     def save_checkpoint(self, directory: str, *, keep_last: Optional[int] = None) -> str:
         """Write the whole trainer state to ``directory/checkpoint-<global_step>`` atomically; returns the path.
@@ -496,9 +524,10 @@ class IterativeSFTTrainer:
         }
 
     def _examples(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None):
-        if jax.process_count() > 1 and _is_empty(texts if texts is not None else input_ids):
-            # Multi-process: a process may have no examples this call; it still joins every collective
-            # program with zero-weight filler rows (distributed.agree_on_microbatches).
+        if _is_empty(texts if texts is not None else input_ids):
+            # No examples this call (a filter that kept nothing). Multi-process: this process still joins
+            # every collective program with zero-weight filler rows (distributed.agree_on_microbatches).
+            _check_empty_call(input_ids, attention_mask, labels, texts, texts_labels)
             return []
         if texts is not None:
             given = [n for n, v in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels)) if v is not None]
@@ -510,7 +539,8 @@ class IterativeSFTTrainer:
             if self.tokenizer is None:
                 raise ValueError("step(texts=...) needs a tokenizer; pass tokenizer= when building the trainer.")
             examples = batching.examples_from_texts(
-                self.tokenizer, texts, texts_labels, max_length=self.max_length, truncation_mode=self.config.truncation_mode
+                self.tokenizer, texts, texts_labels, max_length=self.max_length,
+                truncation_mode=self.config.truncation_mode, eos_token_id=self._completion_eos(),
             )
         elif input_ids is not None:
             if texts_labels is not None:
@@ -522,6 +552,13 @@ class IterativeSFTTrainer:
             raise ValueError("step() needs input_ids=... (token arrays) or texts=... (strings); both were None.")
         batching.validate_vocab(examples, self.spec.vocab_size)
         return examples
+
+    def _completion_eos(self) -> Optional[int]:
+        """The EOS id appended to completions (TrainConfig.add_eos), or None."""
+        if not self.config.add_eos:
+            return None
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return int(eos) if isinstance(eos, (int, np.integer)) else None
 
     # ------------------------------------------------------------------ programs
     def _device_batch(self, mb, train: bool = True) -> dict[str, jax.Array]:
@@ -757,6 +794,25 @@ def _checked_host_state(state: dict[str, Any], current: dict[str, Any]) -> dict[
         "counters": {k: (list(map(float, v)) if isinstance(v, list) else int(v)) for k, v in counters.items()},
         "log_history": [dict(entry) for entry in logs],
     }
+
+
+def _check_empty_call(input_ids, attention_mask, labels, texts, texts_labels) -> None:
+    """A call with no examples must still be a consistent call (nothing else given that needs examples)."""
+    if texts is not None:
+        mixed = [n for n, v in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels))
+                 if v is not None]
+        if mixed:
+            raise ValueError(f"step() got texts=... together with {', '.join(mixed)}; pass one or the other.")
+        others = {"texts_labels": texts_labels}
+    else:
+        if texts_labels is not None:
+            raise ValueError("texts_labels was given without texts; pass texts=... with it, or labels=... with input_ids.")
+        others = {"attention_mask": attention_mask, "labels": labels}
+    for name, value in others.items():
+        if value is not None and not _is_empty(value):
+            raise ValueError(
+                f"step() got no examples but {name} has {len(value)} entries; pass one {name} entry per example."
+            )
 
 
 def _is_empty(value: Any) -> bool:

@@ -478,7 +478,8 @@ def test_texts_labels_are_tokenized_and_learned_alone(shared):
     tokenizer = trainer.processing_class
     completions = ["jumps over the lazy dog", "sleeps"]
     stats = trainer.step(texts=["the quick brown fox", "a small cat"], texts_labels=completions)
-    assert stats["num_tokens"] == sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions)
+    # each completion's tokens, plus the EOS jaxsft appends to a completion that lacks it (TrainConfig.add_eos)
+    assert stats["num_tokens"] == sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) + 1 for c in completions)
 
 
 def test_optimize_device_cache_is_per_instance(shared, tmp_path, monkeypatch):

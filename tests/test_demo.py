@@ -67,17 +67,20 @@ def test_demo_end_to_end(model_dir, tmp_path):
         assert not torch.allclose(hf(**ids).logits, original(**ids).logits)  # it trained
 
 
-def test_cli_parses_demo_as_default(monkeypatch):
+def test_cli_parses_demo_as_default(monkeypatch, tmp_path):
     import jaxsft.__main__ as cli
     import jaxsft.demo
 
     seen = []
     monkeypatch.setattr(jaxsft.demo, "run", lambda cfg: seen.append(cfg))
+    folder = tmp_path / "some-folder"  # --model must name a model folder (checked before loading; tests/test_cli.py)
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
     assert cli.main([]) == 0
     assert cli.main(["--rounds", "2", "--task", "sub", "--seed", "3"]) == 0
-    assert cli.main(["demo", "--output-dir", "x", "--model", "some/folder", "--no-replay"]) == 0
+    assert cli.main(["demo", "--output-dir", "x", "--model", str(folder), "--no-replay"]) == 0
     assert seen[0] == jaxsft.demo.DemoConfig()
     assert (seen[1].rounds, seen[1].task, seen[1].seed) == (2, "sub", 3)
-    assert (seen[2].output_dir, seen[2].model, seen[2].replay) == ("x", "some/folder", False)
+    assert (seen[2].output_dir, seen[2].model, seen[2].replay) == ("x", str(folder), False)
     with pytest.raises(SystemExit):
         cli.main(["--task", "no-such-task"])

@@ -371,3 +371,26 @@ def test_non_path_non_model_source_is_a_type_error(source, no_placement):
     with pytest.raises(TypeError, match="source must be a local folder path or a transformers PreTrainedModel"):
         _load(source)
 
+
+
+def test_saved_files_have_normal_permissions_and_a_generation_config(tmp_path):
+    """safetensors writes 0600; the folder's files get 0666 - umask like config.json, and generation_config.json
+    carries the model's BOS/EOS/pad ids so transformers' generate stops where jaxsft's does."""
+    import os
+    import stat
+
+    from transformers import GenerationConfig
+
+    torch_model = tiny_torch_model("llama")
+    model = _load(torch_model)
+    umask = os.umask(0o022)
+    try:
+        for limit in (10**9, "40KB"):
+            out = save_pretrained(model, tmp_path / f"out-{limit}", max_shard_size=limit)
+            for path in list(out.glob("*.safetensors")) + [out / "config.json"]:
+                assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
+    finally:
+        os.umask(umask)
+    gen = GenerationConfig.from_pretrained(str(out))
+    assert (gen.eos_token_id, gen.bos_token_id, gen.pad_token_id) == (1, 2, 0)
+    assert AutoModelForCausalLM.from_pretrained(str(out)).generation_config.eos_token_id == 1

@@ -458,10 +458,25 @@ def save_pretrained(
     else:
         config.torch_dtype = name
     config.save_pretrained(str(directory))
+    _save_generation_config(config, directory)
     _write_shards(tensors, directory, parse_size(max_shard_size), save_file)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def _save_generation_config(config: Any, directory: Path) -> None:
+    """generation_config.json beside config.json (its BOS/EOS/pad ids), as transformers' own save writes."""
+    from transformers import GenerationConfig
+
+    GenerationConfig.from_model_config(config).save_pretrained(str(directory))
+
+
+def _readable(path: Path) -> None:
+    """The safetensors writer creates files 0600; give them the mode any other new file gets (0666 - umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _write_shards(tensors: dict[str, np.ndarray], directory: Path, limit: int, save_file) -> None:
@@ -479,11 +494,13 @@ def _write_shards(tensors: dict[str, np.ndarray], directory: Path, limit: int, s
     metadata = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], str(directory / "model.safetensors"), metadata=metadata)
+        _readable(directory / "model.safetensors")
         return
     weight_map = {}
     for n, shard in enumerate(shards, start=1):
         name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(directory / name), metadata=metadata)
+        _readable(directory / name)
         weight_map.update({key: name for key in shard})
     index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
