@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Union
 import jax
 import numpy as np
 
+from jaxsft.models.weights import expand
 from jaxsft.models import lora as lora_lib
 from jaxsft.models.lora import LoraConfig, LoraSetup, b_name
 
@@ -71,8 +72,8 @@ def export_adapters(model: "CausalLM") -> dict[str, np.ndarray]:
     for site in setup.sites:
         a = arrays[site.a_name]  # [L, *in, r]
         bs = [arrays[b_name(o)] for o in site.outputs]  # [L, r, *out]
-        for i in range(model.spec.num_layers):
-            module = PREFIX + site.module.format(i=i)
+        for i, module in expand(site.module, model.spec.num_layers):
+            module = PREFIX + module
             out[f"{module}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, a.shape[-1]).T)
             out[f"{module}.lora_B.weight"] = np.ascontiguousarray(np.concatenate([_flat(b[i], 1) for b in bs], axis=1).T)
     return out
@@ -91,8 +92,8 @@ def import_adapters(model: "CausalLM", setup: LoraSetup, tensors: Mapping[str, n
         b_shapes = [shapes[b_name(o)][0] for o in site.outputs]
         want_a = (setup.config.r, int(np.prod(a_shape[:-1])))
         want_b = (sum(int(np.prod(s[1:])) for s in b_shapes), setup.config.r)
-        for i in range(layers):
-            module = PREFIX + site.module.format(i=i)
+        for i, module in expand(site.module, layers):
+            module = PREFIX + module
             a_key, b_key = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
             for key, want in ((a_key, want_a), (b_key, want_b)):
                 if key not in tensors:

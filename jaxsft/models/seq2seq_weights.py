@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 
 from jaxsft.models.seq2seq import layer_param_shapes, top_level_shapes
+from jaxsft.models.weights import expand
 from jaxsft.models.seq2seq_spec import Seq2SeqSpec
 
 Arrays = tuple[np.ndarray, ...]
@@ -192,9 +193,7 @@ def _our_shape(spec: Seq2SeqSpec, rule: WeightRule) -> tuple[int, ...]:
 
 
 def _keys(spec: Seq2SeqSpec, rule: WeightRule) -> list[tuple[Optional[int], str]]:
-    if rule.stack is None:
-        return [(None, rule.hf)]
-    return [(i, rule.hf.format(i=i)) for i in range(_layers(spec, rule.stack))]
+    return expand(rule.hf, None if rule.stack is None else _layers(spec, rule.stack))
 
 
 def hf_shapes(spec: Seq2SeqSpec) -> dict[str, tuple[int, ...]]:
