@@ -172,7 +172,8 @@ def agree_on_microbatches(microbatches: list, rows: int, packed: bool = False) -
     if packed:  # a micro-batch that packing could not shrink keeps the plain layout; give it the packed one
         microbatches = [batching.as_packed(mb, rows) for mb in microbatches]
     shapes = np.zeros((target_count, 2), np.int64)
-    shapes[: len(microbatches)] = [mb.input_ids.shape[::-1] for mb in microbatches]
+    if microbatches:  # a process with no examples this call contributes zeros (numpy cannot assign [] to [0, 2])
+        shapes[: len(microbatches)] = [mb.input_ids.shape[::-1] for mb in microbatches]
     target = _allgather(shapes).max(axis=0)
     agreed = []
     for i, (length, mb_rows) in enumerate(target):
