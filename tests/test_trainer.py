@@ -305,7 +305,9 @@ def test_caller_model_is_trained_in_place(llama):
     trainer = jaxsft.IterativeSFTTrainer(model, make_config())
     trainer.step(input_ids=random_ids(np.random.default_rng(6), 3))
     ids = np.asarray([[5, 6, 7, 8]])
-    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(trainer.model(ids)))
+    # Same weights (checked exactly below); the caller's model runs its own (scanned) layer loop and the
+    # trainer's view the unrolled one, so logits agree to float rounding rather than bit for bit.
+    np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(trainer.model(ids)), rtol=1e-6, atol=1e-6)
     assert_same_weights(hf_state_dict(model), weights(trainer))
 
 
