@@ -534,3 +534,164 @@ def group_into_updates(microbatches: Sequence[MicroBatch], gradient_accumulation
     if not isinstance(ga, (int, np.integer)) or ga < 1:
         raise ValueError(f"gradient_accumulation_steps={ga!r} must be a positive integer.")
     return [list(microbatches[i : i + ga]) for i in range(0, len(microbatches), ga)]
+
+
+# ---------------------------------------------------------------------------
+# encoder-decoder (T5, BART): inputs feed the encoder, labels the decoder
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqExample:
+    """One encoder-decoder example: encoder ``input_ids`` and decoder targets ``labels`` (-100 = ignored)."""
+
+    input_ids: np.ndarray  # int32 [n]
+    labels: np.ndarray  # int32 [m]
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqMicroBatch:
+    """Encoder and decoder slabs, each padded to its own length bucket.
+
+    ``decoder_input_ids`` are the labels shifted right with the decoder start token
+    (:func:`shift_right`); the loss scores every position against ``labels``
+    unshifted, so ``num_label_tokens`` counts every label that is not -100.
+    """
+
+    input_ids: np.ndarray  # int32 [rows, enc_len]
+    attention_mask: np.ndarray  # int32 [rows, enc_len]
+    decoder_input_ids: np.ndarray  # int32 [rows, dec_len]
+    labels: np.ndarray  # int32 [rows, dec_len], -100 at padding and filler rows
+    num_examples: int
+    num_label_tokens: int
+
+
+def shift_right(labels: np.ndarray, decoder_start_token_id: int, pad_token_id: int) -> np.ndarray:
+    """Decoder inputs from labels as transformers' ``shift_tokens_right``: start token first, -100 -> pad."""
+    labels = np.asarray(labels)
+    shifted = np.empty_like(labels)
+    shifted[..., 1:] = labels[..., :-1]
+    shifted[..., 0] = decoder_start_token_id
+    return np.where(shifted == IGNORE_INDEX, pad_token_id, shifted).astype(labels.dtype)
+
+
+def _seq2seq_example(ids: np.ndarray, lab: np.ndarray, max_length: Optional[int], mode: str) -> Seq2SeqExample:
+    ids, _ = _truncate(ids, ids, max_length, mode)
+    lab, _ = _truncate(lab, lab, max_length, mode)
+    return Seq2SeqExample(input_ids=ids.astype(np.int32), labels=lab.astype(np.int32))
+
+
+def _strip_label_padding(lab: np.ndarray) -> np.ndarray:
+    """Drop trailing -100s (right padding); they sit after every real target, so the loss is unchanged."""
+    real = np.nonzero(lab != IGNORE_INDEX)[0]
+    return lab[: int(real[-1]) + 1] if real.size else lab[:1]
+
+
+def seq2seq_examples_from_tokens(
+    input_ids: Any, attention_mask: Any, labels: Any, *, max_length: Optional[int], truncation_mode: str
+) -> list[Seq2SeqExample]:
+    """Token data for an encoder-decoder: ``input_ids``/``attention_mask`` for the encoder, ``labels`` for the decoder.
+
+    Encoder positions where the mask is 0 are dropped; labels are their own sequences
+    (any length), right padding with -100 is dropped. Both are truncated to ``max_length``.
+    """
+    _check_truncation(max_length, truncation_mode)
+    id_rows = _rows(input_ids, "input_ids")
+    mask_rows = None if attention_mask is None else _rows(attention_mask, "attention_mask")
+    label_rows = _rows(labels, "labels")
+    for name, rows in (("attention_mask", mask_rows), ("labels", label_rows)):
+        if rows is not None and len(rows) != len(id_rows):
+            raise ValueError(
+                f"{name} has {len(rows)} examples but input_ids has {len(id_rows)}; pass one {name} row per example."
+            )
+    examples = []
+    for i, row in enumerate(id_rows):
+        ids = _as_int_row(row, "input_ids", i)
+        _check_ids(ids, i)
+        if mask_rows is not None:
+            mask = _as_int_row(mask_rows[i], "attention_mask", i, allow_bool=True)
+            if mask.shape != ids.shape:
+                raise ValueError(
+                    f"attention_mask[{i}] has length {mask.shape[0]} but input_ids[{i}] has length {ids.shape[0]}; "
+                    f"the mask must cover every token."
+                )
+            _check_mask(mask, i)
+            ids = ids[mask == 1]
+        if ids.shape[0] == 0:
+            raise ValueError(f"input_ids[{i}] is empty (after dropping masked positions); remove that example.")
+        lab = _as_int_row(label_rows[i], "labels", i)
+        if lab.shape[0] == 0:
+            raise ValueError(f"labels[{i}] is empty; an encoder-decoder example needs at least one target token.")
+        _check_labels(lab, i)
+        examples.append(_seq2seq_example(ids, _strip_label_padding(lab), max_length, truncation_mode))
+    return examples
+
+
+def seq2seq_examples_from_texts(
+    tokenizer: Any, texts: Sequence[str], texts_labels: Sequence[str], *, max_length: Optional[int], truncation_mode: str
+) -> list[Seq2SeqExample]:
+    """``texts`` are the encoder inputs and ``texts_labels`` the targets, each tokenized with the tokenizer's
+    default special tokens (T5 ends both with ``</s>``, as ``tokenizer(text, text_target=...)`` does)."""
+    if tokenizer is None:
+        raise ValueError("texts were given but no tokenizer; pass processing_class=<a tokenizer> to the trainer.")
+    _check_truncation(max_length, truncation_mode)
+    texts = _check_texts(texts, "texts")
+    texts_labels = _check_texts(texts_labels, "texts_labels")
+    if len(texts_labels) != len(texts):
+        raise ValueError(
+            f"texts_labels has {len(texts_labels)} entries but texts has {len(texts)}; pass one target per text."
+        )
+    sources = tokenizer(texts)["input_ids"]
+    targets = tokenizer(texts_labels)["input_ids"]
+    examples = []
+    for i, (src, tgt) in enumerate(zip(sources, targets)):
+        src, tgt = np.asarray(src, np.int64), np.asarray(tgt, np.int64)
+        if src.shape[0] == 0:
+            raise ValueError(f"texts[{i}] tokenizes to no tokens; remove it or give it some text.")
+        if tgt.shape[0] == 0:
+            raise ValueError(f"texts_labels[{i}] tokenizes to no tokens; give every example a target.")
+        _check_ids(src, i)
+        _check_ids(tgt, i)
+        examples.append(_seq2seq_example(src, tgt, max_length, truncation_mode))
+    return examples
+
+
+def _pack_seq2seq(group, rows: int, enc_len: int, dec_len: int, start: int, pad: int) -> Seq2SeqMicroBatch:
+    input_ids = np.full((rows, enc_len), pad, np.int32)
+    attention_mask = np.zeros((rows, enc_len), np.int32)
+    labels = np.full((rows, dec_len), IGNORE_INDEX, np.int32)
+    for r, ex in enumerate(group):
+        n, m = ex.input_ids.shape[0], ex.labels.shape[0]
+        input_ids[r, :n] = ex.input_ids
+        attention_mask[r, :n] = 1
+        labels[r, :m] = ex.labels
+    return Seq2SeqMicroBatch(
+        input_ids, attention_mask, shift_right(labels, start, pad), labels, num_examples=len(group),
+        num_label_tokens=int(np.count_nonzero(labels != IGNORE_INDEX)),
+    )
+
+
+def plan_seq2seq_microbatches(
+    examples: Sequence[Seq2SeqExample],
+    *,
+    rows: int,
+    buckets: tuple[int, ...],
+    rng: np.random.Generator,
+    decoder_start_token_id: int,
+    pad_token_id: int,
+    shuffle: bool = True,
+) -> list[Seq2SeqMicroBatch]:
+    """As :func:`plan_microbatches`, with encoder and decoder lengths bucketed independently."""
+    if not isinstance(rows, (int, np.integer)) or rows < 1:
+        raise ValueError(f"rows={rows!r} must be a positive integer (the per-device batch size times devices).")
+    buckets = tuple(int(b) for b in buckets)
+    if not examples:
+        raise ValueError("examples is empty; there is nothing to train on.")
+    order = rng.permutation(len(examples)) if shuffle else np.arange(len(examples))
+    ordered = [examples[int(i)] for i in order]
+    batches = []
+    for begin in range(0, len(ordered), rows):
+        group = ordered[begin : begin + rows]
+        enc_len = _bucket_for(max(ex.input_ids.shape[0] for ex in group), buckets)
+        dec_len = _bucket_for(max(ex.labels.shape[0] for ex in group), buckets)
+        batches.append(_pack_seq2seq(group, rows, enc_len, dec_len, decoder_start_token_id, pad_token_id))
+    return batches

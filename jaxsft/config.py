@@ -266,6 +266,10 @@ class TrainConfig:
     # Multi-process only: how long a process waits for its peers to reach the same trainer call
     # before raising TimeoutError (a peer that died, or processes making different calls).
     agreement_timeout_s: float = 300.0
+    # Training-mode dropout at the rates the model's HF config declares (T5 dropout_rate, BART dropout /
+    # attention_dropout / activation_dropout, GPT-2 resid/embd/attn_pdrop, Llama-family attention_dropout),
+    # as HF trains in model.train() mode. Never applied in evaluation or generation. False: off.
+    dropout: bool = True
     # the groups
     optimization: Optimization = dataclasses.field(default_factory=Optimization)
     precision: PrecisionAndMemory = dataclasses.field(default_factory=PrecisionAndMemory)
@@ -308,6 +312,8 @@ class TrainConfig:
             raise _bad(self, "eval_steps", "must be None or an integer >= 1", "pass e.g. eval_steps=50")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
             raise _bad(self, "max_length", "must be None or an integer >= 2", "pass e.g. max_length=512")
+        if not isinstance(self.dropout, bool):
+            raise _bad(self, "dropout", "must be True or False", "pass dropout=False to train without dropout")
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(
                 f"truncation_mode must be either 'keep_end' or 'keep_start', got {self.truncation_mode}"

@@ -163,6 +163,7 @@ def causal_lm_loss(
     chunk_size: Optional[int] = None,
     compute_dtype: Any = jnp.float32,
     num_shards: int = 1,
+    shift: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of next-token cross entropies and the number of target tokens (both fp32 scalars).
 
@@ -171,7 +172,8 @@ def causal_lm_loss(
     ``labels[:, t+1]``. ``num_tokens`` carries no gradient. Under a jaxsft mesh whose
     data/FSDP axes split the rows, each device scores its own rows inside shard_map.
     Without one, ``num_shards`` (it must divide B) makes the chunked path keep one
-    partial unembedding gradient per row block.
+    partial unembedding gradient per row block. ``shift=False`` scores position t against
+    ``labels[:, t]`` (encoder-decoders, whose decoder inputs are the labels shifted right).
     """
     if hidden.ndim != 3 or labels.shape != hidden.shape[:2] or unembedding.ndim != 2:
         raise ValueError(
@@ -181,7 +183,7 @@ def causal_lm_loss(
     if unembedding.shape[1] != hidden.shape[2]:
         raise ValueError(f"hidden size {hidden.shape[2]} != unembedding width {unembedding.shape[1]}.")
     compute_dtype = jnp.dtype(compute_dtype)
-    targets = _shifted_targets(labels.astype(jnp.int32))
+    targets = _shifted_targets(labels.astype(jnp.int32)) if shift else labels.astype(jnp.int32)
     num_tokens = jax.lax.stop_gradient(jnp.sum(targets != IGNORE_INDEX).astype(jnp.float32))
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be None or a positive integer.")

@@ -36,6 +36,16 @@ def make_loss_fn(
 
     def loss_fn(params, batch: Batch, frozen=()):
         model = nnx.merge(graphdef, params, *frozen)
+        if "decoder_input_ids" in batch:  # encoder-decoder: the batch's keys are static, so this is a trace-time switch
+            hidden = model.hidden_states(
+                batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
+                dropout_key=batch.get("dropout_rng"),
+            )
+            hidden, unembedding = model.lm_head_operands(hidden)
+            return causal_lm_loss(
+                hidden, unembedding, batch["labels"], chunk_size=chunk_size, compute_dtype=model.dtype,
+                num_shards=num_shards, shift=False,
+            )
         # Micro-batches are right-padded, so causal attention alone isolates padding; packed
         # ones carry segment ids (attention stays within an example) and per-example positions.
         hidden = model.hidden_states(

@@ -28,6 +28,7 @@ from jaxsft import step as step_fns
 from jaxsft.config import TrainConfig
 from jaxsft.models import lora as lora_lib
 from jaxsft.models.decoder import CausalLM
+from jaxsft.models.seq2seq import Seq2SeqLM
 from jaxsft.models.options import RunOptions, with_options
 from jaxsft.optim import make_optimizer, make_schedule
 
@@ -96,9 +97,9 @@ class IterativeSFTTrainer:
     ):
         error: Optional[Exception] = None
         try:  # every check before any device work; multi-process: every process learns every verdict
-            if not isinstance(model, CausalLM):
+            if not isinstance(model, (CausalLM, Seq2SeqLM)):
                 raise TypeError(
-                    f"model must be a jaxsft CausalLM (use jaxsft.from_pretrained(path_or_torch_model)), got "
+                    f"model must be a jaxsft CausalLM or Seq2SeqLM (use jaxsft.from_pretrained(path_or_torch_model)), got "
                     f"{type(model).__name__}."
                 )
             if config is None:
@@ -130,6 +131,18 @@ class IterativeSFTTrainer:
             self.callbacks = list(callbacks)
             self.state = TrainerState()
             self.spec = model.spec
+            # T5 / BART: texts (or input_ids) feed the encoder, texts_labels (or labels) the decoder.
+            self.is_encoder_decoder = isinstance(model, Seq2SeqLM)
+            if self.is_encoder_decoder and jax.process_count() > 1:
+                raise NotImplementedError(
+                    "encoder-decoder models (T5, BART) train on one process in this release; run single-process "
+                    "(any number of local devices) or use a decoder-only model for multi-host training."
+                )
+            self.dropout_enabled = bool(config.dropout) and _declares_dropout(model.spec)
+            if self.is_encoder_decoder and config.packing:
+                raise ValueError(
+                    "TrainConfig.packing=True is not supported for encoder-decoder models (T5, BART); pass packing=False."
+                )
 
             self.mesh = mesh if mesh is not None else shd.mesh_of(nnx.state(model))
             if sharding_rules is not None and not isinstance(sharding_rules, shd.ShardingRules):
@@ -244,9 +257,8 @@ class IterativeSFTTrainer:
         # Multi-process: every process learns every process's verdict before any collective runs.
         distributed.agree("step()", error, self._fingerprint(), self.config.agreement_timeout_s)
         started = time.perf_counter()
-        microbatches = batching.plan_microbatches(
-            examples, rows=self.rows // jax.process_count(), buckets=self.buckets, rng=self._rng,
-            pack=self.config.packing, row_multiple=max(1, self._shards // jax.process_count()),
+        microbatches = self._plan(
+            examples, self.rows // jax.process_count(), shuffle=True, pack=self.config.packing
         ) if examples else []  # multi-process: this process has nothing this call (filler micro-batches below)
         microbatches = distributed.agree_on_microbatches(
             microbatches, self.rows // jax.process_count(), packed=self.config.packing
@@ -381,9 +393,7 @@ class IterativeSFTTrainer:
         except (TypeError, ValueError) as err:
             error = err
         distributed.agree("evaluate()", error, self._fingerprint(), self.config.agreement_timeout_s)
-        microbatches = batching.plan_microbatches(
-            examples, rows=self.eval_rows // jax.process_count(), buckets=self.buckets, rng=self._rng, shuffle=False
-        ) if examples else []
+        microbatches = self._plan(examples, self.eval_rows // jax.process_count(), shuffle=False) if examples else []
         microbatches = distributed.agree_on_microbatches(microbatches, self.eval_rows // jax.process_count())
         sums = []
         for mb in microbatches:
@@ -529,6 +539,10 @@ class IterativeSFTTrainer:
             # every collective program with zero-weight filler rows (distributed.agree_on_microbatches).
             _check_empty_call(input_ids, attention_mask, labels, texts, texts_labels)
             return []
+        if self.is_encoder_decoder:
+            examples = self._seq2seq_examples(input_ids, attention_mask, labels, texts, texts_labels)
+            batching.validate_vocab(examples, self.spec.vocab_size)
+            return examples
         if texts is not None:
             given = [n for n, v in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels)) if v is not None]
             if given:
@@ -560,14 +574,56 @@ class IterativeSFTTrainer:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return int(eos) if isinstance(eos, (int, np.integer)) else None
 
+    def _seq2seq_examples(self, input_ids, attention_mask, labels, texts, texts_labels):
+        """Encoder-decoder inputs: texts (or input_ids) feed the encoder, texts_labels (or labels) the decoder."""
+        if labels is None and texts_labels is None:
+            raise ValueError(  # TRL's message, raised as TRL does before anything changes
+                "No 'labels' or 'text_labels' are provided. When using an encoder-decoder architecture, "
+                "'labels' or 'text_labels' must be passed."
+            )
+        kwargs = dict(max_length=self.max_length, truncation_mode=self.config.truncation_mode)
+        if texts is not None:
+            given = [n for n, v in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels)) if v is not None]
+            if given:
+                raise ValueError(
+                    f"step() got texts=... together with {', '.join(given)}; pass either texts with texts_labels "
+                    f"or token arrays with labels, not both."
+                )
+            if texts_labels is None:
+                raise ValueError("step(texts=...) on an encoder-decoder needs texts_labels=... (the decoder targets).")
+            if self.tokenizer is None:
+                raise ValueError("step(texts=...) needs a tokenizer; pass tokenizer= when building the trainer.")
+            return batching.seq2seq_examples_from_texts(self.tokenizer, texts, texts_labels, **kwargs)
+        if input_ids is None:
+            raise ValueError("step() needs input_ids=... (token arrays) or texts=... (strings); both were None.")
+        if labels is None:
+            raise ValueError("texts_labels was given without texts; pass texts=... with it, or labels=... with input_ids.")
+        return batching.seq2seq_examples_from_tokens(input_ids, attention_mask, labels, **kwargs)
+
+    def _plan(self, examples, rows: int, *, shuffle: bool, pack: bool = False) -> list:
+        if self.is_encoder_decoder:
+            return batching.plan_seq2seq_microbatches(
+                examples, rows=rows, buckets=self.buckets, rng=self._rng, shuffle=shuffle,
+                decoder_start_token_id=self.spec.decoder_start_token_id, pad_token_id=self.spec.pad_token_id,
+            )
+        return batching.plan_microbatches(
+            examples, rows=rows, buckets=self.buckets, rng=self._rng, shuffle=shuffle, pack=pack,
+            row_multiple=max(1, self._shards // jax.process_count()) if pack else 1,
+        )
+
     # ------------------------------------------------------------------ programs
     def _device_batch(self, mb, train: bool = True) -> dict[str, jax.Array]:
+        """The micro-batch on the mesh. A training batch with dropout on (the model's own, or LoRA's) carries
+        one ``dropout_rng`` key; evaluation batches carry none, so evaluation is deterministic."""
         batch = {
             "input_ids": shd.place_batch(mb.input_ids, self.mesh),
             "labels": shd.place_batch(mb.labels, self.mesh),
         }
+        if self.is_encoder_decoder:
+            batch["attention_mask"] = shd.place_batch(mb.attention_mask, self.mesh)
+            batch["decoder_input_ids"] = shd.place_batch(mb.decoder_input_ids, self.mesh)
         setup = lora_lib.lora_setup(self._user_model)
-        if train and setup is not None and setup.config.lora_dropout > 0:
+        if train and (self.dropout_enabled or (setup is not None and setup.config.lora_dropout > 0)):
             # Drawn from the checkpointed shuffling RNG, so a resumed run drops the same activations.
             seed = int(self._rng.integers(0, 2**31 - 1))
             batch["dropout_rng"] = jax.device_put(jax.random.PRNGKey(seed), shd.replicated(self.mesh))
@@ -578,7 +634,7 @@ class IterativeSFTTrainer:
         return batch
 
     def _program(self, kind: str, batch: dict, build: Callable[[], Any]):
-        key = (kind, tuple(batch["input_ids"].shape), "segment_ids" in batch) if batch is not None else (kind,)
+        key = (kind, tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))) if batch is not None else (kind,)
         if key not in self._programs:
             self._programs[key] = build()
         return self._programs[key]
@@ -813,6 +869,13 @@ def _check_empty_call(input_ids, attention_mask, labels, texts, texts_labels) ->
             raise ValueError(
                 f"step() got no examples but {name} has {len(value)} entries; pass one {name} entry per example."
             )
+
+
+def _declares_dropout(spec: Any) -> bool:
+    """Whether the model's HF config asks for any dropout in training."""
+    rates = [getattr(spec, name, 0.0) or 0.0 for name in ("dropout", "attention_dropout", "activation_dropout",
+                                                          "embd_dropout", "resid_dropout")]
+    return any(rate > 0 for rate in rates)
 
 
 def _is_empty(value: Any) -> bool:

@@ -472,6 +472,8 @@ class Seq2SeqLM(nnx.Module):
     def _embed(self, ids, side: str, positions, dropout_key) -> jax.Array:
         spec = self.spec
         h = embedding_lookup(self.embed[...], ids, ("vocab", "embed")).astype(self.dtype)
+        if spec.embedding_padding_idx is not None:  # as torch's padding_idx: the pad row gets no gradient
+            h = jnp.where((ids == spec.embedding_padding_idx)[..., None], jax.lax.stop_gradient(h), h)
         if spec.embed_scale != 1.0:
             h = h * jnp.asarray(spec.embed_scale, self.dtype)
         if spec.position == "learned":

@@ -45,6 +45,8 @@ class Seq2SeqSpec:
     eos_token_id: Any = None
     bos_token_id: Optional[int] = None
     max_position_embeddings: Optional[int] = None  # BART's learned table; None for T5 (relative)
+    # BART's embedding is nn.Embedding(padding_idx=pad): torch never gives the pad row a gradient.
+    embedding_padding_idx: Optional[int] = None
     relative_buckets: int = 32
     relative_max_distance: int = 128
     initializer_range: float = 0.02
@@ -190,6 +192,7 @@ def _bart_spec(config: Any) -> Seq2SeqSpec:
         eos_token_id=_hashable(getattr(config, "eos_token_id", None)),
         bos_token_id=getattr(config, "bos_token_id", None),
         max_position_embeddings=config.max_position_embeddings,
+        embedding_padding_idx=int(pad),
         initializer_range=float(getattr(config, "init_std", 0.02)),
         dropout=float(config.dropout or 0.0),
         attention_dropout=float(config.attention_dropout or 0.0),
