@@ -246,7 +246,8 @@ def convert_step_inputs(
         _check_values("attention_mask", masks)
     if labels is not None:
         rows = _int_rows("labels", labels, mask=False)
-        _check_aligned("labels", rows, ids)
+        if not is_encoder_decoder:  # seq2seq labels are the decoder's own sequences, of any length
+            _check_aligned("labels", rows, ids)
         _check_values("labels", rows)
     return StepInputs(input_ids=ids, attention_mask=masks, labels=rows)
 

@@ -283,7 +283,7 @@ class IterativeSFTTrainer:
         self.eval_dataset = eval_dataset
         self.compute_metrics = compute_metrics
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
-        self.is_encoder_decoder = False
+        self.is_encoder_decoder = bool(getattr(torch_model.config, "is_encoder_decoder", False))
         self.is_peft_model = peft
         self._torch_optimizers = (opt, sched)
         self._eval_options: tuple[Optional[list[str]], str] = (None, "eval")
@@ -411,6 +411,8 @@ class IterativeSFTTrainer:
                 "step(texts=...) needs a tokenizer, and none was given or found in the model folder; pass "
                 "processing_class=<tokenizer> to the trainer, or pass input_ids=... instead."
             )
+        if self.is_encoder_decoder and inputs.labels is not None:
+            inputs = dataclasses.replace(inputs, labels=self._seq2seq_label_padding(inputs.labels))
         self._stepping = True
         try:
             stats = self.core.step(**inputs.as_kwargs())
@@ -428,6 +430,14 @@ class IterativeSFTTrainer:
             del inputs
             _free_device_memory()
         return stats
+
+    def _seq2seq_label_padding(self, labels: list) -> list:
+        """TRL's seq2seq collation: every label equal to the pad id becomes -100 (DataCollatorForSeq2Seq pads
+        labels with -100 itself; TRL then masks the pad id too, so padded label tensors work either way)."""
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        if pad is None:
+            pad = self.core.spec.pad_token_id
+        return [np.where(np.asarray(row) == pad, IGNORE_INDEX, row) for row in labels]
 
     def train(self, *args: Any, **kwargs: Any) -> None:
         raise ValueError(
@@ -523,7 +533,9 @@ class IterativeSFTTrainer:
         """What one evaluation measures (called by the core, on its current weights)."""
         ignore_keys, prefix = self._eval_options
         started = time.perf_counter()
-        inputs = convert_step_inputs(**_dataset_as_step_kwargs(dataset))
+        inputs = convert_step_inputs(**_dataset_as_step_kwargs(dataset), is_encoder_decoder=self.is_encoder_decoder)
+        if self.is_encoder_decoder and inputs.labels is not None:
+            inputs = dataclasses.replace(inputs, labels=self._seq2seq_label_padding(inputs.labels))
         metrics = dict(core_metrics(inputs.as_kwargs()))  # eval_loss, eval_num_tokens
         num_examples = len(inputs.texts if inputs.texts is not None else inputs.input_ids)
         if self.compute_metrics is not None:
@@ -544,6 +556,11 @@ class IterativeSFTTrainer:
 
     def _predict(self, inputs: StepInputs) -> tuple[Any, np.ndarray]:
         core = self.core
+        if self.is_encoder_decoder:
+            raise NotImplementedError(
+                "compute_metrics is not supported for encoder-decoder models yet (eval_loss is); pass "
+                "compute_metrics=None, or compute your metric from trainer.model's outputs."
+            )
         if inputs.texts is not None:
             examples = batching.examples_from_texts(
                 self.processing_class, inputs.texts, inputs.texts_labels, max_length=core.max_length,
@@ -789,11 +806,11 @@ def _load_torch_model(model_id: str, init_kwargs: dict[str, Any]) -> Any:
 def _check_torch_model(model: Any, adapters: bool = False) -> None:
     """``adapters``: the base of a PeftModel, whose weights are frozen on purpose (only adapters train)."""
     config = model.config
-    if getattr(config, "is_encoder_decoder", False):
+    if getattr(config, "is_encoder_decoder", False) and config.model_type not in jaxsft.models.SEQ2SEQ_MODEL_TYPES:
         raise ValueError(
-            f"{type(model).__name__} is an encoder-decoder (seq2seq) model; jaxsft supports decoder-only causal LMs "
-            f"({', '.join(jaxsft.models.SUPPORTED_MODEL_TYPES)}) only, so seq2seq training (e.g. T5) is not "
-            "supported yet."
+            f"{type(model).__name__} is an encoder-decoder (seq2seq) model of type {config.model_type!r}; jaxsft "
+            f"trains the encoder-decoders {', '.join(jaxsft.models.SEQ2SEQ_MODEL_TYPES)} (T5, Flan-T5, BART) and "
+            f"the causal LMs {', '.join(jaxsft.models.SUPPORTED_MODEL_TYPES)}."
         )
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     if frozen and not adapters:

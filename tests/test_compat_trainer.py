@@ -1,7 +1,7 @@
 """compat.IterativeSFTTrainer: TRL's API on the JAX core (tiny Llama / Qwen2 / GPT-2, CPU).
 
-Covers the seed quick start, TRL 0.23.1's own four test cases (the causal ones; T5 is skipped because
-seq2seq is not supported yet), construction and step() validation with TRL's messages, the lazy torch
+Covers the seed quick start, TRL 0.23.1's own four test cases (the causal ones here; its two T5 cases are in
+test_seq2seq_compat.py), construction and step() validation with TRL's messages, the lazy torch
 weight sync, torch/optax optimizers, HF callbacks / logging / evaluation, saving and the Hub, and one test
 per TRL bug that the facade fixes (docs/compat.md names them). TRL parity runs are in
 test_compat_trl_parity.py.
@@ -147,7 +147,7 @@ TRL_TEXTS = ["Testing the IterativeSFTTrainer.", "This is a test of the Iterativ
     "model_name,input_name", [("qwen", "tensor"), ("qwen", "text"), ("gpt2", "tensor"), ("gpt2", "text")]
 )
 def test_iterative_step_from_tensor(model_name, input_name, tmp_path, tok_dir):
-    """TRL 0.23.1's tests/test_iterative_sft_trainer.py, against compat (its T5 cases: seq2seq unsupported).
+    """TRL 0.23.1's tests/test_iterative_sft_trainer.py, against compat (its T5 cases: test_seq2seq_compat.py).
 
     TRL asserted ``param.grad is not None`` for every parameter, which only showed that backward ran;
     jaxsft has no torch gradients, so this asserts what that was meant to show: every parameter of the
@@ -223,12 +223,16 @@ def test_constructor_type_checks_use_trls_messages(tmp_path, tokenizer):
         IterativeSFTTrainer(model, {"learning_rate": 1e-3}, tokenizer)
 
 
-def test_seq2seq_models_are_rejected_with_a_clear_message(tmp_path):
-    from transformers import T5Config, T5ForConditionalGeneration
+def test_unsupported_seq2seq_models_are_rejected_with_a_clear_message(tmp_path):
+    """T5 and BART train (tests/test_seq2seq_compat.py); another encoder-decoder family is refused by name."""
+    from transformers import MBartConfig, MBartForConditionalGeneration
 
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
-    with pytest.raises(ValueError, match="encoder-decoder .*seq2seq.* not supported yet"):
-        IterativeSFTTrainer(t5, targs(tmp_path))
+    mbart = MBartForConditionalGeneration(MBartConfig(
+        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+    ))
+    with pytest.raises(ValueError, match="encoder-decoder .*seq2seq.* of type 'mbart'; jaxsft trains the encoder-decoders t5, bart"):
+        IterativeSFTTrainer(mbart, targs(tmp_path))
 
 
 def test_frozen_parameters_are_rejected(tmp_path):

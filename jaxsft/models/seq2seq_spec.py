@@ -44,7 +44,7 @@ class Seq2SeqSpec:
     pad_token_id: int
     eos_token_id: Any = None
     bos_token_id: Optional[int] = None
-    max_position_embeddings: Optional[int] = None  # BART's learned table; None for T5 (relative)
+    max_position_embeddings: Optional[int] = None  # BART's learned table; T5: the default length limit (512)
     # BART's embedding is nn.Embedding(padding_idx=pad): torch never gives the pad row a gradient.
     embedding_padding_idx: Optional[int] = None
     relative_buckets: int = 32
@@ -142,7 +142,9 @@ def _t5_spec(config: Any) -> Seq2SeqSpec:
         pad_token_id=int(pad if pad is not None else 0),
         eos_token_id=_hashable(getattr(config, "eos_token_id", None)),
         bos_token_id=getattr(config, "bos_token_id", None),
-        max_position_embeddings=None,
+        # T5 has no position limit (relative bias); 512 is its pre-training length and the tokenizer's
+        # model_max_length. It is only the default largest length bucket: TrainConfig.max_length overrides it.
+        max_position_embeddings=int(getattr(config, "n_positions", None) or 512),
         relative_buckets=config.relative_attention_num_buckets,
         relative_max_distance=config.relative_attention_max_distance,
         initializer_range=0.05 * float(getattr(config, "initializer_factor", 1.0)),
