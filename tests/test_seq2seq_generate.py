@@ -1,0 +1,76 @@
+"""Encoder-decoder generation (T5, BART): greedy equals transformers' generate token for token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import jaxsft
+import tiny
+from jaxsft import seq2seq_generation
+from tiny_seq2seq import tiny_seq2seq_model
+
+PROMPTS = ["the quick brown fox jumps over the lazy dog", "one two", "a small cat sleeps on a warm mat and"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return tiny.load_tokenizer(tiny.tokenizer_dir(str(tmp_path_factory.mktemp("tok"))))
+
+
+def _model(family, tokenizer):
+    # The tiny tokenizer's ids: pad 0, eos 1 (BART's decoder starts from its eos, as in HF's configs).
+    extra = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2, decoder_start_token_id=1) if family == "bart" else {}
+    return tiny_seq2seq_model(family, vocab_size=300, **extra)
+
+
+@pytest.mark.parametrize("family", ["t5", "t5v11", "bart"])
+def test_greedy_equals_transformers_generate(family, tokenizer):
+    torch_model = _model(family, tokenizer)
+    eos = torch_model.config.eos_token_id
+    model = jaxsft.from_pretrained(torch_model, mesh=jaxsft.single_device_mesh())
+    result = jaxsft.generate(model, tokenizer, PROMPTS, max_new_tokens=12, return_tokens=True, eos_token_ids=[eos])
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")  # mixed lengths, right-padded
+    assert len({int(m.sum()) for m in batch["attention_mask"]}) == 3
+    with torch.no_grad():
+        ref = torch_model.generate(**batch, max_new_tokens=12, do_sample=False, num_beams=1, eos_token_id=eos,
+                                   pad_token_id=0).numpy()
+    assert (ref[:, 0] == torch_model.config.decoder_start_token_id).all()
+    for r, toks in enumerate(result.tokens):
+        want = ref[r, 1:]
+        if result.finish_reasons[r] == "length":
+            assert len(toks) == 12
+        else:
+            assert toks[-1] == eos
+        np.testing.assert_array_equal(toks, want[: len(toks)], err_msg=f"row {r}")
+    assert len({tuple(t) for t in result.tokens}) == 3  # the prompts really steer the decoder
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tokenizer):
+    model = jaxsft.from_pretrained(_model("t5", tokenizer), mesh=jaxsft.single_device_mesh())
+    kw = dict(max_new_tokens=10, eos_token_ids=[], return_tokens=True)
+    a = jaxsft.generate(model, tokenizer, PROMPTS, temperature=1.0, seed=1, num_return_sequences=2, **kw)
+    b = jaxsft.generate(model, tokenizer, PROMPTS, temperature=1.0, seed=1, num_return_sequences=2, **kw)
+    c = jaxsft.generate(model, tokenizer, PROMPTS, temperature=1.0, seed=2, num_return_sequences=2, **kw)
+    assert len(a.tokens) == 6
+    assert all(np.array_equal(x, y) for x, y in zip(a.tokens, b.tokens))
+    assert any(not np.array_equal(x, y) for x, y in zip(a.tokens, c.tokens))
+    greedy = jaxsft.generate(model, tokenizer, PROMPTS, **kw)
+    top1 = jaxsft.generate(model, tokenizer, PROMPTS, temperature=0.7, top_k=1, seed=5, **kw)
+    assert all(np.array_equal(x, y) for x, y in zip(greedy.tokens, top1.tokens))
+
+
+def test_similar_calls_share_one_program_and_trainer_generate_uses_training_weights(tokenizer):
+    model = jaxsft.from_pretrained(_model("bart", tokenizer), mesh=jaxsft.single_device_mesh())
+    before = seq2seq_generation.compiled_programs()
+    jaxsft.generate(model, tokenizer, PROMPTS[:2], max_new_tokens=5, eos_token_ids=[])
+    jaxsft.generate(model, tokenizer, PROMPTS[1:], max_new_tokens=9, eos_token_ids=[])  # same buckets
+    assert seq2seq_generation.compiled_programs() == before + 1
+    trainer = jaxsft.IterativeSFTTrainer(model, jaxsft.TrainConfig(learning_rate=1e-2, max_length=32,
+                                                                   disable_tqdm=True), tokenizer)
+    first = trainer.generate(PROMPTS, max_new_tokens=6, eos_token_ids=[])
+    assert first == jaxsft.generate(trainer.model, tokenizer, PROMPTS, max_new_tokens=6, eos_token_ids=[])
+    trainer.step(texts=PROMPTS * 3, texts_labels=["seven eight nine"] * 9)
+    after = trainer.generate(PROMPTS, max_new_tokens=6, eos_token_ids=[])
+    assert after != first  # the trained weights generate
