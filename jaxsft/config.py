@@ -352,7 +352,8 @@ class TrainConfig:
         * remat: ``gradient_checkpointing`` (the model's remat policy is kept);
         * attention: ``attention_implementation`` unless it is "auto", which keeps the model's;
         * layer loop: ``scan_layers``, or when None unrolled for models of at most
-          ``UNROLL_MAX_LAYERS`` layers (faster on one device and on FSDP meshes; benchmarks/RESULTS.md).
+          ``UNROLL_MAX_LAYERS`` layers (faster on one device and on FSDP meshes; benchmarks/RESULTS.md);
+        * dropout: ``dropout`` (the HF config's rates, in training steps only).
         """
         return dataclasses.replace(
             model,
@@ -362,6 +363,7 @@ class TrainConfig:
                 model.attention_implementation if self.attention_implementation == "auto" else self.attention_implementation
             ),
             scan_layers=bool(self.scan_layers if self.scan_layers is not None else num_layers > UNROLL_MAX_LAYERS),
+            dropout=bool(self.dropout),
         )
 
 

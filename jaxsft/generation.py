@@ -521,9 +521,23 @@ def generate(
     The programs belong to a :class:`Sampler` kept for this model object (and dropped
     with it), so repeated calls on one model compile once; a loop that gets a new model
     object each time (``trainer.model``) should keep a ``Sampler`` or use ``trainer.generate``.
+    A ``Seq2SeqLM`` (T5, BART) goes to :func:`jaxsft.seq2seq_generation.generate`.
     """
+    from jaxsft.models.seq2seq import Seq2SeqLM
+
+    if isinstance(model, Seq2SeqLM):  # T5 / BART: encoder once, then the decoder loop
+        from jaxsft import seq2seq_generation
+
+        if sharding_rules is not None:
+            raise ValueError("generate(): sharding_rules is not supported for encoder-decoder models yet.")
+        return seq2seq_generation.generate(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, num_return_sequences=num_return_sequences, seed=seed, stop=stop, return_tokens=return_tokens,
+            chat=chat, batch_size=batch_size, eos_token_ids=eos_token_ids, skip_special_tokens=skip_special_tokens,
+            mesh=mesh,
+        )
     if not isinstance(model, CausalLM):
-        raise TypeError(f"generate(): model must be a jaxsft CausalLM, got {type(model).__name__}.")
+        raise TypeError(f"generate(): model must be a jaxsft CausalLM or Seq2SeqLM, got {type(model).__name__}.")
     samplers = _SAMPLERS.setdefault(model, {})
     key = (mesh, sharding_rules)
     sampler = samplers.get(key)

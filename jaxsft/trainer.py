@@ -424,7 +424,7 @@ class IterativeSFTTrainer:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise TypeError(f"generate(): seed={seed!r} must be an integer, or None to advance per call.")
         chosen = self.next_generation_seed() if seed is None else int(seed)
-        if "mesh" in kwargs or "sharding_rules" in kwargs:  # another layout: not the trainer's sampler
+        if self.is_encoder_decoder or "mesh" in kwargs or "sharding_rules" in kwargs:  # not the trainer's sampler
             out = generate(self.model, self.tokenizer, prompts, seed=chosen, **kwargs)
         else:
             if self._sampler is None:

@@ -189,3 +189,19 @@ def test_step_without_labels_is_refused_with_trls_message_before_anything_change
     assert trainer._rng.bit_generator.state == rng_state
     after = jax.tree.map(np.asarray, nnx.to_pure_dict(trainer.params))
     jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_sharded_mesh_trains_as_one_device(family):
+    """data x fsdp x tensor = 2 x 2 x 2: the rules table places every seq2seq parameter kind (rel_buckets included)."""
+    torch_model = tiny_seq2seq_model(family, seed=1)
+    calls = _calls(120, [8, 8], seed=5)
+    results = []
+    for mesh, bs in ((jaxsft.single_device_mesh(), 4), (jaxsft.make_mesh(data=2, fsdp=2, tensor=2), 1)):
+        trainer = jaxsft.IterativeSFTTrainer(jaxsft.from_pretrained(torch_model, mesh=mesh), _config(bs, 1), mesh=mesh)
+        losses = [l for examples in calls for l in trainer.step(**_step_kwargs(examples, False, 0))["update_losses"]]
+        results.append((losses, hf_state_dict(trainer.model)))
+    (one, w1), (many, w8) = results
+    np.testing.assert_allclose(many, one, rtol=1e-5)
+    for key in w1:
+        np.testing.assert_allclose(w8[key], w1[key], atol=2e-5, err_msg=key)

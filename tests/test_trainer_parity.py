@@ -93,7 +93,7 @@ def _hf_decay_names(model: torch.nn.Module) -> set[str]:
 
 def torch_reference(torch_model, calls, *, bs: int, ga: int, max_steps: int, dtype=torch.float32):
     """The documented semantics as a plain torch loop. Returns (losses, grad_norms, logged_lrs, state_dict)."""
-    model = copy.deepcopy(torch_model).to(dtype).eval()  # eval(): no dropout (jaxsft has none)
+    model = copy.deepcopy(torch_model).to(dtype).eval()  # eval(): no dropout (the jaxsft run sets dropout=False)
     decay = _hf_decay_names(model)
     named = list(model.named_parameters())
     groups = [
@@ -134,6 +134,7 @@ def _jaxsft_run(torch_model, calls, *, bs: int, ga: int, max_steps: int):
         learning_rate=LR, weight_decay=WD, warmup_steps=WARMUP, max_steps=max_steps, lr_scheduler_type="linear",
         max_grad_norm=CLIP, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, seed=SEED,
         logging_steps=1, max_length=64, disable_tqdm=True,
+        dropout=False,  # the torch loop runs in eval() mode (GPT-2's config declares 0.1 dropouts)
     )
     trainer = jaxsft.IterativeSFTTrainer(model, cfg)
     losses = []

@@ -106,10 +106,11 @@ class CausalLM(nnx.Module):
         remat_policy: str = "nothing_saveable",
         attention_implementation: str = "auto",
         scan_layers: bool = True,
+        dropout: bool = False,
         hf_config_json: Optional[str] = None,
         lora: Optional["lora_lib.LoraSetup"] = None,
     ):
-        RunOptions(dtype, remat, remat_policy, attention_implementation, scan_layers)  # validates the knobs
+        RunOptions(dtype, remat, remat_policy, attention_implementation, scan_layers, dropout)  # validates the knobs
         self.spec = spec
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
@@ -117,6 +118,7 @@ class CausalLM(nnx.Module):
         self.remat_policy = remat_policy
         self.attention_implementation = attention_implementation
         self.scan_layers = scan_layers
+        self.dropout = dropout  # apply the config's dropout rates when a training step passes a dropout rng
         self.hf_config_json = hf_config_json
         std = spec.initializer_range
         h = spec.hidden_size
@@ -189,7 +191,8 @@ class CausalLM(nnx.Module):
         ``segment_ids`` (packed rows: 1, 2, ... per example, 0 = padding, with
         ``positions`` counting from 0 in each example) a token attends only to
         earlier tokens of its own example; ``segment_lengths`` (the packer's table, see
-        ``batching.segment_table``) lets the GPU run that as cuDNN flash attention.
+        ``batching.segment_table``) lets the GPU run that as cuDNN flash attention. With the
+        model built with ``dropout=True`` (the trainer's view) it also drives the HF config's own dropout.
         """
         input_ids = jnp.asarray(input_ids)
         batch, length = input_ids.shape
@@ -212,7 +215,9 @@ class CausalLM(nnx.Module):
             mask = self._apply_window(mask, positions, positions)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        h = self._embed(input_ids, positions)
+        own_rng = self._own_dropout_rng(dropout_rng)
+        h = L.dropout(self._embed(input_ids, positions), self.spec.embd_dropout,
+                      None if own_rng is None else jax.random.fold_in(own_rng, 1))
         h, _ = self._run_layers(h, positions, mask=mask, causal=True, cache=None, write_index=None, dropout_rng=dropout_rng, segments=segments)
         return self._final_norm(h)
 
@@ -255,6 +260,13 @@ class CausalLM(nnx.Module):
         within = (q_pos[:, :, None] - k_pos[:, None, :]) < self.spec.sliding_window
         return mask & within[:, None]
 
+    def _own_dropout_rng(self, dropout_rng: Optional[jax.Array]) -> Optional[jax.Array]:
+        """The key of the config's own dropout (a stream apart from LoRA's), or None when it is off."""
+        s = self.spec
+        if dropout_rng is None or not self.dropout or max(s.embd_dropout, s.resid_dropout, s.attention_dropout) <= 0:
+            return None
+        return jax.random.fold_in(dropout_rng, 0x0D50)
+
     def _embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
         h = embedding_lookup(self.embed[...], input_ids, ("vocab", "embed")).astype(self.dtype)
         if self.spec.position == "learned":
@@ -273,6 +285,9 @@ class CausalLM(nnx.Module):
         rope = L.rope_cos_sin(spec, positions, dtype) if spec.position == "rope" else None
         params = {k: v.astype(dtype) for k, v in self.layers.arrays().items()}
         params.update(lora_lib.layer_inputs(self, dtype, dropout_rng))  # adapters ride with their layer
+        own_rng = self._own_dropout_rng(dropout_rng) if cache is None else None
+        if own_rng is not None:
+            params[DROPOUT_KEY] = jax.random.split(jax.random.fold_in(own_rng, 2), spec.num_layers)
         lora = lora_lib.lora_setup(self)
 
         def block(h, p, layer_cache):
@@ -322,6 +337,9 @@ def _split_layers(params: dict[str, jax.Array], num_layers: int) -> list[dict[st
     return [{k: pieces[k][i][0] for k in params} for i in range(num_layers)]
 
 
+DROPOUT_KEY = "model_dropout_key"  # per-layer keys of the config's dropout, scanned with the weights
+
+
 def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cache, write_index, lora=None, segments=None):
     """One pre-norm transformer block; returns (h, (k_cache, v_cache) or None).
 
@@ -353,14 +371,19 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
         new_kv = (k_cache, v_cache)
         k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-    if segments is not None:
+    key = p.get(DROPOUT_KEY)  # training with the config's dropout only
+    if key is not None and spec.attention_dropout > 0:  # no fused kernel drops probabilities: the XLA path
+        full = mask if segments is None or mask is not None else segments.mask()
+        attn = L.attention_with_dropout(q, k, v, mask=full, causal=causal, sliding_window=spec.sliding_window,
+                                        rate=spec.attention_dropout, key=jax.random.fold_in(key, 0))
+    elif segments is not None:
         attn = L.packed_attention(q, k, v, segments, mask=mask, sliding_window=spec.sliding_window, implementation=impl)
     else:
         attn = L.attention(q, k, v, mask=mask, causal=causal, sliding_window=spec.sliding_window, implementation=impl)
     o = lora_lib.adapted(jnp.einsum("btnd,ndh->bth", attn, p["o_proj"]), attn, p, "o_proj", lora)
     if spec.o_bias:
         o = o + p["o_bias"]
-    h = h + o
+    h = h + L.dropout(o, spec.resid_dropout, None if key is None else jax.random.fold_in(key, 1))
     if spec.norm == "layer":
         x = L.layer_norm(h, p["mlp_norm_scale"], p["mlp_norm_bias"], spec.norm_eps)
     else:
@@ -379,4 +402,4 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
     down = lora_lib.adapted(inner @ p["down_proj"], inner, p, "down_proj", lora)
     if spec.mlp_bias:
         down = down + p["down_bias"]
-    return h + down, new_kv
+    return h + L.dropout(down, spec.resid_dropout, None if key is None else jax.random.fold_in(key, 2)), new_kv

@@ -176,3 +176,43 @@ def _cudnn_ragged_attention(q, k, v, segments: Segments) -> jax.Array:
         q, k, v, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets, kv_offsets=offsets,
         scale=1.0 / math.sqrt(q.shape[-1]), mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
     )
+
+
+def dropout(x: jax.Array, rate: float, key: Optional[jax.Array]) -> jax.Array:
+    """Inverted dropout as torch's training mode; the identity without a key or at rate 0."""
+    if key is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def attention_with_dropout(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: Optional[jax.Array],
+    causal: bool,
+    sliding_window: Optional[int],
+    rate: float,
+    key: jax.Array,
+) -> jax.Array:
+    """:func:`attention` with dropout on the attention probabilities (HF's training mode), in XLA einsums.
+
+    No fused kernel (cuDNN flash attention included) takes a dropout mask, so training with
+    attention dropout on runs this path on every backend; everything else keeps :func:`attention`.
+    """
+    n, kv = q.shape[2], k.shape[2]
+    if kv != n:  # GQA: each kv head serves n // kv query heads
+        k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
+    scores = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) / np.float32(math.sqrt(q.shape[-1]))
+    t, s = q.shape[1], k.shape[1]
+    allowed = jnp.ones((t, s), bool)
+    if causal:
+        allowed = jnp.tril(allowed, s - t)
+        if sliding_window is not None:
+            allowed = allowed & ~jnp.tril(jnp.ones((t, s), bool), s - t - sliding_window)
+    allowed = allowed[None, None] if mask is None else mask & allowed[None, None]
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(scores, axis=-1), rate, key)
+    return jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v)

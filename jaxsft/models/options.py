@@ -31,6 +31,9 @@ class RunOptions:
     remat_policy: str = "nothing_saveable"
     attention_implementation: str = "auto"  # auto: cuDNN on GPU in 16-bit, XLA elsewhere
     scan_layers: bool = True  # one lax.scan over the layers (False: unrolled)
+    # Apply the HF config's dropout rates when a dropout rng is given (training only; the trainer sets it
+    # from TrainConfig.dropout). Evaluation and generation never pass an rng, so never drop anything.
+    dropout: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
@@ -43,7 +46,7 @@ class RunOptions:
             raise ValueError(
                 f"remat_policy={self.remat_policy!r} is not supported (supported: {', '.join(REMAT_POLICIES)})."
             )
-        for name in ("remat", "scan_layers"):
+        for name in ("remat", "scan_layers", "dropout"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False.")
 

@@ -279,9 +279,10 @@ class Seq2SeqLM(nnx.Module):
         remat_policy: str = "nothing_saveable",
         attention_implementation: str = "auto",
         scan_layers: bool = True,
+        dropout: bool = False,
         hf_config_json: Optional[str] = None,
     ):
-        RunOptions(dtype, remat, remat_policy, attention_implementation, scan_layers)  # validates the knobs
+        RunOptions(dtype, remat, remat_policy, attention_implementation, scan_layers, dropout)  # validates the knobs
         self.spec = spec
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
@@ -289,6 +290,7 @@ class Seq2SeqLM(nnx.Module):
         self.remat_policy = remat_policy
         self.attention_implementation = attention_implementation  # kept for API parity; attention is XLA here
         self.scan_layers = scan_layers
+        self.dropout = dropout  # apply the config's dropout rates when a training step passes a dropout rng
         self.hf_config_json = hf_config_json
         for name, (shape, axes, kind) in top_level_shapes(spec).items():
             setattr(self, name, nnx.Param(_init(kind, rngs.params(), shape, spec.initializer_range, param_dtype),
@@ -338,12 +340,16 @@ class Seq2SeqLM(nnx.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                       *, dropout_key: Optional[jax.Array] = None) -> jax.Array:
-        """Decoder output states [B, T, H] (T5 v1.0's d_model**-0.5 rescale applied), ready for the lm_head."""
+        """Decoder output states [B, T, H] (T5 v1.0's d_model**-0.5 rescale applied), ready for the lm_head.
+
+        ``dropout_key`` (training steps only) turns on the config's dropout when the model was built
+        with ``dropout=True`` (the trainer's view, from ``TrainConfig.dropout``).
+        """
         input_ids = jnp.asarray(input_ids)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
         enc_key = dec_key = None
-        if dropout_key is not None:
+        if dropout_key is not None and self.dropout:
             enc_key, dec_key = jax.random.fold_in(dropout_key, 0), jax.random.fold_in(dropout_key, 1)
         enc = self.encode(input_ids, attention_mask, dropout_key=enc_key)
         return self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask, dropout_key=dec_key)

@@ -50,6 +50,10 @@ class ModelSpec:
     pad_token_id: Optional[int] = None
     eos_token_id: Any = None
     bos_token_id: Optional[int] = None
+    # Training-mode dropout rates from the HF config (GPT-2 embd/resid/attn_pdrop; Llama-family attention_dropout).
+    embd_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    attention_dropout: float = 0.0
 
     @property
     def q_size(self) -> int:
@@ -164,6 +168,7 @@ def _llama_like_spec(config: Any, model_type: str) -> ModelSpec:
         pad_token_id=getattr(config, "pad_token_id", None),
         eos_token_id=_hashable(getattr(config, "eos_token_id", None)),
         bos_token_id=getattr(config, "bos_token_id", None),
+        attention_dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
     )
 
 
@@ -201,6 +206,9 @@ def _gpt2_spec(config: Any) -> ModelSpec:
         pad_token_id=getattr(config, "pad_token_id", None),
         eos_token_id=_hashable(getattr(config, "eos_token_id", None)),
         bos_token_id=getattr(config, "bos_token_id", None),
+        embd_dropout=float(config.embd_pdrop or 0.0),
+        resid_dropout=float(config.resid_pdrop or 0.0),
+        attention_dropout=float(config.attn_pdrop or 0.0),
     )
 
 
