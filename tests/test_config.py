@@ -51,8 +51,12 @@ def test_bad_values_name_the_field():
 
 def test_run_options_one_rule_per_knob():
     base = RunOptions(dtype=jnp.float32, remat=True, attention_implementation="xla")
-    assert TrainConfig().run_options(base) == RunOptions(dtype=jnp.float32, remat=False, attention_implementation="xla", scan_layers=False)
-    got = TrainConfig(bf16=True, gradient_checkpointing=True, attention_implementation="cudnn").run_options(base, num_layers=2)
+    assert TrainConfig().run_options(base) == RunOptions(
+        dtype=jnp.float32, remat=False, attention_implementation="xla", scan_layers=False, dropout=True  # HF trains with its dropout
+    )
+    got = TrainConfig(bf16=True, gradient_checkpointing=True, attention_implementation="cudnn", dropout=False).run_options(
+        base, num_layers=2
+    )
     assert got == RunOptions(dtype=jnp.bfloat16, remat=True, attention_implementation="cudnn", scan_layers=False)
 
 
@@ -68,7 +72,7 @@ def test_training_view_is_derived_not_patched():
 
     trainer = jaxsft.IterativeSFTTrainer(model, TrainConfig(gradient_checkpointing=True, max_length=16, lr_scheduler_type="constant"))
     assert trainer.model.remat and not model.remat
-    assert trainer.run_options == RunOptions(remat=True, scan_layers=False)  # shallow: unrolled
+    assert trainer.run_options == RunOptions(remat=True, scan_layers=False, dropout=True)  # shallow: unrolled
 
 
 def jax_leaves(model):
