@@ -564,6 +564,8 @@ class Seq2SeqMicroBatch:
     num_examples: int
     num_label_tokens: int
 
+    packed = False  # encoder-decoder micro-batches are never packed
+
 
 def shift_right(labels: np.ndarray, decoder_start_token_id: int, pad_token_id: int) -> np.ndarray:
     """Decoder inputs from labels as transformers' ``shift_tokens_right``: start token first, -100 -> pad."""
