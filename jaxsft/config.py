@@ -429,5 +429,5 @@ _FIELD_KINDS: dict[str, tuple[str, bool]] = {
     "length_buckets": ("ints", True),
     "min_bucket_length": ("int", False), "loss_chunk_size": ("int", True), "loss_chunk_bytes": ("int", False),
     "attention_implementation": ("str", False), "scan_layers": ("bool", True), "xla_options": ("dict", True),
-    "disable_tqdm": ("bool", False), "agreement_timeout_s": ("float", False), "packing": ("bool", False),
+    "disable_tqdm": ("bool", False), "agreement_timeout_s": ("float", False), "packing": ("bool", False), "dropout": ("bool", False),
 }

@@ -156,7 +156,7 @@ def meta_tensor():
 
 STEP_CASES = [
     ("input_ids", ValueError, dict(input_ids=None)),
-    ("input_ids", ValueError, dict(input_ids=[])),
+    # input_ids=[] is an empty round, a warned no-op (tests/test_loop.py), not a bad input.
     ("input_ids", ValueError, dict(input_ids=[np.array([4, -2, 9])])),
     ("input_ids", ValueError, dict(input_ids=[np.array([4, 2**40, 9], np.uint64)])),
     ("input_ids", ValueError, dict(input_ids=[np.array([4, VOCAB, 9])])),
