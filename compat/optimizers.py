@@ -1,13 +1,16 @@
 """torch optimizers and LR schedulers → optax, for ``optimizers=(optimizer, scheduler)``.
 
-TRL users pass torch objects built for the torch model; jaxsft trains a JAX copy
-with optax. Only the *hyperparameters* carry over: the optimizer state starts
-fresh (a torch optimizer that has already stepped is converted as if new). The
-learning rate is not baked into the optax transformation: it comes from the
-scheduler, converted separately, so both follow torch's step-for-step values.
+TRL users pass torch objects built for the torch model; jaxsft trains a JAX copy.
+This module only *reads* them: the optimizer's hyperparameters (and HF's decay /
+no-decay split) and the scheduler's rule. The chains and schedules themselves are
+built by the core (``jaxsft.optim.torch_optimizer``, ``jaxsft.optim.TableSchedule``),
+so no optimizer logic lives in the facade. The optimizer state starts fresh (a torch
+optimizer that has already stepped is converted as if new). The learning rate is not
+baked into the transformation: it comes from the scheduler, converted separately,
+so both follow torch's step-for-step values.
 
 Clipping is not part of the returned transformation; the core chains its
-torch-exact clipping (``max_grad_norm``) in front of it.
+torch-exact clipping (``max_grad_norm``) in front of every optimizer.
 """
 
 from __future__ import annotations
@@ -16,13 +19,10 @@ import dataclasses
 import math
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 
-from jaxsft.optim import adamw_torch, scale_by_adam_torch
+from jaxsft.optim import TableSchedule, constant_schedule, is_transformation, torch_optimizer
 
 # A function from the set of HF parameter names that get weight decay to an optax
 # mask over jaxsft's parameter tree (a pytree of bools, or a callable params -> that).
@@ -52,9 +52,10 @@ class OptaxOptimizerFactory:
     kind: str  # "adamw" | "adam" | "sgd" | "optax"
     lr: Optional[float]
     hyperparameters: Mapping[str, Any]
-    build: Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]
+    build: Callable[[Any], Any]
 
-    def __call__(self, learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+    def __call__(self, learning_rate: Any) -> Any:
+        """The optax transformation at ``learning_rate`` (a float or a schedule count -> rate)."""
         return self.build(learning_rate)
 
 
@@ -162,7 +163,7 @@ def torch_optimizer_to_optax(
     identity) and handed to ``decay_mask_fn(names)``, which returns the optax
     mask over jaxsft's parameters. Anything else raises ValueError.
     """
-    if isinstance(optimizer, optax.GradientTransformation):
+    if is_transformation(optimizer):
         return OptaxOptimizerFactory("optax", None, {}, lambda _lr: optimizer)
     optimizer = _unwrap(optimizer, "optimizer")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -190,17 +191,11 @@ def torch_optimizer_to_optax(
         eps = _shared(groups, "eps")
         decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(_shared(groups, "decoupled_weight_decay", False))
         hyper = {"b1": b1, "b2": b2, "eps": eps, "weight_decay": weight_decay, "decoupled": decoupled}
-        if decoupled:
-            return OptaxOptimizerFactory(
-                "adamw", lr, hyper,
-                lambda rate: adamw_torch(rate, b1, b2, eps, weight_decay, mask),
-            )
-
-        def adam(rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-            parts = [optax.add_decayed_weights(weight_decay, mask)] if weight_decay else []
-            return optax.chain(*parts, scale_by_adam_torch(b1, b2, eps), optax.scale_by_learning_rate(rate))
-
-        return OptaxOptimizerFactory("adam", lr, hyper, adam)
+        kind = "adamw" if decoupled else "adam"
+        return OptaxOptimizerFactory(
+            kind, lr, hyper,
+            lambda rate: torch_optimizer(kind, rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
+        )
 
     momentum = _as_float(_shared(groups, "momentum", 0.0))
     dampening = _as_float(_shared(groups, "dampening", 0.0))
@@ -208,44 +203,15 @@ def torch_optimizer_to_optax(
     if dampening != 0.0:
         raise ValueError(f"SGD(dampening={dampening}) is not supported by jaxsft; build it with dampening=0.")
     hyper = {"momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
-
-    def sgd(rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-        parts = [optax.add_decayed_weights(weight_decay, mask)] if weight_decay else []
-        return optax.chain(*parts, optax.sgd(rate, momentum=momentum or None, nesterov=nesterov))
-
-    return OptaxOptimizerFactory("sgd", lr, hyper, sgd)
+    return OptaxOptimizerFactory(
+        "sgd", lr, hyper,
+        lambda rate: torch_optimizer("sgd", rate, weight_decay=weight_decay, mask=mask, momentum=momentum,
+                                     nesterov=nesterov),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # schedulers
-
-
-def _table_schedule(values: np.ndarray, tail: Optional[Callable[[jax.Array], jax.Array]] = None) -> optax.Schedule:
-    """Look up ``values[count]`` (float64 on the host, rounded to fp32 once).
-
-    Past the table, ``tail(count)`` if given (an fp32 formula), else the last value.
-    The returned schedule carries ``host_value(count) -> float``: the float64 value
-    before rounding, which is what torch's ``get_last_lr()`` reports (used for logs).
-    """
-    host = np.asarray(values, dtype=np.float64)
-    table = host.astype(np.float32)
-    last = len(table) - 1
-
-    def schedule(count: Any) -> jax.Array:
-        count = jnp.asarray(count)
-        value = jnp.asarray(table)[jnp.clip(count, 0, last)]
-        if tail is not None:
-            value = jnp.where(count > last, tail(count).astype(jnp.float32), value)
-        return value
-
-    def host_value(count: int) -> float:
-        """The rate as torch computes it (float64), for logging; fp32 past a table with a tail."""
-        if count > last and tail is not None:
-            return float(schedule(count))
-        return float(host[min(max(int(count), 0), last)])
-
-    schedule.host_value = host_value  # type: ignore[attr-defined]
-    return schedule
 
 
 def _lambda_horizon(fn: Any, horizon: Optional[int]) -> int:
@@ -281,8 +247,8 @@ def _lambda_multipliers(lambdas: list[Any], start: int, length: int) -> np.ndarr
 
 def torch_scheduler_to_schedule(
     scheduler: Any, base_lr: Optional[float] = None, *, horizon: Optional[int] = None
-) -> optax.Schedule:
-    """An optax schedule giving, for ``count`` updates applied, the rate torch would use for the next one.
+) -> TableSchedule:
+    """A schedule giving, for ``count`` updates applied, the rate torch would use for the next one.
 
     Torch's position carries over: a scheduler already stepped k times
     (``last_epoch == k``) continues from step k. ``base_lr`` defaults to the
@@ -291,8 +257,8 @@ def torch_scheduler_to_schedule(
 
     LambdaLR and MultiplicativeLR call their lambdas on the host, in float64,
     for ``horizon`` steps (default max(65536, HF's num_training_steps + 1)),
-    into an fp32 table indexed under jit; past the table the last value is
-    held. HF's linear and constant schedules are flat there, so this is exact;
+    into the core's :class:`jaxsft.optim.TableSchedule` (an fp32 table indexed
+    under jit, float64 for logs); past the table the last value is held. HF's linear and constant schedules are flat there, so this is exact;
     HF's cosine rises again past num_training_steps in torch but is held here.
     Closed forms (StepLR, MultiStepLR, ExponentialLR, ConstantLR, LinearLR,
     PolynomialLR, CosineAnnealingLR) are tabulated the same way in float64 and
@@ -303,7 +269,7 @@ def torch_scheduler_to_schedule(
     if scheduler is None:
         if base_lr is None:
             raise ValueError("scheduler=None needs base_lr (the optimizer's lr); pass base_lr=factory.lr.")
-        return optax.constant_schedule(float(base_lr))
+        return constant_schedule(float(base_lr))
     scheduler = _unwrap(scheduler, "scheduler")
     if _supported_class(scheduler) is None:
         raise TypeError(f"scheduler must be one of: {_SUPPORTED_SCHEDULERS} - got {type(scheduler)}.")
@@ -316,19 +282,18 @@ def torch_scheduler_to_schedule(
 
     if isinstance(scheduler, sched.LambdaLR):
         length = _lambda_horizon(scheduler.lr_lambdas[0], horizon)
-        return _table_schedule(base * _lambda_multipliers(scheduler.lr_lambdas, start, length))
+        return TableSchedule(base * _lambda_multipliers(scheduler.lr_lambdas, start, length))
     if isinstance(scheduler, sched.MultiplicativeLR):
         length = _lambda_horizon(scheduler.lr_lambdas[0], horizon)
         factors = _lambda_multipliers(scheduler.lr_lambdas, start + 1, length - 1)
         current = float(scheduler.get_last_lr()[0]) if start > 0 else base
-        return _table_schedule(current * np.concatenate([[1.0], np.cumprod(factors)]))
+        return TableSchedule(current * np.concatenate([[1.0], np.cumprod(factors)]))
 
     # Closed forms: float64 table for precision near zero (cosine's 1 + cos), fp32 formula past it.
     length = horizon or DEFAULT_TABLE_HORIZON
     values = _closed_form(scheduler, base, np.arange(start, start + length, dtype=np.float64), np)
-    return _table_schedule(
-        values, tail=lambda count: _closed_form(scheduler, base, (count + start).astype(jnp.float32), jnp)
-    )
+    # The tail is the same array-API formula; the core evaluates it with jax.numpy past the table.
+    return TableSchedule(values, tail=lambda count, xp: _closed_form(scheduler, base, count + start, xp))
 
 
 def _supported_class(scheduler: Any) -> Optional[type]:
@@ -342,7 +307,7 @@ def _supported_class(scheduler: Any) -> Optional[type]:
 
 
 def _closed_form(s: Any, base: float, t: Any, xp: Any) -> Any:
-    """torch's documented closed forms as functions of the epoch t, in numpy (xp=np) or jax (xp=jnp)."""
+    """torch's documented closed forms as functions of the epoch t, in any array namespace ``xp`` (numpy, jax)."""
     sched = torch.optim.lr_scheduler
     if isinstance(s, sched.StepLR):
         return base * s.gamma ** xp.floor(t / s.step_size)

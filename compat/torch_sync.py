@@ -32,7 +32,7 @@ from jaxsft.models.hf_keys import table_for
 from jaxsft.models import seq2seq_weights
 from jaxsft.models.seq2seq_spec import Seq2SeqSpec
 from jaxsft.models.spec import ModelSpec
-from jaxsft.optim import _key_name
+from jaxsft.optim import key_name
 
 # torch dtypes numpy can write into directly (np.copyto into the tensor's own memory).
 _NUMPY_WRITABLE = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
@@ -234,7 +234,7 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
 
 def _ours_key(path: tuple) -> tuple[str, ...]:
     """A params-tree path ('layers', 'q_proj', 'value') -> the jaxsft name key ('layers', 'q_proj')."""
-    names = [_key_name(k) for k in path]
+    names = [key_name(k) for k in path]
     if names and names[0] == "layers":
         return ("layers", names[1])
     return (names[0],)

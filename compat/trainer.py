@@ -32,7 +32,6 @@ import dataclasses
 import gc
 import math
 import os
-import time
 import types
 import warnings
 import weakref
@@ -41,21 +40,17 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import jax
 import numpy as np
-import optax
 import torch
-from flax import nnx
 
 import jaxsft
-from jaxsft import batching
-from jaxsft import sharding as shd
 from jaxsft.config import TrainConfig
-from jaxsft.optim import _hf_lambda, clip_by_global_norm_torch, make_schedule
+from jaxsft.optim import is_transformation
 from jaxsft.trainer import IterativeSFTTrainer as CoreTrainer
 from jaxsft.trainer import TrainerCallback as CoreCallback
 
 from compat.arguments import ignored_argument_message, training_arguments_to_config
 from compat.config import IterativeSFTConfig
-from compat.inputs import IGNORE_INDEX, StepInputs, convert_step_inputs
+from compat.inputs import IGNORE_INDEX, convert_step_inputs
 from compat.optimizers import torch_optimizer_to_optax, torch_scheduler_to_schedule
 from compat import peft_models
 from compat.torch_sync import TorchWeightSync, hf_decay_mask_fn
@@ -83,7 +78,7 @@ class _LearningRateView:
         return self._trainer.core.state.global_step
 
     def get_last_lr(self) -> list[float]:
-        rate = self._trainer._learning_rate_at(self._trainer.core.state.global_step)
+        rate = self._trainer.core.current_learning_rate()
         return [] if rate is None else [rate]
 
     def step(self, *args: Any, **kwargs: Any) -> None:
@@ -105,25 +100,11 @@ class _CoreBridge(CoreCallback):
     def on_log(self, trainer: CoreTrainer, logs: dict[str, Any]) -> None:
         self._facade._on_core_log(logs)
 
-    def on_step_end(self, trainer: CoreTrainer) -> None:
-        self._facade._on_core_step_end()
+    def on_step_end(self, trainer: CoreTrainer, step: int) -> None:
+        self._facade._on_core_step_end(step)
 
-    def on_evaluate(self, trainer: CoreTrainer, metrics: dict[str, Any]) -> None:
-        self._facade._on_core_evaluate(metrics)
-
-
-class _Core(CoreTrainer):
-    """The core trainer, with HF-style evaluation metrics.
-
-    The core decides *when* to evaluate (``eval_steps``: right after the update, on its weights) and
-    reports the metrics (``log_history``, ``on_log``, ``on_evaluate``); this override decides *what* is
-    measured: the core's ``eval_loss`` on inputs converted from the torch world, plus ``compute_metrics``.
-    """
-
-    facade: "IterativeSFTTrainer"
-
-    def measure_eval(self, dataset: Any) -> dict[str, float]:
-        return self.facade._eval_metrics(dataset, lambda kwargs: super(_Core, self).measure_eval(kwargs))
+    def on_evaluate(self, trainer: CoreTrainer, metrics: dict[str, Any], step: int) -> None:
+        self._facade._on_core_evaluate(metrics, step)
 
 
 class IterativeSFTTrainer:
@@ -275,24 +256,22 @@ class IterativeSFTTrainer:
         set_seed(int(args.seed))  # as Trainer.__init__: seeds python, numpy and torch (e.g. for generate())
         jax_model = jaxsft.from_pretrained(torch_model, mesh=mesh)  # a PeftModel: base and adapters
         self._sync = peft_models.TorchAdapterSync(torch_model) if peft else TorchWeightSync(torch_model, jax_model.spec)
-        tx, schedule, self._host_rate = _optimizer_and_schedule(opt, sched, config, torch_model, jax_model.spec)
+        config, tx, schedule = _optimizer_and_schedule(opt, sched, config, torch_model, jax_model.spec)
 
         self._torch_model = torch_model
         self.processing_class = tokenizer
         self.data_collator = data_collator
-        self.eval_dataset = eval_dataset
-        self.compute_metrics = compute_metrics
-        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.is_encoder_decoder = bool(getattr(torch_model.config, "is_encoder_decoder", False))
         self.is_peft_model = peft
         self._torch_optimizers = (opt, sched)
-        self._eval_options: tuple[Optional[list[str]], str] = (None, "eval")
         core_config = dataclasses.replace(config, disable_tqdm=True)  # progress: HF's ProgressCallback
-        self.core = _Core(
+        self.core = CoreTrainer(
             jax_model, core_config, tokenizer, optimizer=tx, schedule=schedule, mesh=mesh,
-            eval_dataset=eval_dataset, callbacks=[_CoreBridge(self)],
+            callbacks=[_CoreBridge(self)],
         )
-        self.core.facade = self
+        self.eval_dataset = eval_dataset  # converted for the core's in-training evaluation (property)
+        self.compute_metrics = compute_metrics
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self._synced_version = self.core.params_version
         self._hook_handles = _install_sync_hooks(torch_model, weakref.ref(self))
         weakref.finalize(self, _remove_hooks, self._hook_handles)
@@ -300,7 +279,6 @@ class IterativeSFTTrainer:
         if previous is not None and previous() is not None:  # a newer trainer now drives this torch model
             _remove_hooks(previous()._hook_handles)
         _HOOK_OWNER[torch_model] = weakref.ref(self)
-        self._forward_fn = None
         self._stepping = False
         self._update_open = False
         self._train_begun = False
@@ -371,10 +349,49 @@ class IterativeSFTTrainer:
         return self.processing_class
 
     @property
-    def optimizer(self) -> optax.GradientTransformation:
-        """The optax transformation that updates the weights (a torch optimizer given at construction was
-        translated into it; its own state and ``param_groups`` are not updated)."""
-        return self.core._tx
+    def optimizer(self) -> Any:
+        """The optax transformation that updates the weights, clipping included (a torch optimizer given at
+        construction was translated into it; its own state and ``param_groups`` are not updated)."""
+        return self.core.optimizer
+
+    # ------------------------------------------------------------------ evaluation settings (kept in the core)
+    @property
+    def eval_dataset(self) -> Any:
+        return self._eval_dataset
+
+    @eval_dataset.setter
+    def eval_dataset(self, dataset: Any) -> None:
+        """The caller's object stays here; the core gets it converted to step() keywords (checked now)."""
+        core_dataset = None
+        if dataset is not None and not _is_dataset_dict(dataset):
+            core_dataset = _core_eval_kwargs(dataset)
+        elif dataset is not None and self.core.config.eval_steps:
+            raise ValueError(
+                f"eval_dataset is a dict of named datasets ({sorted(dataset)}); in-training evaluation "
+                "(eval_steps) measures one dataset. Pass one dataset, or call trainer.evaluate() yourself."
+            )
+        self._eval_dataset = dataset
+        self.core.eval_dataset = core_dataset
+
+    @property
+    def compute_metrics(self) -> Optional[Callable]:
+        return self._compute_metrics
+
+    @compute_metrics.setter
+    def compute_metrics(self, fn: Optional[Callable]) -> None:
+        """HF's ``compute_metrics(EvalPrediction)``; the core calls it with its own numpy predictions."""
+        self._compute_metrics = fn
+        self.core.compute_metrics = None if fn is None else _hf_compute_metrics(fn)
+
+    @property
+    def preprocess_logits_for_metrics(self) -> Optional[Callable]:
+        return self._preprocess_logits
+
+    @preprocess_logits_for_metrics.setter
+    def preprocess_logits_for_metrics(self, fn: Optional[Callable]) -> None:
+        """HF's ``preprocess_logits_for_metrics(logits, labels)`` on torch tensors, once per eval batch."""
+        self._preprocess_logits = fn
+        self.core.preprocess_logits_for_metrics = None if fn is None else _torch_preprocess(fn)
 
     @property
     def lr_scheduler(self) -> _LearningRateView:
@@ -418,9 +435,7 @@ class IterativeSFTTrainer:
             stats = self.core.step(**inputs.as_kwargs())
         finally:
             self._stepping = self._update_open = False
-            self.state.global_step = self.core.state.global_step
-            self.state.num_input_tokens_seen = self.core.state.num_input_tokens_seen
-        stats["learning_rate"] = self._learning_rate_at(self.core.state.global_step)
+            self._mirror_core_state(self.core.state.global_step)
         every = self.state.save_steps
         if every and str(_plain_value(self.args.save_strategy)) == "steps" and stats["num_updates"]:
             first = stats["global_step"] - stats["num_updates"] + 1
@@ -446,14 +461,17 @@ class IterativeSFTTrainer:
         )
 
     # ------------------------------------------------------------------ events from the core
-    def _learning_rate_at(self, count: int) -> Optional[float]:
-        return None if self._host_rate is None else self._host_rate(count)
+    def _mirror_core_state(self, step: int) -> None:
+        """HF's ``state`` shows the core's counters (the core owns them); ``step`` is the reported update's."""
+        self.state.global_step = int(step)
+        self.state.num_input_tokens_seen = self.core.state.num_input_tokens_seen
 
-    def _open_update(self) -> None:
-        """The first event of an update inside step(): fire on_train_begin once, then advance the HF state.
+    def _open_update(self, step: int) -> None:
+        """The first event of an update inside step(): fire on_train_begin once, then show the update's step.
 
-        The core reports an update's events in order (its evaluation, its log, on_step_end), after the
-        call's updates have run; ``state.global_step`` follows them, so callbacks see each update's number.
+        The core reports an update's events in order (its evaluation, its log, on_step_end) after the
+        call's updates have run, each with its update's number; ``state.global_step`` shows that number,
+        so callbacks see each update's step.
         """
         if not self._stepping or self._update_open:
             return
@@ -461,33 +479,29 @@ class IterativeSFTTrainer:
         if not self._train_begun:
             self._train_begun = True
             self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
-        self.state.global_step += 1
-        self.state.num_input_tokens_seen = self.core.state.num_input_tokens_seen
+        self._mirror_core_state(step)
 
     def _on_core_log(self, logs: dict[str, Any]) -> None:
-        self._open_update()
-        if "learning_rate" in logs and "step" in logs:
-            # The entry in log_history is this dict: torch reports the rate in float64, the device holds fp32.
-            logs["learning_rate"] = self._learning_rate_at(logs["step"])
+        self._open_update(logs["step"])
         shown = {k: v for k, v in logs.items() if k != "step"}  # HF passes logs without "step" to on_log
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, shown)
 
-    def _on_core_evaluate(self, metrics: dict[str, Any]) -> None:
-        self._open_update()
+    def _on_core_evaluate(self, metrics: dict[str, Any], step: int) -> None:
+        self._open_update(step)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
 
-    def _on_core_step_end(self) -> None:
-        self._open_update()
+    def _on_core_step_end(self, step: int) -> None:
+        self._open_update(step)
         self.control = self.callback_handler.on_step_end(self.args, self.state, self.control)
         self._update_open = False
 
     # ------------------------------------------------------------------ logging and callbacks (HF API)
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
-        """Append ``{**logs, "step": global_step}`` to ``state.log_history`` and fire ``on_log`` (as HF Trainer)."""
-        output = {**logs, "step": self.state.global_step}
-        if self.state.is_world_process_zero:
-            self.state.log_history.append(output)
-        self.control = self.callback_handler.on_log(self.args, self.state, self.control, dict(logs))
+        """Append ``{**logs, "step": global_step}`` to ``state.log_history`` and fire ``on_log`` (as HF Trainer).
+
+        The core keeps the history and fires its ``on_log``, which reaches the HF callbacks.
+        """
+        self.core.log(dict(logs))
 
     def add_callback(self, callback: Any) -> None:
         self.callback_handler.add_callback(callback)
@@ -523,87 +537,9 @@ class IterativeSFTTrainer:
             for key, value in dataset.items():
                 metrics.update(self.evaluate(value, ignore_keys, f"{metric_key_prefix}_{key}"))
             return metrics
-        self._eval_options = (ignore_keys, metric_key_prefix)
-        try:
-            return self.core.evaluate(dataset)  # measures via measure_eval -> _eval_metrics below, then logs and fires events
-        finally:
-            self._eval_options = (None, "eval")
-
-    def _eval_metrics(self, dataset: Any, core_metrics: Callable[[dict[str, Any]], dict[str, float]]) -> dict[str, float]:
-        """What one evaluation measures (called by the core, on its current weights)."""
-        ignore_keys, prefix = self._eval_options
-        started = time.perf_counter()
-        inputs = convert_step_inputs(**_dataset_as_step_kwargs(dataset), is_encoder_decoder=self.is_encoder_decoder)
-        if self.is_encoder_decoder and inputs.labels is not None:
-            inputs = dataclasses.replace(inputs, labels=self._seq2seq_label_padding(inputs.labels))
-        metrics = dict(core_metrics(inputs.as_kwargs()))  # eval_loss, eval_num_tokens
-        num_examples = len(inputs.texts if inputs.texts is not None else inputs.input_ids)
-        if self.compute_metrics is not None:
-            from transformers import EvalPrediction
-
-            predictions, label_ids = self._predict(inputs)
-            extra = self.compute_metrics(EvalPrediction(predictions=predictions, label_ids=label_ids)) or {}
-            for key, value in extra.items():
-                if ignore_keys and key in ignore_keys:
-                    continue
-                metrics[key if key.startswith("eval_") else f"eval_{key}"] = value
-        runtime = time.perf_counter() - started
-        metrics["eval_runtime"] = round(runtime, 4)
-        metrics["eval_samples_per_second"] = round(num_examples / runtime, 3) if runtime > 0 else float("nan")
-        if prefix != "eval":
-            metrics = {f"{prefix}_{k[len('eval_'):]}": v for k, v in metrics.items()}
-        return metrics
-
-    def _predict(self, inputs: StepInputs) -> tuple[Any, np.ndarray]:
-        core = self.core
-        if self.is_encoder_decoder:
-            raise NotImplementedError(
-                "compute_metrics is not supported for encoder-decoder models yet (eval_loss is); pass "
-                "compute_metrics=None, or compute your metric from trainer.model's outputs."
-            )
-        if inputs.texts is not None:
-            examples = batching.examples_from_texts(
-                self.processing_class, inputs.texts, inputs.texts_labels, max_length=core.max_length,
-                truncation_mode=core.config.truncation_mode,
-            )
-        else:
-            examples = batching.examples_from_tokens(
-                inputs.input_ids, inputs.attention_mask, inputs.labels, max_length=core.max_length,
-                truncation_mode=core.config.truncation_mode,
-            )
-        batching.validate_vocab(examples, core.spec.vocab_size)
-        forward = self._forward()
-        rows = core.eval_rows // jax.process_count()
-        preds, labels = [], []
-        for start in range(0, len(examples), rows):
-            group = examples[start : start + rows]
-            longest = max(ex.input_ids.shape[0] for ex in group)
-            length = next(b for b in core.buckets if b >= longest)
-            ids = np.zeros((rows, length), np.int32)
-            lab = np.full((len(group), longest), IGNORE_INDEX, np.int64)
-            for r, ex in enumerate(group):
-                n = ex.input_ids.shape[0]
-                ids[r, :n] = ex.input_ids
-                lab[r, :n] = ex.labels
-            with jax.set_mesh(core.mesh):
-                logits = forward(core.params, shd.place_batch(ids, core.mesh))
-            logits = np.array(jax.device_get(logits)[: len(group), :longest])  # a writable host copy
-            logits_t, labels_t = torch.from_numpy(logits), torch.from_numpy(lab)
-            if self.preprocess_logits_for_metrics is not None:
-                logits_t = self.preprocess_logits_for_metrics(logits_t, labels_t)
-            preds.append(_to_numpy(logits_t))
-            labels.append(lab)
-        return _concat_padded(preds), _concat_padded(labels)
-
-    def _forward(self):
-        if self._forward_fn is None:
-            graphdef = nnx.split(self.core.model)[0]
-
-            def forward(params, input_ids):
-                return nnx.merge(graphdef, params)(input_ids)  # right-padded: causal attention suffices
-
-            self._forward_fn = jax.jit(forward)
-        return self._forward_fn
+        return self.core.evaluate(
+            _core_eval_kwargs(dataset), ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, output_dir: Optional[str] = None) -> str:
@@ -841,10 +777,13 @@ def _local_tokenizer(model_id: Optional[str]) -> Any:
 
 
 def _optimizer_and_schedule(opt: Any, sched: Any, config: TrainConfig, torch_model: Any, spec: Any):
-    """(optax transformation or None, schedule or None, host learning-rate function or None)."""
+    """``optimizers=(opt, sched)`` -> (config, optimizer or factory or None, schedule or None) for the core.
+
+    The core builds every chain (and puts clipping in front); this only translates the torch objects.
+    """
     if opt is None:  # the core builds AdamW + clipping + schedule from config
-        return None, None, _config_rate(config)
-    if isinstance(opt, optax.GradientTransformation):
+        return config, None, None
+    if is_transformation(opt):
         if isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
             raise TypeError(
                 "a torch LR scheduler cannot drive an optax optimizer; pass an optax schedule (and build the optax "
@@ -855,27 +794,12 @@ def _optimizer_and_schedule(opt: Any, sched: Any, config: TrainConfig, torch_mod
                 f"with an optax optimizer, the scheduler must be None or an optax schedule (count -> rate), "
                 f"used to log the learning rate - got {type(sched)}."
             )
-        tx, schedule = opt, sched
-        host = None if sched is None else (lambda count: float(sched(count)))
-    else:
-        factory = torch_optimizer_to_optax(opt, decay_mask_fn=hf_decay_mask_fn(spec), model=torch_model)
-        if sched is None:  # HF Trainer.create_scheduler: args' schedule type on the user's optimizer
-            rated = dataclasses.replace(config, learning_rate=float(factory.lr))
-            schedule, host = make_schedule(rated), _config_rate(rated)
-        else:
-            schedule = torch_scheduler_to_schedule(sched)
-            host = schedule.host_value
-        tx = factory(schedule)
-    if config.clipping_enabled:
-        tx = optax.chain(clip_by_global_norm_torch(float(config.max_grad_norm)), tx)
-    return tx, schedule, host
-
-
-def _config_rate(config: TrainConfig) -> Callable[[int], float]:
-    """HF's LambdaLR value in float64: ``base_lr * lr_lambda(count)``, exactly what torch logs."""
-    multiplier, _ = _hf_lambda(config)
-    base = float(config.learning_rate)
-    return lambda count: base * multiplier(int(count))
+        return config, opt, sched
+    factory = torch_optimizer_to_optax(opt, decay_mask_fn=hf_decay_mask_fn(spec), model=torch_model)
+    if sched is None:  # HF Trainer.create_scheduler: args' schedule type on the user's optimizer
+        return dataclasses.replace(config, learning_rate=float(factory.lr)), factory, None
+    schedule = torch_scheduler_to_schedule(sched)
+    return config, factory(schedule), schedule
 
 
 def _plain_value(value: Any) -> Any:
@@ -1010,21 +934,22 @@ def _to_numpy(value: Any) -> Any:
     return np.asarray(value)
 
 
-def _concat_padded(parts: list[Any]) -> Any:
-    """Concatenate batches along axis 0, padding axis 1 with -100 as HF's nested_concat does."""
-    if isinstance(parts[0], (tuple, list)):
-        return type(parts[0])(_concat_padded(list(group)) for group in zip(*parts))
-    if parts[0].ndim < 2:
-        return np.concatenate(parts, axis=0)
-    width = max(p.shape[1] for p in parts)
-    padded = []
-    for p in parts:
-        if p.shape[1] < width:
-            pad = [(0, 0)] * p.ndim
-            pad[1] = (0, width - p.shape[1])
-            p = np.pad(p, pad, constant_values=IGNORE_INDEX)
-        padded.append(p)
-    return np.concatenate(padded, axis=0)
+def _core_eval_kwargs(dataset: Any) -> dict[str, Any]:
+    """An eval dataset in any accepted form -> the core's step()-keyword dict (converted and checked)."""
+    kwargs = convert_step_inputs(**_dataset_as_step_kwargs(dataset)).as_kwargs()
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _hf_compute_metrics(fn: Callable) -> Callable:
+    """The core's EvalPrediction -> ``transformers.EvalPrediction``, which HF metric functions expect."""
+    from transformers import EvalPrediction
+
+    return lambda prediction: fn(EvalPrediction(predictions=prediction.predictions, label_ids=prediction.label_ids))
+
+
+def _torch_preprocess(fn: Callable) -> Callable:
+    """HF hands ``preprocess_logits_for_metrics`` torch tensors; the core has numpy arrays."""
+    return lambda logits, labels: _to_numpy(fn(torch.from_numpy(logits), torch.from_numpy(labels)))
 
 
 def _jax_dtype_of(torch_model: Any) -> Any:

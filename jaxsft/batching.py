@@ -697,3 +697,24 @@ def plan_seq2seq_microbatches(
         dec_len = _bucket_for(max(ex.labels.shape[0] for ex in group), buckets)
         batches.append(_pack_seq2seq(group, rows, enc_len, dec_len, decoder_start_token_id, pad_token_id))
     return batches
+
+
+def concat_padded(parts: Sequence[Any]) -> Any:
+    """Concatenate per-batch arrays along axis 0, padding axis 1 with -100 (HF's ``nested_concat``).
+
+    Tuples or lists of arrays (a model's several outputs) are concatenated element-wise.
+    """
+    if isinstance(parts[0], (tuple, list)):
+        return type(parts[0])(concat_padded(list(group)) for group in zip(*parts))
+    parts = [np.asarray(p) for p in parts]
+    if parts[0].ndim < 2:
+        return np.concatenate(parts, axis=0)
+    width = max(p.shape[1] for p in parts)
+    padded = []
+    for p in parts:
+        if p.shape[1] < width:
+            pad = [(0, 0)] * p.ndim
+            pad[1] = (0, width - p.shape[1])
+            p = np.pad(p, pad, constant_values=IGNORE_INDEX)
+        padded.append(p)
+    return np.concatenate(padded, axis=0)

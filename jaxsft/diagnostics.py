@@ -97,4 +97,4 @@ def update_program_text(trainer, rows: int, length: int) -> str:
 
     ids = np.ones((rows, length), np.int32)
     batch = {"input_ids": shd.place_batch(ids, trainer.mesh), "labels": shd.place_batch(ids, trainer.mesh)}
-    return trainer._compile_fused(batch, trainer._step_count()).as_text()
+    return trainer.compile_update(batch).as_text()

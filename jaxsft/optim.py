@@ -66,15 +66,71 @@ def _hf_lambda(config: TrainConfig) -> tuple[Callable[[int], float], int]:
     return cosine, total
 
 
-def make_schedule(config: TrainConfig) -> optax.Schedule:
-    """``transformers.get_scheduler`` as an optax schedule; the argument is the number of updates already applied.
+class TableSchedule:
+    """A learning-rate schedule computed on the host in float64 and looked up on device.
+
+    Calling it with an update count (a traced or concrete integer) gives the fp32 rate
+    under jit: ``values[count]``, each value rounded to fp32 exactly once; past the table,
+    ``tail(count, jnp)`` when given (an array-API formula, so one expression serves numpy
+    and jax) else the last value. :meth:`host_value` gives the float64 rate for logs, which
+    is what torch's ``get_last_lr()`` and HF Trainer report.
+    """
+
+    def __init__(
+        self,
+        values: Any,
+        tail: Optional[Callable[[Any, Any], Any]] = None,
+        host: Optional[Callable[[int], float]] = None,
+    ):
+        self._host_table = np.asarray(values, dtype=np.float64)
+        if self._host_table.ndim != 1 or self._host_table.size == 0:
+            raise ValueError(f"TableSchedule values must be a non-empty 1-D sequence, got shape {self._host_table.shape}.")
+        self._table = self._host_table.astype(np.float32)
+        self._last = len(self._table) - 1
+        self._tail = tail
+        self._host = host
+
+    def __call__(self, count: Any) -> jax.Array:
+        count = jnp.asarray(count)
+        value = jnp.asarray(self._table)[jnp.clip(count, 0, self._last)]
+        if self._tail is not None:
+            value = jnp.where(count > self._last, jnp.asarray(self._tail(count.astype(jnp.float32), jnp), jnp.float32), value)
+        return value
+
+    def host_value(self, count: int) -> float:
+        """The rate after ``count`` updates in float64 (fp32 past a table whose tail is a device formula)."""
+        count = int(count)
+        if self._host is not None:
+            return float(self._host(count))
+        if count > self._last and self._tail is not None:
+            return float(self(count))
+        return float(self._host_table[min(max(count, 0), self._last)])
+
+
+def constant_schedule(rate: float) -> TableSchedule:
+    """One rate for every update (exact on the host)."""
+    return TableSchedule([float(rate)])
+
+
+def host_learning_rate_fn(schedule: Optional[Callable[[Any], Any]]) -> Optional[Callable[[int], float]]:
+    """``count -> float`` for logging: a :class:`TableSchedule`'s float64 value, else ``float(schedule(count))``."""
+    if schedule is None:
+        return None
+    if isinstance(schedule, TableSchedule):
+        return schedule.host_value
+    return lambda count: float(schedule(int(count)))
+
+
+def make_schedule(config: TrainConfig) -> TableSchedule:
+    """``transformers.get_scheduler`` as a schedule; the argument is the number of updates already applied.
 
     HF evaluates its multiplier in float64; an fp32 formula loses relative
     precision where the rate approaches 0 (1 + cos near -1). So the rate for
     every step up to the horizon is computed once in float64 on the host and
     looked up, which rounds each value to fp32 exactly once. Past the horizon
     the multiplier is constant (linear: 0, warmup types: 1), except cosine,
-    which HF lets rise again; that tail uses the fp32 formula.
+    which HF lets rise again; that tail uses the fp32 formula. The host value
+    (:meth:`TableSchedule.host_value`, used for logs) is HF's float64 value for every count.
 
     Linear or cosine without a horizon (``max_steps <= 0``) warm up and then
     stay constant, with a warning, rather than silently training at lr 0.
@@ -90,28 +146,25 @@ def make_schedule(config: TrainConfig) -> optax.Schedule:
         )
     multiplier, horizon = _hf_lambda(config)
     base = float(config.learning_rate)
-    table = np.asarray([base * multiplier(s) for s in range(horizon + 1)], dtype=np.float32)
-    cosine_tail = config.lr_scheduler_type == "cosine" and config.max_steps > 0
-    warmup, total = config.num_warmup_steps(), config.max_steps
-    num_cycles = float((config.lr_scheduler_kwargs or {}).get("num_cycles", 0.5))
+    values = [base * multiplier(s) for s in range(horizon + 1)]
+    tail = None
+    if config.lr_scheduler_type == "cosine" and config.max_steps > 0:
+        warmup, total = config.num_warmup_steps(), config.max_steps
+        num_cycles = float((config.lr_scheduler_kwargs or {}).get("num_cycles", 0.5))
 
-    def schedule(count: Any) -> jax.Array:
-        count = jnp.asarray(count)
-        value = jnp.asarray(table)[jnp.clip(count, 0, horizon)]
-        if cosine_tail:
-            progress = (count - warmup).astype(jnp.float32) / float(max(1, total - warmup))
-            tail = base * jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * num_cycles * 2.0 * progress)))
-            value = jnp.where(count > horizon, tail, value)
-        return value
+        def tail(count: Any, xp: Any) -> Any:
+            progress = (count - warmup) / float(max(1, total - warmup))
+            return base * xp.maximum(0.0, 0.5 * (1.0 + xp.cos(math.pi * num_cycles * 2.0 * progress)))
 
-    return schedule
+    return TableSchedule(values, tail=tail, host=lambda count: base * multiplier(int(count)))
 
 
 # ---------------------------------------------------------------------------
 # weight decay mask
 
 
-def _key_name(key: Any) -> str:
+def key_name(key: Any) -> str:
+    """The name of one pytree path entry (dict key, attribute or index), as used in parameter paths."""
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
             return str(getattr(key, attr))
@@ -126,7 +179,7 @@ def decay_mask(params: Any) -> Any:
     """
 
     def decays(path: tuple, _leaf: Any) -> bool:
-        name = "/".join(_key_name(k) for k in path).lower()
+        name = "/".join(key_name(k) for k in path).lower()
         return "norm" not in name and "bias" not in name
 
     return jax.tree_util.tree_map_with_path(decays, params)
@@ -239,6 +292,56 @@ def adamw_torch(
     )
 
 
+TORCH_OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+def torch_optimizer(
+    kind: str,
+    learning_rate: Any,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+    """The optax twin of ``torch.optim.AdamW`` / ``Adam`` / ``SGD`` (no clipping; see :func:`with_clipping`).
+
+    * ``"adamw"``: decoupled decay ``p -= lr*wd*p`` on ``mask``ed leaves, then torch's Adam step.
+    * ``"adam"``: L2 decay added to the gradient before the Adam moments, as ``torch.optim.Adam``.
+    * ``"sgd"``: L2 decay added to the gradient, then momentum (optionally Nesterov), ``p -= lr * buf``.
+
+    ``learning_rate`` is a float or a schedule (count -> rate). The TRL facade describes a torch
+    optimizer with these hyperparameters and the core builds the chain here, so one module owns it.
+    """
+    if kind not in TORCH_OPTIMIZERS:
+        raise ValueError(f"torch_optimizer kind={kind!r}: not supported; pick one of {', '.join(TORCH_OPTIMIZERS)}.")
+    if kind == "adamw":
+        return adamw_torch(learning_rate, b1, b2, eps, weight_decay, mask)
+    coupled = [optax.add_decayed_weights(weight_decay, mask)] if weight_decay else []
+    if kind == "adam":
+        return optax.chain(*coupled, scale_by_adam_torch(b1, b2, eps), optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*coupled, optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
+
+
+def is_transformation(value: Any) -> bool:
+    """Whether ``value`` is an optax ``GradientTransformation`` (lets callers check without importing optax)."""
+    return isinstance(value, optax.GradientTransformation)
+
+
+def with_clipping(tx: optax.GradientTransformation, config: TrainConfig) -> optax.GradientTransformation:
+    """``tx`` preceded by torch-exact global-norm clipping when ``config.clipping_enabled``.
+
+    The trainer applies this to every optimizer, its own or one passed in, so clipping is always part
+    of the one chain the trainer runs (``max_grad_norm`` None or <= 0 turns it off, as in HF).
+    """
+    if config.clipping_enabled:
+        return optax.chain(clip_by_global_norm_torch(float(config.max_grad_norm)), tx)
+    return tx
+
+
 def make_optimizer(config: TrainConfig, schedule: Optional[optax.Schedule] = None) -> optax.GradientTransformation:
     """Clipping (when enabled) followed by the configured optimizer at ``schedule``.
 
@@ -257,6 +360,4 @@ def make_optimizer(config: TrainConfig, schedule: Optional[optax.Schedule] = Non
         opt = _sgd(config, schedule)
     else:  # TrainConfig already rejects this; kept so a new name cannot fall through silently
         raise ValueError(f"TrainConfig.optim={config.optim!r} is not supported.")
-    if config.clipping_enabled:
-        return optax.chain(clip_by_global_norm_torch(float(config.max_grad_norm)), opt)
-    return opt
+    return with_clipping(opt, config)

@@ -74,7 +74,7 @@ def _sum_grads(loss_fn):
     return grads_of
 
 
-def _apply(tx, schedule, params, opt_state, grad_sum, loss_sum, count, step_count, skip_nonfinite: bool = False):
+def _apply(tx, params, opt_state, grad_sum, loss_sum, count, skip_nonfinite: bool = False):
     scale = 1.0 / jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grad_sum)
     grad_norm = global_norm(grads)
@@ -96,19 +96,16 @@ def _apply(tx, schedule, params, opt_state, grad_sum, loss_sum, count, step_coun
         metrics["skipped"] = jnp.logical_not(finite)
     else:
         params, opt_state = updated(None)
-    if schedule is not None:
-        # As HF Trainer logs it: the rate after the scheduler step, i.e. for the next update.
-        metrics["learning_rate"] = jnp.asarray(schedule(step_count + 1), jnp.float32)
     return params, opt_state, metrics
 
 
-def make_fused_update(graphdef, tx, schedule, chunk_size, num_shards=1, skip_nonfinite=False):
+def make_fused_update(graphdef, tx, chunk_size, num_shards=1, skip_nonfinite=False):
     """One micro-batch per update (gradient_accumulation_steps == 1): grads and optimizer in one program."""
     grads_of = _sum_grads(make_loss_fn(graphdef, chunk_size, num_shards))
 
-    def fused(params, opt_state, batch, step_count, frozen=()):
+    def fused(params, opt_state, batch, frozen=()):
         grads, loss_sum, count = grads_of(params, batch, frozen)
-        return _apply(tx, schedule, params, opt_state, grads, loss_sum, count, step_count, skip_nonfinite)
+        return _apply(tx, params, opt_state, grads, loss_sum, count, skip_nonfinite)
 
     return fused
 
@@ -133,12 +130,12 @@ def make_zero_accumulator():
     return zeros
 
 
-def make_apply(tx, schedule, skip_nonfinite=False):
+def make_apply(tx, skip_nonfinite=False):
     """Applies one optimizer update from accumulated sums: loss = sum / total label tokens (exact)."""
 
-    def apply(params, opt_state, acc, step_count):
+    def apply(params, opt_state, acc):
         grad_sum, loss_sum, count = acc
-        return _apply(tx, schedule, params, opt_state, grad_sum, loss_sum, count, step_count, skip_nonfinite)
+        return _apply(tx, params, opt_state, grad_sum, loss_sum, count, skip_nonfinite)
 
     return apply
 
@@ -150,3 +147,12 @@ def make_eval(graphdef, chunk_size, num_shards=1):
         return loss_fn(params, batch, frozen)
 
     return evaluate
+
+
+def make_logits(graphdef):
+    """(params, input_ids) -> logits [rows, length, vocab]; rows are right-padded, so causal attention suffices."""
+
+    def logits(params, input_ids, frozen=()):
+        return nnx.merge(graphdef, params, *frozen)(input_ids)
+
+    return logits

@@ -25,12 +25,13 @@ from jaxsft import batching, compile_options, distributed
 from jaxsft import checkpoint as checkpointing
 from jaxsft import sharding as shd
 from jaxsft import step as step_fns
+from jaxsft.callbacks import EvalPrediction, TrainerCallback
 from jaxsft.config import TrainConfig
 from jaxsft.models import lora as lora_lib
 from jaxsft.models.decoder import CausalLM
 from jaxsft.models.seq2seq import Seq2SeqLM
 from jaxsft.models.options import RunOptions, with_options
-from jaxsft.optim import make_optimizer, make_schedule
+from jaxsft.optim import host_learning_rate_fn, make_optimizer, make_schedule, with_clipping
 
 
 @dataclasses.dataclass
@@ -58,16 +59,6 @@ COUNTER_FIELDS = (
 )
 
 
-class TrainerCallback:
-    """Hooks the trainer fires; override what you need (the facade bridges HF callbacks here)."""
-
-    def on_log(self, trainer: "IterativeSFTTrainer", logs: dict[str, Any]) -> None: ...
-
-    def on_step_end(self, trainer: "IterativeSFTTrainer") -> None: ...
-
-    def on_evaluate(self, trainer: "IterativeSFTTrainer", metrics: dict[str, Any]) -> None: ...
-
-
 STEP_KEYWORDS = ("input_ids", "attention_mask", "labels", "texts", "texts_labels")
 
 
@@ -76,10 +67,17 @@ class IterativeSFTTrainer:
 
     ``model`` is a :class:`jaxsft.models.CausalLM` (from ``jaxsft.from_pretrained``).
     ``optimizer`` replaces the AdamW built from ``config`` with any optax
-    transformation (pass ``schedule`` too if you want its rate logged).
+    transformation, or a function ``schedule -> transformation`` that the trainer
+    calls with ``schedule`` (default: ``config``'s HF schedule); pass ``schedule``
+    with a transformation if you want its rate logged; a
+    :class:`jaxsft.optim.TableSchedule` logs its exact float64 value). The
+    trainer always puts ``config.max_grad_norm`` clipping in front of the
+    optimizer, its own or yours (``max_grad_norm=None`` or 0 turns it off).
     ``mesh`` defaults to the model's mesh (all local devices on the data axis for a
     plain ``from_pretrained``); ``sharding_rules`` (default ``jaxsft.sharding.DEFAULT_RULES``)
-    lay the parameters, optimizer state and activations out on it.
+    lay the parameters, optimizer state and activations out on it. ``compute_metrics``
+    (``EvalPrediction -> dict``) and ``preprocess_logits_for_metrics`` (``(logits, labels) -> array``,
+    per eval batch, numpy) add metrics to every evaluation, as in ``transformers.Trainer``.
     """
 
     def __init__(
@@ -94,6 +92,8 @@ class IterativeSFTTrainer:
         sharding_rules: Optional[shd.ShardingRules] = None,
         eval_dataset: Any = None,
         callbacks: Sequence[TrainerCallback] = (),
+        compute_metrics: Optional[Callable[[EvalPrediction], dict[str, Any]]] = None,
+        preprocess_logits_for_metrics: Optional[Callable[[np.ndarray, np.ndarray], Any]] = None,
     ):
         error: Optional[Exception] = None
         try:  # every check before any device work; multi-process: every process learns every verdict
@@ -106,8 +106,11 @@ class IterativeSFTTrainer:
                 config = TrainConfig()
             if not isinstance(config, TrainConfig):
                 raise TypeError(f"config must be a jaxsft.TrainConfig, got {type(config).__name__}.")
-            if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
-                raise TypeError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}.")
+            if optimizer is not None and not (isinstance(optimizer, optax.GradientTransformation) or callable(optimizer)):
+                raise TypeError(
+                    f"optimizer must be an optax.GradientTransformation or a function schedule -> "
+                    f"GradientTransformation, got {type(optimizer).__name__}."
+                )
             if schedule is not None and not callable(schedule):
                 raise TypeError(f"schedule must be an optax schedule (step -> learning rate), got {type(schedule).__name__}.")
             if mesh is not None and (not isinstance(mesh, jax.sharding.Mesh) or set(mesh.axis_names) != {"data", "fsdp", "tensor"}):
@@ -127,8 +130,10 @@ class IterativeSFTTrainer:
             self.config = config
             self._user_model = model
             self.tokenizer = tokenizer
-            self.eval_dataset = eval_dataset
+            self._eval_dataset = eval_dataset
             self.callbacks = list(callbacks)
+            self.compute_metrics = compute_metrics
+            self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
             self.state = TrainerState()
             self.spec = model.spec
             # T5 / BART: texts (or input_ids) feed the encoder, texts_labels (or labels) the decoder.
@@ -186,8 +191,13 @@ class IterativeSFTTrainer:
 
         if optimizer is None:
             schedule = make_schedule(config)
-            optimizer = make_optimizer(config, schedule)
-        self._schedule = schedule
+            optimizer = make_optimizer(config, schedule)  # clipping included
+        else:
+            if not isinstance(optimizer, optax.GradientTransformation):  # a factory: built at the config's schedule
+                schedule = make_schedule(config) if schedule is None else schedule
+                optimizer = optimizer(schedule)
+            optimizer = with_clipping(optimizer, config)
+        self._learning_rate_fn = host_learning_rate_fn(schedule)
         self._tx = optimizer
         with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):
             # Moments take their parameter's sharding (zeros_like under jit would replicate them).
@@ -228,10 +238,32 @@ class IterativeSFTTrainer:
     def compiled_shapes(self) -> int:
         return len(self._programs)
 
+    @property
+    def eval_dataset(self) -> Any:
+        """The dataset ``eval_steps`` and ``evaluate()`` measure (a ``step()``-style dict or a list)."""
+        return self._eval_dataset
+
+    @eval_dataset.setter
+    def eval_dataset(self, dataset: Any) -> None:
+        """Checked now, so that evaluation inside ``step()`` (eval_steps) cannot fail after an update."""
+        examples = None if dataset is None else self._eval_inputs(dataset)
+        self._eval_dataset, self._eval_examples = dataset, examples
+
+    @property
+    def optimizer(self) -> optax.GradientTransformation:
+        """The optax transformation the trainer applies (clipping included)."""
+        return self._tx
+
+    def learning_rate_at(self, count: int) -> Optional[float]:
+        """The rate the update after ``count`` applied updates uses (host float64; None without a schedule).
+
+        Logs and ``step()``'s stats report ``learning_rate_at(global_step)`` after each update, as HF
+        Trainer logs the scheduler's value after its step.
+        """
+        return None if self._learning_rate_fn is None else self._learning_rate_fn(int(count))
+
     def current_learning_rate(self) -> Optional[float]:
-        if self._schedule is None:
-            return None
-        return float(self._schedule(self.state.global_step))
+        return self.learning_rate_at(self.state.global_step)
 
     def step(
         self,
@@ -358,11 +390,28 @@ class IterativeSFTTrainer:
             "compiled_shapes": self.compiled_shapes,
         }
 
-    def evaluate(self, eval_dataset: Any = None) -> dict[str, float]:
-        """Mean token loss over a dataset (``step()``-style dict, list of strings, or the one given at init)."""
-        metrics = self.measure_eval(eval_dataset if eval_dataset is not None else self.eval_dataset)
+    def evaluate(
+        self, eval_dataset: Any = None, *, ignore_keys: Optional[Sequence[str]] = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Measure a dataset (``step()``-style dict, list of strings, or the one given at init) and report it.
+
+        The metrics (:meth:`measure_eval`) go into ``log_history`` with the step and to ``on_log`` /
+        ``on_evaluate``, as HF Trainer.evaluate does.
+        """
+        metrics = self.measure_eval(
+            eval_dataset if eval_dataset is not None else self.eval_dataset,
+            ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
+        )
         self._report_eval(metrics, self.state.global_step)
         return metrics
+
+    def log(self, logs: dict[str, Any]) -> None:
+        """Append ``{**logs, "step": global_step}`` to ``log_history`` and fire ``on_log`` (as HF ``Trainer.log``)."""
+        if jax.process_index() == 0:
+            entry = {**logs, "step": self.state.global_step}
+            self.state.log_history.append(entry)
+            for callback in self.callbacks:
+                callback.on_log(self, entry)
 
     def _report_eval(self, metrics: dict[str, float], step_number: int) -> None:
         """As HF Trainer.evaluate: the metrics go into log_history (with the step), then to on_log / on_evaluate."""
@@ -375,12 +424,16 @@ class IterativeSFTTrainer:
         every = self.config.eval_steps
         return bool(every) and step_number % every == 0 and self.eval_dataset is not None
 
-    def measure_eval(self, dataset: Any) -> dict[str, float]:
+    def measure_eval(
+        self, dataset: Any, *, ignore_keys: Optional[Sequence[str]] = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         """Evaluation metrics of ``dataset`` on the current weights, without logging or callbacks.
 
-        ``evaluate()`` and in-training evaluation (``eval_steps``) both measure through this
-        method, so a subclass that overrides it (the TRL facade adds ``compute_metrics``)
-        changes every evaluation at once.
+        ``eval_loss`` (mean token loss) and ``eval_num_tokens``; with ``compute_metrics``, its
+        results on :meth:`predict` (keys prefixed ``eval_``, those in ``ignore_keys`` left out);
+        then ``eval_runtime`` and ``eval_samples_per_second``. ``metric_key_prefix`` replaces
+        ``eval`` in every key. ``evaluate()`` and in-training evaluation (``eval_steps``) both
+        measure through this method.
         """
         if dataset is None:
             raise ValueError("evaluate(): no eval_dataset given here or at construction; pass eval_dataset=...")
@@ -393,8 +446,8 @@ class IterativeSFTTrainer:
         except (TypeError, ValueError) as err:
             error = err
         distributed.agree("evaluate()", error, self._fingerprint(), self.config.agreement_timeout_s)
-        microbatches = self._plan(examples, self.eval_rows // jax.process_count(), shuffle=False) if examples else []
-        microbatches = distributed.agree_on_microbatches(microbatches, self.eval_rows // jax.process_count())
+        started = time.perf_counter()
+        microbatches = self._eval_microbatches(examples)
         sums = []
         for mb in microbatches:
             batch = self._device_batch(mb, train=False)
@@ -403,7 +456,58 @@ class IterativeSFTTrainer:
         sums = jax.device_get(sums)
         loss_sum = sum(float(s) for s, _ in sums)
         count = sum(float(c) for _, c in sums)
-        return {"eval_loss": loss_sum / count if count else float("nan"), "eval_num_tokens": int(count)}
+        metrics: dict[str, Any] = {"eval_loss": loss_sum / count if count else float("nan"), "eval_num_tokens": int(count)}
+        if self.compute_metrics is not None:
+            extra = self.compute_metrics(EvalPrediction(*self._predict_examples(examples))) or {}
+            for key, value in extra.items():
+                if ignore_keys and key in ignore_keys:
+                    continue
+                metrics[key if key.startswith("eval_") else f"eval_{key}"] = value
+        runtime = time.perf_counter() - started
+        metrics["eval_runtime"] = round(runtime, 4)
+        metrics["eval_samples_per_second"] = round(len(examples) / runtime, 3) if runtime > 0 else float("nan")
+        if metric_key_prefix != "eval":
+            metrics = {f"{metric_key_prefix}_{k[len('eval_'):]}": v for k, v in metrics.items()}
+        return metrics
+
+    def predict(self, dataset: Any) -> tuple[Any, np.ndarray]:
+        """``(predictions, label_ids)`` of ``dataset`` on the current weights, in the dataset's order.
+
+        Predictions are the model's logits ``[examples, length, vocab]``, or what
+        ``preprocess_logits_for_metrics(logits, labels)`` makes of each eval batch; both are
+        concatenated along examples and padded with -100 to the longest example, as HF's
+        ``nested_concat``. Labels are aligned with ``input_ids`` (the shift happens in the loss).
+        The forward program is compiled once per length bucket and kept with the trainer's others.
+        """
+        if dataset is None:
+            raise ValueError("predict(): dataset is None; pass a step()-style dict, a list of strings or of token arrays.")
+        return self._predict_examples(self._eval_inputs(dataset))
+
+    def _eval_microbatches(self, examples: Sequence[Any]) -> list[Any]:
+        rows = self.eval_rows // jax.process_count()
+        microbatches = self._plan(examples, rows, shuffle=False) if examples else []
+        return distributed.agree_on_microbatches(microbatches, rows)
+
+    def _predict_examples(self, examples: Sequence[batching.Example]) -> tuple[Any, np.ndarray]:
+        if self.is_encoder_decoder:
+            raise NotImplementedError(
+                "predict() / compute_metrics are not supported for encoder-decoder models yet (eval_loss is); pass "
+                "compute_metrics=None, or compute your metric from trainer.model's outputs."
+            )
+        predictions, labels = [], []
+        for mb in self._eval_microbatches(examples):
+            ids = shd.place_batch(mb.input_ids, self.mesh)
+            program = self._program("logits", {"input_ids": ids}, lambda: self._compile_logits(ids))
+            rows, longest = mb.num_examples, int(mb.attention_mask.sum(axis=1).max(initial=0))
+            logits = np.array(jax.device_get(program(self._params, ids, self._frozen))[:rows, :longest])  # writable copy
+            label_ids = mb.labels[:rows, :longest].astype(np.int64)  # -100 at padding already
+            if self.preprocess_logits_for_metrics is not None:
+                logits = self.preprocess_logits_for_metrics(logits, label_ids)
+            predictions.append(logits)
+            labels.append(label_ids)
+        if not predictions:
+            return np.zeros((0,), np.float32), np.zeros((0,), np.int64)
+        return batching.concat_padded(predictions), batching.concat_padded(labels)
 
     def generate(self, prompts: Sequence[Any], *, seed: Optional[int] = None, **kwargs: Any):
         """Sample from the current training weights (see :func:`jaxsft.generate` for the arguments).
@@ -649,15 +753,11 @@ class IterativeSFTTrainer:
             lowered = jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings).lower(*args)
             return lowered.compile(compiler_options=self._xla_options or None)
 
-    def _step_count(self) -> jax.Array:
-        return jax.device_put(jnp.asarray(self.state.global_step, jnp.int32), shd.replicated(self.mesh))
-
     def _run_update(self, update) -> dict[str, jax.Array]:
-        step_count = self._step_count()
         if len(update) == 1 and self.config.gradient_accumulation_steps == 1:
             batch = self._device_batch(update[0])
-            program = self._program("fused", batch, lambda: self._compile_fused(batch, step_count))
-            self._params, self._opt_state, metrics = program(self._params, self._opt_state, batch, step_count, self._frozen)
+            program = self._program("fused", batch, lambda: self.compile_update(batch))
+            self._params, self._opt_state, metrics = program(self._params, self._opt_state, batch, self._frozen)
             return metrics
         params_sh, opt_sh = self._shardings()
         rep = shd.replicated(self.mesh)
@@ -682,26 +782,36 @@ class IterativeSFTTrainer:
             "apply",
             None,
             lambda: self._compile(
-                step_fns.make_apply(self._tx, self._schedule, self.config.skip_nonfinite_updates),
-                (self._params, self._opt_state, acc, step_count),
+                step_fns.make_apply(self._tx, self.config.skip_nonfinite_updates),
+                (self._params, self._opt_state, acc),
                 donate=(0, 1),
                 out_shardings=(params_sh, opt_sh, rep),
             ),
         )
-        self._params, self._opt_state, metrics = apply(self._params, self._opt_state, acc, step_count)
+        self._params, self._opt_state, metrics = apply(self._params, self._opt_state, acc)
         return metrics
 
-    def _compile_fused(self, batch: dict, step_count: jax.Array):
-        """The one-micro-batch update program (gradients and optimizer step) for ``batch``'s shape."""
+    def compile_update(self, batch: dict[str, jax.Array]) -> jax.stages.Compiled:
+        """The one-micro-batch update program (gradients and optimizer step) for ``batch``'s shape.
+
+        ``step()`` runs it with ``gradient_accumulation_steps == 1``; it is compiled with the trainer's
+        shardings and XLA options (not run, not cached), which is what ``jaxsft.diagnostics`` inspects.
+        ``batch`` holds placed ``input_ids`` and ``labels`` of one global micro-batch shape.
+        """
         params_sh, opt_sh = self._shardings()
         return self._compile(
             step_fns.make_fused_update(
-                self._graphdef, self._tx, self._schedule, self._chunk_size, self._shards,
-                self.config.skip_nonfinite_updates,
+                self._graphdef, self._tx, self._chunk_size, self._shards, self.config.skip_nonfinite_updates,
             ),
-            (self._params, self._opt_state, batch, step_count, self._frozen),
+            (self._params, self._opt_state, batch, self._frozen),
             donate=(0, 1),
             out_shardings=(params_sh, opt_sh, shd.replicated(self.mesh)),
+        )
+
+    def _compile_logits(self, input_ids: jax.Array):
+        return self._compile(
+            step_fns.make_logits(self._graphdef), (self._params, input_ids, self._frozen), donate=(),
+            out_shardings=shd.replicated(self.mesh),
         )
 
     def _compile_eval(self, batch):
@@ -736,15 +846,16 @@ class IterativeSFTTrainer:
                 if pending:
                     logs["loss"] = round(float(np.mean(pending)), 4)
                 logs["grad_norm"] = float(metrics["grad_norm"])
-                if "learning_rate" in metrics:
-                    logs["learning_rate"] = float(metrics["learning_rate"])
+                rate = self.learning_rate_at(step_number)  # the rate after this update's scheduler step, as HF logs
+                if rate is not None:
+                    logs["learning_rate"] = rate
                 skipped_since = (step_number - last_logged) - len(pending)
                 if skipped_since > 0:
                     logs["skipped_updates"] = skipped_since
                 logs["step"] = step_number
                 events.append(("log", logs, None))
                 pending, last_logged = [], step_number
-            events.append(("step_end", None, None))
+            events.append(("step_end", step_number, None))
             limit = cfg.max_nonfinite_in_a_row
             if limit is not None and in_a_row >= limit and stopped is None:
                 stopped = (
@@ -763,10 +874,10 @@ class IterativeSFTTrainer:
                     callback.on_log(self, entry)
             if kind == "eval":
                 for callback in self.callbacks:
-                    callback.on_evaluate(self, extra)
-            if kind == "step_end":
+                    callback.on_evaluate(self, extra, entry["step"])
+            if kind == "step_end":  # entry: the update's step
                 for callback in self.callbacks:
-                    callback.on_step_end(self)
+                    callback.on_step_end(self, entry)
 
     def _progress(self, total: int):
         if self.config.disable_tqdm or total < 8 or jax.process_index() != 0:
