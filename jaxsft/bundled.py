@@ -43,13 +43,10 @@ def tokenizer() -> Any:
 
 def torch_model() -> Any:
     """SmolLM2-135M-Instruct as a plain fp32 ``LlamaForCausalLM`` (dequantized; ``save_pretrained`` works)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from jaxsft.torch_bridge import load_gguf_causal_lm  # transformers' GGUF reader is a torch class
 
     path = gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # the weights are dequantized fp32 now
+    model = load_gguf_causal_lm(str(path.parent), path.name)
     model.hf_quantizer = None
     model.is_quantized = False
     model.config.name_or_path = NAME

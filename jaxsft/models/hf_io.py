@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxsft import sharding as shd
+from jaxsft import torch_bridge
 from jaxsft.models import lora as lora_lib
 from jaxsft.models import seq2seq_weights, weights
 from jaxsft.models.decoder import CausalLM
@@ -125,41 +126,13 @@ class SafetensorsSource:
             raise ValueError(f"could not read weights file {path}: {err}") from err
 
 
-def _torch_to_numpy(tensor: Any) -> np.ndarray:
-    """One torch tensor as numpy (bf16/fp16 widened to fp32, which is exact)."""
-    import torch
-
-    t = tensor.detach().cpu()
-    if t.dtype in (torch.bfloat16, torch.float16):
-        t = t.float()
-    return t.numpy()
-
-
 def _torch_state_dict(model: Any) -> weights.ArraySource:
     """A torch model's weights as a tensor source, converted to numpy one tensor at a time when read.
 
-    Meta and sparse tensors are refused here, before anything is read or placed.
+    Meta and sparse tensors are refused before anything is read or placed (``jaxsft.torch_bridge``,
+    the one jaxsft module that imports torch).
     """
-    import torch
-
-    state = model.state_dict()
-    for key, tensor in state.items():
-        if tensor.is_meta:
-            raise ValueError(
-                f"the model's weight {key} is on the meta device (no values: e.g. a model built under "
-                "init_empty_weights or with device_map='meta'); load real weights before converting it."
-            )
-        if tensor.layout != torch.strided:
-            raise ValueError(f"the model's weight {key} is a sparse tensor ({tensor.layout}); make it dense first.")
-    return weights.ArraySource(state, _torch_to_numpy)
-
-
-def _is_torch_model(source: Any) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except Exception:  # pragma: no cover
-        return False
-    return isinstance(source, PreTrainedModel)
+    return weights.ArraySource(torch_bridge.checked_state_dict(model), torch_bridge.tensor_as_numpy)
 
 
 # ---------------------------------------------------------------------------- families
@@ -353,7 +326,7 @@ def from_pretrained(
             config, tensors, *peft_parts = peft_io.split_peft_model(source)
             ModelSpec.from_hf_config(config)
             tensors = weights.ArraySource(tensors)
-        elif _is_torch_model(source):
+        elif torch_bridge.is_torch_model(source):
             config = source.config
             spec_from_hf_config(config)  # fail on the family before touching weights
             tensors = _torch_state_dict(source)

@@ -1,0 +1,66 @@
+"""The core's one optional door to PyTorch: torch model instances and GGUF files in, as numpy.
+
+The JAX core never needs torch: it reads and writes safetensors with ``safetensors``
+and numpy alone. This module is the only place in ``jaxsft`` that imports torch,
+and only when a caller hands over a torch object (``from_pretrained(torch_model)``)
+or asks for a conversion only transformers' torch classes can do (GGUF files).
+Installing torch is the ``compat`` extra's business (``pip install jaxsft[compat]``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+TORCH_MISSING = (
+    "this needs PyTorch, which the JAX core does not install; install the facade's extra, "
+    "pip install 'jaxsft[compat]' (with torch pinned, e.g. torch==2.13.0, to get the CPU build)."
+)
+
+
+def is_torch_model(source: Any) -> bool:
+    """True for a ``transformers.PreTrainedModel``; never imports torch (none exists unless torch is loaded)."""
+    if "torch" not in sys.modules:
+        return False
+    try:
+        from transformers import PreTrainedModel
+    except Exception:  # transformers without its torch classes
+        return False
+    return isinstance(source, PreTrainedModel)
+
+
+def checked_state_dict(model: Any) -> dict[str, Any]:
+    """A torch model's ``state_dict()``, refusing meta (no values) and sparse tensors before anything is read."""
+    import torch
+
+    state = model.state_dict()
+    for key, tensor in state.items():
+        if tensor.is_meta:
+            raise ValueError(
+                f"the model's weight {key} is on the meta device (no values: e.g. a model built under "
+                "init_empty_weights or with device_map='meta'); load real weights before converting it."
+            )
+        if tensor.layout != torch.strided:
+            raise ValueError(f"the model's weight {key} is a sparse tensor ({tensor.layout}); make it dense first.")
+    return state
+
+
+def tensor_as_numpy(tensor: Any) -> Any:
+    """One torch tensor as a host numpy array (bf16/fp16 widened to fp32, which is exact)."""
+    import torch
+
+    t = tensor.detach().cpu()
+    return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+
+
+def load_gguf_causal_lm(folder: str, filename: str) -> Any:
+    """A GGUF checkpoint dequantized to fp32 by transformers' torch loader (its only GGUF reader)."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError as err:
+        raise ImportError(f"loading the GGUF file {filename}: {TORCH_MISSING}") from err
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the weights are dequantized fp32 now
+    return model
