@@ -837,7 +837,7 @@ def _make_callback_handler(trainer: IterativeSFTTrainer, callbacks: Optional[Ite
     from transformers.integrations import get_reporting_integration_callbacks
     from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback
 
-    report_to = trainer.args.report_to
+    report_to = trainer.args.report_to  # HF's own integration callbacks, as HF Trainer builds them
     chosen = [DefaultFlowCallback] + list(get_reporting_integration_callbacks(report_to)) + list(callbacks or [])
     # The torch model itself (isinstance checks keep working); its forward / state_dict hooks sync it on use.
     handler = CallbackHandler(chosen, trainer._torch_model, trainer.processing_class, None, _LearningRateView(trainer))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from typing import Any, Optional, Sequence
 
 import jax.numpy as jnp
@@ -37,6 +38,8 @@ from jaxsft.models.options import ATTENTION_IMPLEMENTATIONS, RunOptions
 SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
+# Metrics sinks for ``report_to`` (jaxsft.metrics writes them through the libraries themselves).
+REPORT_TO = ("tensorboard", "wandb")
 
 __all__ = [
     "TrainConfig", "Optimization", "PrecisionAndMemory", "Performance", "SCHEDULER_TYPES", "TRUNCATION_MODES",
@@ -270,6 +273,11 @@ class TrainConfig:
     # attention_dropout / activation_dropout, GPT-2 resid/embd/attn_pdrop, Llama-family attention_dropout),
     # as HF trains in model.train() mode. Never applied in evaluation or generation. False: off.
     dropout: bool = True
+    # Where logged scalars go every logging_steps (and evaluations): None, "tensorboard", "wandb",
+    # or a list of them; each needs its library (pip install 'jaxsft[tensorboard]' / 'jaxsft[wandb]').
+    report_to: Any = None
+    # TensorBoard event folder (W&B's run folder); None: runs/<date>_<time>_<host>, as torch and HF.
+    logging_dir: Optional[str] = None
     # the groups
     optimization: Optimization = dataclasses.field(default_factory=Optimization)
     precision: PrecisionAndMemory = dataclasses.field(default_factory=PrecisionAndMemory)
@@ -318,6 +326,9 @@ class TrainConfig:
             raise ValueError(
                 f"truncation_mode must be either 'keep_end' or 'keep_start', got {self.truncation_mode}"
             )
+        self.report_to = _report_to(self.report_to)
+        if self.logging_dir is not None and not isinstance(self.logging_dir, (str, os.PathLike)):
+            raise _bad(self, "logging_dir", "must be None or a folder path", "pass e.g. logging_dir='runs/exp1'")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -365,6 +376,23 @@ class TrainConfig:
             scan_layers=bool(self.scan_layers if self.scan_layers is not None else num_layers > UNROLL_MAX_LAYERS),
             dropout=bool(self.dropout),
         )
+
+
+def _report_to(value: Any) -> tuple[str, ...]:
+    """None / "none" / a sink name / a sequence of names -> a tuple of sink names, or ValueError naming the field."""
+    if value is None:
+        return ()
+    names = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    out: list[str] = []
+    for name in names:
+        if not isinstance(name, str) or (name not in REPORT_TO and name != "none"):
+            raise ValueError(
+                f"TrainConfig.report_to={value!r}: {name!r} is not a supported sink; pass None, "
+                f"{' or '.join(repr(n) for n in REPORT_TO)}, or a list of them."
+            )
+        if name != "none" and name not in out:
+            out.append(name)
+    return tuple(out)
 
 
 def _route(name: str) -> property:

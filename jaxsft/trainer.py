@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxsft import batching, compile_options, distributed
 from jaxsft import checkpoint as checkpointing
+from jaxsft import metrics as metrics_sinks
 from jaxsft import sharding as shd
 from jaxsft import step as step_fns
 from jaxsft.callbacks import EvalPrediction, TrainerCallback
@@ -106,6 +107,7 @@ class IterativeSFTTrainer:
                 config = TrainConfig()
             if not isinstance(config, TrainConfig):
                 raise TypeError(f"config must be a jaxsft.TrainConfig, got {type(config).__name__}.")
+            metrics_sinks.check_installed(config.report_to)  # a missing sink library fails before any state
             if optimizer is not None and not (isinstance(optimizer, optax.GradientTransformation) or callable(optimizer)):
                 raise TypeError(
                     f"optimizer must be an optax.GradientTransformation or a function schedule -> "
@@ -171,7 +173,7 @@ class IterativeSFTTrainer:
             shd.check_batch_split_over_processes(self.mesh)
             # Checked now, so that evaluation inside step() (eval_steps) cannot fail after an update.
             self._eval_examples = None if eval_dataset is None else self._eval_inputs(eval_dataset)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, ImportError) as err:  # ImportError: a report_to sink's library is missing
             error = err
         timeout = config.agreement_timeout_s if isinstance(config, TrainConfig) else TrainConfig().agreement_timeout_s
         distributed.agree("IterativeSFTTrainer()", error, {} if error else self._fingerprint(), timeout)
@@ -209,6 +211,8 @@ class IterativeSFTTrainer:
         self._programs: dict[tuple, Any] = {}
         self._sampler = None  # built on the first generate()
         self._params_version = 0
+        if jax.process_index() == 0:  # report_to sinks: scalars of every log entry (jaxsft.metrics)
+            self.callbacks += metrics_sinks.writers_for(config)
 
     # ------------------------------------------------------------------ public
     @property
