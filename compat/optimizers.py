@@ -43,7 +43,7 @@ _SUPPORTED_SCHEDULERS = (
 class OptaxOptimizerFactory:
     """The optax equivalent of one torch optimizer, waiting for its learning rate.
 
-    Call it with a float or an ``optax.Schedule`` (from :func:`torch_scheduler_to_schedule`).
+    Call it with a float or a schedule (from :func:`torch_scheduler_to_schedule`).
     ``lr`` is the optimizer's current param-group rate: the constant rate to use
     when no scheduler is given. An optax transformation passed through
     (``kind == "optax"``) ignores the learning rate it is called with.
@@ -153,9 +153,11 @@ def torch_optimizer_to_optax(
 ) -> OptaxOptimizerFactory:
     """Translate a torch AdamW / Adam / SGD into an optax factory ``learning_rate -> GradientTransformation``.
 
-    * AdamW (or Adam with ``decoupled_weight_decay=True``): ``optax.adamw``; ``p -= lr*wd*p`` as torch.
-    * Adam: L2 decay coupled into the gradient, ``add_decayed_weights`` before ``scale_by_adam``.
-    * SGD: ``add_decayed_weights`` then ``optax.sgd(momentum, nesterov)``; dampening must be 0.
+    The chain is built by the core, ``jaxsft.optim.torch_optimizer(kind, ...)``:
+
+    * AdamW (or Adam with ``decoupled_weight_decay=True``): ``p -= lr*wd*p`` as torch, then Adam.
+    * Adam: L2 decay coupled into the gradient before the Adam moments.
+    * SGD: L2 decay, then momentum (optionally Nesterov); dampening must be 0.
 
     Param groups must agree on everything except ``weight_decay``, which may be
     split HF-style into one decayed and one undecayed group. That split is

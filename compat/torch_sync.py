@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import warnings
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
 
 from jaxsft.models import weights
 from jaxsft.models.decoder import CausalLM
+from jaxsft.models.hf_export import hf_layout_on_device
 from jaxsft.models.hf_io import hf_state_dict, hf_weight_shapes, param_shapes
 from jaxsft.models.hf_keys import table_for
 from jaxsft.models import seq2seq_weights
@@ -53,7 +52,7 @@ class TorchWeightSync:
     written once. Parameters keep their dtype and device.
 
     :meth:`copy_from` does the HF layout change on the accelerator: for every row of the family's weight
-    table, a jitted program runs the row's op (``op.to_hf``, the same reshape/transpose that saving
+    table, the core's compiled ``jaxsft.models.hf_export.hf_layout_on_device`` runs the row's op (``op.to_hf``, the same reshape/transpose that saving
     uses, so the tables in ``jaxsft.models.hf_keys`` stay the only place that knows the layouts) over
     all layers at once and produces the stacked HF-layout array in the torch dtype; its transfer to the
     host starts at once, and at most three rows' outputs are alive at a time; the host then only does
@@ -121,7 +120,7 @@ class TorchWeightSync:
                 if not plan.on_device:
                     continue
                 sources = tuple(_lookup(pure, path) for path in plan.row.ours)
-                out = _device_layout(sources, plan.row.op, plan.row.per_layer, _jax_dtype(plan.dtype))
+                out = hf_layout_on_device(sources, plan.row.op, plan.row.per_layer, _jax_dtype(plan.dtype))
                 shard = _same_gpu_shard(out, plan)
                 if shard is not None:  # torch lives on the same GPU: device-to-device, no host round trip
                     on_gpu.append(_write_from_gpu(plan, shard))
@@ -168,14 +167,8 @@ def _lookup(pure: dict[str, Any], path: str) -> Any:
     return node
 
 
-@functools.partial(jax.jit, static_argnames=("op", "per_layer", "dtype"))
-def _device_layout(xs: tuple, op: weights.Op, per_layer: bool, dtype: Any) -> jax.Array:
-    """The row's HF layout of ``xs`` (stacked over layers for a per-layer row), in the torch dtype."""
-    return op.to_hf([x.astype(dtype) for x in xs], lead=1 if per_layer else 0)
-
-
-def _jax_dtype(dtype: torch.dtype) -> Any:
-    return {torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}.get(dtype, jnp.float32)
+def _jax_dtype(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
 
 
 def _same_gpu_shard(out: jax.Array, plan: _Plan) -> Optional[jax.Array]:
@@ -217,7 +210,7 @@ def _write(plan: _Plan, out: jax.Array) -> None:
 
 def _copy_into(param: torch.Tensor, array: np.ndarray) -> None:
     """Write ``array`` into ``param`` (same shape), casting to its dtype and moving to its device."""
-    if array.dtype == jnp.bfloat16:  # numpy has no bf16 of its own: hand torch the bits
+    if str(array.dtype) == "bfloat16":  # numpy has no bf16 of its own (ml_dtypes' type): hand torch the bits
         param.copy_(_from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16))
         return
     if param.device.type == "cpu" and param.dtype in _NUMPY_WRITABLE and param.is_contiguous():
