@@ -19,7 +19,7 @@ __all__ = ["IterativeSFTTrainer", "IterativeSFTConfig"]
 
 
 def __getattr__(name):
-    # Lazy, so the torch-only pieces (config, inputs, arguments) import without JAX.
+    # Lazy, so importing the config (TRL's IterativeSFTConfig) does not build the trainer machinery.
     if name == "IterativeSFTTrainer":
         from compat.trainer import IterativeSFTTrainer
 

@@ -1,12 +1,13 @@
 """``step()`` inputs from the torch/TRL world → lists of 1-D int32 numpy arrays (or strings).
 
-TRL's checks run in TRL's order with TRL's messages (§3.2 of the reference),
-so code that relied on them sees the same errors; then the facade accepts more
-than TRL did (numpy, JAX, nested lists, 2-D tensors, datasets ``Column``s) and
-checks what TRL never did (empty lists, mismatched counts and lengths, float
-ids, masks that are not 0/1). Labels are optional, as TRL documented: TRL
-0.23.1's "labels must be a list of tensors - got NoneType" on the token path is
-a bug not reproduced. Nothing passed in is mutated or aliased.
+Two jobs only. TRL's own checks run first, in TRL's order with TRL's messages
+(§3.2 of the reference), so code that relied on them sees the same errors. Then
+the inputs are *converted* (torch tensors on any device, JAX arrays, datasets
+``Column``s, nested lists → numpy) and handed to ``jaxsft.batching``, the one
+layer that validates step() inputs (empty lists, mismatched counts and lengths,
+float ids, masks that are not 0/1, ...). Labels are optional, as TRL documented:
+TRL 0.23.1's "labels must be a list of tensors - got NoneType" on the token path
+is a bug not reproduced. Nothing passed in is mutated or aliased.
 """
 
 from __future__ import annotations
@@ -19,17 +20,15 @@ import numpy as np
 
 from jaxsft import batching
 
-IGNORE_INDEX = -100
-_INT32_MAX = np.iinfo(np.int32).max
+IGNORE_INDEX = batching.IGNORE_INDEX
 
 BOTH_INPUTS_WARNING = (
     "Both `input_ids` and `texts` argument are provided. `input_ids` will be ignored. "
     "Please provide only one of the two."
 )
 
-
-class StepInputTypeError(TypeError, ValueError):
-    """A wrong type. Also a ValueError, which is what TRL raised for these, so old ``except`` clauses still work."""
+# A wrong type; also a ValueError, which is what TRL raised for these, so old ``except`` clauses still work.
+StepInputTypeError = batching.InputTypeError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,101 +67,33 @@ def _materialise(x: Any) -> Any:
 
 
 def _to_numpy(x: Any, where: str) -> np.ndarray:
-    """A host copy of any array: torch (any device, with grad), JAX, numpy (meta/sparse refused by batching)."""
+    """A host copy of any array: torch (any device, with grad; meta/sparse refused by batching), JAX, numpy."""
     return np.array(batching.host_array(x, where), copy=True)
 
 
-def _int_rows(name: str, value: Any, *, mask: bool) -> list[np.ndarray]:
-    """One argument → a list of 1-D int32 arrays, or a TypeError/ValueError naming ``name``."""
+def _tokens(name: str, value: Any) -> Any:
+    """TRL's type checks on one token argument (its messages), then a numpy form for ``jaxsft.batching``."""
     fix = f"pass {name} as a list of 1-D integer tensors/arrays/lists, or a 2-D [batch, seq] integer tensor"
     if _is_array_like(value):
-        array = _to_numpy(value, name)
-        if array.ndim == 1 and array.dtype == object:
-            rows = list(array)
-        elif array.ndim == 2:
-            rows = list(array)
-        else:
-            raise ValueError(
-                f"{name} is a {array.ndim}-D array of shape {tuple(array.shape)}; {fix} "
-                f"(wrap a single example as [{name}])."
-            )
-    elif isinstance(value, (list, tuple)):
-        rows = list(value)
-    else:
+        return _to_numpy(value, name)
+    if not isinstance(value, (list, tuple)):
         raise StepInputTypeError(f"{name} must be a list of tensors - got {type(value)}; {fix}.")
-    if not rows:
-        raise ValueError(f"{name} is empty; pass at least one example.")
-    return [_int_row(name, i, row, mask=mask) for i, row in enumerate(rows)]
-
-
-def _int_row(name: str, index: int, row: Any, *, mask: bool) -> np.ndarray:
-    where = f"{name}[{index}]"
-    if isinstance(row, (bool, int, np.integer)):
-        raise StepInputTypeError(
-            f"Elements in {name} must be tensors - got {type(row)}; {name} must be a list of sequences, "
-            f"so wrap a single example as [{name}]."
-        )
-    dtype = str(getattr(row, "dtype", "")).replace("torch.", "")  # reported as the caller wrote it
-    if _is_array_like(row):
-        array = _to_numpy(row, where)
-    elif isinstance(row, (list, tuple)):
-        if not all(isinstance(v, (int, np.integer)) for v in row):  # bool is an int: allowed for masks below
-            bad = next(v for v in row if not isinstance(v, (int, np.integer)))
+    rows = []
+    for index, row in enumerate(value):
+        if isinstance(row, (bool, int, np.integer)):
             raise StepInputTypeError(
-                f"{where} holds {type(bad).__name__} {bad!r}; token ids and masks must be integers."
+                f"Elements in {name} must be tensors - got {type(row)}; {name} must be a list of sequences, "
+                f"so wrap a single example as [{name}]."
             )
-        array = np.asarray(row, dtype=np.int64)
-        dtype = "int64"
-    else:
-        raise StepInputTypeError(
-            f"Elements in {name} must be tensors - got {type(row)}; pass 1-D tensors, arrays or lists of int."
-        )
-    if array.ndim != 1:
-        raise ValueError(f"{where} has shape {tuple(array.shape)}; each example must be 1-D (one token sequence).")
-    if array.size == 0:
-        raise ValueError(f"{where} is empty; every example needs at least one token.")
-    if array.dtype == np.bool_ or (array.dtype == object and all(isinstance(v, (bool, np.bool_)) for v in array)):
-        if not mask:
-            raise StepInputTypeError(f"{where} has dtype bool; token ids must be integers (cast with .long()).")
-        array = array.astype(np.int64)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise StepInputTypeError(
-            f"{where} has dtype {dtype or array.dtype}; {'masks' if mask else 'token ids'} must be integers "
-            "(cast with .long() / .astype(int))."
-        )
-    if array.min() < -_INT32_MAX or array.max() > _INT32_MAX:
-        raise ValueError(f"{where} holds values outside int32; token ids must fit the vocabulary.")
-    return array.astype(np.int32)
-
-
-def _check_values(name: str, rows: list[np.ndarray]) -> None:
-    for i, row in enumerate(rows):
-        if name == "attention_mask":
-            bad = np.setdiff1d(row, (0, 1))
-            if bad.size:
-                raise ValueError(
-                    f"attention_mask[{i}] contains {bad[:5].tolist()}; masks must be 0 (padding) or 1 (token)."
-                )
-        elif name == "labels":
-            if np.any((row < 0) & (row != IGNORE_INDEX)):
-                raise ValueError(
-                    f"labels[{i}] contains negative values other than {IGNORE_INDEX}; use token ids >= 0, "
-                    f"or {IGNORE_INDEX} for positions without a loss."
-                )
-        elif np.any(row < 0):
-            raise ValueError(f"input_ids[{i}] contains negative token ids; token ids must be >= 0.")
-
-
-def _check_aligned(name: str, rows: list[np.ndarray], reference: list[np.ndarray]) -> None:
-    if len(rows) != len(reference):
-        raise ValueError(
-            f"{name} has {len(rows)} examples but input_ids has {len(reference)}; pass one per example."
-        )
-    for i, (row, ref) in enumerate(zip(rows, reference)):
-        if row.shape != ref.shape:
-            raise ValueError(
-                f"{name}[{i}] has length {row.shape[0]} but input_ids[{i}] has {ref.shape[0]}; they must match."
+        if _is_array_like(row):
+            rows.append(_to_numpy(row, f"{name}[{index}]"))
+        elif isinstance(row, (list, tuple)):
+            rows.append(list(row))
+        else:
+            raise StepInputTypeError(
+                f"Elements in {name} must be tensors - got {type(row)}; pass 1-D tensors, arrays or lists of int."
             )
+    return rows
 
 
 def _texts(label: str, value: Any) -> list[str]:
@@ -173,14 +104,12 @@ def _texts(label: str, value: Any) -> list[str]:
             f"'{label}' must be a list of strings - got {type(value)}; pass {argument}=[...] "
             f"(wrap a single string as [text])."
         )
-    if not value:
-        raise ValueError(f"{argument} is empty; pass at least one string.")
     for item in value:
         if not isinstance(item, str):
             raise StepInputTypeError(
                 f"Elements in '{label}' must be strings - got {type(item)}; pass {argument} as list[str]."
             )
-    return list(value)
+    return batching.check_texts(argument, value)
 
 
 def convert_step_inputs(
@@ -227,28 +156,22 @@ def convert_step_inputs(
         texts = _texts("text", texts)
         if texts_labels is not None:
             texts_labels = _texts("text_labels", texts_labels)
-            if len(texts_labels) != len(texts):
-                raise ValueError(
-                    f"texts_labels has {len(texts_labels)} strings but texts has {len(texts)}; pass one per text."
-                )
+            batching.check_text_pairs(texts, texts_labels)
         return StepInputs(texts=texts, texts_labels=texts_labels)
 
     if texts_labels is not None:
         warnings.warn(
             "`texts_labels` is ignored without `texts`; pass `labels` for token inputs.", UserWarning, stacklevel=2
         )
-    ids = _int_rows("input_ids", input_ids, mask=False)
-    _check_values("input_ids", ids)
+    ids = batching.token_rows("input_ids", _tokens("input_ids", input_ids))
     masks = rows = None
     if attention_mask is not None:
-        masks = _int_rows("attention_mask", attention_mask, mask=True)
-        _check_aligned("attention_mask", masks, ids)
-        _check_values("attention_mask", masks)
+        masks = batching.token_rows("attention_mask", _tokens("attention_mask", attention_mask))
+        batching.check_aligned("attention_mask", masks, ids)
     if labels is not None:
-        rows = _int_rows("labels", labels, mask=False)
+        rows = batching.token_rows("labels", _tokens("labels", labels))
         if not is_encoder_decoder:  # seq2seq labels are the decoder's own sequences, of any length
-            _check_aligned("labels", rows, ids)
-        _check_values("labels", rows)
+            batching.check_aligned("labels", rows, ids)
     return StepInputs(input_ids=ids, attention_mask=masks, labels=rows)
 
 

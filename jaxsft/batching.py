@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from jaxsft import chat
@@ -56,7 +57,14 @@ class MicroBatch:
 
 
 # ---------------------------------------------------------------------------
-# input checking
+# input checking: the one place step() inputs are validated (the TRL facade converts, then calls these)
+
+
+class InputTypeError(TypeError, ValueError):
+    """A wrong type in ``step()`` inputs; also a ValueError, which is what TRL raised, so old handlers still work."""
+
+
+_KIND = {"input_ids": "ids", "attention_mask": "mask", "labels": "labels"}
 
 
 def host_array(value: Any, where: str) -> np.ndarray:
@@ -72,27 +80,34 @@ def host_array(value: Any, where: str) -> np.ndarray:
         if layout != "torch.strided":
             raise ValueError(f"{where} is a sparse torch tensor ({layout}); pass a dense one (tensor.to_dense()).")
         value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
+        if str(value.dtype) == "torch.bfloat16":  # numpy has no bf16: ml_dtypes' keeps the name for errors
+            return value.float().numpy().astype(ml_dtypes.bfloat16)
         return value.numpy()
     return np.asarray(value)
 
 
 def _rows(value: Any, name: str) -> list[Any]:
-    """Split a list of 1-D sequences or a 2-D array into per-example rows."""
+    """Split a list of 1-D sequences, a 2-D array or a 1-D object array of rows into per-example rows."""
     if not isinstance(value, (np.ndarray, list, tuple)) and hasattr(value, "shape") and hasattr(value, "dtype"):
         value = host_array(value, name)  # a 2-D torch or JAX array
     if isinstance(value, np.ndarray):
-        if value.ndim != 2:
-            raise TypeError(
-                f"{name} must be a list of 1-D sequences or a 2-D array [num_examples, length]; got a "
-                f"{value.ndim}-D array of shape {value.shape}. Wrap a single example in a list: {name}=[ids]."
+        if value.ndim == 1 and value.dtype == object:
+            rows = list(value)
+        elif value.ndim == 2:
+            rows = list(value)
+        else:
+            hint = (
+                f" (to wrap a single example: {name}=[ids]). Wrap a single example in a list even when it is "
+                "the only one" if value.ndim == 1 else ""
             )
-        rows = list(value)
+            raise InputTypeError(
+                f"{name} is a {value.ndim}-D array of shape {tuple(value.shape)}; pass a list of 1-D sequences "
+                f"or a 2-D [num_examples, length] array{hint}."
+            )
     elif isinstance(value, (list, tuple)):
         rows = list(value)
     else:
-        raise TypeError(
+        raise InputTypeError(
             f"{name} must be a list of 1-D integer sequences or a 2-D numpy array; got {type(value).__name__}. "
             f"Convert it, e.g. {name}=[np.asarray(x) for x in ...]."
         )
@@ -101,54 +116,137 @@ def _rows(value: Any, name: str) -> list[Any]:
     return rows
 
 
-def _as_int_row(row: Any, name: str, index: int, *, allow_bool: bool = False) -> np.ndarray:
-    """One example as int64 (for range checks before the int32 cast)."""
-    arr = host_array(row, f"{name}[{index}]")
-    if arr.ndim != 1:
+def _first_non_int(row: Any) -> Any:
+    for value in row:
+        if not isinstance(value, (int, np.integer)):  # bool is an int: masks may be bool
+            return value
+    return None
+
+
+def _token_row(name: str, index: int, row: Any) -> np.ndarray:
+    """One example of ``name`` as int32, checked: 1-D, non-empty, integer, in int32, values valid for its kind."""
+    where = f"{name}[{index}]"
+    kind = _KIND[name]
+    if isinstance(row, (list, tuple)):
+        try:
+            array = np.asarray(row)
+        except ValueError:  # ragged nesting
+            array = np.asarray(row, dtype=object)
+    else:
+        array = host_array(row, where)
+    if array.ndim != 1:
         raise ValueError(
-            f"{name}[{index}] must be a 1-D sequence of integers; got shape {arr.shape}. "
-            f"Pass one flat sequence per example."
+            f"{where} has shape {tuple(array.shape)}; each example must be 1-D: {where} must be a 1-D sequence "
+            "of token ids (one flat sequence per example)."
         )
-    if arr.size == 0:
-        return arr.astype(np.int64)
-    if arr.dtype == np.bool_ and allow_bool:
-        return arr.astype(np.int64)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(
-            f"{name}[{index}] has dtype {arr.dtype}; token data must be integers. "
-            f"Cast it, e.g. np.asarray(x, dtype=np.int32)."
+    if array.size == 0:
+        raise ValueError(f"{where} is empty; every example needs at least one token.")
+    what = "masks" if kind == "mask" else "token ids"
+    if isinstance(row, (list, tuple)) and not np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
+        bad = _first_non_int(row)
+        if bad is not None:
+            raise InputTypeError(
+                f"{where} holds {type(bad).__name__} {bad!r}; token ids and masks must be integers, but {where} "
+                f"has dtype {array.dtype} (cast it to integers, e.g. np.asarray(x, dtype=np.int32))."
+            )
+    if array.dtype == np.bool_:
+        if kind != "mask":
+            raise InputTypeError(f"{where} has dtype bool; token ids must be integers (cast with .long() / .astype(int)).")
+        array = array.astype(np.int64)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise InputTypeError(
+            f"{where} has dtype {array.dtype}; {what} must be integers (cast with .long() / .astype(int))."
         )
-    if arr.dtype.kind == "u" and int(arr.max()) > _INT32_MAX:  # before the cast, which would wrap it negative
+    if int(array.max()) > _INT32_MAX:  # checked before any cast, which would wrap it negative
         raise ValueError(
-            f"{name}[{index}] contains the id {int(arr.max())}, beyond int32 ({_INT32_MAX}); token ids must fit the "
-            "model's vocabulary. Check the tokenizer, or the dtype the ids were read with."
+            f"{where} holds values outside int32: the id {int(array.max())} is beyond int32 ({_INT32_MAX}); token ids "
+            "must fit the model's vocabulary. Check the tokenizer, or the dtype the ids were read with."
         )
-    return arr.astype(np.int64)
+    if int(array.min()) < -_INT32_MAX:
+        raise ValueError(f"{where} holds values outside int32 (down to {int(array.min())}); check how it was built.")
+    array = array.astype(np.int64)
+    if kind == "ids":
+        negative = np.flatnonzero(array < 0)
+        if negative.size:
+            raise ValueError(
+                f"{where} contains negative token ids ({where} contains the negative id {int(array[negative[0]])} "
+                f"at position {int(negative[0])}); token ids must be >= 0. Mark ignored positions in labels "
+                "(-100), not in input_ids."
+            )
+    elif kind == "mask":
+        bad = np.flatnonzero((array != 0) & (array != 1))
+        if bad.size:
+            values = np.unique(array[bad])[:5].tolist()
+            raise ValueError(
+                f"{where} contains {values}; masks must be 0 (padding) or 1 (token): {where} contains "
+                f"{int(array[bad[0]])} at position {int(bad[0])}, and its values must be 0 (padding) or 1 (real token)."
+            )
+    else:
+        bad = np.flatnonzero((array < 0) & (array != IGNORE_INDEX))
+        if bad.size:
+            raise ValueError(
+                f"{where} contains negative values other than {IGNORE_INDEX}: {where} contains "
+                f"{int(array[bad[0]])} at position {int(bad[0])}; labels must be token ids >= 0, or {IGNORE_INDEX} "
+                "for positions without a loss."
+            )
+    return array.astype(np.int32)
 
 
-def _check_ids(ids: np.ndarray, index: int) -> None:
-    if ids.size and ids.min() < 0:
+def token_rows(name: str, value: Any) -> list[np.ndarray]:
+    """``input_ids`` / ``attention_mask`` / ``labels`` -> a list of checked 1-D int32 arrays (fresh copies).
+
+    Accepts a list or tuple of 1-D sequences (numpy arrays, lists of int), a 2-D array, or a 1-D
+    object array of rows. Every problem raises naming the argument, the example and the fix:
+    ``InputTypeError`` (also a ValueError) for types, ValueError for values.
+    """
+    if name not in _KIND:
+        raise ValueError(f"token_rows: name={name!r} must be one of {', '.join(_KIND)}.")
+    return [_token_row(name, i, row) for i, row in enumerate(_rows(value, name))]
+
+
+def check_aligned(name: str, rows: Sequence[np.ndarray], input_ids: Sequence[np.ndarray]) -> None:
+    """``attention_mask`` / ``labels`` rows must match ``input_ids`` in count and, example by example, in length."""
+    if len(rows) != len(input_ids):
         raise ValueError(
-            f"input_ids[{index}] contains the negative id {int(ids.min())}; token ids must be >= 0. "
-            f"Mark ignored positions in labels (-100), not in input_ids."
+            f"{name} has {len(rows)} examples but input_ids has {len(input_ids)}; pass one per example "
+            f"(one {name} row per example)."
         )
-    if ids.size and ids.max() > _INT32_MAX:
-        raise ValueError(f"input_ids[{index}] contains the id {int(ids.max())}, beyond int32; check the tokenizer.")
+    for i, (row, ids) in enumerate(zip(rows, input_ids)):
+        if row.shape != ids.shape:
+            n, m = row.shape[0], ids.shape[0]
+            raise ValueError(
+                f"{name}[{i}] has length {n} but input_ids[{i}] has {m} tokens; they must match: {name}[{i}] has "
+                f"length {n} but input_ids[{i}] has length {m}, and {name} must be aligned token by token with "
+                "input_ids."
+            )
 
 
-def _check_mask(mask: np.ndarray, index: int) -> None:
-    bad = mask[(mask != 0) & (mask != 1)]
-    if bad.size:
-        raise ValueError(
-            f"attention_mask[{index}] contains {int(bad[0])}; its values must be 0 (padding) or 1 (real token)."
+def check_texts(name: str, value: Any, *, chats: bool = False) -> list[Any]:
+    """A list of strings (with ``chats``: or chats, lists of {'role', 'content'} messages), or an error naming ``name``."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise InputTypeError(
+            f"{name} must be a list of str; got {type(value).__name__}. Wrap a single text in a list: {name}=[text]."
         )
+    if not value:
+        raise ValueError(f"{name} is empty; pass at least one string.")
+    for i, text in enumerate(value):
+        if isinstance(text, str):
+            continue
+        if chats and isinstance(text, (list, tuple)):
+            chat.check_messages(text, f"{name}[{i}]")
+            continue
+        kinds = "a str or a chat (a list of {'role', 'content'} messages)" if chats else "a str"
+        raise InputTypeError(f"{name}[{i}] is a {type(text).__name__}; every element of {name} must be {kinds}.")
+    return list(value)
 
 
-def _check_labels(labels: np.ndarray, index: int) -> None:
-    bad = labels[(labels < IGNORE_INDEX) | ((labels > IGNORE_INDEX) & (labels < 0)) | (labels > _INT32_MAX)]
-    if bad.size:
+def check_text_pairs(texts: Sequence[str], texts_labels: Sequence[str]) -> None:
+    """One completion per text."""
+    if len(texts_labels) != len(texts):
+        n, m = len(texts_labels), len(texts)
         raise ValueError(
-            f"labels[{index}] contains {int(bad[0])}; labels must be token ids >= 0 or -100 (not learned)."
+            f"texts_labels has {n} entries but texts has {m}; pass one completion per text (texts_labels has "
+            f"{n} strings but texts has {m})."
         )
 
 
@@ -195,37 +293,18 @@ def examples_from_tokens(
     (``keep_start``) ``max_length`` tokens of each example.
     """
     _check_truncation(max_length, truncation_mode)
-    id_rows = _rows(input_ids, "input_ids")
-    mask_rows = None if attention_mask is None else _rows(attention_mask, "attention_mask")
-    label_rows = None if labels is None else _rows(labels, "labels")
+    id_rows = token_rows("input_ids", input_ids)
+    mask_rows = None if attention_mask is None else token_rows("attention_mask", attention_mask)
+    label_rows = None if labels is None else token_rows("labels", labels)
     for name, rows in (("attention_mask", mask_rows), ("labels", label_rows)):
-        if rows is not None and len(rows) != len(id_rows):
-            raise ValueError(
-                f"{name} has {len(rows)} examples but input_ids has {len(id_rows)}; pass one {name} row per example."
-            )
+        if rows is not None:
+            check_aligned(name, rows, id_rows)
 
     examples = []
-    for i, row in enumerate(id_rows):
-        ids = _as_int_row(row, "input_ids", i)
-        _check_ids(ids, i)
-        lab = ids
-        if label_rows is not None:
-            lab = _as_int_row(label_rows[i], "labels", i)
-            if lab.shape != ids.shape:
-                raise ValueError(
-                    f"labels[{i}] has length {lab.shape[0]} but input_ids[{i}] has length {ids.shape[0]}; "
-                    f"labels must be aligned token by token with input_ids."
-                )
-            _check_labels(lab, i)
+    for i, ids in enumerate(id_rows):
+        lab = ids if label_rows is None else label_rows[i]
         if mask_rows is not None:
-            mask = _as_int_row(mask_rows[i], "attention_mask", i, allow_bool=True)
-            if mask.shape != ids.shape:
-                raise ValueError(
-                    f"attention_mask[{i}] has length {mask.shape[0]} but input_ids[{i}] has length {ids.shape[0]}; "
-                    f"the mask must cover every token."
-                )
-            _check_mask(mask, i)
-            keep = mask == 1
+            keep = mask_rows[i] == 1
             ids, lab = ids[keep], lab[keep]
         if ids.shape[0] == 0:
             raise ValueError(
@@ -234,24 +313,6 @@ def examples_from_tokens(
             )
         examples.append(_make_example(ids, lab, max_length, truncation_mode))
     return examples
-
-
-def _check_texts(value: Any, name: str, *, chats: bool = False) -> list[Any]:
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise TypeError(
-            f"{name} must be a list of str; got {type(value).__name__}. Wrap a single text in a list: {name}=[text]."
-        )
-    if not value:
-        raise ValueError(f"{name} is empty; pass at least one text.")
-    for i, text in enumerate(value):
-        if isinstance(text, str):
-            continue
-        if chats and isinstance(text, (list, tuple)):
-            chat.check_messages(text, f"{name}[{i}]")
-            continue
-        kinds = "a str or a chat (a list of {'role', 'content'} messages)" if chats else "a str"
-        raise TypeError(f"{name}[{i}] is a {type(text).__name__}; every element of {name} must be {kinds}.")
-    return list(value)
 
 
 def _prompts_and_replies(
@@ -331,14 +392,10 @@ def examples_from_texts(
     if tokenizer is None:
         raise ValueError("texts were given but no tokenizer; pass processing_class=<a tokenizer> to the trainer.")
     _check_truncation(max_length, truncation_mode)
-    texts = _check_texts(texts, "texts", chats=True)
+    texts = check_texts("texts", texts, chats=True)
     if texts_labels is not None:
-        texts_labels = _check_texts(texts_labels, "texts_labels")
-        if len(texts_labels) != len(texts):
-            raise ValueError(
-                f"texts_labels has {len(texts_labels)} entries but texts has {len(texts)}; "
-                f"pass one completion per text."
-            )
+        texts_labels = check_texts("texts_labels", texts_labels)
+        check_text_pairs(texts, texts_labels)
     prompt_texts, is_chat, replies = _prompts_and_replies(tokenizer, texts, texts_labels)
     prompts = _tokenize_prompts(tokenizer, prompt_texts, is_chat)
     if replies is None:
@@ -355,7 +412,8 @@ def examples_from_texts(
         ids = np.concatenate([prompt, completion])
         if ids.shape[0] == 0:
             raise ValueError(f"texts[{i}] tokenizes to no tokens; remove it or give it some text.")
-        _check_ids(ids, i)
+        if ids.min() < 0:
+            raise ValueError(f"texts[{i}] tokenized to a negative id ({int(ids.min())}); check the tokenizer.")
         if replies is None:
             lab = ids
         else:
