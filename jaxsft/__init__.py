@@ -18,7 +18,7 @@ __all__ = [
     "TrainConfig", "CausalLM", "ModelSpec", "Seq2SeqLM", "Seq2SeqSpec", "from_pretrained", "init_model", "save_pretrained",
     "LoraConfig", "add_lora", "save_adapter", "load_adapter",
     "make_mesh", "single_device_mesh", "IterativeSFTTrainer", "generate", "distributed",
-    "checkpoint", "diagnostics", "bundled",
+    "checkpoint", "diagnostics", "bundled", "metrics",
 ]
 
 
@@ -32,7 +32,7 @@ def __getattr__(name):
         from jaxsft.generation import generate
 
         return generate
-    if name in ("distributed", "checkpoint", "diagnostics", "bundled"):
+    if name in ("distributed", "checkpoint", "diagnostics", "bundled", "metrics"):
         import importlib
 
         return importlib.import_module(f"jaxsft.{name}")
