@@ -239,8 +239,9 @@ def split_peft_model(peft_model: Any) -> tuple[Any, dict[str, np.ndarray], dict[
 
     Only a single LoRA adapter is taken; any other PEFT method is refused naming what is supported.
     """
-    import torch
     from peft import get_peft_model_state_dict
+
+    from jaxsft.torch_bridge import tensor_as_numpy
 
     configs = dict(peft_model.peft_config)
     if len(configs) != 1:
@@ -256,8 +257,7 @@ def split_peft_model(peft_model: Any) -> tuple[Any, dict[str, np.ndarray], dict[
     for key, tensor in base.state_dict().items():
         if ".lora_" in key:
             continue
-        t = tensor.detach().cpu()
-        weights[key.replace(".base_layer.", ".")] = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+        weights[key.replace(".base_layer.", ".")] = tensor_as_numpy(tensor)
     return base.config, weights, data, adapter
 
 
