@@ -228,6 +228,7 @@ class IterativeSFTTrainer:
                 f"args.eval_steps={args.eval_steps} makes step() evaluate every {eval_steps} updates, but no "
                 "eval_dataset was given; pass eval_dataset=... or set eval_steps=None."
             )
+        core_eval = _core_eval_dataset(eval_dataset, eval_steps)  # converted and checked before any loading
         for field in ignored:
             warnings.warn(ignored_argument_message(args, field), UserWarning, stacklevel=2)
         _warn_about_collator(data_collator)
@@ -267,9 +268,9 @@ class IterativeSFTTrainer:
         core_config = dataclasses.replace(config, disable_tqdm=True)  # progress: HF's ProgressCallback
         self.core = CoreTrainer(
             jax_model, core_config, tokenizer, optimizer=tx, schedule=schedule, mesh=mesh,
-            callbacks=[_CoreBridge(self)],
+            eval_dataset=core_eval, callbacks=[_CoreBridge(self)],
         )
-        self.eval_dataset = eval_dataset  # converted for the core's in-training evaluation (property)
+        self._eval_dataset = eval_dataset  # the caller's object; the core holds it converted
         self.compute_metrics = compute_metrics
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self._synced_version = self.core.params_version
@@ -362,16 +363,8 @@ class IterativeSFTTrainer:
     @eval_dataset.setter
     def eval_dataset(self, dataset: Any) -> None:
         """The caller's object stays here; the core gets it converted to step() keywords (checked now)."""
-        core_dataset = None
-        if dataset is not None and not _is_dataset_dict(dataset):
-            core_dataset = _core_eval_kwargs(dataset)
-        elif dataset is not None and self.core.config.eval_steps:
-            raise ValueError(
-                f"eval_dataset is a dict of named datasets ({sorted(dataset)}); in-training evaluation "
-                "(eval_steps) measures one dataset. Pass one dataset, or call trainer.evaluate() yourself."
-            )
+        self.core.eval_dataset = _core_eval_dataset(dataset, self.core.config.eval_steps)
         self._eval_dataset = dataset
-        self.core.eval_dataset = core_dataset
 
     @property
     def compute_metrics(self) -> Optional[Callable]:
@@ -935,9 +928,26 @@ def _to_numpy(value: Any) -> Any:
 
 
 def _core_eval_kwargs(dataset: Any) -> dict[str, Any]:
-    """An eval dataset in any accepted form -> the core's step()-keyword dict (converted and checked)."""
-    kwargs = convert_step_inputs(**_dataset_as_step_kwargs(dataset)).as_kwargs()
+    """An eval dataset in any accepted form -> the core's step()-keyword dict (converted; errors name eval_dataset)."""
+    try:
+        kwargs = convert_step_inputs(**_dataset_as_step_kwargs(dataset)).as_kwargs()
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"eval_dataset: {err}") from None
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _core_eval_dataset(dataset: Any, eval_steps: Optional[int]) -> Optional[dict[str, Any]]:
+    """What the core evaluates during step(): one dataset, converted; a dict of named sets only by evaluate()."""
+    if dataset is None:
+        return None
+    if not _is_dataset_dict(dataset):
+        return _core_eval_kwargs(dataset)
+    if eval_steps:
+        raise ValueError(
+            f"eval_dataset is a dict of named datasets ({sorted(dataset)}); in-training evaluation (eval_steps) "
+            "measures one dataset. Pass one dataset, or call trainer.evaluate() for each."
+        )
+    return None
 
 
 def _hf_compute_metrics(fn: Callable) -> Callable:

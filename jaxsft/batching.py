@@ -169,9 +169,9 @@ def _token_row(name: str, index: int, row: Any) -> np.ndarray:
         negative = np.flatnonzero(array < 0)
         if negative.size:
             raise ValueError(
-                f"{where} contains negative token ids ({where} contains the negative id {int(array[negative[0]])} "
-                f"at position {int(negative[0])}); token ids must be >= 0. Mark ignored positions in labels "
-                "(-100), not in input_ids."
+                f"{where} contains the negative id {int(array[negative[0]])} at position {int(negative[0])}: {where} "
+                "contains negative token ids, and token ids must be >= 0. Mark ignored positions in labels (-100), "
+                "not in input_ids."
             )
     elif kind == "mask":
         bad = np.flatnonzero((array != 0) & (array != 1))
