@@ -568,7 +568,7 @@ class IterativeSFTTrainer:
                     self.processing_class.save_pretrained(str(output_dir))
                 torch.save(self.args, output_dir / "training_args.bin")
             return
-        dtype = _jax_dtype_of(self._torch_model)
+        dtype = _dtype_name_of(self._torch_model)
         jaxsft.save_pretrained(self.core.model, output_dir, tokenizer=self.processing_class, dtype=dtype)
         if not self.state.is_world_process_zero:
             return
@@ -962,11 +962,10 @@ def _torch_preprocess(fn: Callable) -> Callable:
     return lambda logits, labels: _to_numpy(fn(torch.from_numpy(logits), torch.from_numpy(labels)))
 
 
-def _jax_dtype_of(torch_model: Any) -> Any:
-    import jax.numpy as jnp
-
+def _dtype_name_of(torch_model: Any) -> str:
+    """The torch model's parameter dtype as the name save_pretrained takes ("float32", "bfloat16", "float16")."""
     dtype = next(torch_model.parameters()).dtype
-    return {torch.float32: jnp.float32, torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}.get(dtype, jnp.float32)
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
 
 
 def _version(package: str) -> str:
