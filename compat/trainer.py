@@ -20,8 +20,11 @@ delegates every update to :class:`jaxsft.IterativeSFTTrainer`:
   changes, so a rejected call leaves the trainer and the torch model untouched.
 * ``state``, ``log_history`` and HF ``TrainerCallback`` events (``on_train_begin`` at
   the first update, ``on_log``, ``on_step_end``, ``on_evaluate``) follow
-  ``transformers.Trainer``; ``report_to`` integrations and the console progress
-  callback are HF's own classes.
+  ``transformers.Trainer``. The core owns the step count, the learning rate, the
+  log history and the evaluation metrics (``compute_metrics`` included); HF's
+  ``state`` mirrors the step each core event reports. ``report_to``: tensorboard
+  and wandb are the core's sinks (``TrainConfig.report_to``), other integrations and
+  the console progress callback are HF's own classes.
 
 Deliberate differences from TRL 0.23.1 are listed in docs/compat.md.
 """
