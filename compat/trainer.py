@@ -22,9 +22,9 @@ delegates every update to :class:`jaxsft.IterativeSFTTrainer`:
   the first update, ``on_log``, ``on_step_end``, ``on_evaluate``) follow
   ``transformers.Trainer``. The core owns the step count, the learning rate, the
   log history and the evaluation metrics (``compute_metrics`` included); HF's
-  ``state`` mirrors the step each core event reports. ``report_to``: tensorboard
-  and wandb are the core's sinks (``TrainConfig.report_to``), other integrations and
-  the console progress callback are HF's own classes.
+  ``state`` mirrors the step each core event reports. ``report_to`` integrations and
+  the console progress callback are HF's own classes, fed by the core's events (one
+  mechanism for the facade; JAX users have ``TrainConfig.report_to``).
 
 Deliberate differences from TRL 0.23.1 are listed in docs/compat.md.
 """

@@ -52,7 +52,8 @@ def test_tensorboard_events_hold_the_logged_losses(tmp_path):
     assert got["train/loss"][-1][1] < got["train/loss"][0][1] - 0.1  # it trained (same examples each call)
 
 
-def test_facade_report_to_tensorboard_rides_on_the_core_sink(tmp_path):
+def test_facade_report_to_tensorboard_is_one_mechanism_and_holds_the_losses(tmp_path):
+    """The facade keeps HF's own TensorBoardCallback (fed by the core's events); the core adds no second sink."""
     from transformers import TrainingArguments
     from transformers.integrations import TensorBoardCallback
 
@@ -62,10 +63,11 @@ def test_facade_report_to_tensorboard_rides_on_the_core_sink(tmp_path):
                              max_steps=5, learning_rate=1e-3, per_device_train_batch_size=2, disable_tqdm=True)
     trainer = IterativeSFTTrainer(tiny.tiny_torch_model("gpt2", vocab_size=128), args, max_length=16,
                                   mesh=jaxsft.single_device_mesh())
-    assert not any(isinstance(cb, TensorBoardCallback) for cb in trainer.callback_handler.callbacks)  # one mechanism
+    assert sum(isinstance(cb, TensorBoardCallback) for cb in trainer.callback_handler.callbacks) == 1
+    assert trainer.core.config.report_to == ()  # no core sink beside HF's callback
     rng = np.random.default_rng(1)
     trainer.step(input_ids=[rng.integers(3, 128, 8) for _ in range(4)])
-    folders = {p.parent for p in (tmp_path / "out" / "runs").glob("*/events.out.tfevents.*")}
+    folders = {p.parent for p in (tmp_path / "out").rglob("events.out.tfevents.*")}
     assert len(folders) == 1
     got = scalars(folders.pop())
     logged = [h for h in trainer.state.log_history if "loss" in h]
