@@ -53,14 +53,6 @@ def tensor_as_numpy(tensor: Any) -> Any:
     return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
 
 
-def tensor_as_numpy(tensor: Any) -> Any:
-    """One torch tensor as a host numpy array (bf16/fp16 widened to fp32, which is exact)."""
-    import torch
-
-    t = tensor.detach().cpu()
-    return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
-
-
 def load_gguf_causal_lm(folder: str, filename: str) -> Any:
     """A GGUF checkpoint dequantized to fp32 by transformers' torch loader (its only GGUF reader)."""
     try:
