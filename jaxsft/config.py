@@ -434,13 +434,19 @@ def _coerce(kind: str, value: Any) -> tuple[bool, Any]:
         return isinstance(value, str), value
     if kind == "dict":
         return isinstance(value, dict), value
+    if kind == "sinks":  # report_to: a sink name or a list of them (the names are checked by _report_to)
+        ok = isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+        return ok, value
+    if kind == "path":
+        return isinstance(value, (str, os.PathLike)), value
     if kind == "ints":
         return isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1), value
     raise AssertionError(kind)
 
 
 _KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
-               "dict": "a dict", "ints": "a sequence of integers"}
+               "dict": "a dict", "ints": "a sequence of integers", "sinks": "a sink name ('tensorboard' or 'wandb') or a list of them",
+               "path": "a folder path"}
 
 # Every field of TrainConfig and its groups: (kind, None allowed). A field missing here fails
 # tests/test_bad_inputs.py::test_every_config_field_has_a_type_rule.
@@ -458,4 +464,5 @@ _FIELD_KINDS: dict[str, tuple[str, bool]] = {
     "min_bucket_length": ("int", False), "loss_chunk_size": ("int", True), "loss_chunk_bytes": ("int", False),
     "attention_implementation": ("str", False), "scan_layers": ("bool", True), "xla_options": ("dict", True),
     "disable_tqdm": ("bool", False), "agreement_timeout_s": ("float", False), "packing": ("bool", False), "dropout": ("bool", False),
+    "report_to": ("sinks", True), "logging_dir": ("path", True),
 }
