@@ -231,7 +231,6 @@ class IterativeSFTTrainer:
                 f"args.eval_steps={args.eval_steps} makes step() evaluate every {eval_steps} updates, but no "
                 "eval_dataset was given; pass eval_dataset=... or set eval_steps=None."
             )
-        core_eval = _core_eval_dataset(eval_dataset, eval_steps)  # converted and checked before any loading
         for field in ignored:
             warnings.warn(ignored_argument_message(args, field), UserWarning, stacklevel=2)
         _warn_about_collator(data_collator)
@@ -254,6 +253,10 @@ class IterativeSFTTrainer:
         _check_torch_model(torch_model.get_base_model() if peft else torch_model, adapters=peft)
         if tokenizer is None:
             tokenizer = _local_tokenizer(model_id)
+        self.processing_class = tokenizer
+        self.is_encoder_decoder = bool(getattr(torch_model.config, "is_encoder_decoder", False))
+        self._pad_token_id = getattr(torch_model.config, "pad_token_id", None)
+        core_eval = self._core_eval_dataset(eval_dataset, eval_steps)  # checked before the JAX conversion
 
         from transformers import set_seed
 
@@ -263,9 +266,7 @@ class IterativeSFTTrainer:
         config, tx, schedule = _optimizer_and_schedule(opt, sched, config, torch_model, jax_model.spec)
 
         self._torch_model = torch_model
-        self.processing_class = tokenizer
         self.data_collator = data_collator
-        self.is_encoder_decoder = bool(getattr(torch_model.config, "is_encoder_decoder", False))
         self.is_peft_model = peft
         self._torch_optimizers = (opt, sched)
         core_config = dataclasses.replace(config, disable_tqdm=True)  # progress: HF's ProgressCallback
@@ -366,7 +367,7 @@ class IterativeSFTTrainer:
     @eval_dataset.setter
     def eval_dataset(self, dataset: Any) -> None:
         """The caller's object stays here; the core gets it converted to step() keywords (checked now)."""
-        self.core.eval_dataset = _core_eval_dataset(dataset, self.core.config.eval_steps)
+        self.core.eval_dataset = self._core_eval_dataset(dataset, self.core.config.eval_steps)
         self._eval_dataset = dataset
 
     @property
@@ -447,8 +448,32 @@ class IterativeSFTTrainer:
         labels with -100 itself; TRL then masks the pad id too, so padded label tensors work either way)."""
         pad = getattr(self.processing_class, "pad_token_id", None)
         if pad is None:
-            pad = self.core.spec.pad_token_id
+            pad = self._pad_token_id
         return [np.where(np.asarray(row) == pad, IGNORE_INDEX, row) for row in labels]
+
+    def _core_eval_kwargs(self, dataset: Any) -> dict[str, Any]:
+        """An eval dataset in any accepted form -> the core's step()-keyword dict (converted as step() inputs are;
+        errors name eval_dataset)."""
+        try:
+            inputs = convert_step_inputs(**_dataset_as_step_kwargs(dataset), is_encoder_decoder=self.is_encoder_decoder)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"eval_dataset: {err}") from None
+        if self.is_encoder_decoder and inputs.labels is not None:
+            inputs = dataclasses.replace(inputs, labels=self._seq2seq_label_padding(inputs.labels))
+        return {k: v for k, v in inputs.as_kwargs().items() if v is not None}
+
+    def _core_eval_dataset(self, dataset: Any, eval_steps: Optional[int]) -> Optional[dict[str, Any]]:
+        """What the core evaluates during step(): one dataset, converted; a dict of named sets only by evaluate()."""
+        if dataset is None:
+            return None
+        if not _is_dataset_dict(dataset):
+            return self._core_eval_kwargs(dataset)
+        if eval_steps:
+            raise ValueError(
+                f"eval_dataset is a dict of named datasets ({sorted(dataset)}); in-training evaluation (eval_steps) "
+                "measures one dataset. Pass one dataset, or call trainer.evaluate() for each."
+            )
+        return None
 
     def train(self, *args: Any, **kwargs: Any) -> None:
         raise ValueError(
@@ -534,7 +559,7 @@ class IterativeSFTTrainer:
                 metrics.update(self.evaluate(value, ignore_keys, f"{metric_key_prefix}_{key}"))
             return metrics
         return self.core.evaluate(
-            _core_eval_kwargs(dataset), ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+            self._core_eval_kwargs(dataset), ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -928,29 +953,6 @@ def _to_numpy(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_to_numpy(v) for v in value)
     return np.asarray(value)
-
-
-def _core_eval_kwargs(dataset: Any) -> dict[str, Any]:
-    """An eval dataset in any accepted form -> the core's step()-keyword dict (converted; errors name eval_dataset)."""
-    try:
-        kwargs = convert_step_inputs(**_dataset_as_step_kwargs(dataset)).as_kwargs()
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"eval_dataset: {err}") from None
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
-def _core_eval_dataset(dataset: Any, eval_steps: Optional[int]) -> Optional[dict[str, Any]]:
-    """What the core evaluates during step(): one dataset, converted; a dict of named sets only by evaluate()."""
-    if dataset is None:
-        return None
-    if not _is_dataset_dict(dataset):
-        return _core_eval_kwargs(dataset)
-    if eval_steps:
-        raise ValueError(
-            f"eval_dataset is a dict of named datasets ({sorted(dataset)}); in-training evaluation (eval_steps) "
-            "measures one dataset. Pass one dataset, or call trainer.evaluate() for each."
-        )
-    return None
 
 
 def _hf_compute_metrics(fn: Callable) -> Callable:
