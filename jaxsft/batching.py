@@ -655,34 +655,22 @@ def seq2seq_examples_from_tokens(
     (any length), right padding with -100 is dropped. Both are truncated to ``max_length``.
     """
     _check_truncation(max_length, truncation_mode)
-    id_rows = _rows(input_ids, "input_ids")
-    mask_rows = None if attention_mask is None else _rows(attention_mask, "attention_mask")
-    label_rows = _rows(labels, "labels")
-    for name, rows in (("attention_mask", mask_rows), ("labels", label_rows)):
-        if rows is not None and len(rows) != len(id_rows):
-            raise ValueError(
-                f"{name} has {len(rows)} examples but input_ids has {len(id_rows)}; pass one {name} row per example."
-            )
+    id_rows = token_rows("input_ids", input_ids)
+    mask_rows = None if attention_mask is None else token_rows("attention_mask", attention_mask)
+    label_rows = token_rows("labels", labels)
+    if mask_rows is not None:
+        check_aligned("attention_mask", mask_rows, id_rows)
+    if len(label_rows) != len(id_rows):
+        raise ValueError(
+            f"labels has {len(label_rows)} examples but input_ids has {len(id_rows)}; pass one labels row per example."
+        )
     examples = []
-    for i, row in enumerate(id_rows):
-        ids = _as_int_row(row, "input_ids", i)
-        _check_ids(ids, i)
+    for i, ids in enumerate(id_rows):
         if mask_rows is not None:
-            mask = _as_int_row(mask_rows[i], "attention_mask", i, allow_bool=True)
-            if mask.shape != ids.shape:
-                raise ValueError(
-                    f"attention_mask[{i}] has length {mask.shape[0]} but input_ids[{i}] has length {ids.shape[0]}; "
-                    f"the mask must cover every token."
-                )
-            _check_mask(mask, i)
-            ids = ids[mask == 1]
+            ids = ids[mask_rows[i] == 1]
         if ids.shape[0] == 0:
             raise ValueError(f"input_ids[{i}] is empty (after dropping masked positions); remove that example.")
-        lab = _as_int_row(label_rows[i], "labels", i)
-        if lab.shape[0] == 0:
-            raise ValueError(f"labels[{i}] is empty; an encoder-decoder example needs at least one target token.")
-        _check_labels(lab, i)
-        examples.append(_seq2seq_example(ids, _strip_label_padding(lab), max_length, truncation_mode))
+        examples.append(_seq2seq_example(ids, _strip_label_padding(label_rows[i]), max_length, truncation_mode))
     return examples
 
 
@@ -694,12 +682,9 @@ def seq2seq_examples_from_texts(
     if tokenizer is None:
         raise ValueError("texts were given but no tokenizer; pass processing_class=<a tokenizer> to the trainer.")
     _check_truncation(max_length, truncation_mode)
-    texts = _check_texts(texts, "texts")
-    texts_labels = _check_texts(texts_labels, "texts_labels")
-    if len(texts_labels) != len(texts):
-        raise ValueError(
-            f"texts_labels has {len(texts_labels)} entries but texts has {len(texts)}; pass one target per text."
-        )
+    texts = check_texts("texts", texts)
+    texts_labels = check_texts("texts_labels", texts_labels)
+    check_text_pairs(texts, texts_labels)
     sources = tokenizer(texts)["input_ids"]
     targets = tokenizer(texts_labels)["input_ids"]
     examples = []
@@ -709,8 +694,8 @@ def seq2seq_examples_from_texts(
             raise ValueError(f"texts[{i}] tokenizes to no tokens; remove it or give it some text.")
         if tgt.shape[0] == 0:
             raise ValueError(f"texts_labels[{i}] tokenizes to no tokens; give every example a target.")
-        _check_ids(src, i)
-        _check_ids(tgt, i)
+        if min(int(src.min()), int(tgt.min())) < 0:
+            raise ValueError(f"texts[{i}] or texts_labels[{i}] tokenized to a negative id; check the tokenizer.")
         examples.append(_seq2seq_example(src, tgt, max_length, truncation_mode))
     return examples
 

@@ -104,7 +104,10 @@ SCRIPT = textwrap.dedent(
     jaxsft.save_pretrained(trainer.model, out + "/hf")
     loaded = jaxsft.from_pretrained(out + "/hf", mesh=mesh)
     probe = np.asarray([[5, 6, 7, 8, 9]])
-    np.testing.assert_array_equal(np.asarray(loaded(probe)), np.asarray(trainer.model(probe)))
+    saved, trained = hf_state_dict(loaded), hf_state_dict(trainer.model)
+    assert all(np.array_equal(saved[k], trained[k]) for k in trained) and set(saved) == set(trained)
+    # the loaded model scans its layers, the trainer's view unrolls them: equal up to float rounding
+    np.testing.assert_allclose(np.asarray(loaded(probe)), np.asarray(trainer.model(probe)), rtol=1e-5, atol=1e-6)
     again = transformers.AutoConfig.from_pretrained(out + "/hf")
     assert again.model_type == "llama"
 
