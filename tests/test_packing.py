@@ -93,6 +93,7 @@ def _train(family, pack, ga, calls):
         learning_rate=1e-4, per_device_train_batch_size=4, gradient_accumulation_steps=ga, max_length=32,
         length_buckets=(32,), logging_steps=0, disable_tqdm=True, seed=3, packing=pack,
         lr_scheduler_type="constant", weight_decay=0.01,
+        dropout=False,  # GPT-2 declares dropout; packed and plain rows would draw different masks
     )
     trainer = jaxsft.IterativeSFTTrainer(model, cfg, mesh=jaxsft.single_device_mesh())
     losses = []
