@@ -426,9 +426,8 @@ class _Chunk:
         return cls(ids, mask, row_ids, prompt_rows, rows, prompt_bucket, new_bucket, n_prompts * nrs)
 
 
-def _request(model, tokenizer, *, max_new_tokens, temperature, top_k, top_p, num_return_sequences, seed, stop,
-             batch_size, eos_token_ids, skip_special_tokens, stop_check_every) -> _Request:
-    """Validate one call's arguments (every check before any work)."""
+def check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, num_return_sequences, batch_size) -> None:
+    """The argument checks every sampler shares (decoder-only and encoder-decoder), before any work."""
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"generate(): max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
     if temperature is None or temperature < 0 or not math.isfinite(temperature):
@@ -441,6 +440,12 @@ def _request(model, tokenizer, *, max_new_tokens, temperature, top_k, top_p, num
         raise ValueError(f"generate(): num_return_sequences={num_return_sequences!r} must be an integer >= 1.")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"generate(): batch_size={batch_size!r} must be None or >= 1.")
+
+
+def _request(model, tokenizer, *, max_new_tokens, temperature, top_k, top_p, num_return_sequences, seed, stop,
+             batch_size, eos_token_ids, skip_special_tokens, stop_check_every) -> _Request:
+    """Validate one call's arguments (every check before any work)."""
+    check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, num_return_sequences, batch_size)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError(f"generate(): stop={stop!r} must be a non-empty string or a list of them.")

@@ -14,7 +14,6 @@ temperature 0 is greedy. No dropout is ever applied here.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -66,7 +65,7 @@ def generate(
     Same arguments and return values as :func:`jaxsft.generate` (which calls this for a
     ``Seq2SeqLM``); generated tokens start after the decoder start token, which is not returned.
     """
-    from jaxsft.generation import GenerationResult  # the shared result type
+    from jaxsft.generation import GenerationResult, check_sampling_arguments  # shared with the decoder sampler
 
     if unsupported:
         raise TypeError(f"generate(): unexpected keyword argument(s) {sorted(unsupported)} for an encoder-decoder model.")
@@ -77,18 +76,7 @@ def generate(
     prompts = list(prompts)
     if not prompts:
         return GenerationResult([], [], [], [], num_return_sequences) if return_tokens else []
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"generate(): max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
-    if temperature is None or temperature < 0 or not math.isfinite(temperature):
-        raise ValueError(f"generate(): temperature={temperature!r} must be a finite number >= 0 (0 = greedy).")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise ValueError(f"generate(): top_k={top_k!r} must be None or an integer >= 1.")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise ValueError(f"generate(): top_p={top_p!r} must lie in (0, 1].")
-    if not isinstance(num_return_sequences, (int, np.integer)) or num_return_sequences < 1:
-        raise ValueError(f"generate(): num_return_sequences={num_return_sequences!r} must be an integer >= 1.")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"generate(): batch_size={batch_size!r} must be None or >= 1.")
+    check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, num_return_sequences, batch_size)
     spec = model.spec
     if spec.position == "learned" and max_new_tokens > spec.max_position_embeddings:
         raise ValueError(
