@@ -38,7 +38,7 @@ SHAPES = {
     "qwen05": ("qwen2", 896, 4864, 24, 14, 2, 151936),
     "qwen15": ("qwen2", 1536, 8960, 28, 12, 2, 151936),
 }
-CALLS = {"fixed": (2, 5), "ragged": (3, 5)}  # (warm-up, timed) step() calls
+CALLS = {"fixed": (2, 5), "ragged": (6, 5)}  # (warm-up, timed) step() calls: ragged warms up longer (more shapes)
 EXAMPLES, MICRO_BATCH, SEQ, MAX_LEN = 64, 8, 512, 1024
 
 
@@ -108,16 +108,18 @@ def tokenizer():
 
 
 # ------------------------------------------------------------------------------------------- workers
-def _timed(step, calls, sync) -> tuple[list[float], list[float]]:
-    times, losses = [], []
+def _timed(step, calls, sync) -> tuple[list[float], list[float], list[int]]:
+    """Per call: seconds, loss, and jaxsft's compiled-program count after it (-1 for TRL, whose step() returns None)."""
+    times, losses, compiled = [], [], []
     for call in calls:
         sync()
         t = time.perf_counter()
         stats = step(call)
         sync()
         times.append(time.perf_counter() - t)
-        losses.append(float(stats["loss"]) if isinstance(stats, dict) else float("nan"))  # TRL's step() returns None
-    return times, losses
+        losses.append(float(stats["loss"]) if isinstance(stats, dict) else float("nan"))
+        compiled.append(int(stats.get("compiled_shapes", -1)) if isinstance(stats, dict) else -1)
+    return times, losses, compiled
 
 
 def _torch_model(shape: str, device: str):
@@ -163,7 +165,9 @@ def run_trl(shape: str, w: str, cpu: bool, compile_: bool, facade: bool) -> dict
     else:
         sync = torch.cuda.synchronize if not cpu else (lambda: None)
     step = lambda b: trainer.step(input_ids=b, attention_mask=[torch.ones_like(x) for x in b], labels=b)  # noqa: E731
-    times, losses = _timed(step, tensors, sync)
+    times, losses, compiled = _timed(step, tensors, sync)
+    if facade:
+        compiled = [int(trainer.core.compiled_shapes)] * len(times)  # the facade's step() returns TRL's None
     peak = 0.0
     if facade:
         import jax
@@ -171,7 +175,7 @@ def run_trl(shape: str, w: str, cpu: bool, compile_: bool, facade: bool) -> dict
         peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
     if not cpu:
         peak += torch.cuda.max_memory_allocated() / 2**30
-    return _summary(w, calls, times, losses, peak)
+    return _summary(w, calls, times, losses, peak, compiled)
 
 
 def run_jaxsft(shape: str, w: str, cpu: bool, options: dict, model_options: dict) -> dict:
@@ -189,17 +193,19 @@ def run_jaxsft(shape: str, w: str, cpu: bool, options: dict, model_options: dict
     })
     trainer = jaxsft.IterativeSFTTrainer(model, cfg, mesh=mesh)
     calls = workload(w, model.spec.vocab_size)
-    times, losses = _timed(lambda b: trainer.step(input_ids=b), calls, lambda: jax.block_until_ready(trainer.params))
+    times, losses, compiled = _timed(lambda b: trainer.step(input_ids=b), calls, lambda: jax.block_until_ready(trainer.params))
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
-    return _summary(w, calls, times, losses, peak, compiled=trainer.compiled_shapes)
+    return _summary(w, calls, times, losses, peak, compiled)
 
 
-def _summary(w: str, calls, times, losses, peak_gib, **extra) -> dict:
+def _summary(w: str, calls, times, losses, peak_gib, compiled) -> dict:
+    """Real tokens/s over the timed calls; ``compiles_in_timed_calls`` says whether a timed call met a new shape."""
     warm, _ = CALLS[w]
     real = sum(len(x) for call in calls[warm:] for x in call)
     return {
         "tokens_per_s": real / sum(times[warm:]), "first_step_s": times[0], "call_s": times, "losses": losses,
-        "peak_gib": peak_gib, "attended": attended_length(calls[warm:]), **extra,
+        "peak_gib": peak_gib, "attended": attended_length(calls[warm:]), "compiled_shapes": compiled[-1],
+        "compiles_in_timed_calls": compiled[-1] - compiled[warm - 1] if compiled[-1] >= 0 else None,
     }
 
 
@@ -234,7 +240,10 @@ def worker(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- driver
-def spawn(args, impl: str, shape: str, w: str, options: str = "{}", model_options: str = "{}", timeout: int = 900) -> dict:
+IMPLS = ("trl", "trl_compile", "jaxsft", "compat")
+
+
+def spawn(args, impl: str, shape: str, w: str, options: str = "{}", model_options: str = "{}", timeout: float = 900) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--shape", shape, "--workload", w,
            "--options", options, "--model-options", model_options] + (["--cpu"] if args.cpu else [])
     env = dict(os.environ)
@@ -244,7 +253,7 @@ def spawn(args, impl: str, shape: str, w: str, options: str = "{}", model_option
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout} s"}
+        return {"error": f"timeout after {timeout:.0f} s"}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
         return {"error": (proc.stderr or proc.stdout)[-1500:]}
@@ -259,9 +268,11 @@ def main() -> None:
     p.add_argument("--impls", default="trl,trl_compile,jaxsft,compat")
     p.add_argument("--workloads", default="fixed,ragged")
     p.add_argument("--variants", default="{}", help='JSON {"label": [TrainConfig overrides, model options], ...} of extra jaxsft runs')
-    p.add_argument("--skip", default="", help="comma list of impl:workload pairs not to run, e.g. trl_compile:ragged")
+    p.add_argument("--skip", default="", help="comma list of runs not to make: label:workload, label:shape or label:shape:workload, e.g. trl_compile:ragged")
     p.add_argument("--cpu", action="store_true")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON lines, one per run, appended as each run ends")
+    p.add_argument("--budget-s", type=float, default=1e9, help="stop starting runs (and cap each) so the whole ends within this")
+    p.add_argument("--run-timeout-s", type=float, default=900)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--shape", default="tiny", help=argparse.SUPPRESS)
     p.add_argument("--workload", default="fixed", help=argparse.SUPPRESS)
@@ -272,39 +283,62 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
+    started = time.perf_counter()
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown:
+        p.error(f"--impls: unknown {unknown}; choose from {list(IMPLS)} (extra jaxsft settings go in --variants)")
     peak = spawn(args, "peak", "tiny", "fixed")
     print(f"bf16 matmul peak (torch, random data): {peak}", flush=True)
+    _record(args.out, {"peak": peak})
     skip = set(filter(None, args.skip.split(",")))
     variants = json.loads(args.variants)
     rows = []
     for shape in args.shapes.split(","):
         for w in args.workloads.split(","):
-            plans = [(impl, impl, "{}", "{}") for impl in args.impls.split(",") if f"{impl}:{w}" not in skip]
+            plans = [(impl, impl, "{}", "{}") for impl in impls]
             plans += [(label, "jaxsft", json.dumps(o), json.dumps(m)) for label, (o, m) in variants.items()]
             for label, impl, options, model_options in plans:
-                r = spawn(args, impl, shape, w, options, model_options)
+                if f"{label}:{w}" in skip or f"{label}:{shape}" in skip or f"{label}:{shape}:{w}" in skip:
+                    continue
+                left = args.budget_s - (time.perf_counter() - started)
+                if left < 30:
+                    r = {"error": "not run: the --budget-s ran out"}
+                else:
+                    r = spawn(args, impl, shape, w, options, model_options, timeout=min(args.run_timeout_s, left - 10))
                 r.update(label=label, shape=shape, workload=w)
                 rows.append(r)
+                _record(args.out, r)
                 print(json.dumps({k: v for k, v in r.items() if k not in ("call_s",)})[:1500], flush=True)
     print_table(rows, peak.get("tflops"))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"peak": peak, "rows": rows}, f, indent=1)
+
+
+def _record(path, entry: dict) -> None:
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
 
 def print_table(rows: list[dict], peak_tflops) -> None:
-    print(f"\n| shape | workload | impl | real tokens/s | vs TRL eager | MFU % | first step s | peak GiB | first loss | last loss |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n| shape | workload | impl | real tokens/s | vs TRL eager | MFU % | first step s | peak GiB | first loss | last loss | programs (new in timed calls) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['shape']} | {r['workload']} | {r['label']} | error: {r['error'][-120:]!r} | | | | | | |")
+            print(f"| {r['shape']} | {r['workload']} | {r['label']} | error: {r['error'][-120:]!r} | | | | | | | |")
             continue
         base = next((b for b in rows if b["shape"] == r["shape"] and b["workload"] == r["workload"]
                      and b["label"] == "trl" and "error" not in b), None)
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}×" if base else "-"
         mfu = 100 * flops_per_token(r["shape"], r["attended"]) * r["tokens_per_s"] / (peak_tflops * 1e12) if peak_tflops == peak_tflops and peak_tflops else float("nan")
         print(f"| {r['shape']} | {r['workload']} | {r['label']} | {r['tokens_per_s']:,.0f} | {ratio} | {mfu:.1f} | "
-              f"{r['first_step_s']:.1f} | {r['peak_gib']:.1f} | {r['losses'][0]:.4f} | {r['losses'][-1]:.4f} |")
+              f"{r['first_step_s']:.1f} | {r['peak_gib']:.1f} | {r['losses'][0]:.4f} | {r['losses'][-1]:.4f} | "
+              f"{_programs(r)} |")
+
+
+def _programs(r: dict) -> str:
+    if r.get("compiles_in_timed_calls") is None:
+        return "-"
+    return f"{r['compiled_shapes']} ({r['compiles_in_timed_calls']})"
 
 
 if __name__ == "__main__":

@@ -461,35 +461,55 @@ def _pack(group: list[Example], rows: int, length: int) -> MicroBatch:
     return MicroBatch(input_ids, attention_mask, labels, num_examples=len(group), num_label_tokens=num_label_tokens)
 
 
-def _pack_segments(group: list[Example], max_rows: int, length: int, row_multiple: int) -> MicroBatch:
-    """Lay a group's examples end to end in rows of ``length`` tokens (first-fit, longest first).
-
-    The row count is ``row_multiple`` times a power of two (at most ``max_rows``), so the set of
-    compiled shapes stays small and every device gets whole rows. Each example keeps its own
-    positions (from 0) and segment id; its first label is set to -100, because in a packed row
-    the token before it belongs to another example (unpacked, position 0 is never a target
-    either), so the shifted loss never crosses a boundary and the label count is unchanged.
-    """
-    order = sorted(range(len(group)), key=lambda i: -group[i].input_ids.shape[0])
+def _first_fit(lengths: Sequence[int], room: int) -> list[list[int]]:
+    """Indices into ``lengths`` binned first-fit, longest first, into rows of ``room`` tokens."""
     bins: list[list[int]] = []
     free: list[int] = []
-    for i in order:
-        n = group[i].input_ids.shape[0]
-        target = next((b for b, room in enumerate(free) if room >= n), None)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        target = next((b for b, left in enumerate(free) if left >= lengths[i]), None)
         if target is None:
             bins.append([])
-            free.append(length)
+            free.append(room)
             target = len(bins) - 1
         bins[target].append(i)
-        free[target] -= n
-    rows = row_multiple
-    while rows < len(bins):
-        rows *= 2
-    rows = min(rows, max_rows)
-    if rows == max_rows:
-        # Nothing to gain (e.g. every example fills its bucket): the plain layout, whose attention
-        # needs no segment tables (the causal cuDNN kernel is a little faster than the ragged one).
-        return _pack(group, max_rows, length)
+        free[target] -= lengths[i]
+    return bins
+
+
+def _pack_segments(
+    group: list[Example],
+    max_rows: int,
+    buckets: tuple[int, ...],
+    row_multiple: int,
+    longer_rows: bool,
+) -> MicroBatch:
+    """Lay a group's examples end to end in rows (first-fit, longest first), in the cheapest layout.
+
+    Candidate row lengths are the longest example's bucket and, with ``longer_rows`` (for attention
+    whose cost follows the segments, not the row: cuDNN's ragged kernel), the buckets above it;
+    each needs as many rows as first-fit makes, rounded up to ``row_multiple`` (every device gets
+    whole rows). The fewest row x length tokens wins (a tie goes to longer rows: fewer distinct
+    shapes). When packing does not beat one example per row, the plain layout is kept: its
+    attention needs no segment tables (the causal cuDNN kernel is a little faster than the
+    ragged one).
+
+    Each example keeps its own positions (from 0) and segment id; its first label is set to -100,
+    because in a packed row the token before it belongs to another example (unpacked, position 0
+    is never a target either), so the shifted loss never crosses a boundary and the label count
+    is unchanged.
+    """
+    lengths = [int(ex.input_ids.shape[0]) for ex in group]
+    plain_length = _bucket_for(max(lengths), buckets)
+    plain_tokens = max_rows * plain_length
+    layouts: list[tuple[int, int, list[list[int]]]] = []  # (rows, length, bins), one per candidate length
+    for length in (b for b in buckets if b >= plain_length and (longer_rows or b == plain_length)):
+        bins = _first_fit(lengths, length)
+        layouts.append((-(-len(bins) // row_multiple) * row_multiple, length, bins))
+        if len(bins) == 1:
+            break  # longer rows only add padding
+    rows, length, bins = min(layouts, key=lambda lay: (lay[0] * lay[1], -lay[1]))
+    if rows * length >= plain_tokens:
+        return _pack(group, max_rows, plain_length)
     input_ids = np.zeros((rows, length), np.int32)
     attention_mask = np.zeros((rows, length), np.int32)
     labels = np.full((rows, length), IGNORE_INDEX, np.int32)
@@ -553,14 +573,16 @@ def plan_microbatches(
     shuffle: bool = True,
     pack: bool = False,
     row_multiple: int = 1,
+    longer_rows: bool = False,
 ) -> list[MicroBatch]:
     """Shuffle once, cut into groups of ``rows``, pad each group to its smallest fitting bucket.
 
     A short last group is filled with all-padding rows (mask 0, labels -100)
     so every micro-batch has the compiled shape but the filler carries no weight.
     With ``pack`` each group (the same examples as unpacked, so updates, shuffling and
-    losses do not change) is laid end to end into as few rows of its bucket as fit,
-    rounded up to ``row_multiple`` times a power of two (``row_multiple`` must divide ``rows``).
+    losses do not change) is laid end to end into as few rows as fit, a multiple of
+    ``row_multiple`` (which must divide ``rows``), of its bucket's length or, with
+    ``longer_rows``, of a longer bucket where that pads less (see :func:`_pack_segments`).
     """
     if not isinstance(rows, (int, np.integer)) or rows < 1:
         raise ValueError(f"rows={rows!r} must be a positive integer (the per-device batch size times devices).")
@@ -577,7 +599,9 @@ def plan_microbatches(
     for start in range(0, len(ordered), rows):
         group = ordered[start : start + rows]
         length = _bucket_for(max(ex.input_ids.shape[0] for ex in group), buckets)
-        batches.append(_pack_segments(group, rows, length, row_multiple) if pack else _pack(group, rows, length))
+        batches.append(
+            _pack_segments(group, rows, buckets, row_multiple, longer_rows) if pack else _pack(group, rows, length)
+        )
     return batches
 
 

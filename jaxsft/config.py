@@ -197,7 +197,7 @@ class Performance:
     # UNROLL_MAX_LAYERS layers, scanned beyond (where unrolled compiles get long). On one H200 at
     # Qwen2.5-0.5B shape, unrolled trained 111k tokens/s against 89k scanned (benchmarks/RESULTS.md).
     scan_layers: Optional[bool] = None
-    # Lay each micro-batch's examples end to end in as few rows of its bucket as fit (segment ids
+    # Lay each micro-batch's examples end to end in as few rows as fit (segment ids
     # keep them apart in attention and loss): fewer padded tokens, same numbers. Pays off on
     # ragged step() calls; off, every example gets a row of its own.
     packing: bool = False

@@ -9,8 +9,10 @@ recompiles beyond the declared buckets.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import os
 import time
 import warnings
 from typing import Any, Callable, Optional, Sequence
@@ -28,6 +30,7 @@ from jaxsft import sharding as shd
 from jaxsft import step as step_fns
 from jaxsft.callbacks import EvalPrediction, TrainerCallback
 from jaxsft.config import TrainConfig
+from jaxsft.models import layers as layers_lib
 from jaxsft.models import lora as lora_lib
 from jaxsft.models.decoder import CausalLM
 from jaxsft.models.seq2seq import Seq2SeqLM
@@ -182,6 +185,14 @@ class IterativeSFTTrainer:
         # the caller's model keeps its own options).
         self.run_options = config.run_options(RunOptions.of(model), num_layers=model.spec.num_layers)
         self.scan_layers = self.run_options.scan_layers
+        # Packed rows may outgrow the longest example's bucket only where attention costs per segment
+        # (cuDNN's ragged kernel); masked XLA attention (CPU, TPU) costs and stores rows x length^2.
+        self._ragged_attention = bool(config.packing) and not self.is_encoder_decoder and (
+            layers_lib.resolve_attention_implementation(self.run_options.attention_implementation, self.run_options.dtype)
+            == "cudnn"
+            and self.spec.sliding_window is None
+            and not (self.dropout_enabled and self.spec.attention_dropout > 0)
+        )
         view = with_options(model, self.run_options)
         if lora_lib.lora_setup(model) is None:
             self._graphdef, params = nnx.split(view)
@@ -316,6 +327,7 @@ class IterativeSFTTrainer:
         first_step = self.state.global_step
         progress = self._progress(len(updates))
         try:
+            self._compile_missing([update for update, total in zip(updates, totals) if total])
             for update, total in zip(updates, totals):
                 if total == 0:
                     warnings.warn(
@@ -717,81 +729,146 @@ class IterativeSFTTrainer:
         return batching.plan_microbatches(
             examples, rows=rows, buckets=self.buckets, rng=self._rng, shuffle=shuffle, pack=pack,
             row_multiple=max(1, self._shards // jax.process_count()) if pack else 1,
+            longer_rows=self._ragged_attention,
         )
 
     # ------------------------------------------------------------------ programs
+    def _batch_fields(self, mb) -> dict[str, np.ndarray]:
+        """The micro-batch's host arrays, by the program input each feeds."""
+        fields = {"input_ids": mb.input_ids, "labels": mb.labels}
+        if self.is_encoder_decoder:
+            fields.update(attention_mask=mb.attention_mask, decoder_input_ids=mb.decoder_input_ids)
+        if mb.packed:
+            fields.update(segment_ids=mb.segment_ids, positions=mb.positions, segment_lengths=mb.segment_lengths)
+        return fields
+
+    def _takes_dropout_key(self, train: bool) -> bool:
+        setup = lora_lib.lora_setup(self._user_model)
+        return train and (self.dropout_enabled or (setup is not None and setup.config.lora_dropout > 0))
+
     def _device_batch(self, mb, train: bool = True) -> dict[str, jax.Array]:
         """The micro-batch on the mesh. A training batch with dropout on (the model's own, or LoRA's) carries
         one ``dropout_rng`` key; evaluation batches carry none, so evaluation is deterministic."""
-        batch = {
-            "input_ids": shd.place_batch(mb.input_ids, self.mesh),
-            "labels": shd.place_batch(mb.labels, self.mesh),
-        }
-        if self.is_encoder_decoder:
-            batch["attention_mask"] = shd.place_batch(mb.attention_mask, self.mesh)
-            batch["decoder_input_ids"] = shd.place_batch(mb.decoder_input_ids, self.mesh)
-        setup = lora_lib.lora_setup(self._user_model)
-        if train and (self.dropout_enabled or (setup is not None and setup.config.lora_dropout > 0)):
+        batch = {name: shd.place_batch(rows, self.mesh) for name, rows in self._batch_fields(mb).items()}
+        if self._takes_dropout_key(train):
             # Drawn from the checkpointed shuffling RNG, so a resumed run drops the same activations.
             seed = int(self._rng.integers(0, 2**31 - 1))
             batch["dropout_rng"] = jax.device_put(jax.random.PRNGKey(seed), shd.replicated(self.mesh))
-        if mb.packed:
-            batch["segment_ids"] = shd.place_batch(mb.segment_ids, self.mesh)
-            batch["positions"] = shd.place_batch(mb.positions, self.mesh)
-            batch["segment_lengths"] = shd.place_batch(mb.segment_lengths, self.mesh)
         return batch
 
-    def _program(self, kind: str, batch: dict, build: Callable[[], Any]):
-        key = (kind, tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))) if batch is not None else (kind,)
+    def _abstract_batch(self, mb, train: bool = True) -> dict[str, jax.ShapeDtypeStruct]:
+        """What :meth:`_device_batch` would place (global shapes, shardings), with no transfer and no RNG draw."""
+        processes = jax.process_count()
+        batch = {
+            name: jax.ShapeDtypeStruct(
+                (rows.shape[0] * processes, *rows.shape[1:]), rows.dtype, sharding=shd.batch_sharding(self.mesh, rows.ndim)
+            )
+            for name, rows in self._batch_fields(mb).items()
+        }
+        if self._takes_dropout_key(train):
+            key = jax.eval_shape(jax.random.PRNGKey, 0)
+            batch["dropout_rng"] = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=shd.replicated(self.mesh))
+        return batch
+
+    def _program(self, kind: str, batch: Optional[dict], build: Callable[[], Any]):
+        key = self._program_key(kind, batch)
         if key not in self._programs:
             self._programs[key] = build()
         return self._programs[key]
+
+    @staticmethod
+    def _program_key(kind: str, batch: Optional[dict]) -> tuple:
+        return (kind, tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))) if batch is not None else (kind,)
 
     def _shardings(self):
         params_sh = jax.tree.map(lambda x: x.sharding, self._params)
         opt_sh = jax.tree.map(lambda x: x.sharding, self._opt_state)
         return params_sh, opt_sh
 
-    def _compile(self, fn, args, *, donate, out_shardings):
+    def _lower(self, fn, args, *, donate, out_shardings) -> jax.stages.Lowered:
         with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):
-            lowered = jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings).lower(*args)
-            return lowered.compile(compiler_options=self._xla_options or None)
+            return jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings).lower(*args)
+
+    def _compile(self, fn, args, *, donate, out_shardings):
+        return self._lower(fn, args, donate=donate, out_shardings=out_shardings).compile(
+            compiler_options=self._xla_options or None
+        )
+
+    def _update_lowerings(self, update) -> list[tuple[tuple, Callable[[], jax.stages.Lowered]]]:
+        """(program key, lowering) for every program ``update`` runs, in the order it runs them.
+
+        One description for both :meth:`_run_update` and :meth:`_compile_missing`, so the programs
+        compiled ahead are exactly the ones looked up. Batches and the accumulator are abstract here
+        (lowering needs only shapes and shardings) and lowerings are lazy: a built program costs a key.
+        """
+        rep = shd.replicated(self.mesh)
+
+        def lower(fn, args, donate, with_opt_state):
+            params_sh, opt_sh = self._shardings()
+            out = (params_sh, opt_sh, rep) if with_opt_state else (params_sh, rep, rep)
+            return self._lower(fn, args(), donate=donate, out_shardings=out)
+
+        if len(update) == 1 and self.config.gradient_accumulation_steps == 1:
+            batch = self._abstract_batch(update[0])
+            return [(self._program_key("fused", batch), lambda: self._lower_fused(batch))]
+        zeros = step_fns.make_zero_accumulator()
+
+        def acc():
+            params_sh, _ = self._shardings()
+            return jax.tree.map(
+                lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                jax.eval_shape(zeros, self._params), (params_sh, rep, rep),
+            )
+
+        out = [(self._program_key("zeros", None), lambda: lower(zeros, lambda: (self._params,), (), False))]
+        for mb in update:
+            batch = self._abstract_batch(mb)
+            out.append((self._program_key("accumulate", batch), lambda batch=batch: lower(
+                step_fns.make_accumulate(self._graphdef, self._chunk_size, self._shards),
+                lambda: (self._params, acc(), batch, self._frozen), (1,), False,
+            )))
+        out.append((self._program_key("apply", None), lambda: lower(
+            step_fns.make_apply(self._tx, self.config.skip_nonfinite_updates),
+            lambda: (self._params, self._opt_state, acc()), (0, 1), True,
+        )))
+        return out
+
+    def _built(self, key: tuple, lower: Callable[[], jax.stages.Lowered]):
+        if key not in self._programs:
+            self._programs[key] = lower().compile(compiler_options=self._xla_options or None)
+        return self._programs[key]
+
+    def _compile_missing(self, updates) -> None:
+        """Compile the call's not-yet-built programs side by side before the first one runs.
+
+        XLA compiles outside the GIL, so a call that meets several new shapes (packing and buckets
+        make a few) waits about as long as its slowest compile, not the sum. Lowering stays on this
+        thread; a single missing program is left to the lazy path.
+        """
+        missing: dict[tuple, Callable[[], jax.stages.Lowered]] = {}
+        for update in updates:
+            for key, lower in self._update_lowerings(update):
+                if key not in self._programs:
+                    missing.setdefault(key, lower)
+        if len(missing) < 2:
+            return
+        lowered = {key: lower() for key, lower in missing.items()}
+        options = self._xla_options or None
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(lowered), os.cpu_count() or 1)) as pool:
+            futures = {key: pool.submit(low.compile, compiler_options=options) for key, low in lowered.items()}
+            for key, future in futures.items():
+                self._programs[key] = future.result()
 
     def _run_update(self, update) -> dict[str, jax.Array]:
-        if len(update) == 1 and self.config.gradient_accumulation_steps == 1:
+        programs = [self._built(key, lower) for key, lower in self._update_lowerings(update)]
+        if len(programs) == 1:  # one micro-batch, no accumulation: gradients and the optimizer step in one program
             batch = self._device_batch(update[0])
-            program = self._program("fused", batch, lambda: self.compile_update(batch))
-            self._params, self._opt_state, metrics = program(self._params, self._opt_state, batch, self._frozen)
+            self._params, self._opt_state, metrics = programs[0](self._params, self._opt_state, batch, self._frozen)
             return metrics
-        params_sh, opt_sh = self._shardings()
-        rep = shd.replicated(self.mesh)
-        zeros = self._program(
-            "zeros", None, lambda: self._compile(step_fns.make_zero_accumulator(), (self._params,), donate=(), out_shardings=(params_sh, rep, rep))
-        )
+        zeros, *accumulates, apply = programs
         acc = zeros(self._params)
-        for mb in update:
-            batch = self._device_batch(mb)
-            program = self._program(
-                "accumulate",
-                batch,
-                lambda: self._compile(
-                    step_fns.make_accumulate(self._graphdef, self._chunk_size, self._shards),
-                    (self._params, acc, batch, self._frozen),
-                    donate=(1,),
-                    out_shardings=(params_sh, rep, rep),
-                ),
-            )
-            acc = program(self._params, acc, batch, self._frozen)
-        apply = self._program(
-            "apply",
-            None,
-            lambda: self._compile(
-                step_fns.make_apply(self._tx, self.config.skip_nonfinite_updates),
-                (self._params, self._opt_state, acc),
-                donate=(0, 1),
-                out_shardings=(params_sh, opt_sh, rep),
-            ),
-        )
+        for mb, accumulate in zip(update, accumulates):
+            acc = accumulate(self._params, acc, self._device_batch(mb), self._frozen)
         self._params, self._opt_state, metrics = apply(self._params, self._opt_state, acc)
         return metrics
 
@@ -802,8 +879,11 @@ class IterativeSFTTrainer:
         shardings and XLA options (not run, not cached), which is what ``jaxsft.diagnostics`` inspects.
         ``batch`` holds placed ``input_ids`` and ``labels`` of one global micro-batch shape.
         """
+        return self._lower_fused(batch).compile(compiler_options=self._xla_options or None)
+
+    def _lower_fused(self, batch: dict) -> jax.stages.Lowered:
         params_sh, opt_sh = self._shardings()
-        return self._compile(
+        return self._lower(
             step_fns.make_fused_update(
                 self._graphdef, self._tx, self._chunk_size, self._shards, self.config.skip_nonfinite_updates,
             ),

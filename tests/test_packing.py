@@ -31,7 +31,7 @@ def test_packer_lays_examples_end_to_end_with_own_positions_and_no_crossing_targ
     (mb,) = batching.plan_microbatches(examples, rows=8, buckets=(16, 32, 64), rng=np.random.default_rng(0), pack=True)
     unpacked = batching.plan_microbatches(examples, rows=8, buckets=(16, 32, 64), rng=np.random.default_rng(0))[0]
     assert mb.packed and mb.input_ids.shape[1] == 64
-    assert mb.input_ids.shape[0] in (1, 2, 4, 8) and mb.input_ids.shape[0] < 8  # 126 tokens fit in 2 rows of 64
+    assert mb.input_ids.shape[0] == 2  # 126 tokens fit in 2 rows of 64
     assert mb.num_label_tokens == unpacked.num_label_tokens
     assert int(mb.attention_mask.sum()) == sum(e.input_ids.size for e in examples)
     seen = []
@@ -45,6 +45,27 @@ def test_packer_lays_examples_end_to_end_with_own_positions_and_no_crossing_targ
             seen.append(tuple(mb.input_ids[r, where]))
         assert mb.segment_lengths[r].sum() == mb.input_ids.shape[1]
     assert sorted(seen) == sorted(tuple(e.input_ids) for e in examples)
+
+
+def test_packer_picks_the_layout_with_fewest_tokens():
+    """Rows need not come in powers of two; longer rows only where attention costs per segment."""
+    examples = _examples([60, 50, 40, 30, 20, 10, 5, 3])  # 218 tokens, longest in bucket 64
+    plan = lambda **kw: batching.plan_microbatches(  # noqa: E731
+        examples, rows=8, buckets=(16, 32, 64, 128, 256), rng=np.random.default_rng(0), pack=True, **kw
+    )[0]
+    (short,) = [plan()]
+    assert short.input_ids.shape == (4, 64)  # first-fit needs 4 rows of 64 (60|50+10|40+20|30+5+3)
+    (long_,) = [plan(longer_rows=True)]
+    assert long_.input_ids.shape == (1, 256)  # 256 tokens instead of 4 x 64 = 256: tie goes to longer rows
+    fewer = plan(longer_rows=True, row_multiple=2)
+    assert fewer.input_ids.shape[0] % 2 == 0 and fewer.input_ids.size <= 8 * 64
+    three = batching.plan_microbatches(
+        _examples([60, 60, 50, 10]), rows=8, buckets=(64,), rng=np.random.default_rng(0), pack=True
+    )[0]
+    assert three.input_ids.shape == (3, 64)  # not rounded up to 4
+    for mb in (short, long_, fewer, three):
+        assert mb.num_label_tokens == sum(int(np.count_nonzero(e.labels[1:] != -100)) for e in (
+            examples if mb is not three else _examples([60, 60, 50, 10])))
 
 
 def test_packed_row_never_attends_across_examples():

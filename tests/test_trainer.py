@@ -444,6 +444,36 @@ def test_no_recompiles_beyond_buckets(llama, ga, extra):
     assert trainer.compiled_shapes <= len(trainer.buckets) + extra
 
 
+@pytest.mark.parametrize("ga", [1, 2])
+def test_a_call_compiles_its_new_programs_side_by_side_before_running(llama, ga, monkeypatch):
+    """Three new shapes in one call: all compiled ahead on worker threads, under the keys the run looks up
+    (a key mismatch would compile again while running and count extra programs)."""
+    import threading
+
+    threads, calls = set(), []
+    real_compile = jax.stages.Lowered.compile
+
+    def recording_compile(self, *args, **kwargs):
+        threads.add(threading.get_ident())
+        calls.append(threading.current_thread() is threading.main_thread())
+        return real_compile(self, *args, **kwargs)
+
+    rng = np.random.default_rng(0)
+    # Lengths 10, 20, 40 twice each: with micro-batch 2 and no shuffling luck needed, buckets 16, 32 and 64 all appear.
+    batch = [rng.integers(3, VOCAB, size=n) for n in (10, 10, 20, 20, 40, 40)]
+    monkeypatch.setattr(jax.stages.Lowered, "compile", recording_compile)
+    trainer = make_trainer(llama, gradient_accumulation_steps=ga, per_device_train_batch_size=1, max_length=64)
+    got = trainer.step(input_ids=batch)
+    programs = 3 if ga == 1 else 3 + 2  # one per bucket (+ zeros and apply with accumulation)
+    assert trainer.compiled_shapes == programs
+    assert len(calls) == programs and not any(calls)  # every compile ahead, none on the main thread
+    assert len(threads) > 1
+    assert got["num_updates"] == 6 // ga and all(math.isfinite(l) for l in got["update_losses"])
+    calls.clear()
+    trainer.step(input_ids=batch)
+    assert not calls  # a second call of the same shapes compiles nothing
+
+
 # ----------------------------------------------------------------------------- sharding
 
 
