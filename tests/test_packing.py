@@ -152,3 +152,35 @@ def test_full_rows_keep_the_plain_layout_and_as_packed_converts_it():
     np.testing.assert_array_equal(packed.segment_ids, short.attention_mask)
     assert packed.positions[0, :5].tolist() == list(range(5)) and packed.positions[0, 5:].sum() == 0
     np.testing.assert_array_equal(packed.segment_lengths[:, :2], [[5, 27], [9, 23], [32, 0], [32, 0]][: len(packed.segment_lengths)])
+
+
+def test_longer_packed_rows_give_the_same_loss_and_gradients():
+    """The cuDNN-only layout (rows longer than the longest example's bucket) checked here on XLA attention:
+    one example per row and one long packed row give the same loss sum, label count and gradients."""
+    from flax import nnx
+
+    from jaxsft import step as step_fns
+
+    model = jaxsft.from_pretrained(tiny.tiny_torch_model("qwen2"))
+    examples = _examples([9, 9, 9, 5])  # rows of 16: 9+5 | 9 | 9 (48 tokens); one row of 32 holds all (32)
+    plan = lambda **kw: batching.plan_microbatches(  # noqa: E731
+        examples, rows=4, buckets=(16, 32, 64), rng=np.random.default_rng(0), shuffle=False, **kw
+    )[0]
+    plain, long_ = plan(), plan(pack=True, longer_rows=True)
+    assert plain.input_ids.shape == (4, 16) and long_.input_ids.shape == (1, 32)
+    graphdef, params = nnx.split(model)
+    grad_fn = jax.value_and_grad(step_fns.make_loss_fn(graphdef, None), has_aux=True)
+
+    def run(mb):
+        batch = {"input_ids": jnp.asarray(mb.input_ids), "labels": jnp.asarray(mb.labels)}
+        if mb.packed:
+            batch.update(segment_ids=jnp.asarray(mb.segment_ids), positions=jnp.asarray(mb.positions),
+                         segment_lengths=jnp.asarray(mb.segment_lengths))
+        (loss_sum, count), grads = grad_fn(params, batch)
+        return float(loss_sum), int(count), jax.tree.leaves(grads)
+
+    (want_loss, want_count, want_grads), (got_loss, got_count, got_grads) = run(plain), run(long_)
+    assert got_count == want_count
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for got, want in zip(got_grads, want_grads):
+        assert np.linalg.norm(np.asarray(got) - np.asarray(want)) <= 1e-5 * max(np.linalg.norm(np.asarray(want)), 1e-12)
