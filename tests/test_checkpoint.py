@@ -62,6 +62,7 @@ def uninterrupted():
 
 
 @pytest.mark.parametrize("sizes", [(1, 1, 1), (2, 2, 2)], ids=["same-device", "onto-2x2x2"])
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(tmp_path, uninterrupted, sizes):
     reference, reference_stats = uninterrupted
     first, second = calls()
@@ -172,6 +173,7 @@ def poison_final_norm(trainer) -> None:
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.slow
 def test_nan_guard_skips_non_finite_updates(accumulation):
     first, second = calls(4)
     guarded = make_trainer(skip_nonfinite_updates=True, gradient_accumulation_steps=accumulation)

@@ -33,6 +33,7 @@ def _read_line(proc, deadline):
     return line.strip()
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_never_loses_the_newest_complete_checkpoint(tmp_path):
     import jaxsft
     from jaxsft import checkpoint as ckpt

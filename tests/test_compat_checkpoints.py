@@ -51,6 +51,7 @@ def model_dir(tmp_path_factory):
     return str(folder)
 
 
+@pytest.mark.slow
 def test_ten_straight_equal_five_save_fresh_process_restore_five(model_dir, tmp_path):
     straight = build(model_dir, str(tmp_path / "a"))
     for i in range(10):

@@ -96,6 +96,7 @@ def tokenizer(tok_dir):
 # the seed quick start and TRL's own tests
 
 
+@pytest.mark.slow
 def test_seed_quick_start_runs_as_written(tok_dir, capsys, monkeypatch):
     """``IterativeSFTTrainer(model, tokenizer)``; step(input_ids, attention_mask) without labels; step(texts).
 
@@ -146,6 +147,7 @@ TRL_TEXTS = ["Testing the IterativeSFTTrainer.", "This is a test of the Iterativ
 @pytest.mark.parametrize(
     "model_name,input_name", [("qwen", "tensor"), ("qwen", "text"), ("gpt2", "tensor"), ("gpt2", "text")]
 )
+@pytest.mark.slow
 def test_iterative_step_from_tensor(model_name, input_name, tmp_path, tok_dir):
     """TRL 0.23.1's tests/test_iterative_sft_trainer.py, against compat (its T5 cases: test_seq2seq_compat.py).
 
@@ -381,6 +383,7 @@ def test_trainer_model_is_the_callers_model_synced_lazily(shared, monkeypatch):
     assert out.shape == (1, 6)
 
 
+@pytest.mark.slow
 def test_callers_own_model_reference_sees_trained_weights(shared):
     """TRL trained the caller's model object in place, so loops keep using their own reference: forward
     (hence generate) and state_dict (hence save_pretrained) sync it first, without going through trainer.model."""
@@ -608,6 +611,7 @@ def events(tmp_path_factory, tok_dir):
     return trainer, recorder, stats, seen, printed.getvalue()
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_steps_are_honoured(events):
     """TRL bug §8.6: with transformers >= 4.47 every micro-batch was an optimizer update."""
     trainer, _, stats, _, _ = events
@@ -671,6 +675,7 @@ def _calls(seed: int, n: int = 4):
     return [ids_batch(rng, int(rng.integers(2, 5))) for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_torch_adamw_and_hf_scheduler_reproduce_the_default_run(tmp_path, tokenizer):
     """optimizers=(AdamW with HF's decay groups, get_scheduler('linear')) == the run built from args.
 

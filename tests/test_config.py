@@ -60,6 +60,7 @@ def test_run_options_one_rule_per_knob():
     assert got == RunOptions(dtype=jnp.bfloat16, remat=True, attention_implementation="cudnn", scan_layers=False)
 
 
+@pytest.mark.slow
 def test_training_view_is_derived_not_patched():
     model = jaxsft.from_pretrained(tiny.tiny_torch_model("llama"), mesh=jaxsft.single_device_mesh())
     view = with_options(model, RunOptions(dtype=jnp.bfloat16, remat=True, scan_layers=False))

@@ -29,6 +29,7 @@ def model_dir(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(model_dir, tmp_path):
     from jaxsft import tasks
     from jaxsft.demo import DemoConfig, run

@@ -47,6 +47,7 @@ def _trainer(model, **kw):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "t5", "bart"])
+@pytest.mark.slow
 def test_dropout_only_in_training_and_seeded(family):
     data = _data(family)
     spec = _model(family).spec
@@ -67,6 +68,7 @@ def test_dropout_only_in_training_and_seeded(family):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
+@pytest.mark.slow
 def test_generation_never_drops(family, tmp_path):
     tokenizer = tiny.load_tokenizer(tiny.tokenizer_dir(str(tmp_path)))
     model = _model(family)
@@ -79,6 +81,7 @@ def test_generation_never_drops(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bart"])
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_bit_for_bit(family, tmp_path):
     data = _data(family)
 
@@ -102,6 +105,7 @@ def test_resumed_run_equals_uninterrupted_bit_for_bit(family, tmp_path):
     assert calls(off, 1)[0] != losses[0]  # and dropout really was on in those runs
 
 
+@pytest.mark.slow
 def test_attention_with_dropout_path_equals_attention_at_rate_zero_and_drops_at_rate():
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(2, 6, 4, 8)), jnp.float32)

@@ -82,6 +82,7 @@ def run_example(name: str, tmp_path: Path) -> list[dict]:
     return json.loads(summary.read_text())
 
 
+@pytest.mark.slow
 def test_expert_iteration_example(tmp_path):
     history = run_example("expert_iteration.py", tmp_path)
     assert [h["round"] for h in history] == [0, 1, 2]
@@ -90,6 +91,7 @@ def test_expert_iteration_example(tmp_path):
     assert trained and all(h["updates"] >= 1 and h["loss"] > 0 for h in trained)
 
 
+@pytest.mark.slow
 def test_trl_switch_example(tmp_path):
     history = run_example("trl_switch.py", tmp_path)
     for h in history:
@@ -103,6 +105,7 @@ def test_trl_switch_example(tmp_path):
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "trl-switch"))  # trainer.save_model's folder loads
 
 
+@pytest.mark.slow
 def test_rejection_sampling_example(tmp_path):
     history = run_example("rejection_sampling.py", tmp_path)
     assert any(h["kept"] and h["updates"] >= 1 for h in history)

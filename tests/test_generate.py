@@ -57,6 +57,7 @@ def assert_same_as_hf(result, hf_tokens, pad_id):
 
 # ---------------------------------------------------------------------------- greedy parity
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.slow
 def test_greedy_matches_transformers(family, tok):
     from jaxsft.generation import generate
 
@@ -73,6 +74,7 @@ def test_greedy_matches_transformers(family, tok):
     assert any(r == "length" for r in ours2.finish_reasons) or all(r == "eos" for r in ours2.finish_reasons)
 
 
+@pytest.mark.slow
 def test_chunking_order_and_return_sequences(tok):
     """batch_size chunks (sorted by length) and num_return_sequences keep prompt-major order and greedy results."""
     from jaxsft.generation import generate
@@ -85,6 +87,7 @@ def test_chunking_order_and_return_sequences(tok):
     assert len(res.tokens) == 3 * len(PROMPTS) and res.num_return_sequences == 3
 
 
+@pytest.mark.slow
 def test_package_generate_and_chat_prompts(tok):
     import jaxsft
     import jaxsft.generation
@@ -104,6 +107,7 @@ def test_package_generate_and_chat_prompts(tok):
 
 
 # ---------------------------------------------------------------------------- sampling
+@pytest.mark.slow
 def test_sampling_reproducible_and_seeded(tok):
     from jaxsft.generation import generate
 
@@ -165,6 +169,7 @@ def chi_square_pvalue(samples, probs):
 N_SAMPLES = 4096
 
 
+@pytest.mark.slow
 def test_temperature_one_matches_softmax(peaky, tok):
     """Empirical first-token frequencies at temperature 1 against softmax(logits).
 
@@ -181,6 +186,7 @@ def test_temperature_one_matches_softmax(peaky, tok):
     assert chi_square_pvalue(samples, p) > 1e-3
 
 
+@pytest.mark.slow
 def test_top_k(peaky, tok):
     from jaxsft.generation import generate
 
@@ -239,6 +245,7 @@ def test_temperature_order_and_low_temperature(peaky, tok):
 
 
 # ---------------------------------------------------------------------------- programs and stops
+@pytest.mark.slow
 def test_no_recompiles_for_similar_calls(tok):
     from jaxsft.generation import compiled_programs, generate
 
@@ -254,6 +261,7 @@ def test_no_recompiles_for_similar_calls(tok):
     assert compiled_programs() == before + 2
 
 
+@pytest.mark.slow
 def test_stop_strings_truncate(tok):
     from jaxsft.generation import generate
 
@@ -323,6 +331,7 @@ def test_smollm2_greedy_matches_transformers():
     assert "Paris" in ours.texts[0]
 
 
+@pytest.mark.slow
 def test_generate_on_an_explicit_mesh_matches_single_device(tok):
     """``mesh=`` moves the params onto another mesh (here 2x2x2, kv heads split) with identical greedy output."""
     import jaxsft
@@ -357,6 +366,7 @@ def test_sampler_owns_its_programs_and_takes_new_weights_without_recompiling(tok
     assert "cache" in DecodeState._fields and "finished_by_eos" in DecodeState._fields
 
 
+@pytest.mark.slow
 def test_trainer_generate_keeps_one_sampler_across_steps(tok):
     import jaxsft
 

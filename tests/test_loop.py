@@ -86,6 +86,7 @@ def test_empty_call_that_is_inconsistent_still_raises(torch_llama, tok, kwargs, 
 
 
 # ----------------------------------------------------------------------------- seeds
+@pytest.mark.slow
 def test_generate_seed_advances_per_call_and_explicit_seed_repeats(torch_llama, tok):
     prompts = ["the quick brown fox", "one two three"]
     kw = dict(max_new_tokens=8, temperature=1.0, num_return_sequences=3)
@@ -109,6 +110,7 @@ def test_generate_seed_advances_per_call_and_explicit_seed_repeats(torch_llama, 
         b.generate(prompts, seed=1.5, max_new_tokens=4)
 
 
+@pytest.mark.slow
 def test_generate_call_count_is_checkpointed(torch_llama, tok, tmp_path):
     prompts = ["the quick brown fox"]
     kw = dict(max_new_tokens=6, temperature=1.0, num_return_sequences=4)
@@ -146,6 +148,7 @@ def test_trainer_adds_eos_by_default_and_add_eos_false_keeps_texts(torch_llama, 
         jaxsft.TrainConfig(add_eos="yes")
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_to_stop(torch_llama, tok):
     """Kept completions carry EOS, so greedy decoding ends with EOS after the learned answer; without it,
     the same training runs on to the token budget."""

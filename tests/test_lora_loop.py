@@ -73,6 +73,7 @@ def _calls(vocab: int, n_calls: int):
     return [[rng.integers(3, vocab, size=int(rng.integers(10, 30))) for _ in range(6)] for _ in range(n_calls)]
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_covers_the_adapters(tmp_path):
     """Save after two calls, restore into a fresh trainer on a fresh base: the next calls match the unbroken run."""
     peft_model = _peft_llama()
@@ -108,6 +109,7 @@ def _config_kwargs(c: lora_lib.LoraConfig) -> dict:
                 use_rslora=c.use_rslora)
 
 
+@pytest.mark.slow
 def test_dropout_trains_differently_but_never_touches_evaluation():
     base = tiny.tiny_torch_model("llama")
     calls = _calls(300, 1)

@@ -144,6 +144,7 @@ def test_matches_torch_peft_loop(family, ga, bs, counts, targets, rslora):
         np.testing.assert_array_equal(before, after)  # bit-identical
 
 
+@pytest.mark.slow
 def test_only_adapters_train_hold_state_and_are_donated():
     """Base weights: no optimizer state, never donated, bit-identical, bf16 allowed. Adapters: sharded by the rules."""
     import jax.numpy as jnp

@@ -179,6 +179,7 @@ def test_chunked_gradient_is_computed_in_one_pass():
     assert _count(loss_jaxpr, "dot_general") == 1  # evaluation does no gradient work
 
 
+@pytest.mark.slow
 def test_sharded_inputs_under_jit():
     if jax.device_count() < 2:
         pytest.skip("needs several (host) devices; conftest sets 8")

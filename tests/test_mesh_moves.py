@@ -1,12 +1,14 @@
 """A trainer given a mesh other than the one its model was loaded on moves the params there."""
 
 import numpy as np
+import pytest
 
 import jaxsft
 from jaxsft.models.hf_io import hf_state_dict
 from tiny import tiny_torch_model
 
 
+@pytest.mark.slow
 def test_trainer_moves_params_to_its_mesh_and_trains_like_one_device():
     torch_model = tiny_torch_model("llama")
     rng = np.random.default_rng(0)

@@ -23,6 +23,7 @@ def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_logged_losses(tmp_path):
     torch_model = tiny.tiny_torch_model("llama", vocab_size=128)
     mesh = jaxsft.single_device_mesh()
@@ -52,6 +53,7 @@ def test_tensorboard_events_hold_the_logged_losses(tmp_path):
     assert got["train/loss"][-1][1] < got["train/loss"][0][1] - 0.1  # it trained (same examples each call)
 
 
+@pytest.mark.slow
 def test_facade_report_to_tensorboard_is_one_mechanism_and_holds_the_losses(tmp_path):
     """The facade keeps HF's own TensorBoardCallback (fed by the core's events); the core adds no second sink."""
     from transformers import TrainingArguments

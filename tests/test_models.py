@@ -89,6 +89,7 @@ def _max_real_diff(out, ref, mask) -> float:
 
 # --------------------------------------------------------------------------- forward parity
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_fp32_logits_match_transformers_on_padded_batch(family):
     ids, mask = _batch()
     ref, _ = _hf_logits(family)
@@ -191,6 +192,7 @@ def _flat_grads(grads) -> dict:
 # smollm2: RMSNorm, rope, GQA, tied embeddings (both uses sum into one grad); gpt2: LayerNorm,
 # learned positions, biases, fused c_attn split three ways. (Each costs ~3 grad compiles.)
 @pytest.mark.parametrize("family", ["smollm2", "gpt2"])
+@pytest.mark.slow
 def test_gradient_matches_torch_and_remat_changes_nothing(family):
     """d(sum(logits * W * mask))/d(params): remat=True equals remat=False, and both, mapped back
     to HF names through the key tables, equal torch autograd on the same padded batch."""
@@ -234,6 +236,7 @@ def test_gradient_matches_torch_and_remat_changes_nothing(family):
 # gpt2: learned positions must follow the cache positions; mistral: llama path plus a window (8)
 # smaller than the sequence, applied over cache slots.
 @pytest.mark.parametrize("family,overrides", [("gpt2", ()), ("mistral", (("sliding_window", 8),))])
+@pytest.mark.slow
 def test_prefill_and_decode_with_cache_match_full_forward(family, overrides):
     rng = np.random.default_rng(3)
     prompt, new = 12, 10
@@ -268,6 +271,7 @@ def test_prefill_and_decode_with_cache_match_full_forward(family, overrides):
 
 
 # --------------------------------------------------------------------------- sharding
+@pytest.mark.slow
 def test_sharded_load_matches_single_device_and_follows_rules():
     assert len(jax.devices()) == 8, "conftest sets 8 CPU devices"
     ids, mask = _batch(length=64)

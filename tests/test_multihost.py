@@ -113,6 +113,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_on_the_union(model_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

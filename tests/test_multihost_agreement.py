@@ -29,6 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_processes_agree_on_verdicts_and_settings(tmp_path):
     model_dir = tmp_path / "model"
     tiny.tiny_torch_model("llama", vocab_size=256).save_pretrained(model_dir)

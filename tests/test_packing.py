@@ -68,6 +68,7 @@ def test_packer_picks_the_layout_with_fewest_tokens():
             examples if mb is not three else _examples([60, 60, 50, 10])))
 
 
+@pytest.mark.slow
 def test_packed_row_never_attends_across_examples():
     """Changing example A's tokens must not move example B's hidden states in the same row."""
     torch_model = tiny.tiny_torch_model("llama")
@@ -129,6 +130,7 @@ def _train(family, pack, ga, calls):
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 @pytest.mark.parametrize("ga", [1, 3])
+@pytest.mark.slow
 def test_packed_training_equals_unpacked(family, ga):
     """Per-update losses within 1e-5 relative; final weights within 1e-5 relative (per tensor, in norm:
     Adam turns float-rounding differences of near-zero gradients into element-wise noise)."""

@@ -63,6 +63,7 @@ def test_embedding_gradient_equals_dense_gradient(sizes, vocab):
 
 @pytest.mark.parametrize("chunk", [None, 8], ids=["full-logits", "token-chunks"])
 @pytest.mark.parametrize("sizes", [(8, 1, 1), (2, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.slow
 def test_loss_over_split_rows_equals_single_device(sizes, chunk):
     rng = np.random.default_rng(1)
     hidden = jnp.asarray(rng.normal(size=(8, 6, 16)), jnp.float32)
@@ -86,6 +87,7 @@ def test_loss_over_split_rows_equals_single_device(sizes, chunk):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_data_parallel_update_reduces_each_gradient_once():
     """All-reduced bytes of one update == fp32 bytes of every parameter (tied embedding counted once)."""
     torch_model = tiny.tiny_torch_model("qwen2", vocab_size=512)  # tied embeddings; 8 x 16 tokens < 512 rows
@@ -135,6 +137,7 @@ def _tiny_trainer(mesh, **overrides):
     return jaxsft.IterativeSFTTrainer(model, cfg, mesh=mesh)
 
 
+@pytest.mark.slow
 def test_bad_xla_options_fail_at_construction():
     mesh = jaxsft.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     with pytest.raises(ValueError, match=r"TrainConfig\.xla_options=.*xla_no_such_option.*refused by XLA"):

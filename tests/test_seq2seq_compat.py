@@ -33,6 +33,7 @@ def _args(tmp_path, **kw):
 
 
 @pytest.mark.parametrize("input_name", ["tensor", "text"])
+@pytest.mark.slow
 def test_trl_t5_cases(input_name, tmp_path, tokenizer):
     """TRL asserted ``param.grad is not None`` (backward ran); here: every parameter of the caller's T5 was
     trained, the loss is finite, and the torch model computes what the trained JAX model computes."""
@@ -68,6 +69,7 @@ def _torch_loss(model, tokenizer, sources, targets) -> float:
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.slow
 def test_texts_labels_are_the_decoder_targets(family, tmp_path, tokenizer):
     """Fails on TRL 0.23.1, which tokenized ``texts`` again as the labels."""
     model = tiny_seq2seq_model(family, vocab_size=300, pad_token_id=tokenizer.pad_token_id)
@@ -83,6 +85,7 @@ def test_texts_labels_are_the_decoder_targets(family, tmp_path, tokenizer):
     assert stats["update_losses"][0] == pytest.approx(right, rel=1e-5)  # measured on the weights before the update
 
 
+@pytest.mark.slow
 def test_seq2seq_collator_semantics_for_tensor_inputs(tmp_path, tokenizer):
     """Labels of their own length, padded with -100 or with the pad id, as DataCollatorForSeq2Seq + TRL."""
     model = tiny_seq2seq_model("bart", vocab_size=300, pad_token_id=tokenizer.pad_token_id)

@@ -31,6 +31,7 @@ def _model(family, tokenizer):
 
 
 @pytest.mark.parametrize("family", ["t5", "t5v11", "bart"])
+@pytest.mark.slow
 def test_greedy_equals_transformers_generate(family, tokenizer):
     torch_model = _model(family, tokenizer)
     eos = torch_model.config.eos_token_id
@@ -52,6 +53,7 @@ def test_greedy_equals_transformers_generate(family, tokenizer):
     assert len({tuple(t) for t in result.tokens}) >= 2  # the prompts really steer the decoder
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tokenizer):
     model = jaxsft.from_pretrained(_model("t5", tokenizer), mesh=jaxsft.single_device_mesh())
     kw = dict(max_new_tokens=10, eos_token_ids=[], return_tokens=True)
@@ -66,6 +68,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tokenizer):
     assert all(np.array_equal(x, y) for x, y in zip(greedy.tokens, top1.tokens))
 
 
+@pytest.mark.slow
 def test_similar_calls_share_one_program_and_trainer_generate_uses_training_weights(tokenizer):
     model = jaxsft.from_pretrained(_model("bart", tokenizer), mesh=jaxsft.single_device_mesh())
     before = seq2seq_generation.compiled_programs()

@@ -31,6 +31,7 @@ def _padded_batch(pad: int, vocab: int, seed: int = 0):
 
 
 @pytest.mark.parametrize("family", SEQ2SEQ_FAMILIES)
+@pytest.mark.slow
 def test_logits_match_transformers_with_padding(family):
     torch_model = tiny_seq2seq_model(family)
     model = from_pretrained(torch_model)

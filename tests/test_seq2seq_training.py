@@ -104,6 +104,7 @@ CASES = [("t5v11", 1, 3, [7, 5, 6]), ("t5v11", 3, 2, [9, 7, 8]), ("bart", 1, 3, 
 
 
 @pytest.mark.parametrize("family,ga,bs,counts", CASES, ids=[f"{c[0]}-ga{c[1]}" for c in CASES])
+@pytest.mark.slow
 def test_matches_torch_loop(family, ga, bs, counts):
     torch_model = tiny_seq2seq_model(family, seed=3)
     calls = _calls(120, counts, seed=ga)
@@ -147,6 +148,7 @@ def test_decay_mask_matches_hf_groups(family):
     assert jax_decay == set(Trainer.get_decay_parameter_names(None, torch_model)) & set(named)
 
 
+@pytest.mark.slow
 def test_buckets_are_independent_and_nothing_recompiles():
     model = jaxsft.from_pretrained(tiny_seq2seq_model("t5"), mesh=jaxsft.single_device_mesh())
     trainer = jaxsft.IterativeSFTTrainer(model, _config(2, 1))
@@ -192,6 +194,7 @@ def test_step_without_labels_is_refused_with_trls_message_before_anything_change
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.slow
 def test_sharded_mesh_trains_as_one_device(family):
     """data x fsdp x tensor = 2 x 2 x 2: the rules table places every seq2seq parameter kind (rel_buckets included)."""
     torch_model = tiny_seq2seq_model(family, seed=1)

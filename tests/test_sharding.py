@@ -204,6 +204,7 @@ def test_from_pretrained_places_shards_directly(sizes):
         np.testing.assert_array_equal(value, ref[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_init_model_is_born_sharded_and_mesh_independent():
     mesh = jaxsft.make_mesh(1, 8, 1)
     spec = jaxsft.ModelSpec.from_hf_config(torch_model().config)
@@ -221,6 +222,7 @@ def test_init_model_is_born_sharded_and_mesh_independent():
 
 @pytest.mark.parametrize("ga", [1, 2])
 @pytest.mark.parametrize("sizes", MESHES, ids=mesh_id)
+@pytest.mark.slow
 def test_mesh_training_equals_one_device(sizes, ga):
     ref_trainer, ref_losses = trained(None, ga)
     trainer, losses = trained(sizes, ga)
@@ -250,6 +252,7 @@ def test_mesh_training_equals_one_device(sizes, ga):
         assert q.addressable_shards[0].data.shape == (2, 8, 4, 16)  # 1/8 of [2, 64, 4, 16] per device
 
 
+@pytest.mark.slow
 def test_gqa_kv_heads_replicated_when_the_tensor_axis_does_not_divide_them():
     """2 KV heads (4 query heads) on make_mesh(tensor=4): query heads, MLP and vocab split four ways,
     the KV projections replicated, and training equals one device (losses and weights, rtol 1e-5)."""
@@ -270,6 +273,7 @@ def test_gqa_kv_heads_replicated_when_the_tensor_axis_does_not_divide_them():
         jaxsft.from_pretrained(torch_model(num_key_value_heads=2), mesh=trainer.mesh, sharding_rules=strict)
 
 
+@pytest.mark.slow
 def test_sharding_rules_are_an_argument():
     """A rules table that keeps the MLP whole on the tensor axis lays the model out that way, and
     the trainer keeps (and trains on) that layout."""

@@ -129,6 +129,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_core_trains_saves_and_loads_without_torch(tmp_path):
     farm = _site_without_torch(tmp_path / "site")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}

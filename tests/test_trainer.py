@@ -195,6 +195,7 @@ def test_truncation(llama, tokenizer, mode):
     np.testing.assert_allclose(out["update_losses"][0], s / n, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_all_masked_batch_changes_nothing(llama):
     trainer = make_trainer(llama, per_device_train_batch_size=2)
     rng = np.random.default_rng(3)
@@ -314,6 +315,7 @@ def test_caller_model_is_trained_in_place(llama):
 # ----------------------------------------------------------------------------- schedule, eval, logging
 
 
+@pytest.mark.slow
 def test_no_horizon_warns_and_trains_at_constant_rate(llama):
     with pytest.warns(UserWarning, match="max_steps"):
         trainer = make_trainer(llama, max_steps=-1, warmup_steps=0, per_device_train_batch_size=2)
@@ -387,6 +389,7 @@ def test_log_history_every_logging_steps(llama):
         assert isinstance(h["grad_norm"], float) and h["grad_norm"] > 0
 
 
+@pytest.mark.slow
 def test_clipping_off_at_zero_and_none(llama):
     """max_grad_norm 0 or None: no clipping (HF semantics; TRL 0.23.1 zeroed the gradients at 0)."""
     rng = np.random.default_rng(14)
@@ -406,6 +409,7 @@ def test_clipping_off_at_zero_and_none(llama):
 # ----------------------------------------------------------------------------- numerics modes
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_training(llama):
     rng = np.random.default_rng(11)
     calls = [random_ids(rng, n, hi=16) for n in (5, 3)]  # the 16 bucket only
@@ -432,6 +436,7 @@ def test_bf16_trains(llama):
 
 
 @pytest.mark.parametrize("ga,extra", [(1, 0), (2, 2)])
+@pytest.mark.slow
 def test_no_recompiles_beyond_buckets(llama, ga, extra):
     """60 calls of random sizes compile at most one program per bucket (+ zeros and apply with accumulation)."""
     trainer = make_trainer(llama, gradient_accumulation_steps=ga, max_length=64, logging_steps=0)

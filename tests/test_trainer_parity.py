@@ -157,6 +157,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("family,ga,bs,counts", CASES, ids=[f"{c[0]}-ga{c[1]}" for c in CASES])
+@pytest.mark.slow
 def test_matches_torch_loop(family, ga, bs, counts):
     torch_model = tiny.tiny_torch_model(family, seed=3)
     calls = _make_calls(torch_model.config.vocab_size, counts, seed=len(counts) + ga)
