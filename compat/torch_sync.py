@@ -28,8 +28,6 @@ from jaxsft.models.decoder import CausalLM
 from jaxsft.models.hf_export import hf_layout_on_device
 from jaxsft.models.hf_io import hf_state_dict, hf_weight_shapes, param_shapes
 from jaxsft.models.hf_keys import table_for
-from jaxsft.models import seq2seq_weights
-from jaxsft.models.seq2seq_spec import Seq2SeqSpec
 from jaxsft.models.spec import ModelSpec
 from jaxsft.optim import key_name
 
@@ -39,8 +37,6 @@ _NUMPY_WRITABLE = {torch.float32: np.float32, torch.float64: np.float64, torch.f
 
 def hf_parameter_names(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Every HF weight name a jaxsft model of ``spec`` fills, with its HF shape (layers expanded)."""
-    if isinstance(spec, Seq2SeqSpec):
-        return seq2seq_weights.hf_shapes(spec)
     return hf_weight_shapes(spec)
 
 
@@ -67,11 +63,9 @@ class TorchWeightSync:
         self._spec = spec
         self._targets: list[tuple[str, torch.nn.Parameter]] = []
         unknown, misshaped = [], []
-        # T5 / BART (their own tables, jaxsft.models.seq2seq_weights): HF layouts are made on the host.
-        self._host_only = isinstance(spec, Seq2SeqSpec)
-        table = None if self._host_only else table_for(spec)
+        table = table_for(spec)
         for name, param in torch_model.named_parameters():
-            key = name if table is None else table.normalise(name)
+            key = table.normalise(name)
             if key not in expected:
                 unknown.append(name)
             elif tuple(param.shape) != expected[key]:
@@ -88,8 +82,6 @@ class TorchWeightSync:
             )
         by_key = dict(self._targets)
         self._plans: list[_Plan] = []
-        if self._host_only:
-            return
         shapes = param_shapes(spec)
         for row in table.active(shapes):
             params = [by_key.get(k) for k in row.keys(shapes)]
@@ -108,7 +100,7 @@ class TorchWeightSync:
         pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         leaves = jax.tree.leaves(pure)
         on_cpu = all(d.platform == "cpu" for x in leaves for d in x.devices())
-        if self._host_only or on_cpu or not all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        if on_cpu or not all(getattr(x, "is_fully_addressable", True) for x in leaves):
             # CPU arrays are host memory already (numpy reads them without a copy) and numpy's transposes
             # beat a second XLA program there; arrays of other hosts must be gathered.
             self.copy_arrays(hf_state_dict(model))
@@ -225,12 +217,14 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def _ours_key(path: tuple) -> tuple[str, ...]:
-    """A params-tree path ('layers', 'q_proj', 'value') -> the jaxsft name key ('layers', 'q_proj')."""
-    names = [key_name(k) for k in path]
-    if names and names[0] == "layers":
-        return ("layers", names[1])
-    return (names[0],)
+def _ours_key(path: tuple, known: Any) -> tuple[str, ...]:
+    """A params-tree path ('layers', 'q_proj', 'value') -> the jaxsft name key ('layers', 'q_proj'):
+    its longest prefix that is a weight-table parameter (else the whole path, for the error)."""
+    names = tuple(key_name(k) for k in path)
+    for n in range(len(names), 0, -1):
+        if names[:n] in known:
+            return names[:n]
+    return names
 
 
 def hf_decay_mask_fn(spec: ModelSpec) -> Callable[[frozenset[str]], Callable[[Any], Any]]:
@@ -241,8 +235,6 @@ def hf_decay_mask_fn(spec: ModelSpec) -> Callable[[frozenset[str]], Callable[[An
     fused ``c_attn`` fills q/k/v, which then share its choice. Splits that
     cannot be expressed raise ValueError naming the weight.
     """
-    if isinstance(spec, Seq2SeqSpec):
-        return _seq2seq_decay_mask_fn(spec)
     table, shapes = table_for(spec), param_shapes(spec)
     rows = table.active(shapes)
 
@@ -271,39 +263,7 @@ def hf_decay_mask_fn(spec: ModelSpec) -> Callable[[frozenset[str]], Callable[[An
 
         def mask(params: Any) -> Any:
             def leaf(path: tuple, _value: Any) -> bool:
-                key = _ours_key(path)
-                if key not in decision:
-                    raise ValueError(f"decay mask: jaxsft parameter {'/'.join(key)} has no HF weight rule.")
-                return decision[key]
-
-            return jax.tree_util.tree_map_with_path(leaf, params)
-
-        return mask
-
-    return mask_for
-
-
-def _seq2seq_decay_mask_fn(spec: Seq2SeqSpec) -> Callable[[frozenset[str]], Callable[[Any], Any]]:
-    """As :func:`hf_decay_mask_fn` for T5 / BART: parameters keyed (stack, name) or (name,)."""
-
-    def mask_for(decayed: frozenset[str]) -> Callable[[Any], Any]:
-        decision: dict[tuple[str, ...], bool] = {}
-        for rule in seq2seq_weights.rules_for(spec):
-            count = 1 if rule.stack is None else (
-                spec.num_encoder_layers if rule.stack == "encoder" else spec.num_decoder_layers)
-            keys = [rule.hf.format(i=i) for i in range(count)]
-            flags = {key in decayed for key in keys}
-            if len(flags) > 1:
-                raise ValueError(
-                    f"the optimizer's param groups decay {rule.hf.format(i='*')} in some layers only; jaxsft stacks "
-                    "each weight over layers, so all layers must share one weight-decay choice."
-                )
-            decision[(rule.stack, rule.ours) if rule.stack else (rule.ours,)] = flags.pop()
-
-        def mask(params: Any) -> Any:
-            def leaf(path: tuple, _value: Any) -> bool:
-                names = [_key_name(k) for k in path]
-                key = (names[0], names[1]) if names[0] in ("encoder", "decoder") else (names[0],)
+                key = _ours_key(path, decision)
                 if key not in decision:
                     raise ValueError(f"decay mask: jaxsft parameter {'/'.join(key)} has no HF weight rule.")
                 return decision[key]

@@ -98,3 +98,51 @@ def test_missing_and_extra_weights_are_named(tmp_path):
     save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"missing weights: decoder\.block\.1\.layer\.1\.EncDecAttention\.k\.weight.*unexpected weights: encoder\.block\.0\.layer\.0\.SelfAttention\.extra"):
         from_pretrained(tmp_path / "m")
+
+
+def test_bart_missing_and_misshaped_weights_are_named_before_placing(tmp_path, monkeypatch):
+    """Checked from the headers: a missing and a wrong-shaped BART tensor are both named, nothing is placed."""
+    from safetensors.numpy import load_file, save_file
+
+    import jaxsft.sharding as shd
+
+    tiny_seq2seq_model("bart").save_pretrained(str(tmp_path / "m"))
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    weights.pop("model.decoder.layers.1.encoder_attn.out_proj.bias")
+    weights["model.encoder.layers.0.fc1.weight"] = np.zeros((64, 31), np.float32)
+    save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(shd, "place_array", lambda *a, **k: pytest.fail("a parameter was placed before the check"))
+    with pytest.raises(CheckpointError, match=r"missing weights: model\.decoder\.layers\.1\.encoder_attn\.out_proj\.bias"
+                       r".*wrong weights: model\.encoder\.layers\.0\.fc1\.weight has shape \(64, 31\), expected \(64, 32\)"):
+        from_pretrained(tmp_path / "m")
+
+
+def test_t5_misshaped_relative_bias_is_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    tiny_seq2seq_model("t5v11").save_pretrained(str(tmp_path / "m"))
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    key = "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    weights[key] = np.zeros((9, 4), np.float32)
+    save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"wrong weights: {key.replace('.', '[.]')} has shape \(9, 4\), expected \(8, 4\)"):
+        from_pretrained(tmp_path / "m")
+
+
+def test_bart_without_final_logits_bias_loads_it_as_zeros(tmp_path):
+    """Some BART files lack the (untrained) final_logits_bias buffer: it loads as zeros, everything else as saved,
+    and saving writes it back in HF's [1, V] layout."""
+    from safetensors.numpy import load_file, save_file
+
+    torch_model = tiny_seq2seq_model("bart")
+    torch_model.save_pretrained(str(tmp_path / "m"))
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    assert weights.pop("final_logits_bias").shape == (1, 120)
+    save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    model = from_pretrained(tmp_path / "m")
+    np.testing.assert_array_equal(np.asarray(model.final_logits_bias[...]), np.zeros(120, np.float32))
+    out = hf_io.hf_state_dict(model)
+    np.testing.assert_array_equal(out["final_logits_bias"], np.zeros((1, 120), np.float32))
+    for key, value in weights.items():
+        if key in out:
+            np.testing.assert_array_equal(out[key], value, err_msg=key)

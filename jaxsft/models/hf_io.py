@@ -3,9 +3,10 @@
 Loading is strict: every checkpoint key must be consumed, every parameter filled,
 every shape right, or nothing is returned; all of that is checked from the file
 headers before any tensor is read. The weights then stream through the family's
-weight table (:mod:`jaxsft.models.hf_keys`) one row at a time, each parameter
-placed straight onto its mesh sharding and dropped from host memory, so neither a
-whole checkpoint nor a whole parameter on one device is ever assembled.
+weight table (:mod:`jaxsft.models.hf_keys`, decoders and encoder-decoders alike) one
+row at a time, each parameter placed straight onto its mesh sharding and dropped from
+host memory, so neither a whole checkpoint nor a whole parameter on one device is ever
+assembled.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from flax import nnx
 from jaxsft import sharding as shd
 from jaxsft import torch_bridge
 from jaxsft.models import lora as lora_lib
-from jaxsft.models import seq2seq_weights, weights
+from jaxsft.models import weights
 from jaxsft.models.decoder import CausalLM
 from jaxsft.models.hf_keys import table_for
 from jaxsft.models.seq2seq import Seq2SeqLM
@@ -152,35 +153,32 @@ def model_class(spec: AnySpec):
 
 # ---------------------------------------------------------------------------- conversion
 @functools.lru_cache(maxsize=64)
-def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """``{"embed": (V, H), "layers/q_proj": (L, H, N, D), ...}``: what a CausalLM of ``spec`` holds,
-    read off a shape-only model (so the weight tables are checked against the model itself)."""
+def param_shapes(spec: AnySpec) -> dict[str, tuple[int, ...]]:
+    """``{"embed": (V, H), "layers/q_proj": (L, H, N, D), ...}``: what a model of ``spec`` holds
+    (a Seq2SeqLM's ``encoder/...`` and ``decoder/...``), read off a shape-only model (so the weight
+    tables are checked against the model itself)."""
     state = nnx.state(abstract_model(spec), nnx.Param)
     return {"/".join(map(str, path)): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
 
 
-def hf_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+def hf_weight_shapes(spec: AnySpec) -> dict[str, tuple[int, ...]]:
     """Every HF weight name a model of ``spec`` fills (layers expanded), with its HF shape."""
     return table_for(spec).hf_shapes(param_shapes(spec))
 
 
-def import_params(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def import_params(spec: AnySpec, tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """HF-named arrays -> {'embed': ..., 'layers': {'q_proj': [L, ...]}, ...} (numpy), strictly.
 
     Every key is checked (present, floating point, exactly the HF shape the config
     implies) before any conversion, and all problems are reported together.
     """
-    if isinstance(spec, Seq2SeqSpec):
-        return seq2seq_weights.import_params(spec, tensors)
     table, shapes, source = table_for(spec), param_shapes(spec), weights.ArraySource(tensors)
     weights.check(table, shapes, source, spec.model_type)
     return _nested(dict(weights.stream(table, shapes, source)))
 
 
-def export_params(spec: ModelSpec, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def export_params(spec: AnySpec, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The inverse of :func:`import_params`: jaxsft arrays -> HF-named numpy arrays."""
-    if isinstance(spec, Seq2SeqSpec):
-        return seq2seq_weights.export_params(spec, params)
     flat = {path: np.asarray(x) for path, x in _flat(params).items()}
     return dict(weights.export(table_for(spec), flat))
 
@@ -312,9 +310,8 @@ def from_pretrained(
     ``jaxsft.sharding.DEFAULT_RULES``) lay the parameters out on it. ``adapter``: a PEFT
     LoRA folder to attach to the base, to continue training it.
 
-    Decoder-only checkpoints stream: every key is checked from the file headers first, then
-    the weights go onto the mesh one weight-table row at a time (never the whole checkpoint
-    in host memory).
+    Checkpoints stream: every key is checked from the file headers first, then the weights go
+    onto the mesh one weight-table row at a time (never the whole checkpoint in host memory).
     """
     from jaxsft.models import peft_io
 
@@ -351,12 +348,9 @@ def from_pretrained(
             )
         spec = spec_from_hf_config(config)
         param_dtype = jnp.dtype(param_dtype or jnp.float32)
-        if isinstance(spec, Seq2SeqSpec):  # its own rule tables (jaxsft.models.seq2seq_weights): not streamed yet
-            params: Any = import_params(spec, {k: tensors.read(k) for k in tensors.keys()})
-        else:
-            table, shapes = table_for(spec), param_shapes(spec)
-            weights.check(table, shapes, tensors, spec.model_type)  # headers only: nothing read or placed yet
-            params = weights.stream(table, shapes, tensors)  # one row of the table in host memory at a time
+        table, shapes = table_for(spec), param_shapes(spec)
+        weights.check(table, shapes, tensors, spec.model_type)  # headers only: nothing read or placed yet
+        params = weights.stream(table, shapes, tensors)  # one row of the table in host memory at a time
         model = build_model(
             spec,
             params,

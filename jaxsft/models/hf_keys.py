@@ -1,14 +1,20 @@
-"""The decoder families' weight tables (format: :mod:`jaxsft.models.weights`).
+"""Every family's weight table (format: :mod:`jaxsft.models.weights`): the decoders (Llama's names,
+GPT-2's) and the encoder-decoders (T5 v1.0, T5 v1.1 / Flan-T5, BART).
 
 Loading, saving, the torch weight sync and the decay-mask translation all read these rows, so
 an HF name and its layout live in exactly one place. Axis letters: ``h`` hidden, ``n`` heads
-(query or KV, as the parameter has them), ``d`` head_dim, ``f`` MLP width.
+(query or KV, as the parameter has them), ``d`` head_dim, ``f`` MLP width, ``v`` vocabulary.
+Encoder-decoder layer parameters sit under ``encoder/`` and ``decoder/``, each stacked over its
+own stack's layers.
 """
 
 from __future__ import annotations
 
+from typing import Union
+
+from jaxsft.models.seq2seq_spec import Seq2SeqSpec
 from jaxsft.models.spec import ModelSpec
-from jaxsft.models.weights import W, WeightTable
+from jaxsft.models.weights import Row, W, WeightTable
 
 _HEADS_IN = "(n d) h -> h n d"  # torch Linear [heads*dim, hidden] -> ours [hidden, heads, dim]
 _HEADS_OUT = "h (n d) -> n d h"  # torch Linear [hidden, heads*dim] -> ours [heads, dim, hidden]
@@ -77,9 +83,107 @@ GPT2 = WeightTable(
     aliases=_gpt2_alias,
 )
 
-TABLES = {"llama": LLAMA, "gpt2": GPT2}
+
+# ---------------------------------------------------------------------------- T5
+def _t5_attention(stack: str, block: str, prefix: str) -> list[Row]:
+    base = f"{stack}.block.{{i}}.{block}"
+    return [
+        *(W(f"{base}.{p}.weight", f"{stack}/{prefix}{p}_proj", _HEADS_IN) for p in ("q", "k", "v")),
+        W(f"{base}.o.weight", f"{stack}/{prefix}o_proj", _HEADS_OUT),
+    ]
 
 
-def table_for(spec: ModelSpec) -> WeightTable:
-    """The weight table of ``spec``'s family (every supported family but GPT-2 uses Llama's names)."""
+def _t5_stack(stack: str, gated: bool) -> list[Row]:
+    """One stack's layers: self-attention (layer.0), the decoder's cross-attention (layer.1), the MLP (last)."""
+    block = f"{stack}.block.{{i}}.layer"
+    mlp = 2 if stack == "decoder" else 1
+    rows = [*_t5_attention(stack, "layer.0.SelfAttention", ""), W(f"{block}.0.layer_norm.weight", f"{stack}/attn_norm_scale")]
+    if stack == "decoder":
+        rows += [*_t5_attention(stack, "layer.1.EncDecAttention", "cross_"),
+                 W(f"{block}.1.layer_norm.weight", f"{stack}/cross_norm_scale")]
+    dense = f"{block}.{mlp}.DenseReluDense"
+    if gated:  # v1.1 / Flan-T5: wi_0 is the gate, wi_1 the up projection
+        rows += [W(f"{dense}.wi_0.weight", f"{stack}/gate_proj", _LINEAR), W(f"{dense}.wi_1.weight", f"{stack}/up_proj", _LINEAR)]
+    else:
+        rows.append(W(f"{dense}.wi.weight", f"{stack}/up_proj", _LINEAR))
+    rows += [W(f"{dense}.wo.weight", f"{stack}/down_proj", _LINEAR), W(f"{block}.{mlp}.layer_norm.weight", f"{stack}/mlp_norm_scale")]
+    return rows
+
+
+def _t5(family: str, gated: bool) -> WeightTable:
+    return WeightTable(
+        family,
+        rows=(
+            W("shared.weight", "embed"),
+            W("lm_head.weight", "lm_head", tied_to="embed"),
+            W("encoder.final_layer_norm.weight", "enc_final_norm_scale"),
+            W("decoder.final_layer_norm.weight", "dec_final_norm_scale"),
+            # the relative-position bias lives in block 0 only and is shared by every layer of its stack
+            W("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "enc_rel_bias"),
+            W("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "dec_rel_bias"),
+            *_t5_stack("encoder", gated),
+            *_t5_stack("decoder", gated),
+        ),
+        ignore=(r"(encoder|decoder)\.embed_tokens\.weight",),  # tied copies of shared.weight (HF re-ties them)
+    )
+
+
+T5 = _t5("t5", gated=False)  # T5 v1.0: one ReLU projection wi
+T5_GATED = _t5("t5-gated", gated=True)  # T5 v1.1 / Flan-T5: gated GELU (wi_0, wi_1)
+
+
+# ---------------------------------------------------------------------------- BART
+def _bart_attention(stack: str, hf: str, prefix: str) -> list[Row]:
+    base, ours = f"model.{stack}.layers.{{i}}.{hf}", f"{stack}/{prefix}"
+    rows = []
+    for p in ("q", "k", "v"):
+        rows += [W(f"{base}.{p}_proj.weight", f"{ours}{p}_proj", _HEADS_IN), W(f"{base}.{p}_proj.bias", f"{ours}{p}_bias", _HEAD_BIAS)]
+    return rows + [W(f"{base}.out_proj.weight", f"{ours}o_proj", _HEADS_OUT), W(f"{base}.out_proj.bias", f"{ours}o_bias")]
+
+
+def _bart_norm(hf: str, ours: str) -> list[Row]:
+    return [W(f"{hf}.weight", f"{ours}_scale"), W(f"{hf}.bias", f"{ours}_bias")]
+
+
+def _bart_stack(stack: str) -> list[Row]:
+    side, base = stack[:3], f"model.{stack}.layers.{{i}}"
+    rows = [
+        W(f"model.{stack}.embed_positions.weight", f"{side}_pos_embed"),
+        *_bart_norm(f"model.{stack}.layernorm_embedding", f"{side}_embed_norm"),
+        *_bart_attention(stack, "self_attn", ""),
+        *_bart_norm(f"{base}.self_attn_layer_norm", f"{stack}/attn_norm"),
+    ]
+    if stack == "decoder":
+        rows += [*_bart_attention(stack, "encoder_attn", "cross_"), *_bart_norm(f"{base}.encoder_attn_layer_norm", f"{stack}/cross_norm")]
+    return rows + [
+        W(f"{base}.fc1.weight", f"{stack}/up_proj", _LINEAR),
+        W(f"{base}.fc1.bias", f"{stack}/up_bias"),
+        W(f"{base}.fc2.weight", f"{stack}/down_proj", _LINEAR),
+        W(f"{base}.fc2.bias", f"{stack}/down_bias"),
+        *_bart_norm(f"{base}.final_layer_norm", f"{stack}/mlp_norm"),
+    ]
+
+
+BART = WeightTable(
+    "bart",
+    rows=(
+        W("model.shared.weight", "embed"),
+        W("lm_head.weight", "lm_head", tied_to="embed"),
+        # an untrained buffer HF stores as [1, V]; some files lack it (then zeros, which is what it holds)
+        W("final_logits_bias", "final_logits_bias", "1 v -> v", optional=True),
+        *_bart_stack("encoder"),
+        *_bart_stack("decoder"),
+    ),
+    ignore=(r"model\.(encoder|decoder)\.embed_tokens\.weight",),  # tied copies of model.shared.weight
+)
+
+TABLES = {"llama": LLAMA, "gpt2": GPT2, "t5": T5, "t5-gated": T5_GATED, "bart": BART}
+
+
+def table_for(spec: Union[ModelSpec, Seq2SeqSpec]) -> WeightTable:
+    """The weight table of ``spec``'s family (every supported decoder but GPT-2 uses Llama's names)."""
+    if isinstance(spec, Seq2SeqSpec):
+        if spec.model_type == "bart":
+            return BART
+        return T5_GATED if spec.mlp == "gated" else T5
     return GPT2 if spec.model_type == "gpt2" else LLAMA

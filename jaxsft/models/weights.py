@@ -14,15 +14,24 @@ A family's table is a :class:`WeightTable` of rows ``W(hf_name, our_path, op)``:
   restricted to reshapes and transposes: ``"(n d) h -> h n d"`` says the HF tensor is
   ``[n*d, h]`` and ours ``[h, n, d]``. ``""`` means the same layout. With several parameters the
   our side starts with ``parts``, the axis that enumerates them: ``"h (parts n d) -> parts h n d"``.
+  A ``1`` on the HF side is an axis of size one that we drop (BART's ``final_logits_bias`` is
+  ``[1, V]`` in HF files and ``[V]`` here: ``"1 v -> v"``).
   Every size comes from our parameter shapes, so a row needs no code.
 
 Options: ``tied_to=`` on a row names the parameter that replaces it when the model ties it
-away (``lm_head`` tied to ``embed``: a checkpoint's copy is then skipped). The table's
-``ignore`` patterns list buffers some checkpoints carry (rotary ``inv_freq``); ``aliases``
-rewrites old key spellings first (original GPT-2 files lack the ``transformer.`` prefix).
+away (``lm_head`` tied to ``embed``: a checkpoint's copy is then skipped). ``optional=True``
+marks a tensor some checkpoints lack (BART's ``final_logits_bias`` buffer): when absent its
+parameters load as zeros; it is always written. The table's ``ignore`` patterns list buffers and
+tied copies some checkpoints carry (rotary ``inv_freq``, T5's per-stack ``embed_tokens``);
+``aliases`` rewrites old key spellings first (original GPT-2 files lack the ``transformer.`` prefix).
 
 A row is active when all its parameters exist in the model, so optional weights (biases,
-QK-norm) need no condition of their own: the model's parameter set is the condition.
+QK-norm) need no condition of their own: the model's parameter set is the condition. Each
+parameter must be filled by exactly one active row; a family whose variants spell one parameter
+differently (T5's ``wi`` or ``wi_1``) has one table per variant.
+
+A per-layer row's layer count is its parameters' leading axis, so stacks of different depths
+(an encoder's ``encoder/q_proj`` and a decoder's ``decoder/q_proj``) need nothing special.
 
 Everything else is derived from the table and the model's parameter shapes: the expected HF
 name and shape of every tensor (:meth:`WeightTable.hf_shapes`), strict checks of a checkpoint
@@ -35,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Collection, Iterator, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -49,7 +58,7 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------- ops
 def _axes(text: str) -> list[tuple[str, ...]]:
     """``"(n d) h"`` -> [("n", "d"), ("h",)]."""
-    groups, tokens = [], re.findall(r"\(|\)|[A-Za-z_][A-Za-z0-9_]*", text)
+    groups, tokens = [], re.findall(r"\(|\)|[A-Za-z_][A-Za-z0-9_]*|\d+", text)
     current: Optional[list[str]] = None
     for token in tokens:
         if token == "(":
@@ -61,6 +70,8 @@ def _axes(text: str) -> list[tuple[str, ...]]:
                 raise ValueError(f"weight op {text!r}: empty or unbalanced parentheses")
             groups.append(tuple(current))
             current = None
+        elif token.isdigit() and token != "1":
+            raise ValueError(f"weight op {text!r}: the only number an op may name is 1 (a size-one HF axis)")
         elif current is not None:
             current.append(token)
         else:
@@ -93,7 +104,9 @@ class Op:
         hf_groups, our_groups = _axes(hf), _axes(ours)
         if any(len(g) != 1 for g in our_groups):
             raise ValueError(f"weight op {self.text!r}: only the HF side may group axes")
-        flat = [a for g in hf_groups for a in g]
+        if any(g == ("1",) for g in our_groups):
+            raise ValueError(f"weight op {self.text!r}: only the HF side may have size-one axes (1)")
+        flat = [a for g in hf_groups for a in g if a != "1"]
         mine = [g[0] for g in our_groups]
         if sorted(flat) != sorted(mine) or len(set(flat)) != len(flat):
             raise ValueError(f"weight op {self.text!r}: both sides must name the same axes, once each")
@@ -119,7 +132,7 @@ class Op:
         names = ours[1:] if self.parts else ours
         if any(len(s) != len(names) for s in our_shapes) or len(set(our_shapes)) != 1:
             raise ValueError(f"weight op {self.text!r} does not fit our shapes {list(our_shapes)}")
-        sizes = dict(zip(names, our_shapes[0]))
+        sizes = dict(zip(names, our_shapes[0]), **{"1": 1})
         if self.parts:
             sizes["parts"] = len(our_shapes)
         return hf_groups, ours, sizes
@@ -133,7 +146,7 @@ class Op:
         """HF tensor (with ``lead`` leading batch axes, e.g. layers) -> our arrays, one per parameter."""
         hf_groups, ours, sizes = self._sizes(our_shapes)
         xp, head = _xp(x), tuple(x.shape[:lead])
-        flat = [a for g in hf_groups for a in g]
+        flat = [a for g in hf_groups for a in g if a != "1"]
         y = x.reshape(head + tuple(sizes[a] for a in flat))
         perm = tuple(range(lead)) + tuple(lead + flat.index(a) for a in ours)
         if perm != tuple(range(len(perm))):
@@ -148,7 +161,7 @@ class Op:
         hf_groups, ours, sizes = self._sizes(our_shapes)
         xp, head = _xp(ys[0]), tuple(ys[0].shape[:lead])
         y = xp.stack(list(ys), axis=lead) if self.parts else ys[0]
-        flat = [a for g in hf_groups for a in g]
+        flat = [a for g in hf_groups for a in g if a != "1"]
         perm = tuple(range(lead)) + tuple(lead + ours.index(a) for a in flat)
         if perm != tuple(range(len(perm))):
             y = xp.transpose(y, perm)
@@ -162,6 +175,7 @@ class Row:
     ours: tuple[str, ...]
     op: Op = Op()
     tied_to: Optional[str] = None
+    optional: bool = False  # may be absent from a checkpoint: its parameters then load as zeros
 
     @property
     def per_layer(self) -> bool:
@@ -176,9 +190,11 @@ class Row:
         return [tuple(shapes[p][1:]) if self.per_layer else tuple(shapes[p]) for p in self.ours]
 
 
-def W(hf: str, ours: Union[str, Sequence[str]], op: str = "", *, tied_to: Optional[str] = None) -> Row:
+def W(
+    hf: str, ours: Union[str, Sequence[str]], op: str = "", *, tied_to: Optional[str] = None, optional: bool = False
+) -> Row:
     """One table row: ``W("model.layers.{i}.self_attn.q_proj.weight", "layers/q_proj", "(n d) h -> h n d")``."""
-    return Row(hf, (ours,) if isinstance(ours, str) else tuple(ours), Op(op), tied_to)
+    return Row(hf, (ours,) if isinstance(ours, str) else tuple(ours), Op(op), tied_to, optional)
 
 
 def expand(pattern: str, layers: Optional[int]) -> list[tuple[Optional[int], str]]:
@@ -209,8 +225,11 @@ class WeightTable:
     def active(self, shapes: Shapes) -> list[Row]:
         """The rows whose parameters all exist in a model with these shapes."""
         out = [row for row in self.rows if all(p in shapes for p in row.ours)]
-        filled = {p for row in out for p in row.ours}
-        unfilled = sorted(set(shapes) - filled)
+        filled = [p for row in out for p in row.ours]
+        twice = sorted({p for p in filled if filled.count(p) > 1})
+        if twice:
+            raise ValueError(f"weight table {self.family!r} fills parameters {twice} from more than one row")
+        unfilled = sorted(set(shapes) - set(filled))
         if unfilled:
             raise ValueError(f"weight table {self.family!r} has no row for parameters {unfilled}")
         return out
@@ -225,6 +244,16 @@ class WeightTable:
             shape = row.op.hf_shape(row.param_shapes(shapes))
             for key in row.keys(shapes):
                 out[key] = shape
+        return out
+
+    def absent_optional(self, shapes: Shapes, present: Collection[str]) -> set[str]:
+        """The keys of optional rows a checkpoint lacks entirely (all of the row's keys, so a row is
+        loaded whole or zero-filled whole; a partly present one counts as missing keys)."""
+        out: set[str] = set()
+        for row in self.active(shapes):
+            keys = row.keys(shapes)
+            if row.optional and not any(key in present for key in keys):
+                out.update(keys)
         return out
 
     def ignorable(self, key: str, shapes: Shapes) -> bool:
@@ -282,7 +311,8 @@ def check(table: WeightTable, shapes: Shapes, source: TensorSource, what: str) -
     """
     names = _normalised(table, source)
     expected = table.hf_shapes(shapes)
-    missing = [k for k in expected if k not in names]
+    optional = table.absent_optional(shapes, names)
+    missing = [k for k in expected if k not in names and k not in optional]
     wrong = []
     for key, shape in expected.items():
         if key not in names:
@@ -309,11 +339,18 @@ def check(table: WeightTable, shapes: Shapes, source: TensorSource, what: str) -
 def stream(table: WeightTable, shapes: Shapes, source: TensorSource) -> Iterator[tuple[str, np.ndarray]]:
     """``(our path, full parameter)`` one row at a time, so host memory holds one parameter, not a checkpoint.
 
-    Call :func:`check` first: this assumes every key is present and well shaped.
+    Call :func:`check` first: this assumes every key is present and well shaped, but for optional
+    rows the checkpoint lacks entirely, which yield zeros.
     """
     names = _normalised(table, source)
+    absent = table.absent_optional(shapes, names)
     for row in table.active(shapes):
         per_param = row.param_shapes(shapes)
+        keys = row.keys(shapes)
+        if row.optional and keys and keys[0] in absent:
+            for path in row.ours:
+                yield path, np.zeros(shapes[path], np.float32)
+            continue
         layers: list[tuple[np.ndarray, ...]] = []
         for _, key in expand(row.hf, layer_count(row, shapes)):
             layers.append(row.op.to_ours(source.read(names[key]), per_param))
