@@ -101,3 +101,41 @@ def test_seq2seq_collator_semantics_for_tensor_inputs(tmp_path, tokenizer):
         trainer = IterativeSFTTrainer(model=model, args=_args(tmp_path, learning_rate=0.0), processing_class=tokenizer)
         stats = trainer.step(input_ids=src, labels=labels)
         assert stats["update_losses"][0] == pytest.approx(right, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["t5v11", "bart"])
+def test_weight_sync_into_a_seq2seq_torch_model_is_exact(family):
+    """TorchWeightSync through the T5 / BART weight tables: the torch model ends up with jaxsft's weights."""
+    import jaxsft
+    from compat.torch_sync import TorchWeightSync
+    from jaxsft.models.hf_io import hf_state_dict
+
+    jax_model = jaxsft.from_pretrained(tiny_seq2seq_model(family, seed=1), mesh=jaxsft.single_device_mesh())
+    target = tiny_seq2seq_model(family, seed=2)
+    want = hf_state_dict(jax_model)
+    assert any(not np.array_equal(p.detach().numpy(), want[n]) for n, p in target.named_parameters())
+    TorchWeightSync(target, jax_model.spec).copy_from(jax_model)
+    for name, param in target.named_parameters():
+        np.testing.assert_array_equal(param.detach().numpy(), want[name], err_msg=name)
+
+
+def test_seq2seq_decay_mask_follows_the_torch_param_groups():
+    """hf_decay_mask_fn on BART: HF names decayed (no biases, no norms) -> the jaxsft mask, per stack; a weight
+    decayed in some layers only is refused by name."""
+    import jax
+    import jaxsft
+    from flax import nnx
+
+    from compat.torch_sync import hf_decay_mask_fn
+
+    torch_model = tiny_seq2seq_model("bart")
+    model = jaxsft.from_pretrained(torch_model, mesh=jaxsft.single_device_mesh())
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    decayed = frozenset(n for n, _ in torch_model.named_parameters() if not n.endswith("bias") and "norm" not in n)
+    mask = hf_decay_mask_fn(model.spec)(decayed)(params)
+    assert mask["embed"] and mask["encoder"]["q_proj"] and mask["decoder"]["cross_o_proj"] and mask["dec_pos_embed"]
+    assert not mask["encoder"]["q_bias"] and not mask["decoder"]["cross_norm_scale"] and not mask["final_logits_bias"]
+    assert not mask["enc_embed_norm_scale"] and mask["decoder"]["up_proj"] and not mask["decoder"]["up_bias"]
+    assert len(jax.tree.leaves(mask)) == len(jax.tree.leaves(params))
+    with pytest.raises(ValueError, match=r"decay model\.decoder\.layers\.\*\.fc1\.weight in some layers only"):
+        hf_decay_mask_fn(model.spec)(decayed - {"model.decoder.layers.1.fc1.weight"})(params)

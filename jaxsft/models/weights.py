@@ -42,6 +42,7 @@ too). :func:`expand` is the one place a ``{i}`` pattern becomes concrete keys.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 from typing import Any, Callable, Collection, Iterator, Mapping, Optional, Protocol, Sequence, Union
@@ -226,7 +227,7 @@ class WeightTable:
         """The rows whose parameters all exist in a model with these shapes."""
         out = [row for row in self.rows if all(p in shapes for p in row.ours)]
         filled = [p for row in out for p in row.ours]
-        twice = sorted({p for p in filled if filled.count(p) > 1})
+        twice = sorted(p for p, n in collections.Counter(filled).items() if n > 1)
         if twice:
             raise ValueError(f"weight table {self.family!r} fills parameters {twice} from more than one row")
         unfilled = sorted(set(shapes) - set(filled))
