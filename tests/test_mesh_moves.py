@@ -24,4 +24,8 @@ def test_trainer_moves_params_to_its_mesh_and_trains_like_one_device():
         results.append((losses, hf_state_dict(trainer.model)))
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
     for key, value in results[0][1].items():
-        np.testing.assert_allclose(results[1][1][key], value, rtol=1e-5, atol=1e-5, err_msg=key)  # 1% of one Adam step (lr 1e-3)
+        got = np.asarray(results[1][1][key])
+        # Per tensor within 1e-5 in norm; element-wise within 5 % of one Adam step (lr 1e-3): Adam turns
+        # float-rounding differences of near-zero gradients into element-wise noise of up to a step.
+        assert np.linalg.norm(got - value) <= 1e-5 * np.linalg.norm(value), key
+        np.testing.assert_allclose(got, value, rtol=1e-5, atol=5e-5, err_msg=key)
