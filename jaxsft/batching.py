@@ -584,25 +584,34 @@ def plan_microbatches(
     ``row_multiple`` (which must divide ``rows``), of its bucket's length or, with
     ``longer_rows``, of a longer bucket where that pads less (see :func:`_pack_segments`).
     """
-    if not isinstance(rows, (int, np.integer)) or rows < 1:
-        raise ValueError(f"rows={rows!r} must be a positive integer (the per-device batch size times devices).")
+    buckets = _checked_buckets(buckets)
+    if pack and (not isinstance(row_multiple, (int, np.integer)) or row_multiple < 1 or rows % row_multiple):
+        raise ValueError(f"row_multiple={row_multiple!r} must be a positive integer dividing rows={rows}.")
+    batches = []
+    for group in _shuffled_groups(examples, rows, rng, shuffle):
+        if pack:
+            batches.append(_pack_segments(group, rows, buckets, row_multiple, longer_rows))
+        else:
+            batches.append(_pack(group, rows, _bucket_for(max(ex.input_ids.shape[0] for ex in group), buckets)))
+    return batches
+
+
+def _checked_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
     buckets = tuple(int(b) for b in buckets)
     if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
         raise ValueError(f"buckets={buckets!r} must be strictly ascending positive integers, e.g. (64, 128, 256).")
+    return buckets
+
+
+def _shuffled_groups(examples: Sequence[Any], rows: int, rng: np.random.Generator, shuffle: bool) -> list[list[Any]]:
+    """One shuffle (one RNG draw) of the call's examples, cut into consecutive groups of ``rows``."""
+    if not isinstance(rows, (int, np.integer)) or rows < 1:
+        raise ValueError(f"rows={rows!r} must be a positive integer (the per-device batch size times devices).")
     if not examples:
         raise ValueError("examples is empty; there is nothing to train on.")
-    if pack and (not isinstance(row_multiple, (int, np.integer)) or row_multiple < 1 or rows % row_multiple):
-        raise ValueError(f"row_multiple={row_multiple!r} must be a positive integer dividing rows={rows}.")
     order = rng.permutation(len(examples)) if shuffle else np.arange(len(examples))
     ordered = [examples[int(i)] for i in order]
-    batches = []
-    for start in range(0, len(ordered), rows):
-        group = ordered[start : start + rows]
-        length = _bucket_for(max(ex.input_ids.shape[0] for ex in group), buckets)
-        batches.append(
-            _pack_segments(group, rows, buckets, row_multiple, longer_rows) if pack else _pack(group, rows, length)
-        )
-    return batches
+    return [ordered[start : start + rows] for start in range(0, len(ordered), rows)]
 
 
 def group_into_updates(microbatches: Sequence[MicroBatch], gradient_accumulation_steps: int) -> list[list[MicroBatch]]:
@@ -750,16 +759,9 @@ def plan_seq2seq_microbatches(
     shuffle: bool = True,
 ) -> list[Seq2SeqMicroBatch]:
     """As :func:`plan_microbatches`, with encoder and decoder lengths bucketed independently."""
-    if not isinstance(rows, (int, np.integer)) or rows < 1:
-        raise ValueError(f"rows={rows!r} must be a positive integer (the per-device batch size times devices).")
     buckets = tuple(int(b) for b in buckets)
-    if not examples:
-        raise ValueError("examples is empty; there is nothing to train on.")
-    order = rng.permutation(len(examples)) if shuffle else np.arange(len(examples))
-    ordered = [examples[int(i)] for i in order]
     batches = []
-    for begin in range(0, len(ordered), rows):
-        group = ordered[begin : begin + rows]
+    for group in _shuffled_groups(examples, rows, rng, shuffle):
         enc_len = _bucket_for(max(ex.input_ids.shape[0] for ex in group), buckets)
         dec_len = _bucket_for(max(ex.labels.shape[0] for ex in group), buckets)
         batches.append(_pack_seq2seq(group, rows, enc_len, dec_len, decoder_start_token_id, pad_token_id))

@@ -272,7 +272,7 @@ class Sampler:
             max_new=np.int32(request.max_new_tokens),
             seed=np.uint32(request.seed % (1 << 32)),
         )
-        new_bucket = _pow2_at_least(request.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+        new_bucket = pow2_at_least(request.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
         batch = request.batch_size or _default_batch_size(spec, model.dtype, longest, new_bucket)
         prompts_per_chunk = max(1, batch // nrs)
 
@@ -411,9 +411,9 @@ class _Chunk:
     @classmethod
     def build(cls, chunk_ids: list[list[int]], chunk_index: list[int], nrs: int, new_bucket: int, pad: int) -> "_Chunk":
         n_prompts = len(chunk_ids)
-        prompt_rows = _pow2_at_least(n_prompts)
+        prompt_rows = pow2_at_least(n_prompts)
         rows = prompt_rows * nrs
-        prompt_bucket = _pow2_at_least(max(len(p) for p in chunk_ids), MIN_PROMPT_BUCKET)
+        prompt_bucket = pow2_at_least(max(len(p) for p in chunk_ids), MIN_PROMPT_BUCKET)
         ids = np.full((prompt_rows, prompt_bucket), pad, np.int32)
         mask = np.zeros((prompt_rows, prompt_bucket), np.int32)
         for r, p in enumerate(chunk_ids):
@@ -594,13 +594,14 @@ def _pad_id(tokenizer: Any, spec, eos: list[int]) -> int:
     return 0
 
 
-def _pow2_at_least(n: int, minimum: int = 1) -> int:
+def pow2_at_least(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= ``n`` (and >= ``minimum``): the generation programs' bucket sizes."""
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
 def _default_batch_size(spec, dtype, prompt_len: int, new_bucket: int) -> int:
     """Rows per chunk so that the KV cache, and separately the prefill's attention scores, stay under a budget."""
-    prompt_bucket = _pow2_at_least(prompt_len, MIN_PROMPT_BUCKET)
+    prompt_bucket = pow2_at_least(prompt_len, MIN_PROMPT_BUCKET)
     slots = prompt_bucket + new_bucket
     cache = 2 * spec.num_layers * slots * spec.num_kv_heads * spec.head_dim * jnp.dtype(dtype).itemsize
     scores = spec.num_heads * prompt_bucket * slots * 4

@@ -36,10 +36,6 @@ def compiled_programs() -> int:
     return _COMPILES["seq2seq"]
 
 
-def _pow2(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
-
-
 def generate(
     model: Seq2SeqLM,
     tokenizer: Any,
@@ -65,7 +61,7 @@ def generate(
     Same arguments and return values as :func:`jaxsft.generate` (which calls this for a
     ``Seq2SeqLM``); generated tokens start after the decoder start token, which is not returned.
     """
-    from jaxsft.generation import GenerationResult, check_sampling_arguments  # shared with the decoder sampler
+    from jaxsft.generation import GenerationResult, check_sampling_arguments, pow2_at_least  # shared with the decoder sampler
 
     if unsupported:
         raise TypeError(f"generate(): unexpected keyword argument(s) {sorted(unsupported)} for an encoder-decoder model.")
@@ -100,7 +96,7 @@ def generate(
         max_new=np.int32(max_new_tokens),
         seed=np.uint32(seed % (1 << 32)),
     )
-    new_bucket = _pow2(max_new_tokens, MIN_BUCKET)
+    new_bucket = pow2_at_least(max_new_tokens, MIN_BUCKET)
     prompts_per_chunk = max(1, (batch_size or 64) // nrs)
 
     graphdef, state = nnx.split(model)
@@ -139,9 +135,11 @@ def _eos_ids(spec, tokenizer) -> list[int]:
 
 def _run_chunk(graphdef, state, spec, dtype, chunk, first_prompt, nrs, new_bucket, mode, scalars):
     """Right-pad the chunk's prompts to their bucket, run the program, cut each row at its EOS or budget."""
+    from jaxsft.generation import pow2_at_least  # late: jaxsft.generation dispatches to this module
+
     longest = max(len(p) for p in chunk)
-    enc_bucket = _pow2(longest, MIN_BUCKET)
-    rows = _pow2(len(chunk) * nrs)
+    enc_bucket = pow2_at_least(longest, MIN_BUCKET)
+    rows = pow2_at_least(len(chunk) * nrs)
     ids = np.full((rows, enc_bucket), spec.pad_token_id, np.int32)
     mask = np.zeros((rows, enc_bucket), np.int32)
     for i, p in enumerate(chunk):

@@ -664,12 +664,9 @@ class IterativeSFTTrainer:
             batching.validate_vocab(examples, self.spec.vocab_size)
             return examples
         if texts is not None:
-            given = [n for n, v in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels)) if v is not None]
-            if given:
-                raise ValueError(
-                    f"step() got texts=... together with {', '.join(given)}; pass either texts (with texts_labels) "
-                    f"or token arrays, not both."
-                )
+            _refuse_tokens_with_texts(
+                input_ids, attention_mask, labels, "pass either texts (with texts_labels) or token arrays, not both."
+            )
             if self.tokenizer is None:
                 raise ValueError("step(texts=...) needs a tokenizer; pass tokenizer= when building the trainer.")
             examples = batching.examples_from_texts(
@@ -703,12 +700,10 @@ class IterativeSFTTrainer:
             )
         kwargs = dict(max_length=self.max_length, truncation_mode=self.config.truncation_mode)
         if texts is not None:
-            given = [n for n, v in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels)) if v is not None]
-            if given:
-                raise ValueError(
-                    f"step() got texts=... together with {', '.join(given)}; pass either texts with texts_labels "
-                    f"or token arrays with labels, not both."
-                )
+            _refuse_tokens_with_texts(
+                input_ids, attention_mask, labels,
+                "pass either texts with texts_labels or token arrays with labels, not both.",
+            )
             if texts_labels is None:
                 raise ValueError("step(texts=...) on an encoder-decoder needs texts_labels=... (the decoder targets).")
             if self.tokenizer is None:
@@ -771,7 +766,9 @@ class IterativeSFTTrainer:
         return batch
 
     def _program(self, kind: str, batch: Optional[dict], build: Callable[[], Any]):
-        key = self._program_key(kind, batch)
+        return self._cached(self._program_key(kind, batch), build)
+
+    def _cached(self, key: tuple, build: Callable[[], Any]):
         if key not in self._programs:
             self._programs[key] = build()
         return self._programs[key]
@@ -833,11 +830,6 @@ class IterativeSFTTrainer:
         )))
         return out
 
-    def _built(self, key: tuple, lower: Callable[[], jax.stages.Lowered]):
-        if key not in self._programs:
-            self._programs[key] = lower().compile(compiler_options=self._xla_options or None)
-        return self._programs[key]
-
     def _compile_missing(self, updates) -> None:
         """Compile the call's not-yet-built programs side by side before the first one runs.
 
@@ -860,7 +852,11 @@ class IterativeSFTTrainer:
                 self._programs[key] = future.result()
 
     def _run_update(self, update) -> dict[str, jax.Array]:
-        programs = [self._built(key, lower) for key, lower in self._update_lowerings(update)]
+        options = self._xla_options or None
+        programs = [
+            self._cached(key, lambda lower=lower: lower().compile(compiler_options=options))
+            for key, lower in self._update_lowerings(update)
+        ]
         if len(programs) == 1:  # one micro-batch, no accumulation: gradients and the optimizer step in one program
             batch = self._device_batch(update[0])
             self._params, self._opt_state, metrics = programs[0](self._params, self._opt_state, batch, self._frozen)
@@ -1047,13 +1043,17 @@ def _checked_host_state(state: dict[str, Any], current: dict[str, Any]) -> dict[
     }
 
 
+def _refuse_tokens_with_texts(input_ids, attention_mask, labels, fix: str) -> None:
+    """step(texts=...) takes no token arrays: name the ones given, then ``fix``."""
+    given = [n for n, v in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels)) if v is not None]
+    if given:
+        raise ValueError(f"step() got texts=... together with {', '.join(given)}; {fix}")
+
+
 def _check_empty_call(input_ids, attention_mask, labels, texts, texts_labels) -> None:
     """A call with no examples must still be a consistent call (nothing else given that needs examples)."""
     if texts is not None:
-        mixed = [n for n, v in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels))
-                 if v is not None]
-        if mixed:
-            raise ValueError(f"step() got texts=... together with {', '.join(mixed)}; pass one or the other.")
+        _refuse_tokens_with_texts(input_ids, attention_mask, labels, "pass one or the other.")
         others = {"texts_labels": texts_labels}
     else:
         if texts_labels is not None:

@@ -50,25 +50,24 @@ def test_packer_lays_examples_end_to_end_with_own_positions_and_no_crossing_targ
 def test_packer_picks_the_layout_with_fewest_tokens():
     """Rows need not come in powers of two; longer rows only where attention costs per segment."""
     examples = _examples([60, 50, 40, 30, 20, 10, 5, 3])  # 218 tokens, longest in bucket 64
-    plan = lambda **kw: batching.plan_microbatches(  # noqa: E731
-        examples, rows=8, buckets=(16, 32, 64, 128, 256), rng=np.random.default_rng(0), pack=True, **kw
-    )[0]
-    (short,) = [plan()]
+    three_rows = _examples([60, 60, 50, 10])
+
+    def plan(group, buckets=(16, 32, 64, 128, 256), **kw):
+        return batching.plan_microbatches(group, rows=8, buckets=buckets, rng=np.random.default_rng(0), pack=True, **kw)[0]
+
+    short = plan(examples)
     assert short.input_ids.shape == (4, 64)  # first-fit needs 4 rows of 64 (60|50+10|40+20|30+5+3)
-    (long_,) = [plan(longer_rows=True)]
+    long_ = plan(examples, longer_rows=True)
     assert long_.input_ids.shape == (1, 256)  # 256 tokens instead of 4 x 64 = 256: tie goes to longer rows
-    fewer = plan(longer_rows=True, row_multiple=2)
-    assert fewer.input_ids.shape[0] % 2 == 0 and fewer.input_ids.size <= 8 * 64
-    three = batching.plan_microbatches(
-        _examples([60, 60, 50, 10]), rows=8, buckets=(64,), rng=np.random.default_rng(0), pack=True
-    )[0]
-    assert three.input_ids.shape == (3, 64)  # not rounded up to 4
-    for mb in (short, long_, fewer, three):
-        assert mb.num_label_tokens == sum(int(np.count_nonzero(e.labels[1:] != -100)) for e in (
-            examples if mb is not three else _examples([60, 60, 50, 10])))
+    even = plan(examples, longer_rows=True, row_multiple=2)
+    assert even.input_ids.shape[0] % 2 == 0 and even.input_ids.size <= 8 * 64
+    three = plan(three_rows, buckets=(64,))
+    assert three.input_ids.shape == (3, 64)  # 60 | 60 | 50+10, not rounded up to 4
+    labelled = lambda group: sum(int(np.count_nonzero(e.labels[1:] != -100)) for e in group)  # noqa: E731
+    for mb, group in ((short, examples), (long_, examples), (even, examples), (three, three_rows)):
+        assert mb.num_label_tokens == labelled(group)
 
 
-@pytest.mark.slow
 def test_packed_row_never_attends_across_examples():
     """Changing example A's tokens must not move example B's hidden states in the same row."""
     torch_model = tiny.tiny_torch_model("llama")
