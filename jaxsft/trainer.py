@@ -327,8 +327,10 @@ class IterativeSFTTrainer:
         first_step = self.state.global_step
         progress = self._progress(len(updates))
         try:
-            self._compile_missing([update for update, total in zip(updates, totals) if total])
-            for update, total in zip(updates, totals):
+            # Each update's programs, described once: compiled ahead (side by side) where missing, then run.
+            lowerings = [self._update_lowerings(update) if total else [] for update, total in zip(updates, totals)]
+            self._compile_missing(lowerings)
+            for update, total, update_lowerings in zip(updates, totals, lowerings):
                 if total == 0:
                     warnings.warn(
                         "step(): an update had no label tokens (all labels -100 or masked); it was skipped and "
@@ -336,7 +338,7 @@ class IterativeSFTTrainer:
                         stacklevel=2,
                     )
                     continue
-                per_update_metrics.append(self._run_update(update))
+                per_update_metrics.append(self._run_update(update, update_lowerings))
                 self.state.global_step += 1
                 self._params_version += 1
                 if self._eval_due(self.state.global_step):
@@ -830,7 +832,7 @@ class IterativeSFTTrainer:
         )))
         return out
 
-    def _compile_missing(self, updates) -> None:
+    def _compile_missing(self, lowerings: Sequence[list[tuple[tuple, Callable[[], jax.stages.Lowered]]]]) -> None:
         """Compile the call's not-yet-built programs side by side before the first one runs.
 
         XLA compiles outside the GIL, so a call that meets several new shapes (packing and buckets
@@ -838,8 +840,8 @@ class IterativeSFTTrainer:
         thread; a single missing program is left to the lazy path.
         """
         missing: dict[tuple, Callable[[], jax.stages.Lowered]] = {}
-        for update in updates:
-            for key, lower in self._update_lowerings(update):
+        for update_lowerings in lowerings:
+            for key, lower in update_lowerings:
                 if key not in self._programs:
                     missing.setdefault(key, lower)
         if len(missing) < 2:
@@ -851,12 +853,10 @@ class IterativeSFTTrainer:
             for key, future in futures.items():
                 self._programs[key] = future.result()
 
-    def _run_update(self, update) -> dict[str, jax.Array]:
+    def _run_update(self, update, lowerings) -> dict[str, jax.Array]:
+        """Run one update's programs (``lowerings``: its :meth:`_update_lowerings`; any still missing compile here)."""
         options = self._xla_options or None
-        programs = [
-            self._cached(key, lambda lower=lower: lower().compile(compiler_options=options))
-            for key, lower in self._update_lowerings(update)
-        ]
+        programs = [self._cached(key, lambda lower=lower: lower().compile(compiler_options=options)) for key, lower in lowerings]
         if len(programs) == 1:  # one micro-batch, no accumulation: gradients and the optimizer step in one program
             batch = self._device_batch(update[0])
             self._params, self._opt_state, metrics = programs[0](self._params, self._opt_state, batch, self._frozen)
