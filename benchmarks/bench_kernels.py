@@ -8,7 +8,13 @@
 2. Packed attention: cuDNN's ragged layout (jaxsft.models.layers.packed_attention on GPU) against the
    masked XLA path on the same segments: max abs difference of outputs and of q/k/v gradients, and time.
 
+3. Matmul roof of a LoRA step (``--roof``): every frozen matmul of one Llama-2-7B block and the lm_head
+   at 4096 tokens, forward (X @ W) and activation gradient (dY @ W^T), timed alone in bf16 beside an
+   8192^3 matmul on random data. The FLOP-weighted time of these matmuls alone bounds the tokens/s any
+   LoRA step can reach on this card (attention, adapters, elementwise work and the optimizer only add).
+
     python benchmarks/bench_kernels.py [--tokens 4096] [--hidden 896] [--vocab 151936]
+    python benchmarks/bench_kernels.py --roof [--tokens 4096]       # only part 3
 """
 
 from __future__ import annotations
@@ -139,15 +145,50 @@ def packed_attention_check() -> dict:
     return result
 
 
+LLAMA7B = {"hidden": 4096, "intermediate": 11008, "layers": 32, "vocab": 32000}
+
+
+def lora_matmul_roof(tokens: int, reps: int = 20) -> dict:
+    """Seconds per token of a 7B LoRA step's frozen matmuls at the rates this card gives each shape alone."""
+    import jax
+    import jax.numpy as jnp
+
+    h, f, layers, vocab = (LLAMA7B[k] for k in ("hidden", "intermediate", "layers", "vocab"))
+    key = jax.random.PRNGKey(0)
+    mm = jax.jit(lambda a, b: a @ b)
+    peak_a = jax.random.normal(key, (8192, 8192), jnp.bfloat16)
+    peak_s = timeit(mm, peak_a, peak_a, reps=reps)
+    peak = 2 * 8192**3 / peak_s
+    # (name, in features, out features, copies per model): q/k/v/o are 4096 x 4096, gate/up 4096 x 11008, down 11008 x 4096
+    shapes = [("qkvo", h, h, 4 * layers), ("gate_up", h, f, 2 * layers), ("down", f, h, layers), ("lm_head", h, vocab, 1)]
+    rows, seconds = [], 0.0
+    for name, d_in, d_out, copies in shapes:
+        x = jax.random.normal(key, (tokens, d_in), jnp.bfloat16)
+        w = jax.random.normal(key, (d_in, d_out), jnp.bfloat16)
+        dy = jax.random.normal(key, (tokens, d_out), jnp.bfloat16)
+        fwd = timeit(mm, x, w, reps=reps)
+        bwd = timeit(jax.jit(lambda g, w: g @ w.T), dy, w, reps=reps)
+        flops = 2 * tokens * d_in * d_out
+        seconds += copies * (fwd + bwd)
+        rows.append({"matmul": name, "copies": copies, "fwd_tflops": flops / fwd / 1e12, "dx_tflops": flops / bwd / 1e12})
+    bound = tokens / seconds
+    return {"peak_tflops": peak / 1e12, "tokens": tokens, "shapes": rows,
+            "frozen_matmul_seconds_per_step": seconds, "tokens_per_s_upper_bound": bound}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=896)
     p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--roof", action="store_true", help="only the LoRA matmul roof (part 3)")
     args = p.parse_args()
     import jax
 
     print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
+    if args.roof:
+        print("ROOF " + json.dumps(lora_matmul_roof(args.tokens)), flush=True)
+        return
     print("PACKED " + json.dumps(packed_attention_check()), flush=True)
     for row in loss_variants(args.tokens, args.hidden, args.vocab):
         print("LOSS " + json.dumps(row), flush=True)

@@ -9,7 +9,7 @@ forward pass itself (a ``custom_vjp``): the loss is the last operation, so its
 cotangent is a scalar and the backward pass only scales the saved gradients; it
 neither stores logits nor recomputes the lm_head matmul. ``chunk_size`` bounds
 memory: tokens are processed in chunks of that many under ``lax.scan``, so the
-[tokens, vocab] fp32 logits of more than one chunk never exist at once. Without
+[tokens, vocab] logits of more than one chunk never exist at once. Without
 it the whole micro-batch is one chunk.
 """
 
@@ -39,14 +39,20 @@ def _shifted_targets(labels: jax.Array) -> jax.Array:
 
 
 def _logits(h: jax.Array, w: jax.Array, compute_dtype: Any) -> jax.Array:
-    """[..., H] x [V, H] -> [..., V] in fp32, inputs cast to ``compute_dtype``."""
+    """[..., H] x [V, H] -> [..., V] in ``compute_dtype`` (fp32 accumulation), inputs cast to it.
+
+    Under bf16 mixed precision the logits come out rounded to bf16, as torch autocast's lm_head
+    writes them before transformers' loss upcasts them (what TRL trains on); the softmax below
+    runs in fp32. Half the bytes of fp32 logits, on the largest tensor of the step.
+    """
     return jnp.einsum(
-        "...h,vh->...v", h.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=jnp.float32
+        "...h,vh->...v", h.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=compute_dtype
     )
 
 
 def _token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-token loss (0 where ignored), log-sum-exp and the weight mask, all fp32."""
+    """Per-token loss (0 where ignored), log-sum-exp and the weight mask, all fp32 (logits upcast first)."""
+    logits = logits.astype(jnp.float32)
     weight = (targets != IGNORE_INDEX).astype(jnp.float32)
     safe = jnp.where(targets != IGNORE_INDEX, targets, 0)
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -124,7 +130,7 @@ def _chunked_fwd(h, w, t, chunk, compute_dtype):
         h_i, t_i = xs  # [S, c, H], [S, c]
         logits = _logits(h_i, w_c, compute_dtype)
         losses, lse, weight = _token_losses(logits, t_i)
-        probs = jnp.exp(logits - lse[..., None])
+        probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
         one_hot = jax.nn.one_hot(jnp.where(t_i != IGNORE_INDEX, t_i, 0), vocab, dtype=jnp.float32)
         d_logits = ((probs - one_hot) * weight[..., None]).astype(compute_dtype)
         d_h = jnp.einsum("scv,vh->sch", d_logits, w_c, preferred_element_type=jnp.float32)

@@ -836,8 +836,9 @@ class IterativeSFTTrainer:
         """Compile the call's not-yet-built programs side by side before the first one runs.
 
         XLA compiles outside the GIL, so a call that meets several new shapes (packing and buckets
-        make a few) waits about as long as its slowest compile, not the sum. Lowering stays on this
-        thread; a single missing program is left to the lazy path.
+        make a few) waits about as long as its lowerings plus its slowest compile, not the sum of
+        the compiles. Lowering stays on this thread, overlapping the compiles already started; a
+        single missing program is left to the lazy path.
         """
         missing: dict[tuple, Callable[[], jax.stages.Lowered]] = {}
         for update_lowerings in lowerings:
@@ -846,10 +847,10 @@ class IterativeSFTTrainer:
                     missing.setdefault(key, lower)
         if len(missing) < 2:
             return
-        lowered = {key: lower() for key, lower in missing.items()}
         options = self._xla_options or None
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(lowered), os.cpu_count() or 1)) as pool:
-            futures = {key: pool.submit(low.compile, compiler_options=options) for key, low in lowered.items()}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(missing), os.cpu_count() or 1)) as pool:
+            # Each program starts compiling as soon as it is lowered, while the next one is lowered here.
+            futures = {key: pool.submit(lower().compile, compiler_options=options) for key, lower in missing.items()}
             for key, future in futures.items():
                 self._programs[key] = future.result()
 

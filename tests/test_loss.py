@@ -200,3 +200,25 @@ def test_sharded_inputs_under_jit():
         np.testing.assert_allclose(float(total), ref_loss, rtol=1e-5)
         _close(g_h, ref_gh, rtol=1e-5)
         _close(g_w, ref_gw, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_bf16_compute_scores_bf16_logits_as_torch_autocast_does(chunk_size):
+    """Under bf16 the lm_head's logits are rounded to bf16 and upcast for the softmax, as TRL's are
+    (autocast lm_head, then transformers' ``logits.float()``): the loss equals that reference far more
+    tightly than the fp32-logits reference (they differ by the rounding of every logit)."""
+    hidden, unembedding, labels = _inputs(seed=4, b=4, length=64)
+    h16, w16 = torch.tensor(hidden).bfloat16(), torch.tensor(unembedding).bfloat16()
+    target = torch.tensor(labels, dtype=torch.long)[:, 1:].reshape(-1)
+
+    def reference(logits):
+        return float(F.cross_entropy(logits[:, :-1].reshape(-1, V), target, ignore_index=-100, reduction="sum"))
+
+    autocast = reference((h16 @ w16.T).float())  # bf16 matmul output, upcast
+    fp32_logits = reference(h16.float() @ w16.float().T)
+    total, _, _, _ = _value_and_grads(
+        jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(unembedding), jnp.asarray(labels), chunk_size, jnp.bfloat16
+    )
+    gap = abs(autocast - fp32_logits)
+    assert gap > 2e-5 * abs(autocast)  # the two references are told apart at this size
+    assert abs(float(total) - autocast) < 0.05 * gap

@@ -306,8 +306,22 @@ class CausalLM(nnx.Module):
             # all-reduce with the rest of the backward pass. The stacks are split into
             # layers in one op: the transpose of a split is one concatenate, where per-layer
             # slices would each transpose to a full-size pad and their sum to a chain of adds.
-            for i, layer in enumerate(_split_layers(params, spec.num_layers)):
-                h = block(h, layer, None)[0]
+            # The block is a jitted function of explicit arrays, so it is traced, linearized and
+            # transposed once and called per layer (XLA inlines the calls): tracing no longer
+            # grows with depth, which a call meeting several new shapes (packing) pays per shape.
+            def train_block(h, p, rope, mask, segments):
+                p = {k: v.reshape(v.shape[1:]) for k, v in p.items()}  # [1, ...] pieces of the split, here traced once
+                return _decoder_block(
+                    spec, h, p, rope, mask=mask, causal=causal, impl=impl, layer_cache=None, write_index=None,
+                    lora=lora, segments=segments,
+                )[0]
+
+            if self.remat:
+                train_block = jax.checkpoint(train_block, policy=REMAT_POLICIES[self.remat_policy])
+            layer_fn = jax.jit(train_block)
+            pieces = {k: jax.lax.split(v, [1] * spec.num_layers, axis=0) for k, v in params.items()}
+            for i in range(spec.num_layers):
+                h = layer_fn(h, {k: pieces[k][i] for k in params}, rope, mask, segments)
             return h, None
         if cache is None:
             h, _ = jax.lax.scan(lambda c, p: (block(c, p, None)[0], None), h, params)
@@ -329,12 +343,6 @@ class CausalLM(nnx.Module):
         layer_ids = jnp.arange(spec.num_layers, dtype=jnp.int32)
         (h, k, v), _ = jax.lax.scan(cached_layer, (h, cache.k, cache.v), (params, layer_ids))
         return h, KVCache(k, v)
-
-
-def _split_layers(params: dict[str, jax.Array], num_layers: int) -> list[dict[str, jax.Array]]:
-    """Stacked [layers, ...] weights as one dict of per-layer weights per layer."""
-    pieces = {k: jax.lax.split(v, [1] * num_layers, axis=0) for k, v in params.items()}
-    return [{k: pieces[k][i][0] for k in params} for i in range(num_layers)]
 
 
 DROPOUT_KEY = "model_dropout_key"  # per-layer keys of the config's dropout, scanned with the weights

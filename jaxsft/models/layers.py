@@ -6,6 +6,7 @@ that ``jax.checkpoint`` (remat) and ``lax.scan`` can transform freely.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -16,11 +17,37 @@ import numpy as np
 from jaxsft.models.spec import ModelSpec
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """HF's RMSNorm: normalise in fp32, cast back, then multiply by the weight."""
+    """HF's RMSNorm: normalise in fp32, cast back, then multiply by the weight (``scale``: the last axis)."""
+    return _rms_norm_fwd(x, scale, eps)[0]
+
+
+def _rms_norm_fwd(x: jax.Array, scale: jax.Array, eps: float):
+    # Saved for the backward: the input (kept alive anyway as the residual stream) and one fp32
+    # number per row. Autodiff would also keep the fp32 normalised activations, a full-size
+    # tensor written and read once per norm.
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return scale.astype(x.dtype) * normed.astype(x.dtype)
+    rstd = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    y = scale.astype(x.dtype) * (x32 * rstd).astype(x.dtype)
+    return y, (x, scale, rstd)
+
+
+def _rms_norm_bwd(eps: float, residuals, dy: jax.Array):
+    """The exact gradient, in two passes over the rows (one reduction, one elementwise) plus the weight's."""
+    del eps
+    x, scale, rstd = residuals
+    normed = x.astype(jnp.float32) * rstd
+    d_scale = jnp.sum(
+        (dy.astype(jnp.float32) * normed.astype(x.dtype).astype(jnp.float32)).reshape(-1, dy.shape[-1]), axis=0
+    )
+    d_normed = (dy * scale.astype(x.dtype)).astype(jnp.float32)  # the product is formed in the stream dtype, as autodiff does
+    # normed = x * rstd with rstd = mean(x^2)^(-1/2): dx = rstd * (dn - normed * mean(dn * normed)).
+    dx = rstd * (d_normed - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))
+    return dx.astype(x.dtype), d_scale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
