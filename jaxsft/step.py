@@ -64,11 +64,38 @@ def make_loss_fn(
     return loss_fn
 
 
-def _sum_grads(loss_fn):
-    """Gradient of the token-loss SUM; normalisation by the update's token count comes later."""
+def compute_view(graphdef: nnx.GraphDef, params, frozen=()):
+    """``params`` with the weights the model casts to its compute dtype before any use already cast.
+
+    Differentiating this view instead of the stored weights gives those weights' gradients in
+    the compute dtype: the same values (the cast's transpose only upcasts a bf16 cotangent,
+    exactly), in half the bytes the backward writes, the layer-stacking concatenate moves and
+    the optimizer reads. Which weights: the model class's ``CAST_AT_USE`` top-level names
+    (the decoder's layer stacks); the rest (embedding, LoRA adapters) keeps its stored dtype.
+    """
+    model = nnx.merge(graphdef, params, *frozen)
+    names = getattr(type(model), "CAST_AT_USE", ())
+    dtype = jnp.dtype(getattr(model, "dtype", jnp.float32))
+
+    def cast(path, leaf):
+        top = getattr(path[0], "key", None) if path else None
+        if top in names and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dtype:
+            return leaf.astype(dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def _sum_grads(graphdef, loss_fn):
+    """Gradient of the token-loss SUM; normalisation by the update's token count comes later.
+
+    Gradients of :func:`compute_view`'s weights come out in the compute dtype; the optimizer and
+    any accumulator upcast them (they hold the stored dtype).
+    """
 
     def grads_of(params, batch, frozen=()):
-        (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, frozen)
+        view = compute_view(graphdef, params, frozen)
+        (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(view, batch, frozen)
         return grads, loss_sum, count
 
     return grads_of
@@ -76,7 +103,8 @@ def _sum_grads(loss_fn):
 
 def _apply(tx, params, opt_state, grad_sum, loss_sum, count, skip_nonfinite: bool = False):
     scale = 1.0 / jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grad_sum)
+    # In the weights' own dtype (a compute-dtype gradient is upcast first, never rounded after scaling).
+    grads = jax.tree.map(lambda g, p: (g.astype(p.dtype) * scale).astype(p.dtype), grad_sum, params)
     grad_norm = global_norm(grads)
 
     def updated(_):
@@ -101,7 +129,7 @@ def _apply(tx, params, opt_state, grad_sum, loss_sum, count, skip_nonfinite: boo
 
 def make_fused_update(graphdef, tx, chunk_size, num_shards=1, skip_nonfinite=False):
     """One micro-batch per update (gradient_accumulation_steps == 1): grads and optimizer in one program."""
-    grads_of = _sum_grads(make_loss_fn(graphdef, chunk_size, num_shards))
+    grads_of = _sum_grads(graphdef, make_loss_fn(graphdef, chunk_size, num_shards))
 
     def fused(params, opt_state, batch, frozen=()):
         grads, loss_sum, count = grads_of(params, batch, frozen)
@@ -112,12 +140,12 @@ def make_fused_update(graphdef, tx, chunk_size, num_shards=1, skip_nonfinite=Fal
 
 def make_accumulate(graphdef, chunk_size, num_shards=1):
     """Adds one micro-batch's gradient sum into the running sums (donated)."""
-    grads_of = _sum_grads(make_loss_fn(graphdef, chunk_size, num_shards))
+    grads_of = _sum_grads(graphdef, make_loss_fn(graphdef, chunk_size, num_shards))
 
     def accumulate(params, acc, batch, frozen=()):
         grads, loss_sum, count = grads_of(params, batch, frozen)
         acc_grads, acc_loss, acc_count = acc
-        acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
+        acc_grads = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc_grads, grads)
         return acc_grads, acc_loss + loss_sum, acc_count + count
 
     return accumulate

@@ -171,7 +171,7 @@ class IterativeSFTTrainer:
             self.rows = config.per_device_train_batch_size * shd.batch_rows_multiple(self.mesh)
             self.eval_rows = config.per_device_eval_batch_size * shd.batch_rows_multiple(self.mesh)
             shd.check_model_fits(self.spec, self.mesh, self.sharding_rules)
-            self._xla_options = dict(config.xla_options or {})  # {}: XLA's defaults
+            self._xla_options = compile_options.resolve(config.xla_options)  # None: the backend's defaults
             compile_options.check(self._xla_options)
             shd.check_batch_split_over_processes(self.mesh)
             # Checked now, so that evaluation inside step() (eval_steps) cannot fail after an update.

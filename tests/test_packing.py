@@ -185,3 +185,4 @@ def test_longer_packed_rows_give_the_same_loss_and_gradients():
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
     for got, want in zip(got_grads, want_grads):
         assert np.linalg.norm(np.asarray(got) - np.asarray(want)) <= 1e-5 * max(np.linalg.norm(np.asarray(want)), 1e-12)
+

@@ -149,6 +149,19 @@ def test_bad_xla_options_fail_at_construction():
     assert np.isfinite(stats["loss"])
 
 
+def test_xla_options_default_to_the_backends_measured_settings():
+    """None: the backend's table (GPU: every matmul on cuBLAS, no Triton GEMM autotuning; CPU/TPU: XLA's
+    own); anything given, {} included, is used as is."""
+    from jaxsft import compile_options
+
+    assert compile_options.resolve(None, backend="gpu") == {"xla_gpu_enable_triton_gemm": False}
+    assert compile_options.resolve(None, backend="cpu") == {} == compile_options.resolve(None, backend="tpu")
+    assert compile_options.resolve({}, backend="gpu") == {}
+    given = {"xla_gpu_enable_triton_gemm": True}
+    assert compile_options.resolve(given, backend="gpu") == given
+    assert compile_options.resolve(None) == compile_options.resolve(None, backend=jax.default_backend())
+
+
 def test_scan_layers_automatic_choice():
     # Unrolled on every mesh for shallow models (measured faster on one GPU too since the split-based
     # unrolled loop; benchmarks/RESULTS.md), scanned beyond UNROLL_MAX_LAYERS, explicit choices kept.

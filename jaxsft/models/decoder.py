@@ -95,6 +95,10 @@ class DecoderLayers(nnx.Module):
 class CausalLM(nnx.Module):
     """A decoder-only LM. ``__call__(input_ids, attention_mask=None)`` returns fp32 logits [B, T, V]."""
 
+    # Top-level attributes whose arrays are cast to ``dtype`` before any use (``_run_layers``), so a
+    # training step may differentiate compute-dtype copies of them (jaxsft.step.compute_view).
+    CAST_AT_USE = ("layers",)
+
     def __init__(
         self,
         spec: ModelSpec,
