@@ -120,13 +120,13 @@ def save(trainer: Checkpointable, directory: str, *, keep_last: Optional[int] = 
             _barrier("jaxsft-checkpoint-swap")
         else:
             _orbax_save(directory, step, arrays, host, keep_last)
-    except OSError:
-        raise
-    except Exception as err:  # orbax / tensorstore wrap file-system failures in other types
-        text = str(err)
-        if "No space left" in text or "ENOSPC" in text:
+    except Exception as err:
+        # orbax / tensorstore wrap file-system failures in other types, or (depending on which of their
+        # threads meets the failure first) let the plain OSError through: both get the same message.
+        text, code = str(err), getattr(err, "errno", None)
+        if code == errno.ENOSPC or "No space left" in text or "ENOSPC" in text:
             raise OSError(errno.ENOSPC, f"save_checkpoint: the disk is full while writing {final}: {text[:300]}") from err
-        if "Permission denied" in text or "Read-only file system" in text:
+        if code in (errno.EACCES, errno.EROFS) or "Permission denied" in text or "Read-only file system" in text:
             raise OSError(errno.EACCES, f"save_checkpoint: cannot write {final}: {text[:300]}") from err
         raise
     if keep_last is not None and jax.process_index() == 0:
