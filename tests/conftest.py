@@ -47,3 +47,40 @@ def optimized_xla():
     jax.config.update("jax_disable_most_optimizations", False)
     yield
     jax.config.update("jax_disable_most_optimizations", old)
+
+
+# ---------------------------------------------------------------------------- parallel runs (pytest -n 2)
+# The README's test command runs the suite on two pytest-xdist workers. Both share the compile cache
+# above: a program one worker compiled is a load for the other. jax writes an entry with one plain
+# write and reads it whole; a read that meets a half-written entry fails to decompress, which jax
+# reports as a warning and answers by compiling, so a race costs a compile, never a wrong program.
+#
+# Whole files go to one worker (module fixtures such as a TRL run or a trainer are built once), the
+# slowest files first, so that no worker is left running one long file alone at the end (order from
+# pytest --durations=0 of a cold run on the 2-core machine; a file missing here only starts later).
+_SLOW_FILES_FIRST = (
+    "test_seq2seq_training.py", "test_generate.py", "test_smollm2.py", "test_packing.py", "test_dropout.py",
+    "test_compat_peft.py", "test_trainer.py", "test_checkpoint_kill.py", "test_compat_trainer.py", "test_sharding.py",
+    "test_bundled.py", "test_examples.py", "test_seq2seq_compat.py", "test_models.py", "test_checkpoint.py",
+    "test_multihost.py", "test_loop.py", "test_compat_trl_parity.py", "test_multihost_agreement.py",
+    "test_trainer_parity.py",
+)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent without it
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``-n`` with no ``--dist`` given: one file per work unit, in the order of the collection below."""
+    if config.getvalue("dist") != "load":
+        return None  # an explicit --dist is honoured
+    from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False  # keep the slow-first order instead of most-tests-first
+    return LoadFileScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """On xdist workers only: slow files first (a stable sort: order within a file and among the rest kept)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {name: i for i, name in enumerate(_SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

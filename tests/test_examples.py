@@ -116,6 +116,6 @@ def test_readme_keeps_two_setup_commands_and_ci_runs_the_test_one():
     blocks = re.findall(r"^```bash\n(.*?)^```$", README.read_text(), re.S | re.M)
     assert len(blocks) == 2, "the README has exactly two set-up commands (demo; tests), nothing else in bash blocks"
     demo, tests = (b.strip() for b in blocks)
-    assert demo.endswith("-m jaxsft demo") and tests.endswith("-m pytest -q")
+    assert demo.endswith("-m jaxsft demo") and tests.endswith("-m pytest -q -n 2")
     ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci == tests
