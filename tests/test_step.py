@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import jaxsft
@@ -12,6 +13,8 @@ from jaxsft import step as step_fns
 from jaxsft.models.spec import ModelSpec
 
 import tiny
+
+pytestmark = pytest.mark.slow  # each builds and differentiates a model: 2-3 s on the 2-core machine
 
 
 def test_layer_gradients_in_the_compute_dtype_equal_the_stored_dtype_path():
