@@ -7,8 +7,8 @@ code is left alone, and a bad name fails when the trainer is built.
 
 ``TrainConfig.xla_options=None`` (the default) means :data:`BACKEND_DEFAULTS` for the backend in use,
 and ``{}`` means XLA's own settings. On GPU the default turns off XLA's Triton GEMM fusions, so every
-matmul goes to cuBLAS: on one H200 (Qwen2.5-0.5B shape) this trained as fast or faster (117.4k against
-116.3k tokens/s) and compiled much faster (first step 11.7 s against 16.1 s; a packed ragged call
+matmul goes to cuBLAS: on one H200 (Qwen2.5-0.5B shape) this trained as fast (117.4k against 116.3k
+tokens/s, within run-to-run noise) and compiled much faster (first step 11.7 s against 16.1 s; a packed ragged call
 meeting 7 new layouts 25.2 s against 35.5 s), because the Triton GEMMs each need autotuning (see
 benchmarks/RESULTS.md). CPU and TPU keep XLA's settings. ``GPU_OVERLAP_OPTIONS`` is an opt-in preset:
 on 2 x H200 (jax 0.11.2) it changed data-parallel scaling by less than run-to-run noise, and an
