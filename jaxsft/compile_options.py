@@ -9,8 +9,8 @@ code is left alone, and a bad name fails when the trainer is built.
 and ``{}`` means XLA's own settings. On GPU the default turns off XLA's Triton GEMM fusions, so every
 matmul goes to cuBLAS: on one H200 (Qwen2.5-0.5B shape) this trained as fast (117.4k against 116.3k
 tokens/s, within run-to-run noise) and compiled much faster (first step 11.7 s against 16.1 s; a packed ragged call
-meeting 7 new layouts 25.2 s against 35.5 s), because the Triton GEMMs each need autotuning (see
-benchmarks/RESULTS.md). CPU and TPU keep XLA's settings. ``GPU_OVERLAP_OPTIONS`` is an opt-in preset:
+meeting 7 new layouts 25.2 s against 35.5 s), most likely because XLA autotunes every Triton GEMM
+fusion while compiling (not profiled; see benchmarks/RESULTS.md). CPU and TPU keep XLA's settings. ``GPU_OVERLAP_OPTIONS`` is an opt-in preset:
 on 2 x H200 (jax 0.11.2) it changed data-parallel scaling by less than run-to-run noise, and an
 FSDP run compiled with it did not finish within 4 minutes, so it is not switched on for users
 (see benchmarks/RESULTS.md).
