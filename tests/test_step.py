@@ -64,3 +64,32 @@ def test_an_update_from_compute_dtype_gradients_equals_the_stored_dtype_update(m
     for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(viewed)):
         assert a.dtype == b.dtype == np.float32
         np.testing.assert_array_equal(b, a)
+
+
+def test_accumulated_updates_from_compute_dtype_gradients_equal_the_stored_dtype_ones(monkeypatch):
+    """Gradient accumulation: bf16 micro-batch gradients are added into the fp32 sums exactly as their fp32
+    casts would be, so two accumulated micro-batches and the update give bit-identical weights."""
+    import optax
+
+    model = jaxsft.init_model(ModelSpec.from_hf_config(tiny.tiny_config("qwen2")), mesh=jaxsft.single_device_mesh(),
+                              seed=2, dtype=jnp.bfloat16)
+    graphdef, params = nnx.split(model)
+    tx = optax.adamw(1e-3)
+    rng = np.random.default_rng(2)
+    batches = [{"input_ids": ids, "labels": ids} for ids in (jnp.asarray(rng.integers(3, 300, (2, 16)), jnp.int32)
+                                                              for _ in range(2))]
+
+    def run():
+        accumulate = jax.jit(step_fns.make_accumulate(graphdef, None))
+        acc = step_fns.make_zero_accumulator()(params)
+        for batch in batches:
+            acc = accumulate(params, acc, batch)
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(acc[0]))
+        new_params, _, _ = jax.jit(step_fns.make_apply(tx))(params, tx.init(params), acc)
+        return jax.tree.map(np.asarray, new_params)
+
+    viewed = run()
+    monkeypatch.setattr(step_fns, "compute_view", lambda graphdef, params, frozen=(): params)
+    stored = run()
+    for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(viewed)):
+        np.testing.assert_array_equal(b, a)
