@@ -288,11 +288,16 @@ def main() -> None:
     unknown = sorted(set(impls) - set(IMPLS))
     if unknown:
         p.error(f"--impls: unknown {unknown}; choose from {list(IMPLS)} (extra jaxsft settings go in --variants)")
+    variants = json.loads(args.variants)
+    skip = set(filter(None, args.skip.split(",")))
+    labels = set(impls) | set(variants)
+    stray = sorted(entry for entry in skip if entry.split(":")[0] not in labels)
+    if stray:  # a misspelt entry would otherwise skip nothing, silently
+        p.error(f"--skip: {stray} do not start with a run label ({sorted(labels)}); write label:workload, "
+                "label:shape or label:shape:workload")
     peak = spawn(args, "peak", "tiny", "fixed")
     print(f"bf16 matmul peak (torch, random data): {peak}", flush=True)
     _record(args.out, {"peak": peak})
-    skip = set(filter(None, args.skip.split(",")))
-    variants = json.loads(args.variants)
     rows = []
     for shape in args.shapes.split(","):
         for w in args.workloads.split(","):

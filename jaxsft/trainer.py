@@ -187,11 +187,10 @@ class IterativeSFTTrainer:
         self.scan_layers = self.run_options.scan_layers
         # Packed rows may outgrow the longest example's bucket only where attention costs per segment
         # (cuDNN's ragged kernel); masked XLA attention (CPU, TPU) costs and stores rows x length^2.
-        self._ragged_attention = bool(config.packing) and not self.is_encoder_decoder and (
-            layers_lib.resolve_attention_implementation(self.run_options.attention_implementation, self.run_options.dtype)
-            == "cudnn"
-            and self.spec.sliding_window is None
-            and not (self.dropout_enabled and self.spec.attention_dropout > 0)
+        self._ragged_attention = bool(config.packing) and not self.is_encoder_decoder and layers_lib.ragged_kernel_applies(
+            layers_lib.resolve_attention_implementation(self.run_options.attention_implementation, self.run_options.dtype),
+            self.spec.sliding_window,
+            self.spec.attention_dropout if self.dropout_enabled else 0.0,
         )
         view = with_options(model, self.run_options)
         if lora_lib.lora_setup(model) is None:
@@ -789,9 +788,11 @@ class IterativeSFTTrainer:
             return jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings).lower(*args)
 
     def _compile(self, fn, args, *, donate, out_shardings):
-        return self._lower(fn, args, donate=donate, out_shardings=out_shardings).compile(
-            compiler_options=self._xla_options or None
-        )
+        return self._built(self._lower(fn, args, donate=donate, out_shardings=out_shardings))
+
+    def _built(self, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+        """A lowered program compiled with the trainer's XLA options (the one place they are applied)."""
+        return lowered.compile(compiler_options=self._xla_options or None)
 
     def _update_lowerings(self, update) -> list[tuple[tuple, Callable[[], jax.stages.Lowered]]]:
         """(program key, lowering) for every program ``update`` runs, in the order it runs them.
@@ -847,17 +848,15 @@ class IterativeSFTTrainer:
                     missing.setdefault(key, lower)
         if len(missing) < 2:
             return
-        options = self._xla_options or None
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(missing), os.cpu_count() or 1)) as pool:
             # Each program starts compiling as soon as it is lowered, while the next one is lowered here.
-            futures = {key: pool.submit(lower().compile, compiler_options=options) for key, lower in missing.items()}
+            futures = {key: pool.submit(self._built, lower()) for key, lower in missing.items()}
             for key, future in futures.items():
                 self._programs[key] = future.result()
 
     def _run_update(self, update, lowerings) -> dict[str, jax.Array]:
         """Run one update's programs (``lowerings``: its :meth:`_update_lowerings`; any still missing compile here)."""
-        options = self._xla_options or None
-        programs = [self._cached(key, lambda lower=lower: lower().compile(compiler_options=options)) for key, lower in lowerings]
+        programs = [self._cached(key, lambda lower=lower: self._built(lower())) for key, lower in lowerings]
         if len(programs) == 1:  # one micro-batch, no accumulation: gradients and the optimizer step in one program
             batch = self._device_batch(update[0])
             self._params, self._opt_state, metrics = programs[0](self._params, self._opt_state, batch, self._frozen)
@@ -876,7 +875,7 @@ class IterativeSFTTrainer:
         shardings and XLA options (not run, not cached), which is what ``jaxsft.diagnostics`` inspects.
         ``batch`` holds placed ``input_ids`` and ``labels`` of one global micro-batch shape.
         """
-        return self._lower_fused(batch).compile(compiler_options=self._xla_options or None)
+        return self._built(self._lower_fused(batch))
 
     def _lower_fused(self, batch: dict) -> jax.stages.Lowered:
         params_sh, opt_sh = self._shardings()

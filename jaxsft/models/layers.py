@@ -187,10 +187,18 @@ def packed_attention(
     (CPU, TPU, fp32, or a sliding window, whose ``mask`` the caller built): XLA attention
     with the segment mask.
     """
-    if implementation == "cudnn" and segments.lengths is not None and mask is None and sliding_window is None:
+    if segments.lengths is not None and mask is None and ragged_kernel_applies(implementation, sliding_window, 0.0):
         return _cudnn_ragged_attention(q, k, v, segments)
     full = segments.mask() if mask is None else mask
     return jax.nn.dot_product_attention(q, k, v, mask=full, implementation="xla")
+
+
+def ragged_kernel_applies(implementation: str, sliding_window: Optional[int], attention_dropout: float) -> bool:
+    """Whether packed rows run on cuDNN's ragged kernel, whose cost follows the segments, not the row.
+
+    Only cuDNN attention without a sliding window; attention dropout (training) takes the XLA path.
+    """
+    return implementation == "cudnn" and sliding_window is None and attention_dropout <= 0
 
 
 def _cudnn_ragged_attention(q, k, v, segments: Segments) -> jax.Array:
