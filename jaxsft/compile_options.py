@@ -5,12 +5,15 @@ Why: on GPUs, whether gradient all-reduces overlap the backward pass is decided 
 are passed per program, not through the process-wide ``XLA_FLAGS``, so the user's other jitted
 code is left alone, and a bad name fails when the trainer is built.
 
-``TrainConfig.xla_options=None`` (the default) means :data:`BACKEND_DEFAULTS` for the backend in use,
-and ``{}`` means XLA's own settings. On GPU the default turns off XLA's Triton GEMM fusions, so every
-matmul goes to cuBLAS: on one H200 (Qwen2.5-0.5B shape) this trained as fast (117.4k against 116.3k
-tokens/s, within run-to-run noise) and compiled much faster (first step 11.7 s against 16.1 s; a packed ragged call
-meeting 7 new layouts 25.2 s against 35.5 s), most likely because XLA autotunes every Triton GEMM
-fusion while compiling (not profiled; see benchmarks/RESULTS.md). CPU and TPU keep XLA's settings. ``GPU_OVERLAP_OPTIONS`` is an opt-in preset:
+``TrainConfig.xla_options=None`` (the default) means :data:`BACKEND_DEFAULTS` for the backend in use
+and the model's width, and ``{}`` means XLA's own settings. On GPU, models at least
+``CUBLAS_FROM_HIDDEN_SIZE`` wide turn off XLA's Triton GEMM fusions, so every matmul goes to cuBLAS;
+narrower ones keep XLA's settings. Measured on one H200 each time with both settings in one call
+(benchmarks/RESULTS.md): at the Qwen2.5-0.5B shape (hidden 896) cuBLAS trained as fast (115.7k against
+113.7k tokens/s) and compiled much faster (first step 11.2 s against 16.7 s; a packed ragged call meeting
+7 new layouts 25.2 s against 35.5 s), most likely because XLA autotunes every Triton GEMM fusion while
+compiling; at the SmolLM2-135M shape (hidden 576) Triton's fused GEMMs trained 12 % faster (250-251k
+against 222-226k tokens/s), at equal compile time. CPU and TPU keep XLA's settings. ``GPU_OVERLAP_OPTIONS`` is an opt-in preset:
 on 2 x H200 (jax 0.11.2) it changed data-parallel scaling by less than run-to-run noise, and an
 FSDP run compiled with it did not finish within 4 minutes, so it is not switched on for users
 (see benchmarks/RESULTS.md).
@@ -23,17 +26,25 @@ from typing import Any, Optional
 
 import jax
 
-BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gpu": {"xla_gpu_enable_triton_gemm": False},
+# Models at least this wide (hidden size) get the GPU default below; between the two measured widths, 576
+# (Triton faster) and 896 (cuBLAS as fast, compiles faster).
+CUBLAS_FROM_HIDDEN_SIZE = 768
+
+# backend -> (options, the narrowest hidden size they apply to)
+BACKEND_DEFAULTS: dict[str, tuple[dict[str, Any], int]] = {
+    "gpu": ({"xla_gpu_enable_triton_gemm": False}, CUBLAS_FROM_HIDDEN_SIZE),
 }
 
 
-def resolve(options: Optional[dict[str, Any]], backend: Optional[str] = None) -> dict[str, Any]:
+def resolve(options: Optional[dict[str, Any]], backend: Optional[str] = None, hidden_size: Optional[int] = None) -> dict[str, Any]:
     """The options programs compile with: ``options`` as given, or for None the backend's measured defaults
-    (those this XLA release accepts; a retired name is dropped, not an error, since the user did not ask for it)."""
+    for a model ``hidden_size`` wide (unknown width: the defaults apply), keeping those this XLA release
+    accepts (a retired name is dropped, not an error, since the user did not ask for it)."""
     if options is not None:
         return dict(options)
-    defaults = BACKEND_DEFAULTS.get(backend or jax.default_backend(), {})
+    defaults, narrowest = BACKEND_DEFAULTS.get(backend or jax.default_backend(), ({}, 0))
+    if hidden_size is not None and hidden_size < narrowest:
+        return {}
     return {name: value for name, value in defaults.items() if accepted(name, value)}
 
 

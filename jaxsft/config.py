@@ -206,8 +206,8 @@ class Performance:
     length_buckets: Optional[Sequence[int]] = None
     min_bucket_length: int = 32
     # XLA compiler options for the train and eval programs (``compile(compiler_options=...)``).
-    # None: jaxsft's measured defaults for the backend (jaxsft.compile_options.BACKEND_DEFAULTS:
-    # on GPU, cuBLAS for every matmul); {}: XLA's own defaults. jaxsft.compile_options.gpu_overlap_options()
+    # None: jaxsft's measured defaults for the backend and model width (jaxsft.compile_options.BACKEND_DEFAULTS:
+    # on GPU, cuBLAS for every matmul of models 768 or more wide); {}: XLA's own defaults. jaxsft.compile_options.gpu_overlap_options()
     # is an opt-in preset for GPU communication/compute overlap.
     xla_options: Optional[dict[str, Any]] = None
 

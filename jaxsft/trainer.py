@@ -171,7 +171,7 @@ class IterativeSFTTrainer:
             self.rows = config.per_device_train_batch_size * shd.batch_rows_multiple(self.mesh)
             self.eval_rows = config.per_device_eval_batch_size * shd.batch_rows_multiple(self.mesh)
             shd.check_model_fits(self.spec, self.mesh, self.sharding_rules)
-            self._xla_options = compile_options.resolve(config.xla_options)  # None: the backend's defaults
+            self._xla_options = compile_options.resolve(config.xla_options, hidden_size=model.spec.hidden_size)  # None: measured defaults
             compile_options.check(self._xla_options)
             shd.check_batch_split_over_processes(self.mesh)
             # Checked now, so that evaluation inside step() (eval_steps) cannot fail after an update.
@@ -251,6 +251,11 @@ class IterativeSFTTrainer:
     @property
     def compiled_shapes(self) -> int:
         return len(self._programs)
+
+    @property
+    def xla_options(self) -> dict[str, Any]:
+        """The XLA options the train and eval programs compile with (``TrainConfig.xla_options`` resolved)."""
+        return dict(self._xla_options)
 
     @property
     def eval_dataset(self) -> Any:

@@ -150,16 +150,35 @@ def test_bad_xla_options_fail_at_construction():
 
 
 def test_xla_options_default_to_the_backends_measured_settings():
-    """None: the backend's table (GPU: every matmul on cuBLAS, no Triton GEMM autotuning; CPU/TPU: XLA's
-    own); anything given, {} included, is used as is."""
+    """None: the backend's table (GPU: every matmul on cuBLAS, no Triton GEMM autotuning, for models at
+    least CUBLAS_FROM_HIDDEN_SIZE wide; narrower ones and CPU/TPU: XLA's own); anything given, {} included,
+    is used as is."""
     from jaxsft import compile_options
 
-    assert compile_options.resolve(None, backend="gpu") == {"xla_gpu_enable_triton_gemm": False}
-    assert compile_options.resolve(None, backend="cpu") == {} == compile_options.resolve(None, backend="tpu")
-    assert compile_options.resolve({}, backend="gpu") == {}
+    wide = compile_options.CUBLAS_FROM_HIDDEN_SIZE
+    assert compile_options.resolve(None, backend="gpu", hidden_size=896) == {"xla_gpu_enable_triton_gemm": False}
+    assert compile_options.resolve(None, backend="gpu", hidden_size=wide) == {"xla_gpu_enable_triton_gemm": False}
+    assert compile_options.resolve(None, backend="gpu") == {"xla_gpu_enable_triton_gemm": False}  # width unknown
+    assert compile_options.resolve(None, backend="gpu", hidden_size=576) == {}  # SmolLM2-135M: Triton measured faster
+    assert compile_options.resolve(None, backend="gpu", hidden_size=wide - 1) == {}
+    assert compile_options.resolve(None, backend="cpu", hidden_size=4096) == {} == compile_options.resolve(None, backend="tpu")
+    assert compile_options.resolve({}, backend="gpu", hidden_size=4096) == {}
     given = {"xla_gpu_enable_triton_gemm": True}
-    assert compile_options.resolve(given, backend="gpu") == given
+    assert compile_options.resolve(given, backend="gpu", hidden_size=4096) == given
     assert compile_options.resolve(None) == compile_options.resolve(None, backend=jax.default_backend())
+
+
+def test_trainer_compiles_with_the_defaults_for_its_models_width(monkeypatch):
+    """The trainer passes its model's width: a table entry for this backend applies to a model as wide as
+    its threshold and not to a narrower one (tiny_llama is 64 wide)."""
+    from jaxsft import compile_options
+
+    mesh = jaxsft.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    option = {"xla_backend_optimization_level": 2}  # a real CPU option, so the trainer's check compiles it
+    monkeypatch.setitem(compile_options.BACKEND_DEFAULTS, jax.default_backend(), (option, 64))
+    assert _tiny_trainer(mesh).xla_options == option
+    monkeypatch.setitem(compile_options.BACKEND_DEFAULTS, jax.default_backend(), (option, 65))
+    assert _tiny_trainer(mesh).xla_options == {}
 
 
 def test_scan_layers_automatic_choice():
