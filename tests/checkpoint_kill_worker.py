@@ -21,11 +21,6 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--seed", type=int, required=True)
     args = parser.parse_args()
-    import jax
-
-    if os.environ.get("JAXSFT_TEST_XLA_CACHE"):
-        jax.config.update("jax_compilation_cache_dir", os.environ["JAXSFT_TEST_XLA_CACHE"])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     import numpy as np
 
     import jaxsft

@@ -6,14 +6,12 @@ The environment must be set before jax is imported anywhere, hence module level 
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# With the persistent cache below, XLA:CPU executables *loaded from the cache* that hold several
-# collectives could deadlock (devices entering different all-reduces first: "Expected 8 threads to
-# join the rendezvous, but only 5 ... arrived", then an abort; seen in test_compat_trainer's quick start
-# on every warm run). The concurrency-optimised scheduler is what lets them reorder; without it warm
-# runs pass. It changes scheduling only, never results.
-if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+from xla_settings import DEVICE_COUNT_FLAG, with_test_flags  # noqa: E402  (tests/ is on sys.path)
+
+# 8 simulated devices unless XLA_FLAGS says otherwise, and the suite's compile flags (tests/xla_settings.py
+# says why each).
+_flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = with_test_flags(_flags if DEVICE_COUNT_FLAG in _flags else f"{DEVICE_COUNT_FLAG}=8 {_flags}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's LLVM backend optimisations off for the whole run, worker processes included (they inherit the
 # environment): the suite's programs are tiny, so compiling them dominates running them. HLO passes
@@ -25,16 +23,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import jax  # noqa: E402
-
 # Most of the suite's time is XLA compiling small programs, many of them identical across tests and
 # files (trainers built alike). XLA's persistent cache turns every repeat into a load, within a run and
 # across runs on the same checkout. JAXSFT_TEST_XLA_CACHE moves it (several worktrees can share one).
+# Set through the environment, so that child processes (examples, multi-process workers, the SIGKILL
+# test's restarts; tests/child_env.py) share it too.
 _CACHE = os.environ.get("JAXSFT_TEST_XLA_CACHE") or str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "xla-tests")
-jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+import jax  # noqa: E402
+
+assert jax.config.values["jax_compilation_cache_dir"] == _CACHE
 
 import pytest  # noqa: E402
 

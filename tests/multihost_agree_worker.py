@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xla_settings import child_flags
+
 TIMEOUT_S = 8.0
 
 
@@ -33,7 +35,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    os.environ["XLA_FLAGS"] = child_flags(os.environ.get("XLA_FLAGS", ""), devices=1)
     import jax
 
     import jaxsft

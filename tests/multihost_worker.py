@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xla_settings import child_flags
+
 VOCAB = 256
 BUCKETS = (16, 64)  # few shapes: each is a compile (slow on CPU)
 
@@ -88,7 +90,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
+    os.environ["XLA_FLAGS"] = child_flags(os.environ.get("XLA_FLAGS", ""), devices=args.local_devices)
     import jax
 
     import jaxsft

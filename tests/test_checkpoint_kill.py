@@ -20,6 +20,7 @@ import pytest
 
 import checkpoint_kill_worker as worker
 import tiny
+from xla_settings import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 KILLS = 10
@@ -41,8 +42,7 @@ def test_sigkill_during_saves_never_loses_the_newest_complete_checkpoint(tmp_pat
     model_dir = tmp_path / "model"
     tiny.tiny_torch_model("llama", vocab_size=256, num_key_value_heads=4).save_pretrained(model_dir)
     ckpt_dir = tmp_path / "ckpts"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    env = child_env(REPO, REPO / "tests")  # one device; this run's compile cache: restarts load, not compile
     rng = np.random.default_rng(0)
     checker = worker.make_trainer(jaxsft, str(model_dir))
     last_step, save_seconds, listings = 0, 0.5, []

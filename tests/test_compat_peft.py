@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from trl_ref import REPO, reference_python, save_tiny_llama
+from xla_settings import child_flags
 
 peft = pytest.importorskip("peft")
 
@@ -89,7 +90,8 @@ def test_trl_peft_script_runs_with_one_import_changed(tmp_path):
     trl = _run(str(reference_python()), "from trl import IterativeSFTTrainer, IterativeSFTConfig",
                model_dir, tok_dir, tmp_path / "trl", trl_env)
 
-    ours_env = {**base_env, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    ours_env = {**base_env, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+                "XLA_FLAGS": child_flags(os.environ.get("XLA_FLAGS", ""))}
     ours = _run(sys.executable, "from compat import IterativeSFTTrainer, IterativeSFTConfig",
                 model_dir, tok_dir, tmp_path / "compat", ours_env)
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from xla_settings import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 README = REPO / "README.md"
@@ -71,9 +73,8 @@ def test_readme_lists_every_stats_key():
 
 
 def run_example(name: str, tmp_path: Path) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}  # one CPU device, as a user has
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    env = child_env(REPO)  # one CPU device, as a user has
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     summary = tmp_path / "summary.json"
     cmd = [sys.executable, str(EXAMPLES / name), "--tiny", "--rounds", "2", "--summary", str(summary)]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

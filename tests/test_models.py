@@ -211,9 +211,13 @@ def test_gradient_matches_torch_and_remat_changes_nothing(family):
     g_plain = _flat_grads(grads)
     g_remat = _flat_grads(nnx.jit(nnx.grad(f))(remat, ids_j, mask_j))
     assert g_plain.keys() == g_remat.keys() and len(g_plain) > 0
+    largest = max(float(np.abs(a).max()) for a in g_plain.values())
     for path, a in g_plain.items():
         assert np.isfinite(a).all(), path  # left padding must not leak NaN into gradients
-        np.testing.assert_allclose(g_remat[path], a, rtol=1e-5, atol=1e-6 * np.abs(a).max(), err_msg=str(path))
+        # A key bias's gradient is zero in exact arithmetic (softmax is shift-invariant): its values are
+        # rounding noise, so they are held to the largest gradient's scale, not to their own.
+        scale = largest if "k_bias" in str(path) else np.abs(a).max()
+        np.testing.assert_allclose(g_remat[path], a, rtol=1e-5, atol=1e-6 * scale, err_msg=str(path))
 
     # torch autograd
     tm = _torch_model(family)

@@ -29,6 +29,7 @@ import pytest
 
 import multihost_worker as worker
 import tiny
+from xla_settings import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
@@ -52,8 +53,7 @@ def _free_port() -> int:
 def _start_workers(model_dir: Path, out: Path, num_processes: int = 2) -> list[tuple[subprocess.Popen, Path]]:
     """Start the workers; their output goes to files (a full pipe nobody drains would stall a collective)."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    env = child_env(REPO, REPO / "tests")  # each worker sets its own device count
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"  # fewer SPMD warnings in the output we may print
     workers = []
     for pid in range(num_processes):

@@ -18,6 +18,7 @@ import pytest
 
 import multihost_agree_worker as worker
 import tiny
+from xla_settings import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
@@ -34,8 +35,7 @@ def test_processes_agree_on_verdicts_and_settings(tmp_path):
     model_dir = tmp_path / "model"
     tiny.tiny_torch_model("llama", vocab_size=256).save_pretrained(model_dir)
     coordinator = f"127.0.0.1:{_free_port()}"
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    env = child_env(REPO, REPO / "tests")  # each worker sets its own device count
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     procs = []
     for pid in range(2):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from xla_settings import child_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_NAMES = re.compile(r"^(torch|torchgen|functorch|torchvision|torchaudio|triton)([-_.].*)?$", re.IGNORECASE)
 
@@ -133,7 +135,8 @@ SCRIPT = textwrap.dedent(
 def test_core_trains_saves_and_loads_without_torch(tmp_path):
     farm = _site_without_torch(tmp_path / "site")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(farm)]), JAX_PLATFORMS="cpu", XLA_FLAGS="",
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(farm)]), JAX_PLATFORMS="cpu",
+               XLA_FLAGS=child_flags(os.environ.get("XLA_FLAGS", "")),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, "-S", "-c", SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600,
