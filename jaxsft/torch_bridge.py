@@ -9,8 +9,10 @@ Installing torch is the ``compat`` extra's business (``pip install jaxsft[compat
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 TORCH_MISSING = (
     "this needs PyTorch, which the JAX core does not install; install the facade's extra, "
@@ -60,7 +62,28 @@ def load_gguf_causal_lm(folder: str, filename: str) -> Any:
         from transformers import AutoModelForCausalLM
     except ImportError as err:
         raise ImportError(f"loading the GGUF file {filename}: {TORCH_MISSING}") from err
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    with _one_gguf_name_map_per_architecture():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the weights are dequantized fp32 now
     return model
+
+
+@contextlib.contextmanager
+def _one_gguf_name_map_per_architecture() -> Iterator[None]:
+    """While loading: gguf's tensor-name map built once per (architecture, layer count).
+
+    Why: transformers rebuilds it for every submodule it walks (397 times for SmolLM2-135M, about 8 s of
+    a 20 s load on a 2-core machine), and the map depends on those two arguments only; it is only read.
+    """
+    try:
+        import gguf
+    except ImportError:  # transformers reports the missing package itself
+        yield
+        return
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original

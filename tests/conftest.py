@@ -62,7 +62,7 @@ def optimized_xla():
 _SLOW_FILES_FIRST = (
     "test_seq2seq_training.py", "test_generate.py", "test_smollm2.py", "test_packing.py", "test_dropout.py",
     "test_compat_peft.py", "test_trainer.py", "test_checkpoint_kill.py", "test_compat_trainer.py", "test_sharding.py",
-    "test_bundled.py", "test_examples.py", "test_seq2seq_compat.py", "test_models.py", "test_checkpoint.py",
+    "test_examples.py", "test_seq2seq_compat.py", "test_models.py", "test_checkpoint.py",
     "test_multihost.py", "test_loop.py", "test_compat_trl_parity.py", "test_multihost_agreement.py",
     "test_trainer_parity.py",
 )

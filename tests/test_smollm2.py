@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import stat
 import time
 
 import jax.numpy as jnp
@@ -47,11 +48,13 @@ def _package_dir() -> str:
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(tokenizer, fp32 torch model, prompt ids), both read from the GGUF by transformers (jaxsft.bundled)."""
+    from jaxsft import bundled
 
-    folder = _package_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
+    _package_dir()
+    assert bundled.GGUF == GGUF
+    tokenizer = bundled.tokenizer()
+    model = bundled.torch_model().eval()
     ids = tokenizer(TEXT)["input_ids"]
     ids = (ids * (PROMPT_TOKENS // len(ids) + 1))[:PROMPT_TOKENS]
     return tokenizer, model, np.asarray([ids], np.int64)
@@ -137,3 +140,27 @@ def test_smollm2_greedy_matches_transformers(smollm2, optimized_xla):
     ref = out[:, enc["input_ids"].shape[1]:].numpy()
     assert_same_as_hf(ours, ref, tok.pad_token_id)
     assert "Paris" in ours.texts[0]
+
+
+def test_export_is_a_folder_transformers_loads_with_the_gguf_weights(smollm2, tmp_path):
+    """``python -m jaxsft export DIR`` writes a folder transformers loads, with the GGUF's weights exactly
+    (the module's GGUF-loaded model is the reference: a second GGUF read would cost ~15 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jaxsft import __main__ as cli
+
+    assert cli.main(["export", str(tmp_path / "smollm2")]) == 0
+    folder = tmp_path / "smollm2"
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        assert stat.S_IMODE((folder / name).stat().st_mode) & 0o044 == 0o044, name  # readable by others
+    exported = AutoModelForCausalLM.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    _, reference, _ = smollm2
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
+                                           add_generation_prompt=True, tokenize=False)
+    ids = tokenizer([prompt], return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        np.testing.assert_array_equal(exported(ids).logits.numpy(), reference(ids).logits.numpy())
+    assert exported.generation_config.eos_token_id == tokenizer.eos_token_id
+    reference.save_pretrained(str(tmp_path / "torch-save"))  # the plain torch model serialises (GGUF-loaded refuses)
