@@ -194,8 +194,8 @@ def test_nan_guard_skips_non_finite_updates(accumulation):
     assert unguarded.step(input_ids=second)["skipped_updates"] == 0
     assert sum(int(np.isnan(x).sum()) for x in leaves(unguarded.params)) > 1000
 
-    # A healthy call with the guard on trains exactly as without it (bit for bit, under the fusion
-    # emitters users get: the guard's program differs, so the suite's faster ones may round differently).
+    # A healthy call with the guard on trains exactly as without it (bit for bit, under the CPU code
+    # generation users get: the guard's program differs, so the suite's faster codegen may round differently).
     a = make_trainer(skip_nonfinite_updates=True, xla_options=BIT_EXACT_XLA_OPTIONS)
     b = make_trainer(xla_options=BIT_EXACT_XLA_OPTIONS)
     assert a.step(input_ids=first)["update_losses"] == b.step(input_ids=first)["update_losses"]
