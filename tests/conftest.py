@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # files (trainers built alike). XLA's persistent cache turns every repeat into a load, within a run and
 # across runs on the same checkout. JAXSFT_TEST_XLA_CACHE moves it (several worktrees can share one).
 # Set through the environment, so that child processes (examples, multi-process workers, the SIGKILL
-# test's restarts; tests/child_env.py) share it too.
+# test's restarts; xla_settings.child_env) share it too.
 _CACHE = os.environ.get("JAXSFT_TEST_XLA_CACHE") or str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "xla-tests")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
