@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxsft import sharding as shd
 from jaxsft import torch_bridge
+from jaxsft.models import gguf_io
 from jaxsft.models import lora as lora_lib
 from jaxsft.models import weights
 from jaxsft.models.decoder import CausalLM
@@ -302,7 +303,8 @@ def from_pretrained(
     """Load a Hugging Face causal LM (or a T5 / BART encoder-decoder, as a ``Seq2SeqLM``) as a jaxsft model.
 
     ``source`` is a local folder (config.json with model.safetensors or a sharded
-    index; fp32, bf16 or fp16), a ``transformers`` PreTrainedModel (converted in
+    index; fp32, bf16 or fp16), a Llama-family ``.gguf`` file (read without torch,
+    dequantized to fp32: :mod:`jaxsft.models.gguf_io`), a ``transformers`` PreTrainedModel (converted in
     memory) or a ``peft.PeftModel`` with one LoRA adapter (base and adapter both
     converted). ``param_dtype`` (default fp32) is the stored precision, ``dtype`` the
     compute precision (default: ``param_dtype``); LoRA adapters are always fp32.
@@ -327,6 +329,9 @@ def from_pretrained(
             config = source.config
             spec_from_hf_config(config)  # fail on the family before touching weights
             tensors = _torch_state_dict(source)
+        elif isinstance(source, gguf_io.GGUFCheckpoint) or gguf_io.is_gguf_file(source):
+            checkpoint = source if isinstance(source, gguf_io.GGUFCheckpoint) else gguf_io.GGUFCheckpoint(source)
+            config, tensors = checkpoint.config, checkpoint  # dequantized to fp32 one tensor at a time
         elif isinstance(source, (str, os.PathLike)):
             folder = Path(source)
             if not folder.is_dir():
