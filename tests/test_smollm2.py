@@ -192,4 +192,6 @@ def test_export_is_a_folder_transformers_loads_with_the_gguf_weights(smollm2, tm
     with torch.no_grad():
         np.testing.assert_array_equal(exported(ids).logits.numpy(), reference(ids).logits.numpy())
     assert exported.generation_config.eos_token_id == tokenizer.eos_token_id
-    reference.save_pretrained(str(tmp_path / "torch-save"))  # the plain torch model serialises (GGUF-loaded refuses)
+    from jaxsft import bundled
+
+    bundled.torch_model().save_pretrained(str(tmp_path / "torch-save"))  # a plain torch model (GGUF-loaded refuses)
