@@ -55,13 +55,21 @@ def tiny_model(folder: Union[str, Path], *, seed: int = 0, teach_updates: int = 
     """Write the tiny model and its tokenizer to ``folder`` (created); returns the folder as a string.
 
     ``teach_updates``: full-batch updates on half of the 100 single-digit sums (0 leaves it random).
+    A folder that already holds the tiny model of these arguments is returned as it is (the build is
+    deterministic), so scripts and README snippets can call this every time.
     """
+    import json
+
     import numpy as np
     from transformers import LlamaConfig
 
     import jaxsft
     from jaxsft.models.spec import ModelSpec
 
+    folder = Path(folder)
+    marker, recipe = folder / "jaxsft-tiny-model.json", {"seed": seed, "teach_updates": teach_updates, "version": 1}
+    if marker.is_file() and json.loads(marker.read_text()) == recipe and (folder / "model.safetensors").is_file():
+        return str(folder)
     tokenizer, every = _tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -88,6 +96,6 @@ def tiny_model(folder: Union[str, Path], *, seed: int = 0, teach_updates: int = 
         for _ in range(teach_updates):
             trainer.step(input_ids=ids, labels=labels)
         model = trainer.model
-    folder = Path(folder)
     jaxsft.save_pretrained(model, folder, tokenizer=tokenizer)
+    marker.write_text(json.dumps(recipe))
     return str(folder)

@@ -66,8 +66,8 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def plot(history: list[RoundResult], path: Path, title: str) -> Path:
-    """Held-out accuracy per round with a shaded ±1 standard-error band."""
+def figure(history: list[RoundResult], title: str) -> Any:
+    """A matplotlib figure of held-out accuracy per round with a shaded ±1 standard-error band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,6 +88,14 @@ def plot(history: list[RoundResult], path: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    return fig
+
+
+def plot(history: list[RoundResult], path: Path, title: str) -> Path:
+    """Write :func:`figure` as a PNG (atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(history, title)
     tmp = path.with_name("." + path.name)
     fig.savefig(tmp, format="png")
     plt.close(fig)
