@@ -91,27 +91,8 @@ def run_example(name: str, tmp_path: Path, *extra: str) -> list[dict]:
     return json.loads(summary.read_text())
 
 
-@pytest.mark.slow
-def test_expert_iteration_example(tmp_path):
-    history = run_example("expert_iteration.py", tmp_path)
-    assert [h["round"] for h in history] == [0, 1, 2]
-    assert all(0.0 <= h["accuracy"] <= 1.0 for h in history)
-    trained = [h for h in history[1:] if h["kept"]]
-    assert trained and all(h["updates"] >= 1 and h["loss"] > 0 for h in trained)
-
-
-@pytest.mark.slow
-def test_trl_switch_example(tmp_path):
-    history = run_example("trl_switch.py", tmp_path, "--output-dir", str(tmp_path / "trained"))
-    for h in history:
-        if h["kept"]:  # the user's own model shows the update in every parameter
-            assert h["updates"] >= 1 and h["changed_parameters"] > 0
-        else:
-            assert h["changed_parameters"] == 0
-    assert any(h["kept"] for h in history)
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(str(tmp_path / "trained"))  # trainer.save_model's folder, where asked
+# expert_iteration.py and trl_switch.py are the README's example commands: tests/test_readme.py runs their
+# --tiny forms (with the assertions on what they return); rejection_sampling.py runs here.
 
 
 @pytest.mark.slow
