@@ -231,6 +231,9 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path)
     a, b = saved_weights(tmp_path / "whole" / "model"), saved_weights(out / "model")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert not (out / "checkpoints").exists()  # a finished run keeps no resume state
+    assert loop.run(rft_config(tiny, out, resume=True)) == json.loads((out / "results.json").read_text())  # done
+    with pytest.raises(ValueError, match="finished after round 2 and keeps no checkpoint"):
+        loop.check_resume(rft_config(tiny, out, resume=True, rounds=3))
 
 
 @pytest.mark.slow

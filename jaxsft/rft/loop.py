@@ -94,6 +94,10 @@ def check_resume(cfg: RFTConfig) -> Optional[dict]:
         k = changed[0]
         raise ValueError(f"--resume: --{k.replace('_', '-')} was {old.get(k)!r} in {path}, now "
                          f"{dataclasses.asdict(cfg).get(k)!r}; resume with the run's own settings")
+    done = saved["rounds"][-1]["round"] if saved.get("rounds") else 0
+    if saved.get("finished") and cfg.rounds > done and not saved.get("stopped_early"):
+        raise ValueError(f"--resume: the run in {cfg.output_dir} finished after round {done} and keeps no checkpoint "
+                         "to go on from; start a new run in another --output-dir")
     return saved
 
 
@@ -132,6 +136,10 @@ def run(
 
     started = time.perf_counter()
     saved = check_resume(cfg)
+    if saved is not None and saved.get("finished"):
+        if not cfg.quiet:
+            print(f"nothing to resume: the run in {cfg.output_dir} has finished (table {saved['table']})")
+        return saved
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda *a, **k: None) if cfg.quiet else tqdm.write
