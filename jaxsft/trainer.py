@@ -214,7 +214,10 @@ class IterativeSFTTrainer:
         with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):
             # Moments take their parameter's sharding (zeros_like under jit would replicate them).
             opt_shardings = shd.optimizer_state_shardings(jax.eval_shape(self._tx.init, self._params), self._params, self.mesh)
-            self._opt_state = jax.jit(self._tx.init, out_shardings=opt_shardings)(self._params)
+            # Kept: reset() rebuilds the initial optimizer state with this same compiled program.
+            self._init_opt_state = jax.jit(self._tx.init, out_shardings=opt_shardings)
+            self._opt_state = self._init_opt_state(self._params)
+        self._initial_params: Optional[HostSnapshot] = None  # taken before the first donation (reset())
         self._rng = np.random.default_rng(config.seed)
         self._shards = shd.batch_rows_multiple(self.mesh)
         self._chunk_size = self._loss_chunk_size()
@@ -622,6 +625,7 @@ class IterativeSFTTrainer:
         placed = jax.device_put(arrays, shardings, may_alias=False if copy else None)
         rng = np.random.default_rng()
         rng.bit_generator.state = state["rng"]
+        self._keep_initial_params()
         # Nothing above changed the trainer; from here on it is assignment only.
         params = jax.tree.map(lambda x: x, self._params)
         nnx.replace_by_pure_dict(params, placed["params"])
@@ -632,6 +636,39 @@ class IterativeSFTTrainer:
             setattr(self.state, name, host["counters"][name])
         self._params_version += 1
         nnx.update(self._user_model, self._params)
+
+    def reset(self) -> None:
+        """Back to the state the trainer was built with, keeping every compiled program.
+
+        The weights it started from (the trained ones; a LoRA model's frozen base never changed),
+        a fresh optimizer state, the schedule at step 0, ``global_step`` 0, the shuffling and dropout
+        RNG re-seeded from ``TrainConfig.seed``, counters zeroed and ``log_history`` emptied (in place).
+        ``generate()``'s call count is kept, so a loop that generates, resets and trains (ReST-EM:
+        every round samples from the latest model, then fine-tunes from the base on all data kept so
+        far) draws fresh samples each round. The same shapes run the same programs afterwards: nothing
+        recompiles. The starting weights live on the host (numpy, one copy of this process's shards),
+        copied once just before the first update or ``load_state_dict`` would replace them; a
+        trainer that never trained pays nothing. Call it on every process.
+        """
+        if self._initial_params is not None:
+            params = self._initial_params.restore()
+            with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):  # as at construction: a cache hit
+                opt_state = self._init_opt_state(params)
+            self._params, self._opt_state = params, opt_state
+            self._params_version += 1
+            nnx.update(self._user_model, self._params)
+        self._rng = np.random.default_rng(self.config.seed)
+        fresh = TrainerState()
+        self.state.global_step = 0
+        self.state.log_history.clear()  # in place: whoever holds the list (the facade) sees it
+        for name in COUNTER_FIELDS:
+            if name != "generate_calls":
+                setattr(self.state, name, getattr(fresh, name))
+
+    def _keep_initial_params(self) -> None:
+        """Copy the starting weights to the host once, before anything replaces or donates them."""
+        if self._initial_params is None:
+            self._initial_params = HostSnapshot.of(self._params)
 
     def save_pretrained(self, directory: str, **kwargs: Any):
         from jaxsft.models.hf_io import save_pretrained
@@ -861,6 +898,7 @@ class IterativeSFTTrainer:
 
     def _run_update(self, update, lowerings) -> dict[str, jax.Array]:
         """Run one update's programs (``lowerings``: its :meth:`_update_lowerings`; any still missing compile here)."""
+        self._keep_initial_params()
         programs = [self._cached(key, lambda lower=lower: self._built(lower())) for key, lower in lowerings]
         if len(programs) == 1:  # one micro-batch, no accumulation: gradients and the optimizer step in one program
             batch = self._device_batch(update[0])
@@ -983,6 +1021,42 @@ class IterativeSFTTrainer:
         tokens_per_device = self.config.per_device_train_batch_size * self.max_length
         fitting = max(256, self.config.loss_chunk_bytes // (4 * self.spec.vocab_size))
         return min(tokens_per_device, 1 << int(math.log2(fitting)))
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSnapshot:
+    """A pytree of sharded arrays copied to this process's host memory, and back onto the same devices.
+
+    Only this process's shards are kept (one copy per distinct shard, so replicated arrays are held
+    once): it works on several processes, where no process can read a whole FSDP-sharded array.
+    """
+
+    treedef: Any
+    leaves: tuple  # per leaf: (shape, dtype, sharding, {shard index: numpy}, [(device, shard index)])
+
+    @classmethod
+    def of(cls, tree: Any) -> "HostSnapshot":
+        flat, treedef = jax.tree.flatten(tree)
+        leaves = []
+        for array in flat:
+            data: dict[str, np.ndarray] = {}
+            placement = []
+            for shard in array.addressable_shards:
+                key = repr(shard.index)
+                if key not in data:
+                    data[key] = np.array(shard.data)
+                placement.append((shard.device, key))
+            leaves.append((array.shape, array.dtype, array.sharding, data, placement))
+        return cls(treedef, tuple(leaves))
+
+    def restore(self) -> Any:
+        arrays = [
+            jax.make_array_from_single_device_arrays(
+                shape, sharding, [jax.device_put(data[key], device) for device, key in placement]
+            )
+            for shape, _dtype, sharding, data, placement in self.leaves
+        ]
+        return jax.tree.unflatten(self.treedef, arrays)
 
 
 def _finite_update(metrics: dict[str, Any]) -> bool:
