@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,23 +60,24 @@ def _trainer(packing, **kw):
 
 
 def test_trainer_resolves_the_default_for_its_backend():
-    # This suite runs on CPU: even in bf16 (cuDNN's case on GPU) attention is masked XLA, so no packing.
-    assert _trainer("default", bf16=True).packing is False
+    # bf16 compute: packed rows on a GPU (cuDNN's ragged kernel); on CPU attention is masked XLA, so no packing.
+    assert _trainer("default", bf16=True).packing is (jax.default_backend() == "gpu")
 
 
 @pytest.mark.slow
-def test_trainer_default_on_cpu_is_unpacked_and_forcing_packed_gives_the_same_losses():
+def test_forcing_packed_or_unpacked_gives_the_same_losses():
     rng = np.random.default_rng(0)
     ids = [rng.integers(3, 300, n).astype(np.int32) for n in (5, 16, 9, 13, 3, 12, 8, 2)]
-    default, packed = _trainer("default"), _trainer(True)
+    plain, packed = _trainer(False), _trainer(True)
     # The planned layouts differ (so the comparison below is between two layouts) ...
     examples = batching.examples_from_tokens(ids, None, ids, max_length=32, truncation_mode="keep_end")
     plan = lambda t: batching.plan_microbatches(  # noqa: E731
         examples, rows=t.rows, buckets=t.buckets, rng=np.random.default_rng(0), pack=t.packing
     )
-    assert not any(mb.packed for mb in plan(default)) and all(mb.packed for mb in plan(packed))
+    assert plain.packing is False and packed.packing is True
+    assert not any(mb.packed for mb in plan(plain)) and all(mb.packed for mb in plan(packed))
     # ... and train to the same per-update losses.
-    want = default.step(input_ids=ids, labels=ids)["update_losses"]
+    want = plain.step(input_ids=ids, labels=ids)["update_losses"]
     got = packed.step(input_ids=ids, labels=ids)["update_losses"]
     assert len(want) == 2
     np.testing.assert_allclose(got, want, rtol=1e-5)
