@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsft import batching, compile_options, distributed
+from jaxsft import batching, compile_options, distributed, fast_path
 from jaxsft import checkpoint as checkpointing
 from jaxsft import metrics as metrics_sinks
 from jaxsft import sharding as shd
@@ -149,7 +149,7 @@ class IterativeSFTTrainer:
                     "(any number of local devices) or use a decoder-only model for multi-host training."
                 )
             self.dropout_enabled = bool(config.dropout) and _declares_dropout(model.spec)
-            if self.is_encoder_decoder and config.packing:
+            if self.is_encoder_decoder and config.packing is True:
                 raise ValueError(
                     "TrainConfig.packing=True is not supported for encoder-decoder models (T5, BART); pass packing=False."
                 )
@@ -185,12 +185,21 @@ class IterativeSFTTrainer:
         # the caller's model keeps its own options).
         self.run_options = config.run_options(RunOptions.of(model), num_layers=model.spec.num_layers)
         self.scan_layers = self.run_options.scan_layers
+        decoder_only = not self.is_encoder_decoder  # only a decoder spec has sliding_window / attention_dropout
+        window = self.spec.sliding_window if decoder_only else None
+        attention_dropout = self.spec.attention_dropout if decoder_only and self.dropout_enabled else 0.0
+        # TrainConfig.packing resolved for this backend (None: packed where cuDNN's ragged kernel applies).
+        self.packing = fast_path.resolve_packing(
+            config.packing, attention_implementation=self.run_options.attention_implementation,
+            dtype=self.run_options.dtype, sliding_window=window, attention_dropout=attention_dropout,
+            encoder_decoder=self.is_encoder_decoder,
+        )
         # Packed rows may outgrow the longest example's bucket only where attention costs per segment
         # (cuDNN's ragged kernel); masked XLA attention (CPU, TPU) costs and stores rows x length^2.
-        self._ragged_attention = bool(config.packing) and not self.is_encoder_decoder and layers_lib.ragged_kernel_applies(
+        self._ragged_attention = self.packing and decoder_only and layers_lib.ragged_kernel_applies(
             layers_lib.resolve_attention_implementation(self.run_options.attention_implementation, self.run_options.dtype),
-            self.spec.sliding_window,
-            self.spec.attention_dropout if self.dropout_enabled else 0.0,
+            window,
+            attention_dropout,
         )
         view = with_options(model, self.run_options)
         if lora_lib.lora_setup(model) is None:
@@ -312,10 +321,10 @@ class IterativeSFTTrainer:
         distributed.agree("step()", error, self._fingerprint(), self.config.agreement_timeout_s)
         started = time.perf_counter()
         microbatches = self._plan(
-            examples, self.rows // jax.process_count(), shuffle=True, pack=self.config.packing
+            examples, self.rows // jax.process_count(), shuffle=True, pack=self.packing
         ) if examples else []  # multi-process: this process has nothing this call (filler micro-batches below)
         microbatches = distributed.agree_on_microbatches(
-            microbatches, self.rows // jax.process_count(), packed=self.config.packing
+            microbatches, self.rows // jax.process_count(), packed=self.packing
         )
         if not microbatches:
             # A filter that kept nothing is a normal round, not an error: every process warns and trains nothing.
