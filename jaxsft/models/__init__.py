@@ -1,6 +1,7 @@
 """Flax NNX language models and their Hugging Face checkpoint mapping."""
 
 from jaxsft.models.decoder import CausalLM, KVCache
+from jaxsft.models.interface import LanguageModel, LMHead
 from jaxsft.models.hf_io import CheckpointError, from_pretrained, hf_state_dict, init_model, save_pretrained
 from jaxsft.models.seq2seq import Seq2SeqCache, Seq2SeqLM
 from jaxsft.models.seq2seq_spec import SEQ2SEQ_MODEL_TYPES, Seq2SeqSpec
@@ -12,5 +13,5 @@ __all__ = [
     "CausalLM", "KVCache", "CheckpointError", "from_pretrained", "hf_state_dict", "init_model",
     "save_pretrained", "SUPPORTED_MODEL_TYPES", "ModelSpec", "UnsupportedModelError",
     "Seq2SeqLM", "Seq2SeqCache", "Seq2SeqSpec", "SEQ2SEQ_MODEL_TYPES",
-    "LoraConfig", "add_lora", "AdapterError", "load_adapter", "save_adapter",
+    "LanguageModel", "LMHead", "LoraConfig", "add_lora", "AdapterError", "load_adapter", "save_adapter",
 ]

@@ -18,6 +18,7 @@ from flax import nnx
 from jaxsft.models import layers as L
 from jaxsft.models import lora as lora_lib
 from jaxsft.models.embedding import embedding_lookup
+from jaxsft.models.interface import LMHead
 from jaxsft.models.options import REMAT_POLICIES, RunOptions
 from jaxsft.sharding import constrain
 from jaxsft.models.spec import ModelSpec
@@ -172,18 +173,25 @@ class CausalLM(nnx.Module):
             return self.embed[...]
         return self.lm_head[...]
 
+    def lm_head_operands(self, hidden: jax.Array) -> LMHead:
+        """The lm head's operands (hidden, [V, H] weight, final-logit soft cap) for the fused loss and the sampler."""
+        return LMHead(hidden, self.unembedding(), self.spec.final_logit_softcap)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
-        w = self.unembedding().astype(self.dtype)
-        return jnp.einsum("bth,vh->btv", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
+        head = self.lm_head_operands(hidden)
+        w = head.weight.astype(self.dtype)
+        out = jnp.einsum("bth,vh->btv", head.hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
+        return L.soft_cap(out, head.softcap)
 
     def hidden_states(
         self,
         input_ids: jax.Array,
         attention_mask: Optional[jax.Array] = None,
         positions: Optional[jax.Array] = None,
-        dropout_rng: Optional[jax.Array] = None,
         segment_ids: Optional[jax.Array] = None,
         segment_lengths: Optional[jax.Array] = None,
+        *,
+        dropout_key: Optional[jax.Array] = None,
     ) -> jax.Array:
         """Final-norm hidden states [B, T, H].
 
@@ -191,7 +199,7 @@ class CausalLM(nnx.Module):
         (causal attention alone keeps real tokens from seeing padding), which lets
         the GPU use cuDNN flash attention. With a mask (left padding, holes),
         positions count real tokens only and padded keys are masked out.
-        ``dropout_rng`` (training only) drives LoRA dropout; without it there is none. With
+        ``dropout_key`` (training only) drives LoRA dropout; without it there is none. With
         ``segment_ids`` (packed rows: 1, 2, ... per example, 0 = padding, with
         ``positions`` counting from 0 in each example) a token attends only to
         earlier tokens of its own example; ``segment_lengths`` (the packer's table, see
@@ -219,10 +227,10 @@ class CausalLM(nnx.Module):
             mask = self._apply_window(mask, positions, positions)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        own_rng = self._own_dropout_rng(dropout_rng)
+        own_rng = self._own_dropout_key(dropout_key)
         h = L.dropout(self._embed(input_ids, positions), self.spec.embd_dropout,
                       None if own_rng is None else jax.random.fold_in(own_rng, 1))
-        h, _ = self._run_layers(h, positions, mask=mask, causal=True, cache=None, write_index=None, dropout_rng=dropout_rng, segments=segments)
+        h, _ = self._run_layers(h, positions, mask=mask, causal=True, cache=None, write_index=None, dropout_key=dropout_key, segments=segments)
         return self._final_norm(h)
 
     def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
@@ -264,12 +272,12 @@ class CausalLM(nnx.Module):
         within = (q_pos[:, :, None] - k_pos[:, None, :]) < self.spec.sliding_window
         return mask & within[:, None]
 
-    def _own_dropout_rng(self, dropout_rng: Optional[jax.Array]) -> Optional[jax.Array]:
+    def _own_dropout_key(self, dropout_key: Optional[jax.Array]) -> Optional[jax.Array]:
         """The key of the config's own dropout (a stream apart from LoRA's), or None when it is off."""
         s = self.spec
-        if dropout_rng is None or not self.dropout or max(s.embd_dropout, s.resid_dropout, s.attention_dropout) <= 0:
+        if dropout_key is None or not self.dropout or max(s.embd_dropout, s.resid_dropout, s.attention_dropout) <= 0:
             return None
-        return jax.random.fold_in(dropout_rng, 0x0D50)
+        return jax.random.fold_in(dropout_key, 0x0D50)
 
     def _embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
         h = embedding_lookup(self.embed[...], input_ids, ("vocab", "embed")).astype(self.dtype)
@@ -283,13 +291,13 @@ class CausalLM(nnx.Module):
             return L.layer_norm(h, self.final_norm_scale[...], self.final_norm_bias[...], self.spec.norm_eps)
         return L.rms_norm(h, self.final_norm_scale[...], self.spec.norm_eps)
 
-    def _run_layers(self, h, positions, *, mask, causal, cache: Optional[KVCache], write_index, dropout_rng=None, segments=None):
+    def _run_layers(self, h, positions, *, mask, causal, cache: Optional[KVCache], write_index, dropout_key=None, segments=None):
         spec, dtype = self.spec, self.dtype
         impl = L.resolve_attention_implementation(self.attention_implementation, dtype)
         rope = L.rope_cos_sin(spec, positions, dtype) if spec.position == "rope" else None
         params = {k: v.astype(dtype) for k, v in self.layers.arrays().items()}
-        params.update(lora_lib.layer_inputs(self, dtype, dropout_rng))  # adapters ride with their layer
-        own_rng = self._own_dropout_rng(dropout_rng) if cache is None else None
+        params.update(lora_lib.layer_inputs(self, dtype, dropout_key))  # adapters ride with their layer
+        own_rng = self._own_dropout_key(dropout_key) if cache is None else None
         if own_rng is not None:
             params[DROPOUT_KEY] = jax.random.split(jax.random.fold_in(own_rng, 2), spec.num_layers)
         lora = lora_lib.lora_setup(self)

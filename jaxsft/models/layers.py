@@ -59,6 +59,25 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
     return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
+def soft_cap(x: jax.Array, cap: Optional[float]) -> jax.Array:
+    """``cap * tanh(x / cap)`` (Gemma 2's logit soft-capping), computed in fp32 and returned in x's dtype.
+
+    The one definition of the cap: the final logits (fused loss, eval, predict, generation) and the
+    attention scores all go through it; ``cap=None`` is the identity.
+    """
+    if cap is None:
+        return x
+    return (np.float32(cap) * jnp.tanh(x.astype(jnp.float32) / np.float32(cap))).astype(x.dtype)
+
+
+def soft_cap_slope(x: jax.Array, cap: Optional[float]) -> jax.Array:
+    """d soft_cap(x) / dx = 1 - tanh(x / cap)^2 in fp32 (for hand-written backward passes); 1 without a cap."""
+    if cap is None:
+        return jnp.ones((), jnp.float32)
+    t = jnp.tanh(x.astype(jnp.float32) / np.float32(cap))
+    return 1.0 - t * t
+
+
 def activation(name: str, x: jax.Array) -> jax.Array:
     if name == "silu":
         return jax.nn.silu(x)

@@ -273,14 +273,14 @@ def merged_layer_weights(setup: LoraSetup, layers: dict[str, np.ndarray], adapte
 DROPOUT_KEY = "lora_dropout_key"
 
 
-def layer_inputs(model: "CausalLM", dtype: Any, dropout_rng: Optional[jax.Array]) -> dict[str, jax.Array]:
+def layer_inputs(model: "CausalLM", dtype: Any, dropout_key: Optional[jax.Array]) -> dict[str, jax.Array]:
     """The adapter arrays (cast to the compute dtype) to scan with the base weights, plus per-layer dropout keys."""
     setup = lora_setup(model)
     if setup is None:
         return {}
     out = {k: v.astype(dtype) for k, v in model.lora_layers.arrays().items()}
-    if dropout_rng is not None and setup.config.lora_dropout > 0:
-        out[DROPOUT_KEY] = jax.random.split(dropout_rng, model.spec.num_layers)
+    if dropout_key is not None and setup.config.lora_dropout > 0:
+        out[DROPOUT_KEY] = jax.random.split(dropout_key, model.spec.num_layers)
     return out
 
 

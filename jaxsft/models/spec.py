@@ -54,6 +54,8 @@ class ModelSpec:
     embd_dropout: float = 0.0
     resid_dropout: float = 0.0
     attention_dropout: float = 0.0
+    # Final-logit soft cap (Gemma 2: cap * tanh(logits / cap)); None = none. Read through LMHead.softcap.
+    final_logit_softcap: Optional[float] = None
 
     @property
     def q_size(self) -> int:
