@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxsft.sharding as shd
-from jaxsft.models import CausalLM, ModelSpec, from_pretrained
+from jaxsft.models import CausalLM, from_pretrained, spec_from_hf_config
 from jaxsft.models.hf_io import export_params
 from tiny import FAMILIES, tiny_torch_model
 
@@ -162,7 +162,7 @@ def test_hidden_states_and_unembedding_compose_to_logits():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_spec_parameter_count_matches_torch(family):
     tm = _torch_model(family)
-    spec = ModelSpec.from_hf_config(tm.config)
+    spec = spec_from_hf_config(tm.config)
     assert spec.num_parameters() == sum(p.numel() for p in tm.parameters())
 
 

@@ -21,7 +21,7 @@ from jaxsft.models.embedding import embedding_lookup
 from jaxsft.models.interface import LMHead
 from jaxsft.models.options import REMAT_POLICIES, RunOptions
 from jaxsft.sharding import constrain
-from jaxsft.models.spec import ModelSpec
+from jaxsft.models.spec import ModelSpec, layer_param_shapes
 
 
 class KVCache(NamedTuple):
@@ -29,45 +29,6 @@ class KVCache(NamedTuple):
 
     k: jax.Array
     v: jax.Array
-
-
-def layer_param_shapes(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], tuple[Optional[str], ...], str]]:
-    """name -> (per-layer shape, logical axes without the layers axis, init kind).
-
-    The single source of truth for what a layer holds; the HF key tables and the
-    sharding rules are both checked against it.
-    """
-    h, f, n, kv, d = spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
-    shapes: dict[str, tuple[tuple[int, ...], tuple[Optional[str], ...], str]] = {
-        "attn_norm_scale": ((h,), ("norm",), "ones"),
-        "q_proj": ((h, n, d), ("embed", "q_heads", "head_dim"), "normal"),
-        "k_proj": ((h, kv, d), ("embed", "kv_heads", "head_dim"), "normal"),
-        "v_proj": ((h, kv, d), ("embed", "kv_heads", "head_dim"), "normal"),
-        "o_proj": ((n, d, h), ("q_heads", "head_dim", "embed"), "normal"),
-        "mlp_norm_scale": ((h,), ("norm",), "ones"),
-        "up_proj": ((h, f), ("embed", "mlp"), "normal"),
-        "down_proj": ((f, h), ("mlp", "embed"), "normal"),
-    }
-    if spec.norm == "layer":
-        shapes["attn_norm_bias"] = ((h,), ("norm",), "zeros")
-        shapes["mlp_norm_bias"] = ((h,), ("norm",), "zeros")
-    if spec.qkv_bias:
-        shapes["q_bias"] = ((n, d), ("q_heads", "head_dim"), "zeros")
-        shapes["k_bias"] = ((kv, d), ("kv_heads", "head_dim"), "zeros")
-        shapes["v_bias"] = ((kv, d), ("kv_heads", "head_dim"), "zeros")
-    if spec.o_bias:
-        shapes["o_bias"] = ((h,), ("norm",), "zeros")
-    if spec.qk_norm:
-        shapes["q_norm_scale"] = ((d,), ("head_dim",), "ones")
-        shapes["k_norm_scale"] = ((d,), ("head_dim",), "ones")
-    if spec.mlp == "gated":
-        shapes["gate_proj"] = ((h, f), ("embed", "mlp"), "normal")
-    if spec.mlp_bias:
-        shapes["up_bias"] = ((f,), ("mlp",), "zeros")
-        shapes["down_bias"] = ((h,), ("norm",), "zeros")
-        if spec.mlp == "gated":
-            shapes["gate_bias"] = ((f,), ("mlp",), "zeros")
-    return shapes
 
 
 def _init(kind: str, key: jax.Array, shape: tuple[int, ...], std: float, dtype) -> jax.Array:

@@ -2,7 +2,8 @@
 GPT-2's) and the encoder-decoders (T5 v1.0, T5 v1.1 / Flan-T5, BART).
 
 Loading, saving, the torch weight sync and the decay-mask translation all read these rows, so
-an HF name and its layout live in exactly one place. Axis letters: ``h`` hidden, ``n`` heads
+an HF name and its layout live in exactly one place; which family uses which table is its record in
+:mod:`jaxsft.models.families`. Axis letters: ``h`` hidden, ``n`` heads
 (query or KV, as the parameter has them), ``d`` head_dim, ``f`` MLP width, ``v`` vocabulary.
 Encoder-decoder layer parameters sit under ``encoder/`` and ``decoder/``, each stacked over its
 own stack's layers.
@@ -10,10 +11,6 @@ own stack's layers.
 
 from __future__ import annotations
 
-from typing import Union
-
-from jaxsft.models.seq2seq_spec import Seq2SeqSpec
-from jaxsft.models.spec import ModelSpec
 from jaxsft.models.weights import Row, W, WeightTable
 
 _HEADS_IN = "(n d) h -> h n d"  # torch Linear [heads*dim, hidden] -> ours [hidden, heads, dim]
@@ -178,12 +175,3 @@ BART = WeightTable(
 )
 
 TABLES = {"llama": LLAMA, "gpt2": GPT2, "t5": T5, "t5-gated": T5_GATED, "bart": BART}
-
-
-def table_for(spec: Union[ModelSpec, Seq2SeqSpec]) -> WeightTable:
-    """The weight table of ``spec``'s family (every supported decoder but GPT-2 uses Llama's names)."""
-    if isinstance(spec, Seq2SeqSpec):
-        if spec.model_type == "bart":
-            return BART
-        return T5_GATED if spec.mlp == "gated" else T5
-    return GPT2 if spec.model_type == "gpt2" else LLAMA

@@ -2,7 +2,9 @@
 
 Llama, Mistral, Qwen2/2.5, Qwen3, SmolLM2 and GPT-2 differ only in a handful of
 switches (norm kind, position encoding, MLP kind, biases, q/k norm, tying), so a
-single decoder reads this spec instead of one file per family.
+single decoder reads this spec instead of one file per family. The builders here
+(HF config -> spec) are named by each family's record in :mod:`jaxsft.models.families`;
+:func:`layer_param_shapes` is what one layer holds under a spec.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -88,19 +89,6 @@ class ModelSpec:
                 total += self.max_position_embeddings * h
         return total
 
-    @classmethod
-    def from_hf_config(cls, config: Any) -> "ModelSpec":
-        """Read a ``transformers`` config (4.56+ or 5.x); refuse what we would get wrong."""
-        model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"model_type {model_type!r} is not supported by jaxsft; supported families: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM2 is model_type 'llama', Qwen2.5 is 'qwen2')."
-            )
-        if model_type == "gpt2":
-            return _gpt2_spec(config)
-        return _llama_like_spec(config, model_type)
-
 
 def _rope_parameters(config: Any) -> dict:
     """transformers 5 keeps rope settings in ``rope_parameters``; 4.x in rope_theta/rope_scaling."""
@@ -118,7 +106,9 @@ def _rope_parameters(config: Any) -> dict:
     return merged
 
 
-def _llama_like_spec(config: Any, model_type: str) -> ModelSpec:
+def llama_like_spec(config: Any) -> ModelSpec:
+    """Llama, Mistral, Qwen2/2.5, Qwen3 (and SmolLM2): Llama's layout with a few switches."""
+    model_type = config.model_type
     rope = _rope_parameters(config)
     rope_type = rope["rope_type"]
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -174,7 +164,7 @@ def _llama_like_spec(config: Any, model_type: str) -> ModelSpec:
     )
 
 
-def _gpt2_spec(config: Any) -> ModelSpec:
+def gpt2_spec(config: Any) -> ModelSpec:
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if getattr(config, flag, False):
             raise UnsupportedModelError(f"GPT-2 option {flag}=True is not supported; set it to False.")
@@ -217,3 +207,42 @@ def _gpt2_spec(config: Any) -> ModelSpec:
 def _hashable(value: Any) -> Any:
     """Specs are jit-static, so list-valued config fields (eos_token_id) become tuples."""
     return tuple(value) if isinstance(value, list) else value
+
+
+def layer_param_shapes(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], tuple[Optional[str], ...], str]]:
+    """name -> (per-layer shape, logical axes without the layers axis, init kind).
+
+    The single source of truth for what a layer holds; the HF key tables and the
+    sharding rules are both checked against it.
+    """
+    h, f, n, kv, d = spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    shapes: dict[str, tuple[tuple[int, ...], tuple[Optional[str], ...], str]] = {
+        "attn_norm_scale": ((h,), ("norm",), "ones"),
+        "q_proj": ((h, n, d), ("embed", "q_heads", "head_dim"), "normal"),
+        "k_proj": ((h, kv, d), ("embed", "kv_heads", "head_dim"), "normal"),
+        "v_proj": ((h, kv, d), ("embed", "kv_heads", "head_dim"), "normal"),
+        "o_proj": ((n, d, h), ("q_heads", "head_dim", "embed"), "normal"),
+        "mlp_norm_scale": ((h,), ("norm",), "ones"),
+        "up_proj": ((h, f), ("embed", "mlp"), "normal"),
+        "down_proj": ((f, h), ("mlp", "embed"), "normal"),
+    }
+    if spec.norm == "layer":
+        shapes["attn_norm_bias"] = ((h,), ("norm",), "zeros")
+        shapes["mlp_norm_bias"] = ((h,), ("norm",), "zeros")
+    if spec.qkv_bias:
+        shapes["q_bias"] = ((n, d), ("q_heads", "head_dim"), "zeros")
+        shapes["k_bias"] = ((kv, d), ("kv_heads", "head_dim"), "zeros")
+        shapes["v_bias"] = ((kv, d), ("kv_heads", "head_dim"), "zeros")
+    if spec.o_bias:
+        shapes["o_bias"] = ((h,), ("norm",), "zeros")
+    if spec.qk_norm:
+        shapes["q_norm_scale"] = ((d,), ("head_dim",), "ones")
+        shapes["k_norm_scale"] = ((d,), ("head_dim",), "ones")
+    if spec.mlp == "gated":
+        shapes["gate_proj"] = ((h, f), ("embed", "mlp"), "normal")
+    if spec.mlp_bias:
+        shapes["up_bias"] = ((f,), ("mlp",), "zeros")
+        shapes["down_bias"] = ((h,), ("norm",), "zeros")
+        if spec.mlp == "gated":
+            shapes["gate_bias"] = ((f,), ("mlp",), "zeros")
+    return shapes
