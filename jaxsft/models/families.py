@@ -47,6 +47,9 @@ REGISTRY: dict[str, Family] = {
         Family("mistral", decoder_spec.llama_like_spec, _table(hf_keys.LLAMA), LLAMA_SITES),
         Family("qwen2", decoder_spec.llama_like_spec, _table(hf_keys.LLAMA), LLAMA_SITES, "Qwen2.5 is 'qwen2'"),
         Family("qwen3", decoder_spec.llama_like_spec, _table(hf_keys.LLAMA), LLAMA_SITES),
+        Family("gemma2", decoder_spec.gemma_spec, _table(hf_keys.GEMMA), LLAMA_SITES),
+        Family("gemma3_text", decoder_spec.gemma_spec, _table(hf_keys.GEMMA), LLAMA_SITES,
+               "Gemma 3 text models (Gemma3ForCausalLM) are 'gemma3_text'"),
         Family("gpt2", decoder_spec.gpt2_spec, _table(hf_keys.GPT2), GPT2_SITES),
         Family("t5", seq2seq_spec.t5_spec, lambda s: hf_keys.T5_GATED if s.mlp == "gated" else hf_keys.T5),
         Family("bart", seq2seq_spec.bart_spec, _table(hf_keys.BART)),
@@ -54,7 +57,12 @@ REGISTRY: dict[str, Family] = {
 }
 
 # model_types refused with a pointer to what to load instead.
-REFUSED: dict[str, str] = {}
+REFUSED: dict[str, str] = {
+    "gemma3": (
+        "model_type 'gemma3' is Gemma 3's multimodal model (Gemma3ForConditionalGeneration), which jaxsft does not "
+        "train; load its text-only model instead: a Gemma3ForCausalLM (model_type 'gemma3_text') folder or instance."
+    ),
+}
 
 DECODER_MODEL_TYPES = tuple(t for t, f in REGISTRY.items() if not f.encoder_decoder)
 SEQ2SEQ_MODEL_TYPES = tuple(t for t, f in REGISTRY.items() if f.encoder_decoder)

@@ -47,6 +47,21 @@ LLAMA = WeightTable(
 )
 
 
+# Gemma 2 / Gemma 3 text: Llama's names, but four norms per layer. Careful: Gemma's
+# post_attention_layernorm is the norm *after* attention; its pre-MLP norm is pre_feedforward_layernorm.
+_GEMMA_NORMS = {
+    "model.layers.{i}.post_attention_layernorm.weight": "layers/post_attn_norm_scale",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "layers/mlp_norm_scale",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "layers/post_mlp_norm_scale",
+}
+GEMMA = WeightTable(
+    "gemma",
+    rows=tuple(r for r in LLAMA.rows if r.hf != "model.layers.{i}.post_attention_layernorm.weight")
+    + tuple(W(hf, ours) for hf, ours in _GEMMA_NORMS.items()),
+    ignore=LLAMA.ignore,
+)
+
+
 def _gpt2_alias(key: str) -> str:
     """Original GPT-2 checkpoints store keys without the ``transformer.`` prefix."""
     return key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
@@ -174,4 +189,4 @@ BART = WeightTable(
     ignore=(r"model\.(encoder|decoder)\.embed_tokens\.weight",),  # tied copies of model.shared.weight
 )
 
-TABLES = {"llama": LLAMA, "gpt2": GPT2, "t5": T5, "t5-gated": T5_GATED, "bart": BART}
+TABLES = {"llama": LLAMA, "gemma": GEMMA, "gpt2": GPT2, "t5": T5, "t5-gated": T5_GATED, "bart": BART}
