@@ -74,7 +74,7 @@ def tiny_config(family: str, vocab_size: int = 300, **overrides):
             cfg = tf.Qwen3Config(head_dim=32, tie_word_embeddings=False, **base)
         elif family == "gemma2":  # 3 layers: sliding, global, sliding; a window of 5 binds on any test batch
             cfg = tf.Gemma2Config(**{**base, "num_hidden_layers": 3}, head_dim=16, sliding_window=5,
-                                  query_pre_attn_scalar=24, attn_logit_softcapping=3.0, final_logit_softcapping=4.0,
+                                  query_pre_attn_scalar=24, attn_logit_softcapping=0.5, final_logit_softcapping=4.0,
                                   attn_implementation="eager")
         elif family == "gemma3":  # Gemma3ForCausalLM: q/k norms, local RoPE base for the sliding layers
             cfg = tf.Gemma3TextConfig(**{**base, "num_hidden_layers": 3}, head_dim=16, sliding_window=5,
