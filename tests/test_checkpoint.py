@@ -286,13 +286,14 @@ def test_tampered_checkpoints_are_refused_before_any_change(saved, tmp_path):
     host = json.load(open(state_file))
     first = sorted(host["arrays"])[0]
     host["arrays"][first]["checksum"][1] ^= 1
+    host[ckpt.HOST_CHECKSUM] = ckpt.host_checksum(host)  # (else the host JSON's own checksum refuses it first)
     json.dump(host, open(state_file, "w"))
     refused(wrong, rf"do not match the checksums.*{re.escape(first)}")
 
     # Garbled JSON and a missing host field: refused, though the arrays would load fine.
     garbled = copy_checkpoint(path, tmp_path / "garbled")
     with open(os.path.join(garbled, ckpt.STATE_ITEM, "metadata"), "w") as f:
-        f.write('{"format": "jaxsft-trainer-checkpoint/2", "trai')
+        f.write('{"format": "jaxsft-trainer-checkpoint/3", "trai')
     refused(garbled, "damaged trainer_state")
     missing = copy_checkpoint(path, tmp_path / "missing")
     state_file = os.path.join(missing, ckpt.STATE_ITEM, "metadata")
