@@ -234,7 +234,9 @@ class IterativeSFTTrainer:
 
         Re-read it after each ``step()``: the previous arrays are donated to the update.
         """
-        return nnx.merge(self._graphdef, self._params, *self._frozen)
+        # Fresh containers over the same arrays: a model built on this view (a second trainer) that is
+        # updated in place must not write into this trainer's state.
+        return nnx.merge(self._graphdef, *jax.tree.map(lambda x: x, (self._params, *self._frozen)))
 
     @property
     def params(self) -> nnx.State:
