@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsft import distributed
+from jaxsft import distributed, fingerprint
 
 FORMAT = "jaxsft-trainer-checkpoint/3"  # /3: the host JSON carries its own checksum (HOST_CHECKSUM)
 _OLDER_FORMATS = ("jaxsft-trainer-checkpoint/2",)  # still restored (no host checksum to verify)
@@ -253,7 +253,9 @@ def read(trainer: Checkpointable, path: str) -> dict[str, Any]:
         error = err
     where = os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else repr(path)
     step = saved.get("trainer", {}).get("global_step")
-    distributed.agree(RESTORE, error, {"path": where, "global_step": step}, timeout)
+    agreed = {"path": where, "global_step": step, "host_checksum": saved.get(HOST_CHECKSUM)}
+    agreed.update(fingerprint.of_training(trainer.config, trainer.spec))  # a config changed since construction
+    distributed.agree(RESTORE, error, agreed, timeout)
     manifest = saved["arrays"]
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_tree)
     error, arrays = None, None
@@ -266,7 +268,7 @@ def read(trainer: Checkpointable, path: str) -> dict[str, Any]:
         )
     distributed.agree(RESTORE + " (arrays read)", error, {}, timeout)
     named = _named_leaves(arrays)
-    digests = _digests([leaf for _, leaf in named])
+    digests = fingerprint.array_digests([leaf for _, leaf in named])
     bad = [name for (name, _), digest in zip(named, digests) if manifest[name]["checksum"] != digest]
     if bad:
         raise ValueError(
@@ -293,7 +295,7 @@ def _read_and_check_host(trainer: Checkpointable, path: Any) -> tuple[dict[str, 
             "checkpoint-<step> folder written by save_checkpoint, e.g. jaxsft.checkpoint.latest_checkpoint(dir)."
         )
     saved = _read_host_json(path, state_file)
-    ours = _as_json(dataclasses.asdict(trainer.spec))
+    ours = fingerprint.as_json(dataclasses.asdict(trainer.spec))
     if saved["model_spec"] != ours:
         diff = sorted(k for k in ours if saved["model_spec"].get(k) != ours[k])
         raise ValueError(
@@ -326,11 +328,11 @@ def restore(trainer: Checkpointable, path: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _host_json(trainer: Checkpointable, state: dict, named: list) -> dict[str, Any]:
-    digests = _digests([leaf for _, leaf in named])
+    digests = fingerprint.array_digests([leaf for _, leaf in named])
     host = {
         "format": FORMAT,
-        "model_spec": _as_json(dataclasses.asdict(trainer.spec)),
-        "config": _as_json(dataclasses.asdict(trainer.config)),
+        "model_spec": fingerprint.as_json(dataclasses.asdict(trainer.spec)),
+        "config": fingerprint.as_json(dataclasses.asdict(trainer.config)),
         "mesh": {k: int(v) for k, v in trainer.mesh.shape.items()},
         "trainer": {k: state[k] for k in HOST_FIELDS},
         "arrays": {
@@ -338,7 +340,7 @@ def _host_json(trainer: Checkpointable, state: dict, named: list) -> dict[str, A
             for (name, leaf), digest in zip(named, digests)
         },
     }
-    body = _as_json({k: v for k, v in host.items() if k != "format"})  # (no dict with "format" passes json.dumps
+    body = fingerprint.as_json({k: v for k, v in host.items() if k != "format"})  # (no dict with "format" passes json.dumps
     host = {"format": FORMAT, **body}                                  #  before orbax writes it)
     host[HOST_CHECKSUM] = host_checksum(host)
     return host
@@ -413,37 +415,6 @@ def _read_host_json(path: str, state_file: str) -> dict[str, Any]:
 
 def _named_leaves(tree: Any) -> list[tuple[str, jax.Array]]:
     return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _as_json(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists, odd objects their repr), for comparisons."""
-    return json.loads(json.dumps(value, default=repr))
-
-
-def _as_words(x: jax.Array) -> jax.Array:
-    """The array's bits as uint32 words (16- and 8-bit types widened), for an order-free checksum."""
-    width = jnp.dtype(x.dtype).itemsize
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32).reshape(-1)
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width]
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
-
-
-@jax.jit
-def _digest_arrays(leaves: list[jax.Array]) -> jax.Array:
-    """Two wrapping uint32 sums per array: plain and position-weighted. Integer sums are exact in any
-    reduction order, so the digest is the same on any mesh (a checkpoint resumes onto another one)."""
-    out = []
-    for x in leaves:
-        words = _as_words(x)
-        index = jnp.arange(words.shape[0], dtype=jnp.uint32)
-        mixed = (words ^ (index * jnp.uint32(0x9E3779B9))) * (index * jnp.uint32(2) + jnp.uint32(1))
-        out.append(jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(mixed, dtype=jnp.uint32)]))
-    return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
-
-
-def _digests(leaves: list[jax.Array]) -> list[list[int]]:
-    return [[int(a), int(b)] for a, b in np.asarray(jax.device_get(_digest_arrays(leaves)))]
 
 
 @jax.jit

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsft import batching, buffers, compile_options, distributed
+from jaxsft import batching, buffers, compile_options, distributed, fingerprint
 from jaxsft.argument_checks import check_built_optimizer, check_trainer_arguments
 from jaxsft import checkpoint as checkpointing
 from jaxsft import metrics as metrics_sinks
@@ -182,7 +182,8 @@ class IterativeSFTTrainer:
         except Exception as err:  # any type: every process must learn it before the first collective
             error = err
         timeout = config.agreement_timeout_s if isinstance(config, TrainConfig) else TrainConfig().agreement_timeout_s
-        distributed.agree("IterativeSFTTrainer()", error, {} if error else self._fingerprint(), timeout)
+        agreed = {} if error else {**self._fingerprint(), **fingerprint.of_training(config, model.spec, RunOptions.of(model))}
+        distributed.agree("IterativeSFTTrainer()", error, agreed, timeout)
 
         # The training view: the model's arrays under the config's compute options (a derived module;
         # the caller's model keeps its own options).
@@ -219,6 +220,9 @@ class IterativeSFTTrainer:
             opt_shardings = shd.optimizer_state_shardings(jax.eval_shape(self._tx.init, self._params), self._params, self.mesh)
             self._opt_state = jax.jit(self._tx.init, out_shardings=opt_shardings)(self._params)
         self._rng = np.random.default_rng(config.seed)
+        # Multi-process: the same initial weights, optimizer and schedule everywhere, or no training at all.
+        distributed.agree("IterativeSFTTrainer() (initial state)", None, fingerprint.of_state(
+            self._params, self._opt_state, self.learning_rate_at), timeout)
         self._shards = shd.batch_rows_multiple(self.mesh)
         self._chunk_size = self._loss_chunk_size()
         self._programs: dict[tuple, Any] = {}

@@ -382,8 +382,8 @@ def test_edited_host_state_is_refused_before_any_change(saved, tmp_path):
     trainer, path = saved
     fresh = make_trainer()
     before = snapshot(fresh)
-    step = trainer.state.global_step
-    assert step >= 1 and trainer.state.log_history
+    step = int(path.rsplit("-", 1)[1])  # (the fixture's trainer may have trained on since)
+    assert step >= 1
 
     def set_step(value):
         return lambda host: host.update(global_step=value)
