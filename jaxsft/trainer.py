@@ -23,7 +23,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsft import batching, compile_options, distributed, fast_path
+from jaxsft import batching, buffers, compile_options, distributed, fast_path, fingerprint
+from jaxsft.argument_checks import check_built_optimizer, check_trainer_arguments
 from jaxsft import checkpoint as checkpointing
 from jaxsft import metrics as metrics_sinks
 from jaxsft import sharding as shd
@@ -110,6 +111,8 @@ class IterativeSFTTrainer:
                 config = TrainConfig()
             if not isinstance(config, TrainConfig):
                 raise TypeError(f"config must be a jaxsft.TrainConfig, got {type(config).__name__}.")
+            config.validate()  # a dict field changed in place since construction is seen here
+            check_trainer_arguments(tokenizer, compute_metrics, preprocess_logits_for_metrics)
             metrics_sinks.check_installed(config.report_to)  # a missing sink library fails before any state
             if optimizer is not None and not (isinstance(optimizer, optax.GradientTransformation) or callable(optimizer)):
                 raise TypeError(
@@ -176,10 +179,11 @@ class IterativeSFTTrainer:
             shd.check_batch_split_over_processes(self.mesh)
             # Checked now, so that evaluation inside step() (eval_steps) cannot fail after an update.
             self._eval_examples = None if eval_dataset is None else self._eval_inputs(eval_dataset)
-        except (TypeError, ValueError, ImportError) as err:  # ImportError: a report_to sink's library is missing
+        except Exception as err:  # any type: every process must learn it before the first collective
             error = err
         timeout = config.agreement_timeout_s if isinstance(config, TrainConfig) else TrainConfig().agreement_timeout_s
-        distributed.agree("IterativeSFTTrainer()", error, {} if error else self._fingerprint(), timeout)
+        agreed = {} if error else {**self._fingerprint(), **fingerprint.of_training(config, model.spec, RunOptions.of(model))}
+        distributed.agree("IterativeSFTTrainer()", error, agreed, timeout)
 
         # The training view: the model's arrays under the config's compute options (a derived module;
         # the caller's model keeps its own options).
@@ -207,7 +211,7 @@ class IterativeSFTTrainer:
             frozen: tuple = ()
         else:  # LoRA: only the adapters train; the base weights are frozen program inputs, never donated
             self._graphdef, params, *frozen = nnx.split(view, lora_lib.LoraParam, ...)
-        self._params = shd.place_state(params, self.mesh, self.sharding_rules)
+        self._params = buffers.exclusive(shd.place_state(params, self.mesh, self.sharding_rules), self)
         self._frozen = tuple(shd.place_state(f, self.mesh, self.sharding_rules) for f in frozen)
 
         if optimizer is None:
@@ -216,7 +220,7 @@ class IterativeSFTTrainer:
         else:
             if not isinstance(optimizer, optax.GradientTransformation):  # a factory: built at the config's schedule
                 schedule = make_schedule(config) if schedule is None else schedule
-                optimizer = optimizer(schedule)
+                optimizer = check_built_optimizer(optimizer(schedule))
             optimizer = with_clipping(optimizer, config)
         self._learning_rate_fn = host_learning_rate_fn(schedule)
         self._tx = optimizer
@@ -228,6 +232,9 @@ class IterativeSFTTrainer:
             self._opt_state = self._init_opt_state(self._params)
         self._initial_params: Optional[HostSnapshot] = None  # taken before the first donation (reset())
         self._rng = np.random.default_rng(config.seed)
+        # Multi-process: the same initial weights, optimizer and schedule everywhere, or no training at all.
+        distributed.agree("IterativeSFTTrainer() (initial state)", None, fingerprint.of_state(
+            self._params, self._opt_state, self.learning_rate_at), timeout)
         self._shards = shd.batch_rows_multiple(self.mesh)
         self._chunk_size = self._loss_chunk_size()
         self._programs: dict[tuple, Any] = {}
@@ -243,7 +250,9 @@ class IterativeSFTTrainer:
 
         Re-read it after each ``step()``: the previous arrays are donated to the update.
         """
-        return nnx.merge(self._graphdef, self._params, *self._frozen)
+        # Fresh containers over the same arrays: a model built on this view (a second trainer) that is
+        # updated in place must not write into this trainer's state.
+        return nnx.merge(self._graphdef, *jax.tree.map(lambda x: x, (self._params, *self._frozen)))
 
     @property
     def params(self) -> nnx.State:
@@ -315,7 +324,7 @@ class IterativeSFTTrainer:
         error: Optional[Exception] = None
         try:
             examples = self._examples(input_ids, attention_mask, labels, texts, texts_labels)
-        except (TypeError, ValueError) as err:
+        except Exception as err:  # any type (an input whose len() raises): shared, so every process raises
             error = err
         # Multi-process: every process learns every process's verdict before any collective runs.
         distributed.agree("step()", error, self._fingerprint(), self.config.agreement_timeout_s)
@@ -477,7 +486,7 @@ class IterativeSFTTrainer:
                 examples = self._eval_examples  # checked at construction
             else:
                 examples = self._eval_inputs(dataset)
-        except (TypeError, ValueError) as err:
+        except Exception as err:  # any type: shared, so every process raises
             error = err
         distributed.agree("evaluate()", error, self._fingerprint(), self.config.agreement_timeout_s)
         started = time.perf_counter()
@@ -746,9 +755,9 @@ class IterativeSFTTrainer:
     def _seq2seq_examples(self, input_ids, attention_mask, labels, texts, texts_labels):
         """Encoder-decoder inputs: texts (or input_ids) feed the encoder, texts_labels (or labels) the decoder."""
         if labels is None and texts_labels is None:
-            raise ValueError(  # TRL's message, raised as TRL does before anything changes
-                "No 'labels' or 'text_labels' are provided. When using an encoder-decoder architecture, "
-                "'labels' or 'text_labels' must be passed."
+            raise ValueError(  # TRL's message (compat raises it verbatim), naming this method's own argument
+                "No 'labels' or 'texts_labels' are provided. When using an encoder-decoder architecture, "
+                "'labels' or 'texts_labels' must be passed: labels=... with input_ids, texts_labels=... with texts."
             )
         kwargs = dict(max_length=self.max_length, truncation_mode=self.config.truncation_mode)
         if texts is not None:

@@ -302,6 +302,10 @@ def from_pretrained(
     Checkpoints stream: every key is checked from the file headers first, then the weights go
     onto the mesh one weight-table row at a time (never the whole checkpoint in host memory).
     """
+    if param_dtype is not None:
+        param_dtype = float_dtype(param_dtype, "param_dtype", "from_pretrained")
+    if dtype is not None:
+        dtype = float_dtype(dtype, "dtype", "from_pretrained")
     with contextlib.ExitStack() as stack:
         if isinstance(source, (str, os.PathLike)):
             folder = Path(source)
@@ -395,15 +399,51 @@ def save_pretrained(
     """
     from safetensors.numpy import save_file
 
+    from jaxsft.atomic_folder import write_folder
+
+    if not isinstance(model, (CausalLM, Seq2SeqLM)):
+        raise TypeError(
+            f"save_pretrained: model must be a jaxsft CausalLM or Seq2SeqLM, got {type(model).__name__}; a torch model "
+            "saves itself (model.save_pretrained(dir)), or convert it first with jaxsft.from_pretrained(model)."
+        )
     if model.hf_config_json is None:
         raise ValueError("save_pretrained: this model has no Hugging Face config (build it with from_pretrained).")
+    out_dtype = np.dtype(float_dtype(dtype, "dtype", "save_pretrained") if dtype is not None else model.param_dtype)
+    limit = parse_size(max_shard_size)
     directory = Path(directory)
     tensors = hf_state_dict(model)
-    out_dtype = np.dtype(jnp.dtype(dtype or model.param_dtype))
     tensors = {k: np.ascontiguousarray(v.astype(out_dtype)) for k, v in tensors.items()}
     if jax.process_index() != 0:
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
+
+    write_folder(
+        directory, lambda tmp: _write_folder(model, tensors, out_dtype, tmp, limit, save_file, tokenizer),
+        what="save_pretrained", replaces=is_weights_file,
+    )
+    return directory
+
+
+def is_weights_file(name: str) -> bool:
+    """Whether a file name is one of a HF folder's weight files (an old model's never survive beside new ones)."""
+    return name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
+
+
+def float_dtype(value: Any, argument: str, where: str) -> np.dtype:
+    """``value`` as one of the floating dtypes weights are held and written in, or ValueError naming ``argument``."""
+    try:
+        out = jnp.dtype(value)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or out not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(
+            f"{where}: {argument}={value!r} is not a weight dtype; pass one of 'float32', 'bfloat16', 'float16' "
+            "(or jnp.float32 / jnp.bfloat16 / jnp.float16), or None for the default."
+        )
+    return out
+
+
+def _write_folder(model, tensors, out_dtype, directory: Path, limit: int, save_file, tokenizer) -> None:
+    """Everything save_pretrained writes, into ``directory`` (a fresh temporary folder)."""
     config = model.config
     dtype_name = {np.dtype(np.float32): "float32", np.dtype(jnp.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}
     name = dtype_name.get(out_dtype, "float32")
@@ -413,10 +453,9 @@ def save_pretrained(
         config.torch_dtype = name
     config.save_pretrained(str(directory))
     _save_generation_config(config, directory)
-    _write_shards(tensors, directory, parse_size(max_shard_size), save_file)
+    _write_shards(tensors, directory, limit, save_file)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
-    return directory
 
 
 def _save_generation_config(config: Any, directory: Path) -> None:
