@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxsft import sharding as shd
 from jaxsft import torch_bridge
+from jaxsft.models import gguf_io
 from jaxsft.models import lora as lora_lib
 from jaxsft.models import weights
 from jaxsft.models.decoder import CausalLM
@@ -292,8 +293,9 @@ def from_pretrained(
     """Load a Hugging Face causal LM (or a T5 / BART encoder-decoder, as a ``Seq2SeqLM``) as a jaxsft model.
 
     ``source`` is a local folder (config.json with model.safetensors or a sharded
-    index; fp32, bf16 or fp16) or a ``transformers`` PreTrainedModel (converted in
-    memory). ``param_dtype`` (default fp32) is the stored precision, ``dtype`` the
+    index; fp32, bf16 or fp16), a Llama-family ``.gguf`` file (read without torch,
+    dequantized to fp32: :mod:`jaxsft.models.gguf_io`) or a ``transformers`` PreTrainedModel
+    (converted in memory). ``param_dtype`` (default fp32) is the stored precision, ``dtype`` the
     compute precision (default: ``param_dtype``). ``mesh`` defaults to all devices on the
     data axis; ``sharding_rules`` (default ``jaxsft.sharding.DEFAULT_RULES``) lay the
     parameters out on it. LoRA adapters (a PEFT folder or a ``peft.PeftModel``):
@@ -307,7 +309,11 @@ def from_pretrained(
     if dtype is not None:
         dtype = float_dtype(dtype, "dtype", "from_pretrained")
     with contextlib.ExitStack() as stack:
-        if isinstance(source, (str, os.PathLike)):
+        if isinstance(source, gguf_io.GGUFCheckpoint) or gguf_io.is_gguf_file(source):
+            checkpoint = source if isinstance(source, gguf_io.GGUFCheckpoint) else gguf_io.GGUFCheckpoint(source)
+            config, tensors = checkpoint.config, checkpoint  # dequantized to fp32 one tensor at a time
+            spec = spec_from_hf_config(config)
+        elif isinstance(source, (str, os.PathLike)):
             folder = Path(source)
             if not folder.is_dir():
                 raise FileNotFoundError(
