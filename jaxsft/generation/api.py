@@ -1,39 +1,28 @@
-"""Fast batched generation: one prefill program and one decode-loop program over a KV cache.
+"""The public generation API: :func:`generate`, :class:`Sampler`, :class:`GenerationResult`.
 
-Design
-------
-* **Buckets.** Prompts are left-padded to a power-of-two length (>= 16), the
-  number of prompts in a chunk is rounded up to a power of two, and the cache is
-  sized for ``max_new_tokens`` rounded up to a power of two (>= 16). The true
-  ``max_new_tokens`` is a run-time value of the loop, so calls of similar size
-  (e.g. 5 or 7 prompts of 20 or 30 tokens, 20 or 30 new tokens) share programs.
-* **Programs.** A :class:`Sampler` owns its compiled programs; each bucket gets
-  exactly two ahead-of-time compiled programs:
-  ``prefill`` (runs the prompts, writes the cache, samples the first token,
-  repeats rows for ``num_return_sequences``) and ``decode`` (a
-  ``lax.while_loop`` that runs one token per iteration and exits early once every
-  row has finished). The cache key also holds the sampling *mode* (greedy or
-  sampling, ``top_k`` value, top-p on/off); temperature, top-p value, seed, EOS
-  ids and the token budget are run-time values (:class:`Sampling`); the loop carries
-  a typed :class:`DecodeState`. :func:`compiled_programs` counts compilations
-  process-wide so tests can assert that nothing recompiles. :func:`generate` keeps
-  one Sampler per model object; ``trainer.generate`` uses the trainer's own.
-* **Sampling** happens in-jit, per row, from ``fold_in(fold_in(key(seed), row),
-  step)``, where ``row`` is the output row's global index, so a row's sample does
-  not depend on the batch bucket or on ``batch_size``. Order as in HF:
-  temperature -> top-k -> top-p. Temperature 0 is greedy (argmax).
-* **Stopping.** A row finishes at any EOS id (the tokenizer's eos plus the model
-  config's eos ids, which may be a list). Stop strings are checked on the host:
-  with ``stop`` given, the decode program runs in chunks of ``stop_check_every``
-  tokens; between chunks the host decodes the still-running rows and marks those
-  that contain a stop string as finished (so the loop may exit early); at the end
-  every text is cut before the first stop string. Without ``stop`` the whole
-  generation is one device call and one host transfer.
-* **Sharding.** Everything runs under the model's mesh and the sharding rules'
-  activation table: rows ("batch") split over the data axes when their bucket
-  divides them, else replicated; the cache [layers, batch, slots, kv_heads,
-  head_dim] follows (KV heads on the tensor axis when it divides them). The cache
-  uses the model's compute dtype.
+Host side only: validate a call (every check before any work), tokenize, hand the prompts to
+the engine (:mod:`jaxsft.generation.engine`: fixed row slots refilled from a queue, a KV cache
+holding each prompt once for its samples) and shape its rows into texts or a result.
+
+* **Programs.** A :class:`Sampler` owns its compiled programs, keyed by the engine's static
+  shape (slot groups, rows per group, prompt and new-token buckets, all powers of two) and the
+  sampling *mode* (greedy or sampling, ``top_k`` value, top-p on/off); temperature, top-p
+  value, seed, EOS ids and the token budget are run-time values (:class:`Sampling`), so calls of
+  similar size share programs. :func:`compiled_programs` counts compilations process-wide.
+  :func:`generate` keeps one Sampler per model object; ``trainer.generate`` the trainer's own.
+* **Sampling** is per row from ``fold_in(fold_in(key(seed), row), token index)``, ``row`` the
+  output row's global index, so a row's sample depends on the seed, its prompt and its sample
+  index only, never on ``batch_size`` or the slot it ran in. Order as in HF: temperature ->
+  top-k -> top-p (:mod:`jaxsft.generation.sampling`). Temperature 0 is greedy (argmax).
+* **Stopping.** A row finishes at any EOS id (the tokenizer's eos plus the model config's eos
+  ids) or its length. Stop strings are checked on the host between decode calls of
+  ``stop_check_every`` steps; every text is cut before its first stop string.
+* **Memory.** The slot count comes from ``kv_cache_bytes`` (default: a quarter of the
+  accelerator's memory, 2 GiB on CPU): a call of any number of prompts runs through the same
+  slots, refilling them as rows finish.
+* **Sharding.** Everything runs under the model's mesh and the sharding rules' activation
+  table: slot groups split over the data axes when they divide them, KV heads over the tensor
+  axis when it divides them.
 """
 
 from __future__ import annotations
@@ -51,28 +40,29 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft import chat as chat_format
 from jaxsft import sharding as shd
-from jaxsft.models.decoder import CausalLM, KVCache
+from jaxsft.generation import engine
+from jaxsft.generation.engine import MAX_EOS_IDS, MIN_NEW_TOKENS_BUCKET, MIN_PROMPT_BUCKET, DecodeState, pow2_at_least
+from jaxsft.generation.sampling import Mode, Sampling
+from jaxsft.models.decoder import CausalLM
 
 __all__ = [
     "generate", "Sampler", "DecodeState", "Sampling", "Mode", "GenerationResult", "compiled_programs", "clear_cache",
-    "format_prompts",
+    "format_prompts", "pow2_at_least", "check_sampling_arguments",
 ]
 
-MIN_PROMPT_BUCKET = 16
-MIN_NEW_TOKENS_BUCKET = 16
-MAX_EOS_IDS = 8  # EOS ids are a padded run-time array of this size (no recompile per tokenizer)
-DEFAULT_CACHE_BYTES = 4 << 30  # default batch_size keeps one chunk's KV cache under this
+CPU_KV_CACHE_BYTES = 2 << 30  # the default KV budget where the device reports no memory size
+PREFILL_SCORE_BYTES = 2 << 30  # a prefill call's attention scores stay under this
 
 Prompt = Union[str, Sequence[dict]]
 
 # Process-wide compile counter (telemetry, not a cache): every Sampler adds to it.
-_COMPILES = {"prefill": 0, "decode": 0}
+_COMPILES = {"init": 0, "prefill": 0, "decode": 0}
 # The Sampler that :func:`generate` keeps per model object (and mesh/rules); an entry dies with its model.
 _SAMPLERS: "weakref.WeakKeyDictionary[CausalLM, dict]" = weakref.WeakKeyDictionary()
 
 
 def compiled_programs() -> int:
-    """How many generation programs have been compiled in this process (prefill + decode), by any Sampler."""
+    """How many generation programs have been compiled in this process (init, prefill, decode), by any Sampler."""
     return sum(_COMPILES.values())
 
 
@@ -129,39 +119,6 @@ def format_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool = False
     return out
 
 
-class Mode(NamedTuple):
-    """The compile-time part of a sampling request: programs are cached by it."""
-
-    kind: str  # "greedy" | "sample"
-    top_k: Optional[int] = None
-    top_p: bool = False  # top-p filtering on (its value is a run-time scalar)
-
-
-class Sampling(NamedTuple):
-    """The run-time scalars of a request (device arrays, so new values never recompile)."""
-
-    temperature: Any
-    top_p: Any
-    eos: Any  # [MAX_EOS_IDS] int32, -1 padded
-    pad: Any
-    max_new: Any
-    seed: Any
-
-
-class DecodeState(NamedTuple):
-    """Everything the decode loop carries, per chunk of rows (a pytree; donated between calls)."""
-
-    cache: KVCache  # [layers, rows, slots, kv_heads, head_dim]
-    kv_mask: Any  # [rows, slots] bool: slots holding real tokens
-    tokens: Any  # [rows, new_bucket] int32: generated so far (pad after the end)
-    last: Any  # [rows] int32: the token the next step feeds in
-    prompt_len: Any  # [rows] int32: real prompt tokens (positions continue from here)
-    keys: Any  # [rows] PRNG keys, one per output row
-    done: Any  # [rows] bool
-    finished_by_eos: Any  # [rows] bool
-    step: Any  # int32 scalar: tokens sampled so far
-
-
 @dataclasses.dataclass(frozen=True)
 class _Request:
     """One validated ``generate`` call (host side)."""
@@ -180,7 +137,7 @@ class _Request:
 
 
 class Sampler:
-    """Batched generation from a jaxsft model; owns its compiled prefill and decode programs.
+    """Batched generation from a jaxsft model; owns its engine's compiled programs.
 
     Build one per model (the trainer keeps one for ``trainer.generate``) and call
     :meth:`generate` as often as you like: calls of similar size share programs (see the
@@ -197,6 +154,7 @@ class Sampler:
         *,
         mesh: Optional[jax.sharding.Mesh] = None,
         sharding_rules: Optional[shd.ShardingRules] = None,
+        kv_cache_bytes: Optional[int] = None,
     ):
         if not isinstance(model, CausalLM):
             raise TypeError(f"generate(): model must be a jaxsft CausalLM, got {type(model).__name__}.")
@@ -206,11 +164,16 @@ class Sampler:
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.sharding_rules = sharding_rules or shd.DEFAULT_RULES
+        if kv_cache_bytes is not None and (isinstance(kv_cache_bytes, bool) or not isinstance(kv_cache_bytes, (int, np.integer))
+                                           or kv_cache_bytes < 1):
+            raise ValueError(f"Sampler(): kv_cache_bytes={kv_cache_bytes!r} must be a positive integer (bytes) or None.")
+        # The KV memory the engine's slots may hold (None: default_kv_cache_bytes()); the slot count follows.
+        self.kv_cache_bytes = None if kv_cache_bytes is None else int(kv_cache_bytes)
         self._programs: dict[tuple, Any] = {}
 
     @property
     def compiled_programs(self) -> int:
-        """How many programs this sampler has compiled (prefill + decode)."""
+        """How many programs this sampler has compiled (init, prefill, decode)."""
         return len(self._programs)
 
     def generate(
@@ -272,10 +235,6 @@ class Sampler:
             max_new=np.int32(request.max_new_tokens),
             seed=np.uint32(request.seed % (1 << 32)),
         )
-        new_bucket = pow2_at_least(request.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-        batch = request.batch_size or _default_batch_size(spec, model.dtype, longest, new_bucket)
-        prompts_per_chunk = max(1, batch // nrs)
-
         graphdef, state = nnx.split(model)
         mesh = self.mesh
         if mesh is not None:
@@ -283,147 +242,101 @@ class Sampler:
         else:
             single_process = jax.process_count() == 1
             mesh = shd.mesh_of(state, shd.make_mesh(devices=jax.devices()[:1]) if single_process else None)
-        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a chunk
-        tokens_out: list[Optional[np.ndarray]] = [None] * (len(prompt_ids) * nrs)
-        reasons: list[str] = [""] * len(tokens_out)
+        shape = self._shape(len(prompt_ids), longest, request)
         with jax.set_mesh(mesh), shd.use_rules(self.sharding_rules):
-            for start in range(0, len(order), prompts_per_chunk):
-                chunk = order[start : start + prompts_per_chunk]
-                plan = _Chunk.build([prompt_ids[i] for i in chunk], chunk, nrs, new_bucket, pad_id)
-                results = self._run_chunk(graphdef, state, mesh, plan, request, sampling)
-                for local, i in enumerate(chunk):
-                    for j in range(nrs):
-                        tokens_out[i * nrs + j], reasons[i * nrs + j] = results[local * nrs + j]
+            results = self._run_engine(graphdef, state, mesh, shape, prompt_ids, request, sampling)
+        tokens_out = [row for row, _ in results]
+        reasons = [reason for _, reason in results]
         return _finish(tokenizer, tokens_out, reasons, prompt_ids, request, return_tokens)
 
-    # ------------------------------------------------------------------ programs
+    # ------------------------------------------------------------------ engine
+    def _shape(self, n_prompts: int, longest: int, request: "_Request") -> engine.Shape:
+        """Slot groups from the KV budget (and ``batch_size``), never more than the call needs (powers of two)."""
+        spec, nrs = self.model.spec, request.nrs
+        prompt_slots = pow2_at_least(longest, MIN_PROMPT_BUCKET)
+        new_slots = pow2_at_least(request.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+        budget = self.kv_cache_bytes if self.kv_cache_bytes is not None else default_kv_cache_bytes()
+        per_group = engine.kv_bytes_per_group(spec, self.model.dtype, nrs, prompt_slots, new_slots)
+        groups = max(1, budget // per_group)
+        if request.batch_size is not None:
+            groups = min(groups, max(1, request.batch_size // nrs))
+        groups = min(engine.pow2_at_most(groups), pow2_at_least(n_prompts))
+        return engine.Shape(groups=groups, n=nrs, prompt_slots=prompt_slots, new_slots=new_slots)
+
     def _program(self, key: tuple, build: Callable[[], Any]) -> Any:
         if key not in self._programs:
             self._programs[key] = build()
             _COMPILES[key[0]] += 1
         return self._programs[key]
 
-    def _layouts(self, mesh, rows: int) -> DecodeState:
-        """Shardings of a chunk's decode state, from the activation rules: rows split over the batch
-        axes when they divide, the cache's KV heads over the tensor axis when it divides them."""
-        spec = self.model.spec
-
-        def named(axes, shape):
-            return NamedSharding(mesh, shd.activation_spec(axes, shape, mesh, self.sharding_rules))
-
-        cache_shape = (spec.num_layers, rows, 1, spec.num_kv_heads, spec.head_dim)
-        cache = named((None, "batch", None, "kv_heads", None), cache_shape)
-        row1, row2 = named(("batch",), (rows,)), named(("batch", None), (rows, 1))
-        return DecodeState(
-            cache=KVCache(cache, cache), kv_mask=row2, tokens=row2, last=row1, prompt_len=row1, keys=row1, done=row1,
-            finished_by_eos=row1, step=NamedSharding(mesh, P()),
-        )
-
-    def _run_chunk(self, graphdef, state, mesh, plan: "_Chunk", request: _Request, sampling: Sampling):
-        """Prefill + decode one chunk of prompts; returns (tokens, finish reason) per row, prompt-major."""
+    def _run_engine(self, graphdef, state, mesh, shape: engine.Shape, prompt_ids, request: "_Request",
+                    sampling: Sampling) -> list[tuple[np.ndarray, str]]:
+        spec, dtype, mode = self.model.spec, self.model.dtype, request.mode
+        rules = self.sharding_rules
         rep = NamedSharding(mesh, P())
-        layouts = self._layouts(mesh, plan.rows)
-        prompt_rows = self._layouts(mesh, plan.prompt_rows)
-        inputs = dict(
-            input_ids=shd.place_array(plan.ids, prompt_rows.tokens),
-            mask=shd.place_array(plan.mask, prompt_rows.tokens),
-            row_ids=shd.place_array(plan.row_ids, layouts.last),
-        )
+        layouts = engine.layouts(spec, mesh, shape, rules)
         scalars = Sampling(*(shd.place_array(np.asarray(v), rep) for v in sampling))
         sig = _params_signature(state)
-        model = self.model
-        prefill = self._program(
-            ("prefill", graphdef, sig, mesh, plan.prompt_rows, plan.prompt_bucket, plan.new_bucket, request.nrs, request.mode),
-            lambda: jax.jit(
-                _make_prefill(graphdef, model.dtype, plan.prompt_bucket, plan.new_bucket, request.nrs, request.mode, layouts),
-                out_shardings=layouts,
-            ).lower(state, inputs, scalars).compile(),
-        )
-        dstate = prefill(state, inputs, scalars)
-        limit0 = shd.place_array(np.asarray(np.int32(request.max_new_tokens)), rep)
-        decode = self._program(
-            ("decode", graphdef, sig, mesh, plan.rows, plan.prompt_bucket, plan.new_bucket, request.mode),
-            lambda: jax.jit(
-                _make_decode(graphdef, model.dtype, plan.prompt_bucket, request.mode), donate_argnums=(1,),
-                out_shardings=layouts,
-            ).lower(state, dstate, scalars, limit0).compile(),
-        )
+        base = (graphdef, sig, mesh, shape, mode)
 
-        max_new = request.max_new_tokens
-        stop_rows: set[int] = set()
-        fields = ("tokens", "done", "finished_by_eos", "step")
-        if not request.stops:
-            dstate = decode(state, dstate, scalars, limit0)
-            host = jax.device_get({k: getattr(dstate, k) for k in fields})
-        else:
-            step = 1
-            while True:
-                limit = min(max_new, step + max(1, request.stop_check_every))
-                dstate = decode(state, dstate, scalars, shd.place_array(np.asarray(np.int32(limit)), rep))
-                host = jax.device_get({k: getattr(dstate, k) for k in fields})
-                step = int(host["step"])
-                if step >= max_new or bool(host["done"].all()):
-                    break
-                done = np.asarray(host["done"]).copy()
-                running = [r for r in range(plan.real_rows) if not done[r]]
+        def named(axes, shp):
+            return NamedSharding(mesh, shd.activation_spec(axes, shp, mesh, rules))
+
+        def place_inputs(ids, mask, slots, row_ids):
+            return dict(input_ids=shd.place_array(ids, named(("batch", None), ids.shape)),
+                        mask=shd.place_array(mask, named(("batch", None), mask.shape)),
+                        slots=shd.place_array(slots, named(("batch",), slots.shape)),
+                        row_ids=shd.place_array(row_ids, named(("batch",), row_ids.shape)))
+
+        def place_scalar(v):
+            return shd.place_array(np.asarray(np.int32(v)), rep)
+
+        init = self._program(("init",) + base, lambda: jax.jit(
+            engine.make_init(spec, dtype, shape), out_shardings=layouts).lower().compile())
+        example = jax.eval_shape(engine.make_init(spec, dtype, shape))
+        example = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), example, layouts)
+
+        def prefill(gp):
+            def build():
+                inputs = place_inputs(np.zeros((gp, shape.prompt_slots), np.int32),
+                                      np.zeros((gp, shape.prompt_slots), np.int32), np.zeros((gp,), np.int32),
+                                      np.zeros((gp * shape.n,), np.int32))
+                return jax.jit(engine.make_prefill(graphdef, dtype, shape, mode), donate_argnums=(1,),
+                               out_shardings=layouts).lower(state, example, inputs, scalars).compile()
+
+            return self._program(("prefill",) + base + (gp,), build)
+
+        decode = self._program(("decode",) + base, lambda: jax.jit(
+            engine.make_decode(graphdef, dtype, shape, mode), donate_argnums=(1,), out_shardings=layouts,
+        ).lower(state, example, scalars, place_scalar(0), place_scalar(0)).compile())
+        programs = engine.Programs(init=init, prefill=prefill, decode=decode)
+        cap = engine.prefill_group_cap(spec, shape.prompt_slots, PREFILL_SCORE_BYTES)
+        on_chunk, step_limit = None, None
+        if request.stops:
+            stops = list(request.stops)
+            step_limit = max(1, request.stop_check_every)
+
+            def on_chunk(host, running):
                 decoded = self.tokenizer.batch_decode(
-                    [host["tokens"][r, :step].tolist() for r in running], skip_special_tokens=request.skip_special_tokens
-                )
-                for r, text in zip(running, decoded):
-                    if _first_stop(text, list(request.stops)) is not None:
-                        done[r] = True
-                        stop_rows.add(r)
-                if stop_rows and done.all():
-                    break
-                if done.any():
-                    dstate = dstate._replace(done=shd.place_array(done, layouts.done))
+                    [host["tokens"][r, : int(host["gen_len"][r])].tolist() for r in running],
+                    skip_special_tokens=request.skip_special_tokens)
+                return [r for r, text in zip(running, decoded) if _first_stop(text, stops) is not None]
 
-        tokens = np.asarray(host["tokens"])
-        by_eos = np.asarray(host["finished_by_eos"])
-        step = int(host["step"])
-        eos = np.asarray(request.eos, np.int32)
-        results = []
-        for r in range(plan.real_rows):
-            row = tokens[r, :step]
-            if by_eos[r]:
-                n = int(np.argmax(np.isin(row, eos))) + 1
-                results.append((row[:n].copy(), "eos"))
-            elif r in stop_rows:
-                results.append((row.copy(), "stop"))
-            else:
-                results.append((row.copy(), "length"))
-        return results
+        return engine.run(
+            programs, state, engine.Queue(prompt_ids), shape, int(sampling.pad), request.max_new_tokens, cap,
+            place_inputs, place_scalar, lambda done: shd.place_array(done, layouts.done), scalars,
+            step_limit=step_limit, on_chunk=on_chunk,
+        )
 
 
-@dataclasses.dataclass(frozen=True)
-class _Chunk:
-    """One chunk's host inputs: left-padded prompts in power-of-two buckets, and output row ids."""
-
-    ids: np.ndarray  # [prompt_rows, prompt_bucket]
-    mask: np.ndarray
-    row_ids: np.ndarray  # [rows]: global output row index, -1 for filler rows
-    prompt_rows: int
-    rows: int
-    prompt_bucket: int
-    new_bucket: int
-    real_rows: int  # prompts x num_return_sequences actually asked for
-
-    @classmethod
-    def build(cls, chunk_ids: list[list[int]], chunk_index: list[int], nrs: int, new_bucket: int, pad: int) -> "_Chunk":
-        n_prompts = len(chunk_ids)
-        prompt_rows = pow2_at_least(n_prompts)
-        rows = prompt_rows * nrs
-        prompt_bucket = pow2_at_least(max(len(p) for p in chunk_ids), MIN_PROMPT_BUCKET)
-        ids = np.full((prompt_rows, prompt_bucket), pad, np.int32)
-        mask = np.zeros((prompt_rows, prompt_bucket), np.int32)
-        for r, p in enumerate(chunk_ids):
-            ids[r, prompt_bucket - len(p):] = p
-            mask[r, prompt_bucket - len(p):] = 1
-        mask[n_prompts:, -1] = 1  # filler rows: one real token so no attention row is empty
-        row_ids = np.full((rows,), -1, np.int32)
-        for local, i in enumerate(chunk_index):
-            row_ids[local * nrs : (local + 1) * nrs] = i * nrs + np.arange(nrs)
-        return cls(ids, mask, row_ids, prompt_rows, rows, prompt_bucket, new_bucket, n_prompts * nrs)
+def default_kv_cache_bytes() -> int:
+    """A quarter of the first device's memory where it reports one (GPU, TPU), else 2 GiB."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # backends without memory stats
+        stats = {}
+    limit = stats.get("bytes_limit")
+    return int(limit) // 4 if limit else CPU_KV_CACHE_BYTES
 
 
 def check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, num_return_sequences, batch_size) -> None:
@@ -526,12 +439,12 @@ def generate(
     The programs belong to a :class:`Sampler` kept for this model object (and dropped
     with it), so repeated calls on one model compile once; a loop that gets a new model
     object each time (``trainer.model``) should keep a ``Sampler`` or use ``trainer.generate``.
-    A ``Seq2SeqLM`` (T5, BART) goes to :func:`jaxsft.seq2seq_generation.generate`.
+    A ``Seq2SeqLM`` (T5, BART) goes to :func:`jaxsft.generation.seq2seq.generate`.
     """
     from jaxsft.models.seq2seq import Seq2SeqLM
 
     if isinstance(model, Seq2SeqLM):  # T5 / BART: encoder once, then the decoder loop
-        from jaxsft import seq2seq_generation
+        from jaxsft.generation import seq2seq as seq2seq_generation
 
         if sharding_rules is not None:
             raise ValueError("generate(): sharding_rules is not supported for encoder-decoder models yet.")
@@ -594,22 +507,6 @@ def _pad_id(tokenizer: Any, spec, eos: list[int]) -> int:
     return 0
 
 
-def pow2_at_least(n: int, minimum: int = 1) -> int:
-    """The smallest power of two >= ``n`` (and >= ``minimum``): the generation programs' bucket sizes."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
-
-
-def _default_batch_size(spec, dtype, prompt_len: int, new_bucket: int) -> int:
-    """Rows per chunk so that the KV cache, and separately the prefill's attention scores, stay under a budget."""
-    prompt_bucket = pow2_at_least(prompt_len, MIN_PROMPT_BUCKET)
-    slots = prompt_bucket + new_bucket
-    cache = 2 * spec.num_layers * slots * spec.num_kv_heads * spec.head_dim * jnp.dtype(dtype).itemsize
-    scores = spec.num_heads * prompt_bucket * slots * 4
-    per_row = max(cache, scores)
-    rows = max(1, DEFAULT_CACHE_BYTES // per_row)
-    return 1 << (int(rows).bit_length() - 1)
-
-
 def _first_stop(text: str, stops: list[str]) -> Optional[int]:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
@@ -629,118 +526,6 @@ def _tokens_through_stop(tokenizer, toks: np.ndarray, stops, skip_special_tokens
 
 def _params_signature(state) -> tuple:
     return tuple((x.shape, str(x.dtype), x.sharding) for x in jax.tree.leaves(state))
-
-
-# ---------------------------------------------------------------------------- jitted bodies
-def _compute_view(state, dtype):
-    """Parameters cast to the compute dtype once per program (the model casts them at use anyway).
-
-    Without this, a model keeping fp32 parameters with bf16 compute would re-cast every
-    weight on every decode step. The final norm is left alone: a LayerNorm reads it in fp32.
-    """
-    dtype = jnp.dtype(dtype)
-
-    def cast(path, x):
-        floating = jnp.issubdtype(x.dtype, jnp.floating)
-        if floating and x.dtype != dtype and "final_norm" not in jax.tree_util.keystr(path):
-            return x.astype(dtype)
-        return x
-
-    return jax.tree_util.tree_map_with_path(cast, state)
-
-
-def _sample(logits: jax.Array, keys: jax.Array, step: jax.Array, mode: Mode, temperature, top_p) -> jax.Array:
-    """One token per row from fp32 logits [B, V]: greedy, or temperature -> top-k -> top-p (HF's order)."""
-    if mode.kind == "greedy":
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    neg = jnp.finfo(logits.dtype).min
-    if mode.top_k is not None and mode.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, mode.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, neg, logits)  # HF TopKLogitsWarper: ties with the k-th survive
-    if mode.top_p:
-        # HF TopPLogitsWarper: ascending sort, drop tokens whose cumulative probability <= 1 - top_p,
-        # always keep the most likely one. Here as a threshold on the logit value.
-        sorted_logits = jnp.sort(logits, axis=-1)
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        remove = cum <= (1.0 - top_p)
-        remove = remove.at[:, -1].set(False)
-        n_removed = jnp.sum(remove, axis=-1, keepdims=True)
-        threshold = jnp.take_along_axis(sorted_logits, n_removed, axis=-1)
-        logits = jnp.where(logits < threshold, neg, logits)
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
-    return jax.vmap(lambda k, l: jax.random.categorical(k, l))(step_keys, logits).astype(jnp.int32)
-
-
-def _record(st: DecodeState, tok: jax.Array, sampling: Sampling) -> DecodeState:
-    done = st.done
-    tok = jnp.where(done, sampling.pad, tok)
-    hit = jnp.any(tok[:, None] == sampling.eos[None, :], axis=-1) & ~done
-    tokens = jax.lax.dynamic_update_slice_in_dim(st.tokens, tok[:, None], st.step, axis=1)
-    return st._replace(
-        tokens=tokens, last=tok, done=done | hit, finished_by_eos=st.finished_by_eos | hit, step=st.step + 1
-    )
-
-
-def _make_prefill(graphdef, dtype, prompt_bucket, new_bucket, nrs, mode: Mode, layouts: DecodeState):
-    slots = prompt_bucket + new_bucket
-
-    def prefill(state, inputs, sampling: Sampling) -> DecodeState:
-        model = nnx.merge(graphdef, _compute_view(state, dtype))
-        ids, mask = inputs["input_ids"], inputs["mask"].astype(bool)
-        rows_p = ids.shape[0]
-        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
-        cache = model.init_cache(rows_p, slots, dtype)
-        kv_mask = jnp.concatenate([mask, jnp.zeros((rows_p, new_bucket), bool)], axis=1)
-        hidden, cache = model.forward_with_cache(ids, positions, cache, jnp.int32(0), kv_mask)
-        logits = model.logits(hidden[:, -1:])[:, 0]
-        if nrs > 1:
-            cache = KVCache(jnp.repeat(cache.k, nrs, axis=1), jnp.repeat(cache.v, nrs, axis=1))
-            kv_mask = jnp.repeat(kv_mask, nrs, axis=0)
-            logits = jnp.repeat(logits, nrs, axis=0)
-            mask = jnp.repeat(mask, nrs, axis=0)
-        rows = logits.shape[0]
-        cache = jax.lax.with_sharding_constraint(cache, layouts.cache)
-        base = jax.random.key(sampling.seed)
-        keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(inputs["row_ids"])
-        st = DecodeState(
-            cache=cache,
-            kv_mask=kv_mask,
-            tokens=jnp.full((rows, new_bucket), sampling.pad, jnp.int32),
-            last=jnp.zeros((rows,), jnp.int32),
-            prompt_len=jnp.sum(mask, axis=-1).astype(jnp.int32),
-            keys=keys,
-            done=inputs["row_ids"] < 0,
-            finished_by_eos=jnp.zeros((rows,), bool),
-            step=jnp.int32(0),
-        )
-        tok = _sample(logits, keys, jnp.int32(0), mode, sampling.temperature, sampling.top_p)
-        return _record(st, tok, sampling)
-
-    return prefill
-
-
-def _make_decode(graphdef, dtype, prompt_bucket, mode: Mode):
-    def decode(state, st: DecodeState, sampling: Sampling, limit) -> DecodeState:
-        model = nnx.merge(graphdef, _compute_view(state, dtype))  # cast once, outside the loop
-        end = jnp.minimum(limit, sampling.max_new)
-
-        def cond(st: DecodeState):
-            return (st.step < end) & ~jnp.all(st.done)
-
-        def body(st: DecodeState):
-            s = st.step  # tokens sampled so far; the last one goes into the cache now
-            write = prompt_bucket + s - 1
-            kv_mask = jax.lax.dynamic_update_slice_in_dim(st.kv_mask, jnp.ones((st.kv_mask.shape[0], 1), bool), write, axis=1)
-            positions = (st.prompt_len + s - 1)[:, None]
-            hidden, cache = model.forward_with_cache(st.last[:, None], positions, st.cache, write, kv_mask)
-            logits = model.logits(hidden)[:, 0]
-            tok = _sample(logits, st.keys, s, mode, sampling.temperature, sampling.top_p)
-            return _record(st._replace(cache=cache, kv_mask=kv_mask), tok, sampling)
-
-        return jax.lax.while_loop(cond, body, st)
-
-    return decode
 
 
 generate.compiled_programs = compiled_programs  # type: ignore[attr-defined]
