@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 import weakref
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
@@ -217,15 +218,17 @@ class Sampler:
             eos_token_ids=eos_token_ids, skip_special_tokens=skip_special_tokens, stop_check_every=stop_check_every,
         )
         spec, nrs = model.spec, request.nrs
-        texts = format_prompts(tokenizer, prompts, chat)
-        is_chat = [chat or not isinstance(p, str) for p in prompts]
-        prompt_ids = _tokenize(tokenizer, texts, is_chat)
+        prompt_ids = prompt_token_ids(tokenizer, prompts, chat, spec.vocab_size)
         longest = max(len(p) for p in prompt_ids)
         if spec.position == "learned" and longest + request.max_new_tokens > spec.max_position_embeddings:
             raise ValueError(
                 f"generate(): prompt ({longest} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
                 f"model's {spec.max_position_embeddings} positions; shorten the prompts or lower max_new_tokens."
             )
+        self._check_memory(longest, request)
+        if spec.position == "rope" and longest + request.max_new_tokens > spec.max_position_embeddings:
+            _warn_once(f"generate(): prompt ({longest} tokens) + max_new_tokens ({request.max_new_tokens}) runs past "
+                       f"the {spec.max_position_embeddings} positions this model was trained on; quality may drop.")
         pad_id = _pad_id(tokenizer, spec, list(request.eos))
         sampling = Sampling(
             temperature=np.float32(request.temperature),
@@ -250,6 +253,20 @@ class Sampler:
         return _finish(tokenizer, tokens_out, reasons, prompt_ids, request, return_tokens)
 
     # ------------------------------------------------------------------ engine
+    def _check_memory(self, longest: int, request: "_Request") -> None:
+        """Refuse, before any work, a call whose single prompt group cannot fit the KV budget."""
+        spec, nrs = self.model.spec, request.nrs
+        need = engine.kv_bytes_per_group(spec, self.model.dtype, nrs, pow2_at_least(longest, MIN_PROMPT_BUCKET),
+                                         pow2_at_least(request.max_new_tokens, MIN_NEW_TOKENS_BUCKET))
+        budget = self.kv_cache_bytes if self.kv_cache_bytes is not None else default_kv_cache_bytes()
+        if need > budget:
+            raise ValueError(
+                f"generate(): max_new_tokens={request.max_new_tokens} with num_return_sequences={nrs} and a "
+                f"{longest}-token prompt needs {need / 2**30:.1f} GiB of KV cache for one prompt, over the "
+                f"{budget / 2**30:.1f} GiB budget (Sampler(kv_cache_bytes=...)); lower max_new_tokens or "
+                "num_return_sequences, or raise the budget."
+            )
+
     def _shape(self, n_prompts: int, longest: int, request: "_Request") -> engine.Shape:
         """Slot groups from the KV budget (and ``batch_size``), never more than the call needs (powers of two)."""
         spec, nrs = self.model.spec, request.nrs
@@ -339,29 +356,52 @@ def default_kv_cache_bytes() -> int:
     return int(limit) // 4 if limit else CPU_KV_CACHE_BYTES
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
 def check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, num_return_sequences, batch_size) -> None:
     """The argument checks every sampler shares (decoder-only and encoder-decoder), before any work."""
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"generate(): max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
-    if temperature is None or temperature < 0 or not math.isfinite(temperature):
+    if not _is_number(temperature) or temperature < 0 or not math.isfinite(temperature):
         raise ValueError(f"generate(): temperature={temperature!r} must be a finite number >= 0 (0 = greedy).")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"generate(): top_k={top_k!r} must be None or an integer >= 1.")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise ValueError(f"generate(): top_p={top_p!r} must lie in (0, 1].")
-    if not isinstance(num_return_sequences, (int, np.integer)) or num_return_sequences < 1:
+    if top_p is not None and (not _is_number(top_p) or not (0.0 < top_p <= 1.0)):
+        raise ValueError(f"generate(): top_p={top_p!r} must be None or a number in (0, 1].")
+    if not _is_int(num_return_sequences) or num_return_sequences < 1:
         raise ValueError(f"generate(): num_return_sequences={num_return_sequences!r} must be an integer >= 1.")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"generate(): batch_size={batch_size!r} must be None or >= 1.")
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise ValueError(f"generate(): batch_size={batch_size!r} must be None or an integer >= 1.")
 
 
 def _request(model, tokenizer, *, max_new_tokens, temperature, top_k, top_p, num_return_sequences, seed, stop,
              batch_size, eos_token_ids, skip_special_tokens, stop_check_every) -> _Request:
     """Validate one call's arguments (every check before any work)."""
     check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, num_return_sequences, batch_size)
+    if not _is_int(seed):
+        raise ValueError(f"generate(): seed={seed!r} must be an integer.")
+    if stop is not None and not isinstance(stop, (str, list, tuple)):
+        raise ValueError(f"generate(): stop={stop!r} must be a non-empty string or a list of them.")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError(f"generate(): stop={stop!r} must be a non-empty string or a list of them.")
+    if not _is_int(stop_check_every) or stop_check_every < 1:
+        raise ValueError(f"generate(): stop_check_every={stop_check_every!r} must be an integer >= 1 (decode steps "
+                         "between stop-string checks).")
+    vocab = model.spec.vocab_size
+    if eos_token_ids is not None:
+        if isinstance(eos_token_ids, (str, bytes)) or not isinstance(eos_token_ids, (list, tuple, np.ndarray)):
+            raise ValueError(f"generate(): eos_token_ids={eos_token_ids!r} must be a list of token ids ([] = never stop).")
+        bad = [e for e in eos_token_ids if not _is_int(e) or not 0 <= int(e) < vocab]
+        if bad:
+            raise ValueError(f"generate(): eos_token_ids contains {bad!r}, not token ids of this model's vocabulary "
+                             f"(0 .. {vocab - 1}).")
     eos = _eos_ids(model, tokenizer) if eos_token_ids is None else [int(e) for e in eos_token_ids]
     if len(eos) > MAX_EOS_IDS:
         raise ValueError(f"generate(): at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}.")
@@ -471,6 +511,50 @@ def generate(
 
 
 # ---------------------------------------------------------------------------- host helpers
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _token_prompt(prompt: Any) -> Optional[list[int]]:
+    """A prompt given as token ids (a list/tuple/1-D array of ints), else None."""
+    if isinstance(prompt, np.ndarray) and prompt.ndim == 1 and np.issubdtype(prompt.dtype, np.integer):
+        return [int(t) for t in prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(_is_int(t) for t in prompt):
+        return [int(t) for t in prompt]
+    return None
+
+
+def prompt_token_ids(tokenizer: Any, prompts: Sequence[Any], chat: bool, vocab_size: int) -> list[list[int]]:
+    """Every prompt as token ids: token-id prompts as given, strings and chats through the tokenizer."""
+    out: list[Optional[list[int]]] = [None] * len(prompts)
+    rest = []
+    for i, prompt in enumerate(prompts):
+        ids = _token_prompt(prompt)
+        if ids is not None:
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"generate(): prompts[{i}] holds token ids {bad[:5]!r} outside this model's vocabulary "
+                                 f"(0 .. {vocab_size - 1}).")
+            out[i] = ids
+        elif isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
+                                         and all(isinstance(m, dict) for m in prompt)):
+            rest.append(i)
+        else:
+            raise TypeError(f"generate(): prompts[{i}]={prompt!r} must be a string, a chat (a list of "
+                            "{'role': ..., 'content': ...} messages) or a non-empty list of token ids.")
+    if rest:
+        texts = format_prompts(tokenizer, [prompts[i] for i in rest], chat)
+        is_chat = [chat or not isinstance(prompts[i], str) for i in rest]
+        for i, ids in zip(rest, _tokenize(tokenizer, texts, is_chat)):
+            out[i] = ids
+    return out  # type: ignore[return-value]
+
+
 def _tokenize(tokenizer: Any, texts: list[str], is_chat: list[bool]) -> list[list[int]]:
     out: list[Optional[list[int]]] = [None] * len(texts)
     for flag in (False, True):  # chat templates already hold their special tokens
