@@ -308,7 +308,7 @@ class Sampler:
         def place_scalar(v):
             return shd.place_array(np.asarray(np.int32(v)), rep)
 
-        init = self._program(("init",) + base, lambda: jax.jit(
+        init = self._program(("init", graphdef, sig, mesh, shape), lambda: jax.jit(
             engine.make_init(spec, dtype, shape), out_shardings=layouts).lower().compile())
         example = jax.eval_shape(engine.make_init(spec, dtype, shape))
         example = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), example, layouts)
