@@ -245,20 +245,26 @@ class CausalLM(nnx.Module):
         """One token per row [B, 1] through every layer; returns the final hidden states and the new caches.
 
         The layers run unrolled over per-layer caches (``layer_caches[i]``, any pytree), each updated by
-        ``cached_attention(q, k, v, layer_caches[i]) -> (attn, new_cache)``: a loop that carries one
+        ``cached_attention(q, k, v, layer_caches[i], window=, scale=, softcap=) -> (attn, new_cache)`` (the
+        layer's attention window, query scale and score soft cap; None = none / head_dim ** -0.5): a loop that carries one
         buffer per layer updates each in place, where a stacked cache would be sliced and written back
         whole every step. ``layer_params`` comes from :meth:`decode_params`.
         """
         spec = self.spec
         rope = L.rope_cos_sin(spec, positions, self.dtype) if spec.position == "rope" else None
+        local_rope = None
+        if rope is not None and any(spec.local_rope_layers()):  # Gemma 3's sliding layers: their own base
+            local_rope = L.rope_cos_sin(dataclasses.replace(spec, rope_theta=spec.rope_local_theta, rope_type="default"),
+                                        positions, self.dtype)
         impl = L.resolve_attention_implementation(self.attention_implementation, self.dtype)
         lora = lora_lib.lora_setup(self)
         h = self._embed(input_ids, positions)
         new_caches = []
-        for p, layer_cache in zip(layer_params, layer_caches):
+        layers = zip(layer_params, layer_caches, spec.windows(), spec.local_rope_layers())
+        for p, layer_cache, window, local in layers:  # unrolled: each layer's window and RoPE table are static
             h, new_cache = _decoder_block(
-                spec, h, p, rope, mask=None, causal=True, impl=impl, layer_cache=layer_cache, write_index=None,
-                lora=lora, cached_attention=cached_attention,
+                spec, h, p, local_rope if local else rope, mask=None, causal=True, impl=impl, layer_cache=layer_cache,
+                write_index=None, lora=lora, window=window, cached_attention=cached_attention,
             )
             new_caches.append(new_cache)
         return self._final_norm(h), new_caches
@@ -412,7 +418,8 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
 
     ``lora`` (a static LoraSetup) adds each adapted projection's ``x @ A @ B`` term (lora.adapted). ``window``:
     one static attention window (kernel path, no mask); per-layer windows arrive in ``mask`` and ``p``.
-    ``cached_attention(q, k, v, layer_cache) -> (attn, new_layer_cache)`` (decode steps) replaces the attention.
+    ``cached_attention(q, k, v, layer_cache, window=, scale=, softcap=) -> (attn, new_layer_cache)`` (decode steps)
+    replaces the attention.
     """
     h = constrain(h, ("batch", None, None))
     mask = _layer_mask(mask, p)
@@ -435,7 +442,8 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
         q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
     new_kv = None
     if cached_attention is not None:  # generation's decode step: the cache layout and its attention are the caller's
-        attn, new_kv = cached_attention(q, k, v, layer_cache)
+        attn, new_kv = cached_attention(q, k, v, layer_cache, window=window, scale=spec.attention_scale,
+                                        softcap=spec.attn_logit_softcap)
     elif layer_cache is not None:
         k_cache, v_cache = layer_cache
         k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=1)
