@@ -182,10 +182,10 @@ def run_jaxsft(shape: str, w: str, cpu: bool, options: dict, model_options: dict
     import jax
 
     import jaxsft
-    from jaxsft.models.spec import ModelSpec
+    from jaxsft.models.families import spec_from_hf_config
 
     mesh = jaxsft.single_device_mesh()
-    model = jaxsft.init_model(ModelSpec.from_hf_config(hf_config(shape)), mesh=mesh, seed=0, **model_options)
+    model = jaxsft.init_model(spec_from_hf_config(hf_config(shape)), mesh=mesh, seed=0, **model_options)
     cfg = jaxsft.TrainConfig(**{
         "learning_rate": 1e-5, "lr_scheduler_type": "constant", "per_device_train_batch_size": MICRO_BATCH,
         "max_length": SEQ if w == "fixed" else MAX_LEN, "bf16": not cpu, "logging_steps": 0, "disable_tqdm": True,

@@ -86,7 +86,7 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import transformers
     import jaxsft
-    from jaxsft.models.spec import ModelSpec
+    from jaxsft.models.families import spec_from_hf_config
 
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -97,7 +97,7 @@ SCRIPT = textwrap.dedent(
     from safetensors.numpy import save_file
     from jaxsft.models.hf_io import hf_state_dict
     cfg.save_pretrained(out + "/base")
-    save_file(hf_state_dict(jaxsft.init_model(ModelSpec.from_hf_config(cfg), seed=0, mesh=mesh)),
+    save_file(hf_state_dict(jaxsft.init_model(spec_from_hf_config(cfg), seed=0, mesh=mesh)),
               out + "/base/model.safetensors")
     model = jaxsft.from_pretrained(out + "/base", mesh=mesh)
     config = jaxsft.TrainConfig(learning_rate=1e-2, per_device_train_batch_size=2, max_steps=20, max_length=16,
