@@ -296,7 +296,7 @@ def run(
                 loss=float(np.mean(losses)) if losses else float("nan"),
                 gen_tokens_per_second=result.num_generated_tokens / gen_seconds,
                 train_tokens_per_second=float(np.mean(train_tps)) if train_tps else float("nan"),
-                seconds=time.perf_counter() - t0,
+                seconds=time.perf_counter() - t0, global_step=int(trainer.state.global_step),
             )
             best_round = r if h.accuracy > best.accuracy else best.round
             stopped_early = bool(cfg.patience and r - best_round >= cfg.patience and r < cfg.rounds)
