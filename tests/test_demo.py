@@ -9,24 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-import tiny
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny llama saved as a Hugging Face folder with a chat-template tokenizer (what --model takes)."""
-    root = tmp_path_factory.mktemp("demo-model")
-    tok = tiny.load_tokenizer(tiny.tokenizer_dir(str(root)))
-    tok.chat_template = CHAT_TEMPLATE
-    folder = root / "hf"
-    tiny.tiny_torch_model("llama").save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    """jaxsft.testing's tiny chat model (a Hugging Face folder, what --model takes): it ends its replies with
+    EOS, so samples finish (a reply cut by the token budget never counts, whatever the verifier)."""
+    from jaxsft.testing import tiny_model
+
+    return tiny_model(tmp_path_factory.mktemp("demo-model") / "hf")
 
 
 @pytest.mark.slow
@@ -35,7 +25,7 @@ def test_demo_end_to_end(model_dir, tmp_path, capsys):
     from jaxsft.demo import DemoConfig, run
 
     class Lenient(tasks.Task):
-        """The tiny random model never gets arithmetic right; accept every non-empty reply so training runs."""
+        """Accept every non-empty reply, so that every round keeps samples and trains."""
 
         def verify(self, completion, problem, finish_reason="eos"):
             return bool(completion.strip())
@@ -72,7 +62,7 @@ def test_demo_end_to_end(model_dir, tmp_path, capsys):
     hf = AutoModelForCausalLM.from_pretrained(out / "model")
     tok = AutoTokenizer.from_pretrained(out / "model")
     original = AutoModelForCausalLM.from_pretrained(model_dir)
-    ids = tok(["the quick brown fox"], return_tensors="pt")
+    ids = tok(["What is 2 + 3?"], return_tensors="pt")
     with torch.no_grad():
         same = torch.allclose(hf(**ids).logits, original(**ids).logits)
     assert same == (saved["best_round"] == 0)
