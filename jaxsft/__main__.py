@@ -285,6 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command in ("demo", "rft"):
         from jaxsft import accelerator
         from jaxsft.rft import RunInterrupted
+        from jaxsft.rft.loop import ResumeError
 
         if not args.quiet:
             print(accelerator.notice(), flush=True)
@@ -300,6 +301,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except RunInterrupted as stop:
             print(f"\n{PROG} {args.command}: {stop} (continue with --resume)", file=sys.stderr)
             return 130
+        except ResumeError as err:
+            print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "export":
         from jaxsft import bundled

@@ -223,6 +223,16 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path)
     assert (out / "results.md").read_text().count("\n") == 4 and (out / "model" / "config.json").exists()
     assert {r["round"] for r in map(json.loads, (out / "kept_samples.jsonl").read_text().splitlines())} <= {1}
 
+    checkpoint = next((out / "checkpoints" / "round-1").iterdir())
+    (checkpoint / "moved").mkdir()  # a damaged checkpoint is refused in one error naming --resume, nothing changed
+    for item in list(checkpoint.iterdir()):
+        if item.name != "moved":
+            item.rename(checkpoint / "moved" / item.name)
+    with pytest.raises(loop.ResumeError, match="--resume: cannot continue from"):
+        loop.run(rft_config(tiny, out, resume=True))
+    for item in list((checkpoint / "moved").iterdir()):
+        item.rename(checkpoint / item.name)
+    (checkpoint / "moved").rmdir()
     resumed = loop.run(rft_config(tiny, out, resume=True))
     for a, b in zip(whole["rounds"], resumed["rounds"], strict=True):
         assert {k: a[k] for k in ("round", "accuracy", "kept", "trained_on", "loss")} == \

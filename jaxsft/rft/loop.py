@@ -67,6 +67,10 @@ class RFTConfig:
     quiet: bool = False
 
 
+class ResumeError(ValueError):
+    """The run on disk cannot be continued (e.g. its checkpoint comes from another jaxsft or model)."""
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run: ``rounds_done`` rounds are on disk in ``output_dir``; ``--resume`` continues."""
 
@@ -185,7 +189,11 @@ def run(
         if done > 0:
             from jaxsft.checkpoint import latest_checkpoint
 
-            trainer.restore_checkpoint(latest_checkpoint(str(out / "checkpoints" / f"round-{done}")))
+            path = latest_checkpoint(str(out / "checkpoints" / f"round-{done}"))
+            try:
+                trainer.restore_checkpoint(path)
+            except (ValueError, FileNotFoundError, TypeError) as err:  # refused before anything changed
+                raise ResumeError(f"--resume: cannot continue from {path}: {err}") from err
         log(f"resuming after round {done} from {out}")
     buffer: list[tuple[str, str]] = []  # (prompt text, reply + EOS) trained on
     seen: dict[str, set[str]] = {}
