@@ -145,3 +145,19 @@ def test_sampling_draw_is_the_categorical_distribution():
     from test_generate import chi_square_pvalue
 
     assert chi_square_pvalue(draws, p) > 1e-3
+
+
+def test_max_new_tokens_defaults_to_the_generation_config_as_hf(tok):
+    """Without max_new_tokens: as many new tokens as the installed transformers' generate makes."""
+    import jaxsft
+
+    torch_model, model = models("llama")
+    prompts = PROMPTS[:2]
+    ours = jaxsft.generate(model, tok, prompts, return_tokens=True, eos_token_ids=[])
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    import torch
+
+    with torch.no_grad():
+        ref = torch_model.generate(**enc, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert all(len(t) == ref.shape[1] - enc["input_ids"].shape[1] for t in ours.tokens)

@@ -181,7 +181,7 @@ class Sampler:
         self,
         prompts: Sequence[Prompt],
         *,
-        max_new_tokens: int,
+        max_new_tokens: Optional[int] = None,
         temperature: float = 0.0,
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
@@ -213,13 +213,16 @@ class Sampler:
         if not prompts:
             return GenerationResult([], [], [], [], num_return_sequences) if return_tokens else []
         request = _request(
-            model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            num_return_sequences=num_return_sequences, seed=seed, stop=stop, batch_size=batch_size,
-            eos_token_ids=eos_token_ids, skip_special_tokens=skip_special_tokens, stop_check_every=stop_check_every,
+            model, tokenizer, max_new_tokens=1 if max_new_tokens is None else max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, seed=seed, stop=stop,
+            batch_size=batch_size, eos_token_ids=eos_token_ids, skip_special_tokens=skip_special_tokens,
+            stop_check_every=stop_check_every,
         )
         spec, nrs = model.spec, request.nrs
         prompt_ids = prompt_token_ids(tokenizer, prompts, chat, spec.vocab_size)
         longest = max(len(p) for p in prompt_ids)
+        if max_new_tokens is None:
+            request = dataclasses.replace(request, max_new_tokens=default_max_new_tokens(model, longest))
         if spec.position == "learned" and longest + request.max_new_tokens > spec.max_position_embeddings:
             raise ValueError(
                 f"generate(): prompt ({longest} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
@@ -446,7 +449,7 @@ def generate(
     tokenizer: Any,
     prompts: Sequence[Prompt],
     *,
-    max_new_tokens: int,
+    max_new_tokens: Optional[int] = None,
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
@@ -465,9 +468,11 @@ def generate(
     """Generate completions for ``prompts`` with a jaxsft model.
 
     ``prompts`` are strings (tokenized with the tokenizer's special tokens, as
-    ``tokenizer(prompts)`` does) or chat message lists (formatted with the chat
+    ``tokenizer(prompts)`` does), chat message lists (formatted with the chat
     template and a generation prompt; ``chat=True`` treats strings as one user
-    message). ``temperature=0`` is greedy; otherwise sampling with optional
+    message) or token ids (lists / 1-D arrays of ints, used as given). Without
+    ``max_new_tokens`` the budget is HF's: the model's generation config
+    (:func:`default_max_new_tokens`). ``temperature=0`` is greedy; otherwise sampling with optional
     ``top_k`` / ``top_p``. ``eos_token_ids`` overrides the EOS set (``[]`` never
     stops early). ``batch_size`` caps the rows (prompts x samples) run at once.
     ``mesh`` defaults to the mesh the model's params live on; another mesh moves
@@ -511,6 +516,26 @@ def generate(
 
 
 # ---------------------------------------------------------------------------- host helpers
+def default_max_new_tokens(model: CausalLM, prompt_length: int) -> int:
+    """HF's budget when ``max_new_tokens`` is not given: the model's generation config ``max_new_tokens``,
+    else its ``max_length`` less the (longest) prompt, else HF's default of 20 new tokens."""
+    from transformers import GenerationConfig
+
+    config = model.config
+    gen = GenerationConfig.from_model_config(config) if config is not None else GenerationConfig()
+    if gen.max_new_tokens is not None:
+        return int(gen.max_new_tokens)
+    if gen.max_length is None:
+        return 20
+    room = int(gen.max_length) - prompt_length
+    if room < 1:
+        raise ValueError(
+            f"generate(): max_new_tokens was not given and the model's generation config (max_length="
+            f"{gen.max_length}) leaves no room after the {prompt_length}-token prompt; pass max_new_tokens."
+        )
+    return room
+
+
 _WARNED: set[str] = set()
 
 
