@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxsft import sharding as shd
+from jaxsft.generation.sampling import Mode, sample
 from jaxsft.models.seq2seq import Seq2SeqLM
 
 MIN_BUCKET = 16
@@ -183,7 +184,8 @@ def _make_program(graphdef, spec, dtype, new_bucket: int, mode: tuple):
             t = st["t"]
             hidden, new_cache = model.decode_step(st["token"][:, None], st["cache"], t, mask)
             logits = model.logits(hidden)[:, 0]
-            nxt = _sample(logits, keys, t, mode, a["temperature"], a["top_p"])
+            nxt = sample(logits.astype(jnp.float32), keys, jnp.full((rows,), t, jnp.int32), Mode(*mode),
+                         a["temperature"], a["top_p"])  # the decoder engine's sampling
             nxt = jnp.where(st["done"], 0, nxt)
             tokens = st["tokens"].at[:, t].set(nxt)
             is_eos = jnp.any(nxt[:, None] == a["eos"][None, :], axis=-1) & ~st["done"]
@@ -200,24 +202,3 @@ def _make_program(graphdef, spec, dtype, new_bucket: int, mode: tuple):
         return st["tokens"], st["lengths"], st["finished"]
 
     return program
-
-
-def _sample(logits: jax.Array, keys: jax.Array, step: jax.Array, mode: tuple, temperature, top_p) -> jax.Array:
-    """Next token per row: argmax, or temperature -> top-k -> top-p sampling (HF's order)."""
-    logits = logits.astype(jnp.float32)
-    if mode[0] == "greedy":
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    _, top_k, use_top_p = mode
-    logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if use_top_p:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
-    return jax.vmap(lambda k, l: jax.random.categorical(k, l))(step_keys, logits).astype(jnp.int32)
