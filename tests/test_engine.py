@@ -117,7 +117,7 @@ def test_prefill_then_decode_steps_match_the_full_forward():
                                 suffix_len=jnp.full((g * n,), t + 1, jnp.int32),
                                 query_pos=jnp.repeat(prompt_len, n) + t, prefix_pos=prefix_pos, prompt_len=prompt_len)
         h, layers = model.decode_step(jnp.asarray(cont[:, t : t + 1]), (jnp.repeat(prompt_len, n) + t)[:, None], layers,
-                                      lambda q, k, v, c: kv_cache.shared_prefix_attention(q, k, v, c, rows, None),
+                                      lambda q, k, v, c, **rule: kv_cache.shared_prefix_attention(q, k, v, c, rows, **{"sliding_window": rule["window"], "scale": rule["scale"], "softcap": rule["softcap"]}),
                                       params)
         logits = np.asarray(model.logits(h))[:, 0]
         for r in range(g * n):

@@ -164,7 +164,6 @@ def make_decode(graphdef, dtype, shape: Shape, mode: Mode):
     def decode(state, st: DecodeState, sampling: Sampling, limit, refill_at) -> DecodeState:
         model = nnx.merge(graphdef, compute_view(state, dtype))
         layer_params = model.decode_params()  # split once, outside the loop
-        window = model.spec.sliding_window
         prefix_pos = (jnp.arange(lp)[None, :] - (lp - st.prompt_len)[:, None]).astype(jnp.int32)
 
         def cond(st: DecodeState):
@@ -177,8 +176,8 @@ def make_decode(graphdef, dtype, shape: Shape, mode: Mode):
             rows = kv_cache.RowView(write_slot=slot, prefix_mask=st.prefix_mask, suffix_len=st.gen_len,
                                     query_pos=query_pos, prefix_pos=prefix_pos, prompt_len=st.prompt_len)
 
-            def attend(q, k, v, layer):
-                return kv_cache.shared_prefix_attention(q, k, v, layer, rows, window)
+            def attend(q, k, v, layer, *, window, scale, softcap):
+                return kv_cache.shared_prefix_attention(q, k, v, layer, rows, window, scale, softcap)
 
             hidden, cache = model.decode_step(st.last[:, None], query_pos[:, None], st.cache, attend, layer_params)
             logits = model.logits(hidden)[:, 0]

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsft.models.layers import soft_cap
+
 
 class LayerKV(NamedTuple):
     """One layer's cache (see the module doc)."""
@@ -67,8 +69,12 @@ def _write_rows(buf: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
 
 
 def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer: LayerKV, rows: RowView,
-                            sliding_window: Optional[int]) -> tuple[jax.Array, LayerKV]:
-    """One decode token per row: write its K/V [B, 1, K, D], attend over prefix + own suffix; returns [B, 1, N, D]."""
+                            sliding_window: Optional[int], scale: Optional[float] = None,
+                            softcap: Optional[float] = None) -> tuple[jax.Array, LayerKV]:
+    """One decode token per row: write its K/V [B, 1, K, D], attend over prefix + own suffix; returns [B, 1, N, D].
+
+    ``scale``: the query scale (None: head_dim ** -0.5); ``softcap``: the score soft cap (Gemma 2), applied
+    to the scaled scores before masking, as transformers does."""
     b, _, n_heads, d = q.shape
     g, kv, lp, _ = layer.prefix_k.shape
     n = b // g
@@ -78,7 +84,7 @@ def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer: Lay
     ls = sk.shape[2]
     cdt = q.dtype
     qg = q.reshape(g, n, kv, h, d)  # query head j reads kv head j // h (HF's repeat_kv order)
-    scale = np.float32(1.0 / math.sqrt(d))
+    scale = np.float32(1.0 / math.sqrt(d) if scale is None else scale)
     s_pre = jnp.einsum("gnkhd,gksd->gnkhs", qg, layer.prefix_k.astype(cdt), preferred_element_type=jnp.float32)
     s_suf = jnp.einsum("gnkhd,gnksd->gnkhs", qg, sk.reshape(g, n, kv, ls, d).astype(cdt),
                        preferred_element_type=jnp.float32)
@@ -90,8 +96,8 @@ def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer: Lay
         suf_pos = rows.prompt_len[:, None, None] + jnp.arange(ls)[None, None, :]
         suf_ok = suf_ok & ((qp[:, :, None] - suf_pos) < sliding_window).reshape(b, ls)
     neg = jnp.float32(-jnp.inf)
-    s_pre = jnp.where(pre_ok[:, :, None, None, :], s_pre * scale, neg)
-    s_suf = jnp.where(suf_ok.reshape(g, n, 1, 1, ls), s_suf * scale, neg)
+    s_pre = jnp.where(pre_ok[:, :, None, None, :], soft_cap(s_pre * scale, softcap), neg)
+    s_suf = jnp.where(suf_ok.reshape(g, n, 1, 1, ls), soft_cap(s_suf * scale, softcap), neg)
     m = jnp.maximum(jnp.max(s_pre, axis=-1, keepdims=True), jnp.max(s_suf, axis=-1, keepdims=True))
     e_pre, e_suf = jnp.exp(s_pre - m), jnp.exp(s_suf - m)
     denom = jnp.sum(e_pre, axis=-1, keepdims=True) + jnp.sum(e_suf, axis=-1, keepdims=True)
