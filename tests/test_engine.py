@@ -127,14 +127,16 @@ def test_prefill_then_decode_steps_match_the_full_forward():
             np.testing.assert_allclose(logits[r], ref, atol=2e-5, rtol=1e-5)
 
 
-def test_sampling_draw_is_the_categorical_distribution():
-    """The two-level inverse-CDF draw over a vocabulary not a multiple of the block, with -inf entries never drawn."""
+@pytest.mark.parametrize("v", [3 * 256 + 37, 128 * 37], ids=["padded", "blocks-of-128"])
+def test_sampling_draw_is_the_categorical_distribution(v):
+    """The two-level inverse-CDF draw (a vocabulary padded to whole blocks, or cut into blocks of 128 without
+    padding), with -inf entries never drawn."""
     import jax
     import jax.numpy as jnp
 
-    from jaxsft.generation.sampling import BLOCK, inverse_cdf_draw
+    from jaxsft.generation.sampling import block_size, inverse_cdf_draw
 
-    v = 3 * BLOCK + 37
+    assert block_size(v) == (256 if v % 128 else 128)
     logits = np.random.default_rng(0).normal(size=v).astype(np.float32) * 1.5
     logits[::7] = -np.inf
     u = jax.random.uniform(jax.random.key(0), (20000,))
