@@ -14,6 +14,7 @@ temperature 0 is greedy. No dropout is ever applied here.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -84,6 +85,22 @@ def generate(
     for i, row in enumerate(prompt_ids):
         if not row:
             raise ValueError(f"generate(): prompt {i} tokenizes to no tokens; give it some text.")
+        if spec.position == "learned" and len(row) > spec.max_position_embeddings:
+            raise ValueError(
+                f"generate(): prompts[{i}] is {len(row)} tokens, over the encoder's {spec.max_position_embeddings} "
+                "positions; shorten it (or truncate with the tokenizer)."
+            )
+    if spec.position == "relative":
+        longest = max(len(row) for row in prompt_ids)
+        if longest > spec.max_position_embeddings:
+            _warn_once(f"generate(): a {longest}-token prompt runs past the {spec.max_position_embeddings} tokens "
+                       "this encoder was trained on; quality may drop.")
+    if eos_token_ids is not None and any(
+        isinstance(e, bool) or not isinstance(e, (int, np.integer)) or not 0 <= int(e) < spec.vocab_size
+        for e in eos_token_ids
+    ):
+        raise ValueError(f"generate(): eos_token_ids={list(eos_token_ids)!r} must be token ids of this model's "
+                         f"vocabulary (0 .. {spec.vocab_size - 1}).")
     eos = _eos_ids(spec, tokenizer) if eos_token_ids is None else [int(e) for e in eos_token_ids]
     if len(eos) > MAX_EOS_IDS:
         raise ValueError(f"generate(): at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}.")
@@ -163,6 +180,15 @@ def _run_chunk(graphdef, state, spec, dtype, chunk, first_prompt, nrs, new_bucke
         out.append(np.asarray(tokens[r, : int(lengths[r])], np.int64))
         reasons.append("eos" if finished[r] else "length")
     return out, reasons
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _signature(state) -> tuple:
