@@ -163,3 +163,31 @@ def test_max_new_tokens_defaults_to_the_generation_config_as_hf(tok):
     with torch.no_grad():
         ref = torch_model.generate(**enc, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert all(len(t) == ref.shape[1] - enc["input_ids"].shape[1] for t in ours.tokens)
+
+
+@pytest.mark.slow
+def test_steady_state_compiles_nothing_and_holds_its_memory(tok):
+    """A loop's steady state: calls of the same buckets compile nothing new and the process does not grow
+    (before the engine, RSS grew ~5 MB per call)."""
+    import os
+
+    from jaxsft.generation import Sampler
+
+    def rss_mb():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    _, model = models("llama")
+    sampler = Sampler(model, tok)
+    rng = np.random.default_rng(1)
+
+    def call(i):
+        sampler.generate(PROMPTS[:3] * int(rng.integers(1, 3)), max_new_tokens=int(rng.integers(5, 16)),
+                         temperature=1.0, num_return_sequences=2, seed=i)
+
+    for i in range(15):  # both slot counts (3 and 6 prompts) compiled and warm
+        call(i)
+    programs, start = sampler.compiled_programs, rss_mb()
+    for i in range(60):
+        call(100 + i)
+    assert sampler.compiled_programs == programs
+    assert rss_mb() - start < 12, "the process grew over 60 steady-state calls"
