@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -223,6 +223,52 @@ class CausalLM(nnx.Module):
         h, cache = self._run_layers(h, positions, mask=mask, causal=True, cache=cache, write_index=write_index)
         return self._final_norm(h), cache
 
+    def decode_params(self) -> list[dict[str, jax.Array]]:
+        """The layers' weights (and adapters) in the compute dtype, split into one dict per layer.
+
+        Called once outside a decode loop: the loop body then indexes nothing, so no weight is
+        sliced (copied) per step.
+        """
+        dtype = self.dtype
+        params = {k: v.astype(dtype) for k, v in self.layers.arrays().items()}
+        params.update(lora_lib.layer_inputs(self, dtype, None))
+        return [{k: v[i] for k, v in params.items()} for i in range(self.spec.num_layers)]
+
+    def decode_step(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        layer_caches: Sequence[Any],
+        cached_attention: Callable[..., tuple[jax.Array, Any]],
+        layer_params: Sequence[dict[str, jax.Array]],
+    ) -> tuple[jax.Array, list[Any]]:
+        """One token per row [B, 1] through every layer; returns the final hidden states and the new caches.
+
+        The layers run unrolled over per-layer caches (``layer_caches[i]``, any pytree), each updated by
+        ``cached_attention(q, k, v, layer_caches[i], window=, scale=, softcap=) -> (attn, new_cache)`` (the
+        layer's attention window, query scale and score soft cap; None = none / head_dim ** -0.5): a loop that carries one
+        buffer per layer updates each in place, where a stacked cache would be sliced and written back
+        whole every step. ``layer_params`` comes from :meth:`decode_params`.
+        """
+        spec = self.spec
+        rope = L.rope_cos_sin(spec, positions, self.dtype) if spec.position == "rope" else None
+        local_rope = None
+        if rope is not None and any(spec.local_rope_layers()):  # Gemma 3's sliding layers: their own base
+            local_rope = L.rope_cos_sin(dataclasses.replace(spec, rope_theta=spec.rope_local_theta, rope_type="default"),
+                                        positions, self.dtype)
+        impl = L.resolve_attention_implementation(self.attention_implementation, self.dtype)
+        lora = lora_lib.lora_setup(self)
+        h = self._embed(input_ids, positions)
+        new_caches = []
+        layers = zip(layer_params, layer_caches, spec.windows(), spec.local_rope_layers())
+        for p, layer_cache, window, local in layers:  # unrolled: each layer's window and RoPE table are static
+            h, new_cache = _decoder_block(
+                spec, h, p, local_rope if local else rope, mask=None, causal=True, impl=impl, layer_cache=layer_cache,
+                write_index=None, lora=lora, window=window, cached_attention=cached_attention,
+            )
+            new_caches.append(new_cache)
+        return self._final_norm(h), new_caches
+
     # ------------------------------------------------------------------ internals
     def _own_dropout_key(self, dropout_key: Optional[jax.Array]) -> Optional[jax.Array]:
         """The key of the config's own dropout (a stream apart from LoRA's), or None when it is off."""
@@ -367,11 +413,13 @@ def _norm(spec: ModelSpec, x, p, name: str):
 
 
 def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cache, write_index, lora=None, segments=None,
-                   window=None):
+                   window=None, cached_attention=None):
     """One pre-norm transformer block (with Gemma's post-norms when the spec has them); returns (h, (k_cache, v_cache) or None).
 
     ``lora`` (a static LoraSetup) adds each adapted projection's ``x @ A @ B`` term (lora.adapted). ``window``:
     one static attention window (kernel path, no mask); per-layer windows arrive in ``mask`` and ``p``.
+    ``cached_attention(q, k, v, layer_cache, window=, scale=, softcap=) -> (attn, new_layer_cache)`` (decode steps)
+    replaces the attention.
     """
     h = constrain(h, ("batch", None, None))
     mask = _layer_mask(mask, p)
@@ -393,14 +441,19 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
             cos, sin = cos[p[ROPE_KEY]], sin[p[ROPE_KEY]]
         q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
     new_kv = None
-    if layer_cache is not None:
+    if cached_attention is not None:  # generation's decode step: the cache layout and its attention are the caller's
+        attn, new_kv = cached_attention(q, k, v, layer_cache, window=window, scale=spec.attention_scale,
+                                        softcap=spec.attn_logit_softcap)
+    elif layer_cache is not None:
         k_cache, v_cache = layer_cache
         k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=1)
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
         new_kv = (k_cache, v_cache)
         k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
     key = p.get(DROPOUT_KEY)  # training with the config's dropout only
-    if key is not None and spec.attention_dropout > 0:  # no fused kernel drops probabilities: the XLA path
+    if cached_attention is not None:
+        pass
+    elif key is not None and spec.attention_dropout > 0:  # no fused kernel drops probabilities: the XLA path
         full = mask if segments is None or mask is not None else segments.mask()
         attn = L.attention_with_dropout(q, k, v, mask=full, causal=causal, sliding_window=window,
                                         rate=spec.attention_dropout, key=jax.random.fold_in(key, 0),

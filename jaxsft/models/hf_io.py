@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxsft import sharding as shd
 from jaxsft import torch_bridge
+from jaxsft.models import gguf_io
 from jaxsft.models import lora as lora_lib
 from jaxsft.models import weights
 from jaxsft.models.decoder import CausalLM
@@ -292,8 +293,9 @@ def from_pretrained(
     """Load a Hugging Face causal LM (or a T5 / BART encoder-decoder, as a ``Seq2SeqLM``) as a jaxsft model.
 
     ``source`` is a local folder (config.json with model.safetensors or a sharded
-    index; fp32, bf16 or fp16) or a ``transformers`` PreTrainedModel (converted in
-    memory). ``param_dtype`` (default fp32) is the stored precision, ``dtype`` the
+    index; fp32, bf16 or fp16), a Llama-family ``.gguf`` file (read without torch,
+    dequantized to fp32: :mod:`jaxsft.models.gguf_io`) or a ``transformers`` PreTrainedModel
+    (converted in memory). ``param_dtype`` (default fp32) is the stored precision, ``dtype`` the
     compute precision (default: ``param_dtype``). ``mesh`` defaults to all devices on the
     data axis; ``sharding_rules`` (default ``jaxsft.sharding.DEFAULT_RULES``) lay the
     parameters out on it. LoRA adapters (a PEFT folder or a ``peft.PeftModel``):
@@ -302,8 +304,16 @@ def from_pretrained(
     Checkpoints stream: every key is checked from the file headers first, then the weights go
     onto the mesh one weight-table row at a time (never the whole checkpoint in host memory).
     """
+    if param_dtype is not None:
+        param_dtype = float_dtype(param_dtype, "param_dtype", "from_pretrained")
+    if dtype is not None:
+        dtype = float_dtype(dtype, "dtype", "from_pretrained")
     with contextlib.ExitStack() as stack:
-        if isinstance(source, (str, os.PathLike)):
+        if isinstance(source, gguf_io.GGUFCheckpoint) or gguf_io.is_gguf_file(source):
+            checkpoint = source if isinstance(source, gguf_io.GGUFCheckpoint) else gguf_io.GGUFCheckpoint(source)
+            config, tensors = checkpoint.config, checkpoint  # dequantized to fp32 one tensor at a time
+            spec = spec_from_hf_config(config)
+        elif isinstance(source, (str, os.PathLike)):
             folder = Path(source)
             if not folder.is_dir():
                 raise FileNotFoundError(
@@ -395,15 +405,51 @@ def save_pretrained(
     """
     from safetensors.numpy import save_file
 
+    from jaxsft.atomic_folder import write_folder
+
+    if not isinstance(model, (CausalLM, Seq2SeqLM)):
+        raise TypeError(
+            f"save_pretrained: model must be a jaxsft CausalLM or Seq2SeqLM, got {type(model).__name__}; a torch model "
+            "saves itself (model.save_pretrained(dir)), or convert it first with jaxsft.from_pretrained(model)."
+        )
     if model.hf_config_json is None:
         raise ValueError("save_pretrained: this model has no Hugging Face config (build it with from_pretrained).")
+    out_dtype = np.dtype(float_dtype(dtype, "dtype", "save_pretrained") if dtype is not None else model.param_dtype)
+    limit = parse_size(max_shard_size)
     directory = Path(directory)
     tensors = hf_state_dict(model)
-    out_dtype = np.dtype(jnp.dtype(dtype or model.param_dtype))
     tensors = {k: np.ascontiguousarray(v.astype(out_dtype)) for k, v in tensors.items()}
     if jax.process_index() != 0:
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
+
+    write_folder(
+        directory, lambda tmp: _write_folder(model, tensors, out_dtype, tmp, limit, save_file, tokenizer),
+        what="save_pretrained", replaces=is_weights_file,
+    )
+    return directory
+
+
+def is_weights_file(name: str) -> bool:
+    """Whether a file name is one of a HF folder's weight files (an old model's never survive beside new ones)."""
+    return name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
+
+
+def float_dtype(value: Any, argument: str, where: str) -> np.dtype:
+    """``value`` as one of the floating dtypes weights are held and written in, or ValueError naming ``argument``."""
+    try:
+        out = jnp.dtype(value)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or out not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(
+            f"{where}: {argument}={value!r} is not a weight dtype; pass one of 'float32', 'bfloat16', 'float16' "
+            "(or jnp.float32 / jnp.bfloat16 / jnp.float16), or None for the default."
+        )
+    return out
+
+
+def _write_folder(model, tensors, out_dtype, directory: Path, limit: int, save_file, tokenizer) -> None:
+    """Everything save_pretrained writes, into ``directory`` (a fresh temporary folder)."""
     config = model.config
     dtype_name = {np.dtype(np.float32): "float32", np.dtype(jnp.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}
     name = dtype_name.get(out_dtype, "float32")
@@ -413,10 +459,9 @@ def save_pretrained(
         config.torch_dtype = name
     config.save_pretrained(str(directory))
     _save_generation_config(config, directory)
-    _write_shards(tensors, directory, parse_size(max_shard_size), save_file)
+    _write_shards(tensors, directory, limit, save_file)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
-    return directory
 
 
 def _save_generation_config(config: Any, directory: Path) -> None:

@@ -153,11 +153,13 @@ def attention_kernel(implementation: str, *, softcap: Optional[float], windows_v
     return implementation
 
 
-def resolve_attention_implementation(requested: str, dtype) -> str:
-    """cuDNN flash attention on GPU for 16-bit compute; XLA everywhere else (CPU, TPU, fp32)."""
+def resolve_attention_implementation(requested: str, dtype, backend: Optional[str] = None) -> str:
+    """cuDNN flash attention on GPU for 16-bit compute; XLA everywhere else (CPU, TPU, fp32).
+
+    ``backend``: the platform to decide for (default: JAX's default backend)."""
     if requested in ("xla", "cudnn"):
         return requested
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = (backend or jax.default_backend()) == "gpu"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if (on_gpu and half) else "xla"
 

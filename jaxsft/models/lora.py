@@ -62,9 +62,11 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoraConfig.r={self.r!r} must be a positive integer (the adapter rank), e.g. r=8.")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:
-            raise ValueError(f"LoraConfig.lora_alpha={self.lora_alpha!r} must be a positive number, e.g. 16.")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+        if (not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool)
+                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):  # NaN alpha trains every weight to NaN
+            raise ValueError(f"LoraConfig.lora_alpha={self.lora_alpha!r} must be a finite positive number, e.g. 16.")
+        if (not isinstance(self.lora_dropout, (int, float)) or isinstance(self.lora_dropout, bool)
+                or not 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"LoraConfig.lora_dropout={self.lora_dropout!r} must be in [0, 1).")
         targets = self.target_modules
         if isinstance(targets, str):
