@@ -37,10 +37,10 @@ SHAPES = {
     "smol": ("llama", 576, 1536, 30, 9, 3, 49152),
     "qwen05": ("qwen2", 896, 4864, 24, 14, 2, 151936),
     "qwen15": ("qwen2", 1536, 8960, 28, 12, 2, 151936),
-    # Gemma-2-2B's shape (head_dim 256, not hidden // heads; TRL runs it eager: transformers has no sdpa for it)
-    "gemma2_2b": ("gemma2", 2304, 9216, 26, 8, 4, 256000),
+    "gemma2_tiny": ("gemma2", 64, 128, 2, 4, 2, 1024),
+    "gemma2_2b": ("gemma2", 2304, 9216, 26, 8, 4, 256000),  # Gemma-2-2B's shape (head_dim 256, soft caps, windows)
 }
-HEAD_DIM = {"gemma2_2b": 256}
+HEAD_DIM = {"gemma2_tiny": 16, "gemma2_2b": 256}  # where it is not hidden // heads
 CALLS = {"fixed": (2, 5), "ragged": (6, 5)}  # (warm-up, timed) step() calls: ragged warms up longer (more shapes)
 EXAMPLES, MICRO_BATCH, SEQ, MAX_LEN = 64, 8, 512, 1024
 
@@ -66,11 +66,13 @@ def hf_config(shape: str):
     import transformers as tf
 
     model_type, hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
-    if model_type == "gemma2":  # Gemma 2's defaults otherwise (soft caps 50 / 30, window 4096, GeGLU)
+    if model_type == "gemma2":  # Gemma 2's own rules at their defaults: soft caps 50 / 30, window 4096 on every other layer
+        head_dim = HEAD_DIM[shape]
         return tf.Gemma2Config(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=kv, head_dim=HEAD_DIM[shape], use_cache=False,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+            max_position_embeddings=8192, tie_word_embeddings=True, use_cache=False, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2,
         )
     cls = tf.Qwen2Config if model_type == "qwen2" else tf.LlamaConfig
     return cls(
@@ -138,7 +140,7 @@ def _torch_model(shape: str, device: str):
     torch.manual_seed(0)
     cfg = hf_config(shape)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager" if cfg.model_type == "gemma2" else "sdpa")
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     return model
 
 
