@@ -345,6 +345,15 @@ class IterativeSFTTrainer:
             "construction. Build a new trainer for another model."
         )
 
+    def generate(self, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> torch.Tensor:
+        """``model.generate`` for TRL loops, on the trained JAX weights (no copy to torch): HF's common keywords
+        (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``num_return_sequences``,
+        ``eos_token_id``, ``pad_token_id``) in, HF's LongTensor (prompt + new tokens) out. See compat.generation."""
+        from compat.generation import generate
+
+        config = getattr(self._torch_model, "generation_config", None)
+        return generate(self.core, config, input_ids, attention_mask, **kwargs)
+
     @property
     def jax_model(self):
         """The jaxsft CausalLM with the current weights (no copy)."""

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsft import batching, buffers, compile_options, distributed, fingerprint
+from jaxsft import batching, buffers, compile_options, distributed, fast_path, fingerprint
 from jaxsft.argument_checks import check_built_optimizer, check_trainer_arguments
 from jaxsft import checkpoint as checkpointing
 from jaxsft import metrics as metrics_sinks
@@ -152,7 +152,7 @@ class IterativeSFTTrainer:
                     "(any number of local devices) or use a decoder-only model for multi-host training."
                 )
             self.dropout_enabled = bool(config.dropout) and _declares_dropout(model.spec)
-            if self.is_encoder_decoder and config.packing:
+            if self.is_encoder_decoder and config.packing is True:
                 raise ValueError(
                     "TrainConfig.packing=True is not supported for encoder-decoder models (T5, BART); pass packing=False."
                 )
@@ -189,12 +189,21 @@ class IterativeSFTTrainer:
         # the caller's model keeps its own options).
         self.run_options = config.run_options(RunOptions.of(model), num_layers=model.spec.num_layers)
         self.scan_layers = self.run_options.scan_layers
+        decoder_only = not self.is_encoder_decoder  # only a decoder spec has sliding_window / attention_dropout
+        window = self.spec.sliding_window if decoder_only else None
+        attention_dropout = self.spec.attention_dropout if decoder_only and self.dropout_enabled else 0.0
+        # TrainConfig.packing resolved for this backend (None: packed where cuDNN's ragged kernel applies).
+        self.packing = fast_path.resolve_packing(
+            config.packing, attention_implementation=self.run_options.attention_implementation,
+            dtype=self.run_options.dtype, sliding_window=window, attention_dropout=attention_dropout,
+            encoder_decoder=self.is_encoder_decoder,
+        )
         # Packed rows may outgrow the longest example's bucket only where attention costs per segment
         # (cuDNN's ragged kernel); masked XLA attention (CPU, TPU) costs and stores rows x length^2.
-        self._ragged_attention = bool(config.packing) and not self.is_encoder_decoder and layers_lib.ragged_kernel_applies(
+        self._ragged_attention = self.packing and decoder_only and layers_lib.ragged_kernel_applies(
             layers_lib.resolve_attention_implementation(self.run_options.attention_implementation, self.run_options.dtype),
-            self.spec.sliding_window,
-            self.spec.attention_dropout if self.dropout_enabled else 0.0,
+            window,
+            attention_dropout,
         )
         view = with_options(model, self.run_options)
         if lora_lib.lora_setup(model) is None:
@@ -218,7 +227,10 @@ class IterativeSFTTrainer:
         with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):
             # Moments take their parameter's sharding (zeros_like under jit would replicate them).
             opt_shardings = shd.optimizer_state_shardings(jax.eval_shape(self._tx.init, self._params), self._params, self.mesh)
-            self._opt_state = jax.jit(self._tx.init, out_shardings=opt_shardings)(self._params)
+            # Kept: reset() rebuilds the initial optimizer state with this same compiled program.
+            self._init_opt_state = jax.jit(self._tx.init, out_shardings=opt_shardings)
+            self._opt_state = self._init_opt_state(self._params)
+        self._initial_params: Optional[HostSnapshot] = None  # taken before the first donation (reset())
         self._rng = np.random.default_rng(config.seed)
         # Multi-process: the same initial weights, optimizer and schedule everywhere, or no training at all.
         distributed.agree("IterativeSFTTrainer() (initial state)", None, fingerprint.of_state(
@@ -318,10 +330,10 @@ class IterativeSFTTrainer:
         distributed.agree("step()", error, self._fingerprint(), self.config.agreement_timeout_s)
         started = time.perf_counter()
         microbatches = self._plan(
-            examples, self.rows // jax.process_count(), shuffle=True, pack=self.config.packing
+            examples, self.rows // jax.process_count(), shuffle=True, pack=self.packing
         ) if examples else []  # multi-process: this process has nothing this call (filler micro-batches below)
         microbatches = distributed.agree_on_microbatches(
-            microbatches, self.rows // jax.process_count(), packed=self.config.packing
+            microbatches, self.rows // jax.process_count(), packed=self.packing
         )
         if not microbatches:
             # A filter that kept nothing is a normal round, not an error: every process warns and trains nothing.
@@ -631,6 +643,7 @@ class IterativeSFTTrainer:
         placed = jax.device_put(arrays, shardings, may_alias=False if copy else None)
         rng = np.random.default_rng()
         rng.bit_generator.state = state["rng"]
+        self._keep_initial_params()
         # Nothing above changed the trainer; from here on it is assignment only.
         params = jax.tree.map(lambda x: x, self._params)
         nnx.replace_by_pure_dict(params, placed["params"])
@@ -641,6 +654,39 @@ class IterativeSFTTrainer:
             setattr(self.state, name, host["counters"][name])
         self._params_version += 1
         nnx.update(self._user_model, self._params)
+
+    def reset(self) -> None:
+        """Back to the state the trainer was built with, keeping every compiled program.
+
+        The weights it started from (the trained ones; a LoRA model's frozen base never changed),
+        a fresh optimizer state, the schedule at step 0, ``global_step`` 0, the shuffling and dropout
+        RNG re-seeded from ``TrainConfig.seed``, counters zeroed and ``log_history`` emptied (in place).
+        ``generate()``'s call count is kept, so a loop that generates, resets and trains (ReST-EM:
+        every round samples from the latest model, then fine-tunes from the base on all data kept so
+        far) draws fresh samples each round. The same shapes run the same programs afterwards: nothing
+        recompiles. The starting weights live on the host (numpy, one copy of this process's shards),
+        copied once just before the first update or ``load_state_dict`` would replace them; a
+        trainer that never trained pays nothing. Call it on every process.
+        """
+        if self._initial_params is not None:
+            params = self._initial_params.restore()
+            with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):  # as at construction: a cache hit
+                opt_state = self._init_opt_state(params)
+            self._params, self._opt_state = params, opt_state
+            self._params_version += 1
+            nnx.update(self._user_model, self._params)
+        self._rng = np.random.default_rng(self.config.seed)
+        fresh = TrainerState()
+        self.state.global_step = 0
+        self.state.log_history.clear()  # in place: whoever holds the list (the facade) sees it
+        for name in COUNTER_FIELDS:
+            if name != "generate_calls":
+                setattr(self.state, name, getattr(fresh, name))
+
+    def _keep_initial_params(self) -> None:
+        """Copy the starting weights to the host once, before anything replaces or donates them."""
+        if self._initial_params is None:
+            self._initial_params = HostSnapshot.of(self._params)
 
     def save_pretrained(self, directory: str, **kwargs: Any):
         from jaxsft.models.hf_io import save_pretrained
@@ -870,6 +916,7 @@ class IterativeSFTTrainer:
 
     def _run_update(self, update, lowerings) -> dict[str, jax.Array]:
         """Run one update's programs (``lowerings``: its :meth:`_update_lowerings`; any still missing compile here)."""
+        self._keep_initial_params()
         programs = [self._cached(key, lambda lower=lower: self._built(lower())) for key, lower in lowerings]
         if len(programs) == 1:  # one micro-batch, no accumulation: gradients and the optimizer step in one program
             batch = self._device_batch(update[0])
@@ -992,6 +1039,42 @@ class IterativeSFTTrainer:
         tokens_per_device = self.config.per_device_train_batch_size * self.max_length
         fitting = max(256, self.config.loss_chunk_bytes // (4 * self.spec.vocab_size))
         return min(tokens_per_device, 1 << int(math.log2(fitting)))
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSnapshot:
+    """A pytree of sharded arrays copied to this process's host memory, and back onto the same devices.
+
+    Only this process's shards are kept (one copy per distinct shard, so replicated arrays are held
+    once): it works on several processes, where no process can read a whole FSDP-sharded array.
+    """
+
+    treedef: Any
+    leaves: tuple  # per leaf: (shape, dtype, sharding, {shard index: numpy}, [(device, shard index)])
+
+    @classmethod
+    def of(cls, tree: Any) -> "HostSnapshot":
+        flat, treedef = jax.tree.flatten(tree)
+        leaves = []
+        for array in flat:
+            data: dict[str, np.ndarray] = {}
+            placement = []
+            for shard in array.addressable_shards:
+                key = repr(shard.index)
+                if key not in data:
+                    data[key] = np.array(shard.data)
+                placement.append((shard.device, key))
+            leaves.append((array.shape, array.dtype, array.sharding, data, placement))
+        return cls(treedef, tuple(leaves))
+
+    def restore(self) -> Any:
+        arrays = [
+            jax.make_array_from_single_device_arrays(
+                shape, sharding, [jax.device_put(data[key], device) for device, key in placement]
+            )
+            for shape, _dtype, sharding, data, placement in self.leaves
+        ]
+        return jax.tree.unflatten(self.treedef, arrays)
 
 
 def _finite_update(metrics: dict[str, Any]) -> bool:

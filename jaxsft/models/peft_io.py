@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Union
 import jax
 import numpy as np
 
-from jaxsft.models.weights import expand
+from jaxsft.models import hf_io
+from jaxsft.models.families import lora_sites, spec_from_hf_config
+from jaxsft.models.weights import ArraySource, expand
 from jaxsft.models import lora as lora_lib
 from jaxsft.models.lora import LoraConfig, LoraSetup, b_name
 
@@ -151,7 +153,7 @@ def config_from_peft(data: Mapping[str, Any], spec: Any, where: str = "adapter c
         )
     targets = data.get("target_modules")
     if isinstance(targets, str) and targets != "all-linear":
-        valid = sorted({site.target for site in lora_lib.family_sites(spec)})
+        valid = sorted({site.target for site in lora_sites(spec)})
         raise AdapterError(
             f"adapter target_modules={targets!r} is a regular expression; jaxsft takes a list of module names "
             f"(some of {valid}) or 'all-linear'."
@@ -259,6 +261,28 @@ def attach_peft(
     setup = LoraSetup(ours, ours.resolve(model.spec))
     arrays = import_adapters(model, setup, {k: np.asarray(v) for k, v in tensors.items()})
     return lora_lib.attach(model, setup, arrays)
+
+
+# ---------------------------------------------------------------------------------- loading base + adapter
+def from_pretrained(source: Any, *, adapter: Union[str, os.PathLike, None] = None, **load_options: Any) -> "CausalLM":
+    """Load a base model and attach a LoRA adapter: ``source`` a ``peft.PeftModel`` (base and its one
+    adapter, both converted), or any :func:`jaxsft.models.hf_io.from_pretrained` source with
+    ``adapter`` a PEFT LoRA folder (to continue training it). ``load_options`` go to the base's load;
+    adapters are always fp32.
+    """
+    if is_peft_model(source):
+        if adapter is not None:
+            raise ValueError("from_pretrained: source is a PeftModel, which has its adapter; leave adapter=None.")
+        config, tensors, peft_config, adapter_tensors = split_peft_model(source)
+        model = hf_io.load(spec_from_hf_config(config), config, ArraySource(tensors), **load_options)
+        return attach_peft(model, peft_config, adapter_tensors)
+    if adapter is None:
+        return hf_io.from_pretrained(source, **load_options)
+    if not (Path(adapter) / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"from_pretrained: adapter={str(adapter)!r} has no {CONFIG_FILE}; pass a PEFT LoRA adapter folder."
+        )
+    return load_adapter(hf_io.from_pretrained(source, **load_options), adapter)
 
 
 # ---------------------------------------------------------------------------------- PeftModel instances
