@@ -524,7 +524,13 @@ class IterativeSFTTrainer:
         """
         if dataset is None:
             raise ValueError("predict(): dataset is None; pass a step()-style dict, a list of strings or of token arrays.")
-        return self._predict_examples(self._eval_inputs(dataset))
+        error: Optional[Exception] = None
+        try:
+            examples = self._eval_inputs(dataset)
+        except Exception as err:  # any type: shared, so every process raises (none waits in a collective)
+            error, examples = err, []
+        distributed.agree("predict()", error, self._fingerprint(), self.config.agreement_timeout_s)
+        return self._predict_examples(examples)
 
     def _eval_microbatches(self, examples: Sequence[Any]) -> list[Any]:
         rows = self.eval_rows // jax.process_count()

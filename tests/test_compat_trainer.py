@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -510,6 +511,28 @@ def test_save_model_writes_a_folder_transformers_loads(shared, tmp_path):
     assert len(AutoTokenizer.from_pretrained(tmp_path / "saved")) == 300
     assert (tmp_path / "saved" / "training_args.bin").is_file()
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_save_model_failing_at_its_last_file_leaves_the_previous_save(shared, tmp_path, monkeypatch):
+    """save_model is written whole beside the folder and swapped in: a failure at its last file (here
+    training_args.bin) leaves the previous save byte for byte, raised as OSError naming the folder (issue 26)."""
+    import hashlib
+
+    trainer, _ = shared
+    target = tmp_path / "saved"
+    trainer.save_model(str(target))
+    digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in target.iterdir()}  # noqa: E731
+    before = digest()
+    trainer.step(input_ids=[[5, 6, 7, 8]])  # new weights to save
+
+    def full_disk(obj, path, *args, **kwargs):
+        raise RuntimeError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=rf"save_model: writing {re.escape(str(target))} failed") as err:
+        trainer.save_model(str(target))
+    assert err.value.errno == 28
+    assert digest() == before and sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
 
 
 def test_create_model_card(shared):
