@@ -203,3 +203,16 @@ def test_gemm_settings_change_no_result():
     (got, got_norm), (want, want_norm) = _train(default, ids), _train(xla, ids)
     np.testing.assert_allclose(got, want, rtol=LOSS_RTOL)
     np.testing.assert_allclose(got_norm, want_norm, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_add_rms_norm_kernel_equals_its_xla_form_compiled(dtype):
+    """The Pallas Triton kernel compiled for this GPU, at Qwen2.5-0.5B's width (896 of 1024 lanes masked in)."""
+    from jaxsft.kernels import add_rms_norm as fused
+
+    from test_kernels import BF16_ULPS, _inputs, assert_close_to, outputs_and_grads
+
+    assert fused.kernel_applies(896)
+    args = _inputs((4, 250, 896), jnp.dtype(dtype))
+    tolerance = 1e-5 if dtype == "float32" else BF16_ULPS
+    assert_close_to(outputs_and_grads("pallas", *args), outputs_and_grads("xla", *args), tolerance)
