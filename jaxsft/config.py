@@ -120,6 +120,7 @@ class Optimization:
         if not all(isinstance(k, str) for k in self.lr_scheduler_kwargs):
             raise _bad(self, "lr_scheduler_kwargs", "must be a dict with str keys",
                        "pass e.g. lr_scheduler_kwargs={'num_cycles': 0.5}")
+        _check_scheduler_kwargs(self.lr_scheduler_kwargs)
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
             raise _bad(self, "learning_rate", "must be a finite number >= 0", "pass e.g. learning_rate=1e-5")
         if not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool):
@@ -333,6 +334,16 @@ class TrainConfig:
         if self.logging_dir is not None and not isinstance(self.logging_dir, (str, os.PathLike)):
             raise _bad(self, "logging_dir", "must be None or a folder path", "pass e.g. logging_dir='runs/exp1'")
 
+    def validate(self) -> None:
+        """Re-run every check (the trainer calls it when it takes the config: a dict field such as
+        ``lr_scheduler_kwargs`` can be changed in place, which no assignment check sees)."""
+        for group, cls in GROUPS.items():
+            value = getattr(self, group)
+            if not isinstance(value, cls):
+                raise TypeError(f"TrainConfig.{group} must be a jaxsft.config.{cls.__name__}, got {type(value).__name__}.")
+            _revalidate(value)
+        _revalidate(self)
+
     # ------------------------------------------------------------------ derived values
     @property
     def clipping_enabled(self) -> bool:
@@ -381,6 +392,16 @@ class TrainConfig:
         )
 
 
+def _check_scheduler_kwargs(kwargs: dict[str, Any]) -> None:
+    """Every scheduler argument a finite number (``num_cycles=nan`` would silently make the rate 0)."""
+    for key, value in kwargs.items():
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(
+                f"TrainConfig.lr_scheduler_kwargs[{key!r}]={value!r}: must be a finite number (a NaN or inf here "
+                f"silently breaks the learning-rate schedule); pass e.g. lr_scheduler_kwargs={{'num_cycles': 0.5}}."
+            )
+
+
 def _report_to(value: Any) -> tuple[str, ...]:
     """None / "none" / a sink name / a sequence of names -> a tuple of sink names, or ValueError naming the field."""
     if value is None:
@@ -415,6 +436,60 @@ for _name in _OWNER:
         raise TypeError(f"TrainConfig: field {_name!r} is defined twice")  # names must stay unique
     setattr(TrainConfig, _name, _route(_name))
 del _name
+
+
+# ------------------------------------------------------------------------------------------ checked assignment
+# A config is checked at construction and at every later assignment (``config.weight_decay = nan`` is
+# refused and the old value kept), so it cannot be put into a state its constructor would refuse.
+_READY = "_jaxsft_checked"
+
+
+def _revalidate(obj: Any) -> None:
+    """Run ``obj``'s construction checks again (they may normalise values: plain setattr meanwhile)."""
+    ready = obj.__dict__.get(_READY, False)
+    object.__setattr__(obj, _READY, False)
+    try:
+        if isinstance(obj, TrainConfig):
+            obj._validate()
+        else:
+            obj.__post_init__()
+    finally:
+        object.__setattr__(obj, _READY, ready)
+
+
+def _checked_setattr(self: Any, name: str, value: Any) -> None:
+    if not self.__dict__.get(_READY, False) or isinstance(getattr(type(self), name, None), property):
+        object.__setattr__(self, name, value)  # during construction, or a flat route (its group checks)
+        return
+    if name in GROUPS and isinstance(self, TrainConfig) and not isinstance(value, GROUPS[name]):
+        raise TypeError(f"TrainConfig.{name} must be a jaxsft.config.{GROUPS[name].__name__}, got {type(value).__name__}.")
+    missing = object()
+    old = self.__dict__.get(name, missing)
+    object.__setattr__(self, name, value)
+    try:
+        _revalidate(self)
+    except BaseException:
+        if old is missing:
+            object.__delattr__(self, name)
+        else:
+            object.__setattr__(self, name, old)
+        raise
+
+
+def _checked_init(init: Any) -> Any:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        object.__setattr__(self, _READY, False)
+        init(self, *args, **kwargs)
+        object.__setattr__(self, _READY, True)
+
+    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init
+    return __init__
+
+
+for _cls in (Optimization, PrecisionAndMemory, Performance, TrainConfig):
+    _cls.__init__ = _checked_init(_cls.__init__)
+    _cls.__setattr__ = _checked_setattr
+del _cls
 
 
 # ------------------------------------------------------------------------------------------ field types

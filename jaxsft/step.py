@@ -41,21 +41,23 @@ def make_loss_fn(
                 batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
                 dropout_key=batch.get("dropout_rng"),
             )
-            hidden, unembedding = model.lm_head_operands(hidden)
+            head = model.lm_head_operands(hidden)
             return causal_lm_loss(
-                hidden, unembedding, batch["labels"], chunk_size=chunk_size, compute_dtype=model.dtype,
-                num_shards=num_shards, shift=False,
+                head.hidden, head.weight, batch["labels"], chunk_size=chunk_size, compute_dtype=model.dtype,
+                num_shards=num_shards, shift=False, softcap=head.softcap,
             )
         # Micro-batches are right-padded, so causal attention alone isolates padding; packed
         # ones carry segment ids (attention stays within an example) and per-example positions.
         hidden = model.hidden_states(
             batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-            segment_lengths=batch.get("segment_lengths"), dropout_rng=batch.get("dropout_rng"),
+            segment_lengths=batch.get("segment_lengths"), dropout_key=batch.get("dropout_rng"),
         )
+        head = model.lm_head_operands(hidden)
         return causal_lm_loss(
-            hidden,
-            model.unembedding(),
+            head.hidden,
+            head.weight,
             batch["labels"],
+            softcap=head.softcap,
             chunk_size=chunk_size,
             compute_dtype=model.dtype,
             num_shards=num_shards,

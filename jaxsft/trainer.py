@@ -23,7 +23,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsft import batching, compile_options, distributed, fast_path
+from jaxsft import batching, buffers, compile_options, distributed, fast_path, fingerprint
+from jaxsft.argument_checks import check_built_optimizer, check_trainer_arguments
 from jaxsft import checkpoint as checkpointing
 from jaxsft import metrics as metrics_sinks
 from jaxsft import sharding as shd
@@ -110,6 +111,8 @@ class IterativeSFTTrainer:
                 config = TrainConfig()
             if not isinstance(config, TrainConfig):
                 raise TypeError(f"config must be a jaxsft.TrainConfig, got {type(config).__name__}.")
+            config.validate()  # a dict field changed in place since construction is seen here
+            check_trainer_arguments(tokenizer, compute_metrics, preprocess_logits_for_metrics)
             metrics_sinks.check_installed(config.report_to)  # a missing sink library fails before any state
             if optimizer is not None and not (isinstance(optimizer, optax.GradientTransformation) or callable(optimizer)):
                 raise TypeError(
@@ -176,10 +179,11 @@ class IterativeSFTTrainer:
             shd.check_batch_split_over_processes(self.mesh)
             # Checked now, so that evaluation inside step() (eval_steps) cannot fail after an update.
             self._eval_examples = None if eval_dataset is None else self._eval_inputs(eval_dataset)
-        except (TypeError, ValueError, ImportError) as err:  # ImportError: a report_to sink's library is missing
+        except Exception as err:  # any type: every process must learn it before the first collective
             error = err
         timeout = config.agreement_timeout_s if isinstance(config, TrainConfig) else TrainConfig().agreement_timeout_s
-        distributed.agree("IterativeSFTTrainer()", error, {} if error else self._fingerprint(), timeout)
+        agreed = {} if error else {**self._fingerprint(), **fingerprint.of_training(config, model.spec, RunOptions.of(model))}
+        distributed.agree("IterativeSFTTrainer()", error, agreed, timeout)
 
         # The training view: the model's arrays under the config's compute options (a derived module;
         # the caller's model keeps its own options).
@@ -207,7 +211,7 @@ class IterativeSFTTrainer:
             frozen: tuple = ()
         else:  # LoRA: only the adapters train; the base weights are frozen program inputs, never donated
             self._graphdef, params, *frozen = nnx.split(view, lora_lib.LoraParam, ...)
-        self._params = shd.place_state(params, self.mesh, self.sharding_rules)
+        self._params = buffers.exclusive(shd.place_state(params, self.mesh, self.sharding_rules), self)
         self._frozen = tuple(shd.place_state(f, self.mesh, self.sharding_rules) for f in frozen)
 
         if optimizer is None:
@@ -216,15 +220,21 @@ class IterativeSFTTrainer:
         else:
             if not isinstance(optimizer, optax.GradientTransformation):  # a factory: built at the config's schedule
                 schedule = make_schedule(config) if schedule is None else schedule
-                optimizer = optimizer(schedule)
+                optimizer = check_built_optimizer(optimizer(schedule))
             optimizer = with_clipping(optimizer, config)
         self._learning_rate_fn = host_learning_rate_fn(schedule)
         self._tx = optimizer
         with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):
             # Moments take their parameter's sharding (zeros_like under jit would replicate them).
             opt_shardings = shd.optimizer_state_shardings(jax.eval_shape(self._tx.init, self._params), self._params, self.mesh)
-            self._opt_state = jax.jit(self._tx.init, out_shardings=opt_shardings)(self._params)
+            # Kept: reset() rebuilds the initial optimizer state with this same compiled program.
+            self._init_opt_state = jax.jit(self._tx.init, out_shardings=opt_shardings)
+            self._opt_state = self._init_opt_state(self._params)
+        self._initial_params: Optional[HostSnapshot] = None  # taken before the first donation (reset())
         self._rng = np.random.default_rng(config.seed)
+        # Multi-process: the same initial weights, optimizer and schedule everywhere, or no training at all.
+        distributed.agree("IterativeSFTTrainer() (initial state)", None, fingerprint.of_state(
+            self._params, self._opt_state, self.learning_rate_at), timeout)
         self._shards = shd.batch_rows_multiple(self.mesh)
         self._chunk_size = self._loss_chunk_size()
         self._programs: dict[tuple, Any] = {}
@@ -240,7 +250,9 @@ class IterativeSFTTrainer:
 
         Re-read it after each ``step()``: the previous arrays are donated to the update.
         """
-        return nnx.merge(self._graphdef, self._params, *self._frozen)
+        # Fresh containers over the same arrays: a model built on this view (a second trainer) that is
+        # updated in place must not write into this trainer's state.
+        return nnx.merge(self._graphdef, *jax.tree.map(lambda x: x, (self._params, *self._frozen)))
 
     @property
     def params(self) -> nnx.State:
@@ -312,7 +324,7 @@ class IterativeSFTTrainer:
         error: Optional[Exception] = None
         try:
             examples = self._examples(input_ids, attention_mask, labels, texts, texts_labels)
-        except (TypeError, ValueError) as err:
+        except Exception as err:  # any type (an input whose len() raises): shared, so every process raises
             error = err
         # Multi-process: every process learns every process's verdict before any collective runs.
         distributed.agree("step()", error, self._fingerprint(), self.config.agreement_timeout_s)
@@ -474,7 +486,7 @@ class IterativeSFTTrainer:
                 examples = self._eval_examples  # checked at construction
             else:
                 examples = self._eval_inputs(dataset)
-        except (TypeError, ValueError) as err:
+        except Exception as err:  # any type: shared, so every process raises
             error = err
         distributed.agree("evaluate()", error, self._fingerprint(), self.config.agreement_timeout_s)
         started = time.perf_counter()
@@ -631,6 +643,7 @@ class IterativeSFTTrainer:
         placed = jax.device_put(arrays, shardings, may_alias=False if copy else None)
         rng = np.random.default_rng()
         rng.bit_generator.state = state["rng"]
+        self._keep_initial_params()
         # Nothing above changed the trainer; from here on it is assignment only.
         params = jax.tree.map(lambda x: x, self._params)
         nnx.replace_by_pure_dict(params, placed["params"])
@@ -641,6 +654,39 @@ class IterativeSFTTrainer:
             setattr(self.state, name, host["counters"][name])
         self._params_version += 1
         nnx.update(self._user_model, self._params)
+
+    def reset(self) -> None:
+        """Back to the state the trainer was built with, keeping every compiled program.
+
+        The weights it started from (the trained ones; a LoRA model's frozen base never changed),
+        a fresh optimizer state, the schedule at step 0, ``global_step`` 0, the shuffling and dropout
+        RNG re-seeded from ``TrainConfig.seed``, counters zeroed and ``log_history`` emptied (in place).
+        ``generate()``'s call count is kept, so a loop that generates, resets and trains (ReST-EM:
+        every round samples from the latest model, then fine-tunes from the base on all data kept so
+        far) draws fresh samples each round. The same shapes run the same programs afterwards: nothing
+        recompiles. The starting weights live on the host (numpy, one copy of this process's shards),
+        copied once just before the first update or ``load_state_dict`` would replace them; a
+        trainer that never trained pays nothing. Call it on every process.
+        """
+        if self._initial_params is not None:
+            params = self._initial_params.restore()
+            with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):  # as at construction: a cache hit
+                opt_state = self._init_opt_state(params)
+            self._params, self._opt_state = params, opt_state
+            self._params_version += 1
+            nnx.update(self._user_model, self._params)
+        self._rng = np.random.default_rng(self.config.seed)
+        fresh = TrainerState()
+        self.state.global_step = 0
+        self.state.log_history.clear()  # in place: whoever holds the list (the facade) sees it
+        for name in COUNTER_FIELDS:
+            if name != "generate_calls":
+                setattr(self.state, name, getattr(fresh, name))
+
+    def _keep_initial_params(self) -> None:
+        """Copy the starting weights to the host once, before anything replaces or donates them."""
+        if self._initial_params is None:
+            self._initial_params = HostSnapshot.of(self._params)
 
     def save_pretrained(self, directory: str, **kwargs: Any):
         from jaxsft.models.hf_io import save_pretrained
@@ -709,9 +755,9 @@ class IterativeSFTTrainer:
     def _seq2seq_examples(self, input_ids, attention_mask, labels, texts, texts_labels):
         """Encoder-decoder inputs: texts (or input_ids) feed the encoder, texts_labels (or labels) the decoder."""
         if labels is None and texts_labels is None:
-            raise ValueError(  # TRL's message, raised as TRL does before anything changes
-                "No 'labels' or 'text_labels' are provided. When using an encoder-decoder architecture, "
-                "'labels' or 'text_labels' must be passed."
+            raise ValueError(  # TRL's message (compat raises it verbatim), naming this method's own argument
+                "No 'labels' or 'texts_labels' are provided. When using an encoder-decoder architecture, "
+                "'labels' or 'texts_labels' must be passed: labels=... with input_ids, texts_labels=... with texts."
             )
         kwargs = dict(max_length=self.max_length, truncation_mode=self.config.truncation_mode)
         if texts is not None:
@@ -870,6 +916,7 @@ class IterativeSFTTrainer:
 
     def _run_update(self, update, lowerings) -> dict[str, jax.Array]:
         """Run one update's programs (``lowerings``: its :meth:`_update_lowerings`; any still missing compile here)."""
+        self._keep_initial_params()
         programs = [self._cached(key, lambda lower=lower: self._built(lower())) for key, lower in lowerings]
         if len(programs) == 1:  # one micro-batch, no accumulation: gradients and the optimizer step in one program
             batch = self._device_batch(update[0])
@@ -992,6 +1039,42 @@ class IterativeSFTTrainer:
         tokens_per_device = self.config.per_device_train_batch_size * self.max_length
         fitting = max(256, self.config.loss_chunk_bytes // (4 * self.spec.vocab_size))
         return min(tokens_per_device, 1 << int(math.log2(fitting)))
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSnapshot:
+    """A pytree of sharded arrays copied to this process's host memory, and back onto the same devices.
+
+    Only this process's shards are kept (one copy per distinct shard, so replicated arrays are held
+    once): it works on several processes, where no process can read a whole FSDP-sharded array.
+    """
+
+    treedef: Any
+    leaves: tuple  # per leaf: (shape, dtype, sharding, {shard index: numpy}, [(device, shard index)])
+
+    @classmethod
+    def of(cls, tree: Any) -> "HostSnapshot":
+        flat, treedef = jax.tree.flatten(tree)
+        leaves = []
+        for array in flat:
+            data: dict[str, np.ndarray] = {}
+            placement = []
+            for shard in array.addressable_shards:
+                key = repr(shard.index)
+                if key not in data:
+                    data[key] = np.array(shard.data)
+                placement.append((shard.device, key))
+            leaves.append((array.shape, array.dtype, array.sharding, data, placement))
+        return cls(treedef, tuple(leaves))
+
+    def restore(self) -> Any:
+        arrays = [
+            jax.make_array_from_single_device_arrays(
+                shape, sharding, [jax.device_put(data[key], device) for device, key in placement]
+            )
+            for shape, _dtype, sharding, data, placement in self.leaves
+        ]
+        return jax.tree.unflatten(self.treedef, arrays)
 
 
 def _finite_update(metrics: dict[str, Any]) -> bool:

@@ -504,3 +504,69 @@ def test_sharded_mesh_trains_like_one_device(llama, axes):
     wa, wb = weights(sharded), weights(single)
     for k in wb:
         np.testing.assert_allclose(wa[k], wb[k], rtol=0, atol=2e-5 * max(1.0, float(np.abs(wb[k]).max())))
+
+
+# ----------------------------------------------------------------------------- reset
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+def test_reset_returns_to_the_start_and_recompiles_nothing(llama, ga):
+    """reset(): the starting weights, a fresh optimizer state, step 0, the seeded RNG and an empty log, so the
+    same calls afterwards repeat the first run bit for bit; no program (jitted optimizer init included) compiles."""
+    rng = np.random.default_rng(21)
+    calls = [random_ids(rng, n) for n in (11, 6)]
+    trainer = make_trainer(llama, gradient_accumulation_steps=ga, per_device_train_batch_size=4)
+    start_weights, start_opt = weights(trainer), opt_state_leaves(trainer)
+    first = [trainer.step(input_ids=ids) for ids in calls]
+    first_weights, first_logs = weights(trainer), list(trainer.state.log_history)
+    assert trainer.state.global_step > 0 and first_logs
+    generated = trainer.state.generate_calls = 3  # as if generate() had run: kept, so later rounds sample afresh
+
+    compiles: list[str] = []
+
+    def on_event(name, *args, **kwargs):
+        if "compil" in name:
+            compiles.append(name)
+
+    jax.monitoring.register_event_listener(on_event)
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        programs = trainer.compiled_shapes
+        log = trainer.state.log_history
+        trainer.reset()
+        assert log is trainer.state.log_history and log == []  # emptied in place (the facade holds the list)
+        assert trainer.state.global_step == 0 and trainer.state.num_input_tokens_seen == 0
+        assert trainer.state.total_label_tokens == 0 and trainer.state.loss_since_log == []
+        assert trainer.state.generate_calls == generated
+        assert_same_weights(weights(trainer), start_weights)
+        assert all(np.array_equal(a, b) for a, b in zip(opt_state_leaves(trainer), start_opt))
+        assert trainer.current_learning_rate() == trainer.learning_rate_at(0)
+        again = [trainer.step(input_ids=ids) for ids in calls]
+    finally:
+        jax.monitoring.unregister_event_listener(on_event)
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert not compiles, compiles
+    assert trainer.compiled_shapes == programs
+    for a, b in zip(first, again):
+        assert a["update_losses"] == b["update_losses"]
+    assert_same_weights(weights(trainer), first_weights)
+    assert trainer.state.log_history == first_logs
+    trainer.reset()  # twice: the kept starting weights were not consumed by the first reset
+    assert_same_weights(weights(trainer), start_weights)
+
+
+def test_reset_before_training_and_after_load_state_dict(llama):
+    """A trainer that never trained resets its counters only; load_state_dict keeps the weights it replaced as the start."""
+    rng = np.random.default_rng(22)
+    ids = random_ids(rng, 8)
+    donor = make_trainer(llama)
+    donor.step(input_ids=ids)
+    trainer = make_trainer(llama)
+    start = weights(trainer)
+    trainer.reset()
+    assert_same_weights(weights(trainer), start)
+    trainer.load_state_dict(donor.state_dict())
+    assert trainer.state.global_step == 1
+    trainer.reset()
+    assert trainer.state.global_step == 0
+    assert_same_weights(weights(trainer), start)
