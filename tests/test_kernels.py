@@ -3,7 +3,8 @@
 Values and gradients of the fused residual add + RMSNorm: fp32 inputs within 1e-5 of the largest
 magnitude (both forms compute the same formulas; only summation order differs), bf16 inputs within 2 bf16
 ulps of the largest magnitude (XLA may keep an intermediate product in fp32 where the kernel rounds it,
-as the stream dtype says). The compiled kernel is checked on a GPU in tests/test_gpu_tier.py.
+as the stream dtype says). The kernels also lower for CUDA here (Pallas Triton lowering, no GPU needed); the
+compiled kernel is checked on a GPU in tests/test_gpu_tier.py.
 """
 
 from __future__ import annotations
@@ -65,3 +66,21 @@ def test_auto_takes_the_xla_form_off_gpu_and_bad_arguments_are_refused():
         fused.add_rms_norm(h, delta, scale, 1e-6, implementation="triton")
     with pytest.raises(ValueError, match="scale"):
         fused.add_rms_norm(h, delta, scale[:4], 1e-6)
+
+
+def test_kernels_lower_to_triton_for_a_gpu_on_any_host():
+    """Lowering for CUDA runs the Pallas Triton lowering (block shapes, masked loads, every op the kernels use)
+    without a GPU, so a kernel the GPU could not take fails here, in the CPU suite, not first on a GPU."""
+    rows, hidden = 6, 896  # 896 of 1024 lanes
+
+    def forward_and_backward(h, delta, scale, g_s, g_y):
+        def f(*args):
+            return fused.add_rms_norm(*args, 1e-6, implementation="pallas", interpret=False)
+
+        out, vjp = jax.vjp(f, h, delta, scale)
+        return out, vjp((g_s, g_y))
+
+    x = jax.ShapeDtypeStruct((rows, hidden), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((hidden,), jnp.float32)
+    lowered = jax.jit(forward_and_backward).trace(x, x, w, x, x).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("xla.gpu.triton") == 2  # the forward and the backward kernel

@@ -40,12 +40,15 @@ def kernel_applies(hidden_size: int, backend: Optional[str] = None) -> bool:
 
 
 def add_rms_norm(
-    h: jax.Array, delta: jax.Array, scale: jax.Array, eps: float, *, implementation: str = "auto"
+    h: jax.Array, delta: jax.Array, scale: jax.Array, eps: float, *, implementation: str = "auto",
+    interpret: Optional[bool] = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``(s, y)`` with ``s = h + delta`` (the new residual stream) and ``y = rms_norm(s) * scale``.
 
     ``implementation``: "auto" (the kernel on GPU, the XLA form elsewhere), "xla", or "pallas" (the
-    kernel; off a GPU it runs in Pallas interpret mode, for tests).
+    kernel). ``interpret``: run the kernel in Pallas interpret mode; None: off a GPU only (tests). False
+    off a GPU still lowers for a GPU (``.lower(lowering_platforms=("cuda",))``), which checks the kernel's
+    Triton lowering on any host.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: pick one of {IMPLEMENTATIONS}.")
@@ -57,7 +60,7 @@ def add_rms_norm(
     use_kernel = implementation == "pallas" or (implementation == "auto" and kernel_applies(h.shape[-1]))
     if not use_kernel:
         return reference(h, delta, scale, eps)
-    interpret = jax.default_backend() != "gpu"
+    interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
     shape = h.shape
     s, y = _fused(h.reshape(-1, shape[-1]), delta.reshape(-1, shape[-1]), scale, float(eps), interpret)
     return s.reshape(shape), y.reshape(shape)
