@@ -199,6 +199,13 @@ def test_default_packs_on_gpu_and_packed_updates_equal_unpacked():
     np.testing.assert_allclose(got_norm, want_norm, rtol=1e-2)
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_default_keeps_one_example_per_row_where_attention_is_masked_xla(family):
+    """A sliding window (Mistral) or Gemma 2's soft cap and per-layer windows leave cuDNN's ragged kernel,
+    so the default does not pack them, even on a GPU in bf16."""
+    assert _trainer(family).packing is False
+
+
 def test_gemm_settings_change_no_result():
     """jaxsft's GPU default (cuBLAS for every matmul from 768 wide) against XLA's own settings ({}: Triton
     GEMM fusions), on a model wide enough for the default to apply."""
