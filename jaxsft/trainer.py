@@ -31,7 +31,6 @@ from jaxsft import sharding as shd
 from jaxsft import step as step_fns
 from jaxsft.callbacks import EvalPrediction, TrainerCallback
 from jaxsft.config import TrainConfig
-from jaxsft.models import layers as layers_lib
 from jaxsft.models import lora as lora_lib
 from jaxsft.models.decoder import CausalLM
 from jaxsft.models.seq2seq import Seq2SeqLM
@@ -189,22 +188,18 @@ class IterativeSFTTrainer:
         # the caller's model keeps its own options).
         self.run_options = config.run_options(RunOptions.of(model), num_layers=model.spec.num_layers)
         self.scan_layers = self.run_options.scan_layers
-        decoder_only = not self.is_encoder_decoder  # only a decoder spec has sliding_window / attention_dropout
-        window = self.spec.sliding_window if decoder_only else None
-        attention_dropout = self.spec.attention_dropout if decoder_only and self.dropout_enabled else 0.0
-        # TrainConfig.packing resolved for this backend (None: packed where cuDNN's ragged kernel applies).
+        # TrainConfig.packing resolved for this backend and model (None: packed where cuDNN's ragged kernel
+        # applies). Packed rows may then also outgrow the longest example's bucket, since attention costs per
+        # example; masked XLA attention (CPU, TPU, Gemma's rules) costs and stores rows x length^2.
+        ragged = not self.is_encoder_decoder and fast_path.ragged_attention_applies(
+            attention_implementation=self.run_options.attention_implementation, dtype=self.run_options.dtype,
+            windows=self.spec.windows(), softcap=self.spec.attn_logit_softcap,
+            attention_dropout=self.spec.attention_dropout if self.dropout_enabled else 0.0,
+        )
         self.packing = fast_path.resolve_packing(
-            config.packing, attention_implementation=self.run_options.attention_implementation,
-            dtype=self.run_options.dtype, sliding_window=window, attention_dropout=attention_dropout,
-            encoder_decoder=self.is_encoder_decoder,
+            config.packing, ragged_attention=ragged, encoder_decoder=self.is_encoder_decoder
         )
-        # Packed rows may outgrow the longest example's bucket only where attention costs per segment
-        # (cuDNN's ragged kernel); masked XLA attention (CPU, TPU) costs and stores rows x length^2.
-        self._ragged_attention = self.packing and decoder_only and layers_lib.ragged_kernel_applies(
-            layers_lib.resolve_attention_implementation(self.run_options.attention_implementation, self.run_options.dtype),
-            window,
-            attention_dropout,
-        )
+        self._ragged_attention = self.packing and ragged
         view = with_options(model, self.run_options)
         if lora_lib.lora_setup(model) is None:
             self._graphdef, params = nnx.split(view)
