@@ -34,6 +34,7 @@ def main() -> None:
     import bench_speed
     import jaxsft
     from jaxsft import step as step_fns
+    from jaxsft.objectives import CausalSFT
     from jaxsft.models.spec import ModelSpec
 
     spec = ModelSpec.from_hf_config(bench_speed.hf_config(args.shape))
@@ -41,7 +42,7 @@ def main() -> None:
     graphdef, params = nnx.split(model)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5))
     opt_state = jax.eval_shape(tx.init, params)
-    update = step_fns.make_fused_update(graphdef, tx, None)
+    update = step_fns.make_fused_update(graphdef, tx, CausalSFT())
     rows = []
     for i, (batch_rows, length) in enumerate([(3, 1024), (5, 512), (2, 512)][: args.repeats]):
         ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731

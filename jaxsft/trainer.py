@@ -23,19 +23,21 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsft import batching, compile_options, distributed
+from jaxsft import batching, compile_options, distributed, objectives
 from jaxsft import checkpoint as checkpointing
 from jaxsft import metrics as metrics_sinks
 from jaxsft import sharding as shd
 from jaxsft import step as step_fns
 from jaxsft.callbacks import EvalPrediction, TrainerCallback
-from jaxsft.config import TrainConfig
+from jaxsft.config import OptimizerDescription, ScheduleDescription, TrainConfig
 from jaxsft.models import layers as layers_lib
 from jaxsft.models import lora as lora_lib
 from jaxsft.models.decoder import CausalLM
 from jaxsft.models.seq2seq import Seq2SeqLM
 from jaxsft.models.options import RunOptions, with_options
-from jaxsft.optim import host_learning_rate_fn, make_optimizer, make_schedule, with_clipping
+from jaxsft.optim import (
+    build_optimizer, build_schedule, host_learning_rate_fn, make_optimizer, make_schedule, with_clipping,
+)
 
 
 @dataclasses.dataclass
@@ -62,8 +64,6 @@ COUNTER_FIELDS = (
     "generate_calls",
 )
 
-
-STEP_KEYWORDS = ("input_ids", "attention_mask", "labels", "texts", "texts_labels")
 
 
 class IterativeSFTTrainer:
@@ -111,13 +111,18 @@ class IterativeSFTTrainer:
             if not isinstance(config, TrainConfig):
                 raise TypeError(f"config must be a jaxsft.TrainConfig, got {type(config).__name__}.")
             metrics_sinks.check_installed(config.report_to)  # a missing sink library fails before any state
-            if optimizer is not None and not (isinstance(optimizer, optax.GradientTransformation) or callable(optimizer)):
+            if optimizer is not None and not (
+                isinstance(optimizer, (optax.GradientTransformation, OptimizerDescription)) or callable(optimizer)
+            ):
                 raise TypeError(
-                    f"optimizer must be an optax.GradientTransformation or a function schedule -> "
-                    f"GradientTransformation, got {type(optimizer).__name__}."
+                    f"optimizer must be an optax.GradientTransformation, a jaxsft.config.OptimizerDescription or a "
+                    f"function schedule -> GradientTransformation, got {type(optimizer).__name__}."
                 )
-            if schedule is not None and not callable(schedule):
-                raise TypeError(f"schedule must be an optax schedule (step -> learning rate), got {type(schedule).__name__}.")
+            if schedule is not None and not (callable(schedule) or isinstance(schedule, ScheduleDescription)):
+                raise TypeError(
+                    f"schedule must be an optax schedule (step -> learning rate) or a jaxsft.config.ScheduleDescription, "
+                    f"got {type(schedule).__name__}."
+                )
             if mesh is not None and (not isinstance(mesh, jax.sharding.Mesh) or set(mesh.axis_names) != {"data", "fsdp", "tensor"}):
                 raise TypeError(
                     f"mesh must be a jax Mesh with axes data, fsdp and tensor (build it with jaxsft.make_mesh), got "
@@ -141,17 +146,19 @@ class IterativeSFTTrainer:
             self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
             self.state = TrainerState()
             self.spec = model.spec
-            # T5 / BART: texts (or input_ids) feed the encoder, texts_labels (or labels) the decoder.
-            self.is_encoder_decoder = isinstance(model, Seq2SeqLM)
-            if self.is_encoder_decoder and jax.process_count() > 1:
+            # What is trained (decoder or encoder-decoder SFT): inputs -> examples -> micro-batches -> loss.
+            self.objective = objectives.objective_for(model)
+            if not self.objective.supports_multi_process and jax.process_count() > 1:
                 raise NotImplementedError(
-                    "encoder-decoder models (T5, BART) train on one process in this release; run single-process "
-                    "(any number of local devices) or use a decoder-only model for multi-host training."
+                    f"{type(self.objective).__name__} (encoder-decoder models: T5, BART) trains on one process in this "
+                    "release; run single-process (any number of local devices) or use a decoder-only model for "
+                    "multi-host training."
                 )
             self.dropout_enabled = bool(config.dropout) and _declares_dropout(model.spec)
-            if self.is_encoder_decoder and config.packing:
+            if config.packing and not self.objective.supports_packing:
                 raise ValueError(
-                    "TrainConfig.packing=True is not supported for encoder-decoder models (T5, BART); pass packing=False."
+                    f"TrainConfig.packing=True is not supported by {type(self.objective).__name__} (encoder-decoder "
+                    "models: T5, BART); pass packing=False."
                 )
 
             self.mesh = mesh if mesh is not None else shd.mesh_of(nnx.state(model))
@@ -187,7 +194,7 @@ class IterativeSFTTrainer:
         self.scan_layers = self.run_options.scan_layers
         # Packed rows may outgrow the longest example's bucket only where attention costs per segment
         # (cuDNN's ragged kernel); masked XLA attention (CPU, TPU) costs and stores rows x length^2.
-        self._ragged_attention = bool(config.packing) and not self.is_encoder_decoder and layers_lib.ragged_kernel_applies(
+        self._ragged_attention = bool(config.packing) and layers_lib.ragged_kernel_applies(
             layers_lib.resolve_attention_implementation(self.run_options.attention_implementation, self.run_options.dtype),
             self.spec.sliding_window,
             self.spec.attention_dropout if self.dropout_enabled else 0.0,
@@ -201,6 +208,11 @@ class IterativeSFTTrainer:
         self._params = shd.place_state(params, self.mesh, self.sharding_rules)
         self._frozen = tuple(shd.place_state(f, self.mesh, self.sharding_rules) for f in frozen)
 
+        if isinstance(schedule, ScheduleDescription):  # e.g. a torch scheduler, read by the facade
+            schedule = build_schedule(schedule)
+        if isinstance(optimizer, OptimizerDescription):  # e.g. a torch optimizer, read by the facade
+            description = optimizer
+            optimizer = lambda rate: build_optimizer(description, rate)  # noqa: E731 (a factory, built below)
         if optimizer is None:
             schedule = make_schedule(config)
             optimizer = make_optimizer(config, schedule)  # clipping included
@@ -221,6 +233,7 @@ class IterativeSFTTrainer:
         self._rng = np.random.default_rng(config.seed)
         self._shards = shd.batch_rows_multiple(self.mesh)
         self._chunk_size = self._loss_chunk_size()
+        self.objective = dataclasses.replace(self.objective, chunk_size=self._chunk_size, num_shards=self._shards)
         self._programs: dict[tuple, Any] = {}
         self._sampler = None  # built on the first generate()
         self._params_version = 0
@@ -294,6 +307,8 @@ class IterativeSFTTrainer:
         labels: Any = None,
         texts: Optional[Sequence[str]] = None,
         texts_labels: Optional[Sequence[str]] = None,
+        *,
+        example_weights: Optional[Sequence[float]] = None,
     ) -> dict[str, Any]:
         """Train on one call's examples (shuffled, micro-batched, accumulated) and return stats.
 
@@ -302,21 +317,29 @@ class IterativeSFTTrainer:
         after their prompt). Every check runs before any state changes. A call's
         leftover micro-batches (fewer than gradient_accumulation_steps) still make
         one update.
+
+        ``example_weights`` (a list or 1-D array of finite floats >= 0, one per example): every label
+        token of example i counts ``w_i`` times in the loss and in the token count that normalises it
+        (reward-weighted SFT): 2 equals giving the example twice, 0 leaving it out, all zeros is an
+        empty round. ``num_tokens`` stays the real count; ``weighted_num_tokens`` is the weighted one.
+        A weighted call runs its own programs (one more compile per shape the first time).
         """
         error: Optional[Exception] = None
         try:
-            examples = self._examples(input_ids, attention_mask, labels, texts, texts_labels)
+            examples = self._examples(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
+                texts_labels=texts_labels, example_weights=example_weights,
+            )
         except (TypeError, ValueError) as err:
             error = err
-        # Multi-process: every process learns every process's verdict before any collective runs.
-        distributed.agree("step()", error, self._fingerprint(), self.config.agreement_timeout_s)
-        started = time.perf_counter()
-        microbatches = self._plan(
-            examples, self.rows // jax.process_count(), shuffle=True, pack=self.config.packing
-        ) if examples else []  # multi-process: this process has nothing this call (filler micro-batches below)
-        microbatches = distributed.agree_on_microbatches(
-            microbatches, self.rows // jax.process_count(), packed=self.config.packing
+        weighted = example_weights is not None
+        # Multi-process: every process learns every process's verdict before any collective runs (weighted
+        # calls run other programs, so every process must pass weights or none).
+        distributed.agree(
+            "step()", error, {**self._fingerprint(), "example_weights": weighted}, self.config.agreement_timeout_s
         )
+        started = time.perf_counter()
+        microbatches = self._plan(examples, self.rows, shuffle=True, pack=self.config.packing, weighted=weighted)
         if not microbatches:
             # A filter that kept nothing is a normal round, not an error: every process warns and trains nothing.
             warnings.warn(
@@ -366,6 +389,7 @@ class IterativeSFTTrainer:
         host_metrics = jax.device_get(per_update_metrics)  # the call's one host sync
         elapsed = time.perf_counter() - started
         input_tokens = distributed.global_sum(sum(int(mb.attention_mask.sum()) for mb in microbatches))
+        truncated = distributed.global_sum(sum(bool(ex.truncated) for ex in examples or ()))
         label_tokens = int(sum(totals))
         events, stopped, host = self._collect_logs(applied_steps, host_metrics, eval_metrics)
 
@@ -396,11 +420,15 @@ class IterativeSFTTrainer:
             )
         if stopped is not None:
             raise FloatingPointError(stopped)
+        every = self.config.save_steps
+        if every and any(step_number % every == 0 for step_number in applied_steps):  # periodic checkpoint
+            self.save_checkpoint(str(self.config.output_dir), keep_last=self.config.save_total_limit)
         # A skipped update's NaN stays out of the reported loss; a call that trained nothing reports 0.0.
-        applied_tokens = sum(float(m["num_tokens"]) for m in finite) if skipped else label_tokens
-        loss_sum = sum(float(m["loss_sum"]) for m in (finite if skipped else host_metrics))
-        return {
-            "loss": loss_sum / applied_tokens if applied_tokens else 0.0,
+        counted = finite if skipped else host_metrics
+        denominator = sum(float(m["denominator"]) for m in counted)
+        loss_sum = sum(float(m["loss_sum"]) for m in counted)
+        stats = {
+            "loss": loss_sum / denominator if denominator else 0.0,
             "learning_rate": self.current_learning_rate(),
             "grad_norm": float(host_metrics[-1]["grad_norm"]) if host_metrics else None,
             "num_tokens": label_tokens,
@@ -409,11 +437,15 @@ class IterativeSFTTrainer:
             "num_updates": len(host_metrics),
             "skipped_updates": skipped,
             "num_microbatches": len(microbatches),
+            "truncated_examples": truncated,  # cut to max_length (a warning said so)
             "global_step": self.state.global_step,
             "tokens_per_second": input_tokens / elapsed if elapsed > 0 else float("nan"),
             "seconds": elapsed,
             "compiled_shapes": self.compiled_shapes,
         }
+        if weighted:  # the label tokens as the loss counted them (each example's tokens times its weight)
+            stats["weighted_num_tokens"] = sum(float(m["denominator"]) for m in host_metrics)
+        return stats
 
     def evaluate(
         self, eval_dataset: Any = None, *, ignore_keys: Optional[Sequence[str]] = None, metric_key_prefix: str = "eval"
@@ -479,9 +511,12 @@ class IterativeSFTTrainer:
             program = self._program("eval", batch, lambda: self._compile_eval(batch))
             sums.append(program(self._params, batch, self._frozen))
         sums = jax.device_get(sums)
-        loss_sum = sum(float(s) for s, _ in sums)
-        count = sum(float(c) for _, c in sums)
-        metrics: dict[str, Any] = {"eval_loss": loss_sum / count if count else float("nan"), "eval_num_tokens": int(count)}
+        loss_sum = sum(float(s) for s, _, _ in sums)
+        denominator = sum(float(d) for _, d, _ in sums)
+        count = sum(float(aux["num_tokens"]) for _, _, aux in sums)
+        metrics: dict[str, Any] = {
+            "eval_loss": loss_sum / denominator if denominator else float("nan"), "eval_num_tokens": int(count),
+        }
         if self.compute_metrics is not None:
             extra = self.compute_metrics(EvalPrediction(*self._predict_examples(examples))) or {}
             for key, value in extra.items():
@@ -509,15 +544,14 @@ class IterativeSFTTrainer:
         return self._predict_examples(self._eval_inputs(dataset))
 
     def _eval_microbatches(self, examples: Sequence[Any]) -> list[Any]:
-        rows = self.eval_rows // jax.process_count()
-        microbatches = self._plan(examples, rows, shuffle=False) if examples else []
-        return distributed.agree_on_microbatches(microbatches, rows)
+        return self._plan(examples, self.eval_rows, shuffle=False)
 
     def _predict_examples(self, examples: Sequence[batching.Example]) -> tuple[Any, np.ndarray]:
-        if self.is_encoder_decoder:
+        if not self.objective.supports_predict:
             raise NotImplementedError(
-                "predict() / compute_metrics are not supported for encoder-decoder models yet (eval_loss is); pass "
-                "compute_metrics=None, or compute your metric from trainer.model's outputs."
+                f"predict() / compute_metrics are not supported by {type(self.objective).__name__} (encoder-decoder "
+                "models) yet (eval_loss is); pass compute_metrics=None, or compute your metric from trainer.model's "
+                "outputs."
             )
         predictions, labels = [], []
         for mb in self._eval_microbatches(examples):
@@ -553,7 +587,7 @@ class IterativeSFTTrainer:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise TypeError(f"generate(): seed={seed!r} must be an integer, or None to advance per call.")
         chosen = self.next_generation_seed() if seed is None else int(seed)
-        if self.is_encoder_decoder or "mesh" in kwargs or "sharding_rules" in kwargs:  # not the trainer's sampler
+        if not isinstance(self._user_model, CausalLM) or "mesh" in kwargs or "sharding_rules" in kwargs:  # no own sampler
             out = generate(self.model, self.tokenizer, prompts, seed=chosen, **kwargs)
         else:
             if self._sampler is None:
@@ -680,7 +714,7 @@ class IterativeSFTTrainer:
     def _eval_inputs(self, dataset: Any) -> list:
         """An eval dataset as checked examples; errors name ``eval_dataset``."""
         try:
-            return self._examples(**_dataset_as_step_kwargs(dataset))
+            return self._examples(**batching.step_inputs_of_dataset(dataset))
         except (TypeError, ValueError) as err:
             raise type(err)(f"eval_dataset: {err}") from None
 
@@ -696,36 +730,12 @@ class IterativeSFTTrainer:
             "skip_nonfinite_updates": self.config.skip_nonfinite_updates,
         }
 
-    def _examples(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None):
-        if _is_empty(texts if texts is not None else input_ids):
-            # No examples this call (a filter that kept nothing). Multi-process: this process still joins
-            # every collective program with zero-weight filler rows (distributed.agree_on_microbatches).
-            _check_empty_call(input_ids, attention_mask, labels, texts, texts_labels)
-            return []
-        if self.is_encoder_decoder:
-            examples = self._seq2seq_examples(input_ids, attention_mask, labels, texts, texts_labels)
-            batching.validate_vocab(examples, self.spec.vocab_size)
-            return examples
-        if texts is not None:
-            _refuse_tokens_with_texts(
-                input_ids, attention_mask, labels, "pass either texts (with texts_labels) or token arrays, not both."
-            )
-            if self.tokenizer is None:
-                raise ValueError("step(texts=...) needs a tokenizer; pass tokenizer= when building the trainer.")
-            examples = batching.examples_from_texts(
-                self.tokenizer, texts, texts_labels, max_length=self.max_length,
-                truncation_mode=self.config.truncation_mode, eos_token_id=self._completion_eos(),
-            )
-        elif input_ids is not None:
-            if texts_labels is not None:
-                raise ValueError("texts_labels was given without texts; pass texts=... with it, or labels=... with input_ids.")
-            examples = batching.examples_from_tokens(
-                input_ids, attention_mask, labels, max_length=self.max_length, truncation_mode=self.config.truncation_mode
-            )
-        else:
-            raise ValueError("step() needs input_ids=... (token arrays) or texts=... (strings); both were None.")
-        batching.validate_vocab(examples, self.spec.vocab_size)
-        return examples
+    def _examples(self, **inputs: Any) -> list:
+        """step()'s keywords as checked examples (the objective's routing); ``[]`` for an empty call."""
+        return self.objective.examples(
+            inputs, tokenizer=self.tokenizer, max_length=self.max_length, truncation_mode=self.config.truncation_mode,
+            vocab_size=self.spec.vocab_size, eos_token_id=self._completion_eos(),
+        )
 
     def _completion_eos(self) -> Optional[int]:
         """The EOS id appended to completions (TrainConfig.add_eos), or None."""
@@ -734,52 +744,16 @@ class IterativeSFTTrainer:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return int(eos) if isinstance(eos, (int, np.integer)) else None
 
-    def _seq2seq_examples(self, input_ids, attention_mask, labels, texts, texts_labels):
-        """Encoder-decoder inputs: texts (or input_ids) feed the encoder, texts_labels (or labels) the decoder."""
-        if labels is None and texts_labels is None:
-            raise ValueError(  # TRL's message, raised as TRL does before anything changes
-                "No 'labels' or 'text_labels' are provided. When using an encoder-decoder architecture, "
-                "'labels' or 'text_labels' must be passed."
-            )
-        kwargs = dict(max_length=self.max_length, truncation_mode=self.config.truncation_mode)
-        if texts is not None:
-            _refuse_tokens_with_texts(
-                input_ids, attention_mask, labels,
-                "pass either texts with texts_labels or token arrays with labels, not both.",
-            )
-            if texts_labels is None:
-                raise ValueError("step(texts=...) on an encoder-decoder needs texts_labels=... (the decoder targets).")
-            if self.tokenizer is None:
-                raise ValueError("step(texts=...) needs a tokenizer; pass tokenizer= when building the trainer.")
-            return batching.seq2seq_examples_from_texts(self.tokenizer, texts, texts_labels, **kwargs)
-        if input_ids is None:
-            raise ValueError("step() needs input_ids=... (token arrays) or texts=... (strings); both were None.")
-        if labels is None:
-            raise ValueError("texts_labels was given without texts; pass texts=... with it, or labels=... with input_ids.")
-        return batching.seq2seq_examples_from_tokens(input_ids, attention_mask, labels, **kwargs)
-
-    def _plan(self, examples, rows: int, *, shuffle: bool, pack: bool = False) -> list:
-        if self.is_encoder_decoder:
-            return batching.plan_seq2seq_microbatches(
-                examples, rows=rows, buckets=self.buckets, rng=self._rng, shuffle=shuffle,
-                decoder_start_token_id=self.spec.decoder_start_token_id, pad_token_id=self.spec.pad_token_id,
-            )
-        return batching.plan_microbatches(
-            examples, rows=rows, buckets=self.buckets, rng=self._rng, shuffle=shuffle, pack=pack,
-            row_multiple=max(1, self._shards // jax.process_count()) if pack else 1,
-            longer_rows=self._ragged_attention,
+    def _plan(self, examples, rows: int, *, shuffle: bool, pack: bool = False, weighted: bool = False) -> list:
+        """The examples as micro-batches of ``rows`` global rows, agreed over processes (the objective's plan)."""
+        local_rows = rows // jax.process_count()
+        settings = objectives.PlanSettings(
+            rows=local_rows, buckets=self.buckets, pack=pack,
+            row_multiple=max(1, self._shards // jax.process_count()), longer_rows=self._ragged_attention,
         )
+        return self.objective.plan(examples, settings, self._rng, shuffle=shuffle, weighted=weighted)
 
     # ------------------------------------------------------------------ programs
-    def _batch_fields(self, mb) -> dict[str, np.ndarray]:
-        """The micro-batch's host arrays, by the program input each feeds."""
-        fields = {"input_ids": mb.input_ids, "labels": mb.labels}
-        if self.is_encoder_decoder:
-            fields.update(attention_mask=mb.attention_mask, decoder_input_ids=mb.decoder_input_ids)
-        if mb.packed:
-            fields.update(segment_ids=mb.segment_ids, positions=mb.positions, segment_lengths=mb.segment_lengths)
-        return fields
-
     def _takes_dropout_key(self, train: bool) -> bool:
         setup = lora_lib.lora_setup(self._user_model)
         return train and (self.dropout_enabled or (setup is not None and setup.config.lora_dropout > 0))
@@ -787,7 +761,7 @@ class IterativeSFTTrainer:
     def _device_batch(self, mb, train: bool = True) -> dict[str, jax.Array]:
         """The micro-batch on the mesh. A training batch with dropout on (the model's own, or LoRA's) carries
         one ``dropout_rng`` key; evaluation batches carry none, so evaluation is deterministic."""
-        batch = {name: shd.place_batch(rows, self.mesh) for name, rows in self._batch_fields(mb).items()}
+        batch = {name: shd.place_batch(rows, self.mesh) for name, rows in self.objective.batch_fields(mb).items()}
         if self._takes_dropout_key(train):
             # Drawn from the checkpointed shuffling RNG, so a resumed run drops the same activations.
             seed = int(self._rng.integers(0, 2**31 - 1))
@@ -801,7 +775,7 @@ class IterativeSFTTrainer:
             name: jax.ShapeDtypeStruct(
                 (rows.shape[0] * processes, *rows.shape[1:]), rows.dtype, sharding=shd.batch_sharding(self.mesh, rows.ndim)
             )
-            for name, rows in self._batch_fields(mb).items()
+            for name, rows in self.objective.batch_fields(mb).items()
         }
         if self._takes_dropout_key(train):
             key = jax.eval_shape(jax.random.PRNGKey, 0)
@@ -847,26 +821,25 @@ class IterativeSFTTrainer:
 
         def lower(fn, args, donate, with_opt_state):
             params_sh, opt_sh = self._shardings()
-            out = (params_sh, opt_sh, rep) if with_opt_state else (params_sh, rep, rep)
+            out = (params_sh, opt_sh, rep) if with_opt_state else (params_sh, rep, rep, rep)  # the latter: sums
             return self._lower(fn, args(), donate=donate, out_shardings=out)
 
         if len(update) == 1 and self.config.gradient_accumulation_steps == 1:
             batch = self._abstract_batch(update[0])
             return [(self._program_key("fused", batch), lambda: self._lower_fused(batch))]
-        zeros = step_fns.make_zero_accumulator()
+        zeros = step_fns.make_zero_accumulator(self.objective)
 
         def acc():
             params_sh, _ = self._shardings()
-            return jax.tree.map(
-                lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                jax.eval_shape(zeros, self._params), (params_sh, rep, rep),
-            )
+            grads, *sums = jax.eval_shape(zeros, self._params)
+            grads = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), grads, params_sh)
+            return (grads, *jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), sums))
 
         out = [(self._program_key("zeros", None), lambda: lower(zeros, lambda: (self._params,), (), False))]
         for mb in update:
             batch = self._abstract_batch(mb)
             out.append((self._program_key("accumulate", batch), lambda batch=batch: lower(
-                step_fns.make_accumulate(self._graphdef, self._chunk_size, self._shards),
+                step_fns.make_accumulate(self._graphdef, self.objective),
                 lambda: (self._params, acc(), batch, self._frozen), (1,), False,
             )))
         out.append((self._program_key("apply", None), lambda: lower(
@@ -923,9 +896,7 @@ class IterativeSFTTrainer:
     def _lower_fused(self, batch: dict) -> jax.stages.Lowered:
         params_sh, opt_sh = self._shardings()
         return self._lower(
-            step_fns.make_fused_update(
-                self._graphdef, self._tx, self._chunk_size, self._shards, self.config.skip_nonfinite_updates,
-            ),
+            step_fns.make_fused_update(self._graphdef, self._tx, self.objective, self.config.skip_nonfinite_updates),
             (self._params, self._opt_state, batch, self._frozen),
             donate=(0, 1),
             out_shardings=(params_sh, opt_sh, shd.replicated(self.mesh)),
@@ -940,8 +911,8 @@ class IterativeSFTTrainer:
     def _compile_eval(self, batch):
         rep = shd.replicated(self.mesh)
         return self._compile(
-            step_fns.make_eval(self._graphdef, self._chunk_size, self._shards), (self._params, batch, self._frozen), donate=(),
-            out_shardings=(rep, rep),
+            step_fns.make_eval(self._graphdef, self.objective), (self._params, batch, self._frozen), donate=(),
+            out_shardings=rep,
         )
 
     # ------------------------------------------------------------------ logging
@@ -1122,70 +1093,8 @@ def _checked_host_state(state: dict[str, Any], current: dict[str, Any]) -> dict[
     }
 
 
-def _refuse_tokens_with_texts(input_ids, attention_mask, labels, fix: str) -> None:
-    """step(texts=...) takes no token arrays: name the ones given, then ``fix``."""
-    given = [n for n, v in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels)) if v is not None]
-    if given:
-        raise ValueError(f"step() got texts=... together with {', '.join(given)}; {fix}")
-
-
-def _check_empty_call(input_ids, attention_mask, labels, texts, texts_labels) -> None:
-    """A call with no examples must still be a consistent call (nothing else given that needs examples)."""
-    if texts is not None:
-        _refuse_tokens_with_texts(input_ids, attention_mask, labels, "pass one or the other.")
-        others = {"texts_labels": texts_labels}
-    else:
-        if texts_labels is not None:
-            raise ValueError("texts_labels was given without texts; pass texts=... with it, or labels=... with input_ids.")
-        others = {"attention_mask": attention_mask, "labels": labels}
-    for name, value in others.items():
-        if value is not None and not _is_empty(value):
-            raise ValueError(
-                f"step() got no examples but {name} has {len(value)} entries; pass one {name} entry per example."
-            )
-
-
 def _declares_dropout(spec: Any) -> bool:
     """Whether the model's HF config asks for any dropout in training."""
     rates = [getattr(spec, name, 0.0) or 0.0 for name in ("dropout", "attention_dropout", "activation_dropout",
                                                           "embd_dropout", "resid_dropout")]
     return any(rate > 0 for rate in rates)
-
-
-def _is_empty(value: Any) -> bool:
-    try:
-        return value is not None and len(value) == 0
-    except TypeError:
-        return False
-
-
-def _dataset_as_step_kwargs(dataset: Any) -> dict[str, Any]:
-    """An eval dataset (a dict of step() keywords, a datasets.Dataset, a list of strings, of token
-    sequences or of dicts with input_ids) as step() keywords."""
-    columns = getattr(dataset, "column_names", None)
-    if columns is not None and hasattr(dataset, "__getitem__"):  # datasets.Dataset
-        if "input_ids" in columns:
-            return {k: dataset[k] for k in ("input_ids", "attention_mask", "labels") if k in columns}
-        for key in ("text", "texts"):
-            if key in columns:
-                return {"texts": dataset[key]}
-        raise ValueError(f"eval_dataset has columns {columns}; it needs input_ids (with optional attention_mask "
-                         "and labels) or text.")
-    if isinstance(dataset, dict):
-        unknown = set(dataset) - set(STEP_KEYWORDS)
-        if unknown:
-            raise ValueError(f"eval_dataset has unknown keys {sorted(unknown)}; use {', '.join(STEP_KEYWORDS)}.")
-        return dict(dataset)
-    if isinstance(dataset, (list, tuple)) and dataset:
-        if all(isinstance(x, str) for x in dataset):
-            return {"texts": list(dataset)}
-        if all(isinstance(x, dict) for x in dataset):
-            if not all("input_ids" in row for row in dataset):
-                raise ValueError("eval_dataset rows must each have an input_ids entry.")
-            keys = [k for k in ("input_ids", "attention_mask", "labels") if k in dataset[0]]
-            return {k: [row[k] for row in dataset] for k in keys}
-        return {"input_ids": list(dataset)}
-    raise TypeError(
-        f"eval_dataset must be a dict of step() keywords, a datasets.Dataset, a list of strings, a list of token "
-        f"sequences or a list of dicts with input_ids, got {type(dataset).__name__}."
-    )

@@ -359,3 +359,27 @@ def test_disk_full_is_an_oserror_and_leaves_the_old_checkpoint(tmp_path):
         assert ckpt.latest_checkpoint(str(mount)) is None
     finally:
         subprocess.run(["umount", str(mount)])
+
+
+def test_save_steps_write_periodic_checkpoints_in_the_core(tmp_path):
+    """TrainConfig.save_steps: a JAX user's step() calls write output_dir/checkpoint-N at multiples of save_steps,
+    keeping the newest save_total_limit; a checkpoint restores to the same state."""
+    import jaxsft
+    from jaxsft.checkpoint import latest_checkpoint
+
+    import tiny
+
+    model = jaxsft.from_pretrained(tiny.tiny_torch_model("llama", seed=1), mesh=jaxsft.single_device_mesh())
+    config = jaxsft.TrainConfig(
+        learning_rate=1e-3, max_length=16, min_bucket_length=16, per_device_train_batch_size=2, logging_steps=0,
+        disable_tqdm=True, output_dir=str(tmp_path), save_steps=2, save_total_limit=2,
+    )
+    trainer = jaxsft.IterativeSFTTrainer(model, config)
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # 2 updates per call: steps 2, 4, 6 reach a multiple of 2
+        trainer.step(input_ids=[rng.integers(3, 300, 8) for _ in range(4)])
+    saved = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-"))
+    assert saved == ["checkpoint-4", "checkpoint-6"]
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-6")
+    with pytest.raises(ValueError, match="save_steps"):
+        jaxsft.TrainConfig(save_steps=5)  # no output_dir
