@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import os
 import types
 import warnings

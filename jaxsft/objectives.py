@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -271,3 +272,23 @@ def objective_for(model: Any, *, chunk_size: Optional[int] = None, num_shards: i
             pad_token_id=spec.pad_token_id,
         )
     return CausalSFT(chunk_size=chunk_size, num_shards=num_shards)
+
+
+def loss_chunk_size(config: Any, vocab_size: int, max_length: int) -> int:
+    """Tokens per chunk of the fused lm_head + loss: as many as ``loss_chunk_bytes`` of fp32 logits allow.
+
+    A power of two (at least 256), never more than one device's micro-batch tokens, where the
+    whole micro-batch is a single chunk with no accumulator. ``TrainConfig.loss_chunk_size`` overrides it.
+    """
+    if config.loss_chunk_size is not None:
+        return config.loss_chunk_size
+    tokens_per_device = config.per_device_train_batch_size * max_length
+    fitting = max(256, config.loss_chunk_bytes // (4 * vocab_size))
+    return min(tokens_per_device, 1 << int(math.log2(fitting)))
+
+
+def declares_dropout(spec: Any) -> bool:
+    """Whether the model's HF config asks for any dropout in training."""
+    rates = [getattr(spec, name, 0.0) or 0.0 for name in ("dropout", "attention_dropout", "activation_dropout",
+                                                          "embd_dropout", "resid_dropout")]
+    return any(rate > 0 for rate in rates)

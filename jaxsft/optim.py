@@ -429,3 +429,40 @@ def build_schedule(description: ScheduleDescription) -> TableSchedule:
     rule, parameters, start = SCHEDULE_RULES[d.rule], dict(d.parameters), int(d.start)
     values = rule(np.arange(start, start + d.length, dtype=np.float64), np, **parameters)
     return TableSchedule(values, tail=lambda count, xp: rule(count + start, xp, **parameters))
+
+
+def check_optimizer_arguments(optimizer: Any, schedule: Any) -> None:
+    """The trainer's ``optimizer=`` / ``schedule=`` arguments: types only (a clear error before any state)."""
+    if optimizer is not None and not (
+        isinstance(optimizer, (optax.GradientTransformation, OptimizerDescription)) or callable(optimizer)
+    ):
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation, a jaxsft.config.OptimizerDescription or a "
+            f"function schedule -> GradientTransformation, got {type(optimizer).__name__}."
+        )
+    if schedule is not None and not (callable(schedule) or isinstance(schedule, ScheduleDescription)):
+        raise TypeError(
+            f"schedule must be an optax schedule (step -> learning rate) or a jaxsft.config.ScheduleDescription, "
+            f"got {type(schedule).__name__}."
+        )
+
+
+def optimizer_and_schedule(config: TrainConfig, optimizer: Any = None, schedule: Any = None) -> tuple[Any, Any]:
+    """(the chain the trainer runs, clipping in front; the schedule its rate is logged from, or None).
+
+    ``optimizer``: None (AdamW / Adafactor / SGD from ``config``), an optax transformation, a factory
+    ``schedule -> transformation`` or an :class:`OptimizerDescription` (both built at ``schedule``, default
+    ``config``'s HF schedule). ``schedule``: an optax schedule or a :class:`ScheduleDescription`.
+    """
+    if isinstance(schedule, ScheduleDescription):  # e.g. a torch scheduler, read by the facade
+        schedule = build_schedule(schedule)
+    if isinstance(optimizer, OptimizerDescription):  # e.g. a torch optimizer, read by the facade
+        description = optimizer
+        optimizer = lambda rate: build_optimizer(description, rate)  # noqa: E731 (a factory, built below)
+    if optimizer is None:
+        schedule = make_schedule(config)
+        return make_optimizer(config, schedule), schedule  # clipping included
+    if not isinstance(optimizer, optax.GradientTransformation):  # a factory: built at the config's schedule
+        schedule = make_schedule(config) if schedule is None else schedule
+        optimizer = optimizer(schedule)
+    return with_clipping(optimizer, config), schedule

@@ -12,7 +12,7 @@ never donated: a LoRA model's base weights.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

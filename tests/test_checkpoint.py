@@ -383,3 +383,21 @@ def test_save_steps_write_periodic_checkpoints_in_the_core(tmp_path):
     assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-6")
     with pytest.raises(ValueError, match="save_steps"):
         jaxsft.TrainConfig(save_steps=5)  # no output_dir
+
+
+def test_the_checkpoint_layout_is_the_one_checkpoints_before_the_split_wrote():
+    """The trainer split (programs, TrainState) keeps state_dict()'s layout, so checkpoints written before it
+    restore; a state of another layout (a key more or fewer) is refused whole, saying so, with nothing changed."""
+    trainer = make_trainer()
+    state = trainer.state_dict()
+    assert set(state) == {"params", "opt_state", "global_step", "rng", "counters", "log_history"}
+    assert set(state["counters"]) == {
+        "num_input_tokens_seen", "total_label_tokens", "last_logged_step", "loss_since_log", "nonfinite_in_a_row",
+        "generate_calls",
+    }
+    assert isinstance(state["params"], dict)  # a pure dict of arrays, as before
+    before = leaves(trainer.params)
+    for bad in ({**state, "train_state": 1}, {k: v for k, v in state.items() if k != "rng"}):
+        with pytest.raises(ValueError, match="another jaxsft layout"):
+            trainer.load_state_dict(bad)
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(trainer.params), before))
