@@ -1,23 +1,27 @@
 """Generation throughput: jaxsft.generate against transformers' generate (torch) on the same machine.
 
-Both sides get the same randomly initialised model (built in torch, converted in
-memory), the same prompts (batch x prompt-len random ids, no padding) and
-produce exactly ``--new-tokens`` tokens per row (EOS disabled on both). bf16 on
-GPU, fp32 on CPU (``--dtype`` overrides). Needs only torch, transformers, jax,
-flax and optax (plus this repository).
+Both sides get the same randomly initialised model (built in torch, converted in memory), the
+same prompts (batch x prompt-len random ids, no padding), bf16 on GPU (fp32 on CPU), greedy
+(``--temperature`` for sampling). Two workloads:
 
-    python benchmarks/bench_generate.py --shape smollm2                 # batch 64 x 128 new, prompt 128
-    python benchmarks/bench_generate.py --shape qwen05
+* fixed (default): exactly ``--new-tokens`` per row (EOS off on both sides);
+* ``--ragged SCALE``: EOS on, with the EOS row of the tied embedding scaled (``gen_common.make_ragged``),
+  sampled at temperature 1, up to ``--new-tokens``; tokens/s counts the useful tokens (up to EOS)
+  and the row lengths are printed.
+
+Each row also prints the roof: new tokens/s if a decode step cost only max(weights + KV bytes at
+the card's bandwidth, matmul FLOPs at the measured bf16 peak).
+
+    python benchmarks/bench_generate.py --shape qwen05 --batches 64,512,1024 --new-tokens 256
     python benchmarks/bench_generate.py --quick                         # a small CPU run
 
-Timing: each side runs once to warm up (jit compilation; torch's first-call
-overheads), then ``--repeats`` timed runs; the table shows the median, and
-tokens/s counts generated tokens (batch x new tokens).
+Timing: one warm-up call per (side, batch) (compiles), then ``--repeats`` timed calls; median.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -25,87 +29,40 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SHAPES = {
-    # SmolLM2-135M(-Instruct)
-    "smollm2": dict(
-        family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
-        tie_word_embeddings=True, rms_norm_eps=1e-5,
-    ),
-    # Qwen2.5-0.5B(-Instruct)
-    "qwen05": dict(
-        family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
-        tie_word_embeddings=True, rms_norm_eps=1e-6,
-    ),
-    # a small model for smoke runs
-    "tiny": dict(
-        family="llama", vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-    ),
-}
+from gen_common import EOS_ID, SHAPES, IdTokenizer, build_torch_model, gpu_bandwidth, make_ragged, matmul_peak, roof_tok_s
 
 
-class IdTokenizer:
-    """A stand-in tokenizer: a prompt is its token ids written as text ("17 4 998 ..."). No vocabulary files needed."""
-
-    eos_token_id = None
-    pad_token_id = 0
-    chat_template = None
-
-    def __call__(self, texts, add_special_tokens=True):
-        return {"input_ids": [[int(t) for t in text.split()] for text in texts]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(str(int(i)) for i in ids)
-
-    def batch_decode(self, rows, skip_special_tokens=True):
-        return [self.decode(r) for r in rows]
-
-
-def build_torch_model(shape: str, seed: int):
-    import torch
-    import transformers as tf
-
-    cfg = dict(SHAPES[shape])
-    family = cfg.pop("family")
-    config_cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config}[family]
-    config = config_cls(pad_token_id=0, bos_token_id=None, eos_token_id=None, **cfg)
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-def timed(fn, repeats: int) -> tuple[float, list[float]]:
+def timed(fn, repeats: int):
     t0 = time.perf_counter()
-    fn()
+    out = fn()
     warm = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         times.append(time.perf_counter() - t0)
-    return warm, times
+    return warm, times, out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batches", default="64")
     p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--ragged", type=float, default=None, help="EOS-row scale of the ragged workload (T=1)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--quick", action="store_true", help="a small CPU setting: batch 8, prompt 32, 32 new tokens, 1 repeat")
+    p.add_argument("--quick", action="store_true", help="a small CPU setting: tiny, batch 8, prompt 32, 32 new, 1 repeat")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-jax", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
-        args.batch, args.prompt_len, args.new_tokens, args.repeats = 8, 32, 32, 1
+        args.shape, args.batches, args.prompt_len, args.new_tokens, args.repeats = "tiny", "8", 32, 32, 1
 
     import jax
     import jax.numpy as jnp
@@ -118,63 +75,74 @@ def main(argv=None) -> int:
     on_gpu_jax = jax.default_backend() != "cpu"
     torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and (on_gpu_jax or torch_device == "cuda"))
-    dtype_name = "bf16" if bf16 else "fp32"
-
+    ragged = args.ragged is not None
+    temperature = 1.0 if ragged else args.temperature
     torch_model = build_torch_model(args.shape, args.seed)
-    n_params = sum(p.numel() for p in torch_model.parameters())
-    rng = np.random.default_rng(args.seed)
-    ids = rng.integers(3, SHAPES[args.shape]["vocab_size"], size=(args.batch, args.prompt_len))
+    if ragged:
+        make_ragged(torch_model, args.ragged)
+    n_params = sum(q.numel() for q in torch_model.parameters())
+    batches = [int(b) for b in args.batches.split(",")]
+    kind = jax.devices()[0].device_kind
+    bw = gpu_bandwidth(kind)
+    peak = matmul_peak() if on_gpu_jax else float("nan")
+    eos = [EOS_ID] if ragged else []
     rows = []
-    total_new = args.batch * args.new_tokens
+    jdtype = jnp.bfloat16 if bf16 else jnp.float32
+    model = None if args.skip_jax else jaxsft.from_pretrained(torch_model, dtype=jdtype, param_dtype=jdtype)
+    tmodel = None
+    for batch in batches:
+        rng = np.random.default_rng(args.seed + batch)
+        ids = rng.integers(3, SHAPES[args.shape]["vocab_size"], size=(batch, args.prompt_len))
+        if model is not None:
+            prompts = [" ".join(map(str, row)) for row in ids]
 
-    if not args.skip_jax:
-        jdtype = jnp.bfloat16 if bf16 else jnp.float32
-        model = jaxsft.from_pretrained(torch_model, dtype=jdtype, param_dtype=jdtype)
-        tok = IdTokenizer()
-        prompts = [" ".join(map(str, row)) for row in ids]
+            def run_jax():
+                res = generate(model, IdTokenizer(), prompts, max_new_tokens=args.new_tokens, eos_token_ids=eos,
+                               temperature=temperature, return_tokens=True)
+                return [len(t) for t in res.tokens]
 
-        def run_jax():
-            res = generate(model, tok, prompts, max_new_tokens=args.new_tokens, eos_token_ids=[], return_tokens=True)
-            assert all(len(t) == args.new_tokens for t in res.tokens)
+            warm, times, lengths = timed(run_jax, args.repeats)
+            rows.append(("jaxsft", batch, warm, times, lengths))
+        if not args.skip_hf:
+            if tmodel is None:
+                tmodel = torch_model.to(device=torch_device, dtype=torch.bfloat16 if bf16 else torch.float32)
+            input_ids = torch.as_tensor(ids, device=torch_device)
 
-        warm, times = timed(run_jax, args.repeats)
-        rows.append(("jaxsft.generate", jax.devices()[0].device_kind, warm, times))
-        del model
+            def run_hf():
+                kw = dict(do_sample=True, temperature=1.0, top_k=0, eos_token_id=EOS_ID) if ragged else dict(
+                    min_new_tokens=args.new_tokens, do_sample=temperature > 0, eos_token_id=None)
+                if temperature > 0 and not ragged:
+                    kw.update(temperature=temperature, top_k=0)
+                with torch.inference_mode():
+                    out = tmodel.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                          max_new_tokens=args.new_tokens, pad_token_id=0, **kw)
+                if torch_device == "cuda":
+                    torch.cuda.synchronize()
+                new = out[:, args.prompt_len:].cpu().numpy()
+                if not ragged:
+                    return [new.shape[1]] * batch
+                hit = new == EOS_ID
+                return [int(np.argmax(r)) + 1 if r.any() else new.shape[1] for r in hit]
 
-    if not args.skip_hf:
-        tmodel = torch_model.to(device=torch_device, dtype=torch.bfloat16 if bf16 else torch.float32)
-        input_ids = torch.as_tensor(ids, device=torch_device)
-        mask = torch.ones_like(input_ids)
+            warm, times, lengths = timed(run_hf, args.repeats)
+            rows.append(("transformers", batch, warm, times, lengths))
 
-        def run_hf():
-            with torch.inference_mode():
-                out = tmodel.generate(
-                    input_ids=input_ids, attention_mask=mask, max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-                )
-            if torch_device == "cuda":
-                torch.cuda.synchronize()
-            assert out.shape == (args.batch, args.prompt_len + args.new_tokens)
-
-        warm, times = timed(run_hf, args.repeats)
-        device = torch.cuda.get_device_name() if torch_device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-        rows.append(("transformers.generate", device, warm, times))
-
-    print(
-        f"\nshape {args.shape} ({n_params / 1e6:.0f}M params), {dtype_name}, batch {args.batch}, "
-        f"prompt {args.prompt_len}, {args.new_tokens} new tokens (EOS off), median of {args.repeats}"
-    )
-    print(f"| {'implementation':<22} | {'device':<26} | {'first call s':>12} | {'seconds':>8} | {'tokens/s':>9} | {'ratio':>6} |")
-    print(f"|{'-' * 24}|{'-' * 28}|{'-' * 14}|{'-' * 10}|{'-' * 11}|{'-' * 8}|")
-    hf_tps = None
-    for name, device, _, times in rows:
-        if name.startswith("transformers"):
-            hf_tps = total_new / statistics.median(times)
-    for name, device, warm, times in rows:
+    dev = torch.cuda.get_device_name() if torch_device == "cuda" else kind
+    print(f"\nshape {args.shape} ({n_params / 1e6:.0f}M params), {'bf16' if bf16 else 'fp32'}, prompt {args.prompt_len}, "
+          f"{'EOS-ragged (scale %g, T=1) up to ' % args.ragged if ragged else ''}{args.new_tokens} new, T={temperature}, "
+          f"median of {args.repeats}; device {dev}; bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
+    print("| side | batch | first call s | seconds | useful new tok/s | mean len | median len | p90 len | roof tok/s | % roof |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, batch, warm, times, lengths in rows:
         med = statistics.median(times)
-        tps = total_new / med
-        ratio = f"{tps / hf_tps:.2f}x" if hf_tps else "-"
-        print(f"| {name:<22} | {device[:26]:<26} | {warm:>12.1f} | {med:>8.2f} | {tps:>9.0f} | {ratio:>6} |")
+        useful = sum(lengths)
+        mean = useful / len(lengths)
+        roof = roof_tok_s(args.shape, batch, args.prompt_len, mean, bw, peak)
+        tps = useful / med
+        print(f"| {name} | {batch} | {warm:.1f} | {med:.3f} | {tps:.0f} | {mean:.1f} | {np.median(lengths):.0f} | "
+              f"{np.percentile(lengths, 90):.0f} | {roof:.0f} | {100 * tps / roof:.0f} |")
+        print("RESULT " + json.dumps(dict(side=name, shape=args.shape, batch=batch, seconds=med, tok_s=tps, mean_len=mean,
+                                          ragged=args.ragged, temperature=temperature, roof=roof, device=dev)))
     return 0
 
 

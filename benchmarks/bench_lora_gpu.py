@@ -112,9 +112,9 @@ def run_jax(shape: str, seq: int, warmup: int, timed: int) -> dict:
     import jax.numpy as jnp
 
     import jaxsft
-    from jaxsft.models.spec import ModelSpec
+    from jaxsft.models.families import spec_from_hf_config
 
-    spec = ModelSpec.from_hf_config(hf_config(shape))
+    spec = spec_from_hf_config(hf_config(shape))
     mesh = jaxsft.single_device_mesh()
     model = jaxsft.init_model(spec, mesh=mesh, seed=0, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
     jaxsft.add_lora(model, jaxsft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS)))

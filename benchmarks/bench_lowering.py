@@ -34,10 +34,10 @@ def main() -> None:
     import bench_speed
     import jaxsft
     from jaxsft import step as step_fns
+    from jaxsft.models.families import spec_from_hf_config
     from jaxsft.objectives import CausalSFT
-    from jaxsft.models.spec import ModelSpec
 
-    spec = ModelSpec.from_hf_config(bench_speed.hf_config(args.shape))
+    spec = spec_from_hf_config(bench_speed.hf_config(args.shape))
     model = nnx.eval_shape(lambda: jaxsft.models.CausalLM(spec, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), scan_layers=False))
     graphdef, params = nnx.split(model)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5))

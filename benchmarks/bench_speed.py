@@ -37,7 +37,10 @@ SHAPES = {
     "smol": ("llama", 576, 1536, 30, 9, 3, 49152),
     "qwen05": ("qwen2", 896, 4864, 24, 14, 2, 151936),
     "qwen15": ("qwen2", 1536, 8960, 28, 12, 2, 151936),
+    "gemma2_tiny": ("gemma2", 64, 128, 2, 4, 2, 1024),
+    "gemma2_2b": ("gemma2", 2304, 9216, 26, 8, 4, 256000),  # Gemma-2-2B's shape (head_dim 256, soft caps, windows)
 }
+HEAD_DIM = {"gemma2_tiny": 16, "gemma2_2b": 256}  # where it is not hidden // heads
 CALLS = {"fixed": (2, 5), "ragged": (6, 5)}  # (warm-up, timed) step() calls: ragged warms up longer (more shapes)
 EXAMPLES, MICRO_BATCH, SEQ, MAX_LEN = 64, 8, 512, 1024
 
@@ -63,6 +66,14 @@ def hf_config(shape: str):
     import transformers as tf
 
     model_type, hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
+    if model_type == "gemma2":  # Gemma 2's own rules at their defaults: soft caps 50 / 30, window 4096 on every other layer
+        head_dim = HEAD_DIM[shape]
+        return tf.Gemma2Config(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+            max_position_embeddings=8192, tie_word_embeddings=True, use_cache=False, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2,
+        )
     cls = tf.Qwen2Config if model_type == "qwen2" else tf.LlamaConfig
     return cls(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
@@ -74,12 +85,12 @@ def hf_config(shape: str):
 def flops_per_token(shape: str, attended: float) -> float:
     """6 N + 12 L H S with N = non-embedding parameters + the lm_head matmul (tied: the table once)."""
     model_type, hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
-    head_dim = hidden // heads
+    head_dim = HEAD_DIM.get(shape, hidden // heads)
     attn = hidden * head_dim * (2 * heads + 2 * kv) + (head_dim * (heads + 2 * kv) if model_type == "qwen2" else 0)
     mlp = 3 * hidden * inter
-    norms = 2 * hidden
+    norms = (4 if model_type == "gemma2" else 2) * hidden
     n = layers * (attn + mlp + norms) + hidden + vocab * hidden
-    return 6 * n + 12 * layers * hidden * attended
+    return 6 * n + 12 * layers * heads * head_dim * attended
 
 
 def attended_length(calls: list[list]) -> float:
@@ -182,10 +193,10 @@ def run_jaxsft(shape: str, w: str, cpu: bool, options: dict, model_options: dict
     import jax
 
     import jaxsft
-    from jaxsft.models.spec import ModelSpec
+    from jaxsft.models.families import spec_from_hf_config
 
     mesh = jaxsft.single_device_mesh()
-    model = jaxsft.init_model(ModelSpec.from_hf_config(hf_config(shape)), mesh=mesh, seed=0, **model_options)
+    model = jaxsft.init_model(spec_from_hf_config(hf_config(shape)), mesh=mesh, seed=0, **model_options)
     cfg = jaxsft.TrainConfig(**{
         "learning_rate": 1e-5, "lr_scheduler_type": "constant", "per_device_train_batch_size": MICRO_BATCH,
         "max_length": SEQ if w == "fixed" else MAX_LEN, "bf16": not cpu, "logging_steps": 0, "disable_tqdm": True,

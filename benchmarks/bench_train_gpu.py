@@ -44,9 +44,9 @@ def hf_config(shape: str):
 
 
 def flops_per_token(shape: str) -> float:
-    from jaxsft.models.spec import ModelSpec
+    from jaxsft.models.families import spec_from_hf_config
 
-    spec = ModelSpec.from_hf_config(hf_config(shape))
+    spec = spec_from_hf_config(hf_config(shape))
     n = spec.num_parameters(include_embeddings=False) + spec.vocab_size * spec.hidden_size
     return 6 * n + 12 * spec.num_layers * spec.hidden_size * SEQ
 
@@ -82,13 +82,13 @@ def run_jax(shape: str, mesh_shape: tuple[int, int, int], warmup: int, timed: in
     import numpy as np
 
     import jaxsft
-    from jaxsft.models.spec import ModelSpec
+    from jaxsft.models.families import spec_from_hf_config
 
     data, fsdp, tensor = mesh_shape
     ndev = data * fsdp * tensor
     devices = jax.devices()[:ndev]
     mesh = jaxsft.make_mesh(data, fsdp, tensor, devices=devices)
-    spec = ModelSpec.from_hf_config(hf_config(shape))
+    spec = spec_from_hf_config(hf_config(shape))
     model = jaxsft.init_model(spec, mesh=mesh, seed=0)
     cfg = jaxsft.TrainConfig(
         learning_rate=1e-5, lr_scheduler_type="constant", per_device_train_batch_size=PER_DEVICE_BATCH,

@@ -29,7 +29,7 @@ def fused_update_hlo(
 
     import jaxsft
     from jaxsft.diagnostics import update_program_text
-    from jaxsft.models.spec import ModelSpec
+    from jaxsft.models.families import spec_from_hf_config
 
     sys.path.insert(0, os.path.dirname(__file__))
     from common import hf_config
@@ -38,7 +38,7 @@ def fused_update_hlo(
     config = hf_config(shape, seq)
     if layers:
         config.num_hidden_layers = layers
-    spec = ModelSpec.from_hf_config(config)
+    spec = spec_from_hf_config(config)
     model = jaxsft.init_model(spec, mesh=mesh, seed=0)
     cfg = jaxsft.TrainConfig(per_device_train_batch_size=batch, max_length=seq, length_buckets=(seq,), bf16=True,
                              scan_layers=scan, logging_steps=0, disable_tqdm=True, xla_options=xla_options,

@@ -55,9 +55,9 @@ def wrap(model: Any, peft_config: Any) -> Any:
 
 
 def _spec_of(model: Any):
-    from jaxsft.models.spec import ModelSpec
+    from jaxsft.models.families import spec_from_hf_config
 
-    return ModelSpec.from_hf_config(model.config)
+    return spec_from_hf_config(model.config)
 
 
 class TorchAdapterSync:

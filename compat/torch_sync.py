@@ -27,7 +27,7 @@ from jaxsft.models import weights
 from jaxsft.models.decoder import CausalLM
 from jaxsft.models.hf_export import hf_layout_on_device
 from jaxsft.models.hf_io import hf_state_dict, hf_weight_shapes, param_shapes
-from jaxsft.models.hf_keys import table_for
+from jaxsft.models.families import table_for
 from jaxsft.models.spec import ModelSpec
 
 # torch dtypes numpy can write into directly (np.copyto into the tensor's own memory).

@@ -46,8 +46,10 @@ import torch
 
 import jaxsft
 from jaxsft import batching
+from jaxsft.atomic_folder import write_folder
 from jaxsft.batching import STEP_KEYWORDS
 from jaxsft.config import TrainConfig
+from jaxsft.models.hf_io import is_weights_file
 from jaxsft.trainer import IterativeSFTTrainer as CoreTrainer
 from jaxsft.trainer import TrainerCallback as CoreCallback
 
@@ -342,6 +344,15 @@ class IterativeSFTTrainer:
             "construction. Build a new trainer for another model."
         )
 
+    def generate(self, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> torch.Tensor:
+        """``model.generate`` for TRL loops, on the trained JAX weights (no copy to torch): HF's common keywords
+        (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``num_return_sequences``,
+        ``eos_token_id``, ``pad_token_id``) in, HF's LongTensor (prompt + new tokens) out. See compat.generation."""
+        from compat.generation import generate
+
+        config = getattr(self._torch_model, "generation_config", None)
+        return generate(self.core, config, input_ids, attention_mask, **kwargs)
+
     @property
     def jax_model(self):
         """The jaxsft CausalLM with the current weights (no copy)."""
@@ -583,24 +594,33 @@ class IterativeSFTTrainer:
         generation config, tokenizer and ``training_args.bin``. A PeftModel's folder is PEFT's: the
         adapter (adapter_config.json + adapter_model.safetensors), tokenizer and ``training_args.bin``."""
         output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if not self.state.is_world_process_zero:  # every process gathers its shards; only process 0 writes
+            if self.is_peft_model:
+                peft_models.save_adapter(self.core.model, output_dir)
+            else:
+                jaxsft.save_pretrained(self.core.model, output_dir, dtype=_dtype_name_of(self._torch_model))
+            return
+        # Written whole into a folder beside output_dir and swapped in when complete: a failure (a full disk)
+        # leaves the previous save exactly as it was and raises OSError naming output_dir.
+        write_folder(output_dir, self._write_saved_model, what="save_model", replaces=is_weights_file)
+
+    def _write_saved_model(self, folder: Path) -> None:
+        """Everything save_model writes, into ``folder`` (a fresh temporary one)."""
         if self.is_peft_model:
-            peft_models.save_adapter(self.core.model, output_dir)
-            if self.state.is_world_process_zero:
-                if self.processing_class is not None:
-                    self.processing_class.save_pretrained(str(output_dir))
-                torch.save(self.args, output_dir / "training_args.bin")
+            peft_models.save_adapter(self.core.model, folder)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(str(folder))
+            torch.save(self.args, folder / "training_args.bin")
             return
         dtype = _dtype_name_of(self._torch_model)
-        jaxsft.save_pretrained(self.core.model, output_dir, tokenizer=self.processing_class, dtype=dtype)
-        if not self.state.is_world_process_zero:
-            return
+        jaxsft.save_pretrained(self.core.model, folder, tokenizer=self.processing_class, dtype=dtype)
         generation_config = getattr(self._torch_model, "generation_config", None)
         if generation_config is not None:
             try:
-                generation_config.save_pretrained(str(output_dir))
+                generation_config.save_pretrained(str(folder))
             except Exception as err:  # an invalid generation config must not lose the weights
                 warnings.warn(f"save_model: generation_config was not saved: {err}", UserWarning, stacklevel=2)
-        torch.save(self.args, output_dir / "training_args.bin")
+        torch.save(self.args, folder / "training_args.bin")
 
     def create_model_card(
         self,

@@ -1,7 +1,7 @@
 """Expert iteration on the JAX API: sample answers, keep the ones a verifier accepts, train on them, repeat.
 
-    python -m jaxsft export smollm2        # the bundled SmolLM2-135M-Instruct as a Hugging Face folder
-    python examples/expert_iteration.py --model smollm2
+    python -m jaxsft export ~/models/smollm2   # the bundled SmolLM2-135M-Instruct as a Hugging Face folder
+    python examples/expert_iteration.py --model ~/models/smollm2
     python examples/expert_iteration.py --tiny   # a tiny offline model, in seconds (what CI runs)
 
 The code between the README markers is the README's "Quick start: JAX API", verbatim
@@ -63,7 +63,7 @@ def expert_iteration(model_dir, problems, held_out, *, rounds=3, samples=4, lear
 
 
 def main() -> None:
-    import tiny_model
+    from jaxsft.testing import addition_problems, tiny_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="a local Hugging Face folder (e.g. from `python -m jaxsft export DIR`)")
@@ -74,16 +74,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny == bool(args.model):
         parser.error("pass --model DIR or --tiny")
-    if args.tiny:
-        model_dir = tiny_model.build(tempfile.mkdtemp(prefix="jaxsft-tiny-"))
-        problems, held_out = tiny_model.addition_problems(32, seed=1), tiny_model.addition_problems(32, seed=2)
-        trainer, history = expert_iteration(model_dir, problems, held_out, rounds=args.rounds, learning_rate=2e-4)
-    else:
-        problems = tiny_model.addition_problems(32, seed=1, low=10, high=99)
-        held_out = tiny_model.addition_problems(64, seed=2, low=10, high=99)
-        trainer, history = expert_iteration(args.model, problems, held_out, rounds=args.rounds)
-    if args.output_dir:
-        jaxsft.save_pretrained(trainer.model, args.output_dir, tokenizer=trainer.tokenizer)
+    with tempfile.TemporaryDirectory(prefix="jaxsft-tiny-") as scratch:  # removed at the end, also on errors
+        if args.tiny:
+            model_dir = tiny_model(scratch)
+            problems, held_out = addition_problems(32, seed=1), addition_problems(32, seed=2)
+            trainer, history = expert_iteration(model_dir, problems, held_out, rounds=args.rounds, learning_rate=2e-4)
+        else:
+            problems = addition_problems(32, seed=1, low=10, high=99)
+            held_out = addition_problems(64, seed=2, low=10, high=99)
+            trainer, history = expert_iteration(args.model, problems, held_out, rounds=args.rounds)
+        if args.output_dir:
+            jaxsft.save_pretrained(trainer.model, args.output_dir, tokenizer=trainer.tokenizer)
     if args.summary:
         with open(args.summary, "w") as f:
             json.dump(history, f, indent=1)

@@ -1,6 +1,6 @@
 """Rejection sampling with a reward function: keep each prompt's best sample when its reward is high enough.
 
-    python examples/rejection_sampling.py --model smollm2   # a folder from `python -m jaxsft export smollm2`
+    python examples/rejection_sampling.py --model ~/models/smollm2 --output-dir trained  # after `python -m jaxsft export ~/models/smollm2`
     python examples/rejection_sampling.py --tiny            # a tiny offline model, in seconds (what CI runs)
 
 The code between the README markers is shown in the README, verbatim.
@@ -53,7 +53,7 @@ def rejection_sampling(model_dir, problems, *, rounds=3, samples=8, threshold=0.
 
 
 def main() -> None:
-    import tiny_model
+    from jaxsft.testing import addition_problems, tiny_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="a local Hugging Face folder (e.g. from `python -m jaxsft export DIR`)")
@@ -63,13 +63,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny == bool(args.model):
         parser.error("pass --model DIR or --tiny")
-    if args.tiny:
-        model_dir = tiny_model.build(tempfile.mkdtemp(prefix="jaxsft-tiny-"))
-        _, history = rejection_sampling(model_dir, tiny_model.addition_problems(32, seed=1), rounds=args.rounds,
-                                        learning_rate=2e-4)
-    else:
-        _, history = rejection_sampling(args.model, tiny_model.addition_problems(32, seed=1, low=10, high=99),
-                                        rounds=args.rounds)
+    with tempfile.TemporaryDirectory(prefix="jaxsft-tiny-") as scratch:  # removed at the end, also on errors
+        if args.tiny:
+            _, history = rejection_sampling(tiny_model(scratch), addition_problems(32, seed=1), rounds=args.rounds,
+                                            learning_rate=2e-4)
+        else:
+            _, history = rejection_sampling(args.model, addition_problems(32, seed=1, low=10, high=99),
+                                            rounds=args.rounds)
     if args.summary:
         with open(args.summary, "w") as f:
             json.dump(history, f, indent=1)

@@ -1,6 +1,6 @@
 """The same expert-iteration loop as a TRL script, with one import changed to run on jaxsft.
 
-    python examples/trl_switch.py --model smollm2   # a folder from `python -m jaxsft export smollm2`
+    python examples/trl_switch.py --model ~/models/smollm2 --output-dir trained  # after `python -m jaxsft export ~/models/smollm2`
     python examples/trl_switch.py --tiny            # a tiny offline model, in seconds (what CI runs)
 
 Everything else is TRL's API: a transformers model and TrainingArguments, the model's own
@@ -28,7 +28,7 @@ def verify(reply: str, answer: str) -> bool:
     return bool(numbers) and numbers[-1] == answer
 
 
-def expert_iteration_trl(model_dir, problems, *, rounds=3, samples=4, learning_rate=3e-5, output_dir="trl-switch"):
+def expert_iteration_trl(model_dir, problems, output_dir, *, rounds=3, samples=4, learning_rate=3e-5):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"  # for batched generate
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -61,24 +61,28 @@ def expert_iteration_trl(model_dir, problems, *, rounds=3, samples=4, learning_r
 
 
 def main() -> None:
-    import tiny_model
+    from jaxsft.testing import addition_problems, tiny_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="a local Hugging Face folder (e.g. from `python -m jaxsft export DIR`)")
     parser.add_argument("--tiny", action="store_true", help="build a tiny model offline and run on it (seconds)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--output-dir", default="trl-switch", help="where trainer.save_model writes")
+    parser.add_argument("--output-dir", help="where trainer.save_model writes (default with --tiny: a temporary "
+                                             "folder, removed at the end)")
     parser.add_argument("--summary", help="write the per-round stats here as JSON")
     args = parser.parse_args()
     if args.tiny == bool(args.model):
         parser.error("pass --model DIR or --tiny")
-    if args.tiny:
-        model_dir = tiny_model.build(tempfile.mkdtemp(prefix="jaxsft-tiny-"))
-        history = expert_iteration_trl(model_dir, tiny_model.addition_problems(16, seed=1), rounds=args.rounds,
-                                       learning_rate=2e-4, output_dir=args.output_dir)
-    else:
-        history = expert_iteration_trl(args.model, tiny_model.addition_problems(16, seed=1, low=10, high=99),
-                                       rounds=args.rounds, output_dir=args.output_dir)
+    if args.model and not args.output_dir:
+        parser.error("pass --output-dir DIR: where the trained model goes")
+    with tempfile.TemporaryDirectory(prefix="jaxsft-tiny-") as scratch:  # removed at the end, also on errors
+        output_dir = args.output_dir or f"{scratch}/trained"
+        if args.tiny:
+            history = expert_iteration_trl(tiny_model(f"{scratch}/model"), addition_problems(16, seed=1), output_dir,
+                                           rounds=args.rounds, learning_rate=2e-4)
+        else:
+            history = expert_iteration_trl(args.model, addition_problems(16, seed=1, low=10, high=99), output_dir,
+                                           rounds=args.rounds)
     if args.summary:
         with open(args.summary, "w") as f:
             json.dump(history, f, indent=1)

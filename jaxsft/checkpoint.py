@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -34,7 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FORMAT = "jaxsft-trainer-checkpoint/2"
+from jaxsft import distributed, fingerprint
+
+FORMAT = "jaxsft-trainer-checkpoint/3"  # /3: the host JSON carries its own checksum (HOST_CHECKSUM)
+_OLDER_FORMATS = ("jaxsft-trainer-checkpoint/2",)  # still restored (no host checksum to verify)
+HOST_CHECKSUM = "host_checksum"
 ARRAYS_ITEM = "arrays"
 STATE_ITEM = "trainer_state"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -42,6 +48,8 @@ _PREVIOUS = re.compile(r"^checkpoint-(\d+)\.previous$")
 _RESAVE_PREFIX = ".jaxsft-resave-"
 _TMP_MARK = ".orbax-checkpoint-tmp"
 HOST_FIELDS = ("global_step", "rng", "counters", "log_history")
+SAVE = "save_checkpoint()"
+RESTORE = "restore_checkpoint()"
 
 
 class Checkpointable(Protocol):
@@ -97,27 +105,42 @@ def save(trainer: Checkpointable, directory: str, *, keep_last: Optional[int] = 
     ``keep_last=k`` deletes all but the newest k checkpoints after a successful save.
     An error from the file system (disk full included) is raised as ``OSError``.
     """
-    if keep_last is not None and (not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1):
-        raise ValueError(f"save_checkpoint: keep_last={keep_last!r} must be None or an integer >= 1.")
     state = trainer.state_dict()
+    step = int(state["global_step"])
+    error: Optional[BaseException] = None
+    try:  # local checks only: every process learns every verdict before the first collective
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(
+                f"save_checkpoint: directory={directory!r} must be a folder path (str or os.PathLike); pass e.g. "
+                "trainer.save_checkpoint('checkpoints')."
+            )
+        if keep_last is not None and (not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1):
+            raise ValueError(f"save_checkpoint: keep_last={keep_last!r} must be None or an integer >= 1.")
+        directory = os.path.abspath(os.fspath(directory))
+    except Exception as err:  # any type: shared, so all processes raise together
+        error = err
+    timeout = _timeout(trainer)
+    distributed.agree(SAVE, error, {"directory": str(directory), "global_step": step, "keep_last": keep_last}, timeout)
     arrays = {"params": state["params"], "opt_state": state["opt_state"]}
     named = _named_leaves(arrays)
-    _refuse_non_finite(named)
+    _refuse_non_finite(named)  # a collective, identical verdict everywhere
     host = _host_json(trainer, state, named)
-    step = int(state["global_step"])
-    directory = os.path.abspath(directory)
     final = checkpoint_path(directory, step)
+    error = None
     if jax.process_index() == 0:
-        os.makedirs(directory, exist_ok=True)
-        _clean_debris(directory)
-    _barrier("jaxsft-checkpoint-clean")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            _clean_debris(directory)
+        except OSError as err:
+            error = OSError(err.errno, f"save_checkpoint: cannot write {directory}: {err}")
+    distributed.agree(SAVE + " (folder ready)", error, {}, timeout)
     try:
         if os.path.isdir(final) or os.path.isdir(final + ".previous"):
             staging_root = os.path.join(directory, f"{_RESAVE_PREFIX}{step}")
             _orbax_save(staging_root, step, arrays, host, None)
             if jax.process_index() == 0:
                 _swap_in(checkpoint_path(staging_root, step), final)
-            _barrier("jaxsft-checkpoint-swap")
+            distributed.agree(SAVE + " (swapped in)", None, {}, timeout)
         else:
             _orbax_save(directory, step, arrays, host, keep_last)
     except Exception as err:
@@ -132,7 +155,7 @@ def save(trainer: Checkpointable, directory: str, *, keep_last: Optional[int] = 
     if keep_last is not None and jax.process_index() == 0:
         for old_step, path in sorted(list_checkpoints(directory).items())[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)
-    _barrier("jaxsft-checkpoint-done")
+    distributed.agree(SAVE + " (done)", None, {}, timeout)
     return final
 
 
@@ -221,6 +244,50 @@ def read(trainer: Checkpointable, path: str) -> dict[str, Any]:
     """
     import orbax.checkpoint as ocp
 
+    timeout = _timeout(trainer)
+    error: Optional[BaseException] = None
+    saved: dict[str, Any] = {}
+    try:  # local reads and checks only: every process learns every verdict before the first collective
+        saved, target_tree = _read_and_check_host(trainer, path)
+    except Exception as err:  # any type (a missing folder on one process included): shared
+        error = err
+    where = os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else repr(path)
+    step = saved.get("trainer", {}).get("global_step")
+    agreed = {"path": where, "global_step": step, "host_checksum": saved.get(HOST_CHECKSUM)}
+    agreed.update(fingerprint.of_training(trainer.config, trainer.spec))  # a config changed since construction
+    distributed.agree(RESTORE, error, agreed, timeout)
+    manifest = saved["arrays"]
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_tree)
+    error, arrays = None, None
+    try:
+        arrays = ocp.StandardCheckpointer().restore(os.path.join(where, ARRAYS_ITEM), abstract)
+    except Exception as err:  # orbax: unreadable, truncated or structurally different files
+        error = ValueError(
+            f"restore_checkpoint: the arrays in {path!r} could not be read ({type(err).__name__}: {str(err)[:300]}); "
+            "the checkpoint is damaged or was written for another optimizer. Restore an older one."
+        )
+    distributed.agree(RESTORE + " (arrays read)", error, {}, timeout)
+    named = _named_leaves(arrays)
+    digests = fingerprint.array_digests([leaf for _, leaf in named])
+    bad = [name for (name, _), digest in zip(named, digests) if manifest[name]["checksum"] != digest]
+    if bad:
+        raise ValueError(
+            f"restore_checkpoint: {len(bad)} arrays in {path!r} do not match the checksums written at save (first "
+            f"{bad[0]}); the files were changed or damaged after saving. Restore an older checkpoint."
+        )
+    _refuse_non_finite(named, what="restore_checkpoint", where=path)
+    return {"params": arrays["params"], "opt_state": arrays["opt_state"], **{k: saved["trainer"][k] for k in HOST_FIELDS}}
+
+
+def _read_and_check_host(trainer: Checkpointable, path: Any) -> tuple[dict[str, Any], Any]:
+    """The checkpoint's host JSON, verified (checksum, consistency, architecture, array manifest) against
+    ``trainer``; returns it with the trainer's array tree to restore into. Reads no arrays, runs no collective."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"restore_checkpoint: path={path!r} must be a checkpoint folder path (str or os.PathLike); pass e.g. "
+            "jaxsft.checkpoint.latest_checkpoint('checkpoints')."
+        )
+    path = os.fspath(path)
     state_file = _state_file(path)
     if not os.path.isfile(state_file):
         raise FileNotFoundError(
@@ -228,7 +295,7 @@ def read(trainer: Checkpointable, path: str) -> dict[str, Any]:
             "checkpoint-<step> folder written by save_checkpoint, e.g. jaxsft.checkpoint.latest_checkpoint(dir)."
         )
     saved = _read_host_json(path, state_file)
-    ours = _as_json(dataclasses.asdict(trainer.spec))
+    ours = fingerprint.as_json(dataclasses.asdict(trainer.spec))
     if saved["model_spec"] != ours:
         diff = sorted(k for k in ours if saved["model_spec"].get(k) != ours[k])
         raise ValueError(
@@ -251,24 +318,7 @@ def read(trainer: Checkpointable, path: str) -> dict[str, Any]:
             f"({len(mismatch)} differ in name, shape or dtype, first {mismatch[0]}); restore with the model and "
             "optimizer the checkpoint was trained with."
         )
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_tree)
-    try:
-        arrays = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), ARRAYS_ITEM), abstract)
-    except Exception as err:  # orbax: unreadable, truncated or structurally different files
-        raise ValueError(
-            f"restore_checkpoint: the arrays in {path!r} could not be read ({type(err).__name__}: {str(err)[:300]}); "
-            "the checkpoint is damaged or was written for another optimizer. Restore an older one."
-        ) from None
-    named = _named_leaves(arrays)
-    digests = _digests([leaf for _, leaf in named])
-    bad = [name for (name, _), digest in zip(named, digests) if manifest[name]["checksum"] != digest]
-    if bad:
-        raise ValueError(
-            f"restore_checkpoint: {len(bad)} arrays in {path!r} do not match the checksums written at save (first "
-            f"{bad[0]}); the files were changed or damaged after saving. Restore an older checkpoint."
-        )
-    _refuse_non_finite(named, what="restore_checkpoint", where=path)
-    return {"params": arrays["params"], "opt_state": arrays["opt_state"], **{k: saved["trainer"][k] for k in HOST_FIELDS}}
+    return saved, target_tree
 
 
 def restore(trainer: Checkpointable, path: str) -> None:
@@ -278,11 +328,11 @@ def restore(trainer: Checkpointable, path: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _host_json(trainer: Checkpointable, state: dict, named: list) -> dict[str, Any]:
-    digests = _digests([leaf for _, leaf in named])
-    return {
+    digests = fingerprint.array_digests([leaf for _, leaf in named])
+    host = {
         "format": FORMAT,
-        "model_spec": _as_json(dataclasses.asdict(trainer.spec)),
-        "config": _as_json(dataclasses.asdict(trainer.config)),
+        "model_spec": fingerprint.as_json(dataclasses.asdict(trainer.spec)),
+        "config": fingerprint.as_json(dataclasses.asdict(trainer.config)),
         "mesh": {k: int(v) for k, v in trainer.mesh.shape.items()},
         "trainer": {k: state[k] for k in HOST_FIELDS},
         "arrays": {
@@ -290,6 +340,44 @@ def _host_json(trainer: Checkpointable, state: dict, named: list) -> dict[str, A
             for (name, leaf), digest in zip(named, digests)
         },
     }
+    body = fingerprint.as_json({k: v for k, v in host.items() if k != "format"})  # (no dict with "format" passes json.dumps
+    host = {"format": FORMAT, **body}                                  #  before orbax writes it)
+    host[HOST_CHECKSUM] = host_checksum(host)
+    return host
+
+
+def host_checksum(saved: dict[str, Any]) -> str:
+    """SHA-256 of the host JSON without its own checksum field (keys sorted: independent of write order).
+    The arrays have their own checksums; this one covers the step counters, log history and RNG state."""
+    body = sorted([k, v] for k, v in saved.items() if k != HOST_CHECKSUM)
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
+
+
+def check_host_consistency(host: dict[str, Any], where: str) -> None:
+    """Refuse host fields that contradict each other (the JSON parsed, checksum aside): a ``global_step``
+    behind its own log history or logging position, counters below zero, a non-finite pending loss."""
+    def broken(what: str) -> ValueError:
+        return ValueError(f"restore_checkpoint: {where!r} has an inconsistent {STATE_ITEM} ({what}); restore an older checkpoint.")
+
+    step = host["global_step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise broken(f"global_step={step!r} is not an integer >= 0")
+    counters = host["counters"] if isinstance(host["counters"], dict) else {}
+    last_logged = counters.get("last_logged_step", 0)
+    if isinstance(last_logged, int) and not 0 <= last_logged <= step:
+        raise broken(f"last_logged_step={last_logged} is not within [0, global_step={step}]")
+    pending = counters.get("loss_since_log", [])
+    if isinstance(pending, list):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pending):
+            raise broken(f"loss_since_log={pending!r:.80} holds a value that is not a finite number")
+        if len(pending) > step - (last_logged if isinstance(last_logged, int) else 0):
+            raise broken(f"loss_since_log has {len(pending)} losses, more than the updates since the last log")
+    logs = host["log_history"] if isinstance(host["log_history"], list) else []
+    steps = [entry.get("step") for entry in logs if isinstance(entry, dict)]
+    if any(not isinstance(s, int) or isinstance(s, bool) for s in steps):
+        raise broken("a log_history entry has no integer step")
+    if steps and (max(steps) > step or steps != sorted(steps)):
+        raise broken(f"log_history runs to step {max(steps)} (or out of order) but global_step is {step}")
 
 
 def _read_host_json(path: str, state_file: str) -> dict[str, Any]:
@@ -303,7 +391,7 @@ def _read_host_json(path: str, state_file: str) -> dict[str, Any]:
         raise broken(f"not readable JSON: {err}") from None
     if not isinstance(saved, dict):
         raise broken("not a JSON object")
-    if saved.get("format") != FORMAT:
+    if saved.get("format") not in (FORMAT, *_OLDER_FORMATS):
         raise ValueError(f"restore_checkpoint: {path!r} has format {saved.get('format')!r}, expected {FORMAT!r}.")
     for key, kind in (("model_spec", dict), ("trainer", dict), ("arrays", dict)):
         if not isinstance(saved.get(key), kind):
@@ -316,42 +404,17 @@ def _read_host_json(path: str, state_file: str) -> dict[str, Any]:
         if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list) and isinstance(entry.get("dtype"), str)
                 and isinstance(entry.get("checksum"), list)):
             raise broken(f"array entry {name!r} lacks shape, dtype or checksum")
+    if saved["format"] == FORMAT and saved.get(HOST_CHECKSUM) != host_checksum(saved):
+        raise broken(
+            "its checksum does not match its contents: the step counters, log history or RNG state were edited or "
+            "damaged after saving"
+        )
+    check_host_consistency(host, path)
     return saved
 
 
 def _named_leaves(tree: Any) -> list[tuple[str, jax.Array]]:
     return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _as_json(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists, odd objects their repr), for comparisons."""
-    return json.loads(json.dumps(value, default=repr))
-
-
-def _as_words(x: jax.Array) -> jax.Array:
-    """The array's bits as uint32 words (16- and 8-bit types widened), for an order-free checksum."""
-    width = jnp.dtype(x.dtype).itemsize
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32).reshape(-1)
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width]
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
-
-
-@jax.jit
-def _digest_arrays(leaves: list[jax.Array]) -> jax.Array:
-    """Two wrapping uint32 sums per array: plain and position-weighted. Integer sums are exact in any
-    reduction order, so the digest is the same on any mesh (a checkpoint resumes onto another one)."""
-    out = []
-    for x in leaves:
-        words = _as_words(x)
-        index = jnp.arange(words.shape[0], dtype=jnp.uint32)
-        mixed = (words ^ (index * jnp.uint32(0x9E3779B9))) * (index * jnp.uint32(2) + jnp.uint32(1))
-        out.append(jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(mixed, dtype=jnp.uint32)]))
-    return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
-
-
-def _digests(leaves: list[jax.Array]) -> list[list[int]]:
-    return [[int(a), int(b)] for a, b in np.asarray(jax.device_get(_digest_arrays(leaves)))]
 
 
 @jax.jit
@@ -378,8 +441,6 @@ def _refuse_non_finite(named: list, *, what: str = "save_checkpoint", where: str
     )
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+def _timeout(trainer: Checkpointable) -> float:
+    """How long a process waits for its peers (the trainer's ``agreement_timeout_s``, as ``step()``)."""
+    return float(getattr(trainer.config, "agreement_timeout_s", 300.0))

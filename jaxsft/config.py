@@ -123,6 +123,7 @@ class Optimization:
         if not all(isinstance(k, str) for k in self.lr_scheduler_kwargs):
             raise _bad(self, "lr_scheduler_kwargs", "must be a dict with str keys",
                        "pass e.g. lr_scheduler_kwargs={'num_cycles': 0.5}")
+        _check_scheduler_kwargs(self.lr_scheduler_kwargs)
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
             raise _bad(self, "learning_rate", "must be a finite number >= 0", "pass e.g. learning_rate=1e-5")
         if not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool):
@@ -202,8 +203,10 @@ class Performance:
     scan_layers: Optional[bool] = None
     # Lay each micro-batch's examples end to end in as few rows as fit (segment ids
     # keep them apart in attention and loss): fewer padded tokens, same numbers. Pays off on
-    # ragged step() calls; off, every example gets a row of its own.
-    packing: bool = False
+    # ragged step() calls; off, every example gets a row of its own. None (default): on where
+    # measured faster, i.e. on GPU where cuDNN's ragged attention applies, off elsewhere
+    # (jaxsft.fast_path.resolve_packing); True / False force either layout.
+    packing: Optional[bool] = None
     # Sequence-length buckets (ascending). None: powers of two from
     # ``min_bucket_length`` up to max_length, plus max_length itself.
     length_buckets: Optional[Sequence[int]] = None
@@ -223,8 +226,8 @@ class Performance:
             if not buckets or any(not _is_int(b) or b < 1 for b in buckets) or buckets != sorted(set(buckets)):
                 raise _bad(self, "length_buckets", "must be strictly ascending positive integers", "pass e.g. (64, 128, 256)")
             self.length_buckets = tuple(int(b) for b in buckets)
-        if not isinstance(self.packing, bool):
-            raise _bad(self, "packing", "must be True or False", "pass e.g. packing=True")
+        if self.packing is not None and not isinstance(self.packing, bool):
+            raise _bad(self, "packing", "must be True, False or None (automatic)", "pass e.g. packing=None")
         if self.scan_layers is not None and not isinstance(self.scan_layers, bool):
             raise _bad(self, "scan_layers", "must be True, False or None (automatic)", "pass e.g. scan_layers=None")
         if self.xla_options is not None and (
@@ -349,6 +352,16 @@ class TrainConfig:
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise _bad(self, "save_total_limit", "must be None (keep all) or an integer >= 1", "pass e.g. save_total_limit=3")
 
+    def validate(self) -> None:
+        """Re-run every check (the trainer calls it when it takes the config: a dict field such as
+        ``lr_scheduler_kwargs`` can be changed in place, which no assignment check sees)."""
+        for group, cls in GROUPS.items():
+            value = getattr(self, group)
+            if not isinstance(value, cls):
+                raise TypeError(f"TrainConfig.{group} must be a jaxsft.config.{cls.__name__}, got {type(value).__name__}.")
+            _revalidate(value)
+        _revalidate(self)
+
     # ------------------------------------------------------------------ derived values
     @property
     def clipping_enabled(self) -> bool:
@@ -395,6 +408,16 @@ class TrainConfig:
             scan_layers=bool(self.scan_layers if self.scan_layers is not None else num_layers > UNROLL_MAX_LAYERS),
             dropout=bool(self.dropout),
         )
+
+
+def _check_scheduler_kwargs(kwargs: dict[str, Any]) -> None:
+    """Every scheduler argument a finite number (``num_cycles=nan`` would silently make the rate 0)."""
+    for key, value in kwargs.items():
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(
+                f"TrainConfig.lr_scheduler_kwargs[{key!r}]={value!r}: must be a finite number (a NaN or inf here "
+                f"silently breaks the learning-rate schedule); pass e.g. lr_scheduler_kwargs={{'num_cycles': 0.5}}."
+            )
 
 
 # ------------------------------------------------------------------------------------------ optimizer descriptions
@@ -485,6 +508,60 @@ for _name in _OWNER:
 del _name
 
 
+# ------------------------------------------------------------------------------------------ checked assignment
+# A config is checked at construction and at every later assignment (``config.weight_decay = nan`` is
+# refused and the old value kept), so it cannot be put into a state its constructor would refuse.
+_READY = "_jaxsft_checked"
+
+
+def _revalidate(obj: Any) -> None:
+    """Run ``obj``'s construction checks again (they may normalise values: plain setattr meanwhile)."""
+    ready = obj.__dict__.get(_READY, False)
+    object.__setattr__(obj, _READY, False)
+    try:
+        if isinstance(obj, TrainConfig):
+            obj._validate()
+        else:
+            obj.__post_init__()
+    finally:
+        object.__setattr__(obj, _READY, ready)
+
+
+def _checked_setattr(self: Any, name: str, value: Any) -> None:
+    if not self.__dict__.get(_READY, False) or isinstance(getattr(type(self), name, None), property):
+        object.__setattr__(self, name, value)  # during construction, or a flat route (its group checks)
+        return
+    if name in GROUPS and isinstance(self, TrainConfig) and not isinstance(value, GROUPS[name]):
+        raise TypeError(f"TrainConfig.{name} must be a jaxsft.config.{GROUPS[name].__name__}, got {type(value).__name__}.")
+    missing = object()
+    old = self.__dict__.get(name, missing)
+    object.__setattr__(self, name, value)
+    try:
+        _revalidate(self)
+    except BaseException:
+        if old is missing:
+            object.__delattr__(self, name)
+        else:
+            object.__setattr__(self, name, old)
+        raise
+
+
+def _checked_init(init: Any) -> Any:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        object.__setattr__(self, _READY, False)
+        init(self, *args, **kwargs)
+        object.__setattr__(self, _READY, True)
+
+    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init
+    return __init__
+
+
+for _cls in (Optimization, PrecisionAndMemory, Performance, TrainConfig):
+    _cls.__init__ = _checked_init(_cls.__init__)
+    _cls.__setattr__ = _checked_setattr
+del _cls
+
+
 # ------------------------------------------------------------------------------------------ field types
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -534,7 +611,7 @@ _FIELD_KINDS: dict[str, tuple[str, bool]] = {
     "length_buckets": ("ints", True),
     "min_bucket_length": ("int", False), "loss_chunk_size": ("int", True), "loss_chunk_bytes": ("int", False),
     "attention_implementation": ("str", False), "scan_layers": ("bool", True), "xla_options": ("dict", True),
-    "disable_tqdm": ("bool", False), "agreement_timeout_s": ("float", False), "packing": ("bool", False), "dropout": ("bool", False),
+    "disable_tqdm": ("bool", False), "agreement_timeout_s": ("float", False), "packing": ("bool", True), "dropout": ("bool", False),
     "report_to": ("sinks", True), "logging_dir": ("path", True), "output_dir": ("path", True),
     "save_steps": ("int", False), "save_total_limit": ("int", True),
 }

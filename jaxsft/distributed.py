@@ -12,7 +12,9 @@ contributes zero-weight rows.
 
 from __future__ import annotations
 
+import atexit
 import builtins
+import ctypes
 import dataclasses
 import itertools
 import json
@@ -102,6 +104,7 @@ def agree(what: str, error: Optional[BaseException], fingerprint: dict, timeout_
         try:
             text = client.blocking_key_value_get(f"jaxsft/agree/{round_id}/{peer}", int(timeout_s * 1000))
         except Exception as err:  # the runtime raises its own error type on a deadline
+            _exit_cleanly_without(peer)
             raise TimeoutError(
                 f"{what}: process {peer} did not reach this call (agreement #{round_id}) within {timeout_s:g} s "
                 f"(TrainConfig.agreement_timeout_s); it may have died, or the processes are running different "
@@ -138,6 +141,36 @@ def agree(what: str, error: Optional[BaseException], fingerprint: dict, timeout_
                 f"{key}={fingerprint.get(key)!r}; every process must build its trainer with the same settings "
                 f"(differing: {', '.join(differing)}). Nothing was changed."
             )
+
+
+_LOST_PEERS: set[int] = set()
+_DETACHED: list = []  # the runtime's objects, kept alive (never destroyed) once a peer is lost
+
+
+def _exit_cleanly_without(peer: int) -> None:
+    """Once a peer is lost, make this process's normal interpreter exit skip the runtime's shutdown barrier.
+
+    jax shuts the distributed runtime down at exit with a barrier over every process; with a peer dead
+    the barrier fails and the runtime aborts the survivor (SIGABRT, exit code 134) although its own work
+    ended well. Registered after jax's exit hook, this one runs first: it takes the runtime's objects out
+    of jax's hands (held here, so no destructor runs their shutdown either), and the process exits
+    with its own status.
+    """
+    if not _LOST_PEERS:
+        atexit.register(_detach_runtime)
+    _LOST_PEERS.add(peer)
+
+
+def _detach_runtime() -> None:
+    from jax._src import distributed as jax_distributed
+
+    state = jax_distributed.global_state
+    for name in ("preemption_sync_manager", "client", "service"):
+        runtime_object = getattr(state, name, None)
+        if runtime_object is not None:
+            _DETACHED.append(runtime_object)
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(runtime_object))  # outlives interpreter teardown too
+            setattr(state, name, None)
 
 
 def is_main_process() -> bool:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxsft.config import IGNORE_INDEX
+from jaxsft.models.layers import soft_cap, soft_cap_slope
 from jaxsft.sharding import batch_split_axes, constrain
 
 
@@ -105,27 +106,30 @@ def _scan_or_call(body, init, xs):
     return jax.lax.scan(body, init, xs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked_loss(h: jax.Array, w: jax.Array, t: jax.Array, tw, chunk: int, compute_dtype: Any) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_loss(
+    h: jax.Array, w: jax.Array, t: jax.Array, tw, chunk: int, compute_dtype: Any, softcap: Optional[float]
+) -> jax.Array:
     """Loss only (used when nobody differentiates, e.g. evaluation). h: [S, N, H], t: [S, N], tw: [S, N] or None."""
     h_c, t_c, tw_c = _to_chunks(h, t, chunk, tw)
     w_c = w.astype(compute_dtype)
 
     def body(total, xs):
         h_i, t_i, tw_i = xs
-        losses, _, _ = _token_losses(_logits(h_i, w_c, compute_dtype), t_i, tw_i)
+        losses, _, _ = _token_losses(soft_cap(_logits(h_i, w_c, compute_dtype), softcap), t_i, tw_i)
         return total + jnp.sum(losses), None
 
     total, _ = _scan_or_call(body, _varying_like(jnp.zeros((), jnp.float32), h, w), (h_c, t_c, tw_c))
     return total
 
 
-def _chunked_fwd(h, w, t, tw, chunk, compute_dtype):
+def _chunked_fwd(h, w, t, tw, chunk, compute_dtype, softcap):
     """Loss plus d(loss)/d(hidden) and d(loss)/d(unembedding), chunk by chunk.
 
     The logits' cotangent is formed in ``compute_dtype`` (bf16 under mixed precision), so both
     gradient matmuls run at the low-precision matmul rate with fp32 accumulation, as the
-    forward one does.
+    forward one does. With a final-logit ``softcap`` the logits' cotangent goes through the cap's
+    slope (``layers.soft_cap_slope``) before the matmuls.
     """
     h_c, t_c, tw_c = _to_chunks(h, t, chunk, tw)
     w_c = w.astype(compute_dtype)
@@ -134,11 +138,15 @@ def _chunked_fwd(h, w, t, tw, chunk, compute_dtype):
     def body(carry, xs):
         total, d_w = carry
         h_i, t_i, tw_i = xs  # [S, c, H], [S, c], [S, c] or None
-        logits = _logits(h_i, w_c, compute_dtype)
+        raw = _logits(h_i, w_c, compute_dtype)
+        logits = soft_cap(raw, softcap)
         losses, lse, weight = _token_losses(logits, t_i, tw_i)
         probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
         one_hot = jax.nn.one_hot(jnp.where(t_i != IGNORE_INDEX, t_i, 0), vocab, dtype=jnp.float32)
-        d_logits = ((probs - one_hot) * weight[..., None]).astype(compute_dtype)
+        d_logits = (probs - one_hot) * weight[..., None]
+        if softcap is not None:
+            d_logits = d_logits * soft_cap_slope(raw, softcap)
+        d_logits = d_logits.astype(compute_dtype)
         d_h = jnp.einsum("scv,vh->sch", d_logits, w_c, preferred_element_type=jnp.float32)
         # Per-shard partial sums: no cross-device reduction inside the loop.
         d_w_i = jnp.einsum("scv,sch->svh", d_logits, h_i.astype(compute_dtype), preferred_element_type=jnp.float32)
@@ -157,8 +165,8 @@ def _chunked_fwd(h, w, t, tw, chunk, compute_dtype):
     return total, (d_h, jnp.sum(d_w, axis=0).astype(w.dtype))
 
 
-def _chunked_bwd(chunk, compute_dtype, residuals, g):
-    del chunk, compute_dtype
+def _chunked_bwd(chunk, compute_dtype, softcap, residuals, g):
+    del chunk, compute_dtype, softcap
     d_h, d_w = residuals
     scale = lambda d: (g * d.astype(jnp.float32)).astype(d.dtype)  # noqa: E731
     return scale(d_h), scale(d_w), None, None  # labels and token weights carry no gradient
@@ -176,6 +184,7 @@ def causal_lm_loss(
     compute_dtype: Any = jnp.float32,
     num_shards: int = 1,
     shift: bool = True,
+    softcap: Optional[float] = None,
     weights: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of next-token cross entropies and the number of target tokens (both fp32 scalars).
@@ -190,6 +199,8 @@ def causal_lm_loss(
     Without one, ``num_shards`` (it must divide B) makes the chunked path keep one
     partial unembedding gradient per row block. ``shift=False`` scores position t against
     ``labels[:, t]`` (encoder-decoders, whose decoder inputs are the labels shifted right).
+    ``softcap``: the model's final-logit soft cap (``LMHead.softcap``; Gemma 2), applied to the
+    logits before the softmax and through its slope in the gradient.
     """
     if hidden.ndim != 3 or labels.shape != hidden.shape[:2] or unembedding.ndim != 2:
         raise ValueError(
@@ -214,11 +225,13 @@ def causal_lm_loss(
         raise ValueError(f"num_shards={num_shards} must divide the batch size {hidden.shape[0]}.")
     axes = batch_split_axes(hidden.shape[0])
     if axes:
-        return _per_device_then_sum(hidden, unembedding, targets, weights, chunk_size, compute_dtype, axes), num_tokens
-    return _loss_sum(hidden, unembedding, targets, weights, chunk_size, compute_dtype, num_shards), num_tokens
+        return _per_device_then_sum(
+            hidden, unembedding, targets, weights, chunk_size, compute_dtype, axes, softcap
+        ), num_tokens
+    return _loss_sum(hidden, unembedding, targets, weights, chunk_size, compute_dtype, num_shards, softcap), num_tokens
 
 
-def _loss_sum(hidden, unembedding, targets, weights, chunk_size, compute_dtype, num_shards):
+def _loss_sum(hidden, unembedding, targets, weights, chunk_size, compute_dtype, num_shards, softcap=None):
     batch, length, width = hidden.shape
     per_shard = batch // num_shards * length
     chunk = per_shard if chunk_size is None else min(int(chunk_size), per_shard)
@@ -229,10 +242,11 @@ def _loss_sum(hidden, unembedding, targets, weights, chunk_size, compute_dtype, 
         None if weights is None else weights.reshape(num_shards, per_shard),
         chunk,
         compute_dtype,
+        None if softcap is None else float(softcap),
     )
 
 
-def _per_device_then_sum(hidden, unembedding, targets, weights, chunk_size, compute_dtype, axes):
+def _per_device_then_sum(hidden, unembedding, targets, weights, chunk_size, compute_dtype, axes, softcap=None):
     """Each device scores its own rows; the unembedding gradient crosses devices exactly once.
 
     The table enters shard_map as a per-device ("varying") value, so the transpose of that marking
@@ -244,14 +258,14 @@ def _per_device_then_sum(hidden, unembedding, targets, weights, chunk_size, comp
     rows = P(axes)
     if weights is None:
         def local(h, w, t):
-            return jax.lax.psum(_loss_sum(h, _as_varying(w, axes), t, None, chunk_size, compute_dtype, 1), axes)
+            return jax.lax.psum(_loss_sum(h, _as_varying(w, axes), t, None, chunk_size, compute_dtype, 1, softcap), axes)
 
         return jax.shard_map(local, in_specs=(rows, P(), rows), out_specs=P(), axis_names=frozenset(axes))(
             hidden, unembedding, targets
         )
 
     def weighted(h, w, t, tw):
-        return jax.lax.psum(_loss_sum(h, _as_varying(w, axes), t, tw, chunk_size, compute_dtype, 1), axes)
+        return jax.lax.psum(_loss_sum(h, _as_varying(w, axes), t, tw, chunk_size, compute_dtype, 1, softcap), axes)
 
     return jax.shard_map(weighted, in_specs=(rows, P(), rows, rows), out_specs=P(), axis_names=frozenset(axes))(
         hidden, unembedding, targets, weights

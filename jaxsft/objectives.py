@@ -187,9 +187,9 @@ class CausalSFT(Objective):
     def loss(self, model, batch):
         hidden = model.hidden_states(
             batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-            segment_lengths=batch.get("segment_lengths"), dropout_rng=batch.get("dropout_rng"),
+            segment_lengths=batch.get("segment_lengths"), dropout_key=batch.get("dropout_rng"),
         )
-        return _scored(self, hidden, model.unembedding(), batch, model.dtype, shift=True)
+        return _scored(self, model.lm_head_operands(hidden), batch, model.dtype, shift=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,9 +210,9 @@ class Seq2SeqSFT(Objective):
     def examples(self, inputs, **kwargs):
         texts = inputs.get("texts")
         if not batching.is_empty(texts if texts is not None else inputs.get("input_ids")) and inputs.get("labels") is None and inputs.get("texts_labels") is None:
-            raise ValueError(  # TRL's message, raised as TRL does before anything changes
-                "No 'labels' or 'text_labels' are provided. When using an encoder-decoder architecture, "
-                "'labels' or 'text_labels' must be passed."
+            raise ValueError(  # TRL's message (compat raises it verbatim), naming this method's own argument
+                "No 'labels' or 'texts_labels' are provided. When using an encoder-decoder architecture, "
+                "'labels' or 'texts_labels' must be passed: labels=... with input_ids, texts_labels=... with texts."
             )
         return super().examples(inputs, **kwargs)
 
@@ -246,15 +246,15 @@ class Seq2SeqSFT(Objective):
         hidden = model.hidden_states(
             batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"], dropout_key=batch.get("dropout_rng"),
         )
-        hidden, unembedding = model.lm_head_operands(hidden)
-        return _scored(self, hidden, unembedding, batch, model.dtype, shift=False)
+        return _scored(self, model.lm_head_operands(hidden), batch, model.dtype, shift=False)
 
 
-def _scored(objective: Objective, hidden, unembedding, batch: Batch, dtype, *, shift: bool):
-    """Cross entropy of ``hidden`` against the batch's labels: (sum, denominator, {"num_tokens"})."""
+def _scored(objective: Objective, head: Any, batch: Batch, dtype, *, shift: bool):
+    """Cross entropy of the lm head's operands (``head.hidden``, ``head.weight``, ``head.softcap``: the model
+    interface's) against the batch's labels: (sum, denominator, {"num_tokens"})."""
     loss_sum, denominator = causal_lm_loss(
-        hidden, unembedding, batch["labels"], chunk_size=objective.chunk_size, compute_dtype=dtype,
-        num_shards=objective.num_shards, shift=shift, weights=batch.get("label_weights"),
+        head.hidden, head.weight, batch["labels"], chunk_size=objective.chunk_size, compute_dtype=dtype,
+        num_shards=objective.num_shards, shift=shift, softcap=head.softcap, weights=batch.get("label_weights"),
     )
     if "label_weights" not in batch:
         return loss_sum, denominator, {"num_tokens": denominator}

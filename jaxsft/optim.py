@@ -447,12 +447,15 @@ def check_optimizer_arguments(optimizer: Any, schedule: Any) -> None:
         )
 
 
-def optimizer_and_schedule(config: TrainConfig, optimizer: Any = None, schedule: Any = None) -> tuple[Any, Any]:
+def optimizer_and_schedule(
+    config: TrainConfig, optimizer: Any = None, schedule: Any = None, *, check_built: Callable[[Any], Any] = lambda tx: tx,
+) -> tuple[Any, Any]:
     """(the chain the trainer runs, clipping in front; the schedule its rate is logged from, or None).
 
     ``optimizer``: None (AdamW / Adafactor / SGD from ``config``), an optax transformation, a factory
     ``schedule -> transformation`` or an :class:`OptimizerDescription` (both built at ``schedule``, default
     ``config``'s HF schedule). ``schedule``: an optax schedule or a :class:`ScheduleDescription`.
+    ``check_built`` checks what a factory returned (the trainer's clear error for a wrong type).
     """
     if isinstance(schedule, ScheduleDescription):  # e.g. a torch scheduler, read by the facade
         schedule = build_schedule(schedule)
@@ -464,5 +467,5 @@ def optimizer_and_schedule(config: TrainConfig, optimizer: Any = None, schedule:
         return make_optimizer(config, schedule), schedule  # clipping included
     if not isinstance(optimizer, optax.GradientTransformation):  # a factory: built at the config's schedule
         schedule = make_schedule(config) if schedule is None else schedule
-        optimizer = optimizer(schedule)
+        optimizer = check_built(optimizer(schedule))
     return with_clipping(optimizer, config), schedule

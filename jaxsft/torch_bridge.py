@@ -3,16 +3,15 @@
 The JAX core never needs torch: it reads and writes safetensors with ``safetensors``
 and numpy alone. This module is the only place in ``jaxsft`` that imports torch,
 and only when a caller hands over a torch object (``from_pretrained(torch_model)``)
-or asks for a conversion only transformers' torch classes can do (GGUF files).
+or asks for a torch model (``jaxsft.bundled.torch_model``). GGUF files are read without it
+(:mod:`jaxsft.models.gguf_io`).
 Installing torch is the ``compat`` extra's business (``pip install jaxsft[compat]``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import sys
-from typing import Any, Iterator
+from typing import Any
 
 TORCH_MISSING = (
     "this needs PyTorch, which the JAX core does not install; install the facade's extra, "
@@ -55,45 +54,18 @@ def tensor_as_numpy(tensor: Any) -> Any:
     return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
 
 
-def load_gguf_causal_lm(folder: str, filename: str) -> Any:
-    """A GGUF checkpoint dequantized to fp32 by transformers' torch loader (its only GGUF reader)."""
+def causal_lm_from_arrays(config: Any, state: dict[str, Any]) -> Any:
+    """A plain fp32 transformers causal LM built from ``config`` and numpy weights under HF names."""
     try:
         import torch
         from transformers import AutoModelForCausalLM
     except ImportError as err:
-        raise ImportError(f"loading the GGUF file {filename}: {TORCH_MISSING}") from err
-    with _gguf_parsed_once():
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # the weights are dequantized fp32 now
-    return model
-
-
-@contextlib.contextmanager
-def _gguf_parsed_once() -> Iterator[None]:
-    """While loading: the GGUF file parsed once, and gguf's tensor-name map built once per (architecture, layers).
-
-    Why: transformers parses the file twice (config, then weights; 2.8 s each for SmolLM2-135M on a 2-core
-    machine) and rebuilds the name map for every submodule it walks (397 times, about 8 s). Both depend
-    on their arguments only and are only read.
-    """
-    try:
-        import gguf
-    except ImportError:  # transformers reports the missing package itself
-        yield
-        return
-    original_map, original_reader = gguf.get_tensor_name_map, gguf.GGUFReader
-    readers: dict[Any, Any] = {}
-
-    def shared_reader(path: Any, *args: Any, **kwargs: Any) -> Any:
-        key = (str(path), args, tuple(sorted(kwargs.items())))
-        if key not in readers:
-            readers[key] = original_reader(path, *args, **kwargs)
-        return readers[key]
-
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_map)
-    gguf.GGUFReader = shared_reader
-    try:
-        yield
-    finally:
-        gguf.get_tensor_name_map, gguf.GGUFReader = original_map, original_reader
+        raise ImportError(f"building a torch model: {TORCH_MISSING}") from err
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"weights do not fit the config: missing {sorted(set(missing) - tied)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    model.tie_weights()
+    return model.eval()

@@ -19,7 +19,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsft import batching, compile_options, distributed, objectives
+from jaxsft import batching, buffers, compile_options, distributed, fast_path, fingerprint, objectives
+from jaxsft.argument_checks import check_built_optimizer, check_trainer_arguments
 from jaxsft import checkpoint as checkpointing
 from jaxsft import metrics as metrics_sinks
 from jaxsft import sharding as shd
@@ -80,6 +81,8 @@ class IterativeSFTTrainer:
                 config = TrainConfig()
             if not isinstance(config, TrainConfig):
                 raise TypeError(f"config must be a jaxsft.TrainConfig, got {type(config).__name__}.")
+            config.validate()  # a dict field changed in place since construction is seen here
+            check_trainer_arguments(tokenizer, compute_metrics, preprocess_logits_for_metrics)
             metrics_sinks.check_installed(config.report_to)  # a missing sink library fails before any state
             check_optimizer_arguments(optimizer, schedule)
             if mesh is not None and (not isinstance(mesh, jax.sharding.Mesh) or set(mesh.axis_names) != {"data", "fsdp", "tensor"}):
@@ -106,7 +109,7 @@ class IterativeSFTTrainer:
                     "multi-host training."
                 )
             self.dropout_enabled = bool(config.dropout) and objectives.declares_dropout(model.spec)
-            if config.packing and not self.objective.supports_packing:
+            if config.packing is True and not self.objective.supports_packing:
                 raise ValueError(
                     f"TrainConfig.packing=True is not supported by {type(self.objective).__name__} (encoder-decoder "
                     "models: T5, BART); pass packing=False."
@@ -134,21 +137,31 @@ class IterativeSFTTrainer:
             shd.check_batch_split_over_processes(self.mesh)
             # Checked now, so that evaluation inside step() (eval_steps) cannot fail after an update.
             self._eval_examples = None if eval_dataset is None else self._eval_inputs(eval_dataset)
-        except (TypeError, ValueError, ImportError) as err:  # ImportError: a report_to sink's library is missing
+        except Exception as err:  # any type: every process must learn it before the first collective
             error = err
         timeout = config.agreement_timeout_s if isinstance(config, TrainConfig) else TrainConfig().agreement_timeout_s
-        distributed.agree("IterativeSFTTrainer()", error, {} if error else self._fingerprint(), timeout)
+        agreed = {} if error else {**self._fingerprint(), **fingerprint.of_training(config, model.spec, RunOptions.of(model))}
+        distributed.agree("IterativeSFTTrainer()", error, agreed, timeout)
 
         # The training view: the model's arrays under the config's compute options (a derived module;
         # the caller's model keeps its own options).
         self.run_options = config.run_options(RunOptions.of(model), num_layers=model.spec.num_layers)
         self.scan_layers = self.run_options.scan_layers
+        packs = self.objective.supports_packing  # only then can rows hold several examples
+        window = getattr(self.spec, "sliding_window", None) if packs else None
+        attention_dropout = (getattr(self.spec, "attention_dropout", 0.0) or 0.0) if packs and self.dropout_enabled else 0.0
+        # TrainConfig.packing resolved for this backend (None: packed where cuDNN's ragged kernel applies).
+        self.packing = fast_path.resolve_packing(
+            config.packing, attention_implementation=self.run_options.attention_implementation,
+            dtype=self.run_options.dtype, sliding_window=window, attention_dropout=attention_dropout,
+            encoder_decoder=not packs,
+        )
         # Packed rows may outgrow the longest example's bucket only where attention costs per segment
         # (cuDNN's ragged kernel); masked XLA attention (CPU, TPU) costs and stores rows x length^2.
-        self._ragged_attention = bool(config.packing) and layers_lib.ragged_kernel_applies(
+        self._ragged_attention = self.packing and layers_lib.ragged_kernel_applies(
             layers_lib.resolve_attention_implementation(self.run_options.attention_implementation, self.run_options.dtype),
-            self.spec.sliding_window,
-            self.spec.attention_dropout if self.dropout_enabled else 0.0,
+            window,
+            attention_dropout,
         )
         view = with_options(model, self.run_options)
         if lora_lib.lora_setup(model) is None:
@@ -156,10 +169,13 @@ class IterativeSFTTrainer:
             frozen: tuple = ()
         else:  # LoRA: only the adapters train; the base weights are frozen program inputs, never donated
             self._graphdef, params, *frozen = nnx.split(view, lora_lib.LoraParam, ...)
-        params = shd.place_state(params, self.mesh, self.sharding_rules)
+        params = buffers.exclusive(shd.place_state(params, self.mesh, self.sharding_rules), self)
+        self.train_state = TrainState(params, None)  # the optimizer state follows below
         self._frozen = tuple(shd.place_state(f, self.mesh, self.sharding_rules) for f in frozen)
 
-        self._tx, schedule = optimizer_and_schedule(config, optimizer, schedule)  # clipping included
+        self._tx, schedule = optimizer_and_schedule(  # clipping included
+            config, optimizer, schedule, check_built=check_built_optimizer
+        )
         self._learning_rate_fn = host_learning_rate_fn(schedule)
         with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):
             # Moments take their parameter's sharding (zeros_like under jit would replicate them).
@@ -170,6 +186,9 @@ class IterativeSFTTrainer:
             self.train_state = TrainState(params, self._init_opt_state(params))
         self._initial_params: Optional[HostSnapshot] = None  # taken before the first donation (reset())
         self._rng = np.random.default_rng(config.seed)
+        # Multi-process: the same initial weights, optimizer and schedule everywhere, or no training at all.
+        distributed.agree("IterativeSFTTrainer() (initial state)", None, fingerprint.of_state(
+            self._params, self._opt_state, self.learning_rate_at), timeout)
         self._shards = shd.batch_rows_multiple(self.mesh)
         self._chunk_size = objectives.loss_chunk_size(config, self.spec.vocab_size, self.max_length)
         self.objective = dataclasses.replace(self.objective, chunk_size=self._chunk_size, num_shards=self._shards)
@@ -190,7 +209,9 @@ class IterativeSFTTrainer:
 
         Re-read it after each ``step()``: the previous arrays are donated to the update.
         """
-        return nnx.merge(self._graphdef, self._params, *self._frozen)
+        # Fresh containers over the same arrays: a model built on this view (a second trainer) that is
+        # updated in place must not write into this trainer's state.
+        return nnx.merge(self._graphdef, *jax.tree.map(lambda x: x, (self._params, *self._frozen)))
 
     @property
     def params(self) -> nnx.State:
@@ -285,7 +306,7 @@ class IterativeSFTTrainer:
                 input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
                 texts_labels=texts_labels, example_weights=example_weights,
             )
-        except (TypeError, ValueError) as err:
+        except Exception as err:  # any type (an input whose len() raises): shared, so every process raises
             error = err
         weighted = example_weights is not None
         # Multi-process: every process learns every process's verdict before any collective runs (weighted
@@ -294,7 +315,7 @@ class IterativeSFTTrainer:
             "step()", error, {**self._fingerprint(), "example_weights": weighted}, self.config.agreement_timeout_s
         )
         started = time.perf_counter()
-        microbatches = self._plan(examples, self.rows, shuffle=True, pack=self.config.packing, weighted=weighted)
+        microbatches = self._plan(examples, self.rows, shuffle=True, pack=self.packing, weighted=weighted)
         if not microbatches:
             # A filter that kept nothing is a normal round, not an error: every process warns and trains nothing.
             warnings.warn(
@@ -435,7 +456,7 @@ class IterativeSFTTrainer:
                 examples = self._eval_examples  # checked at construction
             else:
                 examples = self._eval_inputs(dataset)
-        except (TypeError, ValueError) as err:
+        except Exception as err:  # any type: shared, so every process raises
             error = err
         distributed.agree("evaluate()", error, self._fingerprint(), self.config.agreement_timeout_s)
         started = time.perf_counter()

@@ -2,11 +2,16 @@
 
 Two processes, one CPU device each, a data=2 mesh over both. In order, every process:
 
-1. builds a trainer whose gradient_accumulation_steps differs on process 1: refused on both;
+1. builds a trainer whose gradient_accumulation_steps differs on process 1: refused on both; the same for a
+   learning rate, a config optimizer (adamw against sgd) and an optimizer transformation that differ;
 2. builds the real trainer and trains one good call;
 3. process 1 passes a negative token id: both processes raise ValueError naming input_ids, nothing changes;
+   then an input whose len() raises RuntimeError: both raise RuntimeError, nothing changes;
 4. both train a good call again (the processes stay paired: same global_step);
-5. process 1 dies (os._exit); process 0's next step() raises TimeoutError within agreement_timeout_s.
+5. checkpoints: a save with directory=None on process 1, a restore of a missing path on process 1, a save
+   on process 0 while process 1 calls step(): refused on both each time; a good save and restore pass;
+6. process 1 dies (os._exit); process 0's next step(), save_checkpoint() and restore_checkpoint() raise
+   TimeoutError within agreement_timeout_s, and process 0 then ends normally (the test checks exit code 0).
 
 Results go to ``--out/agree{pid}.json``. Imports no jax at import time.
 """
@@ -60,6 +65,13 @@ def main(argv=None) -> None:
 
     attempt("mismatch", lambda: jaxsft.IterativeSFTTrainer(
         model, config(gradient_accumulation_steps=1 + pid), mesh=mesh))
+    attempt("lr_mismatch", lambda: jaxsft.IterativeSFTTrainer(model, config(learning_rate=1e-3 * 10**pid), mesh=mesh))
+    attempt("optim_mismatch", lambda: jaxsft.IterativeSFTTrainer(
+        model, config(optim=("adamw", "sgd")[pid]), mesh=mesh))
+    import optax
+
+    attempt("transformation_mismatch", lambda: jaxsft.IterativeSFTTrainer(
+        model, config(), mesh=mesh, optimizer=(optax.adamw(1e-3), optax.sgd(1e-3))[pid]))
     trainer = jaxsft.IterativeSFTTrainer(model, config(), mesh=mesh)
     rng = np.random.default_rng(pid)
     good = lambda: [rng.integers(3, 200, 8) for _ in range(2)]  # noqa: E731
@@ -70,18 +82,36 @@ def main(argv=None) -> None:
     after = [np.asarray(x.addressable_shards[0].data) for x in jax.tree.leaves(trainer.params)]
     report["unchanged_after_bad_input"] = all(np.array_equal(a, b) for a, b in zip(before, after))
     report["step_after_bad_input"] = trainer.state.global_step
+
+    class LengthExplodes(list):
+        def __len__(self):
+            raise RuntimeError("this input cannot tell its length")
+
+    attempt("runtime_input", lambda: trainer.step(input_ids=LengthExplodes(good()) if pid == 1 else good()))
+    after = [np.asarray(x.addressable_shards[0].data) for x in jax.tree.leaves(trainer.params)]
+    report["unchanged_after_runtime_input"] = all(np.array_equal(a, b) for a, b in zip(before, after))
     trainer.step(input_ids=good())
     report["step_after_retry"] = trainer.state.global_step
+
+    ckpt_dir = str(Path(args.out, "checkpoints"))
+    attempt("save_none", lambda: trainer.save_checkpoint(None if pid == 1 else ckpt_dir))
+    saved = trainer.save_checkpoint(ckpt_dir)
+    attempt("restore_missing", lambda: trainer.restore_checkpoint(saved if pid == 0 else saved + "-missing"))
+    attempt("save_vs_step", lambda: trainer.save_checkpoint(ckpt_dir) if pid == 0 else trainer.step(input_ids=good()))
+    trainer.restore_checkpoint(saved)
+    report["step_after_checkpoints"] = trainer.state.global_step
     if pid == 1:
         Path(args.out, "agree1.json").write_text(json.dumps(report))
         os._exit(0)  # dies without a word to its peer
-    started = time.monotonic()
-    attempt("dead_peer", lambda: trainer.step(input_ids=good()))
-    report["dead_peer_seconds"] = time.monotonic() - started
+    for name, call in (("dead_peer", lambda: trainer.step(input_ids=good())),
+                       ("dead_peer_save", lambda: trainer.save_checkpoint(ckpt_dir)),
+                       ("dead_peer_restore", lambda: trainer.restore_checkpoint(saved))):
+        started = time.monotonic()
+        attempt(name, call)
+        report[f"{name}_seconds"] = time.monotonic() - started
     report["step_after_dead_peer"] = trainer.state.global_step
     Path(args.out, "agree0.json").write_text(json.dumps(report))
-    sys.stdout.flush()
-    os._exit(0)  # skip the runtime's shutdown barrier, which would wait for the dead peer
+    # A normal end: the test checks exit code 0 (the runtime's shutdown barrier used to abort the survivor).
 
 
 if __name__ == "__main__":

@@ -375,3 +375,146 @@ def test_every_config_field_has_a_type_rule():
              if f.name not in cfg.GROUPS]
     assert sorted(set(names) - set(cfg._FIELD_KINDS)) == []
     assert sorted(set(cfg._FIELD_KINDS) - set(names)) == []
+
+
+# ======================================================================================== issue 26: side doors
+# Values that entered through a door other than TrainConfig(...)'s constructor, and messages that did
+# not name the argument. Each: the type, the argument in the message, and nothing changed.
+ASSIGNMENTS = [
+    ("weight_decay", float("nan")), ("per_device_train_batch_size", 0), ("learning_rate", float("inf")),
+    ("max_grad_norm", float("nan")), ("lr_scheduler_kwargs", {"num_cycles": float("nan")}), ("seed", -1),
+]
+
+
+@pytest.mark.parametrize("field,value", ASSIGNMENTS, ids=[f for f, _ in ASSIGNMENTS])
+def test_config_assignment_after_construction_is_refused_and_the_old_value_kept(field, value):
+    """``c.weight_decay = nan`` after construction was never re-checked: every weight went NaN."""
+    config = core_config()
+    before = copy.deepcopy(config)
+    with pytest.raises(ValueError) as err:
+        setattr(config, field, value)
+    assert field in str(err.value)
+    assert config == before
+    group = {"weight_decay": "optimization", "learning_rate": "optimization", "max_grad_norm": "optimization",
+             "lr_scheduler_kwargs": "optimization"}.get(field)
+    if group is not None:  # the same through the group the field lives in
+        with pytest.raises(ValueError, match=field):
+            setattr(getattr(config, group), field, value)
+        assert config == before
+
+
+def test_scheduler_kwargs_nan_is_refused_where_it_enters(mesh, core):
+    """``num_cycles=nan`` silently made the learning rate 0; a dict changed in place is seen by the trainer."""
+    _, model = core
+    with pytest.raises(ValueError, match=r"lr_scheduler_kwargs\['num_cycles'\]=nan: must be a finite number"):
+        core_config(lr_scheduler_type="cosine", lr_scheduler_kwargs={"num_cycles": float("nan")})
+    config = core_config(lr_scheduler_type="cosine", lr_scheduler_kwargs={"num_cycles": 0.5})
+    config.lr_scheduler_kwargs["num_cycles"] = float("inf")  # in place: no assignment to check
+    before = host_copy(nnx.state(model))
+    with pytest.raises(ValueError, match=r"lr_scheduler_kwargs\['num_cycles'\]=inf"):
+        jaxsft.IterativeSFTTrainer(model, config, mesh=mesh)
+    for a, b in zip(before, host_copy(nnx.state(model))):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -1.0])
+def test_lora_config_refuses_non_finite_alpha(alpha):
+    with pytest.raises(ValueError, match=r"LoraConfig\.lora_alpha=.* must be a finite positive number"):
+        jaxsft.LoraConfig(lora_alpha=alpha)
+
+
+@pytest.fixture(scope="module")
+def adapter_folder(tmp_path_factory, mesh):
+    folder = tmp_path_factory.mktemp("adapter")
+    model = jaxsft.from_pretrained(tiny.tiny_torch_model("llama", vocab_size=VOCAB), mesh=mesh)
+    jaxsft.add_lora(model, jaxsft.LoraConfig(r=4, lora_alpha=8.0))
+    jaxsft.save_adapter(model, folder)
+    return folder
+
+
+ADAPTER_CASES = [
+    ("lora_alpha", lambda text: text.replace('"lora_alpha": 8.0', '"lora_alpha": NaN')),
+    ("'r'=4.7", lambda text: text.replace('"r": 4', '"r": 4.7')),
+    ("'r' (the LoRA rank) is missing", lambda text: text.replace('"r": 4,', "")),
+    ("not valid JSON", lambda text: text[: len(text) // 2]),
+]
+
+
+@pytest.mark.parametrize("named,edit", ADAPTER_CASES, ids=["nan_alpha", "fractional_r", "missing_r", "not_json"])
+def test_adapter_config_refused_naming_field_and_file(adapter_folder, tmp_path, mesh, named, edit):
+    """NaN alpha trained to NaN, "r": 4.7 was truncated, a missing r was a bare KeyError, bad JSON named no file."""
+    import shutil
+
+    from jaxsft.models import AdapterError
+    from jaxsft.models import lora as lora_lib
+
+    folder = tmp_path / "edited"
+    shutil.copytree(adapter_folder, folder)
+    config_file = folder / "adapter_config.json"
+    text = config_file.read_text()
+    config_file.write_text(edit(text))
+    assert config_file.read_text() != text
+    base = jaxsft.from_pretrained(tiny.tiny_torch_model("llama", vocab_size=VOCAB), mesh=mesh)
+    before = host_copy(nnx.state(base))
+    with pytest.raises(AdapterError) as err:
+        jaxsft.load_adapter(base, folder)
+    assert named in str(err.value) and str(config_file) in str(err.value), str(err.value)
+    assert lora_lib.lora_setup(base) is None
+    for a, b in zip(before, host_copy(nnx.state(base))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_dtype_and_model_arguments_are_named(core, tmp_path):
+    _, model = core
+    torch_model = tiny.tiny_torch_model("llama", vocab_size=VOCAB)
+    for argument in ("dtype", "param_dtype"):
+        with pytest.raises(ValueError, match=rf"from_pretrained: {argument}='float7' is not a weight dtype"):
+            jaxsft.from_pretrained(torch_model, **{argument: "float7"})
+    target = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"save_pretrained: dtype='float7' is not a weight dtype"):
+        jaxsft.save_pretrained(model, target, dtype="float7")
+    with pytest.raises(TypeError, match=r"save_pretrained: model must be a jaxsft CausalLM .* got LlamaForCausalLM"):
+        jaxsft.save_pretrained(torch_model, target)
+    assert not target.exists()  # nothing written
+
+
+def test_save_checkpoint_none_names_directory(core, tmp_path):
+    trainer, model = core
+    before = snapshot(trainer, model)
+    with pytest.raises(TypeError, match=r"save_checkpoint: directory=None must be a folder path"):
+        trainer.save_checkpoint(None)
+    assert_same(before, snapshot(trainer, model))
+
+
+CONSTRUCTOR_CASES_26 = [
+    ("tokenizer", dict(tokenizer="gpt2")),
+    ("compute_metrics", dict(compute_metrics=42)),
+    ("preprocess_logits_for_metrics", dict(preprocess_logits_for_metrics="argmax")),
+    ("optimizer", dict(optimizer=lambda schedule: "adamw")),  # a factory returning a non-transformation
+]
+
+
+@pytest.mark.parametrize("argument,kwargs", CONSTRUCTOR_CASES_26, ids=[c[0] for c in CONSTRUCTOR_CASES_26])
+def test_core_constructor_refuses_side_door_arguments(mesh, core, argument, kwargs):
+    _, model = core
+    before = host_copy(nnx.state(model))
+    with pytest.raises(TypeError) as err:
+        jaxsft.IterativeSFTTrainer(model, core_config(), mesh=mesh, **kwargs)
+    assert str(err.value).startswith(argument), str(err.value)
+    for a, b in zip(before, host_copy(nnx.state(model))):
+        np.testing.assert_array_equal(a, b)
+
+
+class LengthExplodes(list):
+    def __len__(self):
+        raise RuntimeError("this input cannot tell its length")
+
+
+def test_input_failure_of_any_type_changes_nothing(core):
+    """A RuntimeError while reading inputs (not a TypeError/ValueError) is refused like them; multi-process,
+    tests/test_multihost_agreement.py shows every process raising it together."""
+    trainer, model = core
+    before = snapshot(trainer, model)
+    with pytest.raises(RuntimeError, match="cannot tell its length"):
+        trainer.step(input_ids=LengthExplodes(good_ids()))
+    assert_same(before, snapshot(trainer, model))

@@ -286,13 +286,14 @@ def test_tampered_checkpoints_are_refused_before_any_change(saved, tmp_path):
     host = json.load(open(state_file))
     first = sorted(host["arrays"])[0]
     host["arrays"][first]["checksum"][1] ^= 1
+    host[ckpt.HOST_CHECKSUM] = ckpt.host_checksum(host)  # (else the host JSON's own checksum refuses it first)
     json.dump(host, open(state_file, "w"))
     refused(wrong, rf"do not match the checksums.*{re.escape(first)}")
 
     # Garbled JSON and a missing host field: refused, though the arrays would load fine.
     garbled = copy_checkpoint(path, tmp_path / "garbled")
     with open(os.path.join(garbled, ckpt.STATE_ITEM, "metadata"), "w") as f:
-        f.write('{"format": "jaxsft-trainer-checkpoint/2", "trai')
+        f.write('{"format": "jaxsft-trainer-checkpoint/3", "trai')
     refused(garbled, "damaged trainer_state")
     missing = copy_checkpoint(path, tmp_path / "missing")
     state_file = os.path.join(missing, ckpt.STATE_ITEM, "metadata")
@@ -359,6 +360,68 @@ def test_disk_full_is_an_oserror_and_leaves_the_old_checkpoint(tmp_path):
         assert ckpt.latest_checkpoint(str(mount)) is None
     finally:
         subprocess.run(["umount", str(mount)])
+
+
+# ---------------------------------------------------------------------------------------- issue 26: host-state integrity
+def _edit_host(path, tmp_path, name, edit, *, reseal):
+    """A copy of ``path`` whose host JSON ``edit`` changed; ``reseal`` rewrites its checksum so only the
+    consistency checks stand between the edit and the trainer."""
+    folder = copy_checkpoint(path, tmp_path / name)
+    state_file = os.path.join(folder, ckpt.STATE_ITEM, "metadata")
+    host = json.load(open(state_file))
+    edit(host["trainer"])
+    if reseal:
+        host[ckpt.HOST_CHECKSUM] = ckpt.host_checksum(host)
+    json.dump(host, open(state_file, "w"))
+    return folder
+
+
+def test_edited_host_state_is_refused_before_any_change(saved, tmp_path):
+    """The arrays had checksums, the JSON beside them none: a step of 10**6, a step behind the log history,
+    a NaN pending loss or another RNG state restored silently (issue 26)."""
+    trainer, path = saved
+    fresh = make_trainer()
+    before = snapshot(fresh)
+    step = int(path.rsplit("-", 1)[1])  # (the fixture's trainer may have trained on since)
+    assert step >= 1
+
+    def set_step(value):
+        return lambda host: host.update(global_step=value)
+
+    def refused(folder, match):
+        with pytest.raises(ValueError, match=match):
+            fresh.restore_checkpoint(folder)
+        assert_unchanged(fresh, before)
+
+    edits = {
+        "step": set_step(10**6),
+        "rng": lambda host: host["rng"]["state"].update(state=host["rng"]["state"]["state"] + 1),
+        "nan_loss": lambda host: host["counters"].update(loss_since_log=[float("nan")]),
+        "log_ahead": lambda host: host["log_history"].append({"loss": 1.0, "step": step + 5}),
+    }
+    for name, edit in edits.items():  # edited after saving: the host checksum refuses each
+        refused(_edit_host(path, tmp_path, name, edit, reseal=False), r"damaged trainer_state \(its checksum")
+    # Resealed (a checksum recomputed by hand): the consistency checks still refuse what contradicts itself.
+    refused(_edit_host(path, tmp_path, "behind", set_step(0), reseal=True),
+            r"inconsistent trainer_state .*(last_logged_step|log_history)")
+    refused(_edit_host(path, tmp_path, "nan2", edits["nan_loss"], reseal=True),
+            r"inconsistent trainer_state \(loss_since_log=\[nan\]")
+    refused(_edit_host(path, tmp_path, "ahead2", edits["log_ahead"], reseal=True),
+            rf"inconsistent trainer_state \(log_history runs to step {step + 5}")
+    fresh.restore_checkpoint(path)  # the untouched original restores
+    assert fresh.state.global_step == step
+
+
+def test_save_checkpoint_refuses_a_non_path_before_writing(saved, tmp_path):
+    trainer, _ = saved
+    before = snapshot(trainer)
+    for bad in (None, 42):
+        with pytest.raises(TypeError, match=r"save_checkpoint: directory=.* must be a folder path"):
+            trainer.save_checkpoint(bad)
+    assert_unchanged(trainer, before)
+    with pytest.raises(TypeError, match=r"restore_checkpoint: path=None must be a checkpoint folder path"):
+        trainer.restore_checkpoint(None)
+    assert_unchanged(trainer, before)
 
 
 def test_save_steps_write_periodic_checkpoints_in_the_core(tmp_path):

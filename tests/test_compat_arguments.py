@@ -151,6 +151,16 @@ def test_iterative_config_defaults(tmp_path):
     assert config.gradient_checkpointing is True
 
 
+def test_packing_is_the_cores_per_backend_default_and_sftconfigs_names_are_refused(tmp_path):
+    """TRL 0.23.1's IterativeSFTConfig has no ``packing`` / ``padding_free`` (SFTConfig's fields): neither has the
+    facade's, so such a keyword fails as it does in TRL, and the facade trains with the core's per-backend rule."""
+    config, _ = convert(IterativeSFTConfig(output_dir=str(tmp_path)))
+    assert config.packing is None  # resolved by the core trainer (jaxsft.fast_path.resolve_packing)
+    for name in ("packing", "padding_free"):
+        with pytest.raises(TypeError, match=name):
+            IterativeSFTConfig(output_dir=str(tmp_path), **{name: True})
+
+
 def test_mapped_fields(tmp_path):
     args = TrainingArguments(
         output_dir=str(tmp_path), learning_rate=1e-3, per_device_train_batch_size=3, per_device_eval_batch_size=5,

@@ -255,8 +255,8 @@ def test_no_recompiles_for_similar_calls(tok):
     generate(model, tok, PROMPTS[1:] + PROMPTS[:2], max_new_tokens=17, stop=["fox"])  # 6 prompts
     generate(model, tok, PROMPTS, max_new_tokens=25, temperature=1.3, top_p=0.5, seed=9)  # other values, same mode
     assert compiled_programs() == before
-    generate(model, tok, PROMPTS, max_new_tokens=40)  # a bigger new-token bucket: one prefill + one decode
-    assert compiled_programs() == before + 2
+    generate(model, tok, PROMPTS, max_new_tokens=40)  # a bigger new-token bucket: one init, prefill, decode each
+    assert compiled_programs() == before + 3
 
 
 @pytest.mark.slow
@@ -310,7 +310,7 @@ def test_generate_on_an_explicit_mesh_matches_single_device(tok):
 
 # ---------------------------------------------------------------------------- the Sampler object
 def test_sampler_owns_its_programs_and_takes_new_weights_without_recompiling(tok):
-    """A Sampler compiles its own two programs; ``model=`` with other weights of the same model reuses them
+    """A Sampler compiles its own three programs (init, prefill, decode); ``model=`` with other weights of the same model reuses them
     and generates from the new weights (equal to a fresh generate() on that model)."""
     import jax
     from flax import nnx
@@ -321,11 +321,11 @@ def test_sampler_owns_its_programs_and_takes_new_weights_without_recompiling(tok
     _, model = models("llama")
     sampler = Sampler(model, tok)
     first = sampler.generate(PROMPTS[:2], max_new_tokens=5)
-    assert sampler.compiled_programs == 2 and first == jaxsft.generate(model, tok, PROMPTS[:2], max_new_tokens=5)
+    assert sampler.compiled_programs == 3 and first == jaxsft.generate(model, tok, PROMPTS[:2], max_new_tokens=5)
     graphdef, state = nnx.split(model)
     other = nnx.merge(graphdef, jax.tree.map(lambda x: x * 0.5, state))  # same structure, other weights
     again = sampler.generate(PROMPTS[:2], max_new_tokens=5, model=other)
-    assert sampler.compiled_programs == 2  # no new program
+    assert sampler.compiled_programs == 3  # no new program
     assert again == jaxsft.generate(other, tok, PROMPTS[:2], max_new_tokens=5) and again != first
     assert Sampler(model, tok).compiled_programs == 0  # programs belong to a sampler, not to the module
     assert "cache" in DecodeState._fields and "finished_by_eos" in DecodeState._fields
@@ -343,7 +343,7 @@ def test_trainer_generate_keeps_one_sampler_across_steps(tok):
     before = trainer.generate(PROMPTS[:2], max_new_tokens=4)
     trainer.step(texts=PROMPTS[:2])
     after = trainer.generate(PROMPTS[:2], max_new_tokens=4)
-    assert trainer._sampler.compiled_programs == 2  # both calls ran the same two programs
+    assert trainer._sampler.compiled_programs == 3  # both calls ran the same three programs
     assert after == jaxsft.generate(trainer.model, tok, PROMPTS[:2], max_new_tokens=4)  # the trained weights
     assert len(before) == len(after) == 2
 

@@ -394,3 +394,46 @@ def test_saved_files_have_normal_permissions_and_a_generation_config(tmp_path):
     gen = GenerationConfig.from_pretrained(str(out))
     assert (gen.eos_token_id, gen.bos_token_id, gen.pad_token_id) == (1, 2, 0)
     assert AutoModelForCausalLM.from_pretrained(str(out)).generation_config.eos_token_id == 1
+
+
+def test_plain_folder_load_builds_one_spec_and_touches_no_peft_or_torch_code(tmp_path, monkeypatch):
+    """A plain Llama folder loads through the HF loader alone: no PEFT or torch detection, the family's
+    spec builder runs once, and init_model compiles its creation once."""
+    import dataclasses
+
+    import jax
+
+    from jaxsft import torch_bridge
+    from jaxsft.models import families, init_model, peft_io
+
+    folder = _hf_save(tiny_torch_model("llama"), tmp_path / "llama")
+    boom = lambda *a, **k: pytest.fail("a plain folder load reached PEFT/torch detection")  # noqa: E731
+    monkeypatch.setattr(peft_io, "is_peft_model", boom)
+    monkeypatch.setattr(peft_io, "from_pretrained", boom)
+    monkeypatch.setattr(torch_bridge, "is_torch_model", boom)
+    builds = []
+    record = families.REGISTRY["llama"]
+    monkeypatch.setitem(families.REGISTRY, "llama", dataclasses.replace(
+        record, build_spec=lambda cfg: builds.append(1) or record.build_spec(cfg)))
+    model = _load(folder)
+    assert builds == [1]
+    jits = []
+    real_jit = jax.jit
+    monkeypatch.setattr(jax, "jit", lambda *a, **k: jits.append(1) or real_jit(*a, **k))
+    init_model(model.spec, mesh=_mesh())
+    assert jits == [1]
+
+
+def test_registry_is_the_one_place_a_family_is_named():
+    """Every supported model_type resolves through its record to a spec whose weight table fills every parameter."""
+    from jaxsft.models import families
+
+    assert set(SUPPORTED_MODEL_TYPES) | set(families.SEQ2SEQ_MODEL_TYPES) == set(families.REGISTRY)
+    for family in FAMILIES:
+        cfg = tiny_config(family)
+        spec = families.spec_from_hf_config(cfg)
+        record = families.family_of(cfg.model_type)
+        table = record.weight_table(spec)
+        filled = {p for row in table.active(hf_io.param_shapes(spec)) for p in row.ours}
+        assert filled == set(hf_io.param_shapes(spec)) - ({"lm_head"} if spec.tie_word_embeddings else set()), family
+        assert families.lora_sites(spec) == record.lora_sites and record.lora_sites

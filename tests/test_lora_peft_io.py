@@ -46,6 +46,8 @@ CASES = [
     ("llama", dict(r=4, lora_alpha=8, target_modules="all-linear")),
     ("qwen2", dict(r=4, lora_alpha=6, target_modules=("q_proj", "k_proj", "v_proj", "down_proj"), use_rslora=True)),
     ("gpt2", dict(r=2, lora_alpha=4, target_modules=("c_attn", "c_proj", "c_fc"))),
+    ("gemma2", dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    ("gemma3", dict(r=2, lora_alpha=4, target_modules=("q_proj", "o_proj", "gate_proj"))),
 ]
 
 
@@ -77,12 +79,12 @@ def test_adapter_folder_loads_in_peft_with_same_logits_and_merges_like_peft(tmp_
     np.testing.assert_allclose(_torch_logits(reloaded), ours, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
 def test_peft_made_adapter_loads_from_folder_and_from_peft_model(tmp_path, family):
     torch_base = tiny.tiny_torch_model(family)
     base_dir = tmp_path / "base"
     torch_base.save_pretrained(base_dir)
-    targets = ["q_proj", "v_proj", "up_proj"] if family == "llama" else ["c_attn", "c_fc"]
+    targets = ["c_attn", "c_fc"] if family == "gpt2" else ["q_proj", "v_proj", "up_proj"]
     config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
     torch.manual_seed(1)
     peft_model = peft.get_peft_model(copy.deepcopy(torch_base), config).eval()  # init_lora_weights=False: B random

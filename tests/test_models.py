@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxsft.sharding as shd
-from jaxsft.models import CausalLM, ModelSpec, from_pretrained
+from jaxsft.models import CausalLM, from_pretrained, spec_from_hf_config
 from jaxsft.models.hf_io import export_params
 from tiny import FAMILIES, tiny_torch_model
 
@@ -162,7 +162,7 @@ def test_hidden_states_and_unembedding_compose_to_logits():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_spec_parameter_count_matches_torch(family):
     tm = _torch_model(family)
-    spec = ModelSpec.from_hf_config(tm.config)
+    spec = spec_from_hf_config(tm.config)
     assert spec.num_parameters() == sum(p.numel() for p in tm.parameters())
 
 
@@ -328,3 +328,30 @@ def test_mesh_that_does_not_divide_is_refused_with_names():
     model = _load("llama", mesh=mesh)
     assert model.layers.k_proj[...].sharding.spec == shd.P(None, None, None, None)
     assert model.layers.q_proj[...].sharding.spec == shd.P(None, None, "tensor", None)
+
+
+def test_both_model_kinds_offer_one_interface():
+    """CausalLM and Seq2SeqLM answer the training side by the same names: hidden_states(..., dropout_key=),
+    lm_head_operands(hidden) -> LMHead whose operands compose to the model's own logits."""
+    import inspect
+
+    from jaxsft.models import LanguageModel, LMHead
+    from tiny_seq2seq import tiny_seq2seq_model
+
+    ids, mask = _batch(length=16)
+    decoder = _jax_fp32("llama")
+    seq2seq = from_pretrained(tiny_seq2seq_model("bart"))  # final_logits_bias rides as an extra column
+    for model in (decoder, seq2seq):
+        assert isinstance(model, LanguageModel)
+        assert inspect.signature(model.hidden_states).parameters["dropout_key"].kind is inspect.Parameter.KEYWORD_ONLY
+    h = decoder.hidden_states(jnp.asarray(ids), jnp.asarray(mask))
+    head = decoder.lm_head_operands(h)
+    assert isinstance(head, LMHead) and head.softcap is None
+    np.testing.assert_allclose(np.asarray(jnp.einsum("bth,vh->btv", head.hidden, head.weight)),
+                               np.asarray(decoder.logits(h)), atol=1e-5)
+    dec = jnp.asarray(ids[:, :5] % 100)
+    h2 = seq2seq.hidden_states(jnp.asarray(ids % 100), jnp.asarray(mask), dec)
+    head2 = seq2seq.lm_head_operands(h2)
+    assert head2.hidden.shape[-1] == h2.shape[-1] + 1
+    np.testing.assert_allclose(np.asarray(jnp.einsum("bth,vh->btv", head2.hidden, head2.weight)),
+                               np.asarray(seq2seq.logits(h2)), atol=1e-5)

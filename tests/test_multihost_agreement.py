@@ -59,10 +59,13 @@ def test_processes_agree_on_verdicts_and_settings(tmp_path):
         assert path.exists(), logs
         reports.append(json.loads(path.read_text()))
 
-    # 1. A setting that differs between processes: a ValueError naming it, on both.
+    # 1. A setting that differs between processes: a ValueError naming it, on both (issue 26: the learning
+    #    rate and optimizer too, which used to train and leave the "replicated" weights different).
     for report in reports:
-        kind, is_value_error, message = report["mismatch"]
-        assert is_value_error and "gradient_accumulation_steps" in message, message
+        for case, named in (("mismatch", "gradient_accumulation_steps"), ("lr_mismatch", "config.learning_rate"),
+                            ("optim_mismatch", "config.optim"), ("transformation_mismatch", "optimizer_state")):
+            kind, is_value_error, message = report[case]
+            assert is_value_error and named in message, (case, message)
     # 2-3. A bad input on process 1 only: both raise ValueError naming input_ids; nothing changed anywhere.
     for pid, report in enumerate(reports):
         kind, is_value_error, message = report["bad_input"]
@@ -70,10 +73,25 @@ def test_processes_agree_on_verdicts_and_settings(tmp_path):
         if pid == 0:
             assert "refused on process 1" in message
         assert report["unchanged_after_bad_input"] and report["step_after_bad_input"] == 1
+        # 3b. A failure of another type (len() raising RuntimeError) on process 1 only: both raise it.
+        kind, _, message = report["runtime_input"]
+        assert kind == "RuntimeError" and "cannot tell its length" in message, message
+        assert report["unchanged_after_runtime_input"]
         # 4. Still paired: the retry trained on both.
         assert report["step_after_retry"] == 2
-    # 5. A dead peer: TimeoutError within the bound (plus slack for a loaded machine), not a hang.
-    kind, _, message = reports[0]["dead_peer"]
-    assert kind == "TimeoutError" and "process 1 did not reach this call" in message, message
-    assert worker.TIMEOUT_S <= reports[0]["dead_peer_seconds"] < worker.TIMEOUT_S + 30
+        # 5. Checkpoints agree first: a bad path, a missing folder, a save against a step(): raised on both.
+        kind, _, message = report["save_none"]
+        assert kind == "TypeError" and "directory=None" in message, message
+        kind, _, message = report["restore_missing"]
+        assert kind == "FileNotFoundError" and "-missing" in message, message
+        kind, _, message = report["save_vs_step"]
+        assert kind == "RuntimeError" and "same sequence of trainer calls" in message, message
+        assert report["step_after_checkpoints"] == 2
+    # 6. A dead peer: TimeoutError within the bound (plus slack for a loaded machine), not a hang, from
+    #    step(), save_checkpoint() and restore_checkpoint(); then the survivor exits normally, code 0.
+    for case in ("dead_peer", "dead_peer_save", "dead_peer_restore"):
+        kind, _, message = reports[0][case]
+        assert kind == "TimeoutError" and "process 1 did not reach this call" in message, (case, message)
+        assert worker.TIMEOUT_S <= reports[0][f"{case}_seconds"] < worker.TIMEOUT_S + 30
     assert reports[0]["step_after_dead_peer"] == 2
+    assert procs[0].returncode == 0, logs

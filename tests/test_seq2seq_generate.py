@@ -8,7 +8,7 @@ import torch
 
 import jaxsft
 import tiny
-from jaxsft import seq2seq_generation
+from jaxsft.generation import seq2seq as seq2seq_generation
 from tiny_seq2seq import tiny_seq2seq_model
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "one two", "a small cat sleeps on a warm mat and"]

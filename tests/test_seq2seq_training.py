@@ -185,10 +185,11 @@ def test_step_without_labels_is_refused_with_trls_message_before_anything_change
     trainer = jaxsft.IterativeSFTTrainer(model, _config(2, 1))
     before = jax.tree.map(np.asarray, nnx.to_pure_dict(trainer.params))
     rng_state = trainer._rng.bit_generator.state
-    with pytest.raises(ValueError, match=r"^No 'labels' or 'text_labels' are provided\. When using an encoder-decoder "
-                                         r"architecture, 'labels' or 'text_labels' must be passed\.$"):
+    with pytest.raises(ValueError, match=r"^No 'labels' or 'texts_labels' are provided\. When using an encoder-decoder "
+                                         r"architecture, 'labels' or 'texts_labels' must be passed: labels=\.\.\. "
+                                         r"with input_ids, texts_labels=\.\.\. with texts\.$"):
         trainer.step(input_ids=[np.arange(3, 9)])
-    with pytest.raises(ValueError, match="No 'labels' or 'text_labels'"):
+    with pytest.raises(ValueError, match="No 'labels' or 'texts_labels'"):
         trainer.step(texts=["a b"])
     assert trainer.state.global_step == 0 and trainer.compiled_shapes == 0
     assert trainer._rng.bit_generator.state == rng_state

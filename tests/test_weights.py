@@ -14,8 +14,9 @@ import pytest
 import jaxsft
 import jaxsft.sharding as shd
 from jaxsft.models import hf_io, weights
-from jaxsft.models.hf_keys import TABLES, table_for
-from jaxsft.models.spec import ModelSpec
+from jaxsft.models.families import table_for
+from jaxsft.models.hf_keys import TABLES
+from jaxsft.models.families import spec_from_hf_config
 from jaxsft.models.weights import Op, W, WeightTable, expand
 
 from tiny import FAMILIES, tiny_torch_model
@@ -78,7 +79,7 @@ def test_table_names_and_shapes_are_transformers_own(family):
     """For every family the table's expanded names and HF shapes are exactly the torch model's
     parameters (tied lm_head aside), and every jaxsft parameter is filled by exactly one row."""
     torch_model = tiny_torch_model(family)
-    spec = ModelSpec.from_hf_config(torch_model.config)
+    spec = spec_from_hf_config(torch_model.config)
     theirs = {name: tuple(p.shape) for name, p in torch_model.named_parameters()}
     theirs = {table_for(spec).normalise(k): v for k, v in theirs.items()}
     assert hf_io.hf_weight_shapes(spec) == theirs
@@ -103,7 +104,7 @@ def test_seq2seq_table_names_and_shapes_are_transformers_own(family):
 
 def test_a_parameter_filled_by_two_rows_is_refused():
     """T5's wi (v1.0) and wi_1 (v1.1) both mean up_proj: one table holding both would be ambiguous."""
-    spec = ModelSpec.from_hf_config(tiny_torch_model("llama").config)
+    spec = spec_from_hf_config(tiny_torch_model("llama").config)
     doubled = WeightTable("llama", TABLES["llama"].rows + (W("model.layers.{i}.mlp.wi.weight", "layers/up_proj"),))
     with pytest.raises(ValueError, match=r"fills parameters \['layers/up_proj'\] from more than one row"):
         doubled.hf_shapes(hf_io.param_shapes(spec))
@@ -128,7 +129,7 @@ def test_an_optional_row_loads_zeros_when_absent_and_is_refused_when_partly_ther
 
 
 def test_a_table_missing_a_parameter_is_refused():
-    spec = ModelSpec.from_hf_config(tiny_torch_model("llama").config)
+    spec = spec_from_hf_config(tiny_torch_model("llama").config)
     partial = WeightTable("llama", tuple(r for r in TABLES["llama"].rows if r.hf != "model.norm.weight"))
     with pytest.raises(ValueError, match=r"has no row for parameters \['final_norm_scale'\]"):
         partial.hf_shapes(hf_io.param_shapes(spec))

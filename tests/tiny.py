@@ -72,6 +72,17 @@ def tiny_config(family: str, vocab_size: int = 300, **overrides):
             cfg = tf.Qwen2Config(tie_word_embeddings=True, **base)
         elif family == "qwen3":
             cfg = tf.Qwen3Config(head_dim=32, tie_word_embeddings=False, **base)
+        elif family == "gemma2":  # 3 layers: sliding, global, sliding; a window of 5 binds on any test batch
+            cfg = tf.Gemma2Config(**{**base, "num_hidden_layers": 3}, head_dim=16, sliding_window=5,
+                                  query_pre_attn_scalar=24, attn_logit_softcapping=0.5, final_logit_softcapping=4.0,
+                                  attn_implementation="eager")
+        elif family == "gemma3":  # Gemma3ForCausalLM: q/k norms, local RoPE base for the sliding layers
+            cfg = tf.Gemma3TextConfig(**{**base, "num_hidden_layers": 3}, head_dim=16, sliding_window=5,
+                                      query_pre_attn_scalar=24, final_logit_softcapping=4.0,
+                                      layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                      rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 100000.0},
+                                                       "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}},
+                                      attn_implementation="eager")
         else:
             raise KeyError(family)
     for key, value in overrides.items():
@@ -80,6 +91,7 @@ def tiny_config(family: str, vocab_size: int = 300, **overrides):
 
 
 FAMILIES = ("llama", "llama3", "smollm2", "mistral", "qwen2", "qwen3", "gpt2")
+GEMMA_FAMILIES = ("gemma2", "gemma3")
 
 
 def tiny_torch_model(family: str, seed: int = 0, vocab_size: int = 300, **overrides):

@@ -8,8 +8,9 @@ body is a pure function, so remat is a ``jax.checkpoint`` around it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +19,10 @@ from flax import nnx
 from jaxsft.models import layers as L
 from jaxsft.models import lora as lora_lib
 from jaxsft.models.embedding import embedding_lookup
+from jaxsft.models.interface import LMHead
 from jaxsft.models.options import REMAT_POLICIES, RunOptions
 from jaxsft.sharding import constrain
-from jaxsft.models.spec import ModelSpec
+from jaxsft.models.spec import ModelSpec, layer_param_shapes, norm_identity_init
 
 
 class KVCache(NamedTuple):
@@ -28,45 +30,6 @@ class KVCache(NamedTuple):
 
     k: jax.Array
     v: jax.Array
-
-
-def layer_param_shapes(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], tuple[Optional[str], ...], str]]:
-    """name -> (per-layer shape, logical axes without the layers axis, init kind).
-
-    The single source of truth for what a layer holds; the HF key tables and the
-    sharding rules are both checked against it.
-    """
-    h, f, n, kv, d = spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
-    shapes: dict[str, tuple[tuple[int, ...], tuple[Optional[str], ...], str]] = {
-        "attn_norm_scale": ((h,), ("norm",), "ones"),
-        "q_proj": ((h, n, d), ("embed", "q_heads", "head_dim"), "normal"),
-        "k_proj": ((h, kv, d), ("embed", "kv_heads", "head_dim"), "normal"),
-        "v_proj": ((h, kv, d), ("embed", "kv_heads", "head_dim"), "normal"),
-        "o_proj": ((n, d, h), ("q_heads", "head_dim", "embed"), "normal"),
-        "mlp_norm_scale": ((h,), ("norm",), "ones"),
-        "up_proj": ((h, f), ("embed", "mlp"), "normal"),
-        "down_proj": ((f, h), ("mlp", "embed"), "normal"),
-    }
-    if spec.norm == "layer":
-        shapes["attn_norm_bias"] = ((h,), ("norm",), "zeros")
-        shapes["mlp_norm_bias"] = ((h,), ("norm",), "zeros")
-    if spec.qkv_bias:
-        shapes["q_bias"] = ((n, d), ("q_heads", "head_dim"), "zeros")
-        shapes["k_bias"] = ((kv, d), ("kv_heads", "head_dim"), "zeros")
-        shapes["v_bias"] = ((kv, d), ("kv_heads", "head_dim"), "zeros")
-    if spec.o_bias:
-        shapes["o_bias"] = ((h,), ("norm",), "zeros")
-    if spec.qk_norm:
-        shapes["q_norm_scale"] = ((d,), ("head_dim",), "ones")
-        shapes["k_norm_scale"] = ((d,), ("head_dim",), "ones")
-    if spec.mlp == "gated":
-        shapes["gate_proj"] = ((h, f), ("embed", "mlp"), "normal")
-    if spec.mlp_bias:
-        shapes["up_bias"] = ((f,), ("mlp",), "zeros")
-        shapes["down_bias"] = ((h,), ("norm",), "zeros")
-        if spec.mlp == "gated":
-            shapes["gate_bias"] = ((f,), ("mlp",), "zeros")
-    return shapes
 
 
 def _init(kind: str, key: jax.Array, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
@@ -135,7 +98,7 @@ class CausalLM(nnx.Module):
                 logical_axes=(None, "embed"),
             )
         self.layers = DecoderLayers(spec, param_dtype=param_dtype, rngs=rngs)
-        self.final_norm_scale = nnx.Param(jnp.ones((h,), param_dtype), logical_axes=("norm",))
+        self.final_norm_scale = nnx.Param(_init(norm_identity_init(spec), None, (h,), std, param_dtype), logical_axes=("norm",))
         if spec.norm == "layer":
             self.final_norm_bias = nnx.Param(jnp.zeros((h,), param_dtype), logical_axes=("norm",))
         if not spec.tie_word_embeddings:
@@ -172,18 +135,25 @@ class CausalLM(nnx.Module):
             return self.embed[...]
         return self.lm_head[...]
 
+    def lm_head_operands(self, hidden: jax.Array) -> LMHead:
+        """The lm head's operands (hidden, [V, H] weight, final-logit soft cap) for the fused loss and the sampler."""
+        return LMHead(hidden, self.unembedding(), self.spec.final_logit_softcap)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
-        w = self.unembedding().astype(self.dtype)
-        return jnp.einsum("bth,vh->btv", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
+        head = self.lm_head_operands(hidden)
+        w = head.weight.astype(self.dtype)
+        out = jnp.einsum("bth,vh->btv", head.hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
+        return L.soft_cap(out, head.softcap)
 
     def hidden_states(
         self,
         input_ids: jax.Array,
         attention_mask: Optional[jax.Array] = None,
         positions: Optional[jax.Array] = None,
-        dropout_rng: Optional[jax.Array] = None,
         segment_ids: Optional[jax.Array] = None,
         segment_lengths: Optional[jax.Array] = None,
+        *,
+        dropout_key: Optional[jax.Array] = None,
     ) -> jax.Array:
         """Final-norm hidden states [B, T, H].
 
@@ -191,7 +161,7 @@ class CausalLM(nnx.Module):
         (causal attention alone keeps real tokens from seeing padding), which lets
         the GPU use cuDNN flash attention. With a mask (left padding, holes),
         positions count real tokens only and padded keys are masked out.
-        ``dropout_rng`` (training only) drives LoRA dropout; without it there is none. With
+        ``dropout_key`` (training only) drives LoRA dropout; without it there is none. With
         ``segment_ids`` (packed rows: 1, 2, ... per example, 0 = padding, with
         ``positions`` counting from 0 in each example) a token attends only to
         earlier tokens of its own example; ``segment_lengths`` (the packer's table, see
@@ -206,23 +176,19 @@ class CausalLM(nnx.Module):
             if attention_mask is not None or positions is None:
                 raise ValueError("hidden_states: segment_ids need positions and exclude attention_mask.")
             segments = L.Segments(jnp.asarray(segment_ids), None if segment_lengths is None else jnp.asarray(segment_lengths))
-            if self.spec.sliding_window is not None:
-                positions = jnp.asarray(positions)
-                within = (positions[:, :, None] - positions[:, None, :]) < self.spec.sliding_window
-                mask = segments.mask() & within[:, None]
+            positions = jnp.asarray(positions)
         elif attention_mask is not None:
             attention_mask = jnp.asarray(attention_mask).astype(bool)
             if positions is None:
                 positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
             causal = jnp.tril(jnp.ones((length, length), bool))
             mask = causal[None, None] & attention_mask[:, None, None, :]
-            mask = self._apply_window(mask, positions, positions)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        own_rng = self._own_dropout_rng(dropout_rng)
+        own_rng = self._own_dropout_key(dropout_key)
         h = L.dropout(self._embed(input_ids, positions), self.spec.embd_dropout,
                       None if own_rng is None else jax.random.fold_in(own_rng, 1))
-        h, _ = self._run_layers(h, positions, mask=mask, causal=True, cache=None, write_index=None, dropout_rng=dropout_rng, segments=segments)
+        h, _ = self._run_layers(h, positions, mask=mask, causal=True, cache=None, write_index=None, dropout_key=dropout_key, segments=segments)
         return self._final_norm(h)
 
     def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
@@ -257,39 +223,99 @@ class CausalLM(nnx.Module):
         h, cache = self._run_layers(h, positions, mask=mask, causal=True, cache=cache, write_index=write_index)
         return self._final_norm(h), cache
 
-    # ------------------------------------------------------------------ internals
-    def _apply_window(self, mask: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
-        if self.spec.sliding_window is None:
-            return mask
-        within = (q_pos[:, :, None] - k_pos[:, None, :]) < self.spec.sliding_window
-        return mask & within[:, None]
+    def decode_params(self) -> list[dict[str, jax.Array]]:
+        """The layers' weights (and adapters) in the compute dtype, split into one dict per layer.
 
-    def _own_dropout_rng(self, dropout_rng: Optional[jax.Array]) -> Optional[jax.Array]:
+        Called once outside a decode loop: the loop body then indexes nothing, so no weight is
+        sliced (copied) per step.
+        """
+        dtype = self.dtype
+        params = {k: v.astype(dtype) for k, v in self.layers.arrays().items()}
+        params.update(lora_lib.layer_inputs(self, dtype, None))
+        return [{k: v[i] for k, v in params.items()} for i in range(self.spec.num_layers)]
+
+    def decode_step(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        layer_caches: Sequence[Any],
+        cached_attention: Callable[..., tuple[jax.Array, Any]],
+        layer_params: Sequence[dict[str, jax.Array]],
+    ) -> tuple[jax.Array, list[Any]]:
+        """One token per row [B, 1] through every layer; returns the final hidden states and the new caches.
+
+        The layers run unrolled over per-layer caches (``layer_caches[i]``, any pytree), each updated by
+        ``cached_attention(q, k, v, layer_caches[i], window=, scale=, softcap=) -> (attn, new_cache)`` (the
+        layer's attention window, query scale and score soft cap; None = none / head_dim ** -0.5): a loop that carries one
+        buffer per layer updates each in place, where a stacked cache would be sliced and written back
+        whole every step. ``layer_params`` comes from :meth:`decode_params`.
+        """
+        spec = self.spec
+        rope = L.rope_cos_sin(spec, positions, self.dtype) if spec.position == "rope" else None
+        local_rope = None
+        if rope is not None and any(spec.local_rope_layers()):  # Gemma 3's sliding layers: their own base
+            local_rope = L.rope_cos_sin(dataclasses.replace(spec, rope_theta=spec.rope_local_theta, rope_type="default"),
+                                        positions, self.dtype)
+        impl = L.resolve_attention_implementation(self.attention_implementation, self.dtype)
+        lora = lora_lib.lora_setup(self)
+        h = self._embed(input_ids, positions)
+        new_caches = []
+        layers = zip(layer_params, layer_caches, spec.windows(), spec.local_rope_layers())
+        for p, layer_cache, window, local in layers:  # unrolled: each layer's window and RoPE table are static
+            h, new_cache = _decoder_block(
+                spec, h, p, local_rope if local else rope, mask=None, causal=True, impl=impl, layer_cache=layer_cache,
+                write_index=None, lora=lora, window=window, cached_attention=cached_attention,
+            )
+            new_caches.append(new_cache)
+        return self._final_norm(h), new_caches
+
+    # ------------------------------------------------------------------ internals
+    def _own_dropout_key(self, dropout_key: Optional[jax.Array]) -> Optional[jax.Array]:
         """The key of the config's own dropout (a stream apart from LoRA's), or None when it is off."""
         s = self.spec
-        if dropout_rng is None or not self.dropout or max(s.embd_dropout, s.resid_dropout, s.attention_dropout) <= 0:
+        if dropout_key is None or not self.dropout or max(s.embd_dropout, s.resid_dropout, s.attention_dropout) <= 0:
             return None
-        return jax.random.fold_in(dropout_rng, 0x0D50)
+        return jax.random.fold_in(dropout_key, 0x0D50)
 
     def _embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
-        h = embedding_lookup(self.embed[...], input_ids, ("vocab", "embed")).astype(self.dtype)
+        h = embedding_lookup(self.embed[...], input_ids, ("vocab", "embed"))
+        if self.spec.embed_multiplier is not None:  # in the embedding's dtype, as transformers scales it
+            h = h * jnp.asarray(self.spec.embed_multiplier, h.dtype)
+        h = h.astype(self.dtype)
         if self.spec.position == "learned":
             h = h + embedding_lookup(self.pos_embed[...], positions, (None, "embed")).astype(self.dtype)
         return constrain(h, ("batch", None, None))
 
     def _final_norm(self, h: jax.Array) -> jax.Array:
         h = constrain(h, ("batch", None, None))
-        if self.spec.norm == "layer":
-            return L.layer_norm(h, self.final_norm_scale[...], self.final_norm_bias[...], self.spec.norm_eps)
-        return L.rms_norm(h, self.final_norm_scale[...], self.spec.norm_eps)
+        bias = self.final_norm_bias[...] if self.spec.norm == "layer" else None
+        return L.norm(self.spec.norm, h, self.final_norm_scale[...], bias, self.spec.norm_eps)
 
-    def _run_layers(self, h, positions, *, mask, causal, cache: Optional[KVCache], write_index, dropout_rng=None, segments=None):
+    def _run_layers(self, h, positions, *, mask, causal, cache: Optional[KVCache], write_index, dropout_key=None, segments=None):
         spec, dtype = self.spec, self.dtype
-        impl = L.resolve_attention_implementation(self.attention_implementation, dtype)
+        impl = L.attention_kernel(L.resolve_attention_implementation(self.attention_implementation, dtype),
+                                  softcap=spec.attn_logit_softcap, windows_vary=spec.windows_vary)
         rope = L.rope_cos_sin(spec, positions, dtype) if spec.position == "rope" else None
         params = {k: v.astype(dtype) for k, v in self.layers.arrays().items()}
-        params.update(lora_lib.layer_inputs(self, dtype, dropout_rng))  # adapters ride with their layer
-        own_rng = self._own_dropout_rng(dropout_rng) if cache is None else None
+        if any(spec.local_rope_layers()):  # Gemma 3: both tables, each layer picks its own (in the loop)
+            local = L.rope_cos_sin(dataclasses.replace(spec, rope_theta=spec.rope_local_theta, rope_type="default"),
+                                   positions, dtype)
+            rope = (jnp.stack([rope[0], local[0]]), jnp.stack([rope[1], local[1]]))
+            params[ROPE_KEY] = jnp.asarray(spec.local_rope_layers(), jnp.int32)
+        window = None  # one static window for every layer (a kernel's local window when nothing else masks)
+        if any(w is not None for w in spec.windows()):
+            if not spec.windows_vary and mask is None and segments is None and cache is None:
+                window = spec.windows()[0]
+            else:  # the window becomes part of the mask, per layer when layers differ
+                distance = _distances(positions, h.shape[1], cache, write_index)
+                mask = _base_mask(mask, segments, h.shape[1], cache)
+                if spec.windows_vary:
+                    params[WINDOW_KEY] = jnp.asarray([_GLOBAL if w is None else w for w in spec.windows()], jnp.int32)
+                    mask = (mask, distance)
+                else:
+                    mask = mask & (distance < spec.windows()[0])[:, None]
+        params.update(lora_lib.layer_inputs(self, dtype, dropout_key))  # adapters ride with their layer
+        own_rng = self._own_dropout_key(dropout_key) if cache is None else None
         if own_rng is not None:
             params[DROPOUT_KEY] = jax.random.split(jax.random.fold_in(own_rng, 2), spec.num_layers)
         lora = lora_lib.lora_setup(self)
@@ -297,8 +323,7 @@ class CausalLM(nnx.Module):
         def block(h, p, layer_cache):
             out, new_kv = _decoder_block(
                 spec, h, p, rope, mask=mask, causal=causal, impl=impl, layer_cache=layer_cache, write_index=write_index,
-                lora=lora,
-                segments=segments,
+                lora=lora, segments=segments, window=window,
             )
             return out, new_kv
 
@@ -317,7 +342,7 @@ class CausalLM(nnx.Module):
                 p = {k: v.reshape(v.shape[1:]) for k, v in p.items()}  # [1, ...] pieces of the split, here traced once
                 return _decoder_block(
                     spec, h, p, rope, mask=mask, causal=causal, impl=impl, layer_cache=None, write_index=None,
-                    lora=lora, segments=segments,
+                    lora=lora, segments=segments, window=window,
                 )[0]
 
             if self.remat:
@@ -350,18 +375,55 @@ class CausalLM(nnx.Module):
 
 
 DROPOUT_KEY = "model_dropout_key"  # per-layer keys of the config's dropout, scanned with the weights
+WINDOW_KEY = "layer_window"  # per-layer attention windows (when layers differ), scanned with the weights
+ROPE_KEY = "layer_rope"  # per-layer choice of RoPE table (0 global, 1 local), scanned with the weights
+_GLOBAL = 2**30  # "no window" as a per-layer number
 
 
-def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cache, write_index, lora=None, segments=None):
-    """One pre-norm transformer block; returns (h, (k_cache, v_cache) or None).
+def _distances(positions, length: int, cache: Optional[KVCache], write_index) -> jax.Array:
+    """Query-minus-key distance [B or 1, T, S] that the window rule compares: positions in training
+    (per example when packed), cache slots when decoding (prompts are contiguous, left-padded)."""
+    if cache is None:
+        return positions[:, :, None] - positions[:, None, :]
+    query_slots = write_index + jnp.arange(length)
+    return (query_slots[:, None] - jnp.arange(cache.k.shape[2])[None, :])[None]
 
-    ``lora`` (a static LoraSetup) adds each adapted projection's ``x @ A @ B`` term (lora.adapted).
+
+def _base_mask(mask, segments, length: int, cache: Optional[KVCache]) -> jax.Array:
+    """The boolean [B or 1, 1, T, S] mask before any window: the given one, the packed segments', or causal."""
+    if mask is not None:
+        return mask
+    if segments is not None:
+        return segments.mask()
+    if cache is not None:
+        raise ValueError("decoding with a cache needs its mask (forward_with_cache builds it).")
+    return jnp.tril(jnp.ones((length, length), bool))[None, None]
+
+
+def _layer_mask(mask, p):
+    """This layer's mask: with per-layer windows ``mask`` is (base, distance) and the layer's window is applied."""
+    if isinstance(mask, tuple):
+        base, distance = mask
+        return base & (distance < p[WINDOW_KEY])[:, None]
+    return mask
+
+
+def _norm(spec: ModelSpec, x, p, name: str):
+    return L.norm(spec.norm, x, p[f"{name}_scale"], p.get(f"{name}_bias"), spec.norm_eps)
+
+
+def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cache, write_index, lora=None, segments=None,
+                   window=None, cached_attention=None):
+    """One pre-norm transformer block (with Gemma's post-norms when the spec has them); returns (h, (k_cache, v_cache) or None).
+
+    ``lora`` (a static LoraSetup) adds each adapted projection's ``x @ A @ B`` term (lora.adapted). ``window``:
+    one static attention window (kernel path, no mask); per-layer windows arrive in ``mask`` and ``p``.
+    ``cached_attention(q, k, v, layer_cache, window=, scale=, softcap=) -> (attn, new_layer_cache)`` (decode steps)
+    replaces the attention.
     """
     h = constrain(h, ("batch", None, None))
-    if spec.norm == "layer":
-        x = L.layer_norm(h, p["attn_norm_scale"], p["attn_norm_bias"], spec.norm_eps)
-    else:
-        x = L.rms_norm(h, p["attn_norm_scale"], spec.norm_eps)
+    mask = _layer_mask(mask, p)
+    x = _norm(spec, h, p, "attn_norm")
     q = lora_lib.adapted(jnp.einsum("bth,hnd->btnd", x, p["q_proj"]), x, p, "q_proj", lora)
     k = lora_lib.adapted(jnp.einsum("bth,hnd->btnd", x, p["k_proj"]), x, p, "k_proj", lora)
     v = lora_lib.adapted(jnp.einsum("bth,hnd->btnd", x, p["v_proj"]), x, p, "v_proj", lora)
@@ -371,35 +433,44 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
     k = constrain(k, ("batch", None, "kv_heads", None))
     v = constrain(v, ("batch", None, "kv_heads", None))
     if spec.qk_norm:
-        q = L.rms_norm(q, p["q_norm_scale"], spec.norm_eps)
-        k = L.rms_norm(k, p["k_norm_scale"], spec.norm_eps)
+        q = L.norm(spec.norm, q, p["q_norm_scale"], None, spec.norm_eps)
+        k = L.norm(spec.norm, k, p["k_norm_scale"], None, spec.norm_eps)
     if rope is not None:
         cos, sin = rope
+        if ROPE_KEY in p:  # [2, B, T, D] tables: this layer's own
+            cos, sin = cos[p[ROPE_KEY]], sin[p[ROPE_KEY]]
         q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
     new_kv = None
-    if layer_cache is not None:
+    if cached_attention is not None:  # generation's decode step: the cache layout and its attention are the caller's
+        attn, new_kv = cached_attention(q, k, v, layer_cache, window=window, scale=spec.attention_scale,
+                                        softcap=spec.attn_logit_softcap)
+    elif layer_cache is not None:
         k_cache, v_cache = layer_cache
         k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=1)
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
         new_kv = (k_cache, v_cache)
         k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
     key = p.get(DROPOUT_KEY)  # training with the config's dropout only
-    if key is not None and spec.attention_dropout > 0:  # no fused kernel drops probabilities: the XLA path
+    if cached_attention is not None:
+        pass
+    elif key is not None and spec.attention_dropout > 0:  # no fused kernel drops probabilities: the XLA path
         full = mask if segments is None or mask is not None else segments.mask()
-        attn = L.attention_with_dropout(q, k, v, mask=full, causal=causal, sliding_window=spec.sliding_window,
-                                        rate=spec.attention_dropout, key=jax.random.fold_in(key, 0))
+        attn = L.attention_with_dropout(q, k, v, mask=full, causal=causal, sliding_window=window,
+                                        rate=spec.attention_dropout, key=jax.random.fold_in(key, 0),
+                                        scale=spec.attention_scale, softcap=spec.attn_logit_softcap)
     elif segments is not None:
-        attn = L.packed_attention(q, k, v, segments, mask=mask, sliding_window=spec.sliding_window, implementation=impl)
+        attn = L.packed_attention(q, k, v, segments, mask=mask, sliding_window=window, implementation=impl,
+                                  scale=spec.attention_scale, softcap=spec.attn_logit_softcap)
     else:
-        attn = L.attention(q, k, v, mask=mask, causal=causal, sliding_window=spec.sliding_window, implementation=impl)
+        attn = L.attention(q, k, v, mask=mask, causal=causal, sliding_window=window, implementation=impl,
+                           scale=spec.attention_scale, softcap=spec.attn_logit_softcap)
     o = lora_lib.adapted(jnp.einsum("btnd,ndh->bth", attn, p["o_proj"]), attn, p, "o_proj", lora)
     if spec.o_bias:
         o = o + p["o_bias"]
+    if spec.sandwich_norms:
+        o = _norm(spec, o, p, "post_attn_norm")
     h = h + L.dropout(o, spec.resid_dropout, None if key is None else jax.random.fold_in(key, 1))
-    if spec.norm == "layer":
-        x = L.layer_norm(h, p["mlp_norm_scale"], p["mlp_norm_bias"], spec.norm_eps)
-    else:
-        x = L.rms_norm(h, p["mlp_norm_scale"], spec.norm_eps)
+    x = _norm(spec, h, p, "mlp_norm")
     up = lora_lib.adapted(x @ p["up_proj"], x, p, "up_proj", lora)
     if spec.mlp_bias:
         up = up + p["up_bias"]
@@ -414,4 +485,6 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
     down = lora_lib.adapted(inner @ p["down_proj"], inner, p, "down_proj", lora)
     if spec.mlp_bias:
         down = down + p["down_bias"]
+    if spec.sandwich_norms:
+        down = _norm(spec, down, p, "post_mlp_norm")
     return h + L.dropout(down, spec.resid_dropout, None if key is None else jax.random.fold_in(key, 2)), new_kv

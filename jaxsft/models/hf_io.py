@@ -26,12 +26,14 @@ from flax import nnx
 
 from jaxsft import sharding as shd
 from jaxsft import torch_bridge
+from jaxsft.models import gguf_io
 from jaxsft.models import lora as lora_lib
 from jaxsft.models import weights
 from jaxsft.models.decoder import CausalLM
-from jaxsft.models.hf_keys import table_for
+from jaxsft.models.families import AnySpec, spec_from_hf_config, table_for
+from jaxsft.models.interface import LanguageModel
 from jaxsft.models.seq2seq import Seq2SeqLM
-from jaxsft.models.seq2seq_spec import SEQ2SEQ_MODEL_TYPES, Seq2SeqSpec
+from jaxsft.models.seq2seq_spec import Seq2SeqSpec
 from jaxsft.models.spec import ModelSpec
 from jaxsft.models.weights import CheckpointError
 
@@ -137,17 +139,8 @@ def _torch_state_dict(model: Any) -> weights.ArraySource:
 
 
 # ---------------------------------------------------------------------------- families
-AnySpec = Union[ModelSpec, Seq2SeqSpec]
-
-
-def spec_from_hf_config(config: Any) -> AnySpec:
-    """The jaxsft spec of an HF config: encoder-decoder families (T5, BART) or the decoder-only ones."""
-    if getattr(config, "model_type", None) in SEQ2SEQ_MODEL_TYPES:
-        return Seq2SeqSpec.from_hf_config(config)
-    return ModelSpec.from_hf_config(config)
-
-
 def model_class(spec: AnySpec):
+    """The module class of a spec's kind (the family itself is the registry's business)."""
     return Seq2SeqLM if isinstance(spec, Seq2SeqSpec) else CausalLM
 
 
@@ -278,13 +271,12 @@ def init_model(
     mesh = mesh if mesh is not None else shd.make_mesh()
     out_shardings = shd.state_shardings(abstract_state, mesh, sharding_rules)
 
-    @jax.jit
     def create():
         model = model_class(spec)(spec, rngs=nnx.Rngs(seed), param_dtype=param_dtype, **model_kwargs)
         return nnx.state(model)
 
     with jax.set_mesh(mesh), shd.use_rules(sharding_rules):
-        state = jax.jit(create, out_shardings=out_shardings)()
+        state = jax.jit(create, out_shardings=out_shardings)()  # one jit: params are born on their shardings
     return nnx.merge(graphdef, state)
 
 
@@ -297,36 +289,30 @@ def from_pretrained(
     remat: bool = False,
     attention_implementation: str = "auto",
     sharding_rules: Optional[shd.ShardingRules] = None,
-    adapter: Optional[PathLike] = None,
-) -> CausalLM:
+) -> LanguageModel:
     """Load a Hugging Face causal LM (or a T5 / BART encoder-decoder, as a ``Seq2SeqLM``) as a jaxsft model.
 
     ``source`` is a local folder (config.json with model.safetensors or a sharded
-    index; fp32, bf16 or fp16), a ``transformers`` PreTrainedModel (converted in
-    memory) or a ``peft.PeftModel`` with one LoRA adapter (base and adapter both
-    converted). ``param_dtype`` (default fp32) is the stored precision, ``dtype`` the
-    compute precision (default: ``param_dtype``); LoRA adapters are always fp32.
-    ``mesh`` defaults to all devices on the data axis; ``sharding_rules`` (default
-    ``jaxsft.sharding.DEFAULT_RULES``) lay the parameters out on it. ``adapter``: a PEFT
-    LoRA folder to attach to the base, to continue training it.
+    index; fp32, bf16 or fp16), a Llama-family ``.gguf`` file (read without torch,
+    dequantized to fp32: :mod:`jaxsft.models.gguf_io`) or a ``transformers`` PreTrainedModel
+    (converted in memory). ``param_dtype`` (default fp32) is the stored precision, ``dtype`` the
+    compute precision (default: ``param_dtype``). ``mesh`` defaults to all devices on the
+    data axis; ``sharding_rules`` (default ``jaxsft.sharding.DEFAULT_RULES``) lay the
+    parameters out on it. LoRA adapters (a PEFT folder or a ``peft.PeftModel``):
+    :func:`jaxsft.models.peft_io.from_pretrained`, which loads the base through this.
 
     Checkpoints stream: every key is checked from the file headers first, then the weights go
     onto the mesh one weight-table row at a time (never the whole checkpoint in host memory).
     """
-    from jaxsft.models import peft_io
-
-    peft_parts = None
+    if param_dtype is not None:
+        param_dtype = float_dtype(param_dtype, "param_dtype", "from_pretrained")
+    if dtype is not None:
+        dtype = float_dtype(dtype, "dtype", "from_pretrained")
     with contextlib.ExitStack() as stack:
-        if peft_io.is_peft_model(source):
-            if adapter is not None:
-                raise ValueError("from_pretrained: source is a PeftModel, which has its adapter; leave adapter=None.")
-            config, tensors, *peft_parts = peft_io.split_peft_model(source)
-            ModelSpec.from_hf_config(config)
-            tensors = weights.ArraySource(tensors)
-        elif torch_bridge.is_torch_model(source):
-            config = source.config
-            spec_from_hf_config(config)  # fail on the family before touching weights
-            tensors = _torch_state_dict(source)
+        if isinstance(source, gguf_io.GGUFCheckpoint) or gguf_io.is_gguf_file(source):
+            checkpoint = source if isinstance(source, gguf_io.GGUFCheckpoint) else gguf_io.GGUFCheckpoint(source)
+            config, tensors = checkpoint.config, checkpoint  # dequantized to fp32 one tensor at a time
+            spec = spec_from_hf_config(config)
         elif isinstance(source, (str, os.PathLike)):
             folder = Path(source)
             if not folder.is_dir():
@@ -335,38 +321,49 @@ def from_pretrained(
                     "(jaxsft never downloads) or a transformers model instance."
                 )
             config = _read_config(folder)
-            spec_from_hf_config(config)  # fail on the family before reading weights
+            spec = spec_from_hf_config(config)  # fail on the family before reading weights
             tensors = SafetensorsSource(_safetensors_files(folder), stack)
+        elif torch_bridge.is_torch_model(source):
+            config = source.config
+            spec = spec_from_hf_config(config)  # fail on the family before touching weights
+            tensors = _torch_state_dict(source)
         else:
             raise TypeError(
-                f"from_pretrained: source must be a local folder path or a transformers PreTrainedModel (or a "
-                f"peft.PeftModel with a LoRA adapter), got {type(source).__name__}."
+                f"from_pretrained: source must be a local folder path or a transformers PreTrainedModel (a "
+                f"peft.PeftModel loads through jaxsft.from_pretrained), got {type(source).__name__}."
             )
-        if adapter is not None and not (Path(adapter) / peft_io.CONFIG_FILE).is_file():
-            raise FileNotFoundError(
-                f"from_pretrained: adapter={str(adapter)!r} has no {peft_io.CONFIG_FILE}; pass a PEFT LoRA adapter folder."
-            )
-        spec = spec_from_hf_config(config)
-        param_dtype = jnp.dtype(param_dtype or jnp.float32)
-        table, shapes = table_for(spec), param_shapes(spec)
-        weights.check(table, shapes, tensors, spec.model_type)  # headers only: nothing read or placed yet
-        params = weights.stream(table, shapes, tensors)  # one row of the table in host memory at a time
-        model = build_model(
-            spec,
-            params,
-            mesh=mesh,
-            param_dtype=param_dtype,
-            sharding_rules=sharding_rules,
-            dtype=jnp.dtype(dtype or param_dtype),
-            remat=remat,
-            attention_implementation=attention_implementation,
-            hf_config_json=_plain_config_json(config),
-        )
-    if peft_parts is not None:
-        peft_io.attach_peft(model, *peft_parts)
-    elif adapter is not None:
-        peft_io.load_adapter(model, adapter)
-    return model
+        return load(spec, config, tensors, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=remat,
+                    attention_implementation=attention_implementation, sharding_rules=sharding_rules)
+
+
+def load(
+    spec: AnySpec,
+    config: Any,
+    tensors: weights.TensorSource,
+    *,
+    dtype: Any = None,
+    param_dtype: Any = None,
+    mesh=None,
+    remat: bool = False,
+    attention_implementation: str = "auto",
+    sharding_rules: Optional[shd.ShardingRules] = None,
+) -> LanguageModel:
+    """A model of ``spec`` (built once from ``config`` by the caller) filled from HF-named ``tensors``, strictly."""
+    param_dtype = jnp.dtype(param_dtype or jnp.float32)
+    table, shapes = table_for(spec), param_shapes(spec)
+    weights.check(table, shapes, tensors, spec.model_type)  # headers only: nothing read or placed yet
+    params = weights.stream(table, shapes, tensors)  # one row of the table in host memory at a time
+    return build_model(
+        spec,
+        params,
+        mesh=mesh,
+        param_dtype=param_dtype,
+        sharding_rules=sharding_rules,
+        dtype=jnp.dtype(dtype or param_dtype),
+        remat=remat,
+        attention_implementation=attention_implementation,
+        hf_config_json=_plain_config_json(config),
+    )
 
 
 def _plain_config_json(config: Any) -> str:
@@ -408,15 +405,51 @@ def save_pretrained(
     """
     from safetensors.numpy import save_file
 
+    from jaxsft.atomic_folder import write_folder
+
+    if not isinstance(model, (CausalLM, Seq2SeqLM)):
+        raise TypeError(
+            f"save_pretrained: model must be a jaxsft CausalLM or Seq2SeqLM, got {type(model).__name__}; a torch model "
+            "saves itself (model.save_pretrained(dir)), or convert it first with jaxsft.from_pretrained(model)."
+        )
     if model.hf_config_json is None:
         raise ValueError("save_pretrained: this model has no Hugging Face config (build it with from_pretrained).")
+    out_dtype = np.dtype(float_dtype(dtype, "dtype", "save_pretrained") if dtype is not None else model.param_dtype)
+    limit = parse_size(max_shard_size)
     directory = Path(directory)
     tensors = hf_state_dict(model)
-    out_dtype = np.dtype(jnp.dtype(dtype or model.param_dtype))
     tensors = {k: np.ascontiguousarray(v.astype(out_dtype)) for k, v in tensors.items()}
     if jax.process_index() != 0:
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
+
+    write_folder(
+        directory, lambda tmp: _write_folder(model, tensors, out_dtype, tmp, limit, save_file, tokenizer),
+        what="save_pretrained", replaces=is_weights_file,
+    )
+    return directory
+
+
+def is_weights_file(name: str) -> bool:
+    """Whether a file name is one of a HF folder's weight files (an old model's never survive beside new ones)."""
+    return name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
+
+
+def float_dtype(value: Any, argument: str, where: str) -> np.dtype:
+    """``value`` as one of the floating dtypes weights are held and written in, or ValueError naming ``argument``."""
+    try:
+        out = jnp.dtype(value)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or out not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(
+            f"{where}: {argument}={value!r} is not a weight dtype; pass one of 'float32', 'bfloat16', 'float16' "
+            "(or jnp.float32 / jnp.bfloat16 / jnp.float16), or None for the default."
+        )
+    return out
+
+
+def _write_folder(model, tensors, out_dtype, directory: Path, limit: int, save_file, tokenizer) -> None:
+    """Everything save_pretrained writes, into ``directory`` (a fresh temporary folder)."""
     config = model.config
     dtype_name = {np.dtype(np.float32): "float32", np.dtype(jnp.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}
     name = dtype_name.get(out_dtype, "float32")
@@ -426,10 +459,9 @@ def save_pretrained(
         config.torch_dtype = name
     config.save_pretrained(str(directory))
     _save_generation_config(config, directory)
-    _write_shards(tensors, directory, parse_size(max_shard_size), save_file)
+    _write_shards(tensors, directory, limit, save_file)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
-    return directory
 
 
 def _save_generation_config(config: Any, directory: Path) -> None:

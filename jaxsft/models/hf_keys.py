@@ -2,7 +2,8 @@
 GPT-2's) and the encoder-decoders (T5 v1.0, T5 v1.1 / Flan-T5, BART).
 
 Loading, saving, the torch weight sync and the decay-mask translation all read these rows, so
-an HF name and its layout live in exactly one place. Axis letters: ``h`` hidden, ``n`` heads
+an HF name and its layout live in exactly one place; which family uses which table is its record in
+:mod:`jaxsft.models.families`. Axis letters: ``h`` hidden, ``n`` heads
 (query or KV, as the parameter has them), ``d`` head_dim, ``f`` MLP width, ``v`` vocabulary.
 Encoder-decoder layer parameters sit under ``encoder/`` and ``decoder/``, each stacked over its
 own stack's layers.
@@ -10,10 +11,6 @@ own stack's layers.
 
 from __future__ import annotations
 
-from typing import Union
-
-from jaxsft.models.seq2seq_spec import Seq2SeqSpec
-from jaxsft.models.spec import ModelSpec
 from jaxsft.models.weights import Row, W, WeightTable
 
 _HEADS_IN = "(n d) h -> h n d"  # torch Linear [heads*dim, hidden] -> ours [hidden, heads, dim]
@@ -47,6 +44,21 @@ LLAMA = WeightTable(
         W("model.layers.{i}.mlp.down_proj.bias", "layers/down_bias"),
     ),
     ignore=(r".*rotary_emb\.inv_freq",),
+)
+
+
+# Gemma 2 / Gemma 3 text: Llama's names, but four norms per layer. Careful: Gemma's
+# post_attention_layernorm is the norm *after* attention; its pre-MLP norm is pre_feedforward_layernorm.
+_GEMMA_NORMS = {
+    "model.layers.{i}.post_attention_layernorm.weight": "layers/post_attn_norm_scale",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "layers/mlp_norm_scale",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "layers/post_mlp_norm_scale",
+}
+GEMMA = WeightTable(
+    "gemma",
+    rows=tuple(r for r in LLAMA.rows if r.hf != "model.layers.{i}.post_attention_layernorm.weight")
+    + tuple(W(hf, ours) for hf, ours in _GEMMA_NORMS.items()),
+    ignore=LLAMA.ignore,
 )
 
 
@@ -177,13 +189,4 @@ BART = WeightTable(
     ignore=(r"model\.(encoder|decoder)\.embed_tokens\.weight",),  # tied copies of model.shared.weight
 )
 
-TABLES = {"llama": LLAMA, "gpt2": GPT2, "t5": T5, "t5-gated": T5_GATED, "bart": BART}
-
-
-def table_for(spec: Union[ModelSpec, Seq2SeqSpec]) -> WeightTable:
-    """The weight table of ``spec``'s family (every supported decoder but GPT-2 uses Llama's names)."""
-    if isinstance(spec, Seq2SeqSpec):
-        if spec.model_type == "bart":
-            return BART
-        return T5_GATED if spec.mlp == "gated" else T5
-    return GPT2 if spec.model_type == "gpt2" else LLAMA
+TABLES = {"llama": LLAMA, "gemma": GEMMA, "gpt2": GPT2, "t5": T5, "t5-gated": T5_GATED, "bart": BART}

@@ -59,6 +59,42 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
     return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
+def rms_norm_plus_one(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """Gemma's RMSNorm: normalise and multiply by ``(1 + w)`` all in fp32, then cast back (transformers'
+    Gemma2RMSNorm / Gemma3RMSNorm; Llama's casts before the multiply)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def norm(kind: str, x: jax.Array, scale: jax.Array, bias: Optional[jax.Array], eps: float) -> jax.Array:
+    """The spec's norm kind: ``rms`` (Llama), ``layer`` (GPT-2, with ``bias``) or ``rms_plus_one`` (Gemma)."""
+    if kind == "layer":
+        return layer_norm(x, scale, bias, eps)
+    if kind == "rms_plus_one":
+        return rms_norm_plus_one(x, scale, eps)
+    return rms_norm(x, scale, eps)
+
+
+def soft_cap(x: jax.Array, cap: Optional[float]) -> jax.Array:
+    """``cap * tanh(x / cap)`` (Gemma 2's logit soft-capping), computed in fp32 and returned in x's dtype.
+
+    The one definition of the cap: the final logits (fused loss, eval, predict, generation) and the
+    attention scores all go through it; ``cap=None`` is the identity.
+    """
+    if cap is None:
+        return x
+    return (np.float32(cap) * jnp.tanh(x.astype(jnp.float32) / np.float32(cap))).astype(x.dtype)
+
+
+def soft_cap_slope(x: jax.Array, cap: Optional[float]) -> jax.Array:
+    """d soft_cap(x) / dx = 1 - tanh(x / cap)^2 in fp32 (for hand-written backward passes); 1 without a cap."""
+    if cap is None:
+        return jnp.ones((), jnp.float32)
+    t = jnp.tanh(x.astype(jnp.float32) / np.float32(cap))
+    return 1.0 - t * t
+
+
 def activation(name: str, x: jax.Array) -> jax.Array:
     if name == "silu":
         return jax.nn.silu(x)
@@ -108,11 +144,22 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def resolve_attention_implementation(requested: str, dtype) -> str:
-    """cuDNN flash attention on GPU for 16-bit compute; XLA everywhere else (CPU, TPU, fp32)."""
+def attention_kernel(implementation: str, *, softcap: Optional[float], windows_vary: bool) -> str:
+    """The rule for when a model may use cuDNN attention: its fused kernel takes neither a score soft cap
+    nor a window that changes from layer to layer (the window is a static kernel argument, while
+    per-layer windows ride in the layer loop as data), so either one sends the model to XLA attention."""
+    if implementation == "cudnn" and (softcap is not None or windows_vary):
+        return "xla"
+    return implementation
+
+
+def resolve_attention_implementation(requested: str, dtype, backend: Optional[str] = None) -> str:
+    """cuDNN flash attention on GPU for 16-bit compute; XLA everywhere else (CPU, TPU, fp32).
+
+    ``backend``: the platform to decide for (default: JAX's default backend)."""
     if requested in ("xla", "cudnn"):
         return requested
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = (backend or jax.default_backend()) == "gpu"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if (on_gpu and half) else "xla"
 
@@ -126,18 +173,25 @@ def attention(
     causal: bool,
     sliding_window: Optional[int],
     implementation: str,
+    scale: Optional[float] = None,
+    softcap: Optional[float] = None,
 ) -> jax.Array:
     """Scaled dot-product attention [B, T, N, D] x [B, S, K, D] (GQA when K < N).
 
     ``mask`` is a boolean [B, 1, T, S] (True = may attend) that already includes
     causality when given; ``causal`` alone serves right-padded training batches.
+    ``scale`` defaults to 1/sqrt(D); ``softcap`` caps the scores (Gemma 2), in XLA einsums.
     """
+    if softcap is not None:
+        return attention_with_dropout(q, k, v, mask=mask, causal=causal, sliding_window=sliding_window, rate=0.0,
+                                      key=None, scale=scale, softcap=softcap)
     window = None
     if sliding_window is not None and mask is None and causal:
         window = (sliding_window - 1, 0)
     impl = implementation if mask is None else "xla"
     return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=causal and mask is None, local_window_size=window, implementation=impl
+        q, k, v, mask=mask, is_causal=causal and mask is None, local_window_size=window, implementation=impl,
+        scale=scale,
     )
 
 
@@ -179,6 +233,8 @@ def packed_attention(
     mask: Optional[jax.Array],
     sliding_window: Optional[int],
     implementation: str,
+    scale: Optional[float] = None,
+    softcap: Optional[float] = None,
 ) -> jax.Array:
     """Causal attention within each packed example.
 
@@ -187,10 +243,12 @@ def packed_attention(
     (CPU, TPU, fp32, or a sliding window, whose ``mask`` the caller built): XLA attention
     with the segment mask.
     """
-    if segments.lengths is not None and mask is None and ragged_kernel_applies(implementation, sliding_window, 0.0):
-        return _cudnn_ragged_attention(q, k, v, segments)
+    if (segments.lengths is not None and mask is None and softcap is None
+            and ragged_kernel_applies(implementation, sliding_window, 0.0)):
+        return _cudnn_ragged_attention(q, k, v, segments, scale)
     full = segments.mask() if mask is None else mask
-    return jax.nn.dot_product_attention(q, k, v, mask=full, implementation="xla")
+    return attention(q, k, v, mask=full, causal=True, sliding_window=None, implementation="xla", scale=scale,
+                     softcap=softcap)
 
 
 def ragged_kernel_applies(implementation: str, sliding_window: Optional[int], attention_dropout: float) -> bool:
@@ -201,7 +259,7 @@ def ragged_kernel_applies(implementation: str, sliding_window: Optional[int], at
     return implementation == "cudnn" and sliding_window is None and attention_dropout <= 0
 
 
-def _cudnn_ragged_attention(q, k, v, segments: Segments) -> jax.Array:
+def _cudnn_ragged_attention(q, k, v, segments: Segments, scale: Optional[float] = None) -> jax.Array:
     # jax.nn.dot_product_attention does not expose cuDNN's packed (ragged) layout; its own
     # cuDNN module does. Only reached on GPU (resolve_attention_implementation), never on CPU/TPU.
     from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention as cudnn_attention
@@ -209,7 +267,7 @@ def _cudnn_ragged_attention(q, k, v, segments: Segments) -> jax.Array:
     seqlens, offsets = segments.cudnn_tables()
     return cudnn_attention(
         q, k, v, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets, kv_offsets=offsets,
-        scale=1.0 / math.sqrt(q.shape[-1]), mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
+        scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
     )
 
 
@@ -230,24 +288,32 @@ def attention_with_dropout(
     causal: bool,
     sliding_window: Optional[int],
     rate: float,
-    key: jax.Array,
+    key: Optional[jax.Array],
+    scale: Optional[float] = None,
+    softcap: Optional[float] = None,
 ) -> jax.Array:
     """:func:`attention` with dropout on the attention probabilities (HF's training mode), in XLA einsums.
 
     No fused kernel (cuDNN flash attention included) takes a dropout mask, so training with
-    attention dropout on runs this path on every backend; everything else keeps :func:`attention`.
+    attention dropout on runs this path on every backend; so do soft-capped scores (Gemma 2,
+    ``softcap``; ``rate=0`` without dropout). ``scale`` defaults to 1/sqrt(D).
     """
     n, kv = q.shape[2], k.shape[2]
     if kv != n:  # GQA: each kv head serves n // kv query heads
         k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
-    scores = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) / np.float32(math.sqrt(q.shape[-1]))
+    scores = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / np.float32(math.sqrt(q.shape[-1])) if scale is None else scores * np.float32(scale)
+    scores = soft_cap(scores, softcap)
     t, s = q.shape[1], k.shape[1]
-    allowed = jnp.ones((t, s), bool)
-    if causal:
-        allowed = jnp.tril(allowed, s - t)
-        if sliding_window is not None:
-            allowed = allowed & ~jnp.tril(jnp.ones((t, s), bool), s - t - sliding_window)
-    allowed = allowed[None, None] if mask is None else mask & allowed[None, None]
+    if mask is not None:  # it already holds causality (and any window)
+        allowed = mask
+    else:
+        allowed = jnp.ones((t, s), bool)
+        if causal:
+            allowed = jnp.tril(allowed, s - t)
+            if sliding_window is not None:
+                allowed = allowed & ~jnp.tril(jnp.ones((t, s), bool), s - t - sliding_window)
+        allowed = allowed[None, None]
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1), rate, key)
     return jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v)

@@ -23,67 +23,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsft.models.spec import ModelSpec
-
-if TYPE_CHECKING:  # pragma: no cover
-    from jaxsft.models.decoder import CausalLM
+from jaxsft.models.families import lora_sites
+from jaxsft.models.interface import LanguageModel  # not CausalLM: the decoder imports this module
+from jaxsft.models.lora_sites import Site, b_name
+from jaxsft.models.spec import ModelSpec, layer_param_shapes
 
 
 class LoraParam(nnx.Param):
     """A trainable LoRA adapter array (the trainer's filter for what trains when a model has adapters)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Site:
-    """One adapted module: its PEFT path, the name ``target_modules`` matches, and the base weights it adapts.
-
-    GPT-2's ``c_attn`` is one Conv1D producing q, k and v: PEFT gives it one A and one B of
-    ``3 * hidden`` rows, so here it is one shared A and three B blocks.
-    """
-
-    module: str  # PEFT module path below the base model, "{i}" = layer index
-    target: str  # what target_modules names ("q_proj", "c_attn", "c_proj", ...)
-    key: str  # our A's name stem: lora_a_<key>
-    outputs: tuple[str, ...]  # base layer weights adapted, in PEFT's row order of lora_B
-
-    @property
-    def a_name(self) -> str:
-        return f"lora_a_{self.key}"
-
-
-def b_name(output: str) -> str:
-    return f"lora_b_{output}"
-
-
-# Input dimensions of each base layer weight (the rest are outputs), see decoder.layer_param_shapes.
+# Input dimensions of each base layer weight (the rest are outputs), see spec.layer_param_shapes.
 IN_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
-
-_LLAMA_SITES = tuple(
-    Site(f"model.layers.{{i}}.{block}.{name}", name, name, (name,))
-    for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
-    for name in names
-)
-_GPT2_SITES = (
-    Site("transformer.h.{i}.attn.c_attn", "c_attn", "qkv", ("q_proj", "k_proj", "v_proj")),
-    Site("transformer.h.{i}.attn.c_proj", "c_proj", "o_proj", ("o_proj",)),
-    Site("transformer.h.{i}.mlp.c_fc", "c_fc", "up_proj", ("up_proj",)),
-    Site("transformer.h.{i}.mlp.c_proj", "c_proj", "down_proj", ("down_proj",)),
-)
-
-
-def family_sites(spec: ModelSpec) -> tuple[Site, ...]:
-    """Every module of ``spec``'s family that can carry an adapter (the one table of LoRA names)."""
-    if spec.model_type == "gpt2":
-        return _GPT2_SITES
-    return tuple(s for s in _LLAMA_SITES if s.target != "gate_proj" or spec.mlp == "gated")
-
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
@@ -104,9 +62,11 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoraConfig.r={self.r!r} must be a positive integer (the adapter rank), e.g. r=8.")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:
-            raise ValueError(f"LoraConfig.lora_alpha={self.lora_alpha!r} must be a positive number, e.g. 16.")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+        if (not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool)
+                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):  # NaN alpha trains every weight to NaN
+            raise ValueError(f"LoraConfig.lora_alpha={self.lora_alpha!r} must be a finite positive number, e.g. 16.")
+        if (not isinstance(self.lora_dropout, (int, float)) or isinstance(self.lora_dropout, bool)
+                or not 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"LoraConfig.lora_dropout={self.lora_dropout!r} must be in [0, 1).")
         targets = self.target_modules
         if isinstance(targets, str):
@@ -128,7 +88,9 @@ class LoraConfig:
 
     def resolve(self, spec: ModelSpec) -> tuple[Site, ...]:
         """The sites of ``spec``'s family these targets name; unknown names are refused, naming the valid ones."""
-        sites = family_sites(spec)
+        sites = lora_sites(spec)
+        if not sites:
+            raise ValueError(f"LoRA is not offered for {spec.model_type} models (no adapter sites in its family record).")
         if self.target_modules == "all-linear":
             return sites
         valid = sorted({s.target for s in sites})
@@ -157,8 +119,6 @@ class LoraSetup:
 
 def adapter_shapes(spec: ModelSpec, setup: LoraSetup) -> dict[str, tuple[tuple[int, ...], tuple[Optional[str], ...]]]:
     """name -> (per-layer shape, logical axes without the layers axis), derived from the base weights' shapes."""
-    from jaxsft.models.decoder import layer_param_shapes
-
     base = layer_param_shapes(spec)
     r = setup.config.r
     out: dict[str, tuple[tuple[int, ...], tuple[Optional[str], ...]]] = {}
@@ -203,7 +163,7 @@ def init_adapters(spec: ModelSpec, setup: LoraSetup, seed: int) -> dict[str, np.
     return out
 
 
-def attach(model: "CausalLM", setup: LoraSetup, arrays: dict[str, np.ndarray]) -> "CausalLM":
+def attach(model: LanguageModel, setup: LoraSetup, arrays: dict[str, np.ndarray]) -> LanguageModel:
     """Give ``model`` these adapters (placed on its mesh per the sharding rules), in place; returns it."""
     from jaxsft import sharding as shd
 
@@ -226,15 +186,13 @@ def attach(model: "CausalLM", setup: LoraSetup, arrays: dict[str, np.ndarray]) -
     return model
 
 
-def add_lora(model: "CausalLM", config: LoraConfig, *, seed: int = 0) -> "CausalLM":
+def add_lora(model: LanguageModel, config: LoraConfig, *, seed: int = 0) -> LanguageModel:
     """Add freshly initialised adapters to ``model`` (in place; returns it). Its base weights will train no more.
 
     The base may be stored in bf16 (``from_pretrained(..., param_dtype=jnp.bfloat16)``); adapters are fp32.
     """
-    from jaxsft.models.decoder import CausalLM
-
-    if not isinstance(model, CausalLM):
-        raise TypeError(f"add_lora: model must be a jaxsft CausalLM, got {type(model).__name__}.")
+    if not isinstance(getattr(model, "spec", None), ModelSpec):
+        raise TypeError(f"add_lora: model must be a jaxsft CausalLM (a decoder), got {type(model).__name__}.")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"add_lora: config must be a jaxsft LoraConfig, got {type(config).__name__}.")
     if lora_setup(model) is not None:
@@ -248,7 +206,7 @@ def lora_setup(model: Any) -> Optional[LoraSetup]:
     return getattr(model, "lora", None)
 
 
-def adapter_arrays(model: "CausalLM") -> dict[str, np.ndarray]:
+def adapter_arrays(model: LanguageModel) -> dict[str, np.ndarray]:
     """The adapters as fp32 numpy (gathered across hosts when sharded)."""
     from jaxsft import sharding as shd
 
@@ -273,14 +231,14 @@ def merged_layer_weights(setup: LoraSetup, layers: dict[str, np.ndarray], adapte
 DROPOUT_KEY = "lora_dropout_key"
 
 
-def layer_inputs(model: "CausalLM", dtype: Any, dropout_rng: Optional[jax.Array]) -> dict[str, jax.Array]:
+def layer_inputs(model: LanguageModel, dtype: Any, dropout_key: Optional[jax.Array]) -> dict[str, jax.Array]:
     """The adapter arrays (cast to the compute dtype) to scan with the base weights, plus per-layer dropout keys."""
     setup = lora_setup(model)
     if setup is None:
         return {}
     out = {k: v.astype(dtype) for k, v in model.lora_layers.arrays().items()}
-    if dropout_rng is not None and setup.config.lora_dropout > 0:
-        out[DROPOUT_KEY] = jax.random.split(dropout_rng, model.spec.num_layers)
+    if dropout_key is not None and setup.config.lora_dropout > 0:
+        out[DROPOUT_KEY] = jax.random.split(dropout_key, model.spec.num_layers)
     return out
 
 

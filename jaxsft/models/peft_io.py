@@ -10,6 +10,7 @@ right, no stray keys, and any PEFT option jaxsft does not implement is refused b
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Union
@@ -17,7 +18,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Union
 import jax
 import numpy as np
 
-from jaxsft.models.weights import expand
+from jaxsft.models import hf_io
+from jaxsft.models.families import lora_sites, spec_from_hf_config
+from jaxsft.models.weights import ArraySource, expand
 from jaxsft.models import lora as lora_lib
 from jaxsft.models.lora import LoraConfig, LoraSetup, b_name
 
@@ -129,8 +132,10 @@ def adapter_file_key(key: str) -> str:
     return key
 
 
-def config_from_peft(data: Mapping[str, Any], spec: Any) -> LoraConfig:
-    """A PEFT ``LoraConfig`` (as its dict) -> ours, refusing every option jaxsft does not implement."""
+def config_from_peft(data: Mapping[str, Any], spec: Any, where: str = "adapter config") -> LoraConfig:
+    """A PEFT ``LoraConfig`` (as its dict) -> ours, refusing every option jaxsft does not implement.
+
+    ``where`` names the source in error messages (the ``adapter_config.json`` path when read from a folder)."""
     peft_type = str(data.get("peft_type", "LORA")).upper().replace("PEFTTYPE.", "")
     if peft_type != "LORA":
         raise AdapterError(
@@ -148,20 +153,39 @@ def config_from_peft(data: Mapping[str, Any], spec: Any) -> LoraConfig:
         )
     targets = data.get("target_modules")
     if isinstance(targets, str) and targets != "all-linear":
-        valid = sorted({site.target for site in lora_lib.family_sites(spec)})
+        valid = sorted({site.target for site in lora_sites(spec)})
         raise AdapterError(
             f"adapter target_modules={targets!r} is a regular expression; jaxsft takes a list of module names "
             f"(some of {valid}) or 'all-linear'."
         )
     if isinstance(targets, (list, tuple, set)):
         targets = tuple(sorted(targets))
-    return LoraConfig(
-        r=int(data["r"]),
-        lora_alpha=float(data.get("lora_alpha", 8)),
-        lora_dropout=float(data.get("lora_dropout", 0.0)),
-        target_modules=targets,
-        use_rslora=bool(data.get("use_rslora", False)),
-    )
+    numbers = checked_numbers(data, where)
+    return LoraConfig(target_modules=targets, use_rslora=bool(data.get("use_rslora", False)), **numbers)
+
+
+def checked_numbers(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``r``, ``lora_alpha`` and ``lora_dropout`` of an adapter config, refused (naming the field and ``where``)
+    unless ``r`` is a whole number >= 1 and the others finite numbers: a NaN alpha would train to NaN, a
+    fractional rank would be silently truncated."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if "r" not in data:
+        raise AdapterError(f"{where}: the field 'r' (the LoRA rank) is missing; add e.g. \"r\": 8.")
+    r = data["r"]
+    if not number(r) or r != int(r) or r < 1:
+        raise AdapterError(f"{where}: field 'r'={r!r} must be a whole number >= 1 (the LoRA rank), e.g. \"r\": 8.")
+    out = {"r": int(r)}
+    for name, default, rule, example in (("lora_alpha", 8, lambda v: v > 0, 16), ("lora_dropout", 0.0, lambda v: 0 <= v < 1, 0.05)):
+        value = data.get(name, default)
+        if not number(value) or not rule(value):
+            raise AdapterError(
+                f"{where}: field {name!r}={value!r} must be a finite number "
+                f"({'> 0' if name == 'lora_alpha' else 'in [0, 1)'}), e.g. \"{name}\": {example}."
+            )
+        out[name] = float(value)
+    return out
 
 
 def peft_config_dict(model: "CausalLM") -> dict[str, Any]:
@@ -215,18 +239,50 @@ def load_adapter(model: "CausalLM", directory: Union[str, os.PathLike]) -> "Caus
         )
     from safetensors.numpy import load_file
 
-    data = json.loads(config_path.read_text())
-    return attach_peft(model, data, load_file(str(weights_path)))
+    try:
+        data = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise AdapterError(
+            f"{config_path}: not valid JSON ({err}); restore the adapter_config.json that peft's save_pretrained "
+            "or jaxsft.save_adapter wrote."
+        ) from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{config_path}: must hold a JSON object (PEFT's LoraConfig), got {type(data).__name__}.")
+    return attach_peft(model, data, load_file(str(weights_path)), where=str(config_path))
 
 
-def attach_peft(model: "CausalLM", config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> "CausalLM":
+def attach_peft(
+    model: "CausalLM", config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], where: str = "adapter config"
+) -> "CausalLM":
     """Attach adapters given as PEFT's config dict and PEFT-named arrays; every check runs first."""
     if lora_lib.lora_setup(model) is not None:
         raise AdapterError("the model already has LoRA adapters; load the adapter onto a fresh base model.")
-    ours = config_from_peft(config, model.spec)
+    ours = config_from_peft(config, model.spec, where)
     setup = LoraSetup(ours, ours.resolve(model.spec))
     arrays = import_adapters(model, setup, {k: np.asarray(v) for k, v in tensors.items()})
     return lora_lib.attach(model, setup, arrays)
+
+
+# ---------------------------------------------------------------------------------- loading base + adapter
+def from_pretrained(source: Any, *, adapter: Union[str, os.PathLike, None] = None, **load_options: Any) -> "CausalLM":
+    """Load a base model and attach a LoRA adapter: ``source`` a ``peft.PeftModel`` (base and its one
+    adapter, both converted), or any :func:`jaxsft.models.hf_io.from_pretrained` source with
+    ``adapter`` a PEFT LoRA folder (to continue training it). ``load_options`` go to the base's load;
+    adapters are always fp32.
+    """
+    if is_peft_model(source):
+        if adapter is not None:
+            raise ValueError("from_pretrained: source is a PeftModel, which has its adapter; leave adapter=None.")
+        config, tensors, peft_config, adapter_tensors = split_peft_model(source)
+        model = hf_io.load(spec_from_hf_config(config), config, ArraySource(tensors), **load_options)
+        return attach_peft(model, peft_config, adapter_tensors)
+    if adapter is None:
+        return hf_io.from_pretrained(source, **load_options)
+    if not (Path(adapter) / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"from_pretrained: adapter={str(adapter)!r} has no {CONFIG_FILE}; pass a PEFT LoRA adapter folder."
+        )
+    return load_adapter(hf_io.from_pretrained(source, **load_options), adapter)
 
 
 # ---------------------------------------------------------------------------------- PeftModel instances

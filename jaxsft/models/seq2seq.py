@@ -24,6 +24,7 @@ from flax import nnx
 
 from jaxsft.models import layers as L
 from jaxsft.models.embedding import embedding_lookup
+from jaxsft.models.interface import LMHead
 from jaxsft.models.options import REMAT_POLICIES, RunOptions
 from jaxsft.models.seq2seq_spec import Seq2SeqSpec
 from jaxsft.sharding import constrain
@@ -325,18 +326,18 @@ class Seq2SeqLM(nnx.Module):
             out = out + self.final_logits_bias[...].astype(jnp.float32)
         return out
 
-    def lm_head_operands(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(hidden', W') with hidden' . W'^T = the logits, for the fused loss (which takes no bias).
+    def lm_head_operands(self, hidden: jax.Array) -> LMHead:
+        """(hidden', W', no soft cap) with hidden' . W'^T = the logits, for the fused loss (which takes no bias).
 
         BART's ``final_logits_bias`` rides as one extra column against a constant-1 feature; it is a
         buffer in transformers (never trained), so its gradient is stopped.
         """
         w = self.unembedding()
         if not self.spec.final_logits_bias:
-            return hidden, w
+            return LMHead(hidden, w)
         ones = jnp.ones((*hidden.shape[:-1], 1), hidden.dtype)
         bias = jax.lax.stop_gradient(self.final_logits_bias[...]).astype(w.dtype)
-        return jnp.concatenate([hidden, ones], axis=-1), jnp.concatenate([w, bias[:, None]], axis=-1)
+        return LMHead(jnp.concatenate([hidden, ones], axis=-1), jnp.concatenate([w, bias[:, None]], axis=-1))
 
     def hidden_states(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                       *, dropout_key: Optional[jax.Array] = None) -> jax.Array:

@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 from jaxsft.models.spec import UnsupportedModelError
 
-SEQ2SEQ_MODEL_TYPES = ("t5", "bart")
 _ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu")
 
 
@@ -84,17 +83,6 @@ class Seq2SeqSpec:
             total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return total
 
-    @classmethod
-    def from_hf_config(cls, config: Any) -> "Seq2SeqSpec":
-        model_type = getattr(config, "model_type", None)
-        if model_type == "t5":
-            return _t5_spec(config)
-        if model_type == "bart":
-            return _bart_spec(config)
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not a supported encoder-decoder; supported: {', '.join(SEQ2SEQ_MODEL_TYPES)}."
-        )
-
 
 def _start_token(config: Any) -> int:
     start = getattr(config, "decoder_start_token_id", None)
@@ -106,7 +94,8 @@ def _start_token(config: Any) -> int:
     return int(start)
 
 
-def _t5_spec(config: Any) -> Seq2SeqSpec:
+def t5_spec(config: Any) -> Seq2SeqSpec:
+    """T5 v1.0 and v1.1 / Flan-T5 (the registry's 't5' builder)."""
     act = getattr(config, "dense_act_fn", None) or config.feed_forward_proj.split("-")[-1]
     if act == "gelu" and getattr(config, "is_gated_act", False):
         act = "gelu_new"  # transformers' own alias for gated-gelu
@@ -154,7 +143,8 @@ def _t5_spec(config: Any) -> Seq2SeqSpec:
     )
 
 
-def _bart_spec(config: Any) -> Seq2SeqSpec:
+def bart_spec(config: Any) -> Seq2SeqSpec:
+    """BART (the registry's 'bart' builder)."""
     for name in ("encoder_layerdrop", "decoder_layerdrop"):
         if float(getattr(config, name, 0.0) or 0.0) > 0:
             raise UnsupportedModelError(f"BART {name}={getattr(config, name)} is not supported; set it to 0.0.")

@@ -1,0 +1,23 @@
+#!/bin/bash
+# The engine's GPU measurements (issue 22), one section per argument, logs to $OUT/<section>.log.
+# Run from the project root on a GPU machine with the TRL wheels on PYTHONPATH; MAIN=<an older checkout> for "before".
+set -u
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+B=benchmarks
+for section in "$@"; do
+  case $section in
+    card) nvidia-smi --query-gpu=name,uuid,memory.total --format=csv > $OUT/card.log ;;
+    profile_before) (cd $MAIN && PYTHONPATH=/tmp/site:$MAIN timeout 150 python3 $OLDPWD/$B/profile_decode.py --label before --shape qwen05 --batch 512 --new 256) > $OUT/$section.log 2>&1 ;;
+    profile_after) timeout 150 python3 $B/profile_decode.py --label after --shape qwen05 --batch 512 --new 256 > $OUT/$section.log 2>&1 ;;
+    profile_after_n8) timeout 120 python3 $B/profile_decode.py --label after-n8 --shape qwen05 --batch 512 --samples 8 --new 256 > $OUT/$section.log 2>&1 ;;
+    gen05) timeout 240 python3 $B/bench_generate.py --shape qwen05 --batches 64,512,1024 --new-tokens 256 --repeats 2 > $OUT/$section.log 2>&1 ;;
+    gen05_jax) timeout 150 python3 $B/bench_generate.py --shape qwen05 --batches 64,512,1024 --new-tokens 256 --repeats 2 --skip-hf > $OUT/$section.log 2>&1 ;;
+    gen15_jax) timeout 150 python3 $B/bench_generate.py --shape qwen15 --batches 64,512,1024 --new-tokens 256 --repeats 2 --skip-hf > $OUT/$section.log 2>&1 ;;
+    gen135_jax) timeout 120 python3 $B/bench_generate.py --shape smollm2 --batches 64,512 --new-tokens 256 --repeats 2 --skip-hf > $OUT/$section.log 2>&1 ;;
+    loop05_jax) timeout 150 python3 $B/bench_loop.py --impl jaxsft --shape qwen05 > $OUT/$section.log 2>&1 ;;
+    loop05_trl) timeout 150 python3 $B/bench_loop.py --impl trl --shape qwen05 > $OUT/$section.log 2>&1 ;;
+    loop15_jax) timeout 150 python3 $B/bench_loop.py --impl jaxsft --shape qwen15 > $OUT/$section.log 2>&1 ;;
+    loop15_trl) timeout 150 python3 $B/bench_loop.py --impl trl --shape qwen15 > $OUT/$section.log 2>&1 ;;
+  esac
+  echo "== $section done $(date +%T)" >> $OUT/progress.log
+done

@@ -1,0 +1,310 @@
+"""The decode engine: fixed row slots, refilled from a queue of prompts as their rows finish.
+
+A call's prompts wait in a queue. The engine holds ``groups`` slots of ``n`` rows (one prompt
+and its ``n`` samples per group; the group count comes from a KV memory budget). Three
+ahead-of-time compiled programs, all on fixed shapes:
+
+* ``init``: an empty :class:`DecodeState` (every row free);
+* ``prefill``: runs up to ``Gp`` prompts (a power of two), writes their K/V once into free
+  groups' prefix cache (:mod:`jaxsft.generation.kv_cache`), samples each row's first token;
+* ``decode``: a ``lax.while_loop`` of decode steps over all slots that returns to the host
+  when enough groups have finished for the waiting prompts to take them (or a step limit, for
+  stop strings, or everything is done).
+
+The host loop harvests finished groups, prefills waiting prompts into their slots and decodes
+again, until the queue is empty and every row is done. A row's key is ``fold_in(key(seed),
+global row)`` folded with its token index, so its sample never depends on the slot it ran in
+or on how many slots there were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxsft import sharding as shd
+from jaxsft.generation import kv_cache
+from jaxsft.generation.sampling import Mode, Sampling, row_keys, sample
+
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_TOKENS_BUCKET = 16
+MAX_EOS_IDS = 8  # EOS ids are a padded run-time array of this size (no recompile per tokenizer)
+
+
+class DecodeState(NamedTuple):
+    """Everything the engine's programs carry between calls (a pytree; donated from program to program)."""
+
+    cache: list  # [layers] of kv_cache.LayerKV
+    prefix_mask: Any  # [G, Lp] bool
+    prompt_len: Any  # [G] int32
+    tokens: Any  # [B, Ls + 1] int32: generated so far (column Ls absorbs finished rows' writes)
+    last: Any  # [B] int32: the token the next step feeds in
+    gen_len: Any  # [B] int32: tokens generated so far
+    keys: Any  # [B] PRNG keys
+    done: Any  # [B] bool (free slots are done)
+    finished_by_eos: Any  # [B] bool
+    steps: Any  # int32 scalar: decode steps run in the current decode call
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The static shape of an engine run: programs are compiled per Shape (and mode)."""
+
+    groups: int  # G, a power of two
+    n: int  # rows per group (num_return_sequences)
+    prompt_slots: int  # Lp, a power of two >= MIN_PROMPT_BUCKET
+    new_slots: int  # Ls, a power of two >= MIN_NEW_TOKENS_BUCKET
+
+    @property
+    def rows(self) -> int:
+        return self.groups * self.n
+
+
+def pow2_at_least(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= ``n`` (and >= ``minimum``): the generation programs' bucket sizes."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def pow2_at_most(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+def kv_bytes_per_group(spec, dtype, shape_n: int, prompt_slots: int, new_slots: int) -> int:
+    """KV bytes one group holds: its prompt once plus ``n`` continuations, every layer."""
+    per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * jnp.dtype(dtype).itemsize
+    return per_token * (prompt_slots + shape_n * new_slots)
+
+
+def prefill_group_cap(spec, prompt_slots: int, budget: int) -> int:
+    """Prompts per prefill call so that its attention scores (fp32 [Gp, heads, Lp, Lp]) stay under ``budget``."""
+    return pow2_at_most(max(1, budget // (spec.num_heads * prompt_slots * prompt_slots * 4)))
+
+
+# ---------------------------------------------------------------------------- compute view
+def compute_view(state, dtype):
+    """Parameters cast to the compute dtype once per program (the model casts them at use anyway).
+
+    Without this, a model keeping fp32 parameters with bf16 compute would re-cast every
+    weight on every decode step. The final norm is left alone: a LayerNorm reads it in fp32.
+    """
+    dtype = jnp.dtype(dtype)
+
+    def cast(path, x):
+        floating = jnp.issubdtype(x.dtype, jnp.floating)
+        if floating and x.dtype != dtype and "final_norm" not in jax.tree_util.keystr(path):
+            return x.astype(dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(cast, state)
+
+
+# ---------------------------------------------------------------------------- jitted bodies
+def make_init(spec, dtype, shape: Shape):
+    def init() -> DecodeState:
+        g, b = shape.groups, shape.rows
+        cache = kv_cache.empty_layers(spec.num_layers, g, shape.n, spec.num_kv_heads, shape.prompt_slots,
+                                      shape.new_slots, spec.head_dim, dtype)
+        prefix_mask = jnp.zeros((g, shape.prompt_slots), bool).at[:, -1].set(True)  # free groups: never empty
+        return DecodeState(
+            cache=cache, prefix_mask=prefix_mask, prompt_len=jnp.ones((g,), jnp.int32),
+            tokens=jnp.zeros((b, shape.new_slots + 1), jnp.int32), last=jnp.zeros((b,), jnp.int32),
+            gen_len=jnp.ones((b,), jnp.int32), keys=row_keys(jnp.uint32(0), jnp.arange(b)),
+            done=jnp.ones((b,), bool), finished_by_eos=jnp.zeros((b,), bool), steps=jnp.int32(0),
+        )
+
+    return init
+
+
+def make_prefill(graphdef, dtype, shape: Shape, mode: Mode):
+    """Prefill ``Gp`` prompts into the group slots ``inputs['slots']`` (``G`` = a filler, dropped)."""
+    n, lp = shape.n, shape.prompt_slots
+
+    def prefill(state, st: DecodeState, inputs, sampling: Sampling) -> DecodeState:
+        model = nnx.merge(graphdef, compute_view(state, dtype))
+        ids, mask = inputs["input_ids"], inputs["mask"].astype(bool)
+        gp = ids.shape[0]
+        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+        cache = model.init_cache(gp, lp, dtype)
+        hidden, cache = model.forward_with_cache(ids, positions, cache, jnp.int32(0), mask)
+        logits = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], n, axis=0)  # [Gp * n, V]
+        slots = inputs["slots"]
+        rows = (slots[:, None] * n + jnp.arange(n)[None, :]).reshape(-1)
+        rows = jnp.where(jnp.repeat(slots, n) < shape.groups, rows, shape.rows)  # fillers: out of range, dropped
+        keys = row_keys(sampling.seed, inputs["row_ids"])
+        tok = sample(logits, keys, jnp.zeros((gp * n,), jnp.int32), mode, sampling.temperature, sampling.top_p)
+        hit = jnp.any(tok[:, None] == sampling.eos[None, :], axis=-1)
+        done = hit | (sampling.max_new <= 1)
+        first = jnp.full((gp * n, shape.new_slots + 1), sampling.pad, jnp.int32).at[:, 0].set(tok)
+
+        def put(buf, value):
+            return buf.at[rows].set(value, mode="drop")
+
+        prompt_len = jnp.sum(mask, axis=-1).astype(jnp.int32)
+        return st._replace(
+            cache=kv_cache.write_prefix(st.cache, cache.k, cache.v, slots),
+            prefix_mask=st.prefix_mask.at[slots].set(mask, mode="drop"),
+            prompt_len=st.prompt_len.at[slots].set(prompt_len, mode="drop"),
+            tokens=put(st.tokens, first), last=put(st.last, tok), gen_len=put(st.gen_len, jnp.ones_like(tok)),
+            keys=put(st.keys, keys), done=put(st.done, done), finished_by_eos=put(st.finished_by_eos, hit),
+        )
+
+    return prefill
+
+
+def make_decode(graphdef, dtype, shape: Shape, mode: Mode):
+    """Decode steps until ``limit`` steps ran, every row is done, or ``refill_at`` groups are free."""
+    n, g, lp = shape.n, shape.groups, shape.prompt_slots
+
+    def decode(state, st: DecodeState, sampling: Sampling, limit, refill_at) -> DecodeState:
+        model = nnx.merge(graphdef, compute_view(state, dtype))
+        layer_params = model.decode_params()  # split once, outside the loop
+        prefix_pos = (jnp.arange(lp)[None, :] - (lp - st.prompt_len)[:, None]).astype(jnp.int32)
+
+        def cond(st: DecodeState):
+            free = jnp.sum(jnp.all(st.done.reshape(g, n), axis=1))
+            return (st.steps < limit) & ~jnp.all(st.done) & (free < refill_at)
+
+        def body(st: DecodeState):
+            slot = st.gen_len - 1  # the token fed now is token gen_len - 1 of its row
+            query_pos = jnp.repeat(st.prompt_len, n) + slot
+            rows = kv_cache.RowView(write_slot=slot, prefix_mask=st.prefix_mask, suffix_len=st.gen_len,
+                                    query_pos=query_pos, prefix_pos=prefix_pos, prompt_len=st.prompt_len)
+
+            def attend(q, k, v, layer, *, window, scale, softcap):
+                return kv_cache.shared_prefix_attention(q, k, v, layer, rows, window, scale, softcap)
+
+            hidden, cache = model.decode_step(st.last[:, None], query_pos[:, None], st.cache, attend, layer_params)
+            logits = model.logits(hidden)[:, 0]
+            tok = sample(logits, st.keys, st.gen_len, mode, sampling.temperature, sampling.top_p)
+            live = ~st.done
+            tok = jnp.where(live, tok, sampling.pad)
+            hit = jnp.any(tok[:, None] == sampling.eos[None, :], axis=-1) & live
+            tokens = jax.vmap(lambda row, t, i: jax.lax.dynamic_update_slice_in_dim(row, t[None], i, 0))(
+                st.tokens, tok, st.gen_len)  # finished rows write pad past their end
+            gen_len = st.gen_len + live.astype(jnp.int32)
+            done = st.done | hit | (gen_len >= sampling.max_new)
+            return st._replace(cache=cache, tokens=tokens, last=jnp.where(live, tok, st.last), gen_len=gen_len,
+                               done=done, finished_by_eos=st.finished_by_eos | hit, steps=st.steps + 1)
+
+        st = jax.lax.while_loop(cond, body, st._replace(steps=jnp.int32(0)))
+        return st
+
+    return decode
+
+
+# ---------------------------------------------------------------------------- host side
+@dataclasses.dataclass
+class Queue:
+    """A call's prompts (token ids, in call order) waiting for a group slot."""
+
+    prompt_ids: list[list[int]]
+    next: int = 0
+
+    def waiting(self) -> int:
+        return len(self.prompt_ids) - self.next
+
+    def take(self, k: int) -> list[int]:
+        out = list(range(self.next, min(len(self.prompt_ids), self.next + k)))
+        self.next += len(out)
+        return out
+
+
+class Programs(NamedTuple):
+    init: Callable
+    prefill: Callable[[int], Callable]  # prompts per prefill call -> program
+    decode: Callable
+
+
+def layouts(spec, mesh, shape: Shape, rules) -> DecodeState:
+    """Shardings of the engine state: groups/rows over the batch axes when they divide, KV heads over tensor."""
+
+    def named(axes, shp):
+        return NamedSharding(mesh, shd.activation_spec(axes, shp, mesh, rules))
+
+    kv = spec.num_kv_heads
+    pre = named(("batch", "kv_heads", None, None), (shape.groups, kv, shape.prompt_slots, spec.head_dim))
+    suf = named(("batch", "kv_heads", None, None), (shape.rows, kv, shape.new_slots, spec.head_dim))
+    rows1 = named(("batch",), (shape.rows,))
+    rows2 = named(("batch", None), (shape.rows, 1))
+    groups1 = named(("batch",), (shape.groups,))
+    groups2 = named(("batch", None), (shape.groups, 1))
+    return DecodeState(
+        cache=[kv_cache.LayerKV(pre, pre, suf, suf) for _ in range(spec.num_layers)], prefix_mask=groups2,
+        prompt_len=groups1, tokens=rows2, last=rows1, gen_len=rows1, keys=rows1, done=rows1, finished_by_eos=rows1,
+        steps=NamedSharding(mesh, P()),
+    )
+
+
+def run(programs: Programs, state, queue: Queue, shape: Shape, pad_id: int, max_new: int, prefill_cap: int,
+        place_inputs: Callable, place_scalar: Callable, place_rows: Callable, scalars: Sampling, *,
+        step_limit: Optional[int] = None, on_chunk: Optional[Callable] = None) -> list[tuple[np.ndarray, str]]:
+    """Drive the engine until every prompt of ``queue`` has ``n`` finished rows; results prompt-major.
+
+    ``on_chunk(host, running_rows) -> rows to stop`` (stop strings) is called after every decode call
+    when given, with ``step_limit`` steps per call.
+    """
+    g, n = shape.groups, shape.n
+    n_prompts = len(queue.prompt_ids)
+    results: list[Optional[tuple[np.ndarray, str]]] = [None] * (n_prompts * n)
+    owner = [-1] * g  # prompt index per group slot (-1: free)
+    stopped: set[int] = set()  # rows a stop string ended (global row ids)
+    dstate = programs.init()
+    host = None
+    while True:
+        if host is not None:  # harvest finished groups
+            done = host["done"]
+            for slot in range(g):
+                p = owner[slot]
+                if p < 0 or not done[slot * n : (slot + 1) * n].all():
+                    continue
+                for j in range(n):
+                    r = slot * n + j
+                    length = int(host["gen_len"][r])
+                    row = np.asarray(host["tokens"][r, :length]).copy()
+                    gr = p * n + j
+                    reason = "eos" if host["finished_by_eos"][r] else ("stop" if gr in stopped else "length")
+                    results[gr] = (row, reason)
+                owner[slot] = -1
+        free = [s for s in range(g) if owner[s] < 0]
+        while free and queue.waiting():
+            gp = min(prefill_cap, pow2_at_least(min(len(free), queue.waiting())))
+            taken = queue.take(min(gp, len(free)))
+            slots, free = free[: len(taken)], free[len(taken):]
+            ids = np.full((gp, shape.prompt_slots), pad_id, np.int32)
+            mask = np.zeros((gp, shape.prompt_slots), np.int32)
+            for i, p in enumerate(taken):
+                toks = queue.prompt_ids[p]
+                ids[i, shape.prompt_slots - len(toks):] = toks
+                mask[i, shape.prompt_slots - len(toks):] = 1
+                owner[slots[i]] = p
+            mask[len(taken):, -1] = 1  # fillers: one real token so no attention row is empty
+            slot_arr = np.full((gp,), g, np.int32)
+            slot_arr[: len(taken)] = slots
+            row_ids = np.full((gp * n,), -1, np.int32)
+            for i, p in enumerate(taken):
+                row_ids[i * n : (i + 1) * n] = p * n + np.arange(n)
+            dstate = programs.prefill(gp)(state, dstate, place_inputs(ids, mask, slot_arr, row_ids), scalars)
+        if all(o < 0 for o in owner):
+            break
+        waiting = queue.waiting()
+        refill_at = g + 1 if not waiting else max(1, min(waiting, g // 8))
+        limit = step_limit if step_limit is not None else max_new + 1
+        dstate = programs.decode(state, dstate, scalars, place_scalar(limit), place_scalar(refill_at))
+        host = jax.device_get({k: getattr(dstate, k) for k in ("tokens", "done", "finished_by_eos", "gen_len")})
+        if on_chunk is not None:
+            running = [s * n + j for s in range(g) if owner[s] >= 0 for j in range(n) if not host["done"][s * n + j]]
+            hits = on_chunk(host, running)
+            if hits:
+                done = np.asarray(host["done"]).copy()
+                for r in hits:
+                    done[r] = True
+                    stopped.add(owner[r // n] * n + r % n)
+                host["done"] = done
+                dstate = dstate._replace(done=place_rows(done))
+    return results  # type: ignore[return-value]

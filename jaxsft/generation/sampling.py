@@ -1,0 +1,139 @@
+"""Choosing the next token from fp32 logits, per row, in one pass over the vocabulary.
+
+Order as in HF: temperature -> top-k -> top-p, then a draw. The draw is an inverse-CDF
+lookup with one uniform number per row: the vocabulary is cut into blocks of
+``BLOCK`` tokens, one fused pass computes each block's probability mass, the uniform
+picks a block from the (short) running sum of masses and then a token inside it. That
+is the exact categorical distribution of the filtered logits, without a sort and without
+the ``V`` Gumbel draws per row a ``jax.random.categorical`` costs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
+
+
+class Mode(NamedTuple):
+    """The compile-time part of a sampling request: programs are cached by it."""
+
+    kind: str  # "greedy" | "sample"
+    top_k: Optional[int] = None
+    top_p: bool = False  # top-p filtering on (its value is a run-time scalar)
+
+
+class Sampling(NamedTuple):
+    """The run-time scalars of a request (device arrays, so new values never recompile)."""
+
+    temperature: Any
+    top_p: Any
+    eos: Any  # [MAX_EOS_IDS] int32, -1 padded
+    pad: Any
+    max_new: Any
+    seed: Any
+
+
+def row_keys(seed: jax.Array, row_ids: jax.Array) -> jax.Array:
+    """One PRNG key per output row from the call's seed and the row's global index (never its slot)."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.maximum(row_ids, 0))
+
+
+def sample(logits: jax.Array, keys: jax.Array, steps: jax.Array, mode: Mode, temperature, top_p) -> jax.Array:
+    """One token per row from fp32 logits [B, V]; ``steps`` [B] is each row's token index (its key is folded with it)."""
+    if mode.kind == "greedy":
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    neg = -jnp.inf
+    if mode.top_k is not None and mode.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, mode.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)  # HF TopKLogitsWarper: ties with the k-th survive
+    if mode.top_p:
+        logits = jnp.where(logits < _top_p_threshold(logits, top_p), neg, logits)
+    step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
+    uniforms = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(step_keys)
+    return inverse_cdf_draw(logits, uniforms)
+
+
+def inverse_cdf_draw(logits: jax.Array, uniforms: jax.Array) -> jax.Array:
+    """The token whose cumulative probability interval holds ``uniforms`` [B] (in [0, 1)), for logits [B, V].
+
+    Two levels (blocks of :data:`BLOCK`, then inside the chosen block), so every pass is over
+    ``V`` elements once or over a short axis; ``-inf`` logits have probability 0 and are never drawn.
+    """
+    b, v = logits.shape
+    blocks = -(-v // BLOCK)
+    pad = blocks * BLOCK - v
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    probs = jnp.exp(logits - m)  # unnormalised; the max token has 1
+    if pad:
+        probs = jnp.pad(probs, ((0, 0), (0, pad)))
+    probs = probs.reshape(b, blocks, BLOCK)
+    mass = jnp.sum(probs, axis=-1)  # [B, blocks]
+    cum = jnp.cumsum(mass, axis=-1)
+    target = uniforms * cum[:, -1]
+    block = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), blocks - 1)
+    block = _last_nonzero_at_most(mass, block)
+    before = jnp.take_along_axis(cum, block[:, None], axis=-1)[:, 0] - jnp.take_along_axis(mass, block[:, None], axis=-1)[:, 0]
+    inner = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]  # [B, BLOCK]
+    inner_cum = jnp.cumsum(inner, axis=-1)
+    j = jnp.minimum(jnp.sum(inner_cum <= (target - before)[:, None], axis=-1), BLOCK - 1)
+    j = _last_nonzero_at_most(inner, j)  # rounding may land past the block's last token with mass
+    return (block * BLOCK + j).astype(jnp.int32)
+
+
+def _last_nonzero_at_most(weights: jax.Array, index: jax.Array) -> jax.Array:
+    """Per row, the largest i <= index with weights[i] > 0 (else the first i > index with weight)."""
+    n = weights.shape[-1]
+    ar = jnp.arange(n)
+    nonzero = weights > 0
+    below = jnp.max(jnp.where(nonzero & (ar <= index[:, None]), ar, -1), axis=-1)
+    above = jnp.min(jnp.where(nonzero & (ar > index[:, None]), ar, n - 1), axis=-1)
+    return jnp.where(below >= 0, below, above)
+
+
+def _top_p_threshold(logits: jax.Array, top_p) -> jax.Array:
+    """The smallest logit HF's TopPLogitsWarper keeps, per row [B, 1], found by bisection instead of a sort.
+
+    HF sorts ascending and drops a token when the cumulative probability up to it is <= 1 - top_p:
+    a token is kept exactly when the probability mass strictly above it is < top_p. That mass only
+    shrinks as the logit grows, so the kept tokens are those at or above the smallest logit ``t`` with
+    ``mass_above(t) < top_p``. The bisection runs over the float's bits (monotone for finite floats),
+    32 passes of one masked sum each, and lands on ``t`` exactly.
+    """
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    probs = jnp.exp(logits - m)
+    total = jnp.sum(probs, axis=-1, keepdims=True)
+    goal = top_p * total
+
+    def mass_above(t_bits):
+        t = _from_ordered(t_bits)
+        return jnp.sum(jnp.where(logits > t, probs, 0.0), axis=-1, keepdims=True)
+
+    finite = jnp.where(jnp.isfinite(logits), logits, m)
+    lo = _to_ordered(jnp.min(finite, axis=-1, keepdims=True))  # mass_above(max) = 0 < goal: hi always satisfies
+    hi = _to_ordered(m)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # no int32 overflow
+        ok = mass_above(mid) < goal
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    lo, hi = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return _from_ordered(hi)
+
+
+def _to_ordered(x: jax.Array) -> jax.Array:
+    """float32 -> int32 whose order is the floats' order (sign-magnitude flipped for negatives)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _from_ordered(i: jax.Array) -> jax.Array:
+    bits = jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)  # the same flip undoes itself
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)

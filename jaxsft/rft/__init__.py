@@ -1,0 +1,7 @@
+"""Rejection-sampling fine-tuning on your own data (``python -m jaxsft rft``): see :mod:`jaxsft.rft.loop`."""
+
+from jaxsft.rft.data import DataError, Example, load_jsonl
+from jaxsft.rft.loop import RFTConfig, RunInterrupted, run
+from jaxsft.rft.verifiers import VerifierError, get_verifier
+
+__all__ = ["DataError", "Example", "RFTConfig", "RunInterrupted", "VerifierError", "get_verifier", "load_jsonl", "run"]

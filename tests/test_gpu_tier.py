@@ -1,0 +1,205 @@
+"""The GPU tier: the paths only a GPU takes, against the XLA reference the CPU suite checks.
+
+Run on a GPU whenever the step, loss, layers or attention change, and report the card:
+
+    JAX_PLATFORMS=cuda JAX_DISABLE_MOST_OPTIMIZATIONS=0 python -m pytest -m gpu -q
+
+(tests/conftest.py defaults JAX_PLATFORMS to cpu, so without it every test here skips). Each test skips
+unless ``jax.default_backend() == "gpu"``; on CPU the module costs one collection and no compile.
+
+Tolerances are the CPU suite's for bf16 compute (tests/test_loss.py: loss rtol 2e-3, gradients 1.5e-2 of
+the largest magnitude), and a kernel must be no less accurate than XLA's own bf16 attention against an
+fp32 reference of the same inputs (both round the same inputs; a kernel that mixes examples or rows is off
+by O(1), far outside either bound).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsft
+from jaxsft import batching
+from jaxsft.loss import causal_lm_loss
+from jaxsft.models import layers as L
+
+import tiny
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        jax.default_backend() != "gpu",
+        reason=f"GPU tier: the backend is {jax.default_backend()!r}; on a GPU run JAX_PLATFORMS=cuda pytest -m gpu",
+    ),
+]
+
+GRAD_ATOL = 1.5e-2  # x the largest reference magnitude (tests/test_loss.py's bf16 bound)
+LOSS_RTOL = 2e-3  # tests/test_loss.py's bf16 loss bound
+
+
+def _rel_err(got, want) -> float:
+    """Largest absolute difference over the largest reference magnitude."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def _qkvg(rows=2, length=256, heads=8, kv_heads=2, dim=64, seed=0):
+    kq, kk, kv, kg = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(kq, (rows, length, heads, dim), jnp.bfloat16)
+    k = jax.random.normal(kk, (rows, length, kv_heads, dim), jnp.bfloat16)
+    v = jax.random.normal(kv, (rows, length, kv_heads, dim), jnp.bfloat16)
+    g = jax.random.normal(kg, q.shape, jnp.float32)
+    return q, k, v, g
+
+
+def _value_and_grads(attend, q, k, v, g):
+    """attend(q, k, v) and the gradients of sum(out * g) with respect to q, k, v."""
+
+    def f(q, k, v):
+        out = attend(q, k, v)
+        return jnp.sum(out.astype(jnp.float32) * g), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return [out, *grads]
+
+
+def _fp32(*arrays):
+    """The same (bf16-valued) inputs in fp32: the reference both kernels are measured against."""
+    return [x.astype(jnp.float32) for x in arrays]
+
+
+def _assert_kernel_as_accurate_as_xla(kernel, xla_bf16, reference, names=("out", "dq", "dk", "dv")):
+    for name, got, xla, ref in zip(names, kernel, xla_bf16, reference):
+        err, floor = _rel_err(got, ref), _rel_err(xla, ref)
+        assert err <= max(2 * floor, 1e-2), f"{name}: kernel error {err:.2e} against XLA bf16's {floor:.2e}"
+
+
+@pytest.mark.parametrize("window", [None, 64])
+def test_cudnn_attention_matches_masked_xla_values_and_gradients(window):
+    q, k, v, g = _qkvg()
+
+    def attend(implementation):
+        return lambda q, k, v: L.attention(q, k, v, mask=None, causal=True, sliding_window=window, implementation=implementation)
+
+    cudnn = _value_and_grads(attend("cudnn"), q, k, v, g)
+    xla = _value_and_grads(attend("xla"), q, k, v, g)
+    reference = _value_and_grads(attend("xla"), *_fp32(q, k, v), g)
+    _assert_kernel_as_accurate_as_xla(cudnn, xla, reference)
+
+
+def _packed_segments(rows=4, length=512, seed=0):
+    """Rows of several examples (16...200 tokens) end to end, then a padding tail, as the packer lays them."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((rows, length), np.int32)
+    for r in range(rows):
+        start, s = 0, 1
+        while True:
+            n = int(rng.integers(16, 200))
+            if start + n > length - 8:
+                break
+            ids[r, start:start + n] = s
+            start, s = start + n, s + 1
+    return ids, L.Segments(jnp.asarray(ids), jnp.asarray(batching.segment_table(ids, 16)))
+
+
+def test_ragged_cudnn_attention_matches_segment_masked_xla_values_and_gradients():
+    """The packed path on cuDNN's ragged layout (segment offsets and lengths, no [T, T] mask) against XLA
+    attention under the segment mask, on the real tokens (the padding tail's rows are undefined for cuDNN)."""
+    ids, segments = _packed_segments()
+    q, k, v, g = _qkvg(rows=ids.shape[0], length=ids.shape[1], heads=14, kv_heads=2, seed=1)
+    real = jnp.asarray(ids > 0)[:, :, None, None]
+    g = g * real  # no gradient flows from the padding tail
+
+    def attend(implementation):
+        return lambda q, k, v: L.packed_attention(
+            q, k, v, segments, mask=None, sliding_window=None, implementation=implementation
+        ) * real.astype(q.dtype)
+
+    assert L.ragged_kernel_applies("cudnn", None, 0.0)
+    cudnn = _value_and_grads(attend("cudnn"), q, k, v, g)
+    xla = _value_and_grads(attend("xla"), q, k, v, g)
+    reference = _value_and_grads(attend("xla"), *_fp32(q, k, v), g)
+    _assert_kernel_as_accurate_as_xla(cudnn, xla, reference)
+
+
+def _reference_loss_and_grads(hidden, unembedding, labels):
+    """Shifted, masked cross entropy and its gradients in float64 on the host."""
+    h, w = np.asarray(hidden, np.float64), np.asarray(unembedding, np.float64)
+    targets = np.concatenate([labels[:, 1:], np.full((labels.shape[0], 1), -100)], axis=1)
+    logits = h @ w.T
+    logits -= logits.max(-1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(-1, keepdims=True)
+    valid = targets != -100
+    safe = np.where(valid, targets, 0)
+    picked = np.take_along_axis(probs, safe[..., None], -1)[..., 0]
+    loss = float(-np.log(picked)[valid].sum())
+    dlogits = probs.copy()
+    np.put_along_axis(dlogits, safe[..., None], np.take_along_axis(dlogits, safe[..., None], -1) - 1, -1)
+    dlogits *= valid[..., None]
+    return loss, dlogits @ w, np.einsum("blv,blh->vh", dlogits, h)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 128])
+def test_bf16_logits_loss_matches_the_fp32_reference(chunk_size):
+    rng = np.random.default_rng(0)
+    b, length, hidden_size, vocab = 4, 128, 256, 2048
+    hidden = rng.normal(size=(b, length, hidden_size)).astype(np.float32)
+    unembedding = (rng.normal(size=(vocab, hidden_size)) / np.sqrt(hidden_size)).astype(np.float32)
+    labels = rng.integers(0, vocab, size=(b, length)).astype(np.int32)
+    labels[0, :40] = -100
+    labels[2, -17:] = -100
+    h16 = jnp.asarray(hidden, jnp.bfloat16)
+    ref_loss, ref_gh, ref_gw = _reference_loss_and_grads(np.asarray(h16, np.float32), unembedding, labels)
+
+    def loss(h, w):
+        return causal_lm_loss(h, w, jnp.asarray(labels), chunk_size=chunk_size, compute_dtype=jnp.bfloat16)
+
+    (total, _), (g_h, g_w) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(h16, jnp.asarray(unembedding))
+    np.testing.assert_allclose(float(total), ref_loss, rtol=LOSS_RTOL)
+    assert _rel_err(g_h, ref_gh) <= GRAD_ATOL
+    assert _rel_err(g_w, ref_gw) <= GRAD_ATOL
+
+
+def _ragged_calls(vocab: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    lengths = [5, 60, 9, 33, 3, 120, 18, 2, 47, 11, 90, 25, 7, 64, 14, 30]
+    return [rng.integers(3, vocab, n).astype(np.int32) for n in lengths]
+
+
+def _trainer(family="qwen2", **config):
+    model = jaxsft.from_pretrained(tiny.tiny_torch_model(family, **config.pop("model", {})))
+    cfg = jaxsft.TrainConfig(
+        learning_rate=1e-4, per_device_train_batch_size=8, max_length=128, logging_steps=0, disable_tqdm=True,
+        seed=3, lr_scheduler_type="constant", bf16=True, **config,
+    )
+    return jaxsft.IterativeSFTTrainer(model, cfg, mesh=jaxsft.single_device_mesh())
+
+
+def _train(trainer, ids):
+    stats = trainer.step(input_ids=ids, labels=ids)
+    return stats["update_losses"], stats["grad_norm"]
+
+
+def test_default_packs_on_gpu_and_packed_updates_equal_unpacked():
+    ids = _ragged_calls(300)
+    packed, plain = _trainer(), _trainer(packing=False)
+    assert packed.packing is True and plain.packing is False  # the default resolves to packed rows here
+    (got, got_norm), (want, want_norm) = _train(packed, ids), _train(plain, ids)
+    assert len(want) == 2
+    np.testing.assert_allclose(got, want, rtol=LOSS_RTOL)
+    np.testing.assert_allclose(got_norm, want_norm, rtol=1e-2)
+
+
+def test_gemm_settings_change_no_result():
+    """jaxsft's GPU default (cuBLAS for every matmul from 768 wide) against XLA's own settings ({}: Triton
+    GEMM fusions), on a model wide enough for the default to apply."""
+    wide = dict(hidden_size=768, intermediate_size=1536, num_attention_heads=12, num_key_value_heads=4)
+    ids = _ragged_calls(300, seed=1)
+    default, xla = _trainer(model=wide), _trainer(model=wide, xla_options={})
+    assert default.xla_options and default.xla_options != xla.xla_options
+    (got, got_norm), (want, want_norm) = _train(default, ids), _train(xla, ids)
+    np.testing.assert_allclose(got, want, rtol=LOSS_RTOL)
+    np.testing.assert_allclose(got_norm, want_norm, rtol=1e-2)
