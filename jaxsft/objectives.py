@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsft import batching, distributed
+from jaxsft import batching, distributed, fast_path
 from jaxsft.config import IGNORE_INDEX
 from jaxsft.loss import causal_lm_loss
+from jaxsft.models import layers
 
 Batch = dict[str, jax.Array]
 
@@ -145,6 +146,24 @@ class Objective(abc.ABC):
     def logged_aux(self) -> tuple[str, ...]:
         """The ``aux`` entries the trainer sums over an update and reports."""
         return ("num_tokens",)
+
+    def packing(self, packing: Optional[bool], run_options: Any, spec: Any, *, dropout: bool) -> tuple[bool, bool]:
+        """(whether micro-batches pack, whether packed rows may outgrow the longest example's bucket).
+
+        ``TrainConfig.packing`` resolved for this backend (None: packed where cuDNN's ragged kernel applies,
+        ``jaxsft.fast_path``). Rows longer than the bucket only where attention costs per segment (cuDNN's
+        ragged kernel); masked XLA attention (CPU, TPU) costs and stores rows x length^2.
+        """
+        if not self.supports_packing:
+            return False, False
+        window = getattr(spec, "sliding_window", None)
+        attention_dropout = (getattr(spec, "attention_dropout", 0.0) or 0.0) if dropout else 0.0
+        pack = fast_path.resolve_packing(
+            packing, attention_implementation=run_options.attention_implementation, dtype=run_options.dtype,
+            sliding_window=window, attention_dropout=attention_dropout,
+        )
+        implementation = layers.resolve_attention_implementation(run_options.attention_implementation, run_options.dtype)
+        return pack, pack and layers.ragged_kernel_applies(implementation, window, attention_dropout)
 
 
 def _weights_field(mb: Any) -> dict[str, np.ndarray]:

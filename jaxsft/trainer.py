@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsft import batching, buffers, compile_options, distributed, fast_path, fingerprint, objectives
+from jaxsft import batching, buffers, compile_options, distributed, fingerprint, objectives
 from jaxsft.argument_checks import check_built_optimizer, check_trainer_arguments
 from jaxsft import checkpoint as checkpointing
 from jaxsft import metrics as metrics_sinks
@@ -27,7 +27,6 @@ from jaxsft import sharding as shd
 from jaxsft import train_log, train_state
 from jaxsft.callbacks import EvalPrediction, TrainerCallback, check_callbacks, notify
 from jaxsft.config import TrainConfig
-from jaxsft.models import layers as layers_lib
 from jaxsft.models import lora as lora_lib
 from jaxsft.models.decoder import CausalLM
 from jaxsft.models.seq2seq import Seq2SeqLM
@@ -147,21 +146,9 @@ class IterativeSFTTrainer:
         # the caller's model keeps its own options).
         self.run_options = config.run_options(RunOptions.of(model), num_layers=model.spec.num_layers)
         self.scan_layers = self.run_options.scan_layers
-        packs = self.objective.supports_packing  # only then can rows hold several examples
-        window = getattr(self.spec, "sliding_window", None) if packs else None
-        attention_dropout = (getattr(self.spec, "attention_dropout", 0.0) or 0.0) if packs and self.dropout_enabled else 0.0
-        # TrainConfig.packing resolved for this backend (None: packed where cuDNN's ragged kernel applies).
-        self.packing = fast_path.resolve_packing(
-            config.packing, attention_implementation=self.run_options.attention_implementation,
-            dtype=self.run_options.dtype, sliding_window=window, attention_dropout=attention_dropout,
-            encoder_decoder=not packs,
-        )
-        # Packed rows may outgrow the longest example's bucket only where attention costs per segment
-        # (cuDNN's ragged kernel); masked XLA attention (CPU, TPU) costs and stores rows x length^2.
-        self._ragged_attention = self.packing and layers_lib.ragged_kernel_applies(
-            layers_lib.resolve_attention_implementation(self.run_options.attention_implementation, self.run_options.dtype),
-            window,
-            attention_dropout,
+        # TrainConfig.packing resolved for this backend, and whether packed rows may outgrow their bucket.
+        self.packing, self._ragged_attention = self.objective.packing(
+            config.packing, self.run_options, self.spec, dropout=self.dropout_enabled
         )
         view = with_options(model, self.run_options)
         if lora_lib.lora_setup(model) is None:
