@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 
 from jaxsft import sharding as shd
+from jaxsft.generation.common import GenerationResult, check_sampling_arguments
+from jaxsft.generation.engine import pow2_at_least
 from jaxsft.generation.sampling import Mode, sample
 from jaxsft.models.seq2seq import Seq2SeqLM
 
@@ -63,7 +65,6 @@ def generate(
     Same arguments and return values as :func:`jaxsft.generate` (which calls this for a
     ``Seq2SeqLM``); generated tokens start after the decoder start token, which is not returned.
     """
-    from jaxsft.generation import GenerationResult, check_sampling_arguments, pow2_at_least  # shared with the decoder sampler
 
     if unsupported:
         raise TypeError(f"generate(): unexpected keyword argument(s) {sorted(unsupported)} for an encoder-decoder model.")
@@ -153,7 +154,6 @@ def _eos_ids(spec, tokenizer) -> list[int]:
 
 def _run_chunk(graphdef, state, spec, dtype, chunk, first_prompt, nrs, new_bucket, mode, scalars):
     """Right-pad the chunk's prompts to their bucket, run the program, cut each row at its EOS or budget."""
-    from jaxsft.generation import pow2_at_least  # late: jaxsft.generation dispatches to this module
 
     longest = max(len(p) for p in chunk)
     enc_bucket = pow2_at_least(longest, MIN_BUCKET)
