@@ -68,7 +68,7 @@ LAYERS = {
                  "jaxsft.distributed", "jaxsft.fast_path"),
     "infrastructure": ("jaxsft.sharding", "jaxsft.compile_options", "jaxsft.config", "jaxsft.chat", "jaxsft.paths",
                        "jaxsft.torch_bridge", "jaxsft.fingerprint", "jaxsft.atomic_folder", "jaxsft.accelerator"),
-    "models": ("jaxsft.models",),
+    "models": ("jaxsft.models", "jaxsft.kernels"),  # kernels: fused forms of the models' layer functions
 }
 # The arrows of the picture: which layers each layer may import (its own always). Data flows one way:
 # facade -> trainer -> objectives/batching -> step -> models; generation beside the trainer.
