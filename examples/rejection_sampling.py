@@ -1,6 +1,6 @@
 """Rejection sampling with a reward function: keep each prompt's best sample when its reward is high enough.
 
-    python examples/rejection_sampling.py --model ~/models/smollm2 --output-dir trained  # after `python -m jaxsft export ~/models/smollm2`
+    python examples/rejection_sampling.py --model ~/models/smollm2   # after `python -m jaxsft export ~/models/smollm2`
     python examples/rejection_sampling.py --tiny            # a tiny offline model, in seconds (what CI runs)
 
 The code between the README markers is shown in the README, verbatim.

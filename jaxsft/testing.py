@@ -64,7 +64,7 @@ def tiny_model(folder: Union[str, Path], *, seed: int = 0, teach_updates: int = 
     from transformers import LlamaConfig
 
     import jaxsft
-    from jaxsft.models.spec import ModelSpec
+    from jaxsft.models import spec_from_hf_config
 
     folder = Path(folder)
     marker, recipe = folder / "jaxsft-tiny-model.json", {"seed": seed, "teach_updates": teach_updates, "version": 1}
@@ -77,7 +77,7 @@ def tiny_model(folder: Union[str, Path], *, seed: int = 0, teach_updates: int = 
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     mesh = jaxsft.single_device_mesh()
-    model = jaxsft.init_model(ModelSpec.from_hf_config(config), seed=seed, mesh=mesh,
+    model = jaxsft.init_model(spec_from_hf_config(config), seed=seed, mesh=mesh,
                               hf_config_json=config.to_json_string())
     if teach_updates:
         taught = random.Random(seed).sample(every, len(every) // 2)

@@ -8,6 +8,7 @@ import pytest
 
 from jaxsft import __main__ as cli
 from jaxsft import demo
+from jaxsft.rft import loop
 
 
 @pytest.fixture
@@ -17,7 +18,8 @@ def no_loading(monkeypatch):
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr(demo, "run", refuse)
-    monkeypatch.setattr(demo, "load_model", refuse)
+    monkeypatch.setattr(loop, "load_model", refuse)
+    monkeypatch.setattr(loop, "run", refuse)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -68,6 +70,27 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"jaxsft {jaxsft.__version__}"
+
+
+def test_demo_refuses_an_output_dir_holding_a_run_unless_resumed(tmp_path, no_loading, capsys):
+    (tmp_path / "results.json").write_text('{"config": {}, "rounds": []}')
+    assert cli.main(["--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a run" in err and "--resume" in err
+    assert cli.main(["--output-dir", str(tmp_path), "--resume"]) == 2
+    assert "resume with the run's own settings" in capsys.readouterr().err  # a run of other settings
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    from jaxsft.rft import RunInterrupted
+
+    def interrupted(cfg):
+        raise RunInterrupted(2, cfg.output_dir)
+
+    monkeypatch.setattr(demo, "run", interrupted)
+    assert cli.main(["--output-dir", "somewhere", "--quiet"]) == 130
+    assert capsys.readouterr().err == ("\npython -m jaxsft demo: stopped after round 2; partial results in somewhere "
+                                       "(continue with --resume)\n")
 
 
 def test_export_help_names_the_python_helpers(capsys):

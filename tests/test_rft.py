@@ -231,6 +231,9 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path)
     a, b = saved_weights(tmp_path / "whole" / "model"), saved_weights(out / "model")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert not (out / "checkpoints").exists()  # a finished run keeps no resume state
+    assert loop.run(rft_config(tiny, out, resume=True)) == json.loads((out / "results.json").read_text())  # done
+    with pytest.raises(ValueError, match="finished after round 2 and keeps no checkpoint"):
+        loop.check_resume(rft_config(tiny, out, resume=True, rounds=3))
 
 
 @pytest.mark.slow
@@ -256,10 +259,13 @@ def test_lora_top_k_and_a_user_verifier(tiny, tmp_path, monkeypatch):
 def test_reset_each_round_without_replay_and_early_stop(tiny, tmp_path):
     summary = loop.run(rft_config(tiny, tmp_path / "out", reset_each_round=True, replay=False, rounds=2,
                                   prompts_per_round=4, learning_rate=3e-3, patience=1))
+    assert all(r["kept"] for r in summary["rounds"][1:]), "the test needs kept samples in every round"
     rounds = summary["rounds"]
     for r in rounds[1:]:
         assert r["trained_on"] == r["kept"]  # no replay: this round's samples only
         assert r["sampled"] == 4 * 4  # 4 prompts a round, 4 samples each
+        # reset before training: the step count is this round's updates only (batch 8), not a running total
+        assert r["global_step"] == -(-r["trained_on"] // 8)
     if len(rounds) == 2:  # round 1 did not beat round 0 and --patience 1 stopped the run
         assert summary["stopped_early"] and rounds[1]["accuracy"] <= rounds[0]["accuracy"]
 

@@ -165,11 +165,8 @@ class Sampler:
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.sharding_rules = sharding_rules or shd.DEFAULT_RULES
-        if kv_cache_bytes is not None and (isinstance(kv_cache_bytes, bool) or not isinstance(kv_cache_bytes, (int, np.integer))
-                                           or kv_cache_bytes < 1):
-            raise ValueError(f"Sampler(): kv_cache_bytes={kv_cache_bytes!r} must be a positive integer (bytes) or None.")
         # The KV memory the engine's slots may hold (None: default_kv_cache_bytes()); the slot count follows.
-        self.kv_cache_bytes = None if kv_cache_bytes is None else int(kv_cache_bytes)
+        self.kv_cache_bytes = _check_budget(kv_cache_bytes, "Sampler()")
         self._programs: dict[tuple, Any] = {}
 
     @property
@@ -181,7 +178,7 @@ class Sampler:
         self,
         prompts: Sequence[Prompt],
         *,
-        max_new_tokens: int,
+        max_new_tokens: Optional[int] = None,
         temperature: float = 0.0,
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
@@ -195,10 +192,12 @@ class Sampler:
         skip_special_tokens: bool = True,
         stop_check_every: int = 32,
         model: Optional[CausalLM] = None,
+        kv_cache_bytes: Optional[int] = None,
     ) -> Union[list[str], GenerationResult]:
         """Generate completions for ``prompts`` (see :func:`generate` for the arguments).
 
-        ``model`` replaces the sampler's model from now on (e.g. the trainer's latest weights).
+        ``model`` replaces the sampler's model from now on (e.g. the trainer's latest weights);
+        ``kv_cache_bytes`` overrides the sampler's KV budget for this call.
         """
         if model is not None:
             if not isinstance(model, CausalLM):
@@ -213,19 +212,24 @@ class Sampler:
         if not prompts:
             return GenerationResult([], [], [], [], num_return_sequences) if return_tokens else []
         request = _request(
-            model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            num_return_sequences=num_return_sequences, seed=seed, stop=stop, batch_size=batch_size,
-            eos_token_ids=eos_token_ids, skip_special_tokens=skip_special_tokens, stop_check_every=stop_check_every,
+            model, tokenizer, max_new_tokens=1 if max_new_tokens is None else max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, seed=seed, stop=stop,
+            batch_size=batch_size, eos_token_ids=eos_token_ids, skip_special_tokens=skip_special_tokens,
+            stop_check_every=stop_check_every,
         )
         spec, nrs = model.spec, request.nrs
         prompt_ids = prompt_token_ids(tokenizer, prompts, chat, spec.vocab_size)
         longest = max(len(p) for p in prompt_ids)
+        if max_new_tokens is None:
+            request = dataclasses.replace(request, max_new_tokens=default_max_new_tokens(model, longest))
         if spec.position == "learned" and longest + request.max_new_tokens > spec.max_position_embeddings:
             raise ValueError(
                 f"generate(): prompt ({longest} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
                 f"model's {spec.max_position_embeddings} positions; shorten the prompts or lower max_new_tokens."
             )
-        self._check_memory(longest, request)
+        call_budget = _check_budget(kv_cache_bytes, "generate()")
+        budget = call_budget or self.kv_cache_bytes or default_kv_cache_bytes()
+        self._check_memory(longest, request, budget)
         if spec.position == "rope" and longest + request.max_new_tokens > spec.max_position_embeddings:
             _warn_once(f"generate(): prompt ({longest} tokens) + max_new_tokens ({request.max_new_tokens}) runs past "
                        f"the {spec.max_position_embeddings} positions this model was trained on; quality may drop.")
@@ -245,7 +249,7 @@ class Sampler:
         else:
             single_process = jax.process_count() == 1
             mesh = shd.mesh_of(state, shd.make_mesh(devices=jax.devices()[:1]) if single_process else None)
-        shape = self._shape(len(prompt_ids), longest, request)
+        shape = self._shape(len(prompt_ids), longest, request, budget)
         with jax.set_mesh(mesh), shd.use_rules(self.sharding_rules):
             results = self._run_engine(graphdef, state, mesh, shape, prompt_ids, request, sampling)
         tokens_out = [row for row, _ in results]
@@ -253,12 +257,11 @@ class Sampler:
         return _finish(tokenizer, tokens_out, reasons, prompt_ids, request, return_tokens)
 
     # ------------------------------------------------------------------ engine
-    def _check_memory(self, longest: int, request: "_Request") -> None:
+    def _check_memory(self, longest: int, request: "_Request", budget: int) -> None:
         """Refuse, before any work, a call whose single prompt group cannot fit the KV budget."""
         spec, nrs = self.model.spec, request.nrs
         need = engine.kv_bytes_per_group(spec, self.model.dtype, nrs, pow2_at_least(longest, MIN_PROMPT_BUCKET),
                                          pow2_at_least(request.max_new_tokens, MIN_NEW_TOKENS_BUCKET))
-        budget = self.kv_cache_bytes if self.kv_cache_bytes is not None else default_kv_cache_bytes()
         if need > budget:
             raise ValueError(
                 f"generate(): max_new_tokens={request.max_new_tokens} with num_return_sequences={nrs} and a "
@@ -267,12 +270,11 @@ class Sampler:
                 "num_return_sequences, or raise the budget."
             )
 
-    def _shape(self, n_prompts: int, longest: int, request: "_Request") -> engine.Shape:
+    def _shape(self, n_prompts: int, longest: int, request: "_Request", budget: int) -> engine.Shape:
         """Slot groups from the KV budget (and ``batch_size``), never more than the call needs (powers of two)."""
         spec, nrs = self.model.spec, request.nrs
         prompt_slots = pow2_at_least(longest, MIN_PROMPT_BUCKET)
         new_slots = pow2_at_least(request.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-        budget = self.kv_cache_bytes if self.kv_cache_bytes is not None else default_kv_cache_bytes()
         per_group = engine.kv_bytes_per_group(spec, self.model.dtype, nrs, prompt_slots, new_slots)
         groups = max(1, budget // per_group)
         if request.batch_size is not None:
@@ -310,8 +312,10 @@ class Sampler:
 
         init = self._program(("init", graphdef, sig, mesh, shape), lambda: jax.jit(
             engine.make_init(spec, dtype, shape), out_shardings=layouts).lower().compile())
-        example = jax.eval_shape(engine.make_init(spec, dtype, shape))
-        example = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), example, layouts)
+
+        def example():  # the engine state's abstract value, for compiling (traced only then)
+            abstract = jax.eval_shape(engine.make_init(spec, dtype, shape))
+            return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, layouts)
 
         def prefill(gp):
             def build():
@@ -319,13 +323,13 @@ class Sampler:
                                       np.zeros((gp, shape.prompt_slots), np.int32), np.zeros((gp,), np.int32),
                                       np.zeros((gp * shape.n,), np.int32))
                 return jax.jit(engine.make_prefill(graphdef, dtype, shape, mode), donate_argnums=(1,),
-                               out_shardings=layouts).lower(state, example, inputs, scalars).compile()
+                               out_shardings=layouts).lower(state, example(), inputs, scalars).compile()
 
             return self._program(("prefill",) + base + (gp,), build)
 
         decode = self._program(("decode",) + base, lambda: jax.jit(
             engine.make_decode(graphdef, dtype, shape, mode), donate_argnums=(1,), out_shardings=layouts,
-        ).lower(state, example, scalars, place_scalar(0), place_scalar(0)).compile())
+        ).lower(state, example(), scalars, place_scalar(0), place_scalar(0)).compile())
         programs = engine.Programs(init=init, prefill=prefill, decode=decode)
         cap = engine.prefill_group_cap(spec, shape.prompt_slots, PREFILL_SCORE_BYTES)
         on_chunk, step_limit = None, None
@@ -344,6 +348,15 @@ class Sampler:
             place_inputs, place_scalar, lambda done: shd.place_array(done, layouts.done), scalars,
             step_limit=step_limit, on_chunk=on_chunk,
         )
+
+
+def _check_budget(value: Any, where: str) -> Optional[int]:
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{where}: kv_cache_bytes={value!r} must be a positive integer (bytes) or None (the default: "
+                         "a quarter of the accelerator's memory).")
+    return int(value)
 
 
 def default_kv_cache_bytes() -> int:
@@ -446,7 +459,7 @@ def generate(
     tokenizer: Any,
     prompts: Sequence[Prompt],
     *,
-    max_new_tokens: int,
+    max_new_tokens: Optional[int] = None,
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
@@ -461,15 +474,20 @@ def generate(
     stop_check_every: int = 32,
     mesh: Optional[jax.sharding.Mesh] = None,
     sharding_rules: Optional[shd.ShardingRules] = None,
+    kv_cache_bytes: Optional[int] = None,
 ) -> Union[list[str], GenerationResult]:
     """Generate completions for ``prompts`` with a jaxsft model.
 
     ``prompts`` are strings (tokenized with the tokenizer's special tokens, as
-    ``tokenizer(prompts)`` does) or chat message lists (formatted with the chat
+    ``tokenizer(prompts)`` does), chat message lists (formatted with the chat
     template and a generation prompt; ``chat=True`` treats strings as one user
-    message). ``temperature=0`` is greedy; otherwise sampling with optional
+    message) or token ids (lists / 1-D arrays of ints, used as given). Without
+    ``max_new_tokens`` the budget is HF's: the model's generation config
+    (:func:`default_max_new_tokens`). ``temperature=0`` is greedy; otherwise sampling with optional
     ``top_k`` / ``top_p``. ``eos_token_ids`` overrides the EOS set (``[]`` never
-    stops early). ``batch_size`` caps the rows (prompts x samples) run at once.
+    stops early). ``batch_size`` caps the rows (prompts x samples) run at once;
+    ``kv_cache_bytes`` the KV memory the engine's slots hold (default: a quarter of
+    the accelerator's memory), which sets how many rows decode together.
     ``mesh`` defaults to the mesh the model's params live on; another mesh moves
     them there first (per ``sharding_rules``, default the rules table).
 
@@ -486,8 +504,9 @@ def generate(
     if isinstance(model, Seq2SeqLM):  # T5 / BART: encoder once, then the decoder loop
         from jaxsft.generation import seq2seq as seq2seq_generation
 
-        if sharding_rules is not None:
-            raise ValueError("generate(): sharding_rules is not supported for encoder-decoder models yet.")
+        if sharding_rules is not None or kv_cache_bytes is not None:
+            raise ValueError("generate(): sharding_rules and kv_cache_bytes are not supported for encoder-decoder "
+                             "models yet.")
         return seq2seq_generation.generate(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, num_return_sequences=num_return_sequences, seed=seed, stop=stop, return_tokens=return_tokens,
@@ -506,11 +525,31 @@ def generate(
         prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         num_return_sequences=num_return_sequences, seed=seed, stop=stop, return_tokens=return_tokens, chat=chat,
         batch_size=batch_size, eos_token_ids=eos_token_ids, skip_special_tokens=skip_special_tokens,
-        stop_check_every=stop_check_every,
+        stop_check_every=stop_check_every, kv_cache_bytes=kv_cache_bytes,
     )
 
 
 # ---------------------------------------------------------------------------- host helpers
+def default_max_new_tokens(model: CausalLM, prompt_length: int) -> int:
+    """HF's budget when ``max_new_tokens`` is not given: the model's generation config ``max_new_tokens``,
+    else its ``max_length`` less the (longest) prompt, else HF's default of 20 new tokens."""
+    from transformers import GenerationConfig
+
+    config = model.config
+    gen = GenerationConfig.from_model_config(config) if config is not None else GenerationConfig()
+    if gen.max_new_tokens is not None:
+        return int(gen.max_new_tokens)
+    if gen.max_length is None:
+        return 20
+    room = int(gen.max_length) - prompt_length
+    if room < 1:
+        raise ValueError(
+            f"generate(): max_new_tokens was not given and the model's generation config (max_length="
+            f"{gen.max_length}) leaves no room after the {prompt_length}-token prompt; pass max_new_tokens."
+        )
+    return room
+
+
 _WARNED: set[str] = set()
 
 

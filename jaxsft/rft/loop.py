@@ -94,6 +94,10 @@ def check_resume(cfg: RFTConfig) -> Optional[dict]:
         k = changed[0]
         raise ValueError(f"--resume: --{k.replace('_', '-')} was {old.get(k)!r} in {path}, now "
                          f"{dataclasses.asdict(cfg).get(k)!r}; resume with the run's own settings")
+    done = saved["rounds"][-1]["round"] if saved.get("rounds") else 0
+    if saved.get("finished") and cfg.rounds > done and not saved.get("stopped_early"):
+        raise ValueError(f"--resume: the run in {cfg.output_dir} finished after round {done} and keeps no checkpoint "
+                         "to go on from; start a new run in another --output-dir")
     return saved
 
 
@@ -132,6 +136,10 @@ def run(
 
     started = time.perf_counter()
     saved = check_resume(cfg)
+    if saved is not None and saved.get("finished"):
+        if not cfg.quiet:
+            print(f"nothing to resume: the run in {cfg.output_dir} has finished (table {saved['table']})")
+        return saved
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda *a, **k: None) if cfg.quiet else tqdm.write
@@ -288,7 +296,7 @@ def run(
                 loss=float(np.mean(losses)) if losses else float("nan"),
                 gen_tokens_per_second=result.num_generated_tokens / gen_seconds,
                 train_tokens_per_second=float(np.mean(train_tps)) if train_tps else float("nan"),
-                seconds=time.perf_counter() - t0,
+                seconds=time.perf_counter() - t0, global_step=int(trainer.state.global_step),
             )
             best_round = r if h.accuracy > best.accuracy else best.round
             stopped_early = bool(cfg.patience and r - best_round >= cfg.patience and r < cfg.rounds)

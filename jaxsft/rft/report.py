@@ -26,6 +26,7 @@ class RoundResult:
     gen_tokens_per_second: float = float("nan")
     train_tokens_per_second: float = float("nan")
     seconds: float = 0.0
+    global_step: int = 0  # the trainer's optimizer updates so far (from the start of training, or of the reset)
 
 
 def standard_error(accuracy: float, n: int) -> float:
