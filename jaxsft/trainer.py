@@ -606,15 +606,12 @@ class IterativeSFTTrainer:
     def reset(self) -> None:
         """Back to the state the trainer was built with, keeping every compiled program.
 
-        The weights it started from (the trained ones; a LoRA model's frozen base never changed),
-        a fresh optimizer state, the schedule at step 0, ``global_step`` 0, the shuffling and dropout
-        RNG re-seeded from ``TrainConfig.seed``, counters zeroed and ``log_history`` emptied (in place).
-        ``generate()``'s call count is kept, so a loop that generates, resets and trains (ReST-EM:
-        every round samples from the latest model, then fine-tunes from the base on all data kept so
-        far) draws fresh samples each round. The same shapes run the same programs afterwards: nothing
-        recompiles. The starting weights live on the host (numpy, one copy of this process's shards),
-        copied once just before the first update or ``load_state_dict`` would replace them; a
-        trainer that never trained pays nothing. Call it on every process.
+        The starting weights (a LoRA model's frozen base never changed), a fresh optimizer state, the
+        schedule at step 0, ``global_step`` 0, the RNG re-seeded from ``TrainConfig.seed``, counters zeroed,
+        ``log_history`` emptied in place. ``generate()``'s call count is kept, so a generate / reset / train
+        loop (ReST-EM: sample from the latest model, fine-tune from the base on everything kept) samples
+        afresh each round. Nothing recompiles. The starting weights are copied to the host (this process's
+        shards) once, just before the first update or ``load_state_dict`` replaces them. Call it on every process.
         """
         if self._initial_params is not None:
             params = self._initial_params.restore()

@@ -204,10 +204,11 @@ def test_decay_mask_matches_hf_groups(family):
     parity.test_decay_mask_matches_hf_groups(family)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.slow
-def test_sharded_training_equals_one_device():
-    """Gemma 2 on the 8-device CPU mesh (data 2, fsdp 2, tensor 2) trains as one device does."""
-    torch_model = tiny.tiny_torch_model("gemma2", vocab_size=256, seed=5)
+def test_sharded_training_equals_one_device(family):
+    """Gemma on the 8-device CPU mesh (data 2, fsdp 2, tensor 2) trains as one device does."""
+    torch_model = tiny.tiny_torch_model(family, vocab_size=256, seed=5)
     rng = np.random.default_rng(7)
     calls = [dict(input_ids=[rng.integers(3, 256, size=int(rng.integers(4, 24))) for _ in range(8)]) for _ in range(2)]
     results = []
