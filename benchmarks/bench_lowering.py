@@ -35,13 +35,14 @@ def main() -> None:
     import jaxsft
     from jaxsft import step as step_fns
     from jaxsft.models.families import spec_from_hf_config
+    from jaxsft.objectives import CausalSFT
 
     spec = spec_from_hf_config(bench_speed.hf_config(args.shape))
     model = nnx.eval_shape(lambda: jaxsft.models.CausalLM(spec, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), scan_layers=False))
     graphdef, params = nnx.split(model)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5))
     opt_state = jax.eval_shape(tx.init, params)
-    update = step_fns.make_fused_update(graphdef, tx, None)
+    update = step_fns.make_fused_update(graphdef, tx, CausalSFT())
     rows = []
     for i, (batch_rows, length) in enumerate([(3, 1024), (5, 512), (2, 512)][: args.repeats]):
         ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731

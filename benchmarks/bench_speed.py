@@ -140,7 +140,7 @@ def _torch_model(shape: str, device: str):
     torch.manual_seed(0)
     cfg = hf_config(shape)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager" if cfg.model_type == "gemma2" else "sdpa")
     return model
 
 

@@ -166,7 +166,7 @@ ARGUMENTS: tuple[ArgumentRow, ...] = (
                 "does not switch off an explicit eval_steps (TRL's behaviour). 'epoch': ignored (warned)."),
     ArgumentRow("eval_delay", IGNORED, "-", "TRL never honoured it."),
     ArgumentRow("eval_on_start", IGNORED, "-", "TRL never honoured it; call trainer.evaluate() yourself."),
-    ArgumentRow("save_steps", FACADE, "compat.IterativeSFTTrainer",
+    ArgumentRow("save_steps", MAPPED, "TrainConfig.save_steps",
                 "With save_strategy='steps', a step() call whose updates reach a multiple of save_steps ends by "
                 "writing output_dir/checkpoint-N (N = global_step after the call): jaxsft's whole trainer state "
                 "(weights, optimizer state, counters, log history, shuffling RNG), atomically. A float < 1 is a "
@@ -174,7 +174,7 @@ ARGUMENTS: tuple[ArgumentRow, ...] = (
     ArgumentRow("save_strategy", FACADE, "compat.IterativeSFTTrainer",
                 "'steps' (TrainingArguments' default) saves as save_steps says; 'no' never saves; 'epoch' and "
                 "'best' are ignored (warned): step() has no epochs and no best metric."),
-    ArgumentRow("save_total_limit", FACADE, "compat.IterativeSFTTrainer",
+    ArgumentRow("save_total_limit", MAPPED, "TrainConfig.save_total_limit",
                 "Keeps the newest N checkpoint-* folders under output_dir (orbax CheckpointManager's "
                 "max_to_keep); None keeps all."),
     ArgumentRow("load_best_model_at_end", IGNORED, "-", "No best-model tracking; checkpoints are kept by recency."),
@@ -187,8 +187,9 @@ ARGUMENTS: tuple[ArgumentRow, ...] = (
     ArgumentRow("include_num_input_tokens_seen", IGNORED, "-", "Not counted in the state (TRL never updated it)."),
     ArgumentRow("disable_tqdm", MAPPED, "TrainConfig.disable_tqdm",
                 "None resolves as in TrainingArguments (off unless the log level is above WARN)."),
-    ArgumentRow("output_dir", FACADE, "compat.IterativeSFTTrainer",
-                "Default directory of save_model(), save_checkpoint() and the save_steps checkpoints."),
+    ArgumentRow("output_dir", MAPPED, "TrainConfig.output_dir",
+                "Default directory of save_model() and save_checkpoint(); the core writes the save_steps "
+                "checkpoints there."),
     ArgumentRow("push_to_hub", IGNORED, "-", "Nothing is pushed automatically (TRL only created the repo)."),
     ArgumentRow("resume_from_checkpoint", FACADE, "compat.IterativeSFTTrainer",
                 "A checkpoint-N folder, or True for the newest under output_dir: restored when the trainer is "
@@ -374,6 +375,8 @@ def training_arguments_to_config(
     if logging_strategy == "no":
         logging_steps = 0
     eval_steps = _step_count("eval_steps", args.eval_steps, max_steps)
+    # Periodic checkpoints are the core's (TrainConfig.save_steps); save_strategy other than "steps" saves nothing.
+    save_steps = save_steps_of(args, max_steps) if str(_plain(getattr(args, "save_strategy", "steps"))) == "steps" else 0
 
     checkpointing = getattr(args, "activation_checkpointing", None)
     if checkpointing is None:
@@ -421,8 +424,19 @@ def training_arguments_to_config(
         disable_tqdm=bool(args.disable_tqdm),
         skip_nonfinite_updates=getattr(args, "skip_nonfinite_updates", False),
         max_nonfinite_in_a_row=getattr(args, "max_nonfinite_in_a_row", None),
+        output_dir=str(args.output_dir) if args.output_dir is not None else None,
+        save_steps=save_steps if args.output_dir is not None else 0,
+        save_total_limit=getattr(args, "save_total_limit", None),
     )
     return config, ignored
+
+
+def save_steps_of(args: Any, max_steps: int) -> int:
+    """``save_steps`` as a count of updates (a float below 1 is a ratio of ``max_steps``; 0 without one)."""
+    value = getattr(args, "save_steps", 0) or 0
+    if isinstance(value, float) and 0 < value < 1:
+        return math.ceil(max_steps * value) if max_steps > 0 else 0
+    return int(value)
 
 
 def ignored_argument_message(args: TrainingArguments, name: str) -> str:

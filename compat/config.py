@@ -25,7 +25,7 @@ from typing import Any, Optional
 import transformers
 from transformers import TrainingArguments
 
-TRUNCATION_MODES = ("keep_end", "keep_start")
+from jaxsft.config import TRUNCATION_MODES
 
 
 def _bf16_supported(args: TrainingArguments) -> bool:

@@ -19,8 +19,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from jaxsft import batching
-
-IGNORE_INDEX = batching.IGNORE_INDEX
+from jaxsft.config import IGNORE_INDEX
 
 BOTH_INPUTS_WARNING = (
     "Both `input_ids` and `texts` argument are provided. `input_ids` will be ignored. "
@@ -128,21 +127,29 @@ def convert_step_inputs(
     objects (sliced with ``x[:]``). ``attention_mask`` and ``labels`` are
     optional and must match ``input_ids`` example by example. Texts path:
     list[str], with optional ``texts_labels`` of the same count; token
-    arguments given beside ``texts`` are ignored with TRL's warning.
+    arguments given beside ``texts`` are ignored with TRL's warning. No examples
+    (``input_ids=[]``, a 0-row array, ``texts=[]``) is an empty round: passed on
+    as such, for the core to check and warn about.
     """
     if input_ids is None and texts is None:
         raise ValueError("Step should include `input_ids` or `texts` as keyword arguments.")
     if input_ids is not None and texts is not None:
         warnings.warn(BOTH_INPUTS_WARNING, UserWarning, stacklevel=2)
         input_ids = None
+    input_ids, attention_mask, labels, texts, texts_labels = (
+        _materialise(x) for x in (input_ids, attention_mask, labels, texts, texts_labels)
+    )
+    if batching.is_empty(texts if texts is not None else input_ids):
+        # An empty round (a filter that kept nothing): the core warns and trains nothing, as for JAX users.
+        if texts is not None:
+            return StepInputs(texts=[], texts_labels=texts_labels)
+        given = {n: None if v is None else _tokens(n, v) for n, v in (("attention_mask", attention_mask), ("labels", labels))}
+        return StepInputs(input_ids=[], texts_labels=texts_labels, **given)
     if labels is None and texts_labels is None and is_encoder_decoder:
         raise ValueError(
             "No 'labels' or 'text_labels' are provided. When using an encoder-decoder architecture, "
             "'labels' or 'text_labels' must be passed."
         )
-    input_ids, attention_mask, labels, texts, texts_labels = (
-        _materialise(x) for x in (input_ids, attention_mask, labels, texts, texts_labels)
-    )
 
     if texts is not None:
         ignored = [n for n, v in (("attention_mask", attention_mask), ("labels", labels)) if v is not None]

@@ -1,10 +1,12 @@
-"""torch optimizers and LR schedulers → optax, for ``optimizers=(optimizer, scheduler)``.
+"""torch optimizers and LR schedulers → descriptions the core builds from, for ``optimizers=(optimizer, scheduler)``.
 
 TRL users pass torch objects built for the torch model; jaxsft trains a JAX copy.
 This module only *reads* them: the optimizer's hyperparameters (and HF's decay /
-no-decay split) and the scheduler's rule. The chains and schedules themselves are
-built by the core (``jaxsft.optim.torch_optimizer``, ``jaxsft.optim.TableSchedule``),
-so no optimizer logic lives in the facade. The optimizer state starts fresh (a torch
+no-decay split) into a ``jaxsft.config.OptimizerDescription``, and the scheduler's rule
+(a sampled table, or a closed form's name and parameters) into a
+``jaxsft.config.ScheduleDescription``. It imports nothing of ``jaxsft.optim``: the
+descriptions are plain data handed to the core trainer, which builds the chain and
+the schedule, so no optimizer logic lives in the facade. The optimizer state starts fresh (a torch
 optimizer that has already stepped is converted as if new). The learning rate is not
 baked into the transformation: it comes from the scheduler, converted separately,
 so both follow torch's step-for-step values.
@@ -15,18 +17,16 @@ torch-exact clipping (``max_grad_norm``) in front of every optimizer.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
 
-from jaxsft.optim import TableSchedule, constant_schedule, is_transformation, torch_optimizer
+from jaxsft.config import OptimizerDescription, ScheduleDescription
 
-# A function from the set of HF parameter names that get weight decay to an optax
-# mask over jaxsft's parameter tree (a pytree of bools, or a callable params -> that).
-DecayMaskFn = Callable[[frozenset[str]], Any]
+# A function from the set of HF parameter names that get weight decay to the core's decay table
+# (jaxsft parameter name -> decays), see compat.torch_sync.hf_decay_table.
+DecayMaskFn = Callable[[frozenset[str]], Mapping[str, bool]]
 
 # LambdaLR / MultiplicativeLR are sampled on the host into a table of this many
 # steps, unless the lambda reveals a longer horizon (HF's num_training_steps).
@@ -39,24 +39,10 @@ _SUPPORTED_SCHEDULERS = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class OptaxOptimizerFactory:
-    """The optax equivalent of one torch optimizer, waiting for its learning rate.
-
-    Call it with a float or a schedule (from :func:`torch_scheduler_to_schedule`).
-    ``lr`` is the optimizer's current param-group rate: the constant rate to use
-    when no scheduler is given. An optax transformation passed through
-    (``kind == "optax"``) ignores the learning rate it is called with.
-    """
-
-    kind: str  # "adamw" | "adam" | "sgd" | "optax"
-    lr: Optional[float]
-    hyperparameters: Mapping[str, Any]
-    build: Callable[[Any], Any]
-
-    def __call__(self, learning_rate: Any) -> Any:
-        """The optax transformation at ``learning_rate`` (a float or a schedule count -> rate)."""
-        return self.build(learning_rate)
+def is_optax_transformation(value: Any) -> bool:
+    """An optax ``GradientTransformation`` (passed through to the core as it is), told without importing optax."""
+    return (type(value).__module__.split(".")[0] == "optax" or type(value).__name__ == "GradientTransformation") \
+        and callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))
 
 
 def _unwrap(obj: Any, attr: str) -> Any:
@@ -145,15 +131,15 @@ def _reject_flags(groups: list[dict], name: str, flags: Iterable[str]) -> None:
             )
 
 
-def torch_optimizer_to_optax(
+def describe_optimizer(
     optimizer: Any,
     *,
     decay_mask_fn: Optional[DecayMaskFn] = None,
     model: Optional[torch.nn.Module] = None,
-) -> OptaxOptimizerFactory:
-    """Translate a torch AdamW / Adam / SGD into an optax factory ``learning_rate -> GradientTransformation``.
+) -> OptimizerDescription:
+    """Read a torch AdamW / Adam / SGD into a ``jaxsft.config.OptimizerDescription``.
 
-    The chain is built by the core, ``jaxsft.optim.torch_optimizer(kind, ...)``:
+    The core builds the chain from it (``jaxsft.optim.build_optimizer``):
 
     * AdamW (or Adam with ``decoupled_weight_decay=True``): ``p -= lr*wd*p`` as torch, then Adam.
     * Adam: L2 decay coupled into the gradient before the Adam moments.
@@ -162,11 +148,9 @@ def torch_optimizer_to_optax(
     Param groups must agree on everything except ``weight_decay``, which may be
     split HF-style into one decayed and one undecayed group. That split is
     matched to parameter names through ``model.named_parameters()`` (by tensor
-    identity) and handed to ``decay_mask_fn(names)``, which returns the optax
-    mask over jaxsft's parameters. Anything else raises ValueError.
+    identity) and handed to ``decay_mask_fn(names)``, which returns the decay table
+    over jaxsft's parameter names. Anything else raises ValueError.
     """
-    if is_transformation(optimizer):
-        return OptaxOptimizerFactory("optax", None, {}, lambda _lr: optimizer)
     optimizer = _unwrap(optimizer, "optimizer")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be {_SUPPORTED_OPTIMIZERS} - got {type(optimizer)}.")
@@ -192,11 +176,9 @@ def torch_optimizer_to_optax(
         b1, b2 = _shared(groups, "betas")
         eps = _shared(groups, "eps")
         decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(_shared(groups, "decoupled_weight_decay", False))
-        hyper = {"b1": b1, "b2": b2, "eps": eps, "weight_decay": weight_decay, "decoupled": decoupled}
-        kind = "adamw" if decoupled else "adam"
-        return OptaxOptimizerFactory(
-            kind, lr, hyper,
-            lambda rate: torch_optimizer(kind, rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
+        return OptimizerDescription(
+            "adamw" if decoupled else "adam", lr, b1=float(b1), b2=float(b2), eps=float(eps), weight_decay=weight_decay,
+            decay=mask,
         )
 
     momentum = _as_float(_shared(groups, "momentum", 0.0))
@@ -204,11 +186,8 @@ def torch_optimizer_to_optax(
     nesterov = bool(_shared(groups, "nesterov", False))
     if dampening != 0.0:
         raise ValueError(f"SGD(dampening={dampening}) is not supported by jaxsft; build it with dampening=0.")
-    hyper = {"momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
-    return OptaxOptimizerFactory(
-        "sgd", lr, hyper,
-        lambda rate: torch_optimizer("sgd", rate, weight_decay=weight_decay, mask=mask, momentum=momentum,
-                                     nesterov=nesterov),
+    return OptimizerDescription(
+        "sgd", lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, decay=mask,
     )
 
 
@@ -247,31 +226,35 @@ def _lambda_multipliers(lambdas: list[Any], start: int, length: int) -> np.ndarr
     return first
 
 
-def torch_scheduler_to_schedule(
+def describe_scheduler(
     scheduler: Any, base_lr: Optional[float] = None, *, horizon: Optional[int] = None
-) -> TableSchedule:
-    """A schedule giving, for ``count`` updates applied, the rate torch would use for the next one.
+) -> ScheduleDescription:
+    """A schedule description giving, for ``count`` updates applied, the rate torch would use for the next one.
 
     Torch's position carries over: a scheduler already stepped k times
     (``last_epoch == k``) continues from step k. ``base_lr`` defaults to the
     scheduler's ``base_lrs[0]``; with ``scheduler=None`` it is required and the
-    rate is constant (pass the optimizer's current lr, ``factory.lr``).
+    rate is constant (pass the optimizer's current lr, ``description.learning_rate``).
 
     LambdaLR and MultiplicativeLR call their lambdas on the host, in float64,
     for ``horizon`` steps (default max(65536, HF's num_training_steps + 1)),
-    into the core's :class:`jaxsft.optim.TableSchedule` (an fp32 table indexed
-    under jit, float64 for logs); past the table the last value is held. HF's linear and constant schedules are flat there, so this is exact;
+    into a table (the core looks it up in fp32 under jit, float64 for logs); past
+    the table the last value is held. HF's linear and constant schedules are flat there, so this is exact;
     HF's cosine rises again past num_training_steps in torch but is held here.
     Closed forms (StepLR, MultiStepLR, ExponentialLR, ConstantLR, LinearLR,
-    PolynomialLR, CosineAnnealingLR) are tabulated the same way in float64 and
-    continue past the table with the fp32 formula, so they hold for every count.
+    PolynomialLR, CosineAnnealingLR) are described by name and parameters
+    (``jaxsft.optim.SCHEDULE_RULES``): the core tabulates them in float64 and
+    continues past the table with the fp32 formula, so they hold for every count.
     """
     if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
         raise ValueError(f"horizon={horizon!r}: must be an integer >= 1; pass the number of updates you will run.")
     if scheduler is None:
         if base_lr is None:
-            raise ValueError("scheduler=None needs base_lr (the optimizer's lr); pass base_lr=factory.lr.")
-        return constant_schedule(float(base_lr))
+            raise ValueError(
+                "scheduler=None needs base_lr (the optimizer's lr); pass base_lr=factory.lr (the description's "
+                "learning_rate)."
+            )
+        return ScheduleDescription(table=(float(base_lr),))
     scheduler = _unwrap(scheduler, "scheduler")
     if _supported_class(scheduler) is None:
         raise TypeError(f"scheduler must be one of: {_SUPPORTED_SCHEDULERS} - got {type(scheduler)}.")
@@ -284,18 +267,18 @@ def torch_scheduler_to_schedule(
 
     if isinstance(scheduler, sched.LambdaLR):
         length = _lambda_horizon(scheduler.lr_lambdas[0], horizon)
-        return TableSchedule(base * _lambda_multipliers(scheduler.lr_lambdas, start, length))
+        return ScheduleDescription(table=tuple(base * _lambda_multipliers(scheduler.lr_lambdas, start, length)))
     if isinstance(scheduler, sched.MultiplicativeLR):
         length = _lambda_horizon(scheduler.lr_lambdas[0], horizon)
         factors = _lambda_multipliers(scheduler.lr_lambdas, start + 1, length - 1)
         current = float(scheduler.get_last_lr()[0]) if start > 0 else base
-        return TableSchedule(current * np.concatenate([[1.0], np.cumprod(factors)]))
+        return ScheduleDescription(table=tuple(current * np.concatenate([[1.0], np.cumprod(factors)])))
 
-    # Closed forms: float64 table for precision near zero (cosine's 1 + cos), fp32 formula past it.
-    length = horizon or DEFAULT_TABLE_HORIZON
-    values = _closed_form(scheduler, base, np.arange(start, start + length, dtype=np.float64), np)
-    # The tail is the same array-API formula; the core evaluates it with jax.numpy past the table.
-    return TableSchedule(values, tail=lambda count, xp: _closed_form(scheduler, base, count + start, xp))
+    # Closed forms: the core tabulates the rule in float64 (precision near zero: cosine's 1 + cos), fp32 past it.
+    rule, parameters = _closed_form(scheduler, base)
+    return ScheduleDescription(
+        rule=rule, parameters=parameters, start=start, length=horizon or DEFAULT_TABLE_HORIZON
+    )
 
 
 def _supported_class(scheduler: Any) -> Optional[type]:
@@ -308,25 +291,23 @@ def _supported_class(scheduler: Any) -> Optional[type]:
     return None
 
 
-def _closed_form(s: Any, base: float, t: Any, xp: Any) -> Any:
-    """torch's documented closed forms as functions of the epoch t, in any array namespace ``xp`` (numpy, jax)."""
+def _closed_form(s: Any, base: float) -> tuple[str, dict[str, Any]]:
+    """torch's documented closed forms as (rule name, parameters) of ``jaxsft.optim.SCHEDULE_RULES``."""
     sched = torch.optim.lr_scheduler
     if isinstance(s, sched.StepLR):
-        return base * s.gamma ** xp.floor(t / s.step_size)
-    if isinstance(s, sched.MultiStepLR):  # torch: gamma ** bisect_right(sorted milestones, t)
-        milestones = np.asarray(sorted(s.milestones.elements()), dtype=np.float64)
-        return base * s.gamma ** xp.sum(t[..., None] >= milestones, axis=-1)
+        return "step", {"base": base, "gamma": float(s.gamma), "step_size": float(s.step_size)}
+    if isinstance(s, sched.MultiStepLR):
+        return "multistep", {"base": base, "gamma": float(s.gamma),
+                             "milestones": tuple(float(m) for m in sorted(s.milestones.elements()))}
     if isinstance(s, sched.ExponentialLR):
-        return base * s.gamma ** t
+        return "exponential", {"base": base, "gamma": float(s.gamma)}
     if isinstance(s, sched.ConstantLR):
-        return base * xp.where(t < s.total_iters, s.factor, 1.0)
+        return "constant", {"base": base, "factor": float(s.factor), "total_iters": float(s.total_iters)}
     if isinstance(s, sched.LinearLR):
-        frac = xp.minimum(t, s.total_iters) / s.total_iters
-        return base * (s.start_factor + (s.end_factor - s.start_factor) * frac)
+        return "linear", {"base": base, "start_factor": float(s.start_factor), "end_factor": float(s.end_factor),
+                          "total_iters": float(s.total_iters)}
     if isinstance(s, sched.PolynomialLR):
-        return base * (1.0 - xp.minimum(t, s.total_iters) / s.total_iters) ** s.power
+        return "polynomial", {"base": base, "total_iters": float(s.total_iters), "power": float(s.power)}
     if isinstance(s, sched.CosineAnnealingLR):
-        return s.eta_min + (base - s.eta_min) * (1.0 + xp.cos(math.pi * t / s.T_max)) / 2.0
+        return "cosine_annealing", {"base": base, "eta_min": float(s.eta_min), "T_max": float(s.T_max)}
     raise TypeError(f"scheduler must be one of: {_SUPPORTED_SCHEDULERS} - got {type(s)}.")
-
-

@@ -6,9 +6,9 @@ Two jobs, both driven by the per-family weight tables in ``jaxsft.models.hf_keys
 * :class:`TorchWeightSync` copies a jaxsft model's weights into the torch model the
   user handed in, in place (``trainer.model`` stays the caller's object), so
   ``trainer.model.generate(...)`` between ``step()`` calls sees the trained weights.
-* :func:`hf_decay_mask_fn` turns the set of HF parameter names a torch optimizer
-  decays into an optax mask over jaxsft's parameter tree (for
-  ``compat.optimizers.torch_optimizer_to_optax(decay_mask_fn=...)``).
+* :func:`hf_decay_table` turns the set of HF parameter names a torch optimizer
+  decays into the core's decay table over jaxsft's parameter names (for
+  ``compat.optimizers.describe_optimizer(decay_mask_fn=...)``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from jaxsft.models.hf_export import hf_layout_on_device
 from jaxsft.models.hf_io import hf_state_dict, hf_weight_shapes, param_shapes
 from jaxsft.models.families import table_for
 from jaxsft.models.spec import ModelSpec
-from jaxsft.optim import key_name
 
 # torch dtypes numpy can write into directly (np.copyto into the tensor's own memory).
 _NUMPY_WRITABLE = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
@@ -217,30 +216,20 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def _ours_key(path: tuple, known: Any) -> tuple[str, ...]:
-    """A params-tree path ('layers', 'q_proj', 'value') -> the jaxsft name key ('layers', 'q_proj'):
-    its longest prefix that is a weight-table parameter (else the whole path, for the error)."""
-    names = tuple(key_name(k) for k in path)
-    for n in range(len(names), 0, -1):
-        if names[:n] in known:
-            return names[:n]
-    return names
+def hf_decay_table(spec: ModelSpec) -> Callable[[frozenset[str]], dict[str, bool]]:
+    """``names -> {jaxsft parameter name: decays}``: weight decay on a jaxsft parameter iff its HF weights are decayed.
 
-
-def hf_decay_mask_fn(spec: ModelSpec) -> Callable[[frozenset[str]], Callable[[Any], Any]]:
-    """``names -> (params -> bool tree)``: weight decay on a jaxsft parameter iff its HF weights are decayed.
-
-    A jaxsft layer parameter is one array stacked over layers, so the torch
-    optimizer must make the same choice for that weight in every layer; GPT-2's
-    fused ``c_attn`` fills q/k/v, which then share its choice. Splits that
+    The table is data for the core (``OptimizerDescription.decay``), which builds the mask. A jaxsft layer
+    parameter is one array stacked over layers, so the torch optimizer must make the same choice for that
+    weight in every layer; GPT-2's fused ``c_attn`` fills q/k/v, which then share its choice. Splits that
     cannot be expressed raise ValueError naming the weight.
     """
     table, shapes = table_for(spec), param_shapes(spec)
     rows = table.active(shapes)
 
-    def mask_for(decayed: frozenset[str]) -> Callable[[Any], Any]:
+    def decay_table(decayed: frozenset[str]) -> dict[str, bool]:
         decayed = frozenset(table.normalise(n) for n in decayed)
-        decision: dict[tuple[str, ...], bool] = {}
+        decision: dict[str, bool] = {}
         for row in rows:
             keys = row.keys(shapes)
             flags = {key in decayed for key in keys}
@@ -253,26 +242,14 @@ def hf_decay_mask_fn(spec: ModelSpec) -> Callable[[frozenset[str]], Callable[[An
                 )
             flag = flags.pop()
             for path in row.ours:
-                key = tuple(path.split("/"))
-                name = key[-1]
-                if decision.setdefault(key, flag) != flag:
+                if decision.setdefault(path, flag) != flag:
                     raise ValueError(
-                        f"the optimizer's param groups give {name} two weight-decay choices; put the HF weights "
-                        "that fill it in the same param group."
+                        f"the optimizer's param groups give {path.split('/')[-1]} two weight-decay choices; put the HF "
+                        "weights that fill it in the same param group."
                     )
+        return decision
 
-        def mask(params: Any) -> Any:
-            def leaf(path: tuple, _value: Any) -> bool:
-                key = _ours_key(path, decision)
-                if key not in decision:
-                    raise ValueError(f"decay mask: jaxsft parameter {'/'.join(key)} has no HF weight rule.")
-                return decision[key]
-
-            return jax.tree_util.tree_map_with_path(leaf, params)
-
-        return mask
-
-    return mask_for
+    return decay_table
 
 
-__all__ = ["TorchWeightSync", "hf_decay_mask_fn", "hf_parameter_names"]
+__all__ = ["TorchWeightSync", "hf_decay_table", "hf_parameter_names"]

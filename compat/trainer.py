@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import os
 import types
 import warnings
@@ -46,21 +45,21 @@ import numpy as np
 import torch
 
 import jaxsft
+from jaxsft import batching
 from jaxsft.atomic_folder import write_folder
+from jaxsft.batching import STEP_KEYWORDS
 from jaxsft.config import TrainConfig
 from jaxsft.models.hf_io import is_weights_file
-from jaxsft.optim import is_transformation
 from jaxsft.trainer import IterativeSFTTrainer as CoreTrainer
 from jaxsft.trainer import TrainerCallback as CoreCallback
 
-from compat.arguments import ignored_argument_message, training_arguments_to_config
+from compat.arguments import ignored_argument_message, save_steps_of, training_arguments_to_config
 from compat.config import IterativeSFTConfig
 from compat.inputs import IGNORE_INDEX, convert_step_inputs
-from compat.optimizers import torch_optimizer_to_optax, torch_scheduler_to_schedule
+from compat.optimizers import describe_optimizer, describe_scheduler, is_optax_transformation
 from compat import peft_models
-from compat.torch_sync import TorchWeightSync, hf_decay_mask_fn
+from compat.torch_sync import TorchWeightSync, hf_decay_table
 
-STEP_KEYWORDS = ("input_ids", "attention_mask", "labels", "texts", "texts_labels")
 TAGS = ("trl", "iterative-sft", "jaxsft")
 # torch model -> the trainer whose sync hooks it carries (the newest one built on it)
 _HOOK_OWNER: "weakref.WeakKeyDictionary[Any, weakref.ref]" = weakref.WeakKeyDictionary()
@@ -298,7 +297,7 @@ class IterativeSFTTrainer:
         self.state.max_steps = max(config.max_steps, 0)
         self.state.logging_steps = config.logging_steps
         self.state.eval_steps = eval_steps
-        self.state.save_steps = _save_steps(args, config.max_steps)
+        self.state.save_steps = save_steps_of(args, config.max_steps)
         self.state.train_batch_size = self.core.rows
         self.control = TrainerControl()
         self.callback_handler = _make_callback_handler(self, callbacks)
@@ -444,11 +443,6 @@ class IterativeSFTTrainer:
         finally:
             self._stepping = self._update_open = False
             self._mirror_core_state(self.core.state.global_step)
-        every = self.state.save_steps
-        if every and str(_plain_value(self.args.save_strategy)) == "steps" and stats["num_updates"]:
-            first = stats["global_step"] - stats["num_updates"] + 1
-            if any(step % every == 0 for step in range(first, stats["global_step"] + 1)):
-                self.save_checkpoint()
         if self.optimize_device_cache:
             del inputs
             _free_device_memory()
@@ -466,7 +460,7 @@ class IterativeSFTTrainer:
         """An eval dataset in any accepted form -> the core's step()-keyword dict (converted as step() inputs are;
         errors name eval_dataset)."""
         try:
-            inputs = convert_step_inputs(**_dataset_as_step_kwargs(dataset), is_encoder_decoder=self.is_encoder_decoder)
+            inputs = convert_step_inputs(**batching.step_inputs_of_dataset(dataset), is_encoder_decoder=self.is_encoder_decoder)
         except (TypeError, ValueError) as err:
             raise type(err)(f"eval_dataset: {err}") from None
         if self.is_encoder_decoder and inputs.labels is not None:
@@ -818,13 +812,14 @@ def _local_tokenizer(model_id: Optional[str]) -> Any:
 
 
 def _optimizer_and_schedule(opt: Any, sched: Any, config: TrainConfig, torch_model: Any, spec: Any):
-    """``optimizers=(opt, sched)`` -> (config, optimizer or factory or None, schedule or None) for the core.
+    """``optimizers=(opt, sched)`` -> (config, optimizer or its description or None, schedule or its description or
+    None) for the core.
 
-    The core builds every chain (and puts clipping in front); this only translates the torch objects.
+    The core builds every chain and schedule (and puts clipping in front); this only reads the torch objects.
     """
     if opt is None:  # the core builds AdamW + clipping + schedule from config
         return config, None, None
-    if is_transformation(opt):
+    if is_optax_transformation(opt):
         if isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
             raise TypeError(
                 "a torch LR scheduler cannot drive an optax optimizer; pass an optax schedule (and build the optax "
@@ -836,15 +831,10 @@ def _optimizer_and_schedule(opt: Any, sched: Any, config: TrainConfig, torch_mod
                 f"used to log the learning rate - got {type(sched)}."
             )
         return config, opt, sched
-    factory = torch_optimizer_to_optax(opt, decay_mask_fn=hf_decay_mask_fn(spec), model=torch_model)
+    description = describe_optimizer(opt, decay_mask_fn=hf_decay_table(spec), model=torch_model)
     if sched is None:  # HF Trainer.create_scheduler: args' schedule type on the user's optimizer
-        return dataclasses.replace(config, learning_rate=float(factory.lr)), factory, None
-    schedule = torch_scheduler_to_schedule(sched)
-    return config, factory(schedule), schedule
-
-
-def _plain_value(value: Any) -> Any:
-    return getattr(value, "value", value)  # an HF enum member -> its string
+        return dataclasses.replace(config, learning_rate=float(description.learning_rate)), description, None
+    return config, description, describe_scheduler(sched)
 
 
 def _resume_path(args: Any) -> Optional[str]:
@@ -865,13 +855,6 @@ def _resume_path(args: Any) -> Optional[str]:
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"resume_from_checkpoint must be a checkpoint folder path or True, got {type(value).__name__}.")
     return os.fspath(value)
-
-
-def _save_steps(args: Any, max_steps: int) -> int:
-    value = getattr(args, "save_steps", 0) or 0
-    if isinstance(value, float) and 0 < value < 1:
-        return math.ceil(max_steps * value) if max_steps > 0 else 0
-    return int(value)
 
 
 def _make_callback_handler(trainer: IterativeSFTTrainer, callbacks: Optional[Iterable[Any]]):
@@ -932,38 +915,6 @@ def _free_device_memory() -> None:
 
 def _is_dataset_dict(dataset: Any) -> bool:
     return isinstance(dataset, dict) and bool(dataset) and not set(dataset) <= set(STEP_KEYWORDS)
-
-
-def _dataset_as_step_kwargs(dataset: Any) -> dict[str, Any]:
-    """An eval dataset in any of the accepted forms -> step() keywords."""
-    columns = getattr(dataset, "column_names", None)
-    if columns is not None and hasattr(dataset, "__getitem__"):  # datasets.Dataset
-        if "input_ids" in columns:
-            return {k: dataset[k] for k in ("input_ids", "attention_mask", "labels") if k in columns}
-        for key in ("text", "texts"):
-            if key in columns:
-                return {"texts": dataset[key]}
-        raise ValueError(
-            f"eval_dataset has columns {columns}; it needs input_ids (with optional attention_mask and labels) or text."
-        )
-    if isinstance(dataset, dict):
-        unknown = set(dataset) - set(STEP_KEYWORDS)
-        if unknown:
-            raise ValueError(f"eval_dataset has unknown keys {sorted(unknown)}; use {', '.join(STEP_KEYWORDS)}.")
-        return dict(dataset)
-    if isinstance(dataset, (list, tuple)) and dataset:
-        if all(isinstance(x, str) for x in dataset):
-            return {"texts": list(dataset)}
-        if all(isinstance(x, dict) for x in dataset):
-            keys = [k for k in ("input_ids", "attention_mask", "labels") if k in dataset[0]]
-            if "input_ids" not in keys:
-                raise ValueError("eval_dataset rows must have an input_ids entry.")
-            return {k: [row[k] for row in dataset] for k in keys}
-        return {"input_ids": list(dataset)}
-    raise TypeError(
-        "eval_dataset must be a datasets.Dataset, a dict of step() keywords, a list of strings, a list of token "
-        f"sequences or a list of dicts with input_ids - got {type(dataset)}."
-    )
 
 
 def _to_numpy(value: Any) -> Any:

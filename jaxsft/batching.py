@@ -15,9 +15,10 @@ import ml_dtypes
 import numpy as np
 
 from jaxsft import chat
-from jaxsft.config import TRUNCATION_MODES
+from jaxsft.config import IGNORE_INDEX, TRUNCATION_MODES
 
-IGNORE_INDEX = -100
+# step()'s input keywords (token arrays or texts), the one list the core, the facade and eval datasets use.
+STEP_KEYWORDS = ("input_ids", "attention_mask", "labels", "texts", "texts_labels")
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -27,6 +28,10 @@ class Example:
 
     input_ids: np.ndarray  # int32 [n]
     labels: np.ndarray  # int32 [n], -100 = not learned
+    # step(example_weights=...): how many times each label token counts (None: a call without weights).
+    weight: Optional[float] = None
+    truncated: bool = False  # cut to max_length
+    lost_all_labels: bool = False  # had label tokens, none left after the cut (keep_start cutting a completion)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +55,8 @@ class MicroBatch:
     # int32 [rows, max_examples + 1]: each row's segment lengths in order, its padding tail as a last
     # segment, then zeros (what segment-aware attention kernels take instead of ids).
     segment_lengths: Optional[np.ndarray] = None
+    # Weighted calls only: float32 [rows, length], each label position's example weight (0 at padding).
+    label_weights: Optional[np.ndarray] = None
 
     @property
     def packed(self) -> bool:
@@ -250,6 +257,118 @@ def check_text_pairs(texts: Sequence[str], texts_labels: Sequence[str]) -> None:
         )
 
 
+def is_empty(value: Any) -> bool:
+    """A call with no examples (an empty list or array); None and unsized values are not empty."""
+    try:
+        return value is not None and len(value) == 0
+    except TypeError:
+        return False
+
+
+def refuse_tokens_with_texts(inputs: dict[str, Any], fix: str) -> None:
+    """step(texts=...) takes no token arrays: name the ones given, then ``fix``."""
+    given = [n for n in ("input_ids", "attention_mask", "labels") if inputs.get(n) is not None]
+    if given:
+        raise ValueError(f"step() got texts=... together with {', '.join(given)}; {fix}")
+
+
+def check_empty_call(input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None) -> None:
+    """A call with no examples must still be a consistent call (nothing else given that needs examples)."""
+    if texts is not None:
+        refuse_tokens_with_texts(
+            {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, "pass one or the other."
+        )
+        others = {"texts_labels": texts_labels}
+    else:
+        if texts_labels is not None:
+            raise ValueError("texts_labels was given without texts; pass texts=... with it, or labels=... with input_ids.")
+        others = {"attention_mask": attention_mask, "labels": labels}
+    for name, value in others.items():
+        if value is not None and not is_empty(value):
+            raise ValueError(
+                f"step() got no examples but {name} has {len(value)} entries; pass one {name} entry per example."
+            )
+
+
+def check_example_weights(weights: Any) -> Optional[np.ndarray]:
+    """``example_weights``: None, or a list / 1-D array of finite floats >= 0 (float64), else a clear error."""
+    if weights is None:
+        return None
+    if isinstance(weights, (str, bytes, dict, set)) or not (
+        isinstance(weights, (list, tuple, np.ndarray)) or hasattr(weights, "__array__")
+    ):
+        raise InputTypeError(
+            f"example_weights must be a list or 1-D array of floats (one per example), got {type(weights).__name__}."
+        )
+    try:
+        array = np.asarray(host_array(weights, "example_weights") if not isinstance(weights, (list, tuple)) else weights)
+    except (TypeError, ValueError) as err:
+        raise InputTypeError(f"example_weights must be a flat list of numbers (one per example): {err}") from None
+    if array.ndim != 1:
+        raise ValueError(
+            f"example_weights has shape {tuple(array.shape)}; pass one number per example (a list or 1-D array)."
+        )
+    if array.size and (array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer)
+                                                      or np.issubdtype(array.dtype, np.floating))):
+        raise InputTypeError(
+            f"example_weights has dtype {array.dtype}; pass numbers (floats >= 0), one per example."
+        )
+    array = array.astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(array) | (array < 0))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"example_weights[{i}] is {array[i]!r}; every weight must be a finite number >= 0 (0 leaves the "
+            "example out)."
+        )
+    return array
+
+
+def with_weights(examples: list[Any], weights: Optional[np.ndarray]) -> list[Any]:
+    """``examples`` carrying their ``example_weights`` (checked), zero-weight ones left out; unchanged without."""
+    if weights is None:
+        return examples
+    if weights.shape[0] != len(examples):
+        raise ValueError(
+            f"example_weights has {weights.shape[0]} entries but the call has {len(examples)} examples; pass one "
+            "weight per example."
+        )
+    return [dataclasses.replace(ex, weight=float(w)) for ex, w in zip(examples, weights) if w > 0]
+
+
+def step_inputs_of_dataset(dataset: Any) -> dict[str, Any]:
+    """An eval dataset as step() keywords: a dict of them, a ``datasets.Dataset`` (``input_ids`` with optional
+    ``attention_mask`` / ``labels``, or ``text``), a list of strings, of token sequences or of dicts with
+    ``input_ids``. The one routing the core and the facade share."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and hasattr(dataset, "__getitem__"):  # datasets.Dataset
+        if "input_ids" in columns:
+            return {k: dataset[k] for k in ("input_ids", "attention_mask", "labels") if k in columns}
+        for key in ("text", "texts"):
+            if key in columns:
+                return {"texts": dataset[key]}
+        raise ValueError(f"eval_dataset has columns {columns}; it needs input_ids (with optional attention_mask "
+                         "and labels) or text.")
+    if isinstance(dataset, dict):
+        unknown = set(dataset) - set(STEP_KEYWORDS)
+        if unknown:
+            raise ValueError(f"eval_dataset has unknown keys {sorted(unknown)}; use {', '.join(STEP_KEYWORDS)}.")
+        return dict(dataset)
+    if isinstance(dataset, (list, tuple)) and dataset:
+        if all(isinstance(x, str) for x in dataset):
+            return {"texts": list(dataset)}
+        if all(isinstance(x, dict) for x in dataset):
+            if not all("input_ids" in row for row in dataset):
+                raise ValueError("eval_dataset rows must each have an input_ids entry.")
+            keys = [k for k in ("input_ids", "attention_mask", "labels") if k in dataset[0]]
+            return {k: [row[k] for row in dataset] for k in keys}
+        return {"input_ids": list(dataset)}
+    raise TypeError(
+        f"eval_dataset must be a dict of step() keywords, a datasets.Dataset, a list of strings, a list of token "
+        f"sequences or a list of dicts with input_ids, got {type(dataset).__name__}."
+    )
+
+
 def _truncate(
     ids: np.ndarray, labels: np.ndarray, max_length: Optional[int], mode: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -269,8 +388,34 @@ def _check_truncation(max_length: Optional[int], truncation_mode: str) -> None:
 
 
 def _make_example(ids: np.ndarray, labels: np.ndarray, max_length: Optional[int], mode: str) -> Example:
+    full = ids.shape[0]
+    had_labels = bool(np.any(labels[1:] != IGNORE_INDEX))
     ids, labels = _truncate(ids, labels, max_length, mode)
-    return Example(input_ids=ids.astype(np.int32), labels=labels.astype(np.int32))
+    truncated = ids.shape[0] < full
+    return Example(
+        input_ids=ids.astype(np.int32), labels=labels.astype(np.int32), truncated=truncated,
+        lost_all_labels=truncated and had_labels and not np.any(labels[1:] != IGNORE_INDEX),
+    )
+
+
+def truncation_warning(examples: Sequence[Any], max_length: Optional[int], mode: str) -> Optional[str]:
+    """The one warning a call's cut examples deserve (None when nothing was cut)."""
+    cut = sum(ex.truncated for ex in examples)
+    if not cut:
+        return None
+    message = (
+        f"step(): {cut} of {len(examples)} examples were longer than max_length={max_length} tokens and were cut "
+        f"(truncation_mode={mode!r} keeps the {'first' if mode == 'keep_start' else 'last'} {max_length})."
+    )
+    lost = sum(ex.lost_all_labels for ex in examples)
+    if lost:
+        message += (
+            f" {lost} of them lost every label token (their whole completion lay beyond the cut), so nothing is "
+            "learned from them; raise max_length, shorten the prompts, or use truncation_mode='keep_end'."
+        )
+    else:
+        message += " Raise max_length to train on whole examples."
+    return message
 
 
 # ---------------------------------------------------------------------------
@@ -452,13 +597,24 @@ def _pack(group: list[Example], rows: int, length: int) -> MicroBatch:
     input_ids = np.zeros((rows, length), np.int32)
     attention_mask = np.zeros((rows, length), np.int32)
     labels = np.full((rows, length), IGNORE_INDEX, np.int32)
+    label_weights = _weights_slab(group, (rows, length))
     for r, ex in enumerate(group):
         n = ex.input_ids.shape[0]
         input_ids[r, :n] = ex.input_ids
         attention_mask[r, :n] = 1
         labels[r, :n] = ex.labels
+        if label_weights is not None:
+            label_weights[r, :n] = ex.weight
     num_label_tokens = int(np.count_nonzero(labels[:, 1:] != IGNORE_INDEX))
-    return MicroBatch(input_ids, attention_mask, labels, num_examples=len(group), num_label_tokens=num_label_tokens)
+    return MicroBatch(
+        input_ids, attention_mask, labels, num_examples=len(group), num_label_tokens=num_label_tokens,
+        label_weights=label_weights,
+    )
+
+
+def _weights_slab(group: Sequence[Any], shape: tuple[int, int]) -> Optional[np.ndarray]:
+    """Zeros of ``shape`` for a weighted call's per-token weights, or None for an unweighted one."""
+    return None if group[0].weight is None else np.zeros(shape, np.float32)
 
 
 def _first_fit(lengths: Sequence[int], room: int) -> list[list[int]]:
@@ -515,6 +671,7 @@ def _pack_segments(
     labels = np.full((rows, length), IGNORE_INDEX, np.int32)
     segment_ids = np.zeros((rows, length), np.int32)
     positions = np.zeros((rows, length), np.int32)
+    label_weights = _weights_slab(group, (rows, length))
     for r, members in enumerate(bins):
         start = 0
         for segment, i in enumerate(sorted(members), start=1):  # in group order within a row
@@ -527,11 +684,14 @@ def _pack_segments(
             labels[r, start] = IGNORE_INDEX
             segment_ids[r, span] = segment
             positions[r, span] = np.arange(n, dtype=np.int32)
+            if label_weights is not None:
+                label_weights[r, span] = ex.weight
             start += n
     num_label_tokens = int(np.count_nonzero(labels != IGNORE_INDEX))
     return MicroBatch(
         input_ids, attention_mask, labels, num_examples=len(group), num_label_tokens=num_label_tokens,
         segment_ids=segment_ids, positions=positions, segment_lengths=segment_table(segment_ids, max_rows),
+        label_weights=label_weights,
     )
 
 
@@ -637,6 +797,9 @@ class Seq2SeqExample:
 
     input_ids: np.ndarray  # int32 [n]
     labels: np.ndarray  # int32 [m]
+    weight: Optional[float] = None  # as Example.weight
+    truncated: bool = False  # encoder input or target cut to max_length
+    lost_all_labels: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -654,6 +817,7 @@ class Seq2SeqMicroBatch:
     labels: np.ndarray  # int32 [rows, dec_len], -100 at padding and filler rows
     num_examples: int
     num_label_tokens: int
+    label_weights: Optional[np.ndarray] = None  # as MicroBatch.label_weights, over the decoder positions
 
     packed = False  # encoder-decoder micro-batches are never packed
 
@@ -668,9 +832,12 @@ def shift_right(labels: np.ndarray, decoder_start_token_id: int, pad_token_id: i
 
 
 def _seq2seq_example(ids: np.ndarray, lab: np.ndarray, max_length: Optional[int], mode: str) -> Seq2SeqExample:
+    sizes = (ids.shape[0], lab.shape[0])
     ids, _ = _truncate(ids, ids, max_length, mode)
     lab, _ = _truncate(lab, lab, max_length, mode)
-    return Seq2SeqExample(input_ids=ids.astype(np.int32), labels=lab.astype(np.int32))
+    return Seq2SeqExample(
+        input_ids=ids.astype(np.int32), labels=lab.astype(np.int32), truncated=(ids.shape[0], lab.shape[0]) != sizes,
+    )
 
 
 def _strip_label_padding(lab: np.ndarray) -> np.ndarray:
@@ -737,14 +904,17 @@ def _pack_seq2seq(group, rows: int, enc_len: int, dec_len: int, start: int, pad:
     input_ids = np.full((rows, enc_len), pad, np.int32)
     attention_mask = np.zeros((rows, enc_len), np.int32)
     labels = np.full((rows, dec_len), IGNORE_INDEX, np.int32)
+    label_weights = _weights_slab(group, (rows, dec_len))
     for r, ex in enumerate(group):
         n, m = ex.input_ids.shape[0], ex.labels.shape[0]
         input_ids[r, :n] = ex.input_ids
         attention_mask[r, :n] = 1
         labels[r, :m] = ex.labels
+        if label_weights is not None:
+            label_weights[r, :m] = ex.weight
     return Seq2SeqMicroBatch(
         input_ids, attention_mask, shift_right(labels, start, pad), labels, num_examples=len(group),
-        num_label_tokens=int(np.count_nonzero(labels != IGNORE_INDEX)),
+        num_label_tokens=int(np.count_nonzero(labels != IGNORE_INDEX)), label_weights=label_weights,
     )
 
 

@@ -34,3 +34,36 @@ class EvalPrediction(NamedTuple):
 
 
 __all__ = ["EvalPrediction", "TrainerCallback"]
+
+
+def check_callbacks(callbacks: Any) -> None:
+    """A list of objects with the three hooks, or a TypeError naming the one that is not."""
+    if isinstance(callbacks, TrainerCallback) or not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a list of jaxsft TrainerCallback objects, got {type(callbacks).__name__}.")
+    for i, callback in enumerate(callbacks):
+        missing = [h for h in ("on_log", "on_step_end", "on_evaluate") if not callable(getattr(callback, h, None))]
+        if missing:
+            raise TypeError(
+                f"callbacks[{i}] ({type(callback).__name__}) lacks {', '.join(missing)}; subclass "
+                "jaxsft.trainer.TrainerCallback and override the hooks you need."
+            )
+
+
+def notify(trainer: Any, callbacks: Any, events: Any) -> None:
+    """Fire the hooks for a call's events in order: ("eval" | "log" | "step_end", entry, extra) each.
+
+    ``on_log`` fires on process 0 only (as HF logs on the main process); the others on every process.
+    """
+    import jax
+
+    main = jax.process_index() == 0
+    for kind, entry, extra in events:
+        if kind in ("eval", "log") and main:
+            for callback in callbacks:
+                callback.on_log(trainer, entry)
+        if kind == "eval":
+            for callback in callbacks:
+                callback.on_evaluate(trainer, extra, entry["step"])
+        if kind == "step_end":  # entry: the update's step
+            for callback in callbacks:
+                callback.on_step_end(trainer, entry)

@@ -20,7 +20,8 @@ never reaches a compiled program.
 
 The model-side knobs (compute dtype, remat, attention kernel, layer loop) are
 turned into the model's :class:`~jaxsft.models.options.RunOptions` in one place,
-:meth:`TrainConfig.run_options`.
+:meth:`TrainConfig.run_options` (which takes the model's options and returns a copy:
+this module imports nothing of ``jaxsft.models``, so host-side batching does not load it).
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ import dataclasses
 import math
 import numbers
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax.numpy as jnp
 
-from jaxsft.models.options import ATTENTION_IMPLEMENTATIONS, RunOptions
-
 SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
 TRUNCATION_MODES = ("keep_end", "keep_start")
+# Attention kernels a model can run (jaxsft.models.layers implements them; models.options re-exports this).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# The label that marks a position without a loss (HF's and torch's ignore_index), for every module.
+IGNORE_INDEX = -100
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 # Metrics sinks for ``report_to`` (jaxsft.metrics writes them through the libraries themselves).
 REPORT_TO = ("tensorboard", "wandb")
@@ -282,6 +285,12 @@ class TrainConfig:
     report_to: Any = None
     # TensorBoard event folder (W&B's run folder); None: runs/<date>_<time>_<host>, as torch and HF.
     logging_dir: Optional[str] = None
+    # Periodic checkpoints: a step() call whose updates reach a multiple of save_steps ends by writing
+    # output_dir/checkpoint-<global_step> (trainer.save_checkpoint); 0 never saves. save_total_limit keeps
+    # the newest N of them (None: all).
+    output_dir: Optional[str] = None
+    save_steps: int = 0
+    save_total_limit: Optional[int] = None
     # the groups
     optimization: Optimization = dataclasses.field(default_factory=Optimization)
     precision: PrecisionAndMemory = dataclasses.field(default_factory=PrecisionAndMemory)
@@ -333,6 +342,15 @@ class TrainConfig:
         self.report_to = _report_to(self.report_to)
         if self.logging_dir is not None and not isinstance(self.logging_dir, (str, os.PathLike)):
             raise _bad(self, "logging_dir", "must be None or a folder path", "pass e.g. logging_dir='runs/exp1'")
+        if self.output_dir is not None and not isinstance(self.output_dir, (str, os.PathLike)):
+            raise _bad(self, "output_dir", "must be None or a folder path", "pass e.g. output_dir='runs/exp1'")
+        if self.save_steps < 0:
+            raise _bad(self, "save_steps", "must be an integer >= 0 (0 never saves)", "pass e.g. save_steps=100")
+        if self.save_steps and self.output_dir is None:
+            raise _bad(self, "save_steps", "needs output_dir (where checkpoint-N folders go)",
+                       "pass output_dir='...' with it, or save_steps=0")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise _bad(self, "save_total_limit", "must be None (keep all) or an integer >= 1", "pass e.g. save_total_limit=3")
 
     def validate(self) -> None:
         """Re-run every check (the trainer calls it when it takes the config: a dict field such as
@@ -370,7 +388,7 @@ class TrainConfig:
             size *= 2
         return tuple(buckets + [limit])
 
-    def run_options(self, model: RunOptions, *, num_layers: int = 0) -> RunOptions:
+    def run_options(self, model: "RunOptions", *, num_layers: int = 0) -> "RunOptions":
         """The model's compute options for training: the one place each model-side knob is decided.
 
         * dtype: bf16 when ``bf16``, else the model's own compute dtype;
@@ -400,6 +418,58 @@ def _check_scheduler_kwargs(kwargs: dict[str, Any]) -> None:
                 f"TrainConfig.lr_scheduler_kwargs[{key!r}]={value!r}: must be a finite number (a NaN or inf here "
                 f"silently breaks the learning-rate schedule); pass e.g. lr_scheduler_kwargs={{'num_cycles': 0.5}}."
             )
+
+
+# ------------------------------------------------------------------------------------------ optimizer descriptions
+# What the TRL facade reads from torch objects, as plain data; jaxsft.optim builds the chain and the schedule.
+TORCH_OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULE_RULE_NAMES = ("step", "multistep", "exponential", "constant", "linear", "polynomial", "cosine_annealing")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerDescription:
+    """A torch AdamW / Adam / SGD as hyperparameters (:func:`jaxsft.optim.build_optimizer` makes the chain).
+
+    ``decay``: parameter name (a "/"-joined path, matched by its longest prefix, e.g. ``layers/q_proj``)
+    -> whether weight decay applies; None applies ``weight_decay`` to every parameter.
+    ``learning_rate`` is the optimizer's own rate (the constant one when no schedule is described).
+    """
+
+    kind: str  # one of TORCH_OPTIMIZERS
+    learning_rate: float
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    nesterov: bool = False
+    decay: Optional[Mapping[str, bool]] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in TORCH_OPTIMIZERS:
+            raise ValueError(f"OptimizerDescription kind={self.kind!r}: pick one of {', '.join(TORCH_OPTIMIZERS)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleDescription:
+    """A learning-rate schedule as data (:func:`jaxsft.optim.build_schedule` makes its ``TableSchedule``).
+
+    Either ``table`` (float64 rates for update counts 0, 1, ...; the last one held past it), or a
+    closed-form ``rule`` (one of ``SCHEDULE_RULE_NAMES`` with its ``parameters``), evaluated at epoch
+    ``start + count``: tabulated in float64 for ``length`` counts, then the fp32 formula.
+    """
+
+    table: Optional[tuple[float, ...]] = None
+    rule: Optional[str] = None
+    parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    start: int = 0
+    length: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.table is None) == (self.rule is None):
+            raise ValueError("ScheduleDescription: give either table= or rule=, not both or neither.")
+        if self.rule is not None and self.rule not in SCHEDULE_RULE_NAMES:
+            raise ValueError(f"ScheduleDescription rule={self.rule!r}: pick one of {', '.join(SCHEDULE_RULE_NAMES)}.")
 
 
 def _report_to(value: Any) -> tuple[str, ...]:
@@ -542,5 +612,6 @@ _FIELD_KINDS: dict[str, tuple[str, bool]] = {
     "min_bucket_length": ("int", False), "loss_chunk_size": ("int", True), "loss_chunk_bytes": ("int", False),
     "attention_implementation": ("str", False), "scan_layers": ("bool", True), "xla_options": ("dict", True),
     "disable_tqdm": ("bool", False), "agreement_timeout_s": ("float", False), "packing": ("bool", True), "dropout": ("bool", False),
-    "report_to": ("sinks", True), "logging_dir": ("path", True),
+    "report_to": ("sinks", True), "logging_dir": ("path", True), "output_dir": ("path", True),
+    "save_steps": ("int", False), "save_total_limit": ("int", True),
 }

@@ -190,11 +190,12 @@ def global_sum(value: int) -> int:
     return int(_allgather(np.asarray([value], np.int64)).sum())
 
 
-def agree_on_microbatches(microbatches: list, rows: int, packed: bool = False) -> list:
+def agree_on_microbatches(microbatches: list, rows: int, packed: bool = False, weighted: bool = False) -> list:
     """Make every process hold the same number of micro-batches with the same shapes.
 
     Lengths are agreed per micro-batch (the longest bucket wins); packed micro-batches also
-    agree on their row count (the most rows win, the others get filler rows).
+    agree on their row count (the most rows win, the others get filler rows). ``weighted``: the
+    call carries example weights, so filler micro-batches carry (zero) ``label_weights`` too.
     """
     if jax.process_count() == 1:
         return microbatches
@@ -214,7 +215,7 @@ def agree_on_microbatches(microbatches: list, rows: int, packed: bool = False) -
         if i < len(microbatches):
             agreed.append(repad(microbatches[i], int(length), mb_rows))
         else:
-            agreed.append(empty_microbatch(mb_rows, int(length), packed, max_examples=rows))
+            agreed.append(empty_microbatch(mb_rows, int(length), packed, max_examples=rows, weighted=weighted))
     return agreed
 
 
@@ -233,6 +234,8 @@ def repad(mb, length: int, rows: Optional[int] = None):
             "positions": np.pad(mb.positions, pad),
             "segment_lengths": batching.segment_table(segment_ids, mb.segment_lengths.shape[1] - 1),
         }
+    if mb.label_weights is not None:
+        packed_fields["label_weights"] = np.pad(mb.label_weights, pad)
     return dataclasses.replace(
         mb,
         input_ids=np.pad(mb.input_ids, pad),
@@ -242,7 +245,7 @@ def repad(mb, length: int, rows: Optional[int] = None):
     )
 
 
-def empty_microbatch(rows: int, length: int, packed: bool = False, max_examples: int = 0):
+def empty_microbatch(rows: int, length: int, packed: bool = False, max_examples: int = 0, weighted: bool = False):
     """A micro-batch of filler rows only: it runs the same program and contributes nothing."""
     zeros = np.zeros((rows, length), np.int32)
     return batching.MicroBatch(
@@ -254,6 +257,7 @@ def empty_microbatch(rows: int, length: int, packed: bool = False, max_examples:
         segment_ids=zeros if packed else None,
         positions=zeros if packed else None,
         segment_lengths=batching.segment_table(zeros, max_examples) if packed else None,
+        label_weights=np.zeros((rows, length), np.float32) if weighted else None,
     )
 
 

@@ -23,19 +23,18 @@ import jax.numpy as jnp
 
 from jax.sharding import PartitionSpec as P
 
+from jaxsft.config import IGNORE_INDEX
 from jaxsft.models.layers import soft_cap, soft_cap_slope
 from jaxsft.sharding import batch_split_axes, constrain
 
-IGNORE_INDEX = -100
 
-
-def _shifted_targets(labels: jax.Array) -> jax.Array:
-    """targets[:, t] = labels[:, t+1]; the last position of each row predicts nothing.
+def _shifted_targets(labels: jax.Array, fill: Any = IGNORE_INDEX) -> jax.Array:
+    """targets[:, t] = labels[:, t+1]; the last position of each row predicts nothing (``fill``).
 
     Padding the labels (instead of slicing hidden states) keeps every array at
     length L, so a sequence-sharded layout is not disturbed.
     """
-    tail = jnp.full((labels.shape[0], 1), IGNORE_INDEX, labels.dtype)
+    tail = jnp.full((labels.shape[0], 1), fill, labels.dtype)
     return jnp.concatenate([labels[:, 1:], tail], axis=1)
 
 
@@ -51,10 +50,14 @@ def _logits(h: jax.Array, w: jax.Array, compute_dtype: Any) -> jax.Array:
     )
 
 
-def _token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-token loss (0 where ignored), log-sum-exp and the weight mask, all fp32 (logits upcast first)."""
+def _token_losses(
+    logits: jax.Array, targets: jax.Array, token_weights: Optional[jax.Array] = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token loss (0 where ignored), log-sum-exp and each token's weight, all fp32 (logits upcast first)."""
     logits = logits.astype(jnp.float32)
     weight = (targets != IGNORE_INDEX).astype(jnp.float32)
+    if token_weights is not None:
+        weight = weight * token_weights
     safe = jnp.where(targets != IGNORE_INDEX, targets, 0)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
@@ -64,7 +67,7 @@ def _token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax
 # --- chunked path -----------------------------------------------------------
 
 
-def _to_chunks(h: jax.Array, t: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+def _to_chunks(h: jax.Array, t: jax.Array, chunk: int, tw: Optional[jax.Array] = None):
     """[S, N, H] -> [n, S, c, H]: each of the S batch shards is cut into chunks of c tokens.
 
     S is the number of ways the batch is split over devices; keeping it as an
@@ -79,7 +82,10 @@ def _to_chunks(h: jax.Array, t: jax.Array, chunk: int) -> tuple[jax.Array, jax.A
     n_chunks = (n_tok + pad) // chunk
     h_c = h.reshape(shards, n_chunks, chunk, width).swapaxes(0, 1)
     t_c = t.reshape(shards, n_chunks, chunk).swapaxes(0, 1)
-    return h_c, t_c
+    if tw is None:
+        return h_c, t_c, None
+    tw = jnp.pad(tw, ((0, 0), (0, pad)))
+    return h_c, t_c, tw.reshape(shards, n_chunks, chunk).swapaxes(0, 1)
 
 
 def _from_chunks(d_c: jax.Array, n_tok: int) -> jax.Array:
@@ -100,22 +106,24 @@ def _scan_or_call(body, init, xs):
     return jax.lax.scan(body, init, xs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _chunked_loss(h: jax.Array, w: jax.Array, t: jax.Array, chunk: int, compute_dtype: Any, softcap: Optional[float]) -> jax.Array:
-    """Loss only (used when nobody differentiates, e.g. evaluation). h: [S, N, H], t: [S, N]."""
-    h_c, t_c = _to_chunks(h, t, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_loss(
+    h: jax.Array, w: jax.Array, t: jax.Array, tw, chunk: int, compute_dtype: Any, softcap: Optional[float]
+) -> jax.Array:
+    """Loss only (used when nobody differentiates, e.g. evaluation). h: [S, N, H], t: [S, N], tw: [S, N] or None."""
+    h_c, t_c, tw_c = _to_chunks(h, t, chunk, tw)
     w_c = w.astype(compute_dtype)
 
     def body(total, xs):
-        h_i, t_i = xs
-        losses, _, _ = _token_losses(soft_cap(_logits(h_i, w_c, compute_dtype), softcap), t_i)
+        h_i, t_i, tw_i = xs
+        losses, _, _ = _token_losses(soft_cap(_logits(h_i, w_c, compute_dtype), softcap), t_i, tw_i)
         return total + jnp.sum(losses), None
 
-    total, _ = _scan_or_call(body, _varying_like(jnp.zeros((), jnp.float32), h, w), (h_c, t_c))
+    total, _ = _scan_or_call(body, _varying_like(jnp.zeros((), jnp.float32), h, w), (h_c, t_c, tw_c))
     return total
 
 
-def _chunked_fwd(h, w, t, chunk, compute_dtype, softcap):
+def _chunked_fwd(h, w, t, tw, chunk, compute_dtype, softcap):
     """Loss plus d(loss)/d(hidden) and d(loss)/d(unembedding), chunk by chunk.
 
     The logits' cotangent is formed in ``compute_dtype`` (bf16 under mixed precision), so both
@@ -123,16 +131,16 @@ def _chunked_fwd(h, w, t, chunk, compute_dtype, softcap):
     forward one does. With a final-logit ``softcap`` the logits' cotangent goes through the cap's
     slope (``layers.soft_cap_slope``) before the matmuls.
     """
-    h_c, t_c = _to_chunks(h, t, chunk)
+    h_c, t_c, tw_c = _to_chunks(h, t, chunk, tw)
     w_c = w.astype(compute_dtype)
     shards, vocab = h.shape[0], w.shape[0]
 
     def body(carry, xs):
         total, d_w = carry
-        h_i, t_i = xs  # [S, c, H], [S, c]
+        h_i, t_i, tw_i = xs  # [S, c, H], [S, c], [S, c] or None
         raw = _logits(h_i, w_c, compute_dtype)
         logits = soft_cap(raw, softcap)
-        losses, lse, weight = _token_losses(logits, t_i)
+        losses, lse, weight = _token_losses(logits, t_i, tw_i)
         probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
         one_hot = jax.nn.one_hot(jnp.where(t_i != IGNORE_INDEX, t_i, 0), vocab, dtype=jnp.float32)
         d_logits = (probs - one_hot) * weight[..., None]
@@ -148,11 +156,11 @@ def _chunked_fwd(h, w, t, chunk, compute_dtype, softcap):
     total0 = _varying_like(jnp.zeros((), jnp.float32), h, w)
     if h_c.shape[0] == 1:
         # One chunk: the gradient is written once, with no zero-initialised accumulator to re-read.
-        (total, d_w), d_h_c = _scan_or_call(body, (total0, None), (h_c, t_c))
+        (total, d_w), d_h_c = _scan_or_call(body, (total0, None), (h_c, t_c, tw_c))
     else:
         # Each shard's partial sum stays on the devices holding that shard (no reduction inside the loop).
         d_w0 = constrain(jnp.zeros((shards, *w.shape), jnp.float32), ("batch", "vocab", None))
-        (total, d_w), d_h_c = jax.lax.scan(body, (total0, _varying_like(d_w0, h, w)), (h_c, t_c))
+        (total, d_w), d_h_c = jax.lax.scan(body, (total0, _varying_like(d_w0, h, w)), (h_c, t_c, tw_c))
     d_h = _from_chunks(d_h_c, h.shape[1])
     return total, (d_h, jnp.sum(d_w, axis=0).astype(w.dtype))
 
@@ -161,7 +169,7 @@ def _chunked_bwd(chunk, compute_dtype, softcap, residuals, g):
     del chunk, compute_dtype, softcap
     d_h, d_w = residuals
     scale = lambda d: (g * d.astype(jnp.float32)).astype(d.dtype)  # noqa: E731
-    return scale(d_h), scale(d_w), None
+    return scale(d_h), scale(d_w), None, None  # labels and token weights carry no gradient
 
 
 _chunked_loss.defvjp(_chunked_fwd, _chunked_bwd)
@@ -177,8 +185,12 @@ def causal_lm_loss(
     num_shards: int = 1,
     shift: bool = True,
     softcap: Optional[float] = None,
+    weights: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of next-token cross entropies and the number of target tokens (both fp32 scalars).
+
+    ``weights`` (float [B, L], aligned with ``labels``): each target counts that many times, in the sum
+    and in the count (the count is then the weighted one, the normaliser of a weighted loss).
 
     hidden: [B, L, H] final hidden states; unembedding: [V, H]; labels: [B, L]
     aligned with the inputs, -100 = ignored. Position t is scored against
@@ -199,18 +211,27 @@ def causal_lm_loss(
         raise ValueError(f"hidden size {hidden.shape[2]} != unembedding width {unembedding.shape[1]}.")
     compute_dtype = jnp.dtype(compute_dtype)
     targets = _shifted_targets(labels.astype(jnp.int32)) if shift else labels.astype(jnp.int32)
-    num_tokens = jax.lax.stop_gradient(jnp.sum(targets != IGNORE_INDEX).astype(jnp.float32))
+    mask = (targets != IGNORE_INDEX).astype(jnp.float32)
+    if weights is not None:
+        if weights.shape != labels.shape:
+            raise ValueError(f"weights {weights.shape} must have the labels' shape {labels.shape}.")
+        weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
+        weights = _shifted_targets(weights, 0.0) if shift else weights
+        mask = mask * weights
+    num_tokens = jax.lax.stop_gradient(jnp.sum(mask))
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be None or a positive integer.")
     if hidden.shape[0] % num_shards:
         raise ValueError(f"num_shards={num_shards} must divide the batch size {hidden.shape[0]}.")
     axes = batch_split_axes(hidden.shape[0])
     if axes:
-        return _per_device_then_sum(hidden, unembedding, targets, chunk_size, compute_dtype, axes, softcap), num_tokens
-    return _loss_sum(hidden, unembedding, targets, chunk_size, compute_dtype, num_shards, softcap), num_tokens
+        return _per_device_then_sum(
+            hidden, unembedding, targets, weights, chunk_size, compute_dtype, axes, softcap
+        ), num_tokens
+    return _loss_sum(hidden, unembedding, targets, weights, chunk_size, compute_dtype, num_shards, softcap), num_tokens
 
 
-def _loss_sum(hidden, unembedding, targets, chunk_size, compute_dtype, num_shards, softcap=None):
+def _loss_sum(hidden, unembedding, targets, weights, chunk_size, compute_dtype, num_shards, softcap=None):
     batch, length, width = hidden.shape
     per_shard = batch // num_shards * length
     chunk = per_shard if chunk_size is None else min(int(chunk_size), per_shard)
@@ -218,13 +239,14 @@ def _loss_sum(hidden, unembedding, targets, chunk_size, compute_dtype, num_shard
         hidden.reshape(num_shards, per_shard, width),
         unembedding,
         targets.reshape(num_shards, per_shard),
+        None if weights is None else weights.reshape(num_shards, per_shard),
         chunk,
         compute_dtype,
         None if softcap is None else float(softcap),
     )
 
 
-def _per_device_then_sum(hidden, unembedding, targets, chunk_size, compute_dtype, axes, softcap=None):
+def _per_device_then_sum(hidden, unembedding, targets, weights, chunk_size, compute_dtype, axes, softcap=None):
     """Each device scores its own rows; the unembedding gradient crosses devices exactly once.
 
     The table enters shard_map as a per-device ("varying") value, so the transpose of that marking
@@ -233,12 +255,20 @@ def _per_device_then_sum(hidden, unembedding, targets, chunk_size, compute_dtype
     tests/test_scaling.py pins the total: each parameter's gradient is reduced once per update.
     """
 
-    def local(h, w, t):
-        return jax.lax.psum(_loss_sum(h, _as_varying(w, axes), t, chunk_size, compute_dtype, 1, softcap), axes)
-
     rows = P(axes)
-    return jax.shard_map(local, in_specs=(rows, P(), rows), out_specs=P(), axis_names=frozenset(axes))(
-        hidden, unembedding, targets
+    if weights is None:
+        def local(h, w, t):
+            return jax.lax.psum(_loss_sum(h, _as_varying(w, axes), t, None, chunk_size, compute_dtype, 1, softcap), axes)
+
+        return jax.shard_map(local, in_specs=(rows, P(), rows), out_specs=P(), axis_names=frozenset(axes))(
+            hidden, unembedding, targets
+        )
+
+    def weighted(h, w, t, tw):
+        return jax.lax.psum(_loss_sum(h, _as_varying(w, axes), t, tw, chunk_size, compute_dtype, 1, softcap), axes)
+
+    return jax.shard_map(weighted, in_specs=(rows, P(), rows, rows), out_specs=P(), axis_names=frozenset(axes))(
+        hidden, unembedding, targets, weights
     )
 
 

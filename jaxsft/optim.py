@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsft.config import TrainConfig
+from jaxsft.config import TORCH_OPTIMIZERS, OptimizerDescription, ScheduleDescription, TrainConfig
+from jaxsft.paths import key_name
 
 # ---------------------------------------------------------------------------
 # schedules
@@ -163,14 +164,6 @@ def make_schedule(config: TrainConfig) -> TableSchedule:
 # weight decay mask
 
 
-def key_name(key: Any) -> str:
-    """The name of one pytree path entry (dict key, attribute or index), as used in parameter paths."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def decay_mask(params: Any) -> Any:
     """True where weight decay applies: every leaf whose path mentions neither "norm" nor "bias".
 
@@ -292,9 +285,6 @@ def adamw_torch(
     )
 
 
-TORCH_OPTIMIZERS = ("adamw", "adam", "sgd")
-
-
 def torch_optimizer(
     kind: str,
     learning_rate: Any,
@@ -361,3 +351,121 @@ def make_optimizer(config: TrainConfig, schedule: Optional[optax.Schedule] = Non
     else:  # TrainConfig already rejects this; kept so a new name cannot fall through silently
         raise ValueError(f"TrainConfig.optim={config.optim!r} is not supported.")
     return with_clipping(opt, config)
+
+
+# ---------------------------------------------------------------------------
+# descriptions: what the TRL facade reads from torch objects, as data; the core builds from them
+
+
+def decay_mask_from_names(decay: Mapping[str, bool]) -> Callable[[Any], Any]:
+    """``params -> bool tree`` from a name table: each leaf takes the entry of its longest named path prefix."""
+    table = {tuple(name.split("/")): bool(flag) for name, flag in decay.items()}
+
+    def mask(params: Any) -> Any:
+        def leaf(path: tuple, _value: Any) -> bool:
+            names = tuple(key_name(k) for k in path)
+            for n in range(len(names), 0, -1):
+                if names[:n] in table:
+                    return table[names[:n]]
+            raise ValueError(f"decay mask: parameter {'/'.join(names)} has no entry in the optimizer's decay table.")
+
+        return jax.tree_util.tree_map_with_path(leaf, params)
+
+    return mask
+
+
+def build_optimizer(description: OptimizerDescription, learning_rate: Any) -> optax.GradientTransformation:
+    """The chain ``description`` describes, at ``learning_rate`` (a float or a schedule count -> rate)."""
+    d = description
+    mask = None if d.decay is None else decay_mask_from_names(d.decay)
+    return torch_optimizer(
+        d.kind, learning_rate, b1=d.b1, b2=d.b2, eps=d.eps, weight_decay=d.weight_decay, mask=mask,
+        momentum=d.momentum, nesterov=d.nesterov,
+    )
+
+
+# torch's closed-form schedules as functions of the epoch t, in any array namespace xp (numpy on the host
+# for the float64 table, jax.numpy under jit past it). Parameters are plain floats / tuples.
+def _step_rule(t, xp, *, base, gamma, step_size):
+    return base * gamma ** xp.floor(t / step_size)
+
+
+def _multistep_rule(t, xp, *, base, gamma, milestones):  # torch: gamma ** bisect_right(sorted milestones, t)
+    return base * gamma ** xp.sum(t[..., None] >= np.asarray(sorted(milestones), dtype=np.float64), axis=-1)
+
+
+def _exponential_rule(t, xp, *, base, gamma):
+    return base * gamma ** t
+
+
+def _constant_rule(t, xp, *, base, factor, total_iters):
+    return base * xp.where(t < total_iters, factor, 1.0)
+
+
+def _linear_rule(t, xp, *, base, start_factor, end_factor, total_iters):
+    return base * (start_factor + (end_factor - start_factor) * (xp.minimum(t, total_iters) / total_iters))
+
+
+def _polynomial_rule(t, xp, *, base, total_iters, power):
+    return base * (1.0 - xp.minimum(t, total_iters) / total_iters) ** power
+
+
+def _cosine_annealing_rule(t, xp, *, base, eta_min, T_max):
+    return eta_min + (base - eta_min) * (1.0 + xp.cos(math.pi * t / T_max)) / 2.0
+
+
+SCHEDULE_RULES = {  # the names are ScheduleDescription's (jaxsft.config.SCHEDULE_RULE_NAMES)
+    "step": _step_rule, "multistep": _multistep_rule, "exponential": _exponential_rule,
+    "constant": _constant_rule, "linear": _linear_rule, "polynomial": _polynomial_rule,
+    "cosine_annealing": _cosine_annealing_rule,
+}
+
+
+def build_schedule(description: ScheduleDescription) -> TableSchedule:
+    """The schedule ``description`` describes."""
+    d = description
+    if d.rule is None:
+        return TableSchedule(np.asarray(d.table, dtype=np.float64))
+    rule, parameters, start = SCHEDULE_RULES[d.rule], dict(d.parameters), int(d.start)
+    values = rule(np.arange(start, start + d.length, dtype=np.float64), np, **parameters)
+    return TableSchedule(values, tail=lambda count, xp: rule(count + start, xp, **parameters))
+
+
+def check_optimizer_arguments(optimizer: Any, schedule: Any) -> None:
+    """The trainer's ``optimizer=`` / ``schedule=`` arguments: types only (a clear error before any state)."""
+    if optimizer is not None and not (
+        isinstance(optimizer, (optax.GradientTransformation, OptimizerDescription)) or callable(optimizer)
+    ):
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation, a jaxsft.config.OptimizerDescription or a "
+            f"function schedule -> GradientTransformation, got {type(optimizer).__name__}."
+        )
+    if schedule is not None and not (callable(schedule) or isinstance(schedule, ScheduleDescription)):
+        raise TypeError(
+            f"schedule must be an optax schedule (step -> learning rate) or a jaxsft.config.ScheduleDescription, "
+            f"got {type(schedule).__name__}."
+        )
+
+
+def optimizer_and_schedule(
+    config: TrainConfig, optimizer: Any = None, schedule: Any = None, *, check_built: Callable[[Any], Any] = lambda tx: tx,
+) -> tuple[Any, Any]:
+    """(the chain the trainer runs, clipping in front; the schedule its rate is logged from, or None).
+
+    ``optimizer``: None (AdamW / Adafactor / SGD from ``config``), an optax transformation, a factory
+    ``schedule -> transformation`` or an :class:`OptimizerDescription` (both built at ``schedule``, default
+    ``config``'s HF schedule). ``schedule``: an optax schedule or a :class:`ScheduleDescription`.
+    ``check_built`` checks what a factory returned (the trainer's clear error for a wrong type).
+    """
+    if isinstance(schedule, ScheduleDescription):  # e.g. a torch scheduler, read by the facade
+        schedule = build_schedule(schedule)
+    if isinstance(optimizer, OptimizerDescription):  # e.g. a torch optimizer, read by the facade
+        description = optimizer
+        optimizer = lambda rate: build_optimizer(description, rate)  # noqa: E731 (a factory, built below)
+    if optimizer is None:
+        schedule = make_schedule(config)
+        return make_optimizer(config, schedule), schedule  # clipping included
+    if not isinstance(optimizer, optax.GradientTransformation):  # a factory: built at the config's schedule
+        schedule = make_schedule(config) if schedule is None else schedule
+        optimizer = check_built(optimizer(schedule))
+    return with_clipping(optimizer, config), schedule

@@ -12,56 +12,29 @@ never donated: a LoRA model's base weights.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxsft.loss import causal_lm_loss
+from jaxsft.objectives import Objective
 from jaxsft.optim import global_norm
 
 Batch = dict[str, jax.Array]
 
 
-def make_loss_fn(
-    graphdef: nnx.GraphDef, chunk_size: Optional[int], num_shards: int = 1
-) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
-    """(params, batch) -> (sum of token losses, number of label tokens).
+def make_loss_fn(graphdef: nnx.GraphDef, objective: Objective) -> Callable[..., tuple[jax.Array, tuple]]:
+    """(params, batch, frozen) -> (sum, (denominator, aux)): ``objective.loss`` on the merged model.
 
-    ``num_shards`` is how many ways the batch rows are split over devices; the
-    chunked loss keeps per-shard partial sums so it communicates once.
+    The shape ``jax.value_and_grad(..., has_aux=True)`` takes: the sum is differentiated, the
+    denominator (the one normaliser) and the objective's additive statistics ride along.
     """
 
     def loss_fn(params, batch: Batch, frozen=()):
-        model = nnx.merge(graphdef, params, *frozen)
-        if "decoder_input_ids" in batch:  # encoder-decoder: the batch's keys are static, so this is a trace-time switch
-            hidden = model.hidden_states(
-                batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
-                dropout_key=batch.get("dropout_rng"),
-            )
-            head = model.lm_head_operands(hidden)
-            return causal_lm_loss(
-                head.hidden, head.weight, batch["labels"], chunk_size=chunk_size, compute_dtype=model.dtype,
-                num_shards=num_shards, shift=False, softcap=head.softcap,
-            )
-        # Micro-batches are right-padded, so causal attention alone isolates padding; packed
-        # ones carry segment ids (attention stays within an example) and per-example positions.
-        hidden = model.hidden_states(
-            batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-            segment_lengths=batch.get("segment_lengths"), dropout_key=batch.get("dropout_rng"),
-        )
-        head = model.lm_head_operands(hidden)
-        return causal_lm_loss(
-            head.hidden,
-            head.weight,
-            batch["labels"],
-            softcap=head.softcap,
-            chunk_size=chunk_size,
-            compute_dtype=model.dtype,
-            num_shards=num_shards,
-        )
+        total, denominator, aux = objective.loss(nnx.merge(graphdef, params, *frozen), batch)
+        return total, (denominator, aux)
 
     return loss_fn
 
@@ -97,14 +70,17 @@ def _sum_grads(graphdef, loss_fn):
 
     def grads_of(params, batch, frozen=()):
         view = compute_view(graphdef, params, frozen)
-        (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(view, batch, frozen)
-        return grads, loss_sum, count
+        (loss_sum, (denominator, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(view, batch, frozen)
+        return grads, loss_sum, denominator, aux
 
     return grads_of
 
 
-def _apply(tx, params, opt_state, grad_sum, loss_sum, count, skip_nonfinite: bool = False):
-    scale = 1.0 / jnp.maximum(count, 1.0)
+def _apply(tx, params, opt_state, grad_sum, loss_sum, denominator, aux, skip_nonfinite: bool = False):
+    """The update from summed gradients: normalised once, by the summed denominator (label tokens, or their
+    weighted count under example weights)."""
+    count = denominator
+    scale = 1.0 / jnp.maximum(count, 1e-12)
     # In the weights' own dtype (a compute-dtype gradient is upcast first, never rounded after scaling).
     grads = jax.tree.map(lambda g, p: (g.astype(p.dtype) * scale).astype(p.dtype), grad_sum, params)
     grad_norm = global_norm(grads)
@@ -114,9 +90,10 @@ def _apply(tx, params, opt_state, grad_sum, loss_sum, count, skip_nonfinite: boo
         return optax.apply_updates(params, updates), new_opt_state
 
     metrics = {
-        "loss": loss_sum / jnp.maximum(count, 1.0),
+        **aux,  # the objective's statistics (num_tokens: the real label-token count)
+        "loss": loss_sum / jnp.maximum(count, 1e-12),
         "loss_sum": loss_sum,
-        "num_tokens": count,
+        "denominator": count,
         "grad_norm": grad_norm,
     }
     if skip_nonfinite:
@@ -129,52 +106,57 @@ def _apply(tx, params, opt_state, grad_sum, loss_sum, count, skip_nonfinite: boo
     return params, opt_state, metrics
 
 
-def make_fused_update(graphdef, tx, chunk_size, num_shards=1, skip_nonfinite=False):
+def make_fused_update(graphdef, tx, objective: Objective, skip_nonfinite=False):
     """One micro-batch per update (gradient_accumulation_steps == 1): grads and optimizer in one program."""
-    grads_of = _sum_grads(graphdef, make_loss_fn(graphdef, chunk_size, num_shards))
+    grads_of = _sum_grads(graphdef, make_loss_fn(graphdef, objective))
 
     def fused(params, opt_state, batch, frozen=()):
-        grads, loss_sum, count = grads_of(params, batch, frozen)
-        return _apply(tx, params, opt_state, grads, loss_sum, count, skip_nonfinite)
+        grads, loss_sum, denominator, aux = grads_of(params, batch, frozen)
+        return _apply(tx, params, opt_state, grads, loss_sum, denominator, aux, skip_nonfinite)
 
     return fused
 
 
-def make_accumulate(graphdef, chunk_size, num_shards=1):
-    """Adds one micro-batch's gradient sum into the running sums (donated)."""
-    grads_of = _sum_grads(graphdef, make_loss_fn(graphdef, chunk_size, num_shards))
+def make_accumulate(graphdef, objective: Objective):
+    """Adds one micro-batch's gradient sum, loss sum, denominator and statistics into the running sums (donated)."""
+    grads_of = _sum_grads(graphdef, make_loss_fn(graphdef, objective))
 
     def accumulate(params, acc, batch, frozen=()):
-        grads, loss_sum, count = grads_of(params, batch, frozen)
-        acc_grads, acc_loss, acc_count = acc
+        grads, loss_sum, denominator, aux = grads_of(params, batch, frozen)
+        acc_grads, acc_loss, acc_denominator, acc_aux = acc
         acc_grads = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc_grads, grads)
-        return acc_grads, acc_loss + loss_sum, acc_count + count
+        acc_aux = {k: acc_aux[k] + aux[k] for k in acc_aux}
+        return acc_grads, acc_loss + loss_sum, acc_denominator + denominator, acc_aux
 
     return accumulate
 
 
-def make_zero_accumulator():
+def make_zero_accumulator(objective: Objective):
+    """Zero sums of the gradients, loss, denominator and the objective's statistics."""
     def zeros(params):
-        return jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+        scalar = lambda: jnp.zeros((), jnp.float32)  # noqa: E731
+        return jax.tree.map(jnp.zeros_like, params), scalar(), scalar(), {k: scalar() for k in objective.logged_aux()}
 
     return zeros
 
 
 def make_apply(tx, skip_nonfinite=False):
-    """Applies one optimizer update from accumulated sums: loss = sum / total label tokens (exact)."""
+    """Applies one optimizer update from accumulated sums: loss = sum / summed denominator (exact)."""
 
     def apply(params, opt_state, acc):
-        grad_sum, loss_sum, count = acc
-        return _apply(tx, params, opt_state, grad_sum, loss_sum, count, skip_nonfinite)
+        grad_sum, loss_sum, denominator, aux = acc
+        return _apply(tx, params, opt_state, grad_sum, loss_sum, denominator, aux, skip_nonfinite)
 
     return apply
 
 
-def make_eval(graphdef, chunk_size, num_shards=1):
-    loss_fn = make_loss_fn(graphdef, chunk_size, num_shards)
+def make_eval(graphdef, objective: Objective):
+    """(params, batch, frozen) -> (loss sum, denominator, aux) of one evaluation micro-batch."""
+    loss_fn = make_loss_fn(graphdef, objective)
 
     def evaluate(params, batch, frozen=()):
-        return loss_fn(params, batch, frozen)
+        total, (denominator, aux) = loss_fn(params, batch, frozen)
+        return total, denominator, aux
 
     return evaluate
 

@@ -9,62 +9,31 @@ recompiles beyond the declared buckets.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import math
-import os
 import time
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from jaxsft import batching, buffers, compile_options, distributed, fast_path, fingerprint
+from jaxsft import batching, buffers, compile_options, distributed, fingerprint, objectives
 from jaxsft.argument_checks import check_built_optimizer, check_trainer_arguments
 from jaxsft import checkpoint as checkpointing
 from jaxsft import metrics as metrics_sinks
 from jaxsft import sharding as shd
-from jaxsft import step as step_fns
-from jaxsft.callbacks import EvalPrediction, TrainerCallback
+from jaxsft import train_log, train_state
+from jaxsft.callbacks import EvalPrediction, TrainerCallback, check_callbacks, notify
 from jaxsft.config import TrainConfig
-from jaxsft.models import layers as layers_lib
 from jaxsft.models import lora as lora_lib
 from jaxsft.models.decoder import CausalLM
 from jaxsft.models.seq2seq import Seq2SeqLM
 from jaxsft.models.options import RunOptions, with_options
-from jaxsft.optim import host_learning_rate_fn, make_optimizer, make_schedule, with_clipping
-
-
-@dataclasses.dataclass
-class TrainerState:
-    """The host half of the trainer's state (HF TrainerState's fields that matter here, plus logging position).
-
-    The trainer is its only writer; :meth:`IterativeSFTTrainer.state_dict` carries it, with the
-    device arrays and the shuffling RNG, in and out of checkpoints.
-    """
-
-    global_step: int = 0
-    log_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    num_input_tokens_seen: int = 0
-    total_label_tokens: int = 0
-    last_logged_step: int = 0
-    loss_since_log: list[float] = dataclasses.field(default_factory=list)
-    # Updates in a row whose loss or gradient norm was NaN/inf (TrainConfig.max_nonfinite_in_a_row).
-    nonfinite_in_a_row: int = 0
-    generate_calls: int = 0  # trainer.generate() calls that took the trainer's seed (it advances per call)
-
-
-COUNTER_FIELDS = (
-    "num_input_tokens_seen", "total_label_tokens", "last_logged_step", "loss_since_log", "nonfinite_in_a_row",
-    "generate_calls",
-)
-
-
-STEP_KEYWORDS = ("input_ids", "attention_mask", "labels", "texts", "texts_labels")
+from jaxsft.optim import check_optimizer_arguments, host_learning_rate_fn, optimizer_and_schedule
+from jaxsft.programs import TrainPrograms
+from jaxsft.train_state import COUNTER_FIELDS, HostSnapshot, TrainerState, TrainState
 
 
 class IterativeSFTTrainer:
@@ -114,27 +83,13 @@ class IterativeSFTTrainer:
             config.validate()  # a dict field changed in place since construction is seen here
             check_trainer_arguments(tokenizer, compute_metrics, preprocess_logits_for_metrics)
             metrics_sinks.check_installed(config.report_to)  # a missing sink library fails before any state
-            if optimizer is not None and not (isinstance(optimizer, optax.GradientTransformation) or callable(optimizer)):
-                raise TypeError(
-                    f"optimizer must be an optax.GradientTransformation or a function schedule -> "
-                    f"GradientTransformation, got {type(optimizer).__name__}."
-                )
-            if schedule is not None and not callable(schedule):
-                raise TypeError(f"schedule must be an optax schedule (step -> learning rate), got {type(schedule).__name__}.")
+            check_optimizer_arguments(optimizer, schedule)
             if mesh is not None and (not isinstance(mesh, jax.sharding.Mesh) or set(mesh.axis_names) != {"data", "fsdp", "tensor"}):
                 raise TypeError(
                     f"mesh must be a jax Mesh with axes data, fsdp and tensor (build it with jaxsft.make_mesh), got "
                     f"{getattr(mesh, 'axis_names', type(mesh).__name__)}."
                 )
-            if isinstance(callbacks, TrainerCallback) or not isinstance(callbacks, (list, tuple)):
-                raise TypeError(f"callbacks must be a list of jaxsft TrainerCallback objects, got {type(callbacks).__name__}.")
-            for i, callback in enumerate(callbacks):
-                missing = [h for h in ("on_log", "on_step_end", "on_evaluate") if not callable(getattr(callback, h, None))]
-                if missing:
-                    raise TypeError(
-                        f"callbacks[{i}] ({type(callback).__name__}) lacks {', '.join(missing)}; subclass "
-                        "jaxsft.trainer.TrainerCallback and override the hooks you need."
-                    )
+            check_callbacks(callbacks)
             self.config = config
             self._user_model = model
             self.tokenizer = tokenizer
@@ -144,17 +99,19 @@ class IterativeSFTTrainer:
             self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
             self.state = TrainerState()
             self.spec = model.spec
-            # T5 / BART: texts (or input_ids) feed the encoder, texts_labels (or labels) the decoder.
-            self.is_encoder_decoder = isinstance(model, Seq2SeqLM)
-            if self.is_encoder_decoder and jax.process_count() > 1:
+            # What is trained (decoder or encoder-decoder SFT): inputs -> examples -> micro-batches -> loss.
+            self.objective = objectives.objective_for(model)
+            if not self.objective.supports_multi_process and jax.process_count() > 1:
                 raise NotImplementedError(
-                    "encoder-decoder models (T5, BART) train on one process in this release; run single-process "
-                    "(any number of local devices) or use a decoder-only model for multi-host training."
+                    f"{type(self.objective).__name__} (encoder-decoder models: T5, BART) trains on one process in this "
+                    "release; run single-process (any number of local devices) or use a decoder-only model for "
+                    "multi-host training."
                 )
-            self.dropout_enabled = bool(config.dropout) and _declares_dropout(model.spec)
-            if self.is_encoder_decoder and config.packing is True:
+            self.dropout_enabled = bool(config.dropout) and objectives.declares_dropout(model.spec)
+            if config.packing is True and not self.objective.supports_packing:
                 raise ValueError(
-                    "TrainConfig.packing=True is not supported for encoder-decoder models (T5, BART); pass packing=False."
+                    f"TrainConfig.packing=True is not supported by {type(self.objective).__name__} (encoder-decoder "
+                    "models: T5, BART); pass packing=False."
                 )
 
             self.mesh = mesh if mesh is not None else shd.mesh_of(nnx.state(model))
@@ -189,21 +146,9 @@ class IterativeSFTTrainer:
         # the caller's model keeps its own options).
         self.run_options = config.run_options(RunOptions.of(model), num_layers=model.spec.num_layers)
         self.scan_layers = self.run_options.scan_layers
-        decoder_only = not self.is_encoder_decoder  # only a decoder spec has sliding_window / attention_dropout
-        window = self.spec.sliding_window if decoder_only else None
-        attention_dropout = self.spec.attention_dropout if decoder_only and self.dropout_enabled else 0.0
-        # TrainConfig.packing resolved for this backend (None: packed where cuDNN's ragged kernel applies).
-        self.packing = fast_path.resolve_packing(
-            config.packing, attention_implementation=self.run_options.attention_implementation,
-            dtype=self.run_options.dtype, sliding_window=window, attention_dropout=attention_dropout,
-            encoder_decoder=self.is_encoder_decoder,
-        )
-        # Packed rows may outgrow the longest example's bucket only where attention costs per segment
-        # (cuDNN's ragged kernel); masked XLA attention (CPU, TPU) costs and stores rows x length^2.
-        self._ragged_attention = self.packing and decoder_only and layers_lib.ragged_kernel_applies(
-            layers_lib.resolve_attention_implementation(self.run_options.attention_implementation, self.run_options.dtype),
-            window,
-            attention_dropout,
+        # TrainConfig.packing resolved for this backend, and whether packed rows may outgrow their bucket.
+        self.packing, self._ragged_attention = self.objective.packing(
+            config.packing, self.run_options, self.spec, dropout=self.dropout_enabled
         )
         view = with_options(model, self.run_options)
         if lora_lib.lora_setup(model) is None:
@@ -211,33 +156,34 @@ class IterativeSFTTrainer:
             frozen: tuple = ()
         else:  # LoRA: only the adapters train; the base weights are frozen program inputs, never donated
             self._graphdef, params, *frozen = nnx.split(view, lora_lib.LoraParam, ...)
-        self._params = buffers.exclusive(shd.place_state(params, self.mesh, self.sharding_rules), self)
+        params = buffers.exclusive(shd.place_state(params, self.mesh, self.sharding_rules), self)
+        self.train_state = TrainState(params, None)  # the optimizer state follows below
         self._frozen = tuple(shd.place_state(f, self.mesh, self.sharding_rules) for f in frozen)
 
-        if optimizer is None:
-            schedule = make_schedule(config)
-            optimizer = make_optimizer(config, schedule)  # clipping included
-        else:
-            if not isinstance(optimizer, optax.GradientTransformation):  # a factory: built at the config's schedule
-                schedule = make_schedule(config) if schedule is None else schedule
-                optimizer = check_built_optimizer(optimizer(schedule))
-            optimizer = with_clipping(optimizer, config)
+        self._tx, schedule = optimizer_and_schedule(  # clipping included
+            config, optimizer, schedule, check_built=check_built_optimizer
+        )
         self._learning_rate_fn = host_learning_rate_fn(schedule)
-        self._tx = optimizer
         with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):
             # Moments take their parameter's sharding (zeros_like under jit would replicate them).
-            opt_shardings = shd.optimizer_state_shardings(jax.eval_shape(self._tx.init, self._params), self._params, self.mesh)
+            opt_shardings = shd.optimizer_state_shardings(jax.eval_shape(self._tx.init, params), params, self.mesh)
             # Kept: reset() rebuilds the initial optimizer state with this same compiled program.
             self._init_opt_state = jax.jit(self._tx.init, out_shardings=opt_shardings)
-            self._opt_state = self._init_opt_state(self._params)
+            # The device half of the state, one pytree: the update programs take and donate it whole.
+            self.train_state = TrainState(params, self._init_opt_state(params))
         self._initial_params: Optional[HostSnapshot] = None  # taken before the first donation (reset())
         self._rng = np.random.default_rng(config.seed)
         # Multi-process: the same initial weights, optimizer and schedule everywhere, or no training at all.
         distributed.agree("IterativeSFTTrainer() (initial state)", None, fingerprint.of_state(
             self._params, self._opt_state, self.learning_rate_at), timeout)
         self._shards = shd.batch_rows_multiple(self.mesh)
-        self._chunk_size = self._loss_chunk_size()
-        self._programs: dict[tuple, Any] = {}
+        self._chunk_size = objectives.loss_chunk_size(config, self.spec.vocab_size, self.max_length)
+        self.objective = dataclasses.replace(self.objective, chunk_size=self._chunk_size, num_shards=self._shards)
+        self.programs = TrainPrograms(
+            self._graphdef, self._tx, self.objective, mesh=self.mesh, sharding_rules=self.sharding_rules,
+            xla_options=self._xla_options, skip_nonfinite=config.skip_nonfinite_updates,
+            gradient_accumulation_steps=config.gradient_accumulation_steps, takes_dropout_key=self._takes_dropout_key,
+        )
         self._sampler = None  # built on the first generate()
         self._params_version = 0
         if jax.process_index() == 0:  # report_to sinks: scalars of every log entry (jaxsft.metrics)
@@ -257,7 +203,19 @@ class IterativeSFTTrainer:
     @property
     def params(self) -> nnx.State:
         """The trained parameters: every weight, or only the adapters of a LoRA model."""
-        return self._params
+        return self.train_state.params
+
+    @property
+    def _params(self) -> nnx.State:
+        return self.train_state.params
+
+    @_params.setter
+    def _params(self, params: nnx.State) -> None:
+        self.train_state = dataclasses.replace(self.train_state, params=params)
+
+    @property
+    def _opt_state(self) -> Any:
+        return self.train_state.opt_state
 
     @property
     def frozen_params(self) -> tuple[nnx.State, ...]:
@@ -271,7 +229,7 @@ class IterativeSFTTrainer:
 
     @property
     def compiled_shapes(self) -> int:
-        return len(self._programs)
+        return self.programs.count
 
     @property
     def xla_options(self) -> dict[str, Any]:
@@ -312,6 +270,8 @@ class IterativeSFTTrainer:
         labels: Any = None,
         texts: Optional[Sequence[str]] = None,
         texts_labels: Optional[Sequence[str]] = None,
+        *,
+        example_weights: Optional[Sequence[float]] = None,
     ) -> dict[str, Any]:
         """Train on one call's examples (shuffled, micro-batched, accumulated) and return stats.
 
@@ -320,21 +280,29 @@ class IterativeSFTTrainer:
         after their prompt). Every check runs before any state changes. A call's
         leftover micro-batches (fewer than gradient_accumulation_steps) still make
         one update.
+
+        ``example_weights`` (a list or 1-D array of finite floats >= 0, one per example): every label
+        token of example i counts ``w_i`` times in the loss and in the token count that normalises it
+        (reward-weighted SFT): 2 equals giving the example twice, 0 leaving it out, all zeros is an
+        empty round. ``num_tokens`` stays the real count; ``weighted_num_tokens`` is the weighted one.
+        A weighted call runs its own programs (one more compile per shape the first time).
         """
         error: Optional[Exception] = None
         try:
-            examples = self._examples(input_ids, attention_mask, labels, texts, texts_labels)
+            examples = self._examples(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
+                texts_labels=texts_labels, example_weights=example_weights,
+            )
         except Exception as err:  # any type (an input whose len() raises): shared, so every process raises
             error = err
-        # Multi-process: every process learns every process's verdict before any collective runs.
-        distributed.agree("step()", error, self._fingerprint(), self.config.agreement_timeout_s)
-        started = time.perf_counter()
-        microbatches = self._plan(
-            examples, self.rows // jax.process_count(), shuffle=True, pack=self.packing
-        ) if examples else []  # multi-process: this process has nothing this call (filler micro-batches below)
-        microbatches = distributed.agree_on_microbatches(
-            microbatches, self.rows // jax.process_count(), packed=self.packing
+        weighted = example_weights is not None
+        # Multi-process: every process learns every process's verdict before any collective runs (weighted
+        # calls run other programs, so every process must pass weights or none).
+        distributed.agree(
+            "step()", error, {**self._fingerprint(), "example_weights": weighted}, self.config.agreement_timeout_s
         )
+        started = time.perf_counter()
+        microbatches = self._plan(examples, self.rows, shuffle=True, pack=self.packing, weighted=weighted)
         if not microbatches:
             # A filter that kept nothing is a normal round, not an error: every process warns and trains nothing.
             warnings.warn(
@@ -350,11 +318,14 @@ class IterativeSFTTrainer:
         per_update_metrics = []
         eval_metrics: dict[int, dict[str, float]] = {}
         first_step = self.state.global_step
-        progress = self._progress(len(updates))
+        progress = train_log.progress_bar(self.config, len(updates))
         try:
             # Each update's programs, described once: compiled ahead (side by side) where missing, then run.
-            lowerings = [self._update_lowerings(update) if total else [] for update, total in zip(updates, totals)]
-            self._compile_missing(lowerings)
+            lowerings = [
+                self.programs.update_lowerings(self.train_state, update, self._frozen) if total else []
+                for update, total in zip(updates, totals)
+            ]
+            self.programs.compile_missing(lowerings)
             for update, total, update_lowerings in zip(updates, totals, lowerings):
                 if total == 0:
                     warnings.warn(
@@ -363,7 +334,11 @@ class IterativeSFTTrainer:
                         stacklevel=2,
                     )
                     continue
-                per_update_metrics.append(self._run_update(update, update_lowerings))
+                self._keep_initial_params()
+                self.train_state, metrics = self.programs.run_update(
+                    self.train_state, update, update_lowerings, self._frozen, self._rng
+                )
+                per_update_metrics.append(metrics)
                 self.state.global_step += 1
                 self._params_version += 1
                 if self._eval_due(self.state.global_step):
@@ -384,8 +359,11 @@ class IterativeSFTTrainer:
         host_metrics = jax.device_get(per_update_metrics)  # the call's one host sync
         elapsed = time.perf_counter() - started
         input_tokens = distributed.global_sum(sum(int(mb.attention_mask.sum()) for mb in microbatches))
+        truncated = distributed.global_sum(sum(bool(ex.truncated) for ex in examples or ()))
         label_tokens = int(sum(totals))
-        events, stopped, host = self._collect_logs(applied_steps, host_metrics, eval_metrics)
+        events, stopped, host = train_log.collect_logs(
+            self.state, self.config, self.learning_rate_at, applied_steps, host_metrics, eval_metrics
+        )
 
         # 3. apply: counters and logs in one go. 4. notify: callbacks see a complete state; one that raises
         #    cannot leave it half-done.
@@ -395,43 +373,22 @@ class IterativeSFTTrainer:
             setattr(self.state, name, value)
         if jax.process_index() == 0:
             self.state.log_history.extend(entry for kind, entry, _ in events if kind in ("eval", "log"))
-        self._notify(events)
+        notify(self, self.callbacks, events)
 
-        finite = [m for m in host_metrics if _finite_update(m)]
-        skipped = sum(bool(m.get("skipped", False)) for m in host_metrics)
-        if skipped:
-            warnings.warn(
-                f"step(): {skipped} of {len(host_metrics)} updates had a non-finite loss or gradient norm and were "
-                "skipped (skip_nonfinite_updates=True): weights and optimizer state were left as they were.",
-                stacklevel=2,
-            )
-        elif len(finite) < len(host_metrics):
-            warnings.warn(
-                f"step(): {len(host_metrics) - len(finite)} of {len(host_metrics)} updates had a non-finite loss or "
-                "gradient norm and were applied, so the weights may now hold NaN/inf. Set "
-                "TrainConfig(skip_nonfinite_updates=True) to skip such updates.",
-                stacklevel=2,
-            )
+        skipped = train_log.warn_nonfinite(host_metrics)
         if stopped is not None:
             raise FloatingPointError(stopped)
-        # A skipped update's NaN stays out of the reported loss; a call that trained nothing reports 0.0.
-        applied_tokens = sum(float(m["num_tokens"]) for m in finite) if skipped else label_tokens
-        loss_sum = sum(float(m["loss_sum"]) for m in (finite if skipped else host_metrics))
-        return {
-            "loss": loss_sum / applied_tokens if applied_tokens else 0.0,
-            "learning_rate": self.current_learning_rate(),
-            "grad_norm": float(host_metrics[-1]["grad_norm"]) if host_metrics else None,
-            "num_tokens": label_tokens,
-            # Each update's exact loss (its token-loss sum over its label tokens), unrounded.
-            "update_losses": [float(m["loss"]) for m in host_metrics],
-            "num_updates": len(host_metrics),
-            "skipped_updates": skipped,
-            "num_microbatches": len(microbatches),
-            "global_step": self.state.global_step,
-            "tokens_per_second": input_tokens / elapsed if elapsed > 0 else float("nan"),
-            "seconds": elapsed,
-            "compiled_shapes": self.compiled_shapes,
-        }
+        every = self.config.save_steps
+        if every and any(step_number % every == 0 for step_number in applied_steps):  # periodic checkpoint
+            self.save_checkpoint(str(self.config.output_dir), keep_last=self.config.save_total_limit)
+        return train_log.step_stats(
+            host_metrics, skipped=skipped, weighted=weighted, learning_rate=self.current_learning_rate(),
+            num_tokens=label_tokens, num_microbatches=len(microbatches),
+            truncated_examples=truncated,  # cut to max_length (a warning said so)
+            global_step=self.state.global_step,
+            tokens_per_second=input_tokens / elapsed if elapsed > 0 else float("nan"),
+            seconds=elapsed, compiled_shapes=self.compiled_shapes,
+        )
 
     def evaluate(
         self, eval_dataset: Any = None, *, ignore_keys: Optional[Sequence[str]] = None, metric_key_prefix: str = "eval"
@@ -461,7 +418,7 @@ class IterativeSFTTrainer:
         events = [("eval", {**metrics, "step": step_number}, metrics)]
         if jax.process_index() == 0:
             self.state.log_history.append(events[0][1])
-        self._notify(events)
+        notify(self, self.callbacks, events)
 
     def _eval_due(self, step_number: int) -> bool:
         every = self.config.eval_steps
@@ -491,15 +448,13 @@ class IterativeSFTTrainer:
         distributed.agree("evaluate()", error, self._fingerprint(), self.config.agreement_timeout_s)
         started = time.perf_counter()
         microbatches = self._eval_microbatches(examples)
-        sums = []
-        for mb in microbatches:
-            batch = self._device_batch(mb, train=False)
-            program = self._program("eval", batch, lambda: self._compile_eval(batch))
-            sums.append(program(self._params, batch, self._frozen))
-        sums = jax.device_get(sums)
-        loss_sum = sum(float(s) for s, _ in sums)
-        count = sum(float(c) for _, c in sums)
-        metrics: dict[str, Any] = {"eval_loss": loss_sum / count if count else float("nan"), "eval_num_tokens": int(count)}
+        sums = jax.device_get([self.programs.evaluate(self._params, mb, self._frozen) for mb in microbatches])
+        loss_sum = sum(float(s) for s, _, _ in sums)
+        denominator = sum(float(d) for _, d, _ in sums)
+        count = sum(float(aux["num_tokens"]) for _, _, aux in sums)
+        metrics: dict[str, Any] = {
+            "eval_loss": loss_sum / denominator if denominator else float("nan"), "eval_num_tokens": int(count),
+        }
         if self.compute_metrics is not None:
             extra = self.compute_metrics(EvalPrediction(*self._predict_examples(examples))) or {}
             for key, value in extra.items():
@@ -524,25 +479,29 @@ class IterativeSFTTrainer:
         """
         if dataset is None:
             raise ValueError("predict(): dataset is None; pass a step()-style dict, a list of strings or of token arrays.")
-        return self._predict_examples(self._eval_inputs(dataset))
+        error: Optional[Exception] = None
+        try:
+            examples = self._eval_inputs(dataset)
+        except Exception as err:  # any type: shared, so every process raises (none waits in a collective)
+            error, examples = err, []
+        distributed.agree("predict()", error, self._fingerprint(), self.config.agreement_timeout_s)
+        return self._predict_examples(examples)
 
     def _eval_microbatches(self, examples: Sequence[Any]) -> list[Any]:
-        rows = self.eval_rows // jax.process_count()
-        microbatches = self._plan(examples, rows, shuffle=False) if examples else []
-        return distributed.agree_on_microbatches(microbatches, rows)
+        return self._plan(examples, self.eval_rows, shuffle=False)
 
     def _predict_examples(self, examples: Sequence[batching.Example]) -> tuple[Any, np.ndarray]:
-        if self.is_encoder_decoder:
+        if not self.objective.supports_predict:
             raise NotImplementedError(
-                "predict() / compute_metrics are not supported for encoder-decoder models yet (eval_loss is); pass "
-                "compute_metrics=None, or compute your metric from trainer.model's outputs."
+                f"predict() / compute_metrics are not supported by {type(self.objective).__name__} (encoder-decoder "
+                "models) yet (eval_loss is); pass compute_metrics=None, or compute your metric from trainer.model's "
+                "outputs."
             )
         predictions, labels = [], []
         for mb in self._eval_microbatches(examples):
             ids = shd.place_batch(mb.input_ids, self.mesh)
-            program = self._program("logits", {"input_ids": ids}, lambda: self._compile_logits(ids))
             rows, longest = mb.num_examples, int(mb.attention_mask.sum(axis=1).max(initial=0))
-            logits = np.array(jax.device_get(program(self._params, ids, self._frozen))[:rows, :longest])  # writable copy
+            logits = np.array(jax.device_get(self.programs.logits(self._params, ids, self._frozen))[:rows, :longest])
             label_ids = mb.labels[:rows, :longest].astype(np.int64)  # -100 at padding already
             if self.preprocess_logits_for_metrics is not None:
                 logits = self.preprocess_logits_for_metrics(logits, label_ids)
@@ -571,7 +530,7 @@ class IterativeSFTTrainer:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise TypeError(f"generate(): seed={seed!r} must be an integer, or None to advance per call.")
         chosen = self.next_generation_seed() if seed is None else int(seed)
-        if self.is_encoder_decoder or "mesh" in kwargs or "sharding_rules" in kwargs:  # not the trainer's sampler
+        if not isinstance(self._user_model, CausalLM) or "mesh" in kwargs or "sharding_rules" in kwargs:  # no own sampler
             out = generate(self.model, self.tokenizer, prompts, seed=chosen, **kwargs)
         else:
             if self._sampler is None:
@@ -620,7 +579,7 @@ class IterativeSFTTrainer:
             "opt_state": self._opt_state,
             "global_step": self.state.global_step,
             "rng": self._rng.bit_generator.state,
-            "counters": {name: _plain(getattr(self.state, name)) for name in COUNTER_FIELDS},
+            "counters": {name: train_state.plain(getattr(self.state, name)) for name in COUNTER_FIELDS},
             "log_history": [dict(entry) for entry in self.state.log_history],
         }
 
@@ -631,23 +590,12 @@ class IterativeSFTTrainer:
         a ``ValueError`` names it and nothing changes. Arrays are placed onto this trainer's mesh (any
         source mesh works); ``copy=False`` lets the trainer take ownership of arrays already placed there.
         """
-        current = self.state_dict()
-        if not isinstance(state, dict) or set(state) != set(current):
-            got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"load_state_dict: state must have the keys {sorted(current)}, got {got}.")
-        for key in ("params", "opt_state"):
-            _check_same_arrays(key, state[key], current[key])
-        host = _checked_host_state(state, current)
-        shardings = jax.tree.map(lambda x: x.sharding, {"params": current["params"], "opt_state": current["opt_state"]})
-        arrays = {"params": state["params"], "opt_state": state["opt_state"]}
-        placed = jax.device_put(arrays, shardings, may_alias=False if copy else None)
-        rng = np.random.default_rng()
-        rng.bit_generator.state = state["rng"]
+        pure_params, opt_state, rng, host = train_state.checked_state(state, self.state_dict(), copy=copy)
         self._keep_initial_params()
         # Nothing above changed the trainer; from here on it is assignment only.
         params = jax.tree.map(lambda x: x, self._params)
-        nnx.replace_by_pure_dict(params, placed["params"])
-        self._params, self._opt_state, self._rng = params, placed["opt_state"], rng
+        nnx.replace_by_pure_dict(params, pure_params)
+        self.train_state, self._rng = TrainState(params, opt_state), rng
         self.state.global_step = host["global_step"]
         self.state.log_history[:] = host["log_history"]  # in place: whoever holds the list (the facade) sees it
         for name in COUNTER_FIELDS:
@@ -658,21 +606,17 @@ class IterativeSFTTrainer:
     def reset(self) -> None:
         """Back to the state the trainer was built with, keeping every compiled program.
 
-        The weights it started from (the trained ones; a LoRA model's frozen base never changed),
-        a fresh optimizer state, the schedule at step 0, ``global_step`` 0, the shuffling and dropout
-        RNG re-seeded from ``TrainConfig.seed``, counters zeroed and ``log_history`` emptied (in place).
-        ``generate()``'s call count is kept, so a loop that generates, resets and trains (ReST-EM:
-        every round samples from the latest model, then fine-tunes from the base on all data kept so
-        far) draws fresh samples each round. The same shapes run the same programs afterwards: nothing
-        recompiles. The starting weights live on the host (numpy, one copy of this process's shards),
-        copied once just before the first update or ``load_state_dict`` would replace them; a
-        trainer that never trained pays nothing. Call it on every process.
+        The starting weights (a LoRA model's frozen base never changed), a fresh optimizer state, the
+        schedule at step 0, ``global_step`` 0, the RNG re-seeded from ``TrainConfig.seed``, counters zeroed,
+        ``log_history`` emptied in place. ``generate()``'s call count is kept, so a generate / reset / train
+        loop (ReST-EM: sample from the latest model, fine-tune from the base on everything kept) samples
+        afresh each round. Nothing recompiles. The starting weights are copied to the host (this process's
+        shards) once, just before the first update or ``load_state_dict`` replaces them. Call it on every process.
         """
         if self._initial_params is not None:
             params = self._initial_params.restore()
             with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):  # as at construction: a cache hit
-                opt_state = self._init_opt_state(params)
-            self._params, self._opt_state = params, opt_state
+                self.train_state = TrainState(params, self._init_opt_state(params))
             self._params_version += 1
             nnx.update(self._user_model, self._params)
         self._rng = np.random.default_rng(self.config.seed)
@@ -698,7 +642,7 @@ class IterativeSFTTrainer:
     def _eval_inputs(self, dataset: Any) -> list:
         """An eval dataset as checked examples; errors name ``eval_dataset``."""
         try:
-            return self._examples(**_dataset_as_step_kwargs(dataset))
+            return self._examples(**batching.step_inputs_of_dataset(dataset))
         except (TypeError, ValueError) as err:
             raise type(err)(f"eval_dataset: {err}") from None
 
@@ -714,36 +658,12 @@ class IterativeSFTTrainer:
             "skip_nonfinite_updates": self.config.skip_nonfinite_updates,
         }
 
-    def _examples(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None):
-        if _is_empty(texts if texts is not None else input_ids):
-            # No examples this call (a filter that kept nothing). Multi-process: this process still joins
-            # every collective program with zero-weight filler rows (distributed.agree_on_microbatches).
-            _check_empty_call(input_ids, attention_mask, labels, texts, texts_labels)
-            return []
-        if self.is_encoder_decoder:
-            examples = self._seq2seq_examples(input_ids, attention_mask, labels, texts, texts_labels)
-            batching.validate_vocab(examples, self.spec.vocab_size)
-            return examples
-        if texts is not None:
-            _refuse_tokens_with_texts(
-                input_ids, attention_mask, labels, "pass either texts (with texts_labels) or token arrays, not both."
-            )
-            if self.tokenizer is None:
-                raise ValueError("step(texts=...) needs a tokenizer; pass tokenizer= when building the trainer.")
-            examples = batching.examples_from_texts(
-                self.tokenizer, texts, texts_labels, max_length=self.max_length,
-                truncation_mode=self.config.truncation_mode, eos_token_id=self._completion_eos(),
-            )
-        elif input_ids is not None:
-            if texts_labels is not None:
-                raise ValueError("texts_labels was given without texts; pass texts=... with it, or labels=... with input_ids.")
-            examples = batching.examples_from_tokens(
-                input_ids, attention_mask, labels, max_length=self.max_length, truncation_mode=self.config.truncation_mode
-            )
-        else:
-            raise ValueError("step() needs input_ids=... (token arrays) or texts=... (strings); both were None.")
-        batching.validate_vocab(examples, self.spec.vocab_size)
-        return examples
+    def _examples(self, **inputs: Any) -> list:
+        """step()'s keywords as checked examples (the objective's routing); ``[]`` for an empty call."""
+        return self.objective.examples(
+            inputs, tokenizer=self.tokenizer, max_length=self.max_length, truncation_mode=self.config.truncation_mode,
+            vocab_size=self.spec.vocab_size, eos_token_id=self._completion_eos(),
+        )
 
     def _completion_eos(self) -> Optional[int]:
         """The EOS id appended to completions (TrainConfig.add_eos), or None."""
@@ -752,183 +672,16 @@ class IterativeSFTTrainer:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return int(eos) if isinstance(eos, (int, np.integer)) else None
 
-    def _seq2seq_examples(self, input_ids, attention_mask, labels, texts, texts_labels):
-        """Encoder-decoder inputs: texts (or input_ids) feed the encoder, texts_labels (or labels) the decoder."""
-        if labels is None and texts_labels is None:
-            raise ValueError(  # TRL's message (compat raises it verbatim), naming this method's own argument
-                "No 'labels' or 'texts_labels' are provided. When using an encoder-decoder architecture, "
-                "'labels' or 'texts_labels' must be passed: labels=... with input_ids, texts_labels=... with texts."
-            )
-        kwargs = dict(max_length=self.max_length, truncation_mode=self.config.truncation_mode)
-        if texts is not None:
-            _refuse_tokens_with_texts(
-                input_ids, attention_mask, labels,
-                "pass either texts with texts_labels or token arrays with labels, not both.",
-            )
-            if texts_labels is None:
-                raise ValueError("step(texts=...) on an encoder-decoder needs texts_labels=... (the decoder targets).")
-            if self.tokenizer is None:
-                raise ValueError("step(texts=...) needs a tokenizer; pass tokenizer= when building the trainer.")
-            return batching.seq2seq_examples_from_texts(self.tokenizer, texts, texts_labels, **kwargs)
-        if input_ids is None:
-            raise ValueError("step() needs input_ids=... (token arrays) or texts=... (strings); both were None.")
-        if labels is None:
-            raise ValueError("texts_labels was given without texts; pass texts=... with it, or labels=... with input_ids.")
-        return batching.seq2seq_examples_from_tokens(input_ids, attention_mask, labels, **kwargs)
-
-    def _plan(self, examples, rows: int, *, shuffle: bool, pack: bool = False) -> list:
-        if self.is_encoder_decoder:
-            return batching.plan_seq2seq_microbatches(
-                examples, rows=rows, buckets=self.buckets, rng=self._rng, shuffle=shuffle,
-                decoder_start_token_id=self.spec.decoder_start_token_id, pad_token_id=self.spec.pad_token_id,
-            )
-        return batching.plan_microbatches(
-            examples, rows=rows, buckets=self.buckets, rng=self._rng, shuffle=shuffle, pack=pack,
-            row_multiple=max(1, self._shards // jax.process_count()) if pack else 1,
-            longer_rows=self._ragged_attention,
+    def _plan(self, examples, rows: int, *, shuffle: bool, pack: bool = False, weighted: bool = False) -> list:
+        """The examples as micro-batches of ``rows`` global rows, agreed over processes (the objective's plan)."""
+        local_rows = rows // jax.process_count()
+        settings = objectives.PlanSettings(
+            rows=local_rows, buckets=self.buckets, pack=pack,
+            row_multiple=max(1, self._shards // jax.process_count()), longer_rows=self._ragged_attention,
         )
+        return self.objective.plan(examples, settings, self._rng, shuffle=shuffle, weighted=weighted)
 
     # ------------------------------------------------------------------ programs
-    def _batch_fields(self, mb) -> dict[str, np.ndarray]:
-        """The micro-batch's host arrays, by the program input each feeds."""
-        fields = {"input_ids": mb.input_ids, "labels": mb.labels}
-        if self.is_encoder_decoder:
-            fields.update(attention_mask=mb.attention_mask, decoder_input_ids=mb.decoder_input_ids)
-        if mb.packed:
-            fields.update(segment_ids=mb.segment_ids, positions=mb.positions, segment_lengths=mb.segment_lengths)
-        return fields
-
-    def _takes_dropout_key(self, train: bool) -> bool:
-        setup = lora_lib.lora_setup(self._user_model)
-        return train and (self.dropout_enabled or (setup is not None and setup.config.lora_dropout > 0))
-
-    def _device_batch(self, mb, train: bool = True) -> dict[str, jax.Array]:
-        """The micro-batch on the mesh. A training batch with dropout on (the model's own, or LoRA's) carries
-        one ``dropout_rng`` key; evaluation batches carry none, so evaluation is deterministic."""
-        batch = {name: shd.place_batch(rows, self.mesh) for name, rows in self._batch_fields(mb).items()}
-        if self._takes_dropout_key(train):
-            # Drawn from the checkpointed shuffling RNG, so a resumed run drops the same activations.
-            seed = int(self._rng.integers(0, 2**31 - 1))
-            batch["dropout_rng"] = jax.device_put(jax.random.PRNGKey(seed), shd.replicated(self.mesh))
-        return batch
-
-    def _abstract_batch(self, mb, train: bool = True) -> dict[str, jax.ShapeDtypeStruct]:
-        """What :meth:`_device_batch` would place (global shapes, shardings), with no transfer and no RNG draw."""
-        processes = jax.process_count()
-        batch = {
-            name: jax.ShapeDtypeStruct(
-                (rows.shape[0] * processes, *rows.shape[1:]), rows.dtype, sharding=shd.batch_sharding(self.mesh, rows.ndim)
-            )
-            for name, rows in self._batch_fields(mb).items()
-        }
-        if self._takes_dropout_key(train):
-            key = jax.eval_shape(jax.random.PRNGKey, 0)
-            batch["dropout_rng"] = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=shd.replicated(self.mesh))
-        return batch
-
-    def _program(self, kind: str, batch: Optional[dict], build: Callable[[], Any]):
-        return self._cached(self._program_key(kind, batch), build)
-
-    def _cached(self, key: tuple, build: Callable[[], Any]):
-        if key not in self._programs:
-            self._programs[key] = build()
-        return self._programs[key]
-
-    @staticmethod
-    def _program_key(kind: str, batch: Optional[dict]) -> tuple:
-        return (kind, tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))) if batch is not None else (kind,)
-
-    def _shardings(self):
-        params_sh = jax.tree.map(lambda x: x.sharding, self._params)
-        opt_sh = jax.tree.map(lambda x: x.sharding, self._opt_state)
-        return params_sh, opt_sh
-
-    def _lower(self, fn, args, *, donate, out_shardings) -> jax.stages.Lowered:
-        with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):
-            return jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings).lower(*args)
-
-    def _compile(self, fn, args, *, donate, out_shardings):
-        return self._built(self._lower(fn, args, donate=donate, out_shardings=out_shardings))
-
-    def _built(self, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
-        """A lowered program compiled with the trainer's XLA options (the one place they are applied)."""
-        return lowered.compile(compiler_options=self._xla_options or None)
-
-    def _update_lowerings(self, update) -> list[tuple[tuple, Callable[[], jax.stages.Lowered]]]:
-        """(program key, lowering) for every program ``update`` runs, in the order it runs them.
-
-        One description for both :meth:`_run_update` and :meth:`_compile_missing`, so the programs
-        compiled ahead are exactly the ones looked up. Batches and the accumulator are abstract here
-        (lowering needs only shapes and shardings) and lowerings are lazy: a built program costs a key.
-        """
-        rep = shd.replicated(self.mesh)
-
-        def lower(fn, args, donate, with_opt_state):
-            params_sh, opt_sh = self._shardings()
-            out = (params_sh, opt_sh, rep) if with_opt_state else (params_sh, rep, rep)
-            return self._lower(fn, args(), donate=donate, out_shardings=out)
-
-        if len(update) == 1 and self.config.gradient_accumulation_steps == 1:
-            batch = self._abstract_batch(update[0])
-            return [(self._program_key("fused", batch), lambda: self._lower_fused(batch))]
-        zeros = step_fns.make_zero_accumulator()
-
-        def acc():
-            params_sh, _ = self._shardings()
-            return jax.tree.map(
-                lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                jax.eval_shape(zeros, self._params), (params_sh, rep, rep),
-            )
-
-        out = [(self._program_key("zeros", None), lambda: lower(zeros, lambda: (self._params,), (), False))]
-        for mb in update:
-            batch = self._abstract_batch(mb)
-            out.append((self._program_key("accumulate", batch), lambda batch=batch: lower(
-                step_fns.make_accumulate(self._graphdef, self._chunk_size, self._shards),
-                lambda: (self._params, acc(), batch, self._frozen), (1,), False,
-            )))
-        out.append((self._program_key("apply", None), lambda: lower(
-            step_fns.make_apply(self._tx, self.config.skip_nonfinite_updates),
-            lambda: (self._params, self._opt_state, acc()), (0, 1), True,
-        )))
-        return out
-
-    def _compile_missing(self, lowerings: Sequence[list[tuple[tuple, Callable[[], jax.stages.Lowered]]]]) -> None:
-        """Compile the call's not-yet-built programs side by side before the first one runs.
-
-        XLA compiles outside the GIL, so a call that meets several new shapes (packing and buckets
-        make a few) waits about as long as its lowerings plus its slowest compile, not the sum of
-        the compiles. Lowering stays on this thread, overlapping the compiles already started; a
-        single missing program is left to the lazy path.
-        """
-        missing: dict[tuple, Callable[[], jax.stages.Lowered]] = {}
-        for update_lowerings in lowerings:
-            for key, lower in update_lowerings:
-                if key not in self._programs:
-                    missing.setdefault(key, lower)
-        if len(missing) < 2:
-            return
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(missing), os.cpu_count() or 1)) as pool:
-            # Each program starts compiling as soon as it is lowered, while the next one is lowered here.
-            futures = {key: pool.submit(self._built, lower()) for key, lower in missing.items()}
-            for key, future in futures.items():
-                self._programs[key] = future.result()
-
-    def _run_update(self, update, lowerings) -> dict[str, jax.Array]:
-        """Run one update's programs (``lowerings``: its :meth:`_update_lowerings`; any still missing compile here)."""
-        self._keep_initial_params()
-        programs = [self._cached(key, lambda lower=lower: self._built(lower())) for key, lower in lowerings]
-        if len(programs) == 1:  # one micro-batch, no accumulation: gradients and the optimizer step in one program
-            batch = self._device_batch(update[0])
-            self._params, self._opt_state, metrics = programs[0](self._params, self._opt_state, batch, self._frozen)
-            return metrics
-        zeros, *accumulates, apply = programs
-        acc = zeros(self._params)
-        for mb, accumulate in zip(update, accumulates):
-            acc = accumulate(self._params, acc, self._device_batch(mb), self._frozen)
-        self._params, self._opt_state, metrics = apply(self._params, self._opt_state, acc)
-        return metrics
-
     def compile_update(self, batch: dict[str, jax.Array]) -> jax.stages.Compiled:
         """The one-micro-batch update program (gradients and optimizer step) for ``batch``'s shape.
 
@@ -936,274 +689,10 @@ class IterativeSFTTrainer:
         shardings and XLA options (not run, not cached), which is what ``jaxsft.diagnostics`` inspects.
         ``batch`` holds placed ``input_ids`` and ``labels`` of one global micro-batch shape.
         """
-        return self._built(self._lower_fused(batch))
+        return self.programs.built(self.programs.lower_fused(self.train_state, batch, self._frozen))
 
-    def _lower_fused(self, batch: dict) -> jax.stages.Lowered:
-        params_sh, opt_sh = self._shardings()
-        return self._lower(
-            step_fns.make_fused_update(
-                self._graphdef, self._tx, self._chunk_size, self._shards, self.config.skip_nonfinite_updates,
-            ),
-            (self._params, self._opt_state, batch, self._frozen),
-            donate=(0, 1),
-            out_shardings=(params_sh, opt_sh, shd.replicated(self.mesh)),
-        )
-
-    def _compile_logits(self, input_ids: jax.Array):
-        return self._compile(
-            step_fns.make_logits(self._graphdef), (self._params, input_ids, self._frozen), donate=(),
-            out_shardings=shd.replicated(self.mesh),
-        )
-
-    def _compile_eval(self, batch):
-        rep = shd.replicated(self.mesh)
-        return self._compile(
-            step_fns.make_eval(self._graphdef, self._chunk_size, self._shards), (self._params, batch, self._frozen), donate=(),
-            out_shardings=(rep, rep),
-        )
+    def _takes_dropout_key(self, train: bool) -> bool:
+        setup = lora_lib.lora_setup(self._user_model)
+        return train and (self.dropout_enabled or (setup is not None and setup.config.lora_dropout > 0))
 
     # ------------------------------------------------------------------ logging
-    def _collect_logs(self, applied_steps, host_metrics, eval_metrics):
-        """The call's log entries and callback events in HF's order, and the logging position after them.
-
-        Pure with respect to the trainer: nothing is stored here (see step()'s collect/apply/notify).
-        Returns (events, stop message or None, host fields to store).
-        """
-        cfg = self.config
-        pending = list(self.state.loss_since_log)
-        last_logged = self.state.last_logged_step
-        in_a_row = self.state.nonfinite_in_a_row
-        stopped = None
-        events: list[tuple[str, Any, Any]] = []
-        for step_number, metrics in zip(applied_steps, host_metrics):
-            finite = _finite_update(metrics)
-            in_a_row = 0 if finite else in_a_row + 1
-            if finite or not bool(metrics.get("skipped", False)):
-                pending.append(float(metrics["loss"]))  # a skipped update's NaN never enters the logged loss
-            if step_number in eval_metrics:  # measured right after this update, reported before its log (as HF)
-                events.append(("eval", {**eval_metrics[step_number], "step": step_number}, eval_metrics[step_number]))
-            if cfg.logging_steps and step_number % cfg.logging_steps == 0:
-                logs: dict[str, Any] = {}
-                if pending:
-                    logs["loss"] = round(float(np.mean(pending)), 4)
-                logs["grad_norm"] = float(metrics["grad_norm"])
-                rate = self.learning_rate_at(step_number)  # the rate after this update's scheduler step, as HF logs
-                if rate is not None:
-                    logs["learning_rate"] = rate
-                skipped_since = (step_number - last_logged) - len(pending)
-                if skipped_since > 0:
-                    logs["skipped_updates"] = skipped_since
-                logs["step"] = step_number
-                events.append(("log", logs, None))
-                pending, last_logged = [], step_number
-            events.append(("step_end", step_number, None))
-            limit = cfg.max_nonfinite_in_a_row
-            if limit is not None and in_a_row >= limit and stopped is None:
-                stopped = (
-                    f"step(): {in_a_row} updates in a row (up to global step {step_number}) had a non-finite loss or "
-                    f"gradient norm (TrainConfig.max_nonfinite_in_a_row={limit}); training was stopped. The state is "
-                    "consistent: restore the last good checkpoint and lower the learning rate, enable clipping, or "
-                    "check the data."
-                )
-        host = {"loss_since_log": pending, "last_logged_step": last_logged, "nonfinite_in_a_row": in_a_row}
-        return events, stopped, host
-
-    def _notify(self, events) -> None:
-        for kind, entry, extra in events:
-            if kind in ("eval", "log") and jax.process_index() == 0:
-                for callback in self.callbacks:
-                    callback.on_log(self, entry)
-            if kind == "eval":
-                for callback in self.callbacks:
-                    callback.on_evaluate(self, extra, entry["step"])
-            if kind == "step_end":  # entry: the update's step
-                for callback in self.callbacks:
-                    callback.on_step_end(self, entry)
-
-    def _progress(self, total: int):
-        if self.config.disable_tqdm or total < 8 or jax.process_index() != 0:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc="jaxsft step", unit="update", leave=False)
-
-    # ------------------------------------------------------------------ setup helpers
-    def _loss_chunk_size(self) -> int:
-        """Tokens per chunk of the fused lm_head + loss: as many as ``loss_chunk_bytes`` of fp32 logits allow.
-
-        A power of two (at least 256), never more than one device's micro-batch tokens, where the
-        whole micro-batch is a single chunk with no accumulator.
-        """
-        if self.config.loss_chunk_size is not None:
-            return self.config.loss_chunk_size
-        tokens_per_device = self.config.per_device_train_batch_size * self.max_length
-        fitting = max(256, self.config.loss_chunk_bytes // (4 * self.spec.vocab_size))
-        return min(tokens_per_device, 1 << int(math.log2(fitting)))
-
-
-@dataclasses.dataclass(frozen=True)
-class HostSnapshot:
-    """A pytree of sharded arrays copied to this process's host memory, and back onto the same devices.
-
-    Only this process's shards are kept (one copy per distinct shard, so replicated arrays are held
-    once): it works on several processes, where no process can read a whole FSDP-sharded array.
-    """
-
-    treedef: Any
-    leaves: tuple  # per leaf: (shape, dtype, sharding, {shard index: numpy}, [(device, shard index)])
-
-    @classmethod
-    def of(cls, tree: Any) -> "HostSnapshot":
-        flat, treedef = jax.tree.flatten(tree)
-        leaves = []
-        for array in flat:
-            data: dict[str, np.ndarray] = {}
-            placement = []
-            for shard in array.addressable_shards:
-                key = repr(shard.index)
-                if key not in data:
-                    data[key] = np.array(shard.data)
-                placement.append((shard.device, key))
-            leaves.append((array.shape, array.dtype, array.sharding, data, placement))
-        return cls(treedef, tuple(leaves))
-
-    def restore(self) -> Any:
-        arrays = [
-            jax.make_array_from_single_device_arrays(
-                shape, sharding, [jax.device_put(data[key], device) for device, key in placement]
-            )
-            for shape, _dtype, sharding, data, placement in self.leaves
-        ]
-        return jax.tree.unflatten(self.treedef, arrays)
-
-
-def _finite_update(metrics: dict[str, Any]) -> bool:
-    return bool(np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"])))
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, list) else value
-
-
-def _check_same_arrays(key: str, given: Any, current: Any) -> None:
-    """Refuse (naming the first difference) a tree whose structure, shapes or dtypes differ from ours."""
-    try:
-        given_leaves = jax.tree_util.tree_flatten_with_path(given)[0]
-        same_structure = jax.tree.structure(given) == jax.tree.structure(current)
-    except Exception:  # an unflattenable object
-        same_structure = False
-    if not same_structure:
-        raise ValueError(
-            f"load_state_dict: state[{key!r}] has another structure than this trainer's {key} (another model or "
-            "optimizer?); pass a state from a trainer built the same way."
-        )
-    for (path, got), want in zip(given_leaves, jax.tree.leaves(current)):
-        if not hasattr(got, "shape") or tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
-            what = f"{getattr(got, 'dtype', type(got).__name__)}{list(getattr(got, 'shape', []))}"
-            raise ValueError(
-                f"load_state_dict: state[{key!r}]{jax.tree_util.keystr(path)} is {what}, expected "
-                f"{want.dtype}{list(want.shape)}."
-            )
-
-
-def _checked_host_state(state: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
-    """The host fields of ``state``, type-checked and copied (never aliased into the trainer)."""
-    def bad(field: str, expected: str) -> ValueError:
-        return ValueError(f"load_state_dict: state[{field!r}] must be {expected}, got {state[field]!r:.80}.")
-
-    step = state["global_step"]
-    if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
-        raise bad("global_step", "an integer >= 0")
-    rng = state["rng"]
-    if not isinstance(rng, dict) or rng.get("bit_generator") != current["rng"]["bit_generator"]:
-        raise bad("rng", f"a {current['rng']['bit_generator']} bit_generator state dict")
-    try:
-        np.random.default_rng().bit_generator.state = rng
-    except (TypeError, ValueError, KeyError):
-        raise bad("rng", "a valid numpy bit_generator state") from None
-    counters = state["counters"]
-    if not isinstance(counters, dict) or set(counters) != set(COUNTER_FIELDS):
-        raise bad("counters", f"a dict with the keys {list(COUNTER_FIELDS)}")
-    for name in COUNTER_FIELDS:
-        value = counters[name]
-        ok = (isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)) if name == "loss_since_log" \
-            else (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0)
-        if not ok:
-            raise ValueError(f"load_state_dict: state['counters'][{name!r}] has the wrong type or value: {value!r:.80}.")
-    logs = state["log_history"]
-    if not isinstance(logs, list) or not all(isinstance(entry, dict) for entry in logs):
-        raise bad("log_history", "a list of dicts")
-    return {
-        "global_step": int(step),
-        "counters": {k: (list(map(float, v)) if isinstance(v, list) else int(v)) for k, v in counters.items()},
-        "log_history": [dict(entry) for entry in logs],
-    }
-
-
-def _refuse_tokens_with_texts(input_ids, attention_mask, labels, fix: str) -> None:
-    """step(texts=...) takes no token arrays: name the ones given, then ``fix``."""
-    given = [n for n, v in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels)) if v is not None]
-    if given:
-        raise ValueError(f"step() got texts=... together with {', '.join(given)}; {fix}")
-
-
-def _check_empty_call(input_ids, attention_mask, labels, texts, texts_labels) -> None:
-    """A call with no examples must still be a consistent call (nothing else given that needs examples)."""
-    if texts is not None:
-        _refuse_tokens_with_texts(input_ids, attention_mask, labels, "pass one or the other.")
-        others = {"texts_labels": texts_labels}
-    else:
-        if texts_labels is not None:
-            raise ValueError("texts_labels was given without texts; pass texts=... with it, or labels=... with input_ids.")
-        others = {"attention_mask": attention_mask, "labels": labels}
-    for name, value in others.items():
-        if value is not None and not _is_empty(value):
-            raise ValueError(
-                f"step() got no examples but {name} has {len(value)} entries; pass one {name} entry per example."
-            )
-
-
-def _declares_dropout(spec: Any) -> bool:
-    """Whether the model's HF config asks for any dropout in training."""
-    rates = [getattr(spec, name, 0.0) or 0.0 for name in ("dropout", "attention_dropout", "activation_dropout",
-                                                          "embd_dropout", "resid_dropout")]
-    return any(rate > 0 for rate in rates)
-
-
-def _is_empty(value: Any) -> bool:
-    try:
-        return value is not None and len(value) == 0
-    except TypeError:
-        return False
-
-
-def _dataset_as_step_kwargs(dataset: Any) -> dict[str, Any]:
-    """An eval dataset (a dict of step() keywords, a datasets.Dataset, a list of strings, of token
-    sequences or of dicts with input_ids) as step() keywords."""
-    columns = getattr(dataset, "column_names", None)
-    if columns is not None and hasattr(dataset, "__getitem__"):  # datasets.Dataset
-        if "input_ids" in columns:
-            return {k: dataset[k] for k in ("input_ids", "attention_mask", "labels") if k in columns}
-        for key in ("text", "texts"):
-            if key in columns:
-                return {"texts": dataset[key]}
-        raise ValueError(f"eval_dataset has columns {columns}; it needs input_ids (with optional attention_mask "
-                         "and labels) or text.")
-    if isinstance(dataset, dict):
-        unknown = set(dataset) - set(STEP_KEYWORDS)
-        if unknown:
-            raise ValueError(f"eval_dataset has unknown keys {sorted(unknown)}; use {', '.join(STEP_KEYWORDS)}.")
-        return dict(dataset)
-    if isinstance(dataset, (list, tuple)) and dataset:
-        if all(isinstance(x, str) for x in dataset):
-            return {"texts": list(dataset)}
-        if all(isinstance(x, dict) for x in dataset):
-            if not all("input_ids" in row for row in dataset):
-                raise ValueError("eval_dataset rows must each have an input_ids entry.")
-            keys = [k for k in ("input_ids", "attention_mask", "labels") if k in dataset[0]]
-            return {k: [row[k] for row in dataset] for k in keys}
-        return {"input_ids": list(dataset)}
-    raise TypeError(
-        f"eval_dataset must be a dict of step() keywords, a datasets.Dataset, a list of strings, a list of token "
-        f"sequences or a list of dicts with input_ids, got {type(dataset).__name__}."
-    )

@@ -1,8 +1,14 @@
 """The module boundaries docs/ARCHITECTURE.md promises, checked on the source (static, no compilation).
 
-* compat/ converts and keeps TRL's conventions: no optax, no jit or jax.numpy, no batching or padding code.
-* jaxsft/ imports torch in one optional bridge module only.
-* no import cycle between jaxsft modules at import time.
+One declaration below (``LAYERS``, ``ALLOWED``, ``NEVER``) is the picture: which layer each module
+belongs to, which layers it may import, and the finer bans. Every import counts, the ones inside
+functions (late imports) too.
+
+* every import follows an allowed arrow, and no import matches a ban;
+* compat/ converts and keeps TRL's conventions: no optax, no jit or jax.numpy, no batching or padding code,
+  no optimizer or schedule builder (the core builds both from compat's description);
+* jaxsft/ imports torch in one optional bridge module only;
+* no import cycle between modules, late imports included;
 * no module reads another module's private names through the objects it is handed.
 """
 
@@ -30,12 +36,11 @@ def _imports(tree: ast.AST) -> set[str]:
     return out
 
 
-def test_compat_holds_no_optimizer_jit_or_batching_code():
-    banned_modules = re.compile(r"^(optax|jax\.numpy|jaxsft\.step|jaxsft\.sharding|jaxsft\.batching\.plan)(\.|$)")
+def test_compat_holds_no_jit_or_batching_calls():
+    """Beyond the import bans (NEVER): no jit, sharding or padding call on whatever compat was handed."""
     banned_calls = {"jit", "pmap", "shard_map", "pad", "place_batch", "plan_microbatches", "group_into_updates"}
     problems = []
     for path, tree in _sources("compat").items():
-        problems += [f"{path}: imports {m}" for m in sorted(_imports(tree)) if banned_modules.match(m)]
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr in banned_calls:
                 problems.append(f"{path}:{node.lineno}: uses .{node.attr}")
@@ -50,32 +55,182 @@ def test_torch_is_imported_by_the_bridge_only():
     assert offenders == []
 
 
-def test_no_import_cycle_at_import_time():
-    modules = {
-        path[:-3].replace("/", "."): tree for path, tree in _sources("jaxsft").items() if not path.endswith("__init__.py")
-    }
+# ----------------------------------------------------------------------------- the declaration
+# Layer -> module name prefixes (the longest matching prefix wins). "api" is the package's re-export file.
+LAYERS = {
+    "facade": ("compat",),
+    "app": ("jaxsft.__main__", "jaxsft.demo", "jaxsft.tasks", "jaxsft.bundled", "jaxsft.rft", "jaxsft.testing"),
+    "api": ("jaxsft.__init__",),
+    "trainer": ("jaxsft.trainer", "jaxsft.programs", "jaxsft.train_state", "jaxsft.train_log", "jaxsft.checkpoint",
+                "jaxsft.metrics", "jaxsft.callbacks", "jaxsft.diagnostics", "jaxsft.argument_checks", "jaxsft.buffers"),
+    "generation": ("jaxsft.generation", "jaxsft.seq2seq_generation"),
+    "training": ("jaxsft.objectives", "jaxsft.step", "jaxsft.loss", "jaxsft.optim", "jaxsft.batching",
+                 "jaxsft.distributed", "jaxsft.fast_path"),
+    "infrastructure": ("jaxsft.sharding", "jaxsft.compile_options", "jaxsft.config", "jaxsft.chat", "jaxsft.paths",
+                       "jaxsft.torch_bridge", "jaxsft.fingerprint", "jaxsft.atomic_folder", "jaxsft.accelerator"),
+    "models": ("jaxsft.models", "jaxsft.kernels"),  # kernels: fused forms of the models' layer functions
+}
+# The arrows of the picture: which layers each layer may import (its own always). Data flows one way:
+# facade -> trainer -> objectives/batching -> step -> models; generation beside the trainer.
+ALLOWED = {
+    "facade": {"api", "trainer", "generation", "training", "infrastructure", "models"},
+    "app": {"api", "trainer", "generation", "training", "infrastructure", "models"},
+    "api": {"trainer", "generation", "training", "infrastructure", "models"},
+    "trainer": {"generation", "training", "infrastructure", "models", "api"},
+    "generation": {"infrastructure", "models", "api"},
+    "training": {"infrastructure", "models"},  # the jitted step runs the model (batching may not: see NEVER)
+    "infrastructure": set(),
+    "models": {"infrastructure", "api"},
+}
+# Finer bans (importer prefix, imported-module regex, why).
+NEVER = (
+    ("compat", r"^(optax|jax\.numpy|jaxsft\.step|jaxsft\.sharding|jaxsft\.batching\.plan)(\.|$)",
+     "compat converts; it holds no optimizer, jit or batching code"),
+    ("compat", r"^jaxsft\.optim(\.|$)", "compat describes the optimizer and schedule; the core builds them"),
+    ("jaxsft", r"^compat(\.|$)", "the core never reaches up into the facade"),
+    ("jaxsft.batching", r"^(jax|flax|optax|jaxsft\.models)(\.|$)", "batching is host-side numpy, model-independent"),
+    ("jaxsft.config", r"^jaxsft\.models(\.|$)", "the config is plain values; the model reads it, not the reverse"),
+)
+ALLOWED_TOP_LEVEL_IMPORTS_OF_API = ("jaxsft.__init__",)  # ``import jaxsft`` inside a module: the api layer
 
-    def top_level(tree: ast.Module) -> set[str]:
-        found = set()
-        for node in tree.body:
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                found |= _imports(node)
-        return {m for m in found if m in modules}
 
-    graph = {name: top_level(tree) - {name} for name, tree in modules.items()}
-    state: dict[str, int] = {}
+def _module_name(path: str) -> str:
+    return path[:-3].replace("/", ".")
 
-    def visit(name: str, path: list[str]) -> None:
-        state[name] = 1
-        for dep in graph[name]:
-            assert state.get(dep) != 1, f"import cycle: {' -> '.join(path + [dep])}"
-            if dep not in state:
-                visit(dep, path + [dep])
-        state[name] = 2
 
-    for name in graph:
-        if name not in state:
-            visit(name, [name])
+def _all_modules() -> dict[str, ast.Module]:
+    out = {}
+    for package in ("jaxsft", "compat"):
+        for path, tree in _sources(package).items():
+            out[_module_name(path)] = tree
+    return out
+
+
+def _resolved_imports(name: str, tree: ast.Module, modules: set[str]) -> set[str]:
+    """Every module ``name`` imports (any depth in the file), as module names present in ``modules``.
+
+    ``from pkg import sub`` counts as importing ``pkg.sub`` when that is a module (the package's
+    ``__init__`` runs first, but that is the package importing itself, not an arrow of the picture);
+    ``import pkg`` / ``from pkg import name`` count as importing ``pkg.__init__``.
+    """
+    package = name.rsplit(".", 1)[0] if not name.endswith(".__init__") else name[: -len(".__init__")]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                found.add(alias.name if alias.name in modules else f"{alias.name}.__init__")
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                if sub in modules:
+                    found.add(sub)
+                elif base in modules:
+                    found.add(base)
+                else:
+                    found.add(f"{base}.__init__")
+    return {m for m in found if m in modules} - {name}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    modules = _all_modules()
+    return {name: _resolved_imports(name, tree, set(modules)) for name, tree in modules.items()}
+
+
+def _all_imported_names(tree: ast.Module) -> set[str]:
+    """Every imported module name, third-party ones included (for the bans)."""
+    return _imports(tree)
+
+
+def _layer(module: str) -> str:
+    best, layer = -1, None
+    for name, prefixes in LAYERS.items():
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, layer = len(prefix), name
+    assert layer is not None, f"{module} is in no layer of LAYERS; add it where it belongs"
+    return layer
+
+
+def test_every_import_follows_an_allowed_arrow():
+    problems = []
+    for importer, imported in _import_graph().items():
+        source = _layer(importer)
+        for dep in sorted(imported):
+            target = _layer(dep)
+            if target != source and target not in ALLOWED[source]:
+                problems.append(f"{importer} ({source}) imports {dep} ({target})")
+    assert not problems, problems
+
+
+def test_no_import_matches_a_ban():
+    problems = []
+    for name, tree in _all_modules().items():
+        for prefix, pattern, why in NEVER:
+            if name == prefix or name.startswith(prefix + "."):
+                problems += [f"{name} imports {m}: {why}" for m in sorted(_imports(tree)) if re.match(pattern, m)]
+    assert not problems, problems
+
+
+def test_the_ban_check_sees_late_imports():
+    """A function-level import is found like a top-level one (the bans and arrows would miss nothing)."""
+    tree = ast.parse("def f():\n    from jaxsft.optim import make_optimizer\n")
+    assert any(re.match(NEVER[1][1], m) for m in _imports(tree))
+    graph = _resolved_imports("compat.x", tree, {"compat.x", "jaxsft.optim"})
+    assert graph == {"jaxsft.optim"}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected group of modules (Tarjan), as a path."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return groups
+
+
+def test_no_import_cycle_late_imports_included():
+    cycles = _cycles(_import_graph())
+    assert not cycles, f"import cycles (late imports included): {cycles}"
+
+
+def test_the_cycle_check_sees_a_late_import_cycle():
+    a = ast.parse("import jaxsft.b\n")
+    b = ast.parse("def f():\n    from jaxsft import a\n")
+    modules = {"jaxsft.a", "jaxsft.b"}
+    graph = {"jaxsft.a": _resolved_imports("jaxsft.a", a, modules), "jaxsft.b": _resolved_imports("jaxsft.b", b, modules)}
+    assert _cycles(graph) == [["jaxsft.a", "jaxsft.b"]]
 
 
 def test_no_private_names_across_modules():

@@ -518,3 +518,48 @@ def test_input_failure_of_any_type_changes_nothing(core):
     with pytest.raises(RuntimeError, match="cannot tell its length"):
         trainer.step(input_ids=LengthExplodes(good_ids()))
     assert_same(before, snapshot(trainer, model))
+
+
+# ---------------------------------------------------------------------------------------- generate (issues 26, 27)
+# Every refused generate() call names its argument and the public method, before any work (no program compiled).
+GENERATE_CASES = [
+    ("temperature", dict(temperature="hot")),
+    ("top_p", dict(temperature=1.0, top_p="0.9")),
+    ("batch_size", dict(batch_size="2")),
+    ("batch_size", dict(batch_size=1.5)),
+    ("stop", dict(stop=5)),
+    ("prompts", dict(prompts=[123])),
+    ("max_new_tokens", dict(max_new_tokens=True)),
+    ("stop_check_every", dict(stop_check_every=0)),
+    ("eos_token_ids", dict(eos_token_ids=[VOCAB + 3])),
+    ("max_new_tokens", dict(max_new_tokens=10**9)),  # its KV cannot fit: refused at once, not after allocating
+]
+
+
+@pytest.fixture(scope="module")
+def gen_tokenizer(tmp_path_factory):
+    return tiny.load_tokenizer(tiny.tokenizer_dir(str(tmp_path_factory.mktemp("gen-tok"))))
+
+
+@pytest.mark.parametrize("argument,kwargs", GENERATE_CASES, ids=[f"{i}-{c[0]}" for i, c in enumerate(GENERATE_CASES)])
+def test_generate_refuses_by_name_before_any_work(core, gen_tokenizer, argument, kwargs):
+    import time
+
+    from jaxsft.generation import compiled_programs
+
+    _, model = core
+    args = {**dict(prompts=[[4, 5, 6], [7, 8]], max_new_tokens=3), **kwargs}
+    before = compiled_programs()
+    start = time.perf_counter()
+    with pytest.raises((TypeError, ValueError)) as err:
+        jaxsft.generate(model, gen_tokenizer, args.pop("prompts"), **args)
+    assert argument in str(err.value) and "generate()" in str(err.value), str(err.value)
+    assert time.perf_counter() - start < 1.0
+    assert compiled_programs() == before
+
+
+def test_generate_warns_once_past_a_rope_models_trained_positions(core, gen_tokenizer):
+    _, model = core
+    limit = model.spec.max_position_embeddings
+    with pytest.warns(UserWarning, match="trained on"):
+        jaxsft.generate(model, gen_tokenizer, [[4, 5, 6]], max_new_tokens=limit)

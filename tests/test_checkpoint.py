@@ -422,3 +422,45 @@ def test_save_checkpoint_refuses_a_non_path_before_writing(saved, tmp_path):
     with pytest.raises(TypeError, match=r"restore_checkpoint: path=None must be a checkpoint folder path"):
         trainer.restore_checkpoint(None)
     assert_unchanged(trainer, before)
+
+
+def test_save_steps_write_periodic_checkpoints_in_the_core(tmp_path):
+    """TrainConfig.save_steps: a JAX user's step() calls write output_dir/checkpoint-N at multiples of save_steps,
+    keeping the newest save_total_limit; a checkpoint restores to the same state."""
+    import jaxsft
+    from jaxsft.checkpoint import latest_checkpoint
+
+    import tiny
+
+    model = jaxsft.from_pretrained(tiny.tiny_torch_model("llama", seed=1), mesh=jaxsft.single_device_mesh())
+    config = jaxsft.TrainConfig(
+        learning_rate=1e-3, max_length=16, min_bucket_length=16, per_device_train_batch_size=2, logging_steps=0,
+        disable_tqdm=True, output_dir=str(tmp_path), save_steps=2, save_total_limit=2,
+    )
+    trainer = jaxsft.IterativeSFTTrainer(model, config)
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # 2 updates per call: steps 2, 4, 6 reach a multiple of 2
+        trainer.step(input_ids=[rng.integers(3, 300, 8) for _ in range(4)])
+    saved = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-"))
+    assert saved == ["checkpoint-4", "checkpoint-6"]
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-6")
+    with pytest.raises(ValueError, match="save_steps"):
+        jaxsft.TrainConfig(save_steps=5)  # no output_dir
+
+
+def test_the_checkpoint_layout_is_the_one_checkpoints_before_the_split_wrote():
+    """The trainer split (programs, TrainState) keeps state_dict()'s layout, so checkpoints written before it
+    restore; a state of another layout (a key more or fewer) is refused whole, saying so, with nothing changed."""
+    trainer = make_trainer()
+    state = trainer.state_dict()
+    assert set(state) == {"params", "opt_state", "global_step", "rng", "counters", "log_history"}
+    assert set(state["counters"]) == {
+        "num_input_tokens_seen", "total_label_tokens", "last_logged_step", "loss_since_log", "nonfinite_in_a_row",
+        "generate_calls",
+    }
+    assert isinstance(state["params"], dict)  # a pure dict of arrays, as before
+    before = leaves(trainer.params)
+    for bad in ({**state, "train_state": 1}, {k: v for k, v in state.items() if k != "rng"}):
+        with pytest.raises(ValueError, match="another jaxsft layout"):
+            trainer.load_state_dict(bad)
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(trainer.params), before))

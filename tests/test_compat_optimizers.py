@@ -10,7 +10,8 @@ import pytest
 import torch
 import transformers
 
-from compat.optimizers import DEFAULT_TABLE_HORIZON, torch_optimizer_to_optax, torch_scheduler_to_schedule
+from compat.optimizers import DEFAULT_TABLE_HORIZON, describe_optimizer, describe_scheduler, is_optax_transformation
+from jaxsft.optim import build_optimizer, build_schedule
 
 S = torch.optim.lr_scheduler
 
@@ -31,16 +32,21 @@ def hf_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def mask_by_name(names: frozenset[str]) -> callable:
-    """What the facade supplies: HF names → a mask over the (here: name-keyed) JAX params."""
-    return lambda params: {name: name in names for name in params}
+def mask_by_name(names: frozenset[str]) -> dict[str, bool]:
+    """What the facade supplies: HF names → the core's decay table over the (here: name-keyed) JAX params."""
+    return {name: name in names for name, _ in Tiny().named_parameters()}
+
+
+def schedule_of(*args, **kwargs):
+    """The schedule the core builds from the facade's description of a torch scheduler."""
+    return build_schedule(describe_scheduler(*args, **kwargs))
 
 
 def run_both(model, optimizer, scheduler, steps=6, **convert_kwargs):
     """Step torch with fixed pseudo-random grads; replay the same grads through optax. Return both params."""
-    factory = torch_optimizer_to_optax(optimizer, model=model, decay_mask_fn=mask_by_name, **convert_kwargs)
-    schedule = torch_scheduler_to_schedule(scheduler, factory.lr if scheduler is None else None)
-    tx = factory(schedule)
+    description = describe_optimizer(optimizer, model=model, decay_mask_fn=mask_by_name, **convert_kwargs)
+    schedule = schedule_of(scheduler, description.learning_rate if scheduler is None else None)
+    tx = build_optimizer(description, schedule)
     params = {n: jnp.asarray(p.detach().numpy()) for n, p in model.named_parameters()}
     state = tx.init(params)
     rng = np.random.default_rng(0)
@@ -74,10 +80,10 @@ def test_adamw_with_hf_decay_split_and_hf_scheduler():
 
 def test_adamw_factory_metadata():
     model = Tiny()
-    factory = torch_optimizer_to_optax(torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.05))
-    assert factory.kind == "adamw" and factory.lr == 3e-4
-    assert factory.hyperparameters["weight_decay"] == 0.05
-    assert isinstance(factory(1e-3), optax.GradientTransformation)
+    description = describe_optimizer(torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.05))
+    assert description.kind == "adamw" and description.learning_rate == 3e-4
+    assert description.weight_decay == 0.05 and description.decay is None
+    assert isinstance(build_optimizer(description, 1e-3), optax.GradientTransformation)
 
 
 def test_adam_couples_l2_decay_into_the_gradient():
@@ -90,7 +96,7 @@ def test_adam_couples_l2_decay_into_the_gradient():
 def test_adam_with_decoupled_decay_is_adamw():
     model = Tiny()
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3, weight_decay=0.1, decoupled_weight_decay=True)
-    assert torch_optimizer_to_optax(optimizer).kind == "adamw"
+    assert describe_optimizer(optimizer).kind == "adamw"
     torch_params, jax_params = run_both(model, optimizer, S.StepLR(optimizer, 2, 0.5))
     assert_params_close(torch_params, jax_params)
 
@@ -105,9 +111,9 @@ def test_sgd(momentum, nesterov):
 
 def test_uniform_decay_needs_no_model():
     model = Tiny()
-    factory = torch_optimizer_to_optax(torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1))
+    description = describe_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1))
     params = {n: jnp.ones(p.shape) for n, p in model.named_parameters()}
-    tx = factory(0.0)  # lr 0: Adam and decay both vanish, so params stay
+    tx = build_optimizer(description, 0.0)  # lr 0: Adam and decay both vanish, so params stay
     updates, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, params), tx.init(params), params)
     assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree_util.tree_leaves(updates))
 
@@ -115,7 +121,7 @@ def test_uniform_decay_needs_no_model():
 def test_decay_mask_fn_receives_the_decayed_hf_names():
     model = Tiny()
     seen = []
-    torch_optimizer_to_optax(
+    describe_optimizer(
         torch.optim.AdamW(hf_groups(model, 0.1), lr=1e-3), model=model,
         decay_mask_fn=lambda names: seen.append(names) or None,
     )
@@ -124,14 +130,14 @@ def test_decay_mask_fn_receives_the_decayed_hf_names():
 
 def test_optax_transformation_passes_through():
     tx = optax.sgd(0.1)
-    factory = torch_optimizer_to_optax(tx)
-    assert factory.kind == "optax" and factory.lr is None and factory(123.0) is tx
+    assert is_optax_transformation(tx)  # the facade hands it to the core as it is
+    assert not is_optax_transformation(torch.optim.SGD(Tiny().parameters(), lr=0.1))
 
 
 def test_accelerate_style_wrapper_is_unwrapped():
     inner = torch.optim.SGD(Tiny().parameters(), lr=0.1)
     wrapper = type("AcceleratedOptimizer", (), {"__module__": "accelerate.optimizer", "optimizer": inner})()
-    assert torch_optimizer_to_optax(wrapper).kind == "sgd"
+    assert describe_optimizer(wrapper).kind == "sgd"
 
 
 @pytest.mark.parametrize(
@@ -163,13 +169,13 @@ def test_accelerate_style_wrapper_is_unwrapped():
 def test_optimizer_errors(make, error, pattern):
     model = Tiny()
     with pytest.raises(error, match=pattern):
-        torch_optimizer_to_optax(make(model), model=model, decay_mask_fn=mask_by_name)
+        describe_optimizer(make(model), model=model, decay_mask_fn=mask_by_name)
 
 
 def test_split_decay_without_model_is_explained():
     model = Tiny()
     with pytest.raises(ValueError, match=r"split weight decay.*pass model="):
-        torch_optimizer_to_optax(torch.optim.AdamW(hf_groups(model, 0.1)))
+        describe_optimizer(torch.optim.AdamW(hf_groups(model, 0.1)))
 
 
 # --- schedulers ---------------------------------------------------------------------------------
@@ -213,7 +219,7 @@ def test_scheduler_matches_torch_under_jit(name, prestepped):
     optimizer = one_param_sgd()
     scheduler = SCHEDULERS[name](optimizer)
     torch_lrs(optimizer, scheduler, prestepped)  # torch's position carries over
-    schedule = torch_scheduler_to_schedule(scheduler)
+    schedule = schedule_of(scheduler)
     expected = torch_lrs(optimizer, scheduler, 28)  # within HF's num_training_steps
     got = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(28)))
     np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-9)
@@ -223,7 +229,7 @@ def test_scheduler_matches_torch_under_jit(name, prestepped):
 def test_closed_forms_continue_past_the_table(name):
     optimizer = one_param_sgd()
     scheduler = SCHEDULERS[name](optimizer)
-    schedule = torch_scheduler_to_schedule(scheduler, horizon=10)
+    schedule = schedule_of(scheduler, horizon=10)
     expected = torch_lrs(optimizer, scheduler, 40)
     got = np.asarray([schedule(t) for t in range(40)])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-8)
@@ -231,31 +237,31 @@ def test_closed_forms_continue_past_the_table(name):
 
 def test_lambda_table_holds_its_last_value_past_the_horizon():
     optimizer = one_param_sgd(lr=1.0)
-    schedule = torch_scheduler_to_schedule(S.LambdaLR(optimizer, lambda s: float(s)), horizon=10)
+    schedule = schedule_of(S.LambdaLR(optimizer, lambda s: float(s)), horizon=10)
     assert float(schedule(9)) == 9.0 and float(schedule(10)) == 9.0 and float(schedule(10**6)) == 9.0
 
 
 def test_lambda_horizon_defaults_and_follows_hf_num_training_steps():
     optimizer = one_param_sgd(lr=1.0)
-    assert float(torch_scheduler_to_schedule(S.LambdaLR(optimizer, float))(10**7)) == DEFAULT_TABLE_HORIZON - 1
+    assert float(schedule_of(S.LambdaLR(optimizer, float))(10**7)) == DEFAULT_TABLE_HORIZON - 1
     long = transformers.get_scheduler("linear", one_param_sgd(lr=1.0), num_warmup_steps=0,
                                       num_training_steps=DEFAULT_TABLE_HORIZON + 50)
-    schedule = torch_scheduler_to_schedule(long)
+    schedule = schedule_of(long)
     assert float(schedule(DEFAULT_TABLE_HORIZON + 40)) == pytest.approx(10 / (DEFAULT_TABLE_HORIZON + 50))
     assert float(schedule(DEFAULT_TABLE_HORIZON + 50)) == 0.0
 
 
 def test_base_lr_override():
     optimizer = one_param_sgd(lr=0.1)
-    schedule = torch_scheduler_to_schedule(S.LambdaLR(optimizer, lambda s: 0.5), 2.0)
+    schedule = schedule_of(S.LambdaLR(optimizer, lambda s: 0.5), 2.0)
     assert float(schedule(3)) == 1.0
 
 
 def test_no_scheduler_is_constant():
-    schedule = torch_scheduler_to_schedule(None, 3e-4)
+    schedule = schedule_of(None, 3e-4)
     assert float(schedule(0)) == pytest.approx(3e-4) and float(schedule(1000)) == pytest.approx(3e-4)
     with pytest.raises(ValueError, match=r"scheduler=None needs base_lr.*factory.lr"):
-        torch_scheduler_to_schedule(None)
+        schedule_of(None)
 
 
 @pytest.mark.parametrize(
@@ -270,25 +276,25 @@ def test_no_scheduler_is_constant():
 )
 def test_unsupported_schedulers_say_what_is_supported(make):
     with pytest.raises(TypeError, match=r"scheduler must be one of: None, LambdaLR .*CosineAnnealingLR - got"):
-        torch_scheduler_to_schedule(make(one_param_sgd()))
+        schedule_of(make(one_param_sgd()))
 
 
 def test_per_group_lambdas_must_agree():
     optimizer = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))]},
                                  {"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=0.1)
     same = S.LambdaLR(optimizer, [lambda s: 1.0, lambda s: 1.0])
-    assert float(torch_scheduler_to_schedule(same, horizon=5)(2)) == pytest.approx(0.1)
+    assert float(schedule_of(same, horizon=5)(2)) == pytest.approx(0.1)
     different = S.LambdaLR(optimizer, [lambda s: 1.0, lambda s: 0.5])
     with pytest.raises(ValueError, match=r"different lr_lambda per param group"):
-        torch_scheduler_to_schedule(different, horizon=5)
+        schedule_of(different, horizon=5)
 
 
 def test_failing_lambda_is_reported():
     scheduler = S.LambdaLR(one_param_sgd(), lambda s: 1.0 / (5 - s))
     with pytest.raises(ValueError, match=r"lr_lambda raised ZeroDivisionError.*pure function of the integer step"):
-        torch_scheduler_to_schedule(scheduler, horizon=10)
+        schedule_of(scheduler, horizon=10)
 
 
 def test_bad_horizon():
     with pytest.raises(ValueError, match=r"horizon=0: must be an integer >= 1"):
-        torch_scheduler_to_schedule(S.StepLR(one_param_sgd(), 2), horizon=0)
+        schedule_of(S.StepLR(one_param_sgd(), 2), horizon=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -416,7 +417,6 @@ BAD_INPUTS = {
     "nothing": (dict(), ValueError, "Step should include `input_ids` or `texts` as keyword arguments."),
     "ids_not_a_list": (dict(input_ids=5), TypeError, "input_ids must be a list of tensors"),
     "ids_elements": (dict(input_ids=[5, 6]), TypeError, "Elements in input_ids must be tensors"),
-    "ids_empty_list": (dict(input_ids=[]), ValueError, "input_ids is empty"),
     "ids_empty_example": (dict(input_ids=[torch.tensor([], dtype=torch.long)]), ValueError, "input_ids[0] is empty"),
     "ids_float": (dict(input_ids=[torch.tensor([1.0, 2.0])]), TypeError, "input_ids[0] has dtype float32"),
     "ids_negative": (dict(input_ids=[[5, -3]]), ValueError, "input_ids[0] contains negative"),
@@ -435,7 +435,6 @@ BAD_INPUTS = {
     "labels_outside_vocab": (dict(input_ids=[[5, 6]], labels=[[5, 300]]), ValueError, "labels[0] contains the id 300"),
     "texts_not_a_list": (dict(texts="hello"), TypeError, "'text' must be a list of strings"),
     "texts_elements": (dict(texts=[1, 2]), TypeError, "Elements in 'text' must be strings"),
-    "texts_empty": (dict(texts=[]), ValueError, "texts is empty"),
     "texts_labels_not_a_list": (dict(texts=["a b"], texts_labels="c"), TypeError,
                                 "'text_labels' must be a list of strings"),
     "texts_labels_elements": (dict(texts=["a b"], texts_labels=[3]), TypeError,
@@ -445,6 +444,20 @@ BAD_INPUTS = {
     "unknown_keyword": (dict(input_ids=[[5, 6]], label=[[5, 6]], prompts=["x"]), TypeError,
                         "unexpected keyword argument(s) label, prompts"),
 }
+
+
+@pytest.mark.parametrize("kwargs", [dict(input_ids=[]), dict(texts=[]), dict(input_ids=torch.zeros(0, 4, dtype=torch.long))])
+def test_empty_step_is_a_warned_no_op_as_in_the_core(shared, kwargs):
+    """A round whose filter kept nothing: the facade passes it to the core, which warns and trains nothing."""
+    trainer, model = shared
+    jax_before = {k: v.copy() for k, v in hf_state_dict(trainer.jax_model).items()}
+    step, version = trainer.state.global_step, trainer.core.params_version
+    with pytest.warns(UserWarning, match="no examples"):
+        stats = trainer.step(**kwargs)
+    assert stats["num_updates"] == 0 and stats["num_tokens"] == 0
+    assert trainer.state.global_step == trainer.core.state.global_step == step and trainer.core.params_version == version
+    for name, value in hf_state_dict(trainer.jax_model).items():
+        np.testing.assert_array_equal(value, jax_before[name])
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -510,6 +523,28 @@ def test_save_model_writes_a_folder_transformers_loads(shared, tmp_path):
     assert len(AutoTokenizer.from_pretrained(tmp_path / "saved")) == 300
     assert (tmp_path / "saved" / "training_args.bin").is_file()
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_save_model_failing_at_its_last_file_leaves_the_previous_save(shared, tmp_path, monkeypatch):
+    """save_model is written whole beside the folder and swapped in: a failure at its last file (here
+    training_args.bin) leaves the previous save byte for byte, raised as OSError naming the folder (issue 26)."""
+    import hashlib
+
+    trainer, _ = shared
+    target = tmp_path / "saved"
+    trainer.save_model(str(target))
+    digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in target.iterdir()}  # noqa: E731
+    before = digest()
+    trainer.step(input_ids=[[5, 6, 7, 8]])  # new weights to save
+
+    def full_disk(obj, path, *args, **kwargs):
+        raise RuntimeError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=rf"save_model: writing {re.escape(str(target))} failed") as err:
+        trainer.save_model(str(target))
+    assert err.value.errno == 28
+    assert digest() == before and sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
 
 
 def test_create_model_card(shared):

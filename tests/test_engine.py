@@ -127,14 +127,16 @@ def test_prefill_then_decode_steps_match_the_full_forward():
             np.testing.assert_allclose(logits[r], ref, atol=2e-5, rtol=1e-5)
 
 
-def test_sampling_draw_is_the_categorical_distribution():
-    """The two-level inverse-CDF draw over a vocabulary not a multiple of the block, with -inf entries never drawn."""
+@pytest.mark.parametrize("v", [3 * 256 + 37, 128 * 37], ids=["padded", "blocks-of-128"])
+def test_sampling_draw_is_the_categorical_distribution(v):
+    """The two-level inverse-CDF draw (a vocabulary padded to whole blocks, or cut into blocks of 128 without
+    padding), with -inf entries never drawn."""
     import jax
     import jax.numpy as jnp
 
-    from jaxsft.generation.sampling import BLOCK, inverse_cdf_draw
+    from jaxsft.generation.sampling import block_size, inverse_cdf_draw
 
-    v = 3 * BLOCK + 37
+    assert block_size(v) == (256 if v % 128 else 128)
     logits = np.random.default_rng(0).normal(size=v).astype(np.float32) * 1.5
     logits[::7] = -np.inf
     u = jax.random.uniform(jax.random.key(0), (20000,))
@@ -145,3 +147,47 @@ def test_sampling_draw_is_the_categorical_distribution():
     from test_generate import chi_square_pvalue
 
     assert chi_square_pvalue(draws, p) > 1e-3
+
+
+def test_max_new_tokens_defaults_to_the_generation_config_as_hf(tok):
+    """Without max_new_tokens: as many new tokens as the installed transformers' generate makes."""
+    import jaxsft
+
+    torch_model, model = models("llama")
+    prompts = PROMPTS[:2]
+    ours = jaxsft.generate(model, tok, prompts, return_tokens=True, eos_token_ids=[])
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    import torch
+
+    with torch.no_grad():
+        ref = torch_model.generate(**enc, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert all(len(t) == ref.shape[1] - enc["input_ids"].shape[1] for t in ours.tokens)
+
+
+@pytest.mark.slow
+def test_steady_state_compiles_nothing_and_holds_its_memory(tok):
+    """A loop's steady state: calls of the same buckets compile nothing new and the process does not grow
+    (before the engine, RSS grew ~5 MB per call)."""
+    import os
+
+    from jaxsft.generation import Sampler
+
+    def rss_mb():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    _, model = models("llama")
+    sampler = Sampler(model, tok)
+    rng = np.random.default_rng(1)
+
+    def call(i):
+        sampler.generate(PROMPTS[:3] * int(rng.integers(1, 3)), max_new_tokens=int(rng.integers(5, 16)),
+                         temperature=1.0, num_return_sequences=2, seed=i)
+
+    for i in range(15):  # both slot counts (3 and 6 prompts) compiled and warm
+        call(i)
+    programs, start = sampler.compiled_programs, rss_mb()
+    for i in range(60):
+        call(100 + i)
+    assert sampler.compiled_programs == programs
+    assert rss_mb() - start < 12, "the process grew over 60 steady-state calls"

@@ -9,39 +9,54 @@ import pytest
 
 import jaxsft
 from jaxsft import batching
-from jaxsft.fast_path import resolve_packing
+from jaxsft.fast_path import ragged_attention_applies, resolve_packing
 
 import tiny
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 
 
-def _resolve(packing=None, *, backend, dtype=BF16, implementation="auto", window=None, dropout=0.0, enc_dec=False):
-    return resolve_packing(
-        packing, attention_implementation=implementation, dtype=dtype, sliding_window=window,
-        attention_dropout=dropout, encoder_decoder=enc_dec, backend=backend,
+def _ragged(*, backend, dtype=BF16, implementation="auto", windows=(None, None), softcap=None, dropout=0.0):
+    return ragged_attention_applies(
+        attention_implementation=implementation, dtype=dtype, windows=windows, softcap=softcap,
+        attention_dropout=dropout, backend=backend,
     )
 
 
-def test_default_packs_only_on_gpu_where_the_ragged_kernel_applies():
-    assert _resolve(backend="gpu") is True  # bf16 on GPU: cuDNN, ragged kernel
-    assert _resolve(backend="gpu", implementation="cudnn") is True
-    # Where attention stays masked XLA (rows x length^2 whatever the segments), one example per row.
-    assert _resolve(backend="cpu") is False
-    assert _resolve(backend="tpu") is False
-    assert _resolve(backend="cpu", implementation="cudnn") is False  # a forced kernel name does not make a CPU a GPU
-    assert _resolve(backend="gpu", dtype=F32) is False  # fp32 compute: XLA attention
-    assert _resolve(backend="gpu", implementation="xla") is False
-    assert _resolve(backend="gpu", window=4096) is False  # sliding window: masked XLA
-    assert _resolve(backend="gpu", dropout=0.1) is False  # attention dropout in training: XLA
-    assert _resolve(backend="gpu", enc_dec=True) is False  # T5 / BART have no packed layout
+def test_packed_rows_run_on_the_ragged_kernel_only_on_gpu_where_cudnn_applies():
+    assert _ragged(backend="gpu") is True  # bf16 on GPU: cuDNN, ragged kernel
+    assert _ragged(backend="gpu", implementation="cudnn") is True
+    # Where attention stays masked XLA (rows x length^2 whatever the segments):
+    assert _ragged(backend="cpu") is False
+    assert _ragged(backend="tpu") is False
+    assert _ragged(backend="cpu", implementation="cudnn") is False  # a forced kernel name does not make a CPU a GPU
+    assert _ragged(backend="gpu", dtype=F32) is False  # fp32 compute: XLA attention
+    assert _ragged(backend="gpu", implementation="xla") is False
+    assert _ragged(backend="gpu", windows=(4096, 4096)) is False  # one sliding window (Mistral): masked XLA
+    assert _ragged(backend="gpu", windows=(4096, None)) is False  # windows by layer (Gemma 2/3): XLA
+    assert _ragged(backend="gpu", softcap=50.0) is False  # score soft cap (Gemma 2): XLA
+    assert _ragged(backend="gpu", dropout=0.1) is False  # attention dropout in training: XLA
 
 
-@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
-def test_explicit_packing_is_forced_on_every_backend(backend):
-    for dtype in (BF16, F32):
-        assert _resolve(True, backend=backend, dtype=dtype) is True
-        assert _resolve(False, backend=backend, dtype=dtype) is False
+@pytest.mark.parametrize("family, ragged", [("qwen2", True), ("llama", True), ("mistral", False),
+                                            ("gemma2", False), ("gemma3", False)])
+def test_on_gpu_the_families_that_keep_cudnn_pack_by_default(family, ragged):
+    """The rule read off real specs, as the trainer reads it: Mistral's window, Gemma's per-layer windows and
+    score soft cap send attention to masked XLA, so those stay one example per row."""
+    spec = jaxsft.models.spec_from_hf_config(tiny.tiny_config(family))
+    got = ragged_attention_applies(attention_implementation="auto", dtype=BF16, windows=spec.windows(),
+                                   softcap=spec.attn_logit_softcap, backend="gpu")
+    assert got is ragged
+    assert resolve_packing(None, ragged_attention=got) is ragged
+
+
+def test_default_packs_exactly_where_the_ragged_kernel_applies_and_explicit_values_win():
+    assert resolve_packing(None, ragged_attention=True) is True
+    assert resolve_packing(None, ragged_attention=False) is False
+    assert resolve_packing(None, ragged_attention=True, encoder_decoder=True) is False  # T5 / BART: no packed layout
+    for ragged in (True, False):
+        assert resolve_packing(True, ragged_attention=ragged) is True
+        assert resolve_packing(False, ragged_attention=ragged) is False
 
 
 def test_packing_accepts_only_bools_or_none():

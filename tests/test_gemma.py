@@ -191,6 +191,12 @@ def test_training_matches_a_torch_adamw_loop(family, ga):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_spec_parameter_count_matches_torch(family):
+    tm = _torch(family)
+    assert jaxsft.models.spec_from_hf_config(tm.config).num_parameters() == sum(p.numel() for p in tm.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_decay_mask_matches_hf_groups(family):
     """The decay mask over Gemma's parameters (four norms per layer, q/k norms) is HF Trainer's decay set."""
     import test_trainer_parity as parity
@@ -198,10 +204,11 @@ def test_decay_mask_matches_hf_groups(family):
     parity.test_decay_mask_matches_hf_groups(family)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.slow
-def test_sharded_training_equals_one_device():
-    """Gemma 2 on the 8-device CPU mesh (data 2, fsdp 2, tensor 2) trains as one device does."""
-    torch_model = tiny.tiny_torch_model("gemma2", vocab_size=256, seed=5)
+def test_sharded_training_equals_one_device(family):
+    """Gemma on the 8-device CPU mesh (data 2, fsdp 2, tensor 2) trains as one device does."""
+    torch_model = tiny.tiny_torch_model(family, vocab_size=256, seed=5)
     rng = np.random.default_rng(7)
     calls = [dict(input_ids=[rng.integers(3, 256, size=int(rng.integers(4, 24))) for _ in range(8)]) for _ in range(2)]
     results = []
@@ -243,6 +250,33 @@ def test_facade_trains_a_torch_gemma_and_hands_back_the_weights(family, tmp_path
     with torch.no_grad():
         torch_logits = trainer.model(probe).logits.numpy()
     np.testing.assert_allclose(torch_logits, np.asarray(trainer.jax_model(probe.numpy())), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
+def test_evaluate_and_predict_use_the_soft_cap(family):
+    """The final-logit soft cap reaches evaluate()'s fused loss and predict()'s logits (generation's: the
+    greedy test below): both equal transformers'."""
+    import torch.nn.functional as F
+
+    tm = _torch(family)
+    model = jaxsft.from_pretrained(tm, mesh=jaxsft.single_device_mesh())
+    trainer = jaxsft.IterativeSFTTrainer(model, jaxsft.TrainConfig(per_device_train_batch_size=4, max_length=32, max_steps=10,
+                                                                   disable_tqdm=True, dropout=False))
+    rng = np.random.default_rng(4)
+    ids = [rng.integers(3, 300, size=int(rng.integers(8, 20))) for _ in range(5)]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x in ids:
+            logits = tm(torch.tensor(x)[None]).logits[0]
+            total += float(F.cross_entropy(logits[:-1], torch.tensor(x[1:]), reduction="sum"))
+            count += len(x) - 1
+    np.testing.assert_allclose(trainer.evaluate(ids)["eval_loss"], total / count, rtol=1e-5)
+    predictions, _ = trainer.predict(ids[:2])
+    with torch.no_grad():
+        ref = tm(torch.tensor(ids[0])[None]).logits[0].numpy()
+    np.testing.assert_allclose(np.asarray(predictions)[0, : len(ids[0])], ref, atol=TOL)
+
 
 
 @pytest.mark.slow

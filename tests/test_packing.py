@@ -161,6 +161,7 @@ def test_longer_packed_rows_give_the_same_loss_and_gradients():
     from flax import nnx
 
     from jaxsft import step as step_fns
+    from jaxsft.objectives import CausalSFT
 
     model = jaxsft.from_pretrained(tiny.tiny_torch_model("qwen2"))
     examples = _examples([9, 9, 9, 5])  # rows of 16: 9+5 | 9 | 9 (48 tokens); one row of 32 holds all (32)
@@ -170,14 +171,14 @@ def test_longer_packed_rows_give_the_same_loss_and_gradients():
     plain, long_ = plan(), plan(pack=True, longer_rows=True)
     assert plain.input_ids.shape == (4, 16) and long_.input_ids.shape == (1, 32)
     graphdef, params = nnx.split(model)
-    grad_fn = jax.value_and_grad(step_fns.make_loss_fn(graphdef, None), has_aux=True)
+    grad_fn = jax.value_and_grad(step_fns.make_loss_fn(graphdef, CausalSFT()), has_aux=True)
 
     def run(mb):
         batch = {"input_ids": jnp.asarray(mb.input_ids), "labels": jnp.asarray(mb.labels)}
         if mb.packed:
             batch.update(segment_ids=jnp.asarray(mb.segment_ids), positions=jnp.asarray(mb.positions),
                          segment_lengths=jnp.asarray(mb.segment_lengths))
-        (loss_sum, count), grads = grad_fn(params, batch)
+        (loss_sum, (count, _)), grads = grad_fn(params, batch)
         return float(loss_sum), int(count), jax.tree.leaves(grads)
 
     (want_loss, want_count, want_grads), (got_loss, got_count, got_grads) = run(plain), run(long_)

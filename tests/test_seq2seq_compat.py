@@ -120,22 +120,23 @@ def test_weight_sync_into_a_seq2seq_torch_model_is_exact(family):
 
 
 def test_seq2seq_decay_mask_follows_the_torch_param_groups():
-    """hf_decay_mask_fn on BART: HF names decayed (no biases, no norms) -> the jaxsft mask, per stack; a weight
-    decayed in some layers only is refused by name."""
+    """hf_decay_table on BART: HF names decayed (no biases, no norms) -> the jaxsft mask the core builds from it,
+    per stack; a weight decayed in some layers only is refused by name."""
     import jax
     import jaxsft
     from flax import nnx
 
-    from compat.torch_sync import hf_decay_mask_fn
+    from jaxsft.optim import decay_mask_from_names
+    from compat.torch_sync import hf_decay_table
 
     torch_model = tiny_seq2seq_model("bart")
     model = jaxsft.from_pretrained(torch_model, mesh=jaxsft.single_device_mesh())
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     decayed = frozenset(n for n, _ in torch_model.named_parameters() if not n.endswith("bias") and "norm" not in n)
-    mask = hf_decay_mask_fn(model.spec)(decayed)(params)
+    mask = decay_mask_from_names(hf_decay_table(model.spec)(decayed))(params)
     assert mask["embed"] and mask["encoder"]["q_proj"] and mask["decoder"]["cross_o_proj"] and mask["dec_pos_embed"]
     assert not mask["encoder"]["q_bias"] and not mask["decoder"]["cross_norm_scale"] and not mask["final_logits_bias"]
     assert not mask["enc_embed_norm_scale"] and mask["decoder"]["up_proj"] and not mask["decoder"]["up_bias"]
     assert len(jax.tree.leaves(mask)) == len(jax.tree.leaves(params))
     with pytest.raises(ValueError, match=r"decay model\.decoder\.layers\.\*\.fc1\.weight in some layers only"):
-        hf_decay_mask_fn(model.spec)(decayed - {"model.decoder.layers.1.fc1.weight"})(params)
+        hf_decay_table(model.spec)(decayed - {"model.decoder.layers.1.fc1.weight"})

@@ -83,3 +83,17 @@ def test_similar_calls_share_one_program_and_trainer_generate_uses_training_weig
     trainer.step(texts=PROMPTS * 3, texts_labels=["seven eight nine"] * 9)
     after = trainer.generate(PROMPTS, **kw).tokens
     assert any(not np.array_equal(a, b) for a, b in zip(first, after))  # the trained weights generate
+
+
+def test_encoder_prompt_lengths_and_eos_ids_are_checked_before_any_work(tokenizer):
+    """BART's encoder has 64 learned positions: a longer prompt is refused by name, as are EOS ids outside the
+    vocabulary; nothing compiles."""
+    model = jaxsft.from_pretrained(_model("bart", tokenizer), mesh=jaxsft.single_device_mesh())
+    before = seq2seq_generation.compiled_programs()
+    long_prompt = " ".join(["seven"] * 80)
+    assert len(tokenizer(long_prompt)["input_ids"]) > 64
+    with pytest.raises(ValueError, match=r"prompts\[1\] is \d+ tokens, over the encoder's 64 positions"):
+        jaxsft.generate(model, tokenizer, ["one two", long_prompt], max_new_tokens=4)
+    with pytest.raises(ValueError, match="eos_token_ids"):
+        jaxsft.generate(model, tokenizer, ["one two"], max_new_tokens=4, eos_token_ids=[300])
+    assert seq2seq_generation.compiled_programs() == before

@@ -334,7 +334,8 @@ def test_batch_smaller_than_data_axis_is_padded_not_replicated():
     examples = calls()[0]["input_ids"][:3]
     trainer, ref = make_trainer((8, 1, 1), 1), make_trainer(None, 1)
     # Fresh state, but reuse the (identical) compiled programs of the cached runs: compiling is the slow part.
-    trainer._programs, ref._programs = dict(trained((8, 1, 1), 1)[0]._programs), dict(trained(None, 1)[0]._programs)
+    trainer.programs.cache, ref.programs.cache = (dict(trained((8, 1, 1), 1)[0].programs.cache),
+                                                  dict(trained(None, 1)[0].programs.cache))
     assert trainer.rows == ref.rows == 8
 
     mb = batching.plan_microbatches(
@@ -342,7 +343,7 @@ def test_batch_smaller_than_data_axis_is_padded_not_replicated():
         rows=trainer.rows, buckets=trainer.buckets, rng=np.random.default_rng(0),
     )[0]  # fmt: skip
     assert mb.num_examples == 3 and mb.input_ids.shape[0] == 8 and not mb.attention_mask[3:].any()
-    placed = trainer._device_batch(mb)["input_ids"]
+    placed = trainer.programs.device_batch(mb, rng=trainer._rng)["input_ids"]
     assert placed.sharding.spec == P(("data", "fsdp"), None)
     assert len(placed.addressable_shards) == 8
     assert all(s.data.shape == (1, mb.input_ids.shape[1]) for s in placed.addressable_shards)

@@ -11,6 +11,7 @@ from flax import nnx
 import jaxsft
 from jaxsft import step as step_fns
 from jaxsft.models.families import spec_from_hf_config
+from jaxsft.objectives import CausalSFT
 
 import tiny
 
@@ -26,7 +27,7 @@ def test_layer_gradients_in_the_compute_dtype_equal_the_stored_dtype_path():
     graphdef, params = nnx.split(model)
     ids = jnp.asarray(np.random.default_rng(0).integers(3, 300, (2, 16)), jnp.int32)
     batch = {"input_ids": ids, "labels": ids}
-    grad_fn = jax.jit(jax.grad(lambda p: step_fns.make_loss_fn(graphdef, None)(p, batch)[0]))
+    grad_fn = jax.jit(jax.grad(lambda p: step_fns.make_loss_fn(graphdef, CausalSFT())(p, batch)[0]))
     stored = grad_fn(params)
     view = step_fns.compute_view(graphdef, params)
     viewed = grad_fn(view)
@@ -53,7 +54,7 @@ def test_an_update_from_compute_dtype_gradients_equals_the_stored_dtype_update(m
     batch = {"input_ids": ids, "labels": ids}
 
     def run():
-        update = jax.jit(step_fns.make_fused_update(graphdef, tx, None))
+        update = jax.jit(step_fns.make_fused_update(graphdef, tx, CausalSFT()))
         new_params, _, metrics = update(params, tx.init(params), batch)
         return jax.tree.map(np.asarray, new_params), float(metrics["grad_norm"])
 
@@ -80,8 +81,8 @@ def test_accumulated_updates_from_compute_dtype_gradients_equal_the_stored_dtype
                                                               for _ in range(2))]
 
     def run():
-        accumulate = jax.jit(step_fns.make_accumulate(graphdef, None))
-        acc = step_fns.make_zero_accumulator()(params)
+        accumulate = jax.jit(step_fns.make_accumulate(graphdef, CausalSFT()))
+        acc = step_fns.make_zero_accumulator(CausalSFT())(params)
         for batch in batches:
             acc = accumulate(params, acc, batch)
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(acc[0]))

@@ -181,7 +181,10 @@ def test_truncation(llama, tokenizer, mode):
     labels = [np.where(np.arange(len(x)) % 3 == 0, -100, x) for x in ids]
     cut = (lambda a: a[-L:]) if mode == "keep_end" else (lambda a: a[:L])
     trainer = make_trainer(llama, truncation_mode=mode, max_length=L)
-    out = trainer.step(input_ids=ids, labels=labels)
+    with pytest.warns(UserWarning, match=rf"5 of 6 examples were longer than max_length={L} tokens and were cut") as seen:
+        out = trainer.step(input_ids=ids, labels=labels)
+    assert sum("were cut" in str(w.message) for w in seen) == 1  # once per call
+    assert out["truncated_examples"] == 5
     s, n = torch_ce(llama, [(cut(x), cut(y)) for x, y in zip(ids, labels)])
     assert out["num_tokens"] == n
     np.testing.assert_allclose(out["update_losses"][0], s / n, rtol=1e-5)
@@ -233,14 +236,15 @@ def test_stats_dict(llama):
     out = trainer.step(input_ids=random_ids(np.random.default_rng(4), 20))
     expected = {
         "loss": float, "learning_rate": float, "grad_norm": float, "num_tokens": int, "update_losses": list,
-        "num_updates": int, "skipped_updates": int, "num_microbatches": int, "global_step": int,
-        "tokens_per_second": float,
+        "num_updates": int, "skipped_updates": int, "num_microbatches": int, "truncated_examples": int,
+        "global_step": int, "tokens_per_second": float,
         "seconds": float, "compiled_shapes": int,
     }
     assert set(out) == set(expected)
     for key, typ in expected.items():
         assert type(out[key]) is typ, (key, type(out[key]))
     assert out["num_microbatches"] == 3 and out["num_updates"] == 2 and out["global_step"] == 2  # 8+8 | 4
+    assert out["truncated_examples"] == 0
     assert len(out["update_losses"]) == 2 and all(type(x) is float for x in out["update_losses"])
     assert out["learning_rate"] == pytest.approx(1e-3) and out["grad_norm"] > 0 and out["tokens_per_second"] > 0
     assert trainer.state.num_input_tokens_seen > trainer.state.total_label_tokens == out["num_tokens"]
@@ -570,3 +574,15 @@ def test_reset_before_training_and_after_load_state_dict(llama):
     trainer.reset()
     assert trainer.state.global_step == 0
     assert_same_weights(weights(trainer), start)
+
+
+def test_keep_start_cutting_a_whole_completion_says_so(llama):
+    """A completion entirely beyond max_length under keep_start: the warning says plainly nothing is learned from it."""
+    prompt, completion = list(range(3, 23)), [40, 41, 42]
+    labels = [-100] * len(prompt) + completion
+    trainer = make_trainer(llama, truncation_mode="keep_start", max_length=16)
+    with pytest.warns(UserWarning) as seen:
+        out = trainer.step(input_ids=[prompt + completion, [5, 6, 7, 8]], labels=[labels, [5, 6, 7, 8]])
+    messages = [str(w.message) for w in seen if "were cut" in str(w.message)]
+    assert len(messages) == 1 and "1 of them lost every label token" in messages[0] and "keep_end" in messages[0]
+    assert out["truncated_examples"] == 1

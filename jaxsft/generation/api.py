@@ -28,7 +28,6 @@ holding each prompt once for its samples) and shape its rows into texts or a res
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 import weakref
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
@@ -42,6 +41,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxsft import chat as chat_format
 from jaxsft import sharding as shd
 from jaxsft.generation import engine
+from jaxsft.generation.common import GenerationResult, check_sampling_arguments, is_int as _is_int
+from jaxsft.generation.common import is_number as _is_number
 from jaxsft.generation.engine import MAX_EOS_IDS, MIN_NEW_TOKENS_BUCKET, MIN_PROMPT_BUCKET, DecodeState, pow2_at_least
 from jaxsft.generation.sampling import Mode, Sampling
 from jaxsft.models.decoder import CausalLM
@@ -70,33 +71,6 @@ def compiled_programs() -> int:
 def clear_cache() -> None:
     """Forget the samplers :func:`generate` keeps per model (the compile counter keeps counting)."""
     _SAMPLERS.clear()
-
-
-@dataclasses.dataclass
-class GenerationResult:
-    """What :func:`generate` returns with ``return_tokens=True``.
-
-    Rows are prompt-major: row ``i * num_return_sequences + j`` is sample ``j`` of
-    prompt ``i``. ``tokens[r]`` holds the generated ids (an EOS that ended the row
-    included, as HF does; for a stop string, up to the token that completed it);
-    ``texts[r]`` is their decoding without special tokens, cut before the first
-    stop string.
-    """
-
-    texts: list[str]
-    tokens: list[np.ndarray]
-    prompt_tokens: list[np.ndarray]
-    finish_reasons: list[str]  # "eos" | "stop" | "length"
-    num_return_sequences: int = 1
-
-    @property
-    def num_generated_tokens(self) -> int:
-        return int(sum(len(t) for t in self.tokens))
-
-    def grouped(self) -> list[list[str]]:
-        """Texts as one list of ``num_return_sequences`` samples per prompt."""
-        n = self.num_return_sequences
-        return [self.texts[i : i + n] for i in range(0, len(self.texts), n)]
 
 
 # ---------------------------------------------------------------------------- public API
@@ -165,11 +139,8 @@ class Sampler:
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.sharding_rules = sharding_rules or shd.DEFAULT_RULES
-        if kv_cache_bytes is not None and (isinstance(kv_cache_bytes, bool) or not isinstance(kv_cache_bytes, (int, np.integer))
-                                           or kv_cache_bytes < 1):
-            raise ValueError(f"Sampler(): kv_cache_bytes={kv_cache_bytes!r} must be a positive integer (bytes) or None.")
         # The KV memory the engine's slots may hold (None: default_kv_cache_bytes()); the slot count follows.
-        self.kv_cache_bytes = None if kv_cache_bytes is None else int(kv_cache_bytes)
+        self.kv_cache_bytes = _check_budget(kv_cache_bytes, "Sampler()")
         self._programs: dict[tuple, Any] = {}
 
     @property
@@ -181,7 +152,7 @@ class Sampler:
         self,
         prompts: Sequence[Prompt],
         *,
-        max_new_tokens: int,
+        max_new_tokens: Optional[int] = None,
         temperature: float = 0.0,
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
@@ -195,10 +166,12 @@ class Sampler:
         skip_special_tokens: bool = True,
         stop_check_every: int = 32,
         model: Optional[CausalLM] = None,
+        kv_cache_bytes: Optional[int] = None,
     ) -> Union[list[str], GenerationResult]:
         """Generate completions for ``prompts`` (see :func:`generate` for the arguments).
 
-        ``model`` replaces the sampler's model from now on (e.g. the trainer's latest weights).
+        ``model`` replaces the sampler's model from now on (e.g. the trainer's latest weights);
+        ``kv_cache_bytes`` overrides the sampler's KV budget for this call.
         """
         if model is not None:
             if not isinstance(model, CausalLM):
@@ -213,19 +186,24 @@ class Sampler:
         if not prompts:
             return GenerationResult([], [], [], [], num_return_sequences) if return_tokens else []
         request = _request(
-            model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            num_return_sequences=num_return_sequences, seed=seed, stop=stop, batch_size=batch_size,
-            eos_token_ids=eos_token_ids, skip_special_tokens=skip_special_tokens, stop_check_every=stop_check_every,
+            model, tokenizer, max_new_tokens=1 if max_new_tokens is None else max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, seed=seed, stop=stop,
+            batch_size=batch_size, eos_token_ids=eos_token_ids, skip_special_tokens=skip_special_tokens,
+            stop_check_every=stop_check_every,
         )
         spec, nrs = model.spec, request.nrs
         prompt_ids = prompt_token_ids(tokenizer, prompts, chat, spec.vocab_size)
         longest = max(len(p) for p in prompt_ids)
+        if max_new_tokens is None:
+            request = dataclasses.replace(request, max_new_tokens=default_max_new_tokens(model, longest))
         if spec.position == "learned" and longest + request.max_new_tokens > spec.max_position_embeddings:
             raise ValueError(
                 f"generate(): prompt ({longest} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
                 f"model's {spec.max_position_embeddings} positions; shorten the prompts or lower max_new_tokens."
             )
-        self._check_memory(longest, request)
+        call_budget = _check_budget(kv_cache_bytes, "generate()")
+        budget = call_budget or self.kv_cache_bytes or default_kv_cache_bytes()
+        self._check_memory(longest, request, budget)
         if spec.position == "rope" and longest + request.max_new_tokens > spec.max_position_embeddings:
             _warn_once(f"generate(): prompt ({longest} tokens) + max_new_tokens ({request.max_new_tokens}) runs past "
                        f"the {spec.max_position_embeddings} positions this model was trained on; quality may drop.")
@@ -245,7 +223,7 @@ class Sampler:
         else:
             single_process = jax.process_count() == 1
             mesh = shd.mesh_of(state, shd.make_mesh(devices=jax.devices()[:1]) if single_process else None)
-        shape = self._shape(len(prompt_ids), longest, request)
+        shape = self._shape(len(prompt_ids), longest, request, budget)
         with jax.set_mesh(mesh), shd.use_rules(self.sharding_rules):
             results = self._run_engine(graphdef, state, mesh, shape, prompt_ids, request, sampling)
         tokens_out = [row for row, _ in results]
@@ -253,12 +231,11 @@ class Sampler:
         return _finish(tokenizer, tokens_out, reasons, prompt_ids, request, return_tokens)
 
     # ------------------------------------------------------------------ engine
-    def _check_memory(self, longest: int, request: "_Request") -> None:
+    def _check_memory(self, longest: int, request: "_Request", budget: int) -> None:
         """Refuse, before any work, a call whose single prompt group cannot fit the KV budget."""
         spec, nrs = self.model.spec, request.nrs
         need = engine.kv_bytes_per_group(spec, self.model.dtype, nrs, pow2_at_least(longest, MIN_PROMPT_BUCKET),
                                          pow2_at_least(request.max_new_tokens, MIN_NEW_TOKENS_BUCKET))
-        budget = self.kv_cache_bytes if self.kv_cache_bytes is not None else default_kv_cache_bytes()
         if need > budget:
             raise ValueError(
                 f"generate(): max_new_tokens={request.max_new_tokens} with num_return_sequences={nrs} and a "
@@ -267,12 +244,11 @@ class Sampler:
                 "num_return_sequences, or raise the budget."
             )
 
-    def _shape(self, n_prompts: int, longest: int, request: "_Request") -> engine.Shape:
+    def _shape(self, n_prompts: int, longest: int, request: "_Request", budget: int) -> engine.Shape:
         """Slot groups from the KV budget (and ``batch_size``), never more than the call needs (powers of two)."""
         spec, nrs = self.model.spec, request.nrs
         prompt_slots = pow2_at_least(longest, MIN_PROMPT_BUCKET)
         new_slots = pow2_at_least(request.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-        budget = self.kv_cache_bytes if self.kv_cache_bytes is not None else default_kv_cache_bytes()
         per_group = engine.kv_bytes_per_group(spec, self.model.dtype, nrs, prompt_slots, new_slots)
         groups = max(1, budget // per_group)
         if request.batch_size is not None:
@@ -310,8 +286,10 @@ class Sampler:
 
         init = self._program(("init", graphdef, sig, mesh, shape), lambda: jax.jit(
             engine.make_init(spec, dtype, shape), out_shardings=layouts).lower().compile())
-        example = jax.eval_shape(engine.make_init(spec, dtype, shape))
-        example = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), example, layouts)
+
+        def example():  # the engine state's abstract value, for compiling (traced only then)
+            abstract = jax.eval_shape(engine.make_init(spec, dtype, shape))
+            return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, layouts)
 
         def prefill(gp):
             def build():
@@ -319,13 +297,13 @@ class Sampler:
                                       np.zeros((gp, shape.prompt_slots), np.int32), np.zeros((gp,), np.int32),
                                       np.zeros((gp * shape.n,), np.int32))
                 return jax.jit(engine.make_prefill(graphdef, dtype, shape, mode), donate_argnums=(1,),
-                               out_shardings=layouts).lower(state, example, inputs, scalars).compile()
+                               out_shardings=layouts).lower(state, example(), inputs, scalars).compile()
 
             return self._program(("prefill",) + base + (gp,), build)
 
         decode = self._program(("decode",) + base, lambda: jax.jit(
             engine.make_decode(graphdef, dtype, shape, mode), donate_argnums=(1,), out_shardings=layouts,
-        ).lower(state, example, scalars, place_scalar(0), place_scalar(0)).compile())
+        ).lower(state, example(), scalars, place_scalar(0), place_scalar(0)).compile())
         programs = engine.Programs(init=init, prefill=prefill, decode=decode)
         cap = engine.prefill_group_cap(spec, shape.prompt_slots, PREFILL_SCORE_BYTES)
         on_chunk, step_limit = None, None
@@ -346,6 +324,15 @@ class Sampler:
         )
 
 
+def _check_budget(value: Any, where: str) -> Optional[int]:
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{where}: kv_cache_bytes={value!r} must be a positive integer (bytes) or None (the default: "
+                         "a quarter of the accelerator's memory).")
+    return int(value)
+
+
 def default_kv_cache_bytes() -> int:
     """A quarter of the first device's memory where it reports one (GPU, TPU), else 2 GiB."""
     try:
@@ -354,30 +341,6 @@ def default_kv_cache_bytes() -> int:
         stats = {}
     limit = stats.get("bytes_limit")
     return int(limit) // 4 if limit else CPU_KV_CACHE_BYTES
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
-
-
-def check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, num_return_sequences, batch_size) -> None:
-    """The argument checks every sampler shares (decoder-only and encoder-decoder), before any work."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"generate(): max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
-    if not _is_number(temperature) or temperature < 0 or not math.isfinite(temperature):
-        raise ValueError(f"generate(): temperature={temperature!r} must be a finite number >= 0 (0 = greedy).")
-    if top_k is not None and (not _is_int(top_k) or top_k < 1):
-        raise ValueError(f"generate(): top_k={top_k!r} must be None or an integer >= 1.")
-    if top_p is not None and (not _is_number(top_p) or not (0.0 < top_p <= 1.0)):
-        raise ValueError(f"generate(): top_p={top_p!r} must be None or a number in (0, 1].")
-    if not _is_int(num_return_sequences) or num_return_sequences < 1:
-        raise ValueError(f"generate(): num_return_sequences={num_return_sequences!r} must be an integer >= 1.")
-    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
-        raise ValueError(f"generate(): batch_size={batch_size!r} must be None or an integer >= 1.")
 
 
 def _request(model, tokenizer, *, max_new_tokens, temperature, top_k, top_p, num_return_sequences, seed, stop,
@@ -446,7 +409,7 @@ def generate(
     tokenizer: Any,
     prompts: Sequence[Prompt],
     *,
-    max_new_tokens: int,
+    max_new_tokens: Optional[int] = None,
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
@@ -461,15 +424,20 @@ def generate(
     stop_check_every: int = 32,
     mesh: Optional[jax.sharding.Mesh] = None,
     sharding_rules: Optional[shd.ShardingRules] = None,
+    kv_cache_bytes: Optional[int] = None,
 ) -> Union[list[str], GenerationResult]:
     """Generate completions for ``prompts`` with a jaxsft model.
 
     ``prompts`` are strings (tokenized with the tokenizer's special tokens, as
-    ``tokenizer(prompts)`` does) or chat message lists (formatted with the chat
+    ``tokenizer(prompts)`` does), chat message lists (formatted with the chat
     template and a generation prompt; ``chat=True`` treats strings as one user
-    message). ``temperature=0`` is greedy; otherwise sampling with optional
+    message) or token ids (lists / 1-D arrays of ints, used as given). Without
+    ``max_new_tokens`` the budget is HF's: the model's generation config
+    (:func:`default_max_new_tokens`). ``temperature=0`` is greedy; otherwise sampling with optional
     ``top_k`` / ``top_p``. ``eos_token_ids`` overrides the EOS set (``[]`` never
-    stops early). ``batch_size`` caps the rows (prompts x samples) run at once.
+    stops early). ``batch_size`` caps the rows (prompts x samples) run at once;
+    ``kv_cache_bytes`` the KV memory the engine's slots hold (default: a quarter of
+    the accelerator's memory), which sets how many rows decode together.
     ``mesh`` defaults to the mesh the model's params live on; another mesh moves
     them there first (per ``sharding_rules``, default the rules table).
 
@@ -486,8 +454,9 @@ def generate(
     if isinstance(model, Seq2SeqLM):  # T5 / BART: encoder once, then the decoder loop
         from jaxsft.generation import seq2seq as seq2seq_generation
 
-        if sharding_rules is not None:
-            raise ValueError("generate(): sharding_rules is not supported for encoder-decoder models yet.")
+        if sharding_rules is not None or kv_cache_bytes is not None:
+            raise ValueError("generate(): sharding_rules and kv_cache_bytes are not supported for encoder-decoder "
+                             "models yet.")
         return seq2seq_generation.generate(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, num_return_sequences=num_return_sequences, seed=seed, stop=stop, return_tokens=return_tokens,
@@ -506,11 +475,31 @@ def generate(
         prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         num_return_sequences=num_return_sequences, seed=seed, stop=stop, return_tokens=return_tokens, chat=chat,
         batch_size=batch_size, eos_token_ids=eos_token_ids, skip_special_tokens=skip_special_tokens,
-        stop_check_every=stop_check_every,
+        stop_check_every=stop_check_every, kv_cache_bytes=kv_cache_bytes,
     )
 
 
 # ---------------------------------------------------------------------------- host helpers
+def default_max_new_tokens(model: CausalLM, prompt_length: int) -> int:
+    """HF's budget when ``max_new_tokens`` is not given: the model's generation config ``max_new_tokens``,
+    else its ``max_length`` less the (longest) prompt, else HF's default of 20 new tokens."""
+    from transformers import GenerationConfig
+
+    config = model.config
+    gen = GenerationConfig.from_model_config(config) if config is not None else GenerationConfig()
+    if gen.max_new_tokens is not None:
+        return int(gen.max_new_tokens)
+    if gen.max_length is None:
+        return 20
+    room = int(gen.max_length) - prompt_length
+    if room < 1:
+        raise ValueError(
+            f"generate(): max_new_tokens was not given and the model's generation config (max_length="
+            f"{gen.max_length}) leaves no room after the {prompt_length}-token prompt; pass max_new_tokens."
+        )
+    return room
+
+
 _WARNED: set[str] = set()
 
 

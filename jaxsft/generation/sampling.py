@@ -2,7 +2,7 @@
 
 Order as in HF: temperature -> top-k -> top-p, then a draw. The draw is an inverse-CDF
 lookup with one uniform number per row: the vocabulary is cut into blocks of
-``BLOCK`` tokens, one fused pass computes each block's probability mass, the uniform
+up to ``BLOCK`` tokens, one fused pass computes each block's probability mass, the uniform
 picks a block from the (short) running sum of masses and then a token inside it. That
 is the exact categorical distribution of the filtered logits, without a sort and without
 the ``V`` Gumbel draws per row a ``jax.random.categorical`` costs.
@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
+BLOCK = 256  # the most tokens per block of the two-level inverse-CDF draw
 
 
 class Mode(NamedTuple):
@@ -62,28 +62,38 @@ def sample(logits: jax.Array, keys: jax.Array, steps: jax.Array, mode: Mode, tem
 def inverse_cdf_draw(logits: jax.Array, uniforms: jax.Array) -> jax.Array:
     """The token whose cumulative probability interval holds ``uniforms`` [B] (in [0, 1)), for logits [B, V].
 
-    Two levels (blocks of :data:`BLOCK`, then inside the chosen block), so every pass is over
-    ``V`` elements once or over a short axis; ``-inf`` logits have probability 0 and are never drawn.
+    Two levels (blocks of :func:`block_size` tokens, then inside the chosen block), so every pass is
+    over ``V`` elements once or over a short axis; ``-inf`` logits have probability 0 and are never
+    drawn. The probabilities are never stored: block masses come from one fused exp-and-sum over the
+    logits, and only the chosen block's are formed again.
     """
     b, v = logits.shape
-    blocks = -(-v // BLOCK)
-    pad = blocks * BLOCK - v
+    size = block_size(v)
+    blocks = -(-v // size)
+    if blocks * size != v:
+        logits = jnp.pad(logits, ((0, 0), (0, blocks * size - v)), constant_values=-jnp.inf)
     m = jnp.max(logits, axis=-1, keepdims=True)
-    probs = jnp.exp(logits - m)  # unnormalised; the max token has 1
-    if pad:
-        probs = jnp.pad(probs, ((0, 0), (0, pad)))
-    probs = probs.reshape(b, blocks, BLOCK)
-    mass = jnp.sum(probs, axis=-1)  # [B, blocks]
+    grouped = logits.reshape(b, blocks, size)
+    mass = jnp.sum(jnp.exp(grouped - m[:, :, None]), axis=-1)  # [B, blocks]; the max token has 1
     cum = jnp.cumsum(mass, axis=-1)
     target = uniforms * cum[:, -1]
     block = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), blocks - 1)
     block = _last_nonzero_at_most(mass, block)
     before = jnp.take_along_axis(cum, block[:, None], axis=-1)[:, 0] - jnp.take_along_axis(mass, block[:, None], axis=-1)[:, 0]
-    inner = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]  # [B, BLOCK]
+    inner = jnp.exp(jnp.take_along_axis(grouped, block[:, None, None], axis=1)[:, 0] - m)  # [B, size]
     inner_cum = jnp.cumsum(inner, axis=-1)
-    j = jnp.minimum(jnp.sum(inner_cum <= (target - before)[:, None], axis=-1), BLOCK - 1)
+    j = jnp.minimum(jnp.sum(inner_cum <= (target - before)[:, None], axis=-1), size - 1)
     j = _last_nonzero_at_most(inner, j)  # rounding may land past the block's last token with mass
-    return (block * BLOCK + j).astype(jnp.int32)
+    return (block * size + j).astype(jnp.int32)
+
+
+def block_size(vocab: int) -> int:
+    """Tokens per block: the largest power of two <= BLOCK dividing the vocabulary (no padded copy of the
+    logits), or BLOCK with padding when that would be under 32."""
+    size = BLOCK
+    while size >= 32 and vocab % size:
+        size //= 2
+    return size if size >= 32 else BLOCK
 
 
 def _last_nonzero_at_most(weights: jax.Array, index: jax.Array) -> jax.Array:

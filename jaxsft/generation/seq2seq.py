@@ -14,6 +14,7 @@ temperature 0 is greedy. No dropout is ever applied here.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -22,6 +23,9 @@ import numpy as np
 from flax import nnx
 
 from jaxsft import sharding as shd
+from jaxsft.generation.common import GenerationResult, check_sampling_arguments
+from jaxsft.generation.engine import pow2_at_least
+from jaxsft.generation.sampling import Mode, sample
 from jaxsft.models.seq2seq import Seq2SeqLM
 
 MIN_BUCKET = 16
@@ -61,7 +65,6 @@ def generate(
     Same arguments and return values as :func:`jaxsft.generate` (which calls this for a
     ``Seq2SeqLM``); generated tokens start after the decoder start token, which is not returned.
     """
-    from jaxsft.generation import GenerationResult, check_sampling_arguments, pow2_at_least  # shared with the decoder sampler
 
     if unsupported:
         raise TypeError(f"generate(): unexpected keyword argument(s) {sorted(unsupported)} for an encoder-decoder model.")
@@ -83,6 +86,22 @@ def generate(
     for i, row in enumerate(prompt_ids):
         if not row:
             raise ValueError(f"generate(): prompt {i} tokenizes to no tokens; give it some text.")
+        if spec.position == "learned" and len(row) > spec.max_position_embeddings:
+            raise ValueError(
+                f"generate(): prompts[{i}] is {len(row)} tokens, over the encoder's {spec.max_position_embeddings} "
+                "positions; shorten it (or truncate with the tokenizer)."
+            )
+    if spec.position == "relative":
+        longest = max(len(row) for row in prompt_ids)
+        if longest > spec.max_position_embeddings:
+            _warn_once(f"generate(): a {longest}-token prompt runs past the {spec.max_position_embeddings} tokens "
+                       "this encoder was trained on; quality may drop.")
+    if eos_token_ids is not None and any(
+        isinstance(e, bool) or not isinstance(e, (int, np.integer)) or not 0 <= int(e) < spec.vocab_size
+        for e in eos_token_ids
+    ):
+        raise ValueError(f"generate(): eos_token_ids={list(eos_token_ids)!r} must be token ids of this model's "
+                         f"vocabulary (0 .. {spec.vocab_size - 1}).")
     eos = _eos_ids(spec, tokenizer) if eos_token_ids is None else [int(e) for e in eos_token_ids]
     if len(eos) > MAX_EOS_IDS:
         raise ValueError(f"generate(): at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}.")
@@ -135,7 +154,6 @@ def _eos_ids(spec, tokenizer) -> list[int]:
 
 def _run_chunk(graphdef, state, spec, dtype, chunk, first_prompt, nrs, new_bucket, mode, scalars):
     """Right-pad the chunk's prompts to their bucket, run the program, cut each row at its EOS or budget."""
-    from jaxsft.generation import pow2_at_least  # late: jaxsft.generation dispatches to this module
 
     longest = max(len(p) for p in chunk)
     enc_bucket = pow2_at_least(longest, MIN_BUCKET)
@@ -164,6 +182,15 @@ def _run_chunk(graphdef, state, spec, dtype, chunk, first_prompt, nrs, new_bucke
     return out, reasons
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
 def _signature(state) -> tuple:
     return tuple((tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", ""))) for x in jax.tree.leaves(state))
 
@@ -183,7 +210,8 @@ def _make_program(graphdef, spec, dtype, new_bucket: int, mode: tuple):
             t = st["t"]
             hidden, new_cache = model.decode_step(st["token"][:, None], st["cache"], t, mask)
             logits = model.logits(hidden)[:, 0]
-            nxt = _sample(logits, keys, t, mode, a["temperature"], a["top_p"])
+            nxt = sample(logits.astype(jnp.float32), keys, jnp.full((rows,), t, jnp.int32), Mode(*mode),
+                         a["temperature"], a["top_p"])  # the decoder engine's sampling
             nxt = jnp.where(st["done"], 0, nxt)
             tokens = st["tokens"].at[:, t].set(nxt)
             is_eos = jnp.any(nxt[:, None] == a["eos"][None, :], axis=-1) & ~st["done"]
@@ -200,24 +228,3 @@ def _make_program(graphdef, spec, dtype, new_bucket: int, mode: tuple):
         return st["tokens"], st["lengths"], st["finished"]
 
     return program
-
-
-def _sample(logits: jax.Array, keys: jax.Array, step: jax.Array, mode: tuple, temperature, top_p) -> jax.Array:
-    """Next token per row: argmax, or temperature -> top-k -> top-p sampling (HF's order)."""
-    logits = logits.astype(jnp.float32)
-    if mode[0] == "greedy":
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    _, top_k, use_top_p = mode
-    logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if use_top_p:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
-    return jax.vmap(lambda k, l: jax.random.categorical(k, l))(step_keys, logits).astype(jnp.int32)

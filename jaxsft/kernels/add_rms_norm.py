@@ -1,0 +1,170 @@
+"""Residual add + RMSNorm in one pass: ``s = h + delta`` and ``rms_norm(s) * scale``, forward and backward.
+
+Why: in a pre-norm block the residual add and the next norm read and write the residual stream in
+separate passes (the add, the row reduction, the scaling), and the backward again (the norm's two
+passes, then the add of the residual's cotangent). Here each direction is one Pallas Triton kernel
+over blocks of rows: the forward reads ``h`` and ``delta`` once and writes ``s``, the normalised
+output and one fp32 number per row; the backward reads ``s``, both cotangents and that number once and
+writes the input cotangent. The scale's gradient (a sum over rows) stays an XLA reduction.
+
+Numerics are those of the XLA form (``reference``): the add rounded to the stream dtype, the norm in
+fp32, the product with the scale formed in the stream dtype, the backward as
+``jaxsft.models.layers.rms_norm``'s. Triton blocks must be powers of two, so a row of ``H`` values
+(896 at Qwen2.5-0.5B) is loaded as ``next_power_of_2(H)`` lanes with the tail masked.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxsft.models import layers
+
+IMPLEMENTATIONS = ("auto", "pallas", "xla")
+MAX_HIDDEN = 16384  # one row per block; wider rows take the XLA form
+_BLOCK_ELEMENTS = 4096  # rows x lanes per program
+
+
+def reference(h: jax.Array, delta: jax.Array, scale: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """The XLA form: ``(h + delta, rms_norm(h + delta, scale))``, differentiated by layers.rms_norm's VJP."""
+    s = h + delta
+    return s, layers.rms_norm(s, scale, eps)
+
+
+def kernel_applies(hidden_size: int, backend: Optional[str] = None) -> bool:
+    """Whether ``implementation="auto"`` takes the kernel: a GPU and rows that fit one block."""
+    return (backend or jax.default_backend()) == "gpu" and hidden_size <= MAX_HIDDEN
+
+
+def add_rms_norm(
+    h: jax.Array, delta: jax.Array, scale: jax.Array, eps: float, *, implementation: str = "auto",
+    interpret: Optional[bool] = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(s, y)`` with ``s = h + delta`` (the new residual stream) and ``y = rms_norm(s) * scale``.
+
+    ``implementation``: "auto" (the kernel on GPU, the XLA form elsewhere), "xla", or "pallas" (the
+    kernel). ``interpret``: run the kernel in Pallas interpret mode; None: off a GPU only (tests). False
+    off a GPU still lowers for a GPU (``.lower(lowering_platforms=("cuda",))``), which checks the kernel's
+    Triton lowering on any host.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}: pick one of {IMPLEMENTATIONS}.")
+    if h.shape != delta.shape or h.dtype != delta.dtype or scale.shape != h.shape[-1:]:
+        raise ValueError(
+            f"add_rms_norm expects h and delta of one shape and dtype and scale [H]; got {h.shape} {h.dtype}, "
+            f"{delta.shape} {delta.dtype}, {scale.shape}."
+        )
+    use_kernel = implementation == "pallas" or (implementation == "auto" and kernel_applies(h.shape[-1]))
+    if not use_kernel:
+        return reference(h, delta, scale, eps)
+    interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+    shape = h.shape
+    s, y = _fused(h.reshape(-1, shape[-1]), delta.reshape(-1, shape[-1]), scale, float(eps), interpret)
+    return s.reshape(shape), y.reshape(shape)
+
+
+def _blocks(rows: int, hidden: int) -> tuple[int, int]:
+    """(rows per program, lanes): lanes the next power of two >= hidden, rows filling _BLOCK_ELEMENTS."""
+    from jax.experimental import pallas as pl
+
+    lanes = pl.next_power_of_2(hidden)
+    per_program = max(1, _BLOCK_ELEMENTS // lanes)
+    return min(per_program, pl.next_power_of_2(rows)), lanes
+
+
+def _call(kernel, out_shape, rows: int, hidden: int, interpret: bool, name: str):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    block_rows, lanes = _blocks(rows, hidden)
+    return pl.pallas_call(
+        functools.partial(kernel, block_rows=block_rows, lanes=lanes),
+        out_shape=out_shape,
+        grid=(pl.cdiv(rows, block_rows),),
+        compiler_params=plgpu.CompilerParams(num_warps=4 if block_rows * lanes <= 2048 else 8),
+        interpret=interpret,
+        name=name,
+    )
+
+
+def _indices(rows: int, hidden: int, block_rows: int, lanes: int):
+    """This program's row and lane indices, their masks and the 2-D index and mask of its block."""
+    from jax.experimental import pallas as pl
+
+    row = pl.program_id(0) * block_rows + jnp.arange(block_rows)
+    lane = jnp.arange(lanes)
+    row_ok, lane_ok = row < rows, lane < hidden
+    return row, lane, row_ok, lane_ok, (row[:, None], lane[None, :]), row_ok[:, None] & lane_ok[None, :]
+
+
+def _forward_kernel(h_ref, d_ref, w_ref, s_ref, y_ref, rstd_ref, *, eps: float, block_rows: int, lanes: int):
+    from jax.experimental.pallas import triton as plgpu
+
+    rows, hidden = h_ref.shape
+    row, lane, row_ok, lane_ok, at, ok = _indices(rows, hidden, block_rows, lanes)
+    dtype = s_ref.dtype
+    h = plgpu.load(h_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+    d = plgpu.load(d_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+    s = (h + d).astype(dtype)  # the residual stream, rounded as the XLA add rounds it
+    s32 = s.astype(jnp.float32)
+    rstd = 1.0 / jnp.sqrt(jnp.sum(s32 * s32, axis=1) / hidden + eps)
+    w = plgpu.load(w_ref.at[lane], mask=lane_ok, other=0.0).astype(dtype).astype(jnp.float32)
+    normed = (s32 * rstd[:, None]).astype(dtype).astype(jnp.float32)
+    plgpu.store(s_ref.at[at], s, mask=ok)
+    plgpu.store(y_ref.at[at], (w[None, :] * normed).astype(dtype), mask=ok)
+    plgpu.store(rstd_ref.at[row], rstd, mask=row_ok)
+
+
+def _backward_kernel(s_ref, w_ref, rstd_ref, dy_ref, ds_ref, dx_ref, *, block_rows: int, lanes: int):
+    from jax.experimental.pallas import triton as plgpu
+
+    rows, hidden = s_ref.shape
+    row, lane, row_ok, lane_ok, at, ok = _indices(rows, hidden, block_rows, lanes)
+    dtype = dx_ref.dtype
+    s = plgpu.load(s_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+    dy = plgpu.load(dy_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+    ds = plgpu.load(ds_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
+    rstd = plgpu.load(rstd_ref.at[row], mask=row_ok, other=0.0)
+    w = plgpu.load(w_ref.at[lane], mask=lane_ok, other=0.0).astype(dtype).astype(jnp.float32)
+    normed = s * rstd[:, None]
+    d_normed = (dy * w[None, :]).astype(dtype).astype(jnp.float32)  # formed in the stream dtype, as autodiff does
+    mean = jnp.sum(d_normed * normed, axis=1) / hidden
+    dx = (rstd[:, None] * (d_normed - normed * mean[:, None])).astype(dtype).astype(jnp.float32)
+    plgpu.store(dx_ref.at[at], (dx + ds).astype(dtype), mask=ok)  # + the residual's own cotangent
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused(h, delta, scale, eps: float, interpret: bool):
+    return _fused_fwd(h, delta, scale, eps, interpret)[0]
+
+
+def _fused_fwd(h, delta, scale, eps: float, interpret: bool):
+    rows, hidden = h.shape
+    out_shape = (
+        jax.ShapeDtypeStruct(h.shape, h.dtype),
+        jax.ShapeDtypeStruct(h.shape, h.dtype),
+        jax.ShapeDtypeStruct((rows,), jnp.float32),
+    )
+    call = _call(functools.partial(_forward_kernel, eps=eps), out_shape, rows, hidden, interpret, "add_rms_norm_fwd")
+    s, y, rstd = call(h, delta, scale)
+    return (s, y), (s, scale, rstd)
+
+
+def _fused_bwd(eps: float, interpret: bool, residuals, cotangents):
+    del eps
+    s, scale, rstd = residuals
+    ds, dy = cotangents
+    rows, hidden = s.shape
+    out_shape = jax.ShapeDtypeStruct(s.shape, s.dtype)
+    call = _call(_backward_kernel, out_shape, rows, hidden, interpret, "add_rms_norm_bwd")
+    dx = call(s, scale, rstd, dy.astype(s.dtype), ds.astype(s.dtype))
+    # The scale's gradient: a sum over rows, as layers.rms_norm's backward forms it (fp32).
+    normed = (s.astype(jnp.float32) * rstd[:, None]).astype(s.dtype).astype(jnp.float32)
+    d_scale = jnp.sum(dy.astype(jnp.float32) * normed, axis=0)
+    return dx, dx, d_scale.astype(scale.dtype)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Shows that the GPU tier and the kernel tests catch what they guard: each mutation breaks one path in a
+throwaway copy of this checkout (under a temporary folder, never here), runs the tests that guard it there,
+and must see them fail.
+
+    python tests/mutation_check.py                  # every mutation this backend can run
+    python tests/mutation_check.py ragged_mask_dropped
+    JAX_PLATFORMS=cuda python tests/mutation_check.py   # on a GPU machine: the GPU tier's mutations too
+
+Exit status 0 when every mutation run was caught (its tests failed), 1 when one was missed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Mutation(NamedTuple):
+    path: str
+    edits: tuple[tuple[str, str], ...]  # (text that must be there, its replacement)
+    tests: tuple[str, ...]  # pytest arguments, relative to the copy
+    needs_gpu: bool
+
+
+MUTATIONS = {
+    # cuDNN's ragged call without its segment tables: plain causal attention over the whole packed row.
+    "ragged_mask_dropped": Mutation(
+        "jaxsft/models/layers.py",
+        (("q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets, kv_offsets=offsets,", ""),
+         ("mask_type=MaskType.PADDING_CAUSAL", "mask_type=MaskType.CAUSAL")),
+        ("tests/test_gpu_tier.py", "-m", "gpu", "-k", "ragged"),
+        True,
+    ),
+    # The fused add + RMSNorm backward without the term that projects out the row's mean direction.
+    "fused_backward_mean_dropped": Mutation(
+        "jaxsft/kernels/add_rms_norm.py",
+        (("mean = jnp.sum(d_normed", "mean = 0.0 * jnp.sum(d_normed"),),
+        ("tests/test_kernels.py",),
+        False,
+    ),
+    "fused_backward_mean_dropped_compiled": Mutation(
+        "jaxsft/kernels/add_rms_norm.py",
+        (("mean = jnp.sum(d_normed", "mean = 0.0 * jnp.sum(d_normed"),),
+        ("tests/test_gpu_tier.py", "-m", "gpu", "-k", "fused"),
+        True,
+    ),
+}
+
+
+def _copy_checkout(dest: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True, capture_output=True
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        source, target = REPO / name.decode(), dest / name.decode()
+        if source.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+
+
+def run(name: str, mutation: Mutation) -> bool:
+    """True when the mutated copy's tests fail (caught)."""
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{name}-") as tmp:
+        copy = Path(tmp)
+        _copy_checkout(copy)
+        target = copy / mutation.path
+        text = target.read_text()
+        for old, new in mutation.edits:
+            if old not in text:
+                raise SystemExit(f"{name}: {mutation.path} no longer contains {old!r}; update this mutation")
+            text = text.replace(old, new)
+        target.write_text(text)
+        env = dict(os.environ, PYTHONPATH=str(copy))
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", *mutation.tests]
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
+    summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    caught = proc.returncode == 1  # 1: tests ran and failed; 0 passed, 2-5 errors or nothing collected
+    print(f"{name}: {'caught' if caught else 'MISSED'} (pytest exit {proc.returncode}: {summary})", flush=True)
+    return caught
+
+
+def main(names: list[str]) -> int:
+    import jax
+
+    on_gpu = jax.default_backend() == "gpu"
+    unknown = sorted(set(names) - set(MUTATIONS))
+    if unknown:
+        raise SystemExit(f"unknown mutations {unknown}; choose from {sorted(MUTATIONS)}")
+    missed = 0
+    for name in names or list(MUTATIONS):
+        mutation = MUTATIONS[name]
+        if mutation.needs_gpu and not on_gpu:
+            print(f"{name}: not run (needs a GPU; the backend is {jax.default_backend()!r})", flush=True)
+            continue
+        missed += not run(name, mutation)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
