@@ -304,3 +304,18 @@ def test_ctrl_c_prints_one_line_and_exits_130(tiny, tmp_path):
     done = json.loads((out / "results.json").read_text())["rounds"][-1]["round"]
     assert stderr.strip().splitlines() == [
         f"python -m jaxsft rft: stopped after round {done}; partial results in {out} (continue with --resume)"]
+
+
+def test_an_interrupt_swallowed_by_python_still_stops_the_run():
+    """Python prints and drops a KeyboardInterrupt raised inside a garbage-collection callback (JAX registers
+    one); the run's SIGINT handler remembers the request and stops at the next phase boundary instead."""
+    stop = loop.StopRequest()
+    with stop.installed():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the handler runs here and raises
+        except KeyboardInterrupt:
+            pass  # as if swallowed elsewhere
+        with pytest.raises(KeyboardInterrupt):
+            stop.check()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler is back

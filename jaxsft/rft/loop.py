@@ -14,9 +14,12 @@ uninterrupted one gives.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -103,6 +106,34 @@ def check_resume(cfg: RFTConfig) -> Optional[dict]:
         raise ValueError(f"--resume: the run in {cfg.output_dir} finished after round {done} and keeps no checkpoint "
                          "to go on from; start a new run in another --output-dir")
     return saved
+
+
+class StopRequest:
+    """Ctrl-C during a run: raise KeyboardInterrupt at once, and remember it, because an interrupt that lands in a
+    garbage-collection callback (JAX has one) is printed and swallowed by Python; :meth:`check` raises it again
+    at the next phase boundary, so the run always stops."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach the main thread only
+            return
+        previous = signal.signal(signal.SIGINT, self.handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def prompt_text(tokenizer: Any, prompt: Any) -> str:
@@ -257,66 +288,73 @@ def run(
         log(report.HEADER)
         for h in history:
             log(report.table_row(h))
-    try:
-        if not history:
-            t0 = time.perf_counter()
-            progress.set_postfix_str("round 0: held-out eval")
-            accuracy, replies, correct = evaluate()
-            finish_round(RoundResult(0, accuracy, report.standard_error(accuracy, len(held_out)),
-                                     seconds=time.perf_counter() - t0), replies, correct, [])
-            progress.update(1)
-        for r in range(start_round, last_round + 1):
-            t0 = time.perf_counter()
-            first = ((r - 1) * per_round) % len(train)
-            examples = [train[(first + i) % len(train)] for i in range(min(per_round, len(train)))]
-            progress.set_postfix_str(f"round {r}: sampling")
-            g0 = time.perf_counter()
-            result = trainer.generate(
-                [e.prompt for e in examples], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                top_p=cfg.top_p, num_return_sequences=cfg.samples, seed=cfg.seed * 1000 + r, return_tokens=True,
-            )
-            gen_seconds = time.perf_counter() - g0
-            new_kept: list[dict] = []
-            for i, e in enumerate(examples):
-                rows = range(i * cfg.samples, (i + 1) * cfg.samples)
-                replies = [result.texts[j] for j in rows]
-                rewards = [verifier_lib.reward(verifier, result.texts[j], e.answer, result.finish_reasons[j])
-                           for j in rows]
-                for k in keep_lib.select(rule, replies, rewards, seen.setdefault(e.key(), set())):
-                    new_kept.append({"round": r, "prompt_key": e.key(), "prompt": e.prompt, "answer": e.answer,
-                                     "reply": replies[k].strip(), "reward": rewards[k]})
-            fresh = [(prompt_text(tokenizer, row["prompt"]), row["reply"] + eos) for row in new_kept]
-            buffer = buffer + fresh if cfg.replay else fresh
-            if cfg.reset_each_round:
-                trainer.reset()  # ReST-EM: from the starting weights, on everything in the buffer
-            texts, answers = [t for t, _ in buffer], [a for _, a in buffer]
-            progress.set_postfix_str(f"round {r}: training on {len(texts)}")
-            losses, train_tps = [], []
-            for _ in range(cfg.epochs if texts else 0):
-                stats = trainer.step(texts=texts, texts_labels=answers)
-                losses.append(stats["loss"])
-                train_tps.append(stats["tokens_per_second"])
-            progress.set_postfix_str(f"round {r}: held-out eval")
-            accuracy, replies, correct = evaluate()
-            h = RoundResult(
-                round=r, accuracy=accuracy, stderr=report.standard_error(accuracy, len(held_out)),
-                kept=len(new_kept), sampled=len(result.texts), trained_on=len(texts),
-                loss=float(np.mean(losses)) if losses else float("nan"),
-                gen_tokens_per_second=result.num_generated_tokens / gen_seconds,
-                train_tokens_per_second=float(np.mean(train_tps)) if train_tps else float("nan"),
-                seconds=time.perf_counter() - t0, global_step=int(trainer.state.global_step),
-            )
-            best_round = r if h.accuracy > best.accuracy else best.round
-            stopped_early = bool(cfg.patience and r - best_round >= cfg.patience and r < cfg.rounds)
-            finish_round(h, replies, correct, new_kept)
-            progress.update(1)
-            if stopped_early:
-                log(f"no held-out gain on round {best.round}'s {best.accuracy:.1%} for {r - best.round} rounds: "
-                    f"stopping early (--patience {cfg.patience}); the best round's model is in {out / 'model'}")
-                break
-    except KeyboardInterrupt:
-        progress.close()
-        raise RunInterrupted(history[-1].round if history else -1, str(out)) from None
+    stop = StopRequest()
+    with stop.installed():
+        try:
+            if not history:
+                t0 = time.perf_counter()
+                progress.set_postfix_str("round 0: held-out eval")
+                accuracy, replies, correct = evaluate()
+                finish_round(RoundResult(0, accuracy, report.standard_error(accuracy, len(held_out)),
+                                         seconds=time.perf_counter() - t0), replies, correct, [])
+                progress.update(1)
+                stop.check()
+            for r in range(start_round, last_round + 1):
+                t0 = time.perf_counter()
+                first = ((r - 1) * per_round) % len(train)
+                examples = [train[(first + i) % len(train)] for i in range(min(per_round, len(train)))]
+                progress.set_postfix_str(f"round {r}: sampling")
+                g0 = time.perf_counter()
+                result = trainer.generate(
+                    [e.prompt for e in examples], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                    top_p=cfg.top_p, num_return_sequences=cfg.samples, seed=cfg.seed * 1000 + r, return_tokens=True,
+                )
+                gen_seconds = time.perf_counter() - g0
+                stop.check()
+                new_kept: list[dict] = []
+                for i, e in enumerate(examples):
+                    rows = range(i * cfg.samples, (i + 1) * cfg.samples)
+                    replies = [result.texts[j] for j in rows]
+                    rewards = [verifier_lib.reward(verifier, result.texts[j], e.answer, result.finish_reasons[j])
+                               for j in rows]
+                    for k in keep_lib.select(rule, replies, rewards, seen.setdefault(e.key(), set())):
+                        new_kept.append({"round": r, "prompt_key": e.key(), "prompt": e.prompt, "answer": e.answer,
+                                         "reply": replies[k].strip(), "reward": rewards[k]})
+                fresh = [(prompt_text(tokenizer, row["prompt"]), row["reply"] + eos) for row in new_kept]
+                buffer = buffer + fresh if cfg.replay else fresh
+                if cfg.reset_each_round:
+                    trainer.reset()  # ReST-EM: from the starting weights, on everything in the buffer
+                texts, answers = [t for t, _ in buffer], [a for _, a in buffer]
+                progress.set_postfix_str(f"round {r}: training on {len(texts)}")
+                losses, train_tps = [], []
+                for _ in range(cfg.epochs if texts else 0):
+                    stats = trainer.step(texts=texts, texts_labels=answers)
+                    losses.append(stats["loss"])
+                    train_tps.append(stats["tokens_per_second"])
+                    stop.check()
+                progress.set_postfix_str(f"round {r}: held-out eval")
+                accuracy, replies, correct = evaluate()
+                stop.check()
+                h = RoundResult(
+                    round=r, accuracy=accuracy, stderr=report.standard_error(accuracy, len(held_out)),
+                    kept=len(new_kept), sampled=len(result.texts), trained_on=len(texts),
+                    loss=float(np.mean(losses)) if losses else float("nan"),
+                    gen_tokens_per_second=result.num_generated_tokens / gen_seconds,
+                    train_tokens_per_second=float(np.mean(train_tps)) if train_tps else float("nan"),
+                    seconds=time.perf_counter() - t0, global_step=int(trainer.state.global_step),
+                )
+                best_round = r if h.accuracy > best.accuracy else best.round
+                stopped_early = bool(cfg.patience and r - best_round >= cfg.patience and r < cfg.rounds)
+                finish_round(h, replies, correct, new_kept)
+                progress.update(1)
+                stop.check()
+                if stopped_early:
+                    log(f"no held-out gain on round {best.round}'s {best.accuracy:.1%} for {r - best.round} rounds: "
+                        f"stopping early (--patience {cfg.patience}); the best round's model is in {out / 'model'}")
+                    break
+        except KeyboardInterrupt:
+            progress.close()
+            raise RunInterrupted(history[-1].round if history else -1, str(out)) from None
     progress.close()
     final = summary(finished=True)
     final["total_seconds"] = time.perf_counter() - started
