@@ -88,17 +88,18 @@ def test_random_calls_compile_a_bounded_number_of_programs(tok):
     assert counts[-1] == counts[149], "the last 50 calls compiled something new"
 
 
-def test_prefill_then_decode_steps_match_the_full_forward():
-    """The engine's cache path (prefill's prefix + per-row suffix, shared by n rows) reproduces the full forward."""
-    import jax
+@pytest.mark.parametrize("family", ["qwen2", pytest.param("gemma2", marks=pytest.mark.slow)])
+def test_prefill_then_decode_steps_match_the_full_forward(family):
+    """The engine's cache path (prefill's prefix + per-row suffix, shared by n rows) reproduces the full forward;
+    for Gemma 2 (window 5) past the window: its sliding layers' prompt tails and continuation rings wrap."""
     import jax.numpy as jnp
 
     from jaxsft.generation import kv_cache
 
-    _, model = models("qwen2")
+    _, model = models(family)
     spec = model.spec
     rng = np.random.default_rng(0)
-    g, n, lp, ls = 2, 2, 8, 4
+    g, n, lp, ls = 2, 2, 8, (8 if family == "gemma2" else 4)  # Gemma 2: 8 steps wrap its rings of 5
     prompt = rng.integers(3, 200, size=(g, lp)).astype(np.int32)
     mask = np.ones((g, lp), np.int32)
     mask[0, :3] = 0  # left padding
@@ -107,24 +108,27 @@ def test_prefill_then_decode_steps_match_the_full_forward():
     cache = model.init_cache(g, lp)
     _, cache = model.forward_with_cache(jnp.asarray(prompt), jnp.asarray(positions), cache, jnp.int32(0),
                                         jnp.asarray(mask))
-    layers = kv_cache.empty_layers(spec.num_layers, g, n, spec.num_kv_heads, lp, ls, spec.head_dim, model.dtype)
+    layers = kv_cache.empty_layers(spec.windows(), g, n, spec.num_kv_heads, lp, ls, spec.head_dim, model.dtype)
+    if family == "gemma2":  # the sliding layers hold less than the buckets (the rule itself: test below)
+        assert [layer.suffix_k.shape[2] for layer in layers] == [5, ls, 5]
     layers = kv_cache.write_prefix(layers, cache.k, cache.v, jnp.arange(g))
     prompt_len = jnp.asarray(mask.sum(-1), jnp.int32)
     prefix_pos = jnp.arange(lp)[None] - (lp - prompt_len)[:, None]
     params = model.decode_params()
+    full_ids = np.concatenate([np.repeat(prompt, n, axis=0), cont], axis=1)
+    full_mask = np.concatenate([np.repeat(mask, n, axis=0), np.ones((g * n, ls), np.int32)], axis=1)
+    ref = np.asarray(model(jnp.asarray(full_ids), jnp.asarray(full_mask)))  # [g * n, lp + ls, V]
     for t in range(ls):
-        rows = kv_cache.RowView(write_slot=jnp.full((g * n,), t, jnp.int32), prefix_mask=jnp.asarray(mask, bool),
-                                suffix_len=jnp.full((g * n,), t + 1, jnp.int32),
-                                query_pos=jnp.repeat(prompt_len, n) + t, prefix_pos=prefix_pos, prompt_len=prompt_len)
+        rows = kv_cache.RowView(suffix_index=jnp.full((g * n,), t, jnp.int32), prefix_mask=jnp.asarray(mask, bool),
+                                query_pos=jnp.repeat(prompt_len, n) + t, prefix_pos=prefix_pos)
+
+        def attend(q, k, v, c, *, window, scale, softcap):
+            return kv_cache.shared_prefix_attention(q, k, v, c, rows, window, scale, softcap)
+
         h, layers = model.decode_step(jnp.asarray(cont[:, t : t + 1]), (jnp.repeat(prompt_len, n) + t)[:, None], layers,
-                                      lambda q, k, v, c, **rule: kv_cache.shared_prefix_attention(q, k, v, c, rows, **{"sliding_window": rule["window"], "scale": rule["scale"], "softcap": rule["softcap"]}),
-                                      params)
-        logits = np.asarray(model.logits(h))[:, 0]
-        for r in range(g * n):
-            full_ids = np.concatenate([prompt[r // n], cont[r, : t + 1]])[None]
-            full_mask = np.concatenate([mask[r // n], np.ones(t + 1, np.int32)])[None]
-            ref = np.asarray(model(jnp.asarray(full_ids), jnp.asarray(full_mask)))[0, -1]
-            np.testing.assert_allclose(logits[r], ref, atol=2e-5, rtol=1e-5)
+                                      attend, params)
+        np.testing.assert_allclose(np.asarray(model.logits(h))[:, 0], ref[:, lp + t], atol=2e-5, rtol=1e-5,
+                                   err_msg=f"step {t}")
 
 
 @pytest.mark.parametrize("v", [3 * 256 + 37, 128 * 37], ids=["padded", "blocks-of-128"])
@@ -191,3 +195,114 @@ def test_steady_state_compiles_nothing_and_holds_its_memory(tok):
         call(100 + i)
     assert sampler.compiled_programs == programs
     assert rss_mb() - start < 12, "the process grew over 60 steady-state calls"
+
+
+# ---------------------------------------------------------------------------- sliding-window layers
+def test_sliding_layers_hold_only_their_window():
+    """Gemma 2 (window 5; layers sliding, global, sliding): a sliding layer's buffers hold the prompt's last 4
+    slots and a ring of 5, the global layer both buckets whole; the KV budget counts exactly what is held."""
+    import jax
+
+    from jaxsft.generation import engine, kv_cache
+    from jaxsft.models import spec_from_hf_config
+
+    spec, dtype = spec_from_hf_config(tiny.tiny_config("gemma2")), np.float32
+    assert spec.windows() == (5, None, 5)
+    shape = engine.Shape(groups=2, n=3, prompt_slots=32, new_slots=64)
+    state = jax.eval_shape(engine.make_init(spec, dtype, shape))
+    kv, d = spec.num_kv_heads, spec.head_dim
+    for layer, window in zip(state.cache, spec.windows()):
+        lp, ls = (32, 64) if window is None else (4, 5)
+        assert layer.prefix_k.shape == layer.prefix_v.shape == (2, kv, lp, d)
+        assert layer.suffix_k.shape == layer.suffix_v.shape == (6, kv, ls, d)
+    held = sum(x.size * x.dtype.itemsize for layer in state.cache for x in layer)
+    assert held == engine.kv_bytes_per_group(spec, dtype, 3, 32, 64) * shape.groups
+    full = 2 * spec.num_layers * kv * d * np.dtype(dtype).itemsize * (32 + 3 * 64) * shape.groups
+    assert held < 0.4 * full
+    # Buckets the window already covers stay whole; a window of 1 still keeps one (masked) prompt slot.
+    assert kv_cache.layer_slots((5, 100, None, 1), 16, 4) == [(4, 4), (16, 4), (16, 4), (1, 1)]
+
+
+def _hf_greedy_exact(torch_model, tok, prompts, new):
+    """transformers' greedy continuation of exactly ``new`` tokens (no EOS stop), left-padded."""
+    import torch
+
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = torch_model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                   pad_token_id=tok.pad_token_id)
+    return out[:, enc["input_ids"].shape[1]:].numpy()
+
+
+@pytest.mark.slow
+def test_window_cache_fits_more_groups_and_greedy_equals_transformers(tok):
+    """Gemma 2 on a budget of 2 full-cache groups runs 4 (its sliding layers hold O(window)); prompts and 14 new
+    tokens longer than the window of 5, so prompt tails are cut and rings wrap: tokens equal transformers'."""
+    from jaxsft.generation import Sampler, engine
+
+    torch_model, model = models("gemma2")
+    per_slot = 2 * model.spec.num_kv_heads * model.spec.head_dim * np.dtype(model.dtype).itemsize
+    lp = engine.pow2_at_least(max(len(tok(p).input_ids) for p in PROMPTS), engine.MIN_PROMPT_BUCKET)
+    full_group = per_slot * model.spec.num_layers * (lp + 16)  # every layer holding both buckets (new: 16)
+    assert engine.kv_bytes_per_group(model.spec, model.dtype, 1, lp, 16) < full_group / 2
+    sampler = Sampler(model, tok, kv_cache_bytes=2 * full_group)
+    ours = sampler.generate(PROMPTS, max_new_tokens=14, return_tokens=True, eos_token_ids=[])
+    shape = next(k for k in sampler._programs if k[0] == "decode")[4]
+    assert shape.groups == 4 and shape.prompt_slots == lp
+    ref = _hf_greedy_exact(torch_model, tok, PROMPTS, 14)
+    for r, row in enumerate(ours.tokens):
+        np.testing.assert_array_equal(np.asarray(row), ref[r], err_msg=f"row {r}")
+
+
+@pytest.mark.slow
+def test_mistral_short_window_greedy_equals_transformers(tok):
+    """Mistral with one window (4) for every layer: every layer's cache is a ring; greedy equals transformers'."""
+    import jaxsft
+    from jaxsft.generation import generate
+
+    torch_model = tiny.tiny_torch_model("mistral", sliding_window=4)
+    model = jaxsft.from_pretrained(torch_model)
+    assert model.spec.windows() == (4, 4)
+    ours = generate(model, tok, PROMPTS, max_new_tokens=12, return_tokens=True, eos_token_ids=[])
+    ref = _hf_greedy_exact(torch_model, tok, PROMPTS, 12)
+    for r, row in enumerate(ours.tokens):
+        np.testing.assert_array_equal(np.asarray(row), ref[r], err_msg=f"row {r}")
+
+
+@pytest.mark.slow
+def test_window_cache_samples_equal_the_full_cache(tok, monkeypatch):
+    """Gemma 3, 3 samples per prompt at temperature 1, one seed: the window-sized cache draws the same tokens as
+    a cache that keeps every layer's buckets whole (the rule patched to keep everything)."""
+    import jax
+
+    from jaxsft.generation import Sampler, engine, kv_cache
+
+    _, model = models("gemma3")
+    kw = dict(max_new_tokens=14, temperature=1.0, num_return_sequences=3, seed=5, return_tokens=True,
+              eos_token_ids=[])
+    windowed = Sampler(model, tok).generate(PROMPTS, **kw)
+    monkeypatch.setattr(kv_cache, "layer_slots", lambda windows, lp, ls: [(lp, ls)] * len(windows))
+    full_sampler = Sampler(model, tok)
+    full = full_sampler.generate(PROMPTS, **kw)
+    shape = next(k for k in full_sampler._programs if k[0] == "decode")[4]
+    reference = jax.eval_shape(engine.make_init(model.spec, model.dtype, shape)).cache
+    assert reference[0].suffix_k.shape[2] == shape.new_slots == 16  # the reference kept the whole bucket
+    assert len({len(t) for t in windowed.tokens}) == 1 and len(windowed.tokens[0]) == 14
+    assert len(set(map(tuple, windowed.tokens))) > len(PROMPTS)  # the samples differ
+    for r, (a, b) in enumerate(zip(windowed.tokens, full.tokens)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"row {r}")
+
+
+@pytest.mark.slow
+def test_window_cache_on_a_mesh_matches_single_device(tok):
+    """Gemma 2's window-sized buffers laid out on a 2x2x2 mesh (groups over data, KV heads over tensor): greedy
+    output past the window equals one device's."""
+    import jaxsft
+
+    _, model = models("gemma2")
+    kw = dict(max_new_tokens=10, num_return_sequences=2, return_tokens=True, eos_token_ids=[])
+    single = jaxsft.generate(model, tok, PROMPTS[:4], **kw)
+    sharded = jaxsft.generate(model, tok, PROMPTS[:4], mesh=jaxsft.make_mesh(2, 2, 2), **kw)
+    for r, (a, b) in enumerate(zip(single.tokens, sharded.tokens)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"row {r}")

@@ -19,7 +19,8 @@ holding each prompt once for its samples) and shape its rows into texts or a res
   ``stop_check_every`` steps; every text is cut before its first stop string.
 * **Memory.** The slot count comes from ``kv_cache_bytes`` (default: a quarter of the
   accelerator's memory, 2 GiB on CPU): a call of any number of prompts runs through the same
-  slots, refilling them as rows finish.
+  slots, refilling them as rows finish. A sliding-window layer holds only its window's KV, so
+  Gemma and Mistral fit more slots (:func:`jaxsft.generation.kv_cache.layer_slots`).
 * **Sharding.** Everything runs under the model's mesh and the sharding rules' activation
   table: slot groups split over the data axes when they divide them, KV heads over the tensor
   axis when it divides them.

@@ -76,9 +76,11 @@ def pow2_at_most(n: int) -> int:
 
 
 def kv_bytes_per_group(spec, dtype, shape_n: int, prompt_slots: int, new_slots: int) -> int:
-    """KV bytes one group holds: its prompt once plus ``n`` continuations, every layer."""
-    per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * jnp.dtype(dtype).itemsize
-    return per_token * (prompt_slots + shape_n * new_slots)
+    """KV bytes one group holds: its prompt once plus ``n`` continuations, every layer (a sliding layer only
+    its window's, :func:`kv_cache.layer_slots`): the budget then fits more slot groups."""
+    per_slot = 2 * spec.num_kv_heads * spec.head_dim * jnp.dtype(dtype).itemsize
+    slots = kv_cache.layer_slots(spec.windows(), prompt_slots, new_slots)
+    return per_slot * sum(lp + shape_n * ls for lp, ls in slots)
 
 
 def prefill_group_cap(spec, prompt_slots: int, budget: int) -> int:
@@ -108,7 +110,7 @@ def compute_view(state, dtype):
 def make_init(spec, dtype, shape: Shape):
     def init() -> DecodeState:
         g, b = shape.groups, shape.rows
-        cache = kv_cache.empty_layers(spec.num_layers, g, shape.n, spec.num_kv_heads, shape.prompt_slots,
+        cache = kv_cache.empty_layers(spec.windows(), g, shape.n, spec.num_kv_heads, shape.prompt_slots,
                                       shape.new_slots, spec.head_dim, dtype)
         prefix_mask = jnp.zeros((g, shape.prompt_slots), bool).at[:, -1].set(True)  # free groups: never empty
         return DecodeState(
@@ -171,10 +173,10 @@ def make_decode(graphdef, dtype, shape: Shape, mode: Mode):
             return (st.steps < limit) & ~jnp.all(st.done) & (free < refill_at)
 
         def body(st: DecodeState):
-            slot = st.gen_len - 1  # the token fed now is token gen_len - 1 of its row
-            query_pos = jnp.repeat(st.prompt_len, n) + slot
-            rows = kv_cache.RowView(write_slot=slot, prefix_mask=st.prefix_mask, suffix_len=st.gen_len,
-                                    query_pos=query_pos, prefix_pos=prefix_pos, prompt_len=st.prompt_len)
+            index = st.gen_len - 1  # the token fed now is token gen_len - 1 of its row
+            query_pos = jnp.repeat(st.prompt_len, n) + index
+            rows = kv_cache.RowView(suffix_index=index, prefix_mask=st.prefix_mask, query_pos=query_pos,
+                                    prefix_pos=prefix_pos)
 
             def attend(q, k, v, layer, *, window, scale, softcap):
                 return kv_cache.shared_prefix_attention(q, k, v, layer, rows, window, scale, softcap)
@@ -227,15 +229,18 @@ def layouts(spec, mesh, shape: Shape, rules) -> DecodeState:
     def named(axes, shp):
         return NamedSharding(mesh, shd.activation_spec(axes, shp, mesh, rules))
 
-    kv = spec.num_kv_heads
-    pre = named(("batch", "kv_heads", None, None), (shape.groups, kv, shape.prompt_slots, spec.head_dim))
-    suf = named(("batch", "kv_heads", None, None), (shape.rows, kv, shape.new_slots, spec.head_dim))
+    kv, heads = spec.num_kv_heads, ("batch", "kv_heads", None, None)
+    cache = []
+    for lp, ls in kv_cache.layer_slots(spec.windows(), shape.prompt_slots, shape.new_slots):
+        pre = named(heads, (shape.groups, kv, lp, spec.head_dim))
+        suf = named(heads, (shape.rows, kv, ls, spec.head_dim))
+        cache.append(kv_cache.LayerKV(pre, pre, suf, suf))
     rows1 = named(("batch",), (shape.rows,))
     rows2 = named(("batch", None), (shape.rows, 1))
     groups1 = named(("batch",), (shape.groups,))
     groups2 = named(("batch", None), (shape.groups, 1))
     return DecodeState(
-        cache=[kv_cache.LayerKV(pre, pre, suf, suf) for _ in range(spec.num_layers)], prefix_mask=groups2,
+        cache=cache, prefix_mask=groups2,
         prompt_len=groups1, tokens=rows2, last=rows1, gen_len=rows1, keys=rows1, done=rows1, finished_by_eos=rows1,
         steps=NamedSharding(mesh, P()),
     )

@@ -5,7 +5,12 @@ Layout (per layer, one buffer each, so the loop updates them in place):
 * ``prefix_k/v`` [groups, kv_heads, prompt_slots, head_dim]: a group is one prompt (left-padded
   to ``prompt_slots``) and its ``n`` samples; written once by prefill, read by all ``n`` samples.
 * ``suffix_k/v`` [groups * n, kv_heads, new_slots, head_dim]: row ``g * n + j`` is sample ``j`` of
-  group ``g``; each decode step writes one slot per row, at that row's own length.
+  group ``g``; each decode step writes one slot per row, continuation token ``s`` at slot ``s % new_slots``.
+
+A sliding layer (window ``W``) keeps only what a decode token can still reach (:func:`layer_slots`):
+the prompt's last ``W - 1`` slots and a ring of ``W`` continuation slots, which the ``s % slots``
+write wraps around; each slot's position is then recovered from the row's length, and the mask
+reads positions, not slot numbers. Its memory is O(W), not O(prompt + new tokens).
 
 Attention of a decode token reads its group's prefix plus its own filled suffix, as one softmax
 over both (:func:`shared_prefix_attention`). Heads lead the per-row slot axis, so both score
@@ -15,7 +20,7 @@ products are batched matmuls over (group, kv head) with no transpose of the cach
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,28 +41,42 @@ class LayerKV(NamedTuple):
 class RowView(NamedTuple):
     """What a decode step's attention needs to know about every row (shared by all layers)."""
 
-    write_slot: jax.Array  # [B] int32: the suffix slot this step's key/value goes to
+    suffix_index: jax.Array  # [B] int32: this token's index in its row's continuation (written at slot index % slots)
     prefix_mask: jax.Array  # [G, Lp] bool: prompt slots holding real tokens
-    suffix_len: jax.Array  # [B] int32: filled suffix slots after this step's write
     query_pos: jax.Array  # [B] int32: this token's position
     prefix_pos: jax.Array  # [G, Lp] int32: positions of the prompt slots
-    prompt_len: jax.Array  # [G] int32: real prompt tokens (suffix slot s has position prompt_len + s)
 
 
-def empty_layers(num_layers: int, groups: int, n: int, kv_heads: int, prompt_slots: int, new_slots: int, head_dim: int,
-                 dtype) -> list[LayerKV]:
-    pre = (groups, kv_heads, prompt_slots, head_dim)
-    suf = (groups * n, kv_heads, new_slots, head_dim)
-    return [LayerKV(jnp.zeros(pre, dtype), jnp.zeros(pre, dtype), jnp.zeros(suf, dtype), jnp.zeros(suf, dtype))
-            for _ in range(num_layers)]
+def layer_slots(windows: Sequence[Optional[int]], prompt_slots: int, new_slots: int) -> list[tuple[int, int]]:
+    """Each layer's (prompt slots, continuation slots): the one rule for the cache's size, static per shape.
+
+    A decode token at position ``p`` of a layer with window ``W`` attends positions ``p - W + 1 .. p``:
+    the first one (``p`` = prompt length) reaches the prompt's last ``W - 1`` tokens, later ones fewer,
+    and continuation ``s`` needs only continuations ``s - W + 1 .. s``. So a sliding layer keeps
+    ``min(prompt_slots, W - 1)`` and ``min(new_slots, W)`` (at least one prompt slot, so no buffer is
+    empty); a global layer (None) keeps both buckets whole."""
+    return [(prompt_slots, new_slots) if w is None else (min(prompt_slots, max(w - 1, 1)), min(new_slots, w))
+            for w in windows]
+
+
+def empty_layers(windows: Sequence[Optional[int]], groups: int, n: int, kv_heads: int, prompt_slots: int,
+                 new_slots: int, head_dim: int, dtype) -> list[LayerKV]:
+    """Zeroed buffers for layers with attention windows ``windows`` (sized by :func:`layer_slots`)."""
+    out = []
+    for lp, ls in layer_slots(windows, prompt_slots, new_slots):
+        pre, suf = (groups, kv_heads, lp, head_dim), (groups * n, kv_heads, ls, head_dim)
+        out.append(LayerKV(jnp.zeros(pre, dtype), jnp.zeros(pre, dtype), jnp.zeros(suf, dtype), jnp.zeros(suf, dtype)))
+    return out
 
 
 def write_prefix(layers: list[LayerKV], k: jax.Array, v: jax.Array, group_slots: jax.Array) -> list[LayerKV]:
-    """Put prefill's stacked K/V [layers, Gp, Lp, K, D] into groups ``group_slots`` [Gp] (out-of-range: dropped)."""
+    """Put prefill's stacked K/V [layers, Gp, Lp, K, D] into groups ``group_slots`` [Gp] (out-of-range: dropped);
+    a layer with fewer prompt slots keeps the last ones (prompts are left-padded: the latest tokens)."""
     out = []
     for i, layer in enumerate(layers):
-        ki = jnp.swapaxes(k[i], 1, 2).astype(layer.prefix_k.dtype)
-        vi = jnp.swapaxes(v[i], 1, 2).astype(layer.prefix_v.dtype)
+        keep = layer.prefix_k.shape[2]
+        ki = jnp.swapaxes(k[i, :, -keep:], 1, 2).astype(layer.prefix_k.dtype)
+        vi = jnp.swapaxes(v[i, :, -keep:], 1, 2).astype(layer.prefix_v.dtype)
         out.append(layer._replace(prefix_k=layer.prefix_k.at[group_slots].set(ki, mode="drop"),
                                   prefix_v=layer.prefix_v.at[group_slots].set(vi, mode="drop")))
     return out
@@ -76,25 +95,27 @@ def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer: Lay
     ``scale``: the query scale (None: head_dim ** -0.5); ``softcap``: the score soft cap (Gemma 2), applied
     to the scaled scores before masking, as transformers does."""
     b, _, n_heads, d = q.shape
-    g, kv, lp, _ = layer.prefix_k.shape
+    g, kv, lp, _ = layer.prefix_k.shape  # lp / ls: this layer's slots (a sliding layer may keep fewer)
+    ls = layer.suffix_k.shape[2]
     n = b // g
     h = n_heads // kv
-    sk = _write_rows(layer.suffix_k, k[:, 0].astype(layer.suffix_k.dtype), rows.write_slot)
-    sv = _write_rows(layer.suffix_v, v[:, 0].astype(layer.suffix_v.dtype), rows.write_slot)
-    ls = sk.shape[2]
+    index = rows.suffix_index
+    sk = _write_rows(layer.suffix_k, k[:, 0].astype(layer.suffix_k.dtype), index % ls)
+    sv = _write_rows(layer.suffix_v, v[:, 0].astype(layer.suffix_v.dtype), index % ls)
     cdt = q.dtype
     qg = q.reshape(g, n, kv, h, d)  # query head j reads kv head j // h (HF's repeat_kv order)
     scale = np.float32(1.0 / math.sqrt(d) if scale is None else scale)
     s_pre = jnp.einsum("gnkhd,gksd->gnkhs", qg, layer.prefix_k.astype(cdt), preferred_element_type=jnp.float32)
     s_suf = jnp.einsum("gnkhd,gnksd->gnkhs", qg, sk.reshape(g, n, kv, ls, d).astype(cdt),
                        preferred_element_type=jnp.float32)
-    pre_ok = jnp.broadcast_to(rows.prefix_mask[:, None, :], (g, n, lp))
-    suf_ok = jnp.arange(ls)[None, :] < rows.suffix_len[:, None]  # [B, Ls]
+    pre_ok = jnp.broadcast_to(rows.prefix_mask[:, None, -lp:], (g, n, lp))
+    # The continuation index each slot holds: the latest i <= index with i % ls == slot (negative: none yet).
+    held = index[:, None] - (index[:, None] - jnp.arange(ls)[None, :]) % ls  # [B, Ls]
+    suf_ok = held >= 0
     if sliding_window is not None:
         qp = rows.query_pos.reshape(g, n)
-        pre_ok = pre_ok & ((qp[:, :, None] - rows.prefix_pos[:, None, :]) < sliding_window)
-        suf_pos = rows.prompt_len[:, None, None] + jnp.arange(ls)[None, None, :]
-        suf_ok = suf_ok & ((qp[:, :, None] - suf_pos) < sliding_window).reshape(b, ls)
+        pre_ok = pre_ok & ((qp[:, :, None] - rows.prefix_pos[:, None, -lp:]) < sliding_window)
+        suf_ok = suf_ok & (index[:, None] - held < sliding_window)
     neg = jnp.float32(-jnp.inf)
     s_pre = jnp.where(pre_ok[:, :, None, None, :], soft_cap(s_pre * scale, softcap), neg)
     s_suf = jnp.where(suf_ok.reshape(g, n, 1, 1, ls), soft_cap(s_suf * scale, softcap), neg)
