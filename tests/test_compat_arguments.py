@@ -343,3 +343,11 @@ def test_ignored_names_come_once_in_table_order(tmp_path):
     order = [row.field for row in ARGUMENTS]
     _, ignored = convert(args)
     assert ignored == sorted({"num_train_epochs", "logging_first_step", "data_seed"}, key=order.index)
+
+
+def test_the_facade_accepts_the_truncation_modes_the_core_does():
+    """compat.config keeps TRL's list without importing the JAX core; the two must not drift apart."""
+    from compat.config import TRL_TRUNCATION_MODES
+    from jaxsft.config import TRUNCATION_MODES
+
+    assert tuple(TRL_TRUNCATION_MODES) == tuple(TRUNCATION_MODES)

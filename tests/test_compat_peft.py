@@ -104,9 +104,10 @@ def test_trl_peft_script_runs_with_one_import_changed(tmp_path):
     for key, want in trl["adapters"].items():
         want, got = np.asarray(want), np.asarray(ours["adapters"][key])
         assert np.linalg.norm(got - want) <= 1e-3 * np.linalg.norm(want), key
-        # Every element within 1% of one Adam step (lr 2e-2): near-zero gradients turn fp32 reduction-order
-        # noise into visible step differences (as in tests/test_trainer_parity.py).
-        assert np.abs(got - want).max() <= 1e-2 * 2e-2, key
+        # Every element within 2% of one Adam step (lr 2e-2), the bound tests/test_trainer_parity.py uses:
+        # near-zero gradients turn fp32 reduction-order noise into step differences of up to ~1% (1.02% seen
+        # on 2026-12-06 at the unchanged 0165e0b as well), while a wrong update moves whole steps.
+        assert np.abs(got - want).max() <= 2e-2 * 2e-2, key
 
     # save_model wrote a PEFT adapter folder; loaded by peft it gives the script's logits.
     import torch
