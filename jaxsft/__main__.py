@@ -158,14 +158,19 @@ def _check_demo(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    _check_sampling_and_rate(args)
+    _check_model(args.model)
+
+
+
+def _check_sampling_and_rate(args: argparse.Namespace) -> None:
+    """The sampling and learning-rate arguments demo and rft share, checked one way for both."""
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"--temperature {args.temperature}: must be a number >= 0 (0 = greedy)")
     if args.top_p is not None and not (0.0 < args.top_p <= 1.0):
         raise UsageError(f"--top-p {args.top_p}: must lie in (0, 1]")
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         raise UsageError(f"--learning-rate {args.learning_rate}: must be a number > 0")
-    _check_model(args.model)
-
 
 def _check_model(model: Optional[str]) -> None:
     if model is None:
@@ -200,12 +205,7 @@ def _check_rft(args: argparse.Namespace) -> None:
         raise UsageError(f"--prompts-per-round {args.prompts_per_round}: must be at least 1")
     if args.patience < 0:
         raise UsageError(f"--patience {args.patience}: must be 0 (never stop early) or more")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UsageError(f"--temperature {args.temperature}: must be a number >= 0 (0 = greedy)")
-    if args.top_p is not None and not (0.0 < args.top_p <= 1.0):
-        raise UsageError(f"--top-p {args.top_p}: must lie in (0, 1]")
-    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        raise UsageError(f"--learning-rate {args.learning_rate}: must be a number > 0")
+    _check_sampling_and_rate(args)
     try:
         keep_lib.parse_keep(args.keep)
     except ValueError as err:
