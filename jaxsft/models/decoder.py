@@ -215,10 +215,7 @@ class CausalLM(nnx.Module):
         slots = jnp.arange(cache.k.shape[2])
         query_slots = write_index + jnp.arange(t)
         causal = slots[None, :] <= query_slots[:, None]  # [T, S]
-        mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]
-        if self.spec.sliding_window is not None:
-            within = query_slots[:, None] - slots[None, :] < self.spec.sliding_window
-            mask = mask & within[None, None]
+        mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]  # windows: _run_layers, per layer
         h = self._embed(input_ids, positions)
         h, cache = self._run_layers(h, positions, mask=mask, causal=True, cache=cache, write_index=write_index)
         return self._final_norm(h), cache
