@@ -39,8 +39,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsft import chat as chat_format
-from jaxsft import sharding as shd
+from jaxsft.infra import chat as chat_format
+from jaxsft.infra import sharding as shd
 from jaxsft.generation import engine
 from jaxsft.generation.common import GenerationResult, check_sampling_arguments, is_int as _is_int
 from jaxsft.generation.common import is_number as _is_number
@@ -119,7 +119,7 @@ class Sampler:
     :meth:`generate` as often as you like: calls of similar size share programs (see the
     module doc), and ``model=`` hands in newer weights of the same model without recompiling.
     ``mesh`` defaults to the mesh the model's params live on; another mesh moves them there
-    first, and ``sharding_rules`` (default ``jaxsft.sharding.DEFAULT_RULES``) lay out the
+    first, and ``sharding_rules`` (default ``jaxsft.infra.sharding.DEFAULT_RULES``) lay out the
     params, the KV cache and the rows.
     """
 
@@ -135,7 +135,7 @@ class Sampler:
         if not isinstance(model, CausalLM):
             raise TypeError(f"generate(): model must be a jaxsft CausalLM, got {type(model).__name__}.")
         if sharding_rules is not None and not isinstance(sharding_rules, shd.ShardingRules):
-            raise TypeError(f"sharding_rules must be a jaxsft.sharding.ShardingRules, got {type(sharding_rules).__name__}.")
+            raise TypeError(f"sharding_rules must be a jaxsft.infra.sharding.ShardingRules, got {type(sharding_rules).__name__}.")
         self.model = model
         self.tokenizer = tokenizer
         self.mesh = mesh

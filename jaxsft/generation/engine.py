@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsft import sharding as shd
+from jaxsft.infra import sharding as shd
 from jaxsft.generation import kv_cache
 from jaxsft.generation.sampling import Mode, Sampling, row_keys, sample
 

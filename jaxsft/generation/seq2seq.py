@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsft import sharding as shd
+from jaxsft.infra import sharding as shd
 from jaxsft.generation.common import GenerationResult, check_sampling_arguments
 from jaxsft.generation.engine import pow2_at_least
 from jaxsft.generation.sampling import Mode, sample
