@@ -23,6 +23,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist each worker gets its share of the cores for torch's intra-op threads (one each for
+# `-n 2` on the 2-core machine), and so do the child processes it starts (OMP_NUM_THREADS is inherited):
+# torch's OpenMP threads spin while they wait, so two workers each running torch on every core slow each
+# other down several times over (SmolLM2's 10 x 32-token greedy reference in transformers: 27.6 s on 2
+# threads, 8.4 s on 1, with the other worker busy). Thread counts change scheduling, not what is computed.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 # Most of the suite's time is XLA compiling small programs, many of them identical across tests and
 # files (trainers built alike). XLA's persistent cache turns every repeat into a load, within a run and
 # across runs on the same checkout. JAXSFT_TEST_XLA_CACHE moves it (several worktrees can share one).
