@@ -70,13 +70,17 @@ def optimized_xla():
 #
 # Whole files go to one worker (module fixtures such as a TRL run or a trainer are built once), the
 # slowest files first, so that no worker is left running one long file alone at the end (order from
-# pytest --durations=0 of a cold run on the 2-core machine; a file missing here only starts later).
+# pytest --durations=0 of a cold run on the 2-core machine, 2026-12-06 at 79f65ed; a file missing here only
+# starts later).
 _SLOW_FILES_FIRST = (
-    "test_seq2seq_training.py", "test_generate.py", "test_smollm2.py", "test_packing.py", "test_dropout.py",
-    "test_compat_peft.py", "test_trainer.py", "test_checkpoint_kill.py", "test_compat_trainer.py", "test_sharding.py",
-    "test_examples.py", "test_seq2seq_compat.py", "test_models.py", "test_checkpoint.py",
-    "test_multihost.py", "test_loop.py", "test_compat_trl_parity.py", "test_multihost_agreement.py",
-    "test_trainer_parity.py",
+    "test_smollm2.py", "test_readme.py", "test_engine.py", "test_gemma.py", "test_dropout.py",
+    "test_example_weights.py", "test_rft.py", "test_torch_optional.py", "test_seq2seq_training.py",
+    "test_checkpoint_kill.py", "test_checkpoint.py", "test_seq2seq_compat.py", "test_trainer_parity.py",
+    "test_trainer.py", "test_packing.py", "test_generate.py", "test_compat_trl_parity.py", "test_sharding.py",
+    "test_compat_trainer.py", "test_models.py", "test_lora_training.py", "test_loop.py", "test_demo.py",
+    "test_compat_checkpoints.py", "test_examples.py", "test_step.py", "test_seq2seq_generate.py",
+    "test_bad_inputs.py", "test_scaling.py", "test_lora_loop.py", "test_compat_peft.py", "test_seq2seq_models.py",
+    "test_lora_peft_io.py", "test_multihost_agreement.py", "test_multihost.py",
 )
 
 

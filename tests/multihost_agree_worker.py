@@ -44,6 +44,7 @@ def main(argv=None) -> None:
     import jax
 
     import jaxsft
+    import jaxsft.infra.distributed
 
     pid = args.process_id
     jaxsft.infra.distributed.initialize(coordinator_address=args.coordinator, num_processes=2, process_id=pid)

@@ -94,6 +94,7 @@ def main(argv=None) -> None:
     import jax
 
     import jaxsft
+    import jaxsft.infra.distributed
     from jaxsft.models.hf_io import hf_state_dict
 
     pid = args.process_id
