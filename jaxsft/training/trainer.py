@@ -20,7 +20,6 @@ import optax
 from flax import nnx
 
 from jaxsft.training import batching, buffers, objectives
-
 from jaxsft.infra import compile_options, distributed, fingerprint
 from jaxsft.training.argument_checks import check_built_optimizer, check_trainer_arguments
 from jaxsft.infra import checkpoint as checkpointing
@@ -159,7 +158,7 @@ class IterativeSFTTrainer:
         else:  # LoRA: only the adapters train; the base weights are frozen program inputs, never donated
             self._graphdef, params, *frozen = nnx.split(view, lora_lib.LoraParam, ...)
         params = buffers.exclusive(shd.place_state(params, self.mesh, self.sharding_rules), self)
-        self.train_state = TrainState(params, None)  # the optimizer state follows below
+        self.train_state = TrainState(params, None, None, None, None)  # (buffers.exclusive reads it) completed below
         self._frozen = tuple(shd.place_state(f, self.mesh, self.sharding_rules) for f in frozen)
 
         self._tx, schedule = optimizer_and_schedule(  # clipping included
@@ -171,8 +170,9 @@ class IterativeSFTTrainer:
             opt_shardings = shd.optimizer_state_shardings(jax.eval_shape(self._tx.init, params), params, self.mesh)
             # Kept: reset() rebuilds the initial optimizer state with this same compiled program.
             self._init_opt_state = jax.jit(self._tx.init, out_shardings=opt_shardings)
-            # The device half of the state, one pytree: the update programs take and donate it whole.
-            self.train_state = TrainState(params, self._init_opt_state(params))
+            # The device half of the state, one pytree: the update programs take, advance and donate it whole.
+            opt_state, replicated = self._init_opt_state(params), shd.replicated(self.mesh)
+            self.train_state = TrainState.fresh(params, opt_state, seed=config.seed, sharding=replicated)
         self._initial_params: Optional[HostSnapshot] = None  # taken before the first donation (reset())
         self._rng = np.random.default_rng(config.seed)
         # Multi-process: the same initial weights, optimizer and schedule everywhere, or no training at all.
@@ -338,16 +338,19 @@ class IterativeSFTTrainer:
                     continue
                 self._keep_initial_params()
                 self.train_state, metrics = self.programs.run_update(
-                    self.train_state, update, update_lowerings, self._frozen, self._rng
+                    self.train_state, update, update_lowerings, self._frozen
                 )
                 per_update_metrics.append(metrics)
-                self.state.global_step += 1
                 self._params_version += 1
-                if self._eval_due(self.state.global_step):
+                step_number = first_step + len(per_update_metrics)  # what the state's step now holds
+                if self._eval_due(step_number):
                     # Now, on this update's weights (a later update of the call would otherwise be measured).
-                    eval_metrics[self.state.global_step] = self.measure_eval(self.eval_dataset)
+                    eval_metrics[step_number] = self.measure_eval(self.eval_dataset)
                 if progress is not None:
                     progress.update(1)
+        except BaseException:  # interrupted: the step mirror counts the updates that ran (no device read here)
+            self.state.global_step = first_step + len(per_update_metrics)
+            raise
         finally:
             if progress is not None:
                 progress.close()
@@ -355,10 +358,10 @@ class IterativeSFTTrainer:
                 # The caller's model object shares the arrays the first update donated: point it at the new
                 # ones, so the model passed in is trained in place (as a torch model would be) and stays usable.
                 nnx.update(self._user_model, self._params)
-        applied_steps = list(range(first_step + 1, self.state.global_step + 1))
+        applied_steps = list(range(first_step + 1, first_step + len(per_update_metrics) + 1))
 
         # 2. collect: every host-side consequence, computed before any of it is stored.
-        host_metrics = jax.device_get(per_update_metrics)  # the call's one host sync
+        host_metrics = jax.device_get(per_update_metrics)  # the call's one host sync (the state's step and streak too)
         elapsed = time.perf_counter() - started
         input_tokens = distributed.global_sum(sum(int(mb.attention_mask.sum()) for mb in microbatches))
         truncated = distributed.global_sum(sum(bool(ex.truncated) for ex in examples or ()))
@@ -369,6 +372,7 @@ class IterativeSFTTrainer:
 
         # 3. apply: counters and logs in one go. 4. notify: callbacks see a complete state; one that raises
         #    cannot leave it half-done.
+        self.state.global_step = int(host_metrics[-1]["global_step"]) if host_metrics else first_step  # the mirror
         self.state.num_input_tokens_seen += input_tokens
         self.state.total_label_tokens += label_tokens
         for name, value in host.items():
@@ -571,19 +575,11 @@ class IterativeSFTTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything ``step()`` depends on, as one pytree (the one thing checkpoints read and write).
 
-        ``params`` (a pure dict of the trained arrays: of a LoRA model, its adapters only; the frozen
-        base is not trainer state and comes from its own folder), ``opt_state``, ``global_step``, ``rng`` (the shuffling
-        generator's state), ``counters`` and ``log_history``. The arrays are the trainer's own (no copy):
-        the next ``step()`` donates them, so copy what you want to keep past it.
+        ``params`` (a pure dict of the trained arrays: a LoRA model's adapters only), ``opt_state``, ``global_step``,
+        ``dropout_key`` and ``counters`` (their device fields) from the :class:`TrainState`; ``rng`` (shuffling),
+        ``log_history`` and the host counters. The arrays are the trainer's own: the next ``step()`` donates them.
         """
-        return {
-            "params": nnx.to_pure_dict(self._params),
-            "opt_state": self._opt_state,
-            "global_step": self.state.global_step,
-            "rng": self._rng.bit_generator.state,
-            "counters": {name: train_state.plain(getattr(self.state, name)) for name in COUNTER_FIELDS},
-            "log_history": [dict(entry) for entry in self.state.log_history],
-        }
+        return train_state.state_dict_of(self.train_state, self.state, self._rng)
 
     def load_state_dict(self, state: dict[str, Any], *, copy: bool = True) -> None:
         """Replace the whole state with ``state`` (from :meth:`state_dict` or ``jaxsft.infra.checkpoint.read``).
@@ -591,13 +587,15 @@ class IterativeSFTTrainer:
         Everything is checked first (keys, tree structure, shapes, dtypes, host fields); on any mismatch
         a ``ValueError`` names it and nothing changes. Arrays are placed onto this trainer's mesh (any
         source mesh works); ``copy=False`` lets the trainer take ownership of arrays already placed there.
+        The previous layout (no ``dropout_key``: format-3 checkpoints) loads too, its dropout stream restarted.
         """
-        pure_params, opt_state, rng, host = train_state.checked_state(state, self.state_dict(), copy=copy)
+        new_state, rng, host = train_state.checked_state(
+            state, self.state_dict(), self._params, copy=copy, seed=self.config.seed,
+            uses_dropout=self._takes_dropout_key(True), replicated=shd.replicated(self.mesh),
+        )
         self._keep_initial_params()
         # Nothing above changed the trainer; from here on it is assignment only.
-        params = jax.tree.map(lambda x: x, self._params)
-        nnx.replace_by_pure_dict(params, pure_params)
-        self.train_state, self._rng = TrainState(params, opt_state), rng
+        self.train_state, self._rng = new_state, rng
         self.state.global_step = host["global_step"]
         self.state.log_history[:] = host["log_history"]  # in place: whoever holds the list (the facade) sees it
         for name in COUNTER_FIELDS:
@@ -615,10 +613,11 @@ class IterativeSFTTrainer:
         afresh each round. Nothing recompiles. The starting weights are copied to the host (this process's
         shards) once, just before the first update or ``load_state_dict`` replaces them. Call it on every process.
         """
-        if self._initial_params is not None:
+        if self._initial_params is not None:  # (else nothing replaced the device state since construction)
             params = self._initial_params.restore()
             with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):  # as at construction: a cache hit
-                self.train_state = TrainState(params, self._init_opt_state(params))
+                opt_state = self._init_opt_state(params)
+            self.train_state = TrainState.fresh(params, opt_state, seed=self.config.seed, sharding=shd.replicated(self.mesh))
             self._params_version += 1
             nnx.update(self._user_model, self._params)
         self._rng = np.random.default_rng(self.config.seed)
