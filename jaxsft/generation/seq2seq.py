@@ -24,12 +24,11 @@ from flax import nnx
 
 from jaxsft.infra import sharding as shd
 from jaxsft.generation.common import GenerationResult, check_sampling_arguments
-from jaxsft.generation.engine import pow2_at_least
+from jaxsft.generation.engine import MAX_EOS_IDS, pow2_at_least
 from jaxsft.generation.sampling import Mode, sample
 from jaxsft.models.seq2seq import Seq2SeqLM
 
 MIN_BUCKET = 16
-MAX_EOS_IDS = 8
 
 _PROGRAMS: dict[tuple, Any] = {}
 _COMPILES = {"seq2seq": 0}
