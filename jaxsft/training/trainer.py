@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsft.training import batching, buffers, objectives
+from jaxsft.training import agreement, batching, buffers, objectives
 from jaxsft.infra import compile_options, distributed, fingerprint
 from jaxsft.training.argument_checks import check_built_optimizer, check_trainer_arguments
 from jaxsft.infra import checkpoint as checkpointing
@@ -313,7 +313,7 @@ class IterativeSFTTrainer:
                 stacklevel=2,
             )
         updates = batching.group_into_updates(microbatches, self.config.gradient_accumulation_steps)
-        totals = distributed.global_label_counts(updates)
+        totals = agreement.global_label_counts(updates)
 
         # 1. run: the updates on device. Whatever happens, the caller's model ends up on live arrays and
         #    global_step counts the updates that ran (the arrays they consumed are donated, so no going back).
