@@ -6,11 +6,10 @@ must import where only torch and transformers are installed. ``from jaxsft impor
 work as before.
 """
 
-from __future__ import annotations
-
-import importlib
+import importlib as _importlib
 from importlib import metadata as _metadata
-from typing import Any
+
+from jaxsft.infra.lazy import submodule as _submodule
 
 try:
     __version__ = _metadata.version("jaxsft")
@@ -37,16 +36,16 @@ _PUBLIC_MODULES = {
 __all__ = [*_NAMES, *_PUBLIC_MODULES]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str):
     if name in _NAMES:
-        value = getattr(importlib.import_module(_NAMES[name]), name)
+        value = getattr(_importlib.import_module(_NAMES[name]), name)
     elif name in _PUBLIC_MODULES:
-        value = importlib.import_module(_PUBLIC_MODULES[name])
+        value = _importlib.import_module(_PUBLIC_MODULES[name])
     else:
-        raise AttributeError(f"module 'jaxsft' has no attribute {name!r}")
+        value = _submodule(__name__, name)  # a subpackage (``jaxsft.infra.distributed`` after ``import jaxsft``)
     globals()[name] = value  # later look-ups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return sorted({*(k for k in globals() if not k.startswith('_') or k.startswith('__')), *__all__})

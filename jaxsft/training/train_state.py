@@ -1,8 +1,8 @@
 """The trainer's state: the device half (one pytree the programs take and donate whole) and the host half.
 
 :class:`TrainState` holds everything an update changes: the trained parameters, the optimizer state,
-the update count (``step``, what ``global_step`` reports), the dropout key the update programs split for
-each micro-batch, and the count of non-finite updates in a row. The compiled update programs take it
+the update count (``step``, what ``global_step`` reports), the dropout key the update programs derive each
+micro-batch's key from, and the count of non-finite updates in a row. The compiled update programs take it
 whole, advance every field inside (:meth:`TrainState.after_update`: pure, under ``jit``) and give it back,
 donated; ``IterativeSFTTrainer.state_dict()`` and checkpoints read these fields from it.
 
