@@ -77,8 +77,9 @@ def apply_on_state(apply: Callable) -> Callable:
 class TrainPrograms:
     """Compiles, caches and runs the train / accumulate / apply / eval / logits programs of one trainer.
 
-    ``takes_dropout_key(train)`` says whether a training batch gets a ``dropout_rng`` key: split inside the
-    update programs off :attr:`TrainState.dropout_key` (checkpointed with the state, so resume is exact).
+    ``takes_dropout_key(train)`` says whether a training batch gets a ``dropout_rng`` key: derived inside the
+    update programs from :attr:`TrainState.dropout_key` and the micro-batch's index (checkpointed with the
+    state, so resume is exact).
     """
 
     def __init__(
