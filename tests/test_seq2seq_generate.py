@@ -117,3 +117,22 @@ def test_encoder_prompt_lengths_and_eos_ids_are_checked_before_any_work(tokenize
     with pytest.raises(ValueError, match="eos_token_ids"):
         jaxsft.generate(model, tokenizer, ["one two"], max_new_tokens=4, eos_token_ids=[300])
     assert compiled_programs() == before
+
+
+@pytest.mark.slow
+def test_samples_depend_on_seed_prompt_and_index_only_and_steady_state_compiles_nothing(tokenizer):
+    """Through the engine an encoder-decoder's sample rows depend on the seed, prompt and sample index only (not
+    on batch_size, hence the slot count); n samples at T=0 are identical; repeated calls compile nothing new."""
+    model = jaxsft.from_pretrained(_model("t5", tokenizer), mesh=jaxsft.single_device_mesh())
+    sampler = Sampler(model, tokenizer)
+    kw = dict(max_new_tokens=8, temperature=1.0, num_return_sequences=3, seed=7, eos_token_ids=[])
+    full = sampler.generate(PROMPTS, **kw)
+    for batch_size in (3, 6):  # one and two slot groups
+        assert sampler.generate(PROMPTS, batch_size=batch_size, **kw) == full
+    assert len(set(full)) > len(PROMPTS)
+    greedy = sampler.generate(PROMPTS, max_new_tokens=8, num_return_sequences=3, eos_token_ids=[])
+    assert all(len(set(greedy[i : i + 3])) == 1 for i in range(0, len(greedy), 3))
+    programs = sampler.compiled_programs
+    for seed in range(3):
+        sampler.generate(PROMPTS[::-1], batch_size=6, **{**kw, "seed": seed, "max_new_tokens": 5 + seed})
+    assert sampler.compiled_programs == programs
