@@ -132,6 +132,9 @@ def test_samples_depend_on_seed_prompt_and_index_only_and_steady_state_compiles_
     assert len(set(full)) > len(PROMPTS)
     greedy = sampler.generate(PROMPTS, max_new_tokens=8, num_return_sequences=3, eos_token_ids=[])
     assert all(len(set(greedy[i : i + 3])) == 1 for i in range(0, len(greedy), 3))
+    stop = greedy[0][len(greedy[0]) // 2 :][:3]  # stop strings, checked by the engine as for decoders
+    cut = sampler.generate(PROMPTS, max_new_tokens=8, eos_token_ids=[], stop=stop, return_tokens=True)
+    assert stop and cut.texts[0] == greedy[0][: greedy[0].find(stop)] and cut.finish_reasons[0] == "stop"
     programs = sampler.compiled_programs
     for seed in range(3):
         sampler.generate(PROMPTS[::-1], batch_size=6, **{**kw, "seed": seed, "max_new_tokens": 5 + seed})
