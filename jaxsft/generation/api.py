@@ -58,6 +58,9 @@ __all__ = [
 
 CPU_KV_CACHE_BYTES = 2 << 30  # the default KV budget where the device reports no memory size
 PREFILL_SCORE_BYTES = 2 << 30  # a prefill call's attention scores stay under this
+# The fewest rows a call's shape holds (budget and batch_size permitting). A decode step of a few rows reads
+# every weight anyway, so 8 rows cost about what 1 does on an accelerator; small calls then share shapes.
+MIN_ROWS = 8
 
 # Process-wide compile counter (telemetry, not a cache): every Sampler adds to it.
 _COMPILES = {"init": 0, "prefill": 0, "decode": 0}
@@ -330,13 +333,15 @@ class _Resolved:
 
 def _shape(adapter, n_prompts: int, longest: int, nrs: int, max_new: int, batch_size: Optional[int],
            budget: int) -> engine.Shape:
-    """Slot groups from the KV budget (and ``batch_size``), never more than the call needs (powers of two)."""
+    """Slot groups from the KV budget (and ``batch_size``), no more than the call needs (powers of two), but
+    at least ``MIN_ROWS`` rows: small calls then share one shape instead of one each for 1, 2, 4 prompts."""
     prompt_slots = pow2_at_least(longest, MIN_PROMPT_BUCKET)
     new_slots = pow2_at_least(max_new, MIN_NEW_TOKENS_BUCKET)
     groups = max(1, budget // adapter.kv_bytes_per_group(nrs, prompt_slots, new_slots))
     if batch_size is not None:
         groups = min(groups, max(1, batch_size // nrs))
-    groups = min(engine.pow2_at_most(groups), pow2_at_least(n_prompts))
+    wanted = max(pow2_at_least(n_prompts), engine.pow2_at_most(max(1, MIN_ROWS // nrs)))
+    groups = min(engine.pow2_at_most(groups), wanted)
     return engine.Shape(groups=groups, n=nrs, prompt_slots=prompt_slots, new_slots=new_slots)
 
 

@@ -256,7 +256,10 @@ def run(programs: Programs, state, queue: Queue, shape: Shape, pad_id: int, max_
                 owner[slot] = -1
         free = [s for s in range(g) if owner[s] < 0]
         while free and queue.waiting():
-            gp = min(prefill_cap, pow2_at_least(min(len(free), queue.waiting())))
+            # The first fill prefills every group (fillers where prompts run out): a call with fewer prompts
+            # than slots then runs the one prefill program its shape already has, not one per prompt count.
+            first_fill = host is None and len(free) == g
+            gp = min(prefill_cap, g if first_fill else pow2_at_least(min(len(free), queue.waiting())))
             taken = queue.take(min(gp, len(free)))
             slots, free = free[: len(taken)], free[len(taken):]
             ids = np.full((gp, shape.prompt_slots), pad_id, np.int32)
