@@ -45,7 +45,7 @@ def loss_variants(tokens: int, hidden: int, vocab: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from jaxsft.loss import causal_lm_loss
+    from jaxsft.training.loss import causal_lm_loss
 
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     h = jax.random.normal(k1, (8, tokens // 8, hidden), jnp.float32).astype(jnp.bfloat16)
@@ -99,7 +99,7 @@ def packed_attention_check() -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxsft import batching
+    from jaxsft.training import batching
     from jaxsft.models import layers as L
 
     rows, length, heads, kv, dim = 4, 1024, 14, 2, 64

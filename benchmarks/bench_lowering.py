@@ -3,7 +3,7 @@
 
 Why: a step() call that meets several new batch shapes (packing's layouts, new buckets) lowers each
 program on the host before XLA compiles them side by side, so lowering sits on the first call's
-critical path. Lowers jaxsft.step.make_fused_update for a Qwen2.5-0.5B-shape model (unrolled layers,
+critical path. Lowers jaxsft.training.step.make_fused_update for a Qwen2.5-0.5B-shape model (unrolled layers,
 bf16 compute) at a few packed-batch shapes and prints seconds per lowering.
 
     python benchmarks/bench_lowering.py [--shape qwen05] [--repeats 3]
@@ -33,9 +33,9 @@ def main() -> None:
 
     import bench_speed
     import jaxsft
-    from jaxsft import step as step_fns
+    from jaxsft.training import step as step_fns
     from jaxsft.models.families import spec_from_hf_config
-    from jaxsft.objectives import CausalSFT
+    from jaxsft.training.objectives import CausalSFT
 
     spec = spec_from_hf_config(bench_speed.hf_config(args.shape))
     model = nnx.eval_shape(lambda: jaxsft.models.CausalLM(spec, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), scan_layers=False))

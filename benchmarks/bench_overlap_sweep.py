@@ -54,7 +54,7 @@ def discover_overlap_flags() -> list[str]:
         for path in glob.glob(os.path.join(root, "**", "*.so*"), recursive=True):
             with open(path, "rb") as f:
                 names.update(m.decode() for m in pattern.findall(f.read()))
-    import jaxsft.compile_options as co
+    import jaxsft.infra.compile_options as co
 
     names = {n for n in names if len(n) < 80}
     usable = sorted(n for n in names if co.accepted(n, True))
@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
-    import jaxsft.compile_options as co
+    import jaxsft.infra.compile_options as co
 
     print("== GPU overlap preset accepted here:", co.gpu_overlap_options(), flush=True)
     discovered = discover_overlap_flags()

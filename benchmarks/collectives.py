@@ -28,7 +28,7 @@ def fused_update_hlo(
     import numpy as np
 
     import jaxsft
-    from jaxsft.diagnostics import update_program_text
+    from jaxsft.infra.diagnostics import update_program_text
     from jaxsft.models.families import spec_from_hf_config
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -67,7 +67,7 @@ def main() -> None:
     if args.dump:
         with open(args.dump, "w") as f:
             f.write(text)
-    from jaxsft.diagnostics import collectives, largest, summarize
+    from jaxsft.infra.diagnostics import collectives, largest, summarize
 
     records = collectives(text)
     print(summarize(records))

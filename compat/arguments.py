@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Optional
 import transformers
 from transformers import TrainingArguments
 
-from jaxsft.config import SCHEDULER_TYPES, TrainConfig
+from jaxsft.infra.config import SCHEDULER_TYPES, TrainConfig
 
 MAPPED = "mapped"  # honoured, through the TrainConfig field(s) named in maps_to
 FACADE = "facade"  # honoured by compat.IterativeSFTTrainer itself, not by TrainConfig

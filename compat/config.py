@@ -26,8 +26,8 @@ import transformers
 from transformers import TrainingArguments
 
 # TRL 0.23.1's own choices for IterativeSFTConfig.truncation_mode (its message below). Kept here, not imported
-# from jaxsft.config, because this module must import without the JAX core (the TRL reference venv checks it
-# under transformers 4.57); tests/test_compat_arguments.py holds it equal to jaxsft.config.TRUNCATION_MODES.
+# from jaxsft.infra.config, because this module must import without the JAX core (the TRL reference venv checks it
+# under transformers 4.57); tests/test_compat_arguments.py holds it equal to jaxsft.infra.config.TRUNCATION_MODES.
 TRL_TRUNCATION_MODES = ("keep_end", "keep_start")
 
 

@@ -3,7 +3,7 @@
 Two jobs only. TRL's own checks run first, in TRL's order with TRL's messages
 (§3.2 of the reference), so code that relied on them sees the same errors. Then
 the inputs are *converted* (torch tensors on any device, JAX arrays, datasets
-``Column``s, nested lists → numpy) and handed to ``jaxsft.batching``, the one
+``Column``s, nested lists → numpy) and handed to ``jaxsft.training.batching``, the one
 layer that validates step() inputs (empty lists, mismatched counts and lengths,
 float ids, masks that are not 0/1, ...). Labels are optional, as TRL documented:
 TRL 0.23.1's "labels must be a list of tensors - got NoneType" on the token path
@@ -18,8 +18,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from jaxsft import batching
-from jaxsft.config import IGNORE_INDEX
+from jaxsft.training import batching
+from jaxsft.infra.config import IGNORE_INDEX
 
 BOTH_INPUTS_WARNING = (
     "Both `input_ids` and `texts` argument are provided. `input_ids` will be ignored. "
@@ -71,7 +71,7 @@ def _to_numpy(x: Any, where: str) -> np.ndarray:
 
 
 def _tokens(name: str, value: Any) -> Any:
-    """TRL's type checks on one token argument (its messages), then a numpy form for ``jaxsft.batching``."""
+    """TRL's type checks on one token argument (its messages), then a numpy form for ``jaxsft.training.batching``."""
     fix = f"pass {name} as a list of 1-D integer tensors/arrays/lists, or a 2-D [batch, seq] integer tensor"
     if _is_array_like(value):
         return _to_numpy(value, name)

@@ -2,9 +2,9 @@
 
 TRL users pass torch objects built for the torch model; jaxsft trains a JAX copy.
 This module only *reads* them: the optimizer's hyperparameters (and HF's decay /
-no-decay split) into a ``jaxsft.config.OptimizerDescription``, and the scheduler's rule
+no-decay split) into a ``jaxsft.infra.config.OptimizerDescription``, and the scheduler's rule
 (a sampled table, or a closed form's name and parameters) into a
-``jaxsft.config.ScheduleDescription``. It imports nothing of ``jaxsft.optim``: the
+``jaxsft.infra.config.ScheduleDescription``. It imports nothing of ``jaxsft.training.optim``: the
 descriptions are plain data handed to the core trainer, which builds the chain and
 the schedule, so no optimizer logic lives in the facade. The optimizer state starts fresh (a torch
 optimizer that has already stepped is converted as if new). The learning rate is not
@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import numpy as np
 import torch
 
-from jaxsft.config import OptimizerDescription, ScheduleDescription
+from jaxsft.infra.config import OptimizerDescription, ScheduleDescription
 
 # A function from the set of HF parameter names that get weight decay to the core's decay table
 # (jaxsft parameter name -> decays), see compat.torch_sync.hf_decay_table.
@@ -137,9 +137,9 @@ def describe_optimizer(
     decay_mask_fn: Optional[DecayMaskFn] = None,
     model: Optional[torch.nn.Module] = None,
 ) -> OptimizerDescription:
-    """Read a torch AdamW / Adam / SGD into a ``jaxsft.config.OptimizerDescription``.
+    """Read a torch AdamW / Adam / SGD into a ``jaxsft.infra.config.OptimizerDescription``.
 
-    The core builds the chain from it (``jaxsft.optim.build_optimizer``):
+    The core builds the chain from it (``jaxsft.training.optim.build_optimizer``):
 
     * AdamW (or Adam with ``decoupled_weight_decay=True``): ``p -= lr*wd*p`` as torch, then Adam.
     * Adam: L2 decay coupled into the gradient before the Adam moments.
@@ -243,7 +243,7 @@ def describe_scheduler(
     HF's cosine rises again past num_training_steps in torch but is held here.
     Closed forms (StepLR, MultiStepLR, ExponentialLR, ConstantLR, LinearLR,
     PolynomialLR, CosineAnnealingLR) are described by name and parameters
-    (``jaxsft.optim.SCHEDULE_RULES``): the core tabulates them in float64 and
+    (``jaxsft.training.optim.SCHEDULE_RULES``): the core tabulates them in float64 and
     continues past the table with the fp32 formula, so they hold for every count.
     """
     if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
@@ -292,7 +292,7 @@ def _supported_class(scheduler: Any) -> Optional[type]:
 
 
 def _closed_form(s: Any, base: float) -> tuple[str, dict[str, Any]]:
-    """torch's documented closed forms as (rule name, parameters) of ``jaxsft.optim.SCHEDULE_RULES``."""
+    """torch's documented closed forms as (rule name, parameters) of ``jaxsft.training.optim.SCHEDULE_RULES``."""
     sched = torch.optim.lr_scheduler
     if isinstance(s, sched.StepLR):
         return "step", {"base": base, "gamma": float(s.gamma), "step_size": float(s.step_size)}

@@ -45,13 +45,13 @@ import numpy as np
 import torch
 
 import jaxsft
-from jaxsft import batching
-from jaxsft.atomic_folder import write_folder
-from jaxsft.batching import STEP_KEYWORDS
-from jaxsft.config import TrainConfig
+from jaxsft.training import batching
+from jaxsft.infra.atomic_folder import write_folder
+from jaxsft.training.batching import STEP_KEYWORDS
+from jaxsft.infra.config import TrainConfig
 from jaxsft.models.hf_io import is_weights_file
-from jaxsft.trainer import IterativeSFTTrainer as CoreTrainer
-from jaxsft.trainer import TrainerCallback as CoreCallback
+from jaxsft.training.trainer import IterativeSFTTrainer as CoreTrainer
+from jaxsft.training.trainer import TrainerCallback as CoreCallback
 
 from compat.arguments import ignored_argument_message, save_steps_of, training_arguments_to_config
 from compat.config import IterativeSFTConfig
@@ -839,7 +839,7 @@ def _optimizer_and_schedule(opt: Any, sched: Any, config: TrainConfig, torch_mod
 
 def _resume_path(args: Any) -> Optional[str]:
     """``args.resume_from_checkpoint`` as a folder: a path as given, True (or "true") the newest in output_dir."""
-    from jaxsft.checkpoint import latest_checkpoint
+    from jaxsft.infra.checkpoint import latest_checkpoint
 
     value = getattr(args, "resume_from_checkpoint", None)
     if value is None or value is False:

@@ -24,7 +24,7 @@ def main() -> None:
     import numpy as np
 
     import jaxsft
-    from jaxsft import checkpoint as ckpt
+    from jaxsft.infra import checkpoint as ckpt
 
     trainer = make_trainer(jaxsft, args.model)
     latest = ckpt.latest_checkpoint(args.dir)

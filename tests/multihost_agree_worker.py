@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     import jaxsft
 
     pid = args.process_id
-    jaxsft.distributed.initialize(coordinator_address=args.coordinator, num_processes=2, process_id=pid)
+    jaxsft.infra.distributed.initialize(coordinator_address=args.coordinator, num_processes=2, process_id=pid)
     mesh = jaxsft.make_mesh(2, 1, 1)
     model = jaxsft.from_pretrained(args.model, mesh=mesh)
     report: dict = {}

@@ -2,7 +2,7 @@
 
 Started by ``tests/test_multihost.py`` (one subprocess per process), never by
 pytest itself. Each process owns ``--local-devices`` CPU devices, joins JAX's
-distributed runtime through ``jaxsft.distributed.initialize`` and passes its own
+distributed runtime through ``jaxsft.infra.distributed.initialize`` and passes its own
 share of every call's examples to ``step()``. The union of a call's examples
 over processes is what a single-process reference trains on (see ``CALLS``).
 
@@ -97,14 +97,14 @@ def main(argv=None) -> None:
     from jaxsft.models.hf_io import hf_state_dict
 
     pid = args.process_id
-    jaxsft.distributed.initialize(
+    jaxsft.infra.distributed.initialize(
         coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=pid
     )
     assert jax.process_index() == pid and jax.process_count() == args.num_processes
     assert jax.local_device_count() == args.local_devices, jax.local_devices()
 
     # A mesh whose tensor axis spans the processes would give both processes the same batch rows: refused.
-    from jaxsft import sharding as shd
+    from jaxsft.infra import sharding as shd
 
     devices = jax.devices()
     half = len(devices) // 2

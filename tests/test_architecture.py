@@ -50,7 +50,7 @@ def test_compat_holds_no_jit_or_batching_calls():
 def test_torch_is_imported_by_the_bridge_only():
     offenders = [
         path for path, tree in _sources("jaxsft").items()
-        if path != "jaxsft/torch_bridge.py" and any(m == "torch" or m.startswith("torch.") for m in _imports(tree))
+        if path != "jaxsft/infra/torch_bridge.py" and any(m == "torch" or m.startswith("torch.") for m in _imports(tree))
     ]
     assert offenders == []
 
@@ -59,15 +59,14 @@ def test_torch_is_imported_by_the_bridge_only():
 # Layer -> module name prefixes (the longest matching prefix wins). "api" is the package's re-export file.
 LAYERS = {
     "facade": ("compat",),
-    "app": ("jaxsft.__main__", "jaxsft.demo", "jaxsft.tasks", "jaxsft.bundled", "jaxsft.rft", "jaxsft.testing"),
+    "app": ("jaxsft.__main__", "jaxsft.app", "jaxsft.rft", "jaxsft.testing"),
     "api": ("jaxsft.__init__",),
-    "trainer": ("jaxsft.trainer", "jaxsft.programs", "jaxsft.train_state", "jaxsft.train_log", "jaxsft.checkpoint",
-                "jaxsft.metrics", "jaxsft.callbacks", "jaxsft.diagnostics", "jaxsft.argument_checks", "jaxsft.buffers"),
-    "generation": ("jaxsft.generation", "jaxsft.seq2seq_generation"),
-    "training": ("jaxsft.objectives", "jaxsft.step", "jaxsft.loss", "jaxsft.optim", "jaxsft.batching",
-                 "jaxsft.distributed", "jaxsft.fast_path"),
-    "infrastructure": ("jaxsft.sharding", "jaxsft.compile_options", "jaxsft.config", "jaxsft.chat", "jaxsft.paths",
-                       "jaxsft.torch_bridge", "jaxsft.fingerprint", "jaxsft.atomic_folder", "jaxsft.accelerator"),
+    "trainer": ("jaxsft.training.trainer", "jaxsft.training.programs", "jaxsft.training.train_state",
+                "jaxsft.training.train_log", "jaxsft.training.callbacks", "jaxsft.training.argument_checks",
+                "jaxsft.training.buffers", "jaxsft.infra.checkpoint", "jaxsft.infra.metrics", "jaxsft.infra.diagnostics"),
+    "generation": ("jaxsft.generation",),
+    "training": ("jaxsft.training", "jaxsft.infra.distributed"),  # objectives, step, loss, optim, batching, fast_path
+    "infrastructure": ("jaxsft.infra",),
     "models": ("jaxsft.models", "jaxsft.kernels"),  # kernels: fused forms of the models' layer functions
 }
 # The arrows of the picture: which layers each layer may import (its own always). Data flows one way:
@@ -84,12 +83,12 @@ ALLOWED = {
 }
 # Finer bans (importer prefix, imported-module regex, why).
 NEVER = (
-    ("compat", r"^(optax|jax\.numpy|jaxsft\.step|jaxsft\.sharding|jaxsft\.batching\.plan)(\.|$)",
+    ("compat", r"^(optax|jax\.numpy|jaxsft\.training\.step|jaxsft\.infra\.sharding|jaxsft\.training\.batching\.plan)(\.|$)",
      "compat converts; it holds no optimizer, jit or batching code"),
-    ("compat", r"^jaxsft\.optim(\.|$)", "compat describes the optimizer and schedule; the core builds them"),
+    ("compat", r"^jaxsft\.training\.optim(\.|$)", "compat describes the optimizer and schedule; the core builds them"),
     ("jaxsft", r"^compat(\.|$)", "the core never reaches up into the facade"),
-    ("jaxsft.batching", r"^(jax|flax|optax|jaxsft\.models)(\.|$)", "batching is host-side numpy, model-independent"),
-    ("jaxsft.config", r"^jaxsft\.models(\.|$)", "the config is plain values; the model reads it, not the reverse"),
+    ("jaxsft.training.batching", r"^(jax|flax|optax|jaxsft\.models)(\.|$)", "batching is host-side numpy, model-independent"),
+    ("jaxsft.infra.config", r"^jaxsft\.models(\.|$)", "the config is plain values; the model reads it, not the reverse"),
 )
 ALLOWED_TOP_LEVEL_IMPORTS_OF_API = ("jaxsft.__init__",)  # ``import jaxsft`` inside a module: the api layer
 
@@ -177,10 +176,10 @@ def test_no_import_matches_a_ban():
 
 def test_the_ban_check_sees_late_imports():
     """A function-level import is found like a top-level one (the bans and arrows would miss nothing)."""
-    tree = ast.parse("def f():\n    from jaxsft.optim import make_optimizer\n")
+    tree = ast.parse("def f():\n    from jaxsft.training.optim import make_optimizer\n")
     assert any(re.match(NEVER[1][1], m) for m in _imports(tree))
-    graph = _resolved_imports("compat.x", tree, {"compat.x", "jaxsft.optim"})
-    assert graph == {"jaxsft.optim"}
+    graph = _resolved_imports("compat.x", tree, {"compat.x", "jaxsft.training.optim"})
+    assert graph == {"jaxsft.training.optim"}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:

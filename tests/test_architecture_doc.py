@@ -46,7 +46,7 @@ def test_key_api_names_exist():
             continue
         # a module-level name, or a method of a class the row's modules define (`CausalLM`'s `hidden_states`)
         owners = mods + [v for m in mods for v in vars(m).values() if isinstance(v, type)]
-        owners += [importlib.import_module("jaxsft.trainer").IterativeSFTTrainer,  # `trainer.<method>` rows
+        owners += [importlib.import_module("jaxsft.training.trainer").IterativeSFTTrainer,  # `trainer.<method>` rows
                    importlib.import_module("jaxsft")]  # package-level names (`from_pretrained(base, adapter=)`)
         for token in re.findall(r"`([^`]+)`", api):
             name = re.match(r"([A-Za-z_]\w*)(\(|$)", token)

@@ -19,7 +19,7 @@ import torch
 from flax import nnx
 
 import jaxsft
-from jaxsft.trainer import TrainerCallback
+from jaxsft.training.trainer import TrainerCallback
 
 import tiny
 
@@ -369,7 +369,7 @@ def test_every_config_field_has_a_type_rule():
     """A new TrainConfig field must say what type it takes (else its wrong types would slip through)."""
     import dataclasses
 
-    from jaxsft import config as cfg
+    from jaxsft.infra import config as cfg
 
     names = [f.name for cls in (cfg.TrainConfig, *cfg.GROUPS.values()) for f in dataclasses.fields(cls)
              if f.name not in cfg.GROUPS]

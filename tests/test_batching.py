@@ -1,11 +1,11 @@
-"""jaxsft.batching: example construction, validation, micro-batch planning."""
+"""jaxsft.training.batching: example construction, validation, micro-batch planning."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from jaxsft.batching import (
+from jaxsft.training.batching import (
     Example,
     MicroBatch,
     examples_from_texts,

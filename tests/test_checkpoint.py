@@ -1,4 +1,4 @@
-"""Checkpoints of the whole trainer state (jaxsft.checkpoint), on simulated CPU devices.
+"""Checkpoints of the whole trainer state (jaxsft.infra.checkpoint), on simulated CPU devices.
 
 * Save after one step() call, resume in a fresh trainer, run the next call: the per-update losses,
   final weights, optimizer state, step counters and log history equal an uninterrupted run's
@@ -22,7 +22,7 @@ import optax
 import pytest
 
 import jaxsft
-from jaxsft import checkpoint as ckpt
+from jaxsft.infra import checkpoint as ckpt
 
 import tiny
 from xla_settings import BIT_EXACT_XLA_OPTIONS
@@ -428,7 +428,7 @@ def test_save_steps_write_periodic_checkpoints_in_the_core(tmp_path):
     """TrainConfig.save_steps: a JAX user's step() calls write output_dir/checkpoint-N at multiples of save_steps,
     keeping the newest save_total_limit; a checkpoint restores to the same state."""
     import jaxsft
-    from jaxsft.checkpoint import latest_checkpoint
+    from jaxsft.infra.checkpoint import latest_checkpoint
 
     import tiny
 

@@ -37,7 +37,7 @@ def _read_line(proc, deadline):
 @pytest.mark.slow
 def test_sigkill_during_saves_never_loses_the_newest_complete_checkpoint(tmp_path):
     import jaxsft
-    from jaxsft import checkpoint as ckpt
+    from jaxsft.infra import checkpoint as ckpt
 
     model_dir = tmp_path / "model"
     tiny.tiny_torch_model("llama", vocab_size=256, num_key_value_heads=4).save_pretrained(model_dir)

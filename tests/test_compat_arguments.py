@@ -155,7 +155,7 @@ def test_packing_is_the_cores_per_backend_default_and_sftconfigs_names_are_refus
     """TRL 0.23.1's IterativeSFTConfig has no ``packing`` / ``padding_free`` (SFTConfig's fields): neither has the
     facade's, so such a keyword fails as it does in TRL, and the facade trains with the core's per-backend rule."""
     config, _ = convert(IterativeSFTConfig(output_dir=str(tmp_path)))
-    assert config.packing is None  # resolved by the core trainer (jaxsft.fast_path.resolve_packing)
+    assert config.packing is None  # resolved by the core trainer (jaxsft.training.fast_path.resolve_packing)
     for name in ("packing", "padding_free"):
         with pytest.raises(TypeError, match=name):
             IterativeSFTConfig(output_dir=str(tmp_path), **{name: True})
@@ -348,6 +348,6 @@ def test_ignored_names_come_once_in_table_order(tmp_path):
 def test_the_facade_accepts_the_truncation_modes_the_core_does():
     """compat.config keeps TRL's list without importing the JAX core; the two must not drift apart."""
     from compat.config import TRL_TRUNCATION_MODES
-    from jaxsft.config import TRUNCATION_MODES
+    from jaxsft.infra.config import TRUNCATION_MODES
 
     assert tuple(TRL_TRUNCATION_MODES) == tuple(TRUNCATION_MODES)

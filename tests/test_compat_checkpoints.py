@@ -83,7 +83,7 @@ def test_ten_straight_equal_five_save_fresh_process_restore_five(model_dir, tmp_
 
 
 def test_save_steps_write_checkpoints_and_resume_picks_the_newest(model_dir, tmp_path):
-    from jaxsft import checkpoint as ckpt
+    from jaxsft.infra import checkpoint as ckpt
 
     out = str(tmp_path / "run")
     trainer = build(model_dir, out, save_strategy="steps", save_steps=2, save_total_limit=2)

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from compat.optimizers import DEFAULT_TABLE_HORIZON, describe_optimizer, describe_scheduler, is_optax_transformation
-from jaxsft.optim import build_optimizer, build_schedule
+from jaxsft.training.optim import build_optimizer, build_schedule
 
 S = torch.optim.lr_scheduler
 

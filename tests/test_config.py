@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import jaxsft
-from jaxsft.config import Optimization, Performance, PrecisionAndMemory, TrainConfig
+from jaxsft.infra.config import Optimization, Performance, PrecisionAndMemory, TrainConfig
 from jaxsft.models.options import RunOptions, with_options
 
 import tiny
@@ -45,7 +45,7 @@ def test_bad_values_name_the_field():
         TrainConfig(learning_rate=-1)
     with pytest.raises(ValueError, match=r"TrainConfig\.attention_implementation='flash'"):
         TrainConfig(attention_implementation="flash")
-    with pytest.raises(TypeError, match=r"TrainConfig\.precision must be a jaxsft\.config\.PrecisionAndMemory"):
+    with pytest.raises(TypeError, match=r"TrainConfig\.precision must be a jaxsft\.PrecisionAndMemory"):
         TrainConfig(precision=Optimization())
 
 

@@ -1,4 +1,4 @@
-"""The default's per-backend choices (jaxsft.fast_path): packing where cuDNN's ragged kernel makes it faster."""
+"""The default's per-backend choices (jaxsft.training.fast_path): packing where cuDNN's ragged kernel makes it faster."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jaxsft
-from jaxsft import batching
-from jaxsft.fast_path import ragged_attention_applies, resolve_packing
+from jaxsft.training import batching
+from jaxsft.training.fast_path import ragged_attention_applies, resolve_packing
 
 import tiny
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import jaxsft
-import jaxsft.sharding as shd
-from jaxsft.loss import causal_lm_loss
+import jaxsft.infra.sharding as shd
+from jaxsft.training.loss import causal_lm_loss
 from jaxsft.models import UnsupportedModelError, layers as L
 from jaxsft.models.hf_io import hf_state_dict
 from jaxsft.models.options import RunOptions, with_options

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import jaxsft
-from jaxsft import batching
-from jaxsft.loss import causal_lm_loss
+from jaxsft.training import batching
+from jaxsft.training.loss import causal_lm_loss
 from jaxsft.models import layers as L
 
 import tiny

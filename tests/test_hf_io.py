@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import jaxsft.sharding as shd
+import jaxsft.infra.sharding as shd
 from jaxsft.models import (
     SUPPORTED_MODEL_TYPES,
     CheckpointError,
@@ -403,7 +403,7 @@ def test_plain_folder_load_builds_one_spec_and_touches_no_peft_or_torch_code(tmp
 
     import jax
 
-    from jaxsft import torch_bridge
+    from jaxsft.infra import torch_bridge
     from jaxsft.models import families, init_model, peft_io
 
     folder = _hf_save(tiny_torch_model("llama"), tmp_path / "llama")

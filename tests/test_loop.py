@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxsft
-from jaxsft import batching
+from jaxsft.training import batching
 from jaxsft.models.hf_io import hf_state_dict
 
 import tiny

@@ -1,4 +1,4 @@
-"""jaxsft.loss.causal_lm_loss against torch cross entropy and autograd.
+"""jaxsft.training.loss.causal_lm_loss against torch cross entropy and autograd.
 
 Tolerances: fp32 paths rtol 1e-5 (atol 1e-6 x the largest magnitude, for
 elements that are near zero); bf16 compute rtol 2e-3 on the loss and 1.5e-2 x
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jaxsft.loss import causal_lm_loss
+from jaxsft.training.loss import causal_lm_loss
 
 B, L, H, V = 3, 11, 32, 97  # B*L = 33 tokens, so chunk 8 leaves a ragged tail
 CHUNKS = [1, 8, 11, 33, 64]

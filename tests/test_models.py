@@ -19,7 +19,7 @@ import torch
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-import jaxsft.sharding as shd
+import jaxsft.infra.sharding as shd
 from jaxsft.models import CausalLM, from_pretrained, spec_from_hf_config
 from jaxsft.models.hf_io import export_params
 from tiny import FAMILIES, tiny_torch_model

@@ -1,7 +1,7 @@
 """Multi-process training on localhost equals single-process training on the union of the examples.
 
 Two worker processes (``tests/multihost_worker.py``), 4 CPU devices each, join
-JAX's distributed runtime through ``jaxsft.distributed.initialize`` (CPU
+JAX's distributed runtime through ``jaxsft.infra.distributed.initialize`` (CPU
 collectives: gloo, jax's default on CPU) and train a tiny Llama on a
 data x fsdp x tensor = (1, 2, 4) mesh: the batch and every FSDP-sharded weight are
 split across the two processes, heads/MLP across each process's 4 devices.

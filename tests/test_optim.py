@@ -1,4 +1,4 @@
-"""jaxsft.optim against transformers' schedulers and torch's optimizers and clipping.
+"""jaxsft.training.optim against transformers' schedulers and torch's optimizers and clipping.
 
 Tolerances: schedules rtol 1e-7 (fp32 holds HF's float64 value to 6e-8);
 optimizer trajectories rtol 1e-6 over 10 steps in fp32, with atol 1e-6 for
@@ -20,8 +20,8 @@ import torch
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
-from jaxsft.config import TrainConfig
-from jaxsft.optim import clip_by_global_norm_torch, decay_mask, global_norm, make_optimizer, make_schedule
+from jaxsft.infra.config import TrainConfig
+from jaxsft.training.optim import clip_by_global_norm_torch, decay_mask, global_norm, make_optimizer, make_schedule
 
 # --- schedules ----------------------------------------------------------------
 
@@ -333,7 +333,7 @@ def test_adamw_bias_correction_matches_torch_over_a_long_run():
     """optax's fp32 ``1 - b**t`` drifts from torch's float64 correction; jaxsft's must not."""
     import torch
 
-    from jaxsft.optim import adamw_torch
+    from jaxsft.training.optim import adamw_torch
 
     rng = np.random.default_rng(0)
     steps, lr = 3000, 1e-3

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxsft
-from jaxsft import batching
+from jaxsft.training import batching
 from jaxsft.models import layers as L
 
 import tiny
@@ -160,8 +160,8 @@ def test_longer_packed_rows_give_the_same_loss_and_gradients():
     one example per row and one long packed row give the same loss sum, label count and gradients."""
     from flax import nnx
 
-    from jaxsft import step as step_fns
-    from jaxsft.objectives import CausalSFT
+    from jaxsft.training import step as step_fns
+    from jaxsft.training.objectives import CausalSFT
 
     model = jaxsft.from_pretrained(tiny.tiny_torch_model("qwen2"))
     examples = _examples([9, 9, 9, 5])  # rows of 16: 9+5 | 9 | 9 (48 tokens); one row of 32 holds all (32)

@@ -172,7 +172,7 @@ def test_plot_draws_a_one_standard_error_band():
 
 
 def test_backend_notice_hints_at_an_idle_gpu():
-    from jaxsft import accelerator
+    from jaxsft.infra import accelerator
 
     assert accelerator.notice("gpu", ["NVIDIA H100"], gpu_visible=True) == "JAX backend: gpu, 1 device (NVIDIA H100)"
     line = accelerator.notice("cpu", ["cpu"], gpu_visible=True)

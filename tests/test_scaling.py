@@ -6,7 +6,7 @@
 * The loss over batch-split rows (shard_map) equals the single-device loss and gradients.
 * A data-parallel update all-reduces each parameter's gradient exactly once: its all-reduce
   bytes equal the fp32 parameter bytes (a tied embedding reduced twice, or densely, fails this).
-* ``jaxsft.diagnostics`` reads collectives out of HLO text, async pairs counted once.
+* ``jaxsft.infra.diagnostics`` reads collectives out of HLO text, async pairs counted once.
 * ``TrainConfig.xla_options`` is checked when the trainer is built; ``scan_layers=None``
   unrolls the layers of shallow models on every mesh.
 """
@@ -20,9 +20,9 @@ import pytest
 from jax.sharding import NamedSharding
 
 import jaxsft
-from jaxsft import diagnostics
-from jaxsft import sharding as shd
-from jaxsft.loss import causal_lm_loss
+from jaxsft.infra import diagnostics
+from jaxsft.infra import sharding as shd
+from jaxsft.training.loss import causal_lm_loss
 from jaxsft.models.embedding import embedding_lookup
 
 import tiny
@@ -153,7 +153,7 @@ def test_xla_options_default_to_the_backends_measured_settings():
     """None: the backend's table (GPU: every matmul on cuBLAS, no Triton GEMM autotuning, for models at
     least CUBLAS_FROM_HIDDEN_SIZE wide; narrower ones and CPU/TPU: XLA's own); anything given, {} included,
     is used as is."""
-    from jaxsft import compile_options
+    from jaxsft.infra import compile_options
 
     wide = compile_options.CUBLAS_FROM_HIDDEN_SIZE
     assert compile_options.resolve(None, backend="gpu", hidden_size=896) == {"xla_gpu_enable_triton_gemm": False}
@@ -171,7 +171,7 @@ def test_xla_options_default_to_the_backends_measured_settings():
 def test_trainer_compiles_with_the_defaults_for_its_models_width(monkeypatch):
     """The trainer passes its model's width: a table entry for this backend applies to a model as wide as
     its threshold and not to a narrower one (tiny_llama is 64 wide)."""
-    from jaxsft import compile_options
+    from jaxsft.infra import compile_options
 
     mesh = jaxsft.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     option = {"xla_backend_optimization_level": 2}  # a real CPU option, so the trainer's check compiles it
@@ -188,7 +188,7 @@ def test_scan_layers_automatic_choice():
     assert _tiny_trainer(jaxsft.make_mesh(1, 8, 1)).scan_layers is False
     assert _tiny_trainer(jaxsft.make_mesh(2, 2, 2)).scan_layers is False
     assert _tiny_trainer(jaxsft.make_mesh(1, 8, 1), scan_layers=True).scan_layers is True
-    from jaxsft.config import UNROLL_MAX_LAYERS
+    from jaxsft.infra.config import UNROLL_MAX_LAYERS
     from jaxsft.models.options import RunOptions
 
     deep = jaxsft.TrainConfig().run_options(RunOptions(), num_layers=UNROLL_MAX_LAYERS + 1)

@@ -126,7 +126,7 @@ def test_seq2seq_decay_mask_follows_the_torch_param_groups():
     import jaxsft
     from flax import nnx
 
-    from jaxsft.optim import decay_mask_from_names
+    from jaxsft.training.optim import decay_mask_from_names
     from compat.torch_sync import hf_decay_table
 
     torch_model = tiny_seq2seq_model("bart")

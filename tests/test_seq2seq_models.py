@@ -104,7 +104,7 @@ def test_bart_missing_and_misshaped_weights_are_named_before_placing(tmp_path, m
     """Checked from the headers: a missing and a wrong-shaped BART tensor are both named, nothing is placed."""
     from safetensors.numpy import load_file, save_file
 
-    import jaxsft.sharding as shd
+    import jaxsft.infra.sharding as shd
 
     tiny_seq2seq_model("bart").save_pretrained(str(tmp_path / "m"))
     weights = load_file(tmp_path / "m" / "model.safetensors")

@@ -24,9 +24,9 @@ from flax import nnx
 from transformers import Trainer, get_scheduler
 
 import jaxsft
-from jaxsft import batching
+from jaxsft.training import batching
 from jaxsft.models.hf_io import export_params, hf_state_dict
-from jaxsft.optim import decay_mask
+from jaxsft.training.optim import decay_mask
 from tiny_seq2seq import tiny_seq2seq_model
 
 SEED, LR, WD, WARMUP, CLIP, MAX_STEPS = 7, 1e-3, 0.01, 2, 1.0, 14

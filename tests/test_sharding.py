@@ -26,8 +26,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxsft
-from jaxsft import batching
-from jaxsft import sharding as shd
+from jaxsft.training import batching
+from jaxsft.infra import sharding as shd
 from jaxsft.models.hf_io import hf_state_dict
 
 import tiny
@@ -287,7 +287,7 @@ def test_sharding_rules_are_an_argument():
     trainer.step(**calls()[0])
     assert param_arrays(trainer.model)["layers/up_proj"].sharding.spec == P(None, "fsdp", None)
     assert param_arrays(trainer.model)["layers/q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
-    with pytest.raises(TypeError, match="sharding_rules must be a jaxsft.sharding.ShardingRules"):
+    with pytest.raises(TypeError, match="sharding_rules must be a jaxsft.infra.sharding.ShardingRules"):
         jaxsft.IterativeSFTTrainer(model, config(GLOBAL_ROWS // 2, 1), mesh=mesh, sharding_rules={"mlp": None})
     with pytest.raises(ValueError, match=r"mesh axes \['model'\] are not among"):
         shd.ShardingRules(params={**shd.LOGICAL_AXIS_RULES, "mlp": "model"})

@@ -1,4 +1,4 @@
-"""The train step's functions (jaxsft.step) on a tiny model: what the compiled update differentiates."""
+"""The train step's functions (jaxsft.training.step) on a tiny model: what the compiled update differentiates."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 import jaxsft
-from jaxsft import step as step_fns
+from jaxsft.training import step as step_fns
 from jaxsft.models.families import spec_from_hf_config
-from jaxsft.objectives import CausalSFT
+from jaxsft.training.objectives import CausalSFT
 
 import tiny
 

@@ -35,7 +35,7 @@ from transformers import Trainer, get_scheduler
 
 import jaxsft
 from jaxsft.models.hf_io import export_params, hf_state_dict
-from jaxsft.optim import decay_mask
+from jaxsft.training.optim import decay_mask
 
 import tiny
 

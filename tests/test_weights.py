@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxsft
-import jaxsft.sharding as shd
+import jaxsft.infra.sharding as shd
 from jaxsft.models import hf_io, weights
 from jaxsft.models.families import table_for
 from jaxsft.models.hf_keys import TABLES

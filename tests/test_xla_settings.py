@@ -36,6 +36,6 @@ def test_child_env_shares_the_compile_cache_and_puts_paths_first(tmp_path):
 
 
 def test_bit_exact_options_are_accepted_per_program():
-    from jaxsft import compile_options
+    from jaxsft.infra import compile_options
 
     assert all(compile_options.accepted(name, value) for name, value in BIT_EXACT_XLA_OPTIONS.items())

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsft import sharding as shd
+from jaxsft.infra import sharding as shd
 from jaxsft.generation import engine
 from jaxsft.generation.causal import CausalAdapter
 from jaxsft.generation.engine import MIN_NEW_TOKENS_BUCKET, MIN_PROMPT_BUCKET, DecodeState, pow2_at_least
@@ -121,7 +121,7 @@ class Sampler:
     :meth:`generate` as often as you like: calls of similar size share programs (see the
     module doc), and ``model=`` hands in newer weights of the same model without recompiling.
     ``mesh`` defaults to the mesh the model's params live on; another mesh moves them there
-    first, and ``sharding_rules`` (default ``jaxsft.sharding.DEFAULT_RULES``) lay out the
+    first, and ``sharding_rules`` (default ``jaxsft.infra.sharding.DEFAULT_RULES``) lay out the
     params, the KV cache and the rows.
     """
 
@@ -136,7 +136,7 @@ class Sampler:
     ):
         adapter_for(model)  # refuses other model types
         if sharding_rules is not None and not isinstance(sharding_rules, shd.ShardingRules):
-            raise TypeError(f"sharding_rules must be a jaxsft.sharding.ShardingRules, got {type(sharding_rules).__name__}.")
+            raise TypeError(f"sharding_rules must be a jaxsft.infra.sharding.ShardingRules, got {type(sharding_rules).__name__}.")
         self.model = model
         self.tokenizer = tokenizer
         self.mesh = mesh

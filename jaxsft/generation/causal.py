@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxsft import sharding as shd
+from jaxsft.infra import sharding as shd
 from jaxsft.generation import kv_cache
 from jaxsft.generation.engine import Shape, pow2_at_most
 

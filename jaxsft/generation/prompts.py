@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from jaxsft import chat as chat_format
+from jaxsft.infra import chat as chat_format
 from jaxsft.generation.params import is_int
 
 Prompt = Union[str, Sequence[dict], Sequence[int]]

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxsft import sharding as shd
+from jaxsft.infra import sharding as shd
 from jaxsft.generation.engine import Shape, pow2_at_most
 
 

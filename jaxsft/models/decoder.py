@@ -1,7 +1,7 @@
 """The decoder-only language model shared by every supported family.
 
 Parameters live as ``nnx.Param`` with a ``logical_axes`` tuple (read by
-``jaxsft.sharding``). Per-layer weights are stacked on a leading ``layers`` axis
+``jaxsft.infra.sharding``). Per-layer weights are stacked on a leading ``layers`` axis
 and run under ``lax.scan`` so compile time does not grow with depth; the layer
 body is a pure function, so remat is a ``jax.checkpoint`` around it.
 """
@@ -21,7 +21,7 @@ from jaxsft.models import lora as lora_lib
 from jaxsft.models.embedding import embedding_lookup
 from jaxsft.models.interface import LMHead
 from jaxsft.models.options import REMAT_POLICIES, RunOptions
-from jaxsft.sharding import constrain
+from jaxsft.infra.sharding import constrain
 from jaxsft.models.spec import ModelSpec, layer_param_shapes, norm_identity_init
 
 
@@ -59,7 +59,7 @@ class CausalLM(nnx.Module):
     """A decoder-only LM. ``__call__(input_ids, attention_mask=None)`` returns fp32 logits [B, T, V]."""
 
     # Top-level attributes whose arrays are cast to ``dtype`` before any use (``_run_layers``), so a
-    # training step may differentiate compute-dtype copies of them (jaxsft.step.compute_view).
+    # training step may differentiate compute-dtype copies of them (jaxsft.training.step.compute_view).
     CAST_AT_USE = ("layers",)
 
     def __init__(

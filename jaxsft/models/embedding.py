@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxsft import sharding as shd
+from jaxsft.infra import sharding as shd
 
 
 def _gather_cheaper(ids_shape: tuple[int, ...], table_shape: tuple[int, ...]) -> bool:

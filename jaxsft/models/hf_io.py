@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsft import sharding as shd
-from jaxsft import torch_bridge
+from jaxsft.infra import sharding as shd
+from jaxsft.infra import torch_bridge
 from jaxsft.models import gguf_io
 from jaxsft.models import lora as lora_lib
 from jaxsft.models import weights
@@ -132,7 +132,7 @@ class SafetensorsSource:
 def _torch_state_dict(model: Any) -> weights.ArraySource:
     """A torch model's weights as a tensor source, converted to numpy one tensor at a time when read.
 
-    Meta and sparse tensors are refused before anything is read or placed (``jaxsft.torch_bridge``,
+    Meta and sparse tensors are refused before anything is read or placed (``jaxsft.infra.torch_bridge``,
     the one jaxsft module that imports torch).
     """
     return weights.ArraySource(torch_bridge.checked_state_dict(model), torch_bridge.tensor_as_numpy)
@@ -297,7 +297,7 @@ def from_pretrained(
     dequantized to fp32: :mod:`jaxsft.models.gguf_io`) or a ``transformers`` PreTrainedModel
     (converted in memory). ``param_dtype`` (default fp32) is the stored precision, ``dtype`` the
     compute precision (default: ``param_dtype``). ``mesh`` defaults to all devices on the
-    data axis; ``sharding_rules`` (default ``jaxsft.sharding.DEFAULT_RULES``) lay the
+    data axis; ``sharding_rules`` (default ``jaxsft.infra.sharding.DEFAULT_RULES``) lay the
     parameters out on it. LoRA adapters (a PEFT folder or a ``peft.PeftModel``):
     :func:`jaxsft.models.peft_io.from_pretrained`, which loads the base through this.
 
@@ -405,7 +405,7 @@ def save_pretrained(
     """
     from safetensors.numpy import save_file
 
-    from jaxsft.atomic_folder import write_folder
+    from jaxsft.infra.atomic_folder import write_folder
 
     if not isinstance(model, (CausalLM, Seq2SeqLM)):
         raise TypeError(

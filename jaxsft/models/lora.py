@@ -165,7 +165,7 @@ def init_adapters(spec: ModelSpec, setup: LoraSetup, seed: int) -> dict[str, np.
 
 def attach(model: LanguageModel, setup: LoraSetup, arrays: dict[str, np.ndarray]) -> LanguageModel:
     """Give ``model`` these adapters (placed on its mesh per the sharding rules), in place; returns it."""
-    from jaxsft import sharding as shd
+    from jaxsft.infra import sharding as shd
 
     shapes = adapter_shapes(model.spec, setup)
     if set(arrays) != set(shapes):
@@ -208,7 +208,7 @@ def lora_setup(model: Any) -> Optional[LoraSetup]:
 
 def adapter_arrays(model: LanguageModel) -> dict[str, np.ndarray]:
     """The adapters as fp32 numpy (gathered across hosts when sharded)."""
-    from jaxsft import sharding as shd
+    from jaxsft.infra import sharding as shd
 
     return {k: np.asarray(shd.fetch_to_host(v), np.float32) for k, v in model.lora_layers.arrays().items()}
 

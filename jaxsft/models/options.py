@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxsft.config import ATTENTION_IMPLEMENTATIONS  # defined with the config that validates it
+from jaxsft.infra.config import ATTENTION_IMPLEMENTATIONS  # defined with the config that validates it
 REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,

@@ -297,7 +297,7 @@ def split_peft_model(peft_model: Any) -> tuple[Any, dict[str, np.ndarray], dict[
     """
     from peft import get_peft_model_state_dict
 
-    from jaxsft.torch_bridge import tensor_as_numpy
+    from jaxsft.infra.torch_bridge import tensor_as_numpy
 
     configs = dict(peft_model.peft_config)
     if len(configs) != 1:

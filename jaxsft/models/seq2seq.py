@@ -27,7 +27,7 @@ from jaxsft.models.embedding import embedding_lookup
 from jaxsft.models.interface import LMHead
 from jaxsft.models.options import REMAT_POLICIES, RunOptions
 from jaxsft.models.seq2seq_spec import Seq2SeqSpec
-from jaxsft.sharding import constrain
+from jaxsft.infra.sharding import constrain
 
 _MASKED = float(np.finfo(np.float32).min)
 
@@ -295,7 +295,7 @@ class Seq2SeqLM(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None):
         if decoder_input_ids is None:
-            raise ValueError("Seq2SeqLM needs decoder_input_ids (labels shifted right; see jaxsft.batching.shift_right).")
+            raise ValueError("Seq2SeqLM needs decoder_input_ids (labels shifted right; see jaxsft.training.batching.shift_right).")
         hidden = self.hidden_states(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
         return self.logits(hidden)
 

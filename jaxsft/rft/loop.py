@@ -138,7 +138,7 @@ class StopRequest:
 
 def prompt_text(tokenizer: Any, prompt: Any) -> str:
     """The text the model sees before its reply: a string as given, chat messages through the chat template."""
-    from jaxsft import chat
+    from jaxsft.infra import chat
 
     return prompt if isinstance(prompt, str) else chat.prompt_text(tokenizer, prompt)
 
@@ -218,7 +218,7 @@ def run(
         kept_rows = [r for r in _read_jsonl(out / "kept_samples.jsonl") if r["round"] <= done]
         eval_rows = [r for r in _read_jsonl(out / "heldout_replies.jsonl") if r["round"] <= done]
         if done > 0:
-            from jaxsft.checkpoint import latest_checkpoint
+            from jaxsft.infra.checkpoint import latest_checkpoint
 
             path = latest_checkpoint(str(out / "checkpoints" / f"round-{done}"))
             try:
@@ -371,7 +371,7 @@ def load_model(model: Optional[str], *, dtype: Any = None) -> tuple[Any, Any]:
     import jaxsft
 
     if model is None:
-        from jaxsft import bundled
+        from jaxsft.app import bundled
 
         return bundled.load(dtype=dtype)
     from transformers import AutoTokenizer

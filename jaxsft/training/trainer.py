@@ -19,21 +19,23 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsft import batching, buffers, compile_options, distributed, fingerprint, objectives
-from jaxsft.argument_checks import check_built_optimizer, check_trainer_arguments
-from jaxsft import checkpoint as checkpointing
-from jaxsft import metrics as metrics_sinks
-from jaxsft import sharding as shd
-from jaxsft import train_log, train_state
-from jaxsft.callbacks import EvalPrediction, TrainerCallback, check_callbacks, notify
-from jaxsft.config import TrainConfig
+from jaxsft.training import batching, buffers, objectives
+
+from jaxsft.infra import compile_options, distributed, fingerprint
+from jaxsft.training.argument_checks import check_built_optimizer, check_trainer_arguments
+from jaxsft.infra import checkpoint as checkpointing
+from jaxsft.infra import metrics as metrics_sinks
+from jaxsft.infra import sharding as shd
+from jaxsft.training import train_log, train_state
+from jaxsft.training.callbacks import EvalPrediction, TrainerCallback, check_callbacks, notify
+from jaxsft.infra.config import TrainConfig
 from jaxsft.models import lora as lora_lib
 from jaxsft.models.decoder import CausalLM
 from jaxsft.models.seq2seq import Seq2SeqLM
 from jaxsft.models.options import RunOptions, with_options
-from jaxsft.optim import check_optimizer_arguments, host_learning_rate_fn, optimizer_and_schedule
-from jaxsft.programs import TrainPrograms
-from jaxsft.train_state import COUNTER_FIELDS, HostSnapshot, TrainerState, TrainState
+from jaxsft.training.optim import check_optimizer_arguments, host_learning_rate_fn, optimizer_and_schedule
+from jaxsft.training.programs import TrainPrograms
+from jaxsft.training.train_state import COUNTER_FIELDS, HostSnapshot, TrainerState, TrainState
 
 
 class IterativeSFTTrainer:
@@ -44,11 +46,11 @@ class IterativeSFTTrainer:
     transformation, or a function ``schedule -> transformation`` that the trainer
     calls with ``schedule`` (default: ``config``'s HF schedule); pass ``schedule``
     with a transformation if you want its rate logged; a
-    :class:`jaxsft.optim.TableSchedule` logs its exact float64 value). The
+    :class:`jaxsft.training.optim.TableSchedule` logs its exact float64 value). The
     trainer always puts ``config.max_grad_norm`` clipping in front of the
     optimizer, its own or yours (``max_grad_norm=None`` or 0 turns it off).
     ``mesh`` defaults to the model's mesh (all local devices on the data axis for a
-    plain ``from_pretrained``); ``sharding_rules`` (default ``jaxsft.sharding.DEFAULT_RULES``)
+    plain ``from_pretrained``); ``sharding_rules`` (default ``jaxsft.infra.sharding.DEFAULT_RULES``)
     lay the parameters, optimizer state and activations out on it. ``compute_metrics``
     (``EvalPrediction -> dict``) and ``preprocess_logits_for_metrics`` (``(logits, labels) -> array``,
     per eval batch, numpy) add metrics to every evaluation, as in ``transformers.Trainer``.
@@ -117,7 +119,7 @@ class IterativeSFTTrainer:
             self.mesh = mesh if mesh is not None else shd.mesh_of(nnx.state(model))
             if sharding_rules is not None and not isinstance(sharding_rules, shd.ShardingRules):
                 raise TypeError(
-                    f"sharding_rules must be a jaxsft.sharding.ShardingRules, got {type(sharding_rules).__name__}."
+                    f"sharding_rules must be a jaxsft.infra.sharding.ShardingRules, got {type(sharding_rules).__name__}."
                 )
             self.sharding_rules = sharding_rules or shd.DEFAULT_RULES
             self.buckets = config.buckets(model.spec.max_position_embeddings)
@@ -186,7 +188,7 @@ class IterativeSFTTrainer:
         )
         self._sampler = None  # built on the first generate()
         self._params_version = 0
-        if jax.process_index() == 0:  # report_to sinks: scalars of every log entry (jaxsft.metrics)
+        if jax.process_index() == 0:  # report_to sinks: scalars of every log entry (jaxsft.infra.metrics)
             self.callbacks += metrics_sinks.writers_for(config)
 
     # ------------------------------------------------------------------ public
@@ -562,7 +564,7 @@ class IterativeSFTTrainer:
     def restore_checkpoint(self, path: str) -> None:
         """Load a checkpoint from :meth:`save_checkpoint` (onto this trainer's mesh, whichever it is).
 
-        ``path`` is a ``checkpoint-<step>`` folder (``jaxsft.checkpoint.latest_checkpoint(dir)``
+        ``path`` is a ``checkpoint-<step>`` folder (``jaxsft.infra.checkpoint.latest_checkpoint(dir)``
         finds the newest). A checkpoint of another architecture or optimizer is refused before
         anything changes. The config is this trainer's, so a resumed run may change e.g. the
         learning rate; the schedule continues from the restored ``global_step``.
@@ -588,7 +590,7 @@ class IterativeSFTTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any], *, copy: bool = True) -> None:
-        """Replace the whole state with ``state`` (from :meth:`state_dict` or ``jaxsft.checkpoint.read``).
+        """Replace the whole state with ``state`` (from :meth:`state_dict` or ``jaxsft.infra.checkpoint.read``).
 
         Everything is checked first (keys, tree structure, shapes, dtypes, host fields); on any mismatch
         a ``ValueError`` names it and nothing changes. Arrays are placed onto this trainer's mesh (any
@@ -690,7 +692,7 @@ class IterativeSFTTrainer:
         """The one-micro-batch update program (gradients and optimizer step) for ``batch``'s shape.
 
         ``step()`` runs it with ``gradient_accumulation_steps == 1``; it is compiled with the trainer's
-        shardings and XLA options (not run, not cached), which is what ``jaxsft.diagnostics`` inspects.
+        shardings and XLA options (not run, not cached), which is what ``jaxsft.infra.diagnostics`` inspects.
         ``batch`` holds placed ``input_ids`` and ``labels`` of one global micro-batch shape.
         """
         return self.programs.built(self.programs.lower_fused(self.train_state, batch, self._frozen))

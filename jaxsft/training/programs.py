@@ -2,9 +2,9 @@
 
 :class:`TrainPrograms` owns the ahead-of-time cache (one program per kind and batch shapes, so the count
 is exact and a varying loop never recompiles beyond its buckets), the lowerings, the XLA options and the
-shardings. Update programs take the :class:`~jaxsft.train_state.TrainState` whole and give it back,
+shardings. Update programs take the :class:`~jaxsft.training.train_state.TrainState` whole and give it back,
 donated; evaluation and logits programs read its parameters. The functions compiled are
-:mod:`jaxsft.step`'s, around the trainer's objective.
+:mod:`jaxsft.training.step`'s, around the trainer's objective.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsft import objectives
-from jaxsft import sharding as shd
-from jaxsft import step as step_fns
-from jaxsft.train_state import TrainState
+from jaxsft.training import objectives
+from jaxsft.infra import sharding as shd
+from jaxsft.training import step as step_fns
+from jaxsft.training.train_state import TrainState
 
 Lowerings = list[tuple[tuple, Callable[[], jax.stages.Lowered]]]
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsft import distributed, fingerprint
+from jaxsft.infra import distributed, fingerprint
 
 FORMAT = "jaxsft-trainer-checkpoint/3"  # /3: the host JSON carries its own checksum (HOST_CHECKSUM)
 _OLDER_FORMATS = ("jaxsft-trainer-checkpoint/2",)  # still restored (no host checksum to verify)
@@ -285,14 +285,14 @@ def _read_and_check_host(trainer: Checkpointable, path: Any) -> tuple[dict[str, 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(
             f"restore_checkpoint: path={path!r} must be a checkpoint folder path (str or os.PathLike); pass e.g. "
-            "jaxsft.checkpoint.latest_checkpoint('checkpoints')."
+            "jaxsft.infra.checkpoint.latest_checkpoint('checkpoints')."
         )
     path = os.fspath(path)
     state_file = _state_file(path)
     if not os.path.isfile(state_file):
         raise FileNotFoundError(
             f"restore_checkpoint: {path!r} is not a complete jaxsft checkpoint (no {STATE_ITEM}); pass a "
-            "checkpoint-<step> folder written by save_checkpoint, e.g. jaxsft.checkpoint.latest_checkpoint(dir)."
+            "checkpoint-<step> folder written by save_checkpoint, e.g. jaxsft.infra.checkpoint.latest_checkpoint(dir)."
         )
     saved = _read_host_json(path, state_file)
     ours = fingerprint.as_json(dataclasses.asdict(trainer.spec))
@@ -433,7 +433,7 @@ def _refuse_non_finite(named: list, *, what: str = "save_checkpoint", where: str
         raise FloatingPointError(
             f"save_checkpoint: refusing to save a non-finite state ({len(bad)} arrays hold NaN or inf, first "
             f"{bad[0]}); the checkpoints already on disk are untouched. Restore the latest one "
-            "(jaxsft.checkpoint.latest_checkpoint) and lower the learning rate or enable clipping."
+            "(jaxsft.infra.checkpoint.latest_checkpoint) and lower the learning rate or enable clipping."
         )
     raise ValueError(
         f"{what}: {where!r} holds non-finite values ({len(bad)} arrays, first {bad[0]}); the trainer was left as it "

@@ -1,4 +1,4 @@
-"""What must be equal on every process, as values ``jaxsft.distributed.agree`` can compare.
+"""What must be equal on every process, as values ``jaxsft.infra.distributed.agree`` can compare.
 
 A trainer's processes each build their own trainer; if one was given another learning rate or
 optimizer, SPMD programs would still run and report the same loss while the "replicated" weights

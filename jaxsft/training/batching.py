@@ -14,8 +14,8 @@ from typing import Any, Optional, Sequence
 import ml_dtypes
 import numpy as np
 
-from jaxsft import chat
-from jaxsft.config import IGNORE_INDEX, TRUNCATION_MODES
+from jaxsft.infra import chat
+from jaxsft.infra.config import IGNORE_INDEX, TRUNCATION_MODES
 
 # step()'s input keywords (token arrays or texts), the one list the core, the facade and eval datasets use.
 STEP_KEYWORDS = ("input_ids", "attention_mask", "labels", "texts", "texts_labels")
@@ -530,7 +530,7 @@ def examples_from_texts(
     mid-sequence), and only the completion tokens are learned. A text may be a
     chat (list of messages): it is formatted with the chat template as
     ``generate`` formats a prompt, and its completion is the assistant turn (see
-    :mod:`jaxsft.chat`). ``eos_token_id``: appended to every completion that does
+    :mod:`jaxsft.infra.chat`). ``eos_token_id``: appended to every completion that does
     not already end with it, so the model learns to stop. Each list is tokenized
     in one batched call because per-text calls dominate host time.
     """

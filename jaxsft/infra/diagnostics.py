@@ -93,7 +93,7 @@ def update_program_text(trainer, rows: int, length: int) -> str:
     """
     import numpy as np
 
-    from jaxsft import sharding as shd
+    from jaxsft.infra import sharding as shd
 
     ids = np.ones((rows, length), np.int32)
     batch = {"input_ids": shd.place_batch(ids, trainer.mesh), "labels": shd.place_batch(ids, trainer.mesh)}

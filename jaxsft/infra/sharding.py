@@ -112,7 +112,7 @@ def use_rules(rules: Optional[ShardingRules]) -> Iterator[ShardingRules]:
     """Trace under ``rules`` (None: the defaults): ``constrain`` and ``logical_to_spec`` read them."""
     rules = DEFAULT_RULES if rules is None else rules
     if not isinstance(rules, ShardingRules):
-        raise TypeError(f"sharding_rules must be a jaxsft.sharding.ShardingRules, got {type(rules).__name__}.")
+        raise TypeError(f"sharding_rules must be a jaxsft.infra.sharding.ShardingRules, got {type(rules).__name__}.")
     token = _ACTIVE_RULES.set(rules)
     try:
         yield rules

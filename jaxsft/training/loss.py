@@ -23,9 +23,9 @@ import jax.numpy as jnp
 
 from jax.sharding import PartitionSpec as P
 
-from jaxsft.config import IGNORE_INDEX
+from jaxsft.infra.config import IGNORE_INDEX
 from jaxsft.models.layers import soft_cap, soft_cap_slope
-from jaxsft.sharding import batch_split_axes, constrain
+from jaxsft.infra.sharding import batch_split_axes, constrain
 
 
 def _shifted_targets(labels: jax.Array, fill: Any = IGNORE_INDEX) -> jax.Array:

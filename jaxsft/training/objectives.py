@@ -8,7 +8,7 @@ ride on both. A new objective (DPO, a reward-weighted loss) is a new subclass, n
 
 The loss contract is ``loss(model, batch) -> (sum, denominator, aux)``: the update's loss is the sum
 over its micro-batches divided by the summed denominator (the one normaliser: label tokens, or their
-weighted count), formed once in :mod:`jaxsft.step`; ``aux`` holds additive scalars the trainer reports
+weighted count), formed once in :mod:`jaxsft.training.step`; ``aux`` holds additive scalars the trainer reports
 (``num_tokens``: the real label-token count).
 """
 
@@ -24,9 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsft import batching, distributed, fast_path
-from jaxsft.config import IGNORE_INDEX
-from jaxsft.loss import causal_lm_loss
+from jaxsft.training import batching, fast_path
+
+from jaxsft.infra import distributed
+from jaxsft.infra.config import IGNORE_INDEX
+from jaxsft.training.loss import causal_lm_loss
 
 Batch = dict[str, jax.Array]
 
@@ -46,7 +48,7 @@ class PlanSettings:
 class Objective(abc.ABC):
     """What a trainer optimises. Subclasses say how inputs become examples and how a batch is scored.
 
-    ``chunk_size`` / ``num_shards`` tune the fused lm_head + loss (see :func:`jaxsft.loss.causal_lm_loss`).
+    ``chunk_size`` / ``num_shards`` tune the fused lm_head + loss (see :func:`jaxsft.training.loss.causal_lm_loss`).
     """
 
     chunk_size: Optional[int] = None
@@ -150,7 +152,7 @@ class Objective(abc.ABC):
         """(whether micro-batches pack, whether packed rows may outgrow the longest example's bucket).
 
         ``TrainConfig.packing`` resolved for this backend (None: packed where cuDNN's ragged kernel applies,
-        ``jaxsft.fast_path``). Rows longer than the bucket only where attention costs per segment (cuDNN's
+        ``jaxsft.training.fast_path``). Rows longer than the bucket only where attention costs per segment (cuDNN's
         ragged kernel); masked XLA attention (CPU, TPU) costs and stores rows x length^2.
         """
         if not self.supports_packing:

@@ -62,7 +62,7 @@ def tokenizer() -> Any:
 
 def torch_model() -> Any:
     """SmolLM2-135M-Instruct as a plain fp32 ``LlamaForCausalLM`` (needs torch; ``save_pretrained`` works)."""
-    from jaxsft import torch_bridge
+    from jaxsft.infra import torch_bridge
 
     ckpt = checkpoint()
     return torch_bridge.causal_lm_from_arrays(ckpt.config, ckpt.state_dict())

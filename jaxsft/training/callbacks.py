@@ -45,7 +45,7 @@ def check_callbacks(callbacks: Any) -> None:
         if missing:
             raise TypeError(
                 f"callbacks[{i}] ({type(callback).__name__}) lacks {', '.join(missing)}; subclass "
-                "jaxsft.trainer.TrainerCallback and override the hooks you need."
+                "jaxsft.training.trainer.TrainerCallback and override the hooks you need."
             )
 
 

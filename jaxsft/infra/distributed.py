@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from jaxsft import batching
+from jaxsft.training import batching
 
 
 def initialize(
@@ -72,7 +72,7 @@ def _client():
 
     client = jax_distributed.global_state.client
     if client is None:
-        raise RuntimeError("jaxsft.distributed: the JAX distributed runtime is not initialized.")
+        raise RuntimeError("jaxsft.infra.distributed: the JAX distributed runtime is not initialized.")
     return client
 
 

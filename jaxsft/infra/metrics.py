@@ -17,7 +17,7 @@ import socket
 import time
 from typing import Any, Optional, Sequence
 
-from jaxsft.callbacks import TrainerCallback
+from jaxsft.training.callbacks import TrainerCallback
 
 _PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
 

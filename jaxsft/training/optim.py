@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsft.config import TORCH_OPTIMIZERS, OptimizerDescription, ScheduleDescription, TrainConfig
-from jaxsft.paths import key_name
+from jaxsft.infra.config import TORCH_OPTIMIZERS, OptimizerDescription, ScheduleDescription, TrainConfig
+from jaxsft.infra.paths import key_name
 
 # ---------------------------------------------------------------------------
 # schedules
@@ -414,7 +414,7 @@ def _cosine_annealing_rule(t, xp, *, base, eta_min, T_max):
     return eta_min + (base - eta_min) * (1.0 + xp.cos(math.pi * t / T_max)) / 2.0
 
 
-SCHEDULE_RULES = {  # the names are ScheduleDescription's (jaxsft.config.SCHEDULE_RULE_NAMES)
+SCHEDULE_RULES = {  # the names are ScheduleDescription's (jaxsft.infra.config.SCHEDULE_RULE_NAMES)
     "step": _step_rule, "multistep": _multistep_rule, "exponential": _exponential_rule,
     "constant": _constant_rule, "linear": _linear_rule, "polynomial": _polynomial_rule,
     "cosine_annealing": _cosine_annealing_rule,
@@ -437,12 +437,12 @@ def check_optimizer_arguments(optimizer: Any, schedule: Any) -> None:
         isinstance(optimizer, (optax.GradientTransformation, OptimizerDescription)) or callable(optimizer)
     ):
         raise TypeError(
-            f"optimizer must be an optax.GradientTransformation, a jaxsft.config.OptimizerDescription or a "
+            f"optimizer must be an optax.GradientTransformation, a jaxsft.infra.config.OptimizerDescription or a "
             f"function schedule -> GradientTransformation, got {type(optimizer).__name__}."
         )
     if schedule is not None and not (callable(schedule) or isinstance(schedule, ScheduleDescription)):
         raise TypeError(
-            f"schedule must be an optax schedule (step -> learning rate) or a jaxsft.config.ScheduleDescription, "
+            f"schedule must be an optax schedule (step -> learning rate) or a jaxsft.infra.config.ScheduleDescription, "
             f"got {type(schedule).__name__}."
         )
 

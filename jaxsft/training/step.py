@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxsft.objectives import Objective
-from jaxsft.optim import global_norm
+from jaxsft.training.objectives import Objective
+from jaxsft.training.optim import global_norm
 
 Batch = dict[str, jax.Array]
 

@@ -41,7 +41,7 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 # The label that marks a position without a loss (HF's and torch's ignore_index), for every module.
 IGNORE_INDEX = -100
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
-# Metrics sinks for ``report_to`` (jaxsft.metrics writes them through the libraries themselves).
+# Metrics sinks for ``report_to`` (jaxsft.infra.metrics writes them through the libraries themselves).
 REPORT_TO = ("tensorboard", "wandb")
 
 __all__ = [
@@ -205,15 +205,15 @@ class Performance:
     # keep them apart in attention and loss): fewer padded tokens, same numbers. Pays off on
     # ragged step() calls; off, every example gets a row of its own. None (default): on where
     # measured faster, i.e. on GPU where cuDNN's ragged attention applies, off elsewhere
-    # (jaxsft.fast_path.resolve_packing); True / False force either layout.
+    # (jaxsft.training.fast_path.resolve_packing); True / False force either layout.
     packing: Optional[bool] = None
     # Sequence-length buckets (ascending). None: powers of two from
     # ``min_bucket_length`` up to max_length, plus max_length itself.
     length_buckets: Optional[Sequence[int]] = None
     min_bucket_length: int = 32
     # XLA compiler options for the train and eval programs (``compile(compiler_options=...)``).
-    # None: jaxsft's measured defaults for the backend and model width (jaxsft.compile_options.BACKEND_DEFAULTS:
-    # on GPU, cuBLAS for every matmul of models 768 or more wide); {}: XLA's own defaults. jaxsft.compile_options.gpu_overlap_options()
+    # None: jaxsft's measured defaults for the backend and model width (jaxsft.infra.compile_options.BACKEND_DEFAULTS:
+    # on GPU, cuBLAS for every matmul of models 768 or more wide); {}: XLA's own defaults. jaxsft.infra.compile_options.gpu_overlap_options()
     # is an opt-in preset for GPU communication/compute overlap.
     xla_options: Optional[dict[str, Any]] = None
 
@@ -304,7 +304,7 @@ class TrainConfig:
         for group, cls in GROUPS.items():
             given = kwargs.pop(group, None)
             if given is not None and not isinstance(given, cls):
-                raise TypeError(f"TrainConfig.{group} must be a jaxsft.config.{cls.__name__}, got {type(given).__name__}.")
+                raise TypeError(f"TrainConfig.{group} must be a jaxsft.{cls.__name__}, got {type(given).__name__}.")
             value = dataclasses.replace(given, **routed[group]) if given is not None else cls(**routed[group])
             setattr(self, group, value)
         for f in own:
@@ -358,7 +358,7 @@ class TrainConfig:
         for group, cls in GROUPS.items():
             value = getattr(self, group)
             if not isinstance(value, cls):
-                raise TypeError(f"TrainConfig.{group} must be a jaxsft.config.{cls.__name__}, got {type(value).__name__}.")
+                raise TypeError(f"TrainConfig.{group} must be a jaxsft.{cls.__name__}, got {type(value).__name__}.")
             _revalidate(value)
         _revalidate(self)
 
@@ -421,14 +421,14 @@ def _check_scheduler_kwargs(kwargs: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ optimizer descriptions
-# What the TRL facade reads from torch objects, as plain data; jaxsft.optim builds the chain and the schedule.
+# What the TRL facade reads from torch objects, as plain data; jaxsft.training.optim builds the chain and the schedule.
 TORCH_OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULE_RULE_NAMES = ("step", "multistep", "exponential", "constant", "linear", "polynomial", "cosine_annealing")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerDescription:
-    """A torch AdamW / Adam / SGD as hyperparameters (:func:`jaxsft.optim.build_optimizer` makes the chain).
+    """A torch AdamW / Adam / SGD as hyperparameters (:func:`jaxsft.training.optim.build_optimizer` makes the chain).
 
     ``decay``: parameter name (a "/"-joined path, matched by its longest prefix, e.g. ``layers/q_proj``)
     -> whether weight decay applies; None applies ``weight_decay`` to every parameter.
@@ -452,7 +452,7 @@ class OptimizerDescription:
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleDescription:
-    """A learning-rate schedule as data (:func:`jaxsft.optim.build_schedule` makes its ``TableSchedule``).
+    """A learning-rate schedule as data (:func:`jaxsft.training.optim.build_schedule` makes its ``TableSchedule``).
 
     Either ``table`` (float64 rates for update counts 0, 1, ...; the last one held past it), or a
     closed-form ``rule`` (one of ``SCHEDULE_RULE_NAMES`` with its ``parameters``), evaluated at epoch
@@ -532,7 +532,7 @@ def _checked_setattr(self: Any, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # during construction, or a flat route (its group checks)
         return
     if name in GROUPS and isinstance(self, TrainConfig) and not isinstance(value, GROUPS[name]):
-        raise TypeError(f"TrainConfig.{name} must be a jaxsft.config.{GROUPS[name].__name__}, got {type(value).__name__}.")
+        raise TypeError(f"TrainConfig.{name} must be a jaxsft.{GROUPS[name].__name__}, got {type(value).__name__}.")
     missing = object()
     old = self.__dict__.get(name, missing)
     object.__setattr__(self, name, value)
