@@ -75,6 +75,13 @@ class DecodeModel(Protocol):
     """
 
     prompt_padding: str  # "left" (the prompt's last token at the end) or "right" (positions from 0)
+    accepts_chat: bool  # whether chat prompts (a template's turns) make sense for this kind (host side)
+
+    def tokens_before_new(self, longest_prompt: int) -> int:
+        """What HF's ``max_length`` counts besides the new tokens (host side: the default budget)."""
+
+    def check_lengths(self, prompt_ids: list, max_new_tokens: int) -> Optional[str]:
+        """Refuse what the model's positions cannot hold (host side, before any work); return a warning or None."""
 
     def merge(self, graphdef: Any, state: Any) -> Any:
         """The model a program computes with (e.g. its weights cast to the compute dtype once)."""
