@@ -139,3 +139,25 @@ def test_samples_depend_on_seed_prompt_and_index_only_and_steady_state_compiles_
     for seed in range(3):
         sampler.generate(PROMPTS[::-1], batch_size=6, **{**kw, "seed": seed, "max_new_tokens": 5 + seed})
     assert sampler.compiled_programs == programs
+
+
+def test_cross_attention_kv_is_held_once_per_prompt(tokenizer):
+    """The engine's encoder-decoder cache: each slot group (one prompt, n samples) holds its cross-attention K/V
+    once and each row its own self-attention K/V, every decoder layer; the KV budget counts exactly that."""
+    import jax
+
+    from jaxsft.generation import engine
+    from jaxsft.generation.seq2seq import Seq2SeqAdapter
+
+    model = jaxsft.from_pretrained(_model("bart", tokenizer), mesh=jaxsft.single_device_mesh())
+    spec, adapter = model.spec, Seq2SeqAdapter(model.spec, model.dtype)
+    shape = engine.Shape(groups=4, n=8, prompt_slots=32, new_slots=16)
+    state = jax.eval_shape(engine.make_init(adapter, shape))
+    per_slot = 2 * spec.num_heads * spec.head_dim * np.dtype(model.dtype).itemsize
+    for layer in state.cache.layers:
+        assert layer.cross_k.shape == (4, spec.num_heads, 32, spec.head_dim)  # per group, not per row
+        assert layer.self_k.shape == (32, spec.num_heads, 16, spec.head_dim)
+    held = sum(x.size * x.dtype.itemsize for layer in state.cache.layers for x in layer)
+    assert len(state.cache.layers) == spec.num_decoder_layers
+    assert held == shape.groups * spec.num_decoder_layers * per_slot * (32 + 8 * 16)
+    assert held == shape.groups * adapter.kv_bytes_per_group(8, 32, 16)

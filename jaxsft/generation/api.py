@@ -192,8 +192,8 @@ class Sampler:
         prompt_ids = call.prompt_ids
         budget = call_budget or self.kv_cache_bytes or default_kv_cache_bytes()
         longest = max(len(p) for p in prompt_ids)
-        self._check_memory(adapter, longest, nrs, call.max_new_tokens, budget)
         warning = adapter.check_lengths(prompt_ids, call.max_new_tokens)
+        self._check_memory(adapter, longest, nrs, call.max_new_tokens, budget)
         if warning:
             _warn_once(warning)
         pad = pad_id(tokenizer, model.spec, list(call.eos))
@@ -239,7 +239,7 @@ class Sampler:
         if max_new is None:
             max_new = default_max_new_tokens(model, adapter.tokens_before_new(longest))
         seed = 0 if params.seed is None else params.seed
-        return _Resolved(params, max_new, tuple(eos), seed, prompt_ids)
+        return _Resolved(max_new, tuple(eos), seed, prompt_ids)
 
     def _check_memory(self, adapter, longest: int, nrs: int, max_new: int, budget: int) -> None:
         """Refuse, before any work, a call whose single prompt group cannot fit the KV budget."""
@@ -324,7 +324,6 @@ class Sampler:
 class _Resolved:
     """One call's facts resolved against the model and tokenizer."""
 
-    params: SamplingParams
     max_new_tokens: int
     eos: tuple[int, ...]
     seed: int
