@@ -10,7 +10,7 @@ padded with ``pad_token_id``, ``num_return_sequences`` rows per prompt in order)
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
