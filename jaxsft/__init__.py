@@ -17,7 +17,7 @@ except _metadata.PackageNotFoundError:  # a source checkout that was never pip-i
 __all__ = [
     "TrainConfig", "Optimization", "PrecisionAndMemory", "Performance", "CausalLM", "ModelSpec", "Seq2SeqLM", "Seq2SeqSpec", "from_pretrained", "init_model", "save_pretrained",
     "LoraConfig", "add_lora", "save_adapter", "load_adapter",
-    "make_mesh", "single_device_mesh", "IterativeSFTTrainer", "generate", "distributed",
+    "make_mesh", "single_device_mesh", "IterativeSFTTrainer", "generate", "SamplingParams", "distributed",
     "checkpoint", "diagnostics", "bundled", "metrics",
 ]
 
@@ -37,6 +37,10 @@ def __getattr__(name):
         from jaxsft.generation import generate
 
         return generate
+    if name == "SamplingParams":
+        from jaxsft.generation import SamplingParams
+
+        return SamplingParams
     if name in _PUBLIC_MODULES:  # user-facing modules keep their short names (``jaxsft.distributed.initialize()``)
         import importlib
 
