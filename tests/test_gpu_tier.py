@@ -234,7 +234,6 @@ def test_fused_add_rms_norm_kernel_equals_its_xla_form_compiled(dtype):
 
 
 # ----------------------------------------------------------------------------- the decode-attention kernels
-@gpu
 @pytest.mark.parametrize("n", [1, 8])
 def test_decode_attention_kernels_equal_the_xla_form_compiled(monkeypatch, n):
     """The engine's two flash-decoding passes (prompt once per group, continuation up to its filled length) against
@@ -260,6 +259,6 @@ def test_decode_attention_kernels_equal_the_xla_form_compiled(monkeypatch, n):
     ref = np.asarray(run(q, k, v, layer, rows), np.float32)
     monkeypatch.setenv(kernel.ENV, "pallas")
     run = jax.jit(lambda q, k, v, layer, rows: kv_cache.shared_prefix_attention(q, k, v, layer, rows, None)[0])
+    assert "triton" in run.lower(q, k, v, layer, rows).as_text()  # the kernels, not the XLA form
     out = np.asarray(run(q, k, v, layer, rows), np.float32)
-    assert "triton" in jax.jit(run).lower(q, k, v, layer, rows).as_text()
     np.testing.assert_allclose(out, ref, rtol=3e-2, atol=3e-2 * np.abs(ref).max())
