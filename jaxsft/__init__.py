@@ -26,6 +26,7 @@ _NAMES = {
     "save_adapter": "jaxsft.models", "load_adapter": "jaxsft.models",
     "make_mesh": "jaxsft.infra.sharding", "single_device_mesh": "jaxsft.infra.sharding",
     "IterativeSFTTrainer": "jaxsft.training.trainer", "generate": "jaxsft.generation",
+    "SamplingParams": "jaxsft.generation",
 }
 # User-facing modules under their short names (``jaxsft.distributed.initialize()``).
 _PUBLIC_MODULES = {

@@ -517,33 +517,37 @@ class IterativeSFTTrainer:
             return np.zeros((0,), np.float32), np.zeros((0,), np.int64)
         return batching.concat_padded(predictions), batching.concat_padded(labels)
 
-    def generate(self, prompts: Sequence[Any], *, seed: Optional[int] = None, **kwargs: Any):
+    def generate(self, prompts: Sequence[Any], *, sampling: Any = None, **kwargs: Any):
         """Sample from the current training weights (see :func:`jaxsft.generate` for the arguments).
 
-        ``seed=None`` (the default) advances per call: call *n* samples with a seed derived from
-        ``(TrainConfig.seed, n)``, so every round of a loop draws fresh samples and a rerun with the
-        same config draws the same ones (the call count is saved in checkpoints). An explicit
-        ``seed=`` gives exactly the samples of any other call with that seed, and does not advance
-        the count. (The function ``jaxsft.generate`` is pure: its seed defaults to 0.)
+        ``seed`` (a keyword or ``sampling.seed``) None, the default, advances per call: call *n*
+        samples with a seed derived from ``(TrainConfig.seed, n)``, so every round of a loop draws
+        fresh samples and a rerun with the same config draws the same ones (the call count is saved
+        in checkpoints). An explicit seed gives exactly the samples of any other call with that
+        seed, and does not advance the count. (The function ``jaxsft.generate`` is pure: its seed
+        defaults to 0.)
 
         The trainer keeps one :class:`jaxsft.generation.Sampler` on its mesh and sharding rules,
         so generate/train loops compile the generation programs once.
         """
-        from jaxsft.generation import Sampler, generate
+        import dataclasses
+
+        from jaxsft.generation import Sampler, SamplingParams, generate
 
         if self.tokenizer is None:
             raise ValueError("generate(): the trainer has no tokenizer; pass tokenizer= at construction.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise TypeError(f"generate(): seed={seed!r} must be an integer, or None to advance per call.")
-        chosen = self.next_generation_seed() if seed is None else int(seed)
-        if not isinstance(self._user_model, CausalLM) or "mesh" in kwargs or "sharding_rules" in kwargs:  # no own sampler
-            out = generate(self.model, self.tokenizer, prompts, seed=chosen, **kwargs)
+        fields = {f.name for f in dataclasses.fields(SamplingParams)}
+        params = SamplingParams.of(sampling, {k: kwargs.pop(k) for k in list(kwargs) if k in fields})
+        advancing = params.seed is None
+        params = dataclasses.replace(params, seed=self.next_generation_seed() if advancing else params.seed)
+        if "mesh" in kwargs or "sharding_rules" in kwargs:  # another layout: not the trainer's own sampler
+            out = generate(self.model, self.tokenizer, prompts, sampling=params, **kwargs)
         else:
             if self._sampler is None:
                 self._sampler = Sampler(self.model, self.tokenizer, sharding_rules=self.sharding_rules)
             self._sampler.tokenizer = self.tokenizer
-            out = self._sampler.generate(prompts, model=self.model, seed=chosen, **kwargs)
-        if seed is None:
+            out = self._sampler.generate(prompts, sampling=params, model=self.model, **kwargs)
+        if advancing:
             self.state.generate_calls += 1  # only once the call succeeded: a rejected call changes nothing
         return out
 
