@@ -366,9 +366,8 @@ class IterativeSFTTrainer:
         input_tokens = distributed.global_sum(sum(int(mb.attention_mask.sum()) for mb in microbatches))
         truncated = distributed.global_sum(sum(bool(ex.truncated) for ex in examples or ()))
         label_tokens = int(sum(totals))
-        events, stopped, host = train_log.collect_logs(
-            self.state, self.config, self.learning_rate_at, applied_steps, host_metrics, eval_metrics
-        )
+        events, stopped, host = train_log.collect_logs(self.state, self.config, self.learning_rate_at, applied_steps,
+                                                        host_metrics, eval_metrics)
 
         # 3. apply: counters and logs in one go. 4. notify: callbacks see a complete state; one that raises
         #    cannot leave it half-done.
@@ -530,8 +529,6 @@ class IterativeSFTTrainer:
         The trainer keeps one :class:`jaxsft.generation.Sampler` on its mesh and sharding rules,
         so generate/train loops compile the generation programs once.
         """
-        import dataclasses
-
         from jaxsft.generation import Sampler, SamplingParams, generate
 
         if self.tokenizer is None:
@@ -579,9 +576,8 @@ class IterativeSFTTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything ``step()`` depends on, as one pytree (the one thing checkpoints read and write).
 
-        ``params`` (a pure dict of the trained arrays: a LoRA model's adapters only), ``opt_state``, ``global_step``,
-        ``dropout_key`` and ``counters`` (their device fields) from the :class:`TrainState`; ``rng`` (shuffling),
-        ``log_history`` and the host counters. The arrays are the trainer's own: the next ``step()`` donates them.
+        ``params`` (pure dict; a LoRA model's adapters only), ``opt_state``, ``global_step``, ``dropout_key``, device
+        ``counters`` from the TrainState; ``rng``, ``log_history``, host counters. The next ``step()`` donates the arrays.
         """
         return train_state.state_dict_of(self.train_state, self.state, self._rng)
 
