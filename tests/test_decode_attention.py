@@ -86,3 +86,29 @@ def test_kernels_lower_to_triton_for_a_gpu_on_any_host(monkeypatch):
 
     lowered = jax.jit(attend).trace(q, k, v, layer, rows).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 2  # the prompt pass and the continuation pass
+
+
+@pytest.mark.slow
+def test_engine_with_the_kernels_greedy_equals_transformers(monkeypatch):
+    """The whole engine with both kernel passes (interpret mode): 5 prompts through 2 slot groups of 2 samples each,
+    rows ending at different EOS positions; every row equals HF's greedy."""
+    import tiny
+    from test_generate import PROMPTS, hf_greedy, models
+
+    from jaxsft.generation import Sampler, causal
+
+    monkeypatch.setenv(kernel.ENV, "pallas")
+    tok = tiny.load_tokenizer(tiny.tokenizer_dir(str(__import__("tempfile").mkdtemp())))
+    torch_model, model = models("llama")
+    budget = 2 * causal.kv_bytes_per_group(model.spec, model.dtype, 2, 64, 16)
+    sampler = Sampler(model, tok, kv_cache_bytes=budget)
+    free = sampler.generate(PROMPTS, max_new_tokens=10, return_tokens=True, eos_token_ids=[])
+    extra = [int(free.tokens[0][2]), int(free.tokens[3][5])]
+    ours = sampler.generate(PROMPTS, max_new_tokens=10, return_tokens=True, eos_token_ids=[1] + extra,
+                            num_return_sequences=2)
+    want = hf_greedy(torch_model, tok, PROMPTS, 10, eos_token_id=[1] + extra)
+    for r, row in enumerate(ours.tokens):  # row 2i + j is sample j of prompt i; at T=0 both equal HF's row i
+        ref = want[r // 2]
+        np.testing.assert_array_equal(row, ref[: len(row)], err_msg=f"row {r}")
+        assert (ref[len(row):] == tok.pad_token_id).all(), f"row {r}: HF continued past our end"
+    assert len({len(t) for t in ours.tokens}) >= 2  # rows ended at different EOS positions
