@@ -10,7 +10,7 @@ same prompts (batch x prompt-len random ids, no padding), bf16 on GPU (fp32 on C
   and the row lengths are printed.
 
 Each row also prints the roof: new tokens/s if a decode step cost only max(weights + KV bytes at
-the card's bandwidth, matmul FLOPs at the measured bf16 peak).
+the bandwidth measured in the same run (a 2 GiB read and write), matmul FLOPs at the measured bf16 peak).
 
     python benchmarks/bench_generate.py --shape qwen05 --batches 64,512,1024 --new-tokens 256
     python benchmarks/bench_generate.py --quick                         # a small CPU run
@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gen_common import EOS_ID, SHAPES, IdTokenizer, build_torch_model, gpu_bandwidth, make_ragged, matmul_peak, roof_tok_s
+from gen_common import EOS_ID, SHAPES, IdTokenizer, build_torch_model, make_ragged, measured_bandwidth, matmul_peak, roof_tok_s
 
 
 def timed(fn, repeats: int):
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     n_params = sum(q.numel() for q in torch_model.parameters())
     batches = [int(b) for b in args.batches.split(",")]
     kind = jax.devices()[0].device_kind
-    bw = gpu_bandwidth(kind)
+    bw = measured_bandwidth() if on_gpu_jax else float("nan")
     peak = matmul_peak() if on_gpu_jax else float("nan")
     eos = [EOS_ID] if ragged else []
     rows = []

@@ -34,7 +34,6 @@ SHAPES = {
 EOS_ID = 2  # the EOS of the ragged workload (a real vocabulary row; prompts never contain it)
 
 # Memory bandwidth per card (vendor figures) for the roof; matmul peak is measured by the scripts.
-BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 
 class IdTokenizer:
@@ -83,20 +82,29 @@ def make_ragged(torch_model, scale: float) -> None:
         torch_model.get_input_embeddings().weight[EOS_ID].mul_(scale)
 
 
-def gpu_bandwidth(device_kind: str) -> float:
-    for name, bw in BANDWIDTH.items():
-        if name in device_kind:
-            return bw
-    return float("nan")
+def measured_bandwidth() -> float:
+    """HBM bytes/s measured with jax on this device: a 2 GiB bf16 array read and written once (x * 2), median of 5."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.key(0), (1 << 30,), jnp.bfloat16)
+    f = jax.jit(lambda y: y * 2)
+    f(x).block_until_ready()
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return 2 * x.nbytes / sorted(ts)[2]
 
 
 def matmul_peak() -> float:
-    """bf16 matmul FLOP/s measured with jax on this device (8192^3, median of 5)."""
+    """bf16 matmul FLOP/s measured with jax on this device on random data (8192^3, median of 5)."""
     import jax
     import jax.numpy as jnp
 
     n = 8192
-    a = jnp.ones((n, n), jnp.bfloat16)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     ts = []

@@ -71,6 +71,27 @@ def busy_ns(intervals) -> int:
     return total + (end - start if start is not None else 0)
 
 
+def explain(dump: str, kernel: str, width: int = 220) -> list[str]:
+    """What a kernel computes, from the optimised HLO XLA dumped: the fusion's call line and its root (shapes and op),
+    searched in the largest after-optimisations module that defines it (the decode program)."""
+    fusion = kernel.split("(")[0].strip()
+    files = sorted(glob.glob(os.path.join(dump, "*after_optimizations.txt")), key=os.path.getsize, reverse=True)
+    for path in files:
+        text = Path(path).read_text()
+        call = re.search(rf"^\s*(ROOT )?%?{re.escape(fusion)} = .*$", text, re.M)
+        if not call:
+            continue
+        out = [call.group(0).strip()[:width]]
+        called = re.search(r"calls=%?([\w.\-]+)", call.group(0))
+        if called:
+            comp = re.search(rf"^%?{re.escape(called.group(1))} [^\n]*\{{\n(.*?)^\}}", text, re.M | re.S)
+            if comp:
+                root = [ln.strip() for ln in comp.group(1).splitlines() if ln.strip().startswith("ROOT")]
+                out += [r[:width] for r in root]
+        return out
+    return []
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="qwen05", choices=sorted(SHAPES))
@@ -81,7 +102,12 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--label", default="")
+    p.add_argument("--explain", action="store_true",
+                   help="dump the optimised HLO and print what each top kernel computes (its fusion's root and operands)")
     a = p.parse_args()
+    dump = tempfile.mkdtemp(prefix="decode-hlo") if a.explain else None
+    if dump:  # before jax is imported: XLA reads its flags once
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_text"
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -124,6 +150,9 @@ def main() -> None:
     print("top kernels:")
     for name, (d, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: a.top]:
         print(f"  {d / 1e6:9.1f} ms {100 * d / 1e9 / total:5.1f}% n={n:6d} mean={d / n / 1e3:8.1f}us  {name[:100]}")
+        if dump:
+            for line in explain(dump, name):
+                print(f"        {line}")
     print("RESULT " + json.dumps(dict(label=a.label, wall=plain, busy=busy, kernels_per_step=len(kernels) / steps,
                                       ms_per_step=plain / steps * 1e3, tok_s=a.batch * a.new / plain,
                                       categories={k: v[0] / 1e6 / steps for k, v in by_cat.items()})))

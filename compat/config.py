@@ -25,10 +25,10 @@ from typing import Any, Optional
 import transformers
 from transformers import TrainingArguments
 
-# TRL 0.23.1's own choices for IterativeSFTConfig.truncation_mode (its message below). Kept here, not imported
-# from jaxsft.infra.config, because this module must import without the JAX core (the TRL reference venv checks it
-# under transformers 4.57); tests/test_compat_arguments.py holds it equal to jaxsft.infra.config.TRUNCATION_MODES.
-TRL_TRUNCATION_MODES = ("keep_end", "keep_start")
+# TRL 0.23.1's choices for IterativeSFTConfig.truncation_mode (its message below) are jaxsft's: one definition,
+# in jaxsft.infra.config, which imports without JAX (this module must: the TRL reference venv checks it under
+# transformers 4.57 with no JAX installed).
+from jaxsft.infra.config import TRUNCATION_MODES
 
 
 def _bf16_supported(args: TrainingArguments) -> bool:
@@ -109,7 +109,7 @@ class IterativeSFTConfig(TrainingArguments):
                 raise
             self.bf16 = False
             super().__post_init__()
-        if self.truncation_mode not in TRL_TRUNCATION_MODES:
+        if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(
                 f"truncation_mode must be either 'keep_end' or 'keep_start', got {self.truncation_mode}"
             )

@@ -10,10 +10,12 @@ padded with ``pad_token_id``, ``num_return_sequences`` rows per prompt in order)
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
+
+from jaxsft.generation import SamplingParams
 
 SUPPORTED = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_return_sequences", "eos_token_id",
              "pad_token_id")
@@ -37,15 +39,11 @@ def generate(core: Any, generation_config: Any, input_ids: Any, attention_mask: 
     prompts = [row[m.astype(bool)].tolist() for row, m in zip(ids, mask)]
     if any(not p for p in prompts):
         raise ValueError("trainer.generate(): a row of attention_mask is all zeros; every prompt needs a token.")
-    opts = _options(generation_config, ids.shape[1], kwargs)
-    result = core.generate(
-        prompts, max_new_tokens=opts["max_new_tokens"], temperature=opts["temperature"], top_k=opts["top_k"],
-        top_p=opts["top_p"], num_return_sequences=opts["num_return_sequences"], eos_token_ids=opts["eos"],
-        return_tokens=True,
-    )
+    sampling, pad = _sampling(generation_config, ids.shape[1], kwargs)
+    result = core.generate(prompts, sampling=sampling, return_tokens=True)
     width = max(len(t) for t in result.tokens)
-    n = opts["num_return_sequences"]
-    out = np.full((len(result.tokens), ids.shape[1] + width), opts["pad"], np.int64)
+    n = sampling.num_return_sequences
+    out = np.full((len(result.tokens), ids.shape[1] + width), pad, np.int64)
     for r, toks in enumerate(result.tokens):
         out[r, : ids.shape[1]] = ids[r // n]
         out[r, ids.shape[1] : ids.shape[1] + len(toks)] = toks
@@ -63,8 +61,9 @@ def _as_2d(value: Any, name: str) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def _options(config: Any, input_length: int, kwargs: dict) -> dict:
-    """HF's resolution: a keyword, else the model's generation_config, else HF's own default."""
+def _sampling(config: Any, input_length: int, kwargs: dict) -> tuple[SamplingParams, int]:
+    """HF's resolution (a keyword, else the model's generation_config, else HF's own default) as jaxsft's
+    SamplingParams (checked there, refusals naming ``trainer.generate()``), and HF's pad id."""
 
     def pick(name, default=None):
         if kwargs.get(name) is not None:
@@ -92,12 +91,12 @@ def _options(config: Any, input_length: int, kwargs: dict) -> dict:
     pad = pick("pad_token_id")
     if pad is None:
         pad = eos[0] if eos else 0  # HF pads with the first EOS when the model has no pad token
-    return dict(
+    options = dict(
         max_new_tokens=max_new,
         temperature=temperature if do_sample else 0.0,
         top_k=(int(top_k) if top_k else None) if do_sample else None,
         top_p=(top_p if top_p < 1.0 else None) if do_sample else None,
-        num_return_sequences=int(pick("num_return_sequences", 1)),
-        eos=eos,
-        pad=int(pad),
+        num_return_sequences=pick("num_return_sequences", 1),
+        eos_token_ids=eos,
     )
+    return SamplingParams.of(None, options, where="trainer.generate()"), int(pad)

@@ -64,6 +64,7 @@ def tiny_model(folder: Union[str, Path], *, seed: int = 0, teach_updates: int = 
     from transformers import LlamaConfig
 
     import jaxsft
+    from jaxsft.infra.config import IGNORE_INDEX
     from jaxsft.models import spec_from_hf_config
 
     folder = Path(folder)
@@ -88,7 +89,7 @@ def tiny_model(folder: Union[str, Path], *, seed: int = 0, teach_updates: int = 
             p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             c = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             ids.append(np.asarray(p + c))
-            labels.append(np.asarray([-100] * len(p) + c))
+            labels.append(np.asarray([IGNORE_INDEX] * len(p) + c))
         train = jaxsft.TrainConfig(learning_rate=3e-3, lr_scheduler_type="constant",
                                    per_device_train_batch_size=len(ids), max_length=32, length_buckets=(32,),
                                    logging_steps=0, disable_tqdm=True, seed=seed, dropout=False)

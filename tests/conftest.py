@@ -10,9 +10,12 @@ from xla_settings import DEVICE_COUNT_FLAG, with_test_flags  # noqa: E402  (test
 
 # 8 simulated devices unless XLA_FLAGS says otherwise, and the suite's compile flags (tests/xla_settings.py
 # says why each).
-_flags = os.environ.get("XLA_FLAGS", "")
-os.environ["XLA_FLAGS"] = with_test_flags(_flags if DEVICE_COUNT_FLAG in _flags else f"{DEVICE_COUNT_FLAG}=8 {_flags}")
+# Only for a CPU run: the GPU tier (JAX_PLATFORMS=cuda pytest -m gpu) runs on another jaxlib, which may not
+# know XLA:CPU's flags, and an unknown flag in XLA_FLAGS aborts the process before pytest can print a line.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if os.environ["JAX_PLATFORMS"] == "cpu":
+    _flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = with_test_flags(_flags if DEVICE_COUNT_FLAG in _flags else f"{DEVICE_COUNT_FLAG}=8 {_flags}")
 # XLA's LLVM backend optimisations off for the whole run, worker processes included (they inherit the
 # environment): the suite's programs are tiny, so compiling them dominates running them. HLO passes
 # (fusion, collective combining) still run, so programs keep their structure; only machine-code

@@ -63,9 +63,12 @@ LAYERS = {
     "api": ("jaxsft.__init__",),
     "trainer": ("jaxsft.training.trainer", "jaxsft.training.programs", "jaxsft.training.train_state",
                 "jaxsft.training.train_log", "jaxsft.training.callbacks", "jaxsft.training.argument_checks",
-                "jaxsft.training.buffers", "jaxsft.infra.checkpoint", "jaxsft.infra.metrics", "jaxsft.infra.diagnostics"),
+                "jaxsft.training.buffers"),
     "generation": ("jaxsft.generation",),
-    "training": ("jaxsft.training", "jaxsft.infra.distributed"),  # objectives, step, loss, optim, batching, fast_path
+    # objectives, step, loss, optim, batching, agreement, fast_path
+    "training": ("jaxsft.training",),
+    # config, sharding, distributed, checkpoint, metrics, diagnostics, ...: they know the trainer only by shape
+    # (checkpoint's Checkpointable protocol, metrics' callback hooks), never by import
     "infrastructure": ("jaxsft.infra",),
     "models": ("jaxsft.models", "jaxsft.kernels"),  # kernels: fused forms of the models' layer functions
 }
@@ -89,6 +92,8 @@ NEVER = (
     ("jaxsft", r"^compat(\.|$)", "the core never reaches up into the facade"),
     ("jaxsft.training.batching", r"^(jax|flax|optax|jaxsft\.models)(\.|$)", "batching is host-side numpy, model-independent"),
     ("jaxsft.infra.config", r"^jaxsft\.models(\.|$)", "the config is plain values; the model reads it, not the reverse"),
+    ("jaxsft.infra", r"^jaxsft\.(training|generation)(\.|$)",
+     "the infrastructure stands under both sides: it imports neither the training side nor generation"),
 )
 ALLOWED_TOP_LEVEL_IMPORTS_OF_API = ("jaxsft.__init__",)  # ``import jaxsft`` inside a module: the api layer
 
@@ -172,6 +177,17 @@ def test_no_import_matches_a_ban():
             if name == prefix or name.startswith(prefix + "."):
                 problems += [f"{name} imports {m}: {why}" for m in sorted(_imports(tree)) if re.match(pattern, m)]
     assert not problems, problems
+
+
+def test_the_infrastructure_ban_sees_what_it_must():
+    """The infra ban catches a late import of the training side (the micro-batch agreement once lived in
+    infra.distributed and reached into batching) and of generation, and leaves infra-to-infra imports alone."""
+    (ban,) = [entry for entry in NEVER if entry[0] == "jaxsft.infra"]
+    late = ast.parse("def f():\n    from jaxsft.training import batching\n    import jaxsft.generation.engine\n")
+    assert sorted(m for m in _imports(late) if re.match(ban[1], m)) == [
+        "jaxsft.generation.engine", "jaxsft.training", "jaxsft.training.batching"]
+    assert not [m for m in _imports(ast.parse("from jaxsft.infra import distributed\n")) if re.match(ban[1], m)]
+    assert _layer("jaxsft.infra.distributed") == _layer("jaxsft.infra.metrics") == "infrastructure"
 
 
 def test_the_ban_check_sees_late_imports():

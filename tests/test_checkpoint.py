@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import jax
 import numpy as np
@@ -207,7 +208,7 @@ def test_nan_guard_skips_non_finite_updates(accumulation):
 def snapshot(trainer):
     state = trainer.state_dict()
     return leaves(state["params"]) + leaves(state["opt_state"]), json.dumps(
-        {k: state[k] for k in ("global_step", "rng", "counters", "log_history")}, sort_keys=True)
+        {k: state[k] for k in ("global_step", "dropout_key", "rng", "counters", "log_history")}, sort_keys=True)
 
 
 def assert_unchanged(trainer, before):
@@ -448,19 +449,88 @@ def test_save_steps_write_periodic_checkpoints_in_the_core(tmp_path):
         jaxsft.TrainConfig(save_steps=5)  # no output_dir
 
 
-def test_the_checkpoint_layout_is_the_one_checkpoints_before_the_split_wrote():
-    """The trainer split (programs, TrainState) keeps state_dict()'s layout, so checkpoints written before it
-    restore; a state of another layout (a key more or fewer) is refused whole, saying so, with nothing changed."""
+def test_the_state_dict_layout_reads_the_device_train_state():
+    """state_dict() holds the device TrainState's step, dropout key and non-finite streak beside the host fields;
+    a state of another layout (a key more, or one missing that the previous layout had) is refused whole,
+    saying so, with nothing changed."""
     trainer = make_trainer()
+    trainer.step(input_ids=calls(3)[0])
     state = trainer.state_dict()
-    assert set(state) == {"params", "opt_state", "global_step", "rng", "counters", "log_history"}
+    assert set(state) == {"params", "opt_state", "global_step", "dropout_key", "rng", "counters", "log_history"}
     assert set(state["counters"]) == {
         "num_input_tokens_seen", "total_label_tokens", "last_logged_step", "loss_since_log", "nonfinite_in_a_row",
         "generate_calls",
     }
     assert isinstance(state["params"], dict)  # a pure dict of arrays, as before
+    ts = trainer.train_state
+    assert state["global_step"] == int(ts.step) == trainer.state.global_step > 0
+    assert state["dropout_key"] == [int(w) for w in np.asarray(ts.dropout_key)]
+    assert state["counters"]["nonfinite_in_a_row"] == int(ts.nonfinite_in_a_row) == 0
     before = leaves(trainer.params)
-    for bad in ({**state, "train_state": 1}, {k: v for k, v in state.items() if k != "rng"}):
-        with pytest.raises(ValueError, match="another jaxsft layout"):
+    for bad in ({**state, "train_state": 1}, {k: v for k, v in state.items() if k != "rng"},
+                {**state, "dropout_key": [1, 2, 3]}, {**state, "dropout_key": [-1, 2]}):
+        with pytest.raises(ValueError, match="another jaxsft layout|dropout_key"):
             trainer.load_state_dict(bad)
     assert all(np.array_equal(a, b) for a, b in zip(leaves(trainer.params), before))
+
+
+def _as_format_3(path, tmp_path):
+    """``path`` rewritten as the checkpoints of the layout before this one (format /3, written by main up to
+    the device TrainState's dropout key): the same arrays item, the trainer fields without ``dropout_key``,
+    the host checksum over that JSON."""
+    folder = copy_checkpoint(path, tmp_path / "format3")
+    state_file = os.path.join(folder, ckpt.STATE_ITEM, "metadata")
+    host = json.load(open(state_file))
+    assert host["format"] == "jaxsft-trainer-checkpoint/4"
+    host["format"] = "jaxsft-trainer-checkpoint/3"
+    del host["trainer"]["dropout_key"]
+    assert tuple(host["trainer"]) == ("global_step", "rng", "counters", "log_history")  # format 3's fields
+    host[ckpt.HOST_CHECKSUM] = ckpt.host_checksum(host)
+    json.dump(host, open(state_file, "w"))
+    return folder
+
+
+def test_a_checkpoint_of_the_previous_format_restores_and_resumes_exactly_without_dropout(tmp_path):
+    """A format-3 checkpoint (no dropout key) restores; without dropout the resumed run equals the unbroken one."""
+    first, second = calls(4)
+    straight = make_trainer(xla_options=BIT_EXACT_XLA_OPTIONS)
+    straight.step(input_ids=first)
+    path = straight.save_checkpoint(str(tmp_path / "new"))
+    old = _as_format_3(path, tmp_path)
+    resumed = make_trainer(xla_options=BIT_EXACT_XLA_OPTIONS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no dropout here: nothing to warn about
+        resumed.restore_checkpoint(old)
+    assert resumed.state.global_step == int(resumed.train_state.step) == straight.state.global_step
+    assert straight.step(input_ids=second)["update_losses"] == resumed.step(input_ids=second)["update_losses"]
+    for got, want in zip(leaves(resumed.params), leaves(straight.params)):
+        np.testing.assert_array_equal(got, want)
+    # A format-3 file whose JSON was edited is still refused by its checksum.
+    state_file = os.path.join(old, ckpt.STATE_ITEM, "metadata")
+    host = json.load(open(state_file))
+    host["trainer"]["global_step"] += 1
+    json.dump(host, open(state_file, "w"))
+    with pytest.raises(ValueError, match="its checksum"):
+        make_trainer().restore_checkpoint(old)
+    # A format-4 checkpoint without the key is damaged, not old: refused.
+    broken = _edit_host(path, tmp_path, "nokey", lambda h: h.pop("dropout_key"), reseal=True)
+    with pytest.raises(ValueError, match=r"trainer fields \['dropout_key'\] missing"):
+        make_trainer().restore_checkpoint(broken)
+
+
+def test_a_previous_layout_state_with_dropout_restores_with_a_warning_that_says_so(tmp_path):
+    """With dropout on, a format-3 checkpoint cannot give back the old run's masks: it restores (weights, step,
+    counters, shuffling RNG exact) and a warning says the dropout stream restarts from the seed and step."""
+    trainer = make_trainer(family="gpt2")  # GPT-2's config drops out by default
+    assert trainer.dropout_enabled
+    trainer.step(input_ids=calls(5)[0])
+    old = _as_format_3(trainer.save_checkpoint(str(tmp_path / "new")), tmp_path)
+    fresh = make_trainer(family="gpt2")
+    with pytest.warns(UserWarning, match=r"layout from before the dropout key.*dropout masks continue"):
+        fresh.restore_checkpoint(old)
+    mine, theirs = fresh.state_dict(), trainer.state_dict()
+    assert {k: mine[k] for k in ("global_step", "rng", "counters", "log_history")} == {
+        k: theirs[k] for k in ("global_step", "rng", "counters", "log_history")}
+    assert mine["dropout_key"] != theirs["dropout_key"]  # derived from seed and step, said so above
+    for got, want in zip(leaves(mine["params"]), leaves(theirs["params"])):
+        np.testing.assert_array_equal(got, want)

@@ -345,9 +345,50 @@ def test_ignored_names_come_once_in_table_order(tmp_path):
     assert ignored == sorted({"num_train_epochs", "logging_first_step", "data_seed"}, key=order.index)
 
 
-def test_the_facade_accepts_the_truncation_modes_the_core_does():
-    """compat.config keeps TRL's list without importing the JAX core; the two must not drift apart."""
-    from compat.config import TRL_TRUNCATION_MODES
-    from jaxsft.infra.config import TRUNCATION_MODES
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers
+def test_the_facade_config_takes_the_core_constants_and_imports_without_jax():
+    """compat.config has no copy of the truncation modes: it reads jaxsft.infra.config's, which (with the lazy
+    jaxsft package) imports where JAX cannot (the TRL reference venv has none). Checked in a fresh process
+    in which every import of jax, jaxlib, flax and optax fails."""
+    import subprocess
+    import sys
 
-    assert tuple(TRL_TRUNCATION_MODES) == tuple(TRUNCATION_MODES)
+    from jaxsft.infra import config as core_config
+
+    assert compat_config.TRUNCATION_MODES is core_config.TRUNCATION_MODES
+    assert not hasattr(compat_config, "TRL_TRUNCATION_MODES")
+    script = (
+        "import sys\n"
+        "for name in ('jax', 'jaxlib', 'flax', 'optax'): sys.modules[name] = None  # importing them raises\n"
+        "import compat.config, jaxsft\n"
+        "from jaxsft.infra.config import TRUNCATION_MODES, IGNORE_INDEX, TrainConfig\n"
+        "assert compat.config.TRUNCATION_MODES is TRUNCATION_MODES\n"
+        "try:\n"
+        "    compat.config.IterativeSFTConfig(output_dir='out', truncation_mode='middle')\n"
+        "except ValueError as err:\n"
+        "    assert 'keep_end' in str(err), err\n"
+        "assert TrainConfig(truncation_mode='keep_start').truncation_mode == 'keep_start'\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax') and sys.modules[m]))\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root,
+                          env={**__import__("os").environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"  # nothing of JAX was loaded
+
+
+def test_the_jaxsft_package_exports_every_public_name_lazily():
+    """``from jaxsft import X``, ``jaxsft.X``, ``__all__`` and ``dir(jaxsft)`` after the package became lazy."""
+    import importlib
+
+    import jaxsft
+
+    for name in jaxsft.__all__:
+        value = getattr(jaxsft, name)
+        assert value is getattr(importlib.import_module("jaxsft"), name)
+        assert name in dir(jaxsft)
+    from jaxsft import IterativeSFTTrainer, TrainConfig, generate, make_mesh  # noqa: F401
+
+    assert TrainConfig.__module__ == "jaxsft.infra.config" and jaxsft.distributed.__name__ == "jaxsft.infra.distributed"
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        jaxsft.nothing  # noqa: B018

@@ -15,9 +15,9 @@ def tok(tmp_path_factory):
 
 
 def _per_group_bytes(model, n, prompt_slots, new_slots):
-    from jaxsft.generation import engine
+    from jaxsft.generation import causal
 
-    return engine.kv_bytes_per_group(model.spec, model.dtype, n, prompt_slots, new_slots)
+    return causal.kv_bytes_per_group(model.spec, model.dtype, n, prompt_slots, new_slots)
 
 
 def test_more_prompts_than_slots_refill_and_greedy_equals_transformers(tok):
@@ -53,17 +53,17 @@ def test_shared_prompt_kv_memory():
     """At n = 8 the cache holds each prompt once plus its 8 continuations (<= 1.1x that, here exactly 1x)."""
     import jax
 
-    from jaxsft.generation import engine
+    from jaxsft.generation import causal, engine
 
     _, model = models("llama")
     spec = model.spec
     shape = engine.Shape(groups=4, n=8, prompt_slots=64, new_slots=128)
-    state = jax.eval_shape(engine.make_init(spec, model.dtype, shape))
-    held = sum(x.size * x.dtype.itemsize for layer in state.cache for x in layer)
+    state = jax.eval_shape(engine.make_init(causal.CausalAdapter(spec, model.dtype), shape))
+    held = sum(x.size * x.dtype.itemsize for layer in state.cache.layers for x in layer)
     per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * np.dtype(model.dtype).itemsize
     needed = shape.groups * per_token * (shape.prompt_slots + shape.n * shape.new_slots)
     assert held <= 1.1 * needed
-    assert held == engine.kv_bytes_per_group(spec, model.dtype, 8, 64, 128) * shape.groups
+    assert held == causal.kv_bytes_per_group(spec, model.dtype, 8, 64, 128) * shape.groups
 
 
 @pytest.mark.slow
@@ -82,9 +82,10 @@ def test_random_calls_compile_a_bounded_number_of_programs(tok):
         sampler.generate(prompts, max_new_tokens=int(rng.integers(1, 17)), num_return_sequences=int(rng.integers(1, 3)),
                          temperature=float(rng.choice([0.0, 0.7, 1.0])), seed=int(rng.integers(0, 100)))
         counts.append(sampler.compiled_programs)
-    # One prompt bucket (16) and one new-token bucket (16); slot groups in {1, 2, 4} x n in {1, 2}: at most 6 init
-    # programs, 12 decode (x greedy/sample) and 2 x (1 + 2 + 3) x 2 prefill (prompts per prefill <= groups).
-    assert counts[-1] <= 6 + 12 + 24
+    # One prompt bucket (16) and one new-token bucket (16); a shape holds at least 8 rows, so 8 slot groups for
+    # n = 1 and 4 for n = 2 (never 1 or 2 for a call of 1 or 2 prompts): 2 init programs, 2 x 2 decode (greedy /
+    # sample) and 2 x 2 prefill (a first fill prefills every group, so one prompt count per shape).
+    assert counts[-1] <= 2 + 4 + 4
     assert counts[-1] == counts[149], "the last 50 calls compiled something new"
 
 
@@ -203,20 +204,20 @@ def test_sliding_layers_hold_only_their_window():
     slots and a ring of 5, the global layer both buckets whole; the KV budget counts exactly what is held."""
     import jax
 
-    from jaxsft.generation import engine, kv_cache
+    from jaxsft.generation import causal, engine, kv_cache
     from jaxsft.models import spec_from_hf_config
 
     spec, dtype = spec_from_hf_config(tiny.tiny_config("gemma2")), np.float32
     assert spec.windows() == (5, None, 5)
     shape = engine.Shape(groups=2, n=3, prompt_slots=32, new_slots=64)
-    state = jax.eval_shape(engine.make_init(spec, dtype, shape))
+    state = jax.eval_shape(engine.make_init(causal.CausalAdapter(spec, dtype), shape))
     kv, d = spec.num_kv_heads, spec.head_dim
-    for layer, window in zip(state.cache, spec.windows()):
+    for layer, window in zip(state.cache.layers, spec.windows()):
         lp, ls = (32, 64) if window is None else (4, 5)
         assert layer.prefix_k.shape == layer.prefix_v.shape == (2, kv, lp, d)
         assert layer.suffix_k.shape == layer.suffix_v.shape == (6, kv, ls, d)
-    held = sum(x.size * x.dtype.itemsize for layer in state.cache for x in layer)
-    assert held == engine.kv_bytes_per_group(spec, dtype, 3, 32, 64) * shape.groups
+    held = sum(x.size * x.dtype.itemsize for layer in state.cache.layers for x in layer)
+    assert held == causal.kv_bytes_per_group(spec, dtype, 3, 32, 64) * shape.groups
     full = 2 * spec.num_layers * kv * d * np.dtype(dtype).itemsize * (32 + 3 * 64) * shape.groups
     assert held < 0.4 * full
     # Buckets the window already covers stay whole; a window of 1 still keeps one (masked) prompt slot.
@@ -239,13 +240,13 @@ def _hf_greedy_exact(torch_model, tok, prompts, new):
 def test_window_cache_fits_more_groups_and_greedy_equals_transformers(tok):
     """Gemma 2 on a budget of 2 full-cache groups runs 4 (its sliding layers hold O(window)); prompts and 14 new
     tokens longer than the window of 5, so prompt tails are cut and rings wrap: tokens equal transformers'."""
-    from jaxsft.generation import Sampler, engine
+    from jaxsft.generation import Sampler, causal, engine
 
     torch_model, model = models("gemma2")
     per_slot = 2 * model.spec.num_kv_heads * model.spec.head_dim * np.dtype(model.dtype).itemsize
     lp = engine.pow2_at_least(max(len(tok(p).input_ids) for p in PROMPTS), engine.MIN_PROMPT_BUCKET)
     full_group = per_slot * model.spec.num_layers * (lp + 16)  # every layer holding both buckets (new: 16)
-    assert engine.kv_bytes_per_group(model.spec, model.dtype, 1, lp, 16) < full_group / 2
+    assert causal.kv_bytes_per_group(model.spec, model.dtype, 1, lp, 16) < full_group / 2
     sampler = Sampler(model, tok, kv_cache_bytes=2 * full_group)
     ours = sampler.generate(PROMPTS, max_new_tokens=14, return_tokens=True, eos_token_ids=[])
     shape = next(k for k in sampler._programs if k[0] == "decode")[4]
@@ -276,7 +277,7 @@ def test_window_cache_samples_equal_the_full_cache(tok, monkeypatch):
     a cache that keeps every layer's buckets whole (the rule patched to keep everything)."""
     import jax
 
-    from jaxsft.generation import Sampler, engine, kv_cache
+    from jaxsft.generation import Sampler, causal, engine, kv_cache
 
     _, model = models("gemma3")
     kw = dict(max_new_tokens=14, temperature=1.0, num_return_sequences=3, seed=5, return_tokens=True,
@@ -286,7 +287,7 @@ def test_window_cache_samples_equal_the_full_cache(tok, monkeypatch):
     full_sampler = Sampler(model, tok)
     full = full_sampler.generate(PROMPTS, **kw)
     shape = next(k for k in full_sampler._programs if k[0] == "decode")[4]
-    reference = jax.eval_shape(engine.make_init(model.spec, model.dtype, shape)).cache
+    reference = jax.eval_shape(engine.make_init(causal.CausalAdapter(model.spec, model.dtype), shape)).cache.layers
     assert reference[0].suffix_k.shape[2] == shape.new_slots == 16  # the reference kept the whole bucket
     assert len({len(t) for t in windowed.tokens}) == 1 and len(windowed.tokens[0]) == 14
     assert len(set(map(tuple, windowed.tokens))) > len(PROMPTS)  # the samples differ

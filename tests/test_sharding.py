@@ -343,7 +343,7 @@ def test_batch_smaller_than_data_axis_is_padded_not_replicated():
         rows=trainer.rows, buckets=trainer.buckets, rng=np.random.default_rng(0),
     )[0]  # fmt: skip
     assert mb.num_examples == 3 and mb.input_ids.shape[0] == 8 and not mb.attention_mask[3:].any()
-    placed = trainer.programs.device_batch(mb, rng=trainer._rng)["input_ids"]
+    placed = trainer.programs.device_batch(mb)["input_ids"]
     assert placed.sharding.spec == P(("data", "fsdp"), None)
     assert len(placed.addressable_shards) == 8
     assert all(s.data.shape == (1, mb.input_ids.shape[1]) for s in placed.addressable_shards)

@@ -1,8 +1,9 @@
 """The public generation API: :func:`generate`, :class:`Sampler`, :class:`GenerationResult`.
 
-Host side only: validate a call (every check before any work), tokenize, hand the prompts to
-the engine (:mod:`jaxsft.generation.engine`: fixed row slots refilled from a queue, a KV cache
-holding each prompt once for its samples) and shape its rows into texts or a result.
+Host side only: turn a call's keywords into one :class:`SamplingParams` (checked before any
+work), tokenize, hand the prompts to the engine (:mod:`jaxsft.generation.engine`: fixed row
+slots refilled from a queue, a cache holding each prompt once for its samples) through the
+model kind's adapter (decoder-only or encoder-decoder), and shape its rows into texts or a result.
 
 * **Programs.** A :class:`Sampler` owns its compiled programs, keyed by the engine's static
   shape (slot groups, rows per group, prompt and new-token buckets, all powers of two) and the
@@ -31,37 +32,40 @@ from __future__ import annotations
 import dataclasses
 import warnings
 import weakref
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsft.infra import chat as chat_format
 from jaxsft.infra import sharding as shd
 from jaxsft.generation import engine
-from jaxsft.generation.common import GenerationResult, check_sampling_arguments, is_int as _is_int
-from jaxsft.generation.common import is_number as _is_number
-from jaxsft.generation.engine import MAX_EOS_IDS, MIN_NEW_TOKENS_BUCKET, MIN_PROMPT_BUCKET, DecodeState, pow2_at_least
+from jaxsft.generation.causal import CausalAdapter
+from jaxsft.generation.engine import MIN_NEW_TOKENS_BUCKET, MIN_PROMPT_BUCKET, DecodeState, pow2_at_least
+from jaxsft.generation.params import MAX_EOS_IDS, SamplingParams, is_int
+from jaxsft.generation.prompts import Prompt, eos_ids, first_stop, format_prompts, is_chat, pad_id
+from jaxsft.generation.prompts import prompt_token_ids, tokens_through_stop
 from jaxsft.generation.sampling import Mode, Sampling
+from jaxsft.generation.seq2seq import Seq2SeqAdapter
 from jaxsft.models.decoder import CausalLM
+from jaxsft.models.seq2seq import Seq2SeqLM
 
 __all__ = [
-    "generate", "Sampler", "DecodeState", "Sampling", "Mode", "GenerationResult", "compiled_programs", "clear_cache",
-    "format_prompts", "pow2_at_least", "check_sampling_arguments",
+    "generate", "Sampler", "SamplingParams", "DecodeState", "Sampling", "Mode", "GenerationResult",
+    "compiled_programs", "clear_cache", "format_prompts", "pow2_at_least",
 ]
 
 CPU_KV_CACHE_BYTES = 2 << 30  # the default KV budget where the device reports no memory size
 PREFILL_SCORE_BYTES = 2 << 30  # a prefill call's attention scores stay under this
-
-Prompt = Union[str, Sequence[dict]]
+# The fewest rows a call's shape holds (budget and batch_size permitting). A decode step of a few rows reads
+# every weight anyway, so 8 rows cost about what 1 does on an accelerator; small calls then share shapes.
+MIN_ROWS = 8
 
 # Process-wide compile counter (telemetry, not a cache): every Sampler adds to it.
 _COMPILES = {"init": 0, "prefill": 0, "decode": 0}
 # The Sampler that :func:`generate` keeps per model object (and mesh/rules); an entry dies with its model.
-_SAMPLERS: "weakref.WeakKeyDictionary[CausalLM, dict]" = weakref.WeakKeyDictionary()
+_SAMPLERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 def compiled_programs() -> int:
@@ -74,46 +78,44 @@ def clear_cache() -> None:
     _SAMPLERS.clear()
 
 
-# ---------------------------------------------------------------------------- public API
-def format_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool = False) -> list[str]:
-    """Strings unchanged; message lists (or every prompt when ``chat``) through the chat template."""
-    out = []
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, str) and not chat:
-            out.append(prompt)
-            continue
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            raise TypeError(
-                f"prompts[{i}] must be a string or a list of {{'role': ..., 'content': ...}} messages, got {prompt!r}."
-            )
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(
-                f"prompts[{i}] is a chat (list of messages) but the tokenizer has no chat_template; pass plain strings."
-            )
-        out.append(chat_format.prompt_text(tokenizer, messages))  # step(texts=chats) formats them the same way
-    return out
+@dataclasses.dataclass
+class GenerationResult:
+    """What :func:`generate` returns with ``return_tokens=True``.
+
+    Rows are prompt-major: row ``i * num_return_sequences + j`` is sample ``j`` of
+    prompt ``i``. ``tokens[r]`` holds the generated ids (an EOS that ended the row
+    included, as HF does; for a stop string, up to the token that completed it);
+    ``texts[r]`` is their decoding without special tokens, cut before the first
+    stop string.
+    """
+
+    texts: list[str]
+    tokens: list[np.ndarray]
+    prompt_tokens: list[np.ndarray]
+    finish_reasons: list[str]  # "eos" | "stop" | "length"
+    num_return_sequences: int = 1
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return int(sum(len(t) for t in self.tokens))
+
+    def grouped(self) -> list[list[str]]:
+        """Texts as one list of ``num_return_sequences`` samples per prompt."""
+        n = self.num_return_sequences
+        return [self.texts[i : i + n] for i in range(0, len(self.texts), n)]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Request:
-    """One validated ``generate`` call (host side)."""
-
-    max_new_tokens: int
-    mode: Mode
-    nrs: int
-    seed: int
-    temperature: float
-    top_p: float
-    stops: tuple[str, ...]
-    batch_size: Optional[int]
-    eos: tuple[int, ...]
-    skip_special_tokens: bool
-    stop_check_every: int
+def adapter_for(model: Any) -> engine.DecodeModel:
+    """The engine's adapter for a jaxsft model: the one place generation tells the model kinds apart."""
+    if isinstance(model, CausalLM):
+        return CausalAdapter(model.spec, model.dtype)
+    if isinstance(model, Seq2SeqLM):
+        return Seq2SeqAdapter(model.spec, model.dtype)
+    raise TypeError(f"generate(): model must be a jaxsft CausalLM or Seq2SeqLM, got {type(model).__name__}.")
 
 
 class Sampler:
-    """Batched generation from a jaxsft model; owns its engine's compiled programs.
+    """Batched generation from a jaxsft model (decoder-only or encoder-decoder); owns its engine's programs.
 
     Build one per model (the trainer keeps one for ``trainer.generate``) and call
     :meth:`generate` as often as you like: calls of similar size share programs (see the
@@ -125,15 +127,14 @@ class Sampler:
 
     def __init__(
         self,
-        model: CausalLM,
+        model: Union[CausalLM, Seq2SeqLM],
         tokenizer: Any,
         *,
         mesh: Optional[jax.sharding.Mesh] = None,
         sharding_rules: Optional[shd.ShardingRules] = None,
         kv_cache_bytes: Optional[int] = None,
     ):
-        if not isinstance(model, CausalLM):
-            raise TypeError(f"generate(): model must be a jaxsft CausalLM, got {type(model).__name__}.")
+        adapter_for(model)  # refuses other model types
         if sharding_rules is not None and not isinstance(sharding_rules, shd.ShardingRules):
             raise TypeError(f"sharding_rules must be a jaxsft.infra.sharding.ShardingRules, got {type(sharding_rules).__name__}.")
         self.model = model
@@ -153,69 +154,56 @@ class Sampler:
         self,
         prompts: Sequence[Prompt],
         *,
-        max_new_tokens: Optional[int] = None,
-        temperature: float = 0.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        num_return_sequences: int = 1,
-        seed: int = 0,
-        stop: Optional[Union[str, Sequence[str]]] = None,
+        sampling: Optional[SamplingParams] = None,
         return_tokens: bool = False,
         chat: bool = False,
         batch_size: Optional[int] = None,
-        eos_token_ids: Optional[Sequence[int]] = None,
-        skip_special_tokens: bool = True,
-        stop_check_every: int = 32,
-        model: Optional[CausalLM] = None,
+        model: Optional[Union[CausalLM, Seq2SeqLM]] = None,
         kv_cache_bytes: Optional[int] = None,
+        **options: Any,
     ) -> Union[list[str], GenerationResult]:
         """Generate completions for ``prompts`` (see :func:`generate` for the arguments).
 
         ``model`` replaces the sampler's model from now on (e.g. the trainer's latest weights);
         ``kv_cache_bytes`` overrides the sampler's KV budget for this call.
         """
+        params = SamplingParams.of(sampling, options)
+        if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
+            raise ValueError(f"generate(): batch_size={batch_size!r} must be None or an integer >= 1.")
+        call_budget = _check_budget(kv_cache_bytes, "generate()")
         if model is not None:
-            if not isinstance(model, CausalLM):
-                raise TypeError(f"generate(): model must be a jaxsft CausalLM, got {type(model).__name__}.")
+            if type(adapter_for(model)) is not type(adapter_for(self.model)):
+                raise TypeError(f"generate(): model={type(model).__name__} is another kind of model than this "
+                                f"Sampler's {type(self.model).__name__}; build a Sampler for it.")
             self.model = model
         model, tokenizer = self.model, self.tokenizer
-        if isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], dict)
-        ):
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts and
+                                                isinstance(prompts[0], dict)):
             raise TypeError("generate(): prompts must be a list of prompts (wrap a single prompt or chat in a list).")
         prompts = list(prompts)
+        nrs = params.num_return_sequences
         if not prompts:
-            return GenerationResult([], [], [], [], num_return_sequences) if return_tokens else []
-        request = _request(
-            model, tokenizer, max_new_tokens=1 if max_new_tokens is None else max_new_tokens, temperature=temperature,
-            top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, seed=seed, stop=stop,
-            batch_size=batch_size, eos_token_ids=eos_token_ids, skip_special_tokens=skip_special_tokens,
-            stop_check_every=stop_check_every,
-        )
-        spec, nrs = model.spec, request.nrs
-        prompt_ids = prompt_token_ids(tokenizer, prompts, chat, spec.vocab_size)
-        longest = max(len(p) for p in prompt_ids)
-        if max_new_tokens is None:
-            request = dataclasses.replace(request, max_new_tokens=default_max_new_tokens(model, longest))
-        if spec.position == "learned" and longest + request.max_new_tokens > spec.max_position_embeddings:
-            raise ValueError(
-                f"generate(): prompt ({longest} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
-                f"model's {spec.max_position_embeddings} positions; shorten the prompts or lower max_new_tokens."
-            )
-        call_budget = _check_budget(kv_cache_bytes, "generate()")
+            return GenerationResult([], [], [], [], nrs) if return_tokens else []
+        adapter = adapter_for(model)
+        if not adapter.accepts_chat and (chat or any(is_chat(p) for p in prompts)):
+            raise ValueError(f"generate(): chat prompts are not supported by an encoder-decoder model "
+                             f"({type(model).__name__}); pass strings or token ids.")
+        call = self._resolve(params, prompts, chat, adapter)
+        prompt_ids = call.prompt_ids
         budget = call_budget or self.kv_cache_bytes or default_kv_cache_bytes()
-        self._check_memory(longest, request, budget)
-        if spec.position == "rope" and longest + request.max_new_tokens > spec.max_position_embeddings:
-            _warn_once(f"generate(): prompt ({longest} tokens) + max_new_tokens ({request.max_new_tokens}) runs past "
-                       f"the {spec.max_position_embeddings} positions this model was trained on; quality may drop.")
-        pad_id = _pad_id(tokenizer, spec, list(request.eos))
-        sampling = Sampling(
-            temperature=np.float32(request.temperature),
-            top_p=np.float32(request.top_p),
-            eos=np.asarray(list(request.eos) + [-1] * (MAX_EOS_IDS - len(request.eos)), np.int32),
-            pad=np.int32(pad_id),
-            max_new=np.int32(request.max_new_tokens),
-            seed=np.uint32(request.seed % (1 << 32)),
+        longest = max(len(p) for p in prompt_ids)
+        warning = adapter.check_lengths(prompt_ids, call.max_new_tokens)
+        self._check_memory(adapter, longest, nrs, call.max_new_tokens, budget)
+        if warning:
+            _warn_once(warning)
+        pad = pad_id(tokenizer, model.spec, list(call.eos))
+        scalars = Sampling(
+            temperature=np.float32(1.0 if params.greedy else params.temperature),
+            top_p=np.float32(1.0 if params.top_p is None else params.top_p),
+            eos=np.asarray(list(call.eos) + [-1] * (MAX_EOS_IDS - len(call.eos)), np.int32),
+            pad=np.int32(pad),
+            max_new=np.int32(call.max_new_tokens),
+            seed=np.uint32(call.seed % (1 << 32)),
         )
         graphdef, state = nnx.split(model)
         mesh = self.mesh
@@ -224,38 +212,46 @@ class Sampler:
         else:
             single_process = jax.process_count() == 1
             mesh = shd.mesh_of(state, shd.make_mesh(devices=jax.devices()[:1]) if single_process else None)
-        shape = self._shape(len(prompt_ids), longest, request, budget)
+        shape = _shape(adapter, len(prompt_ids), longest, nrs, call.max_new_tokens, batch_size, budget)
         with jax.set_mesh(mesh), shd.use_rules(self.sharding_rules):
-            results = self._run_engine(graphdef, state, mesh, shape, prompt_ids, request, sampling)
-        tokens_out = [row for row, _ in results]
-        reasons = [reason for _, reason in results]
-        return _finish(tokenizer, tokens_out, reasons, prompt_ids, request, return_tokens)
+            results = self._run_engine(adapter, graphdef, state, mesh, shape, prompt_ids, params, call, scalars)
+        return _finish(tokenizer, results, prompt_ids, params, return_tokens)
 
-    # ------------------------------------------------------------------ engine
-    def _check_memory(self, longest: int, request: "_Request", budget: int) -> None:
+    # ------------------------------------------------------------------ host side
+    def _resolve(self, params: SamplingParams, prompts, chat: bool, adapter) -> "_Resolved":
+        """The call's facts that need the model and tokenizer: EOS ids, token ids, the token budget."""
+        model, tokenizer = self.model, self.tokenizer
+        vocab = model.spec.vocab_size
+        if params.eos_token_ids is not None:
+            bad = [e for e in params.eos_token_ids if not 0 <= e < vocab]
+            if bad:
+                raise ValueError(f"generate(): eos_token_ids contains {bad!r}, not token ids of this model's vocabulary "
+                                 f"(0 .. {vocab - 1}).")
+            eos = list(params.eos_token_ids)
+        else:
+            eos = eos_ids(model.spec, tokenizer)
+            if len(eos) > MAX_EOS_IDS:
+                raise ValueError(f"generate(): the tokenizer and model name {len(eos)} EOS ids; at most {MAX_EOS_IDS} "
+                                 "are supported (pass eos_token_ids=).")
+        prompt_ids = prompt_token_ids(tokenizer, prompts, chat, vocab)
+        longest = max(len(p) for p in prompt_ids)
+        max_new = params.max_new_tokens
+        if max_new is None:
+            max_new = default_max_new_tokens(model, adapter.tokens_before_new(longest))
+        seed = 0 if params.seed is None else params.seed
+        return _Resolved(max_new, tuple(eos), seed, prompt_ids)
+
+    def _check_memory(self, adapter, longest: int, nrs: int, max_new: int, budget: int) -> None:
         """Refuse, before any work, a call whose single prompt group cannot fit the KV budget."""
-        spec, nrs = self.model.spec, request.nrs
-        need = engine.kv_bytes_per_group(spec, self.model.dtype, nrs, pow2_at_least(longest, MIN_PROMPT_BUCKET),
-                                         pow2_at_least(request.max_new_tokens, MIN_NEW_TOKENS_BUCKET))
+        need = adapter.kv_bytes_per_group(nrs, pow2_at_least(longest, MIN_PROMPT_BUCKET),
+                                          pow2_at_least(max_new, MIN_NEW_TOKENS_BUCKET))
         if need > budget:
             raise ValueError(
-                f"generate(): max_new_tokens={request.max_new_tokens} with num_return_sequences={nrs} and a "
-                f"{longest}-token prompt needs {need / 2**30:.1f} GiB of KV cache for one prompt, over the "
-                f"{budget / 2**30:.1f} GiB budget (Sampler(kv_cache_bytes=...)); lower max_new_tokens or "
+                f"generate(): max_new_tokens={max_new} with num_return_sequences={nrs} and a "
+                f"{longest}-token prompt needs {_size(need)} of KV cache for one prompt, over the "
+                f"{_size(budget)} budget (Sampler(kv_cache_bytes=...)); lower max_new_tokens or "
                 "num_return_sequences, or raise the budget."
             )
-
-    def _shape(self, n_prompts: int, longest: int, request: "_Request", budget: int) -> engine.Shape:
-        """Slot groups from the KV budget (and ``batch_size``), never more than the call needs (powers of two)."""
-        spec, nrs = self.model.spec, request.nrs
-        prompt_slots = pow2_at_least(longest, MIN_PROMPT_BUCKET)
-        new_slots = pow2_at_least(request.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-        per_group = engine.kv_bytes_per_group(spec, self.model.dtype, nrs, prompt_slots, new_slots)
-        groups = max(1, budget // per_group)
-        if request.batch_size is not None:
-            groups = min(groups, max(1, request.batch_size // nrs))
-        groups = min(engine.pow2_at_most(groups), pow2_at_least(n_prompts))
-        return engine.Shape(groups=groups, n=nrs, prompt_slots=prompt_slots, new_slots=new_slots)
 
     def _program(self, key: tuple, build: Callable[[], Any]) -> Any:
         if key not in self._programs:
@@ -263,12 +259,11 @@ class Sampler:
             _COMPILES[key[0]] += 1
         return self._programs[key]
 
-    def _run_engine(self, graphdef, state, mesh, shape: engine.Shape, prompt_ids, request: "_Request",
-                    sampling: Sampling) -> list[tuple[np.ndarray, str]]:
-        spec, dtype, mode = self.model.spec, self.model.dtype, request.mode
-        rules = self.sharding_rules
+    def _run_engine(self, adapter, graphdef, state, mesh, shape: engine.Shape, prompt_ids, params: SamplingParams,
+                    call: "_Resolved", sampling: Sampling) -> list[tuple[np.ndarray, str]]:
+        mode, rules = params.mode(), self.sharding_rules
         rep = NamedSharding(mesh, P())
-        layouts = engine.layouts(spec, mesh, shape, rules)
+        layouts = engine.layouts(adapter, mesh, shape, rules)
         scalars = Sampling(*(shd.place_array(np.asarray(v), rep) for v in sampling))
         sig = _params_signature(state)
         base = (graphdef, sig, mesh, shape, mode)
@@ -286,10 +281,10 @@ class Sampler:
             return shd.place_array(np.asarray(np.int32(v)), rep)
 
         init = self._program(("init", graphdef, sig, mesh, shape), lambda: jax.jit(
-            engine.make_init(spec, dtype, shape), out_shardings=layouts).lower().compile())
+            engine.make_init(adapter, shape), out_shardings=layouts).lower().compile())
 
         def example():  # the engine state's abstract value, for compiling (traced only then)
-            abstract = jax.eval_shape(engine.make_init(spec, dtype, shape))
+            abstract = jax.eval_shape(engine.make_init(adapter, shape))
             return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, layouts)
 
         def prefill(gp):
@@ -297,38 +292,66 @@ class Sampler:
                 inputs = place_inputs(np.zeros((gp, shape.prompt_slots), np.int32),
                                       np.zeros((gp, shape.prompt_slots), np.int32), np.zeros((gp,), np.int32),
                                       np.zeros((gp * shape.n,), np.int32))
-                return jax.jit(engine.make_prefill(graphdef, dtype, shape, mode), donate_argnums=(1,),
+                return jax.jit(engine.make_prefill(adapter, graphdef, shape, mode), donate_argnums=(1,),
                                out_shardings=layouts).lower(state, example(), inputs, scalars).compile()
 
             return self._program(("prefill",) + base + (gp,), build)
 
         decode = self._program(("decode",) + base, lambda: jax.jit(
-            engine.make_decode(graphdef, dtype, shape, mode), donate_argnums=(1,), out_shardings=layouts,
+            engine.make_decode(adapter, graphdef, shape, mode), donate_argnums=(1,), out_shardings=layouts,
         ).lower(state, example(), scalars, place_scalar(0), place_scalar(0)).compile())
         programs = engine.Programs(init=init, prefill=prefill, decode=decode)
-        cap = engine.prefill_group_cap(spec, shape.prompt_slots, PREFILL_SCORE_BYTES)
+        cap = adapter.prefill_group_cap(shape.prompt_slots, PREFILL_SCORE_BYTES)
         on_chunk, step_limit = None, None
-        if request.stops:
-            stops = list(request.stops)
-            step_limit = max(1, request.stop_check_every)
+        if params.stop:
+            stops = params.stop
+            step_limit = params.stop_check_every
 
             def on_chunk(host, running):
                 decoded = self.tokenizer.batch_decode(
                     [host["tokens"][r, : int(host["gen_len"][r])].tolist() for r in running],
-                    skip_special_tokens=request.skip_special_tokens)
-                return [r for r, text in zip(running, decoded) if _first_stop(text, stops) is not None]
+                    skip_special_tokens=params.skip_special_tokens)
+                return [r for r, text in zip(running, decoded) if first_stop(text, stops) is not None]
 
         return engine.run(
-            programs, state, engine.Queue(prompt_ids), shape, int(sampling.pad), request.max_new_tokens, cap,
+            programs, state, engine.Queue(prompt_ids), shape, int(sampling.pad), call.max_new_tokens, cap,
             place_inputs, place_scalar, lambda done: shd.place_array(done, layouts.done), scalars,
-            step_limit=step_limit, on_chunk=on_chunk,
+            left_pad=adapter.prompt_padding == "left", step_limit=step_limit, on_chunk=on_chunk,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Resolved:
+    """One call's facts resolved against the model and tokenizer."""
+
+    max_new_tokens: int
+    eos: tuple[int, ...]
+    seed: int
+    prompt_ids: list
+
+
+def _shape(adapter, n_prompts: int, longest: int, nrs: int, max_new: int, batch_size: Optional[int],
+           budget: int) -> engine.Shape:
+    """Slot groups from the KV budget (and ``batch_size``), no more than the call needs (powers of two), but
+    at least ``MIN_ROWS`` rows: small calls then share one shape instead of one each for 1, 2, 4 prompts."""
+    prompt_slots = pow2_at_least(longest, MIN_PROMPT_BUCKET)
+    new_slots = pow2_at_least(max_new, MIN_NEW_TOKENS_BUCKET)
+    groups = max(1, budget // adapter.kv_bytes_per_group(nrs, prompt_slots, new_slots))
+    if batch_size is not None:
+        groups = min(groups, max(1, batch_size // nrs))
+    wanted = max(pow2_at_least(n_prompts), engine.pow2_at_most(max(1, MIN_ROWS // nrs)))
+    groups = min(engine.pow2_at_most(groups), wanted)
+    return engine.Shape(groups=groups, n=nrs, prompt_slots=prompt_slots, new_slots=new_slots)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB" if n >= 2**18 else f"{n:,} bytes"
 
 
 def _check_budget(value: Any, where: str) -> Optional[int]:
     if value is None:
         return None
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{where}: kv_cache_bytes={value!r} must be a positive integer (bytes) or None (the default: "
                          "a quarter of the accelerator's memory).")
     return int(value)
@@ -344,146 +367,88 @@ def default_kv_cache_bytes() -> int:
     return int(limit) // 4 if limit else CPU_KV_CACHE_BYTES
 
 
-def _request(model, tokenizer, *, max_new_tokens, temperature, top_k, top_p, num_return_sequences, seed, stop,
-             batch_size, eos_token_ids, skip_special_tokens, stop_check_every) -> _Request:
-    """Validate one call's arguments (every check before any work)."""
-    check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, num_return_sequences, batch_size)
-    if not _is_int(seed):
-        raise ValueError(f"generate(): seed={seed!r} must be an integer.")
-    if stop is not None and not isinstance(stop, (str, list, tuple)):
-        raise ValueError(f"generate(): stop={stop!r} must be a non-empty string or a list of them.")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not isinstance(s, str) or not s for s in stops):
-        raise ValueError(f"generate(): stop={stop!r} must be a non-empty string or a list of them.")
-    if not _is_int(stop_check_every) or stop_check_every < 1:
-        raise ValueError(f"generate(): stop_check_every={stop_check_every!r} must be an integer >= 1 (decode steps "
-                         "between stop-string checks).")
-    vocab = model.spec.vocab_size
-    if eos_token_ids is not None:
-        if isinstance(eos_token_ids, (str, bytes)) or not isinstance(eos_token_ids, (list, tuple, np.ndarray)):
-            raise ValueError(f"generate(): eos_token_ids={eos_token_ids!r} must be a list of token ids ([] = never stop).")
-        bad = [e for e in eos_token_ids if not _is_int(e) or not 0 <= int(e) < vocab]
-        if bad:
-            raise ValueError(f"generate(): eos_token_ids contains {bad!r}, not token ids of this model's vocabulary "
-                             f"(0 .. {vocab - 1}).")
-    eos = _eos_ids(model, tokenizer) if eos_token_ids is None else [int(e) for e in eos_token_ids]
-    if len(eos) > MAX_EOS_IDS:
-        raise ValueError(f"generate(): at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}.")
-    greedy = temperature == 0.0
-    mode = Mode("greedy") if greedy else Mode("sample", None if top_k is None else int(top_k), top_p is not None and top_p < 1.0)
-    return _Request(
-        max_new_tokens=int(max_new_tokens), mode=mode, nrs=int(num_return_sequences), seed=int(seed),
-        temperature=1.0 if greedy else float(temperature), top_p=1.0 if top_p is None else float(top_p),
-        stops=tuple(stops), batch_size=batch_size, eos=tuple(eos), skip_special_tokens=skip_special_tokens,
-        stop_check_every=stop_check_every,
-    )
-
-
-def _finish(tokenizer, tokens_out, reasons, prompt_ids, request: _Request, return_tokens: bool):
+def _finish(tokenizer, results, prompt_ids, params: SamplingParams, return_tokens: bool):
     """Decode the rows, cut them at stop strings, and shape the return value."""
-    nrs, stops = request.nrs, list(request.stops)
-    final_tokens, final_texts = [], []
-    for r, toks in enumerate(tokens_out):
-        body = toks[:-1] if reasons[r] == "eos" else toks
-        text = tokenizer.decode(body.tolist(), skip_special_tokens=request.skip_special_tokens)
+    nrs, stops = params.num_return_sequences, params.stop
+    final_tokens, final_texts, reasons = [], [], []
+    for toks, reason in results:
+        body = toks[:-1] if reason == "eos" else toks
+        text = tokenizer.decode(body.tolist(), skip_special_tokens=params.skip_special_tokens)
         if stops:
-            cut = _first_stop(text, stops)
+            cut = first_stop(text, stops)
             if cut is not None:
                 text = text[:cut]
-                toks = _tokens_through_stop(tokenizer, toks, stops, request.skip_special_tokens)
-                reasons[r] = "stop"
+                toks = tokens_through_stop(tokenizer, toks, stops, params.skip_special_tokens)
+                reason = "stop"
         final_tokens.append(toks)
         final_texts.append(text)
+        reasons.append(reason)
     if not return_tokens:
         return final_texts
     return GenerationResult(
         texts=final_texts,
         tokens=final_tokens,
-        prompt_tokens=[np.asarray(prompt_ids[r // nrs]) for r in range(len(tokens_out))],
+        prompt_tokens=[np.asarray(prompt_ids[r // nrs]) for r in range(len(final_tokens))],
         finish_reasons=reasons,
         num_return_sequences=nrs,
     )
 
 
 def generate(
-    model: CausalLM,
+    model: Union[CausalLM, Seq2SeqLM],
     tokenizer: Any,
     prompts: Sequence[Prompt],
     *,
-    max_new_tokens: Optional[int] = None,
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    num_return_sequences: int = 1,
-    seed: int = 0,
-    stop: Optional[Union[str, Sequence[str]]] = None,
+    sampling: Optional[SamplingParams] = None,
     return_tokens: bool = False,
     chat: bool = False,
     batch_size: Optional[int] = None,
-    eos_token_ids: Optional[Sequence[int]] = None,
-    skip_special_tokens: bool = True,
-    stop_check_every: int = 32,
     mesh: Optional[jax.sharding.Mesh] = None,
     sharding_rules: Optional[shd.ShardingRules] = None,
     kv_cache_bytes: Optional[int] = None,
+    **options: Any,
 ) -> Union[list[str], GenerationResult]:
-    """Generate completions for ``prompts`` with a jaxsft model.
+    """Generate completions for ``prompts`` with a jaxsft model (decoder-only or T5 / BART).
+
+    What to sample is a :class:`SamplingParams`: pass ``sampling=SamplingParams(...)`` or its
+    fields as keywords (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+    ``num_return_sequences``, ``seed``, ``stop``, ``eos_token_ids``, ``skip_special_tokens``,
+    ``stop_check_every``; both only where they agree). Without ``max_new_tokens`` the budget is
+    HF's: the model's generation config (:func:`default_max_new_tokens`).
 
     ``prompts`` are strings (tokenized with the tokenizer's special tokens, as
-    ``tokenizer(prompts)`` does), chat message lists (formatted with the chat
-    template and a generation prompt; ``chat=True`` treats strings as one user
-    message) or token ids (lists / 1-D arrays of ints, used as given). Without
-    ``max_new_tokens`` the budget is HF's: the model's generation config
-    (:func:`default_max_new_tokens`). ``temperature=0`` is greedy; otherwise sampling with optional
-    ``top_k`` / ``top_p``. ``eos_token_ids`` overrides the EOS set (``[]`` never
-    stops early). ``batch_size`` caps the rows (prompts x samples) run at once;
-    ``kv_cache_bytes`` the KV memory the engine's slots hold (default: a quarter of
-    the accelerator's memory), which sets how many rows decode together.
-    ``mesh`` defaults to the mesh the model's params live on; another mesh moves
-    them there first (per ``sharding_rules``, default the rules table).
+    ``tokenizer(prompts)`` does), chat message lists (formatted with the chat template and a
+    generation prompt; ``chat=True`` treats strings as one user message; decoder-only models)
+    or token ids (lists / 1-D arrays of ints, used as given). ``batch_size`` caps the rows
+    (prompts x samples) run at once; ``kv_cache_bytes`` the KV memory the engine's slots hold
+    (default: a quarter of the accelerator's memory), which sets how many rows decode together.
+    ``mesh`` defaults to the mesh the model's params live on; another mesh moves them there
+    first (per ``sharding_rules``, default the rules table).
 
-    Returns the generated texts, prompt-major (``len(prompts) *
-    num_return_sequences``), or a :class:`GenerationResult` with ``return_tokens``.
+    Returns the generated texts, prompt-major (``len(prompts) * num_return_sequences``), or a
+    :class:`GenerationResult` with ``return_tokens``. An encoder-decoder's tokens start after
+    its decoder start token, which is not returned.
 
     The programs belong to a :class:`Sampler` kept for this model object (and dropped
     with it), so repeated calls on one model compile once; a loop that gets a new model
     object each time (``trainer.model``) should keep a ``Sampler`` or use ``trainer.generate``.
-    A ``Seq2SeqLM`` (T5, BART) goes to :func:`jaxsft.generation.seq2seq.generate`.
     """
-    from jaxsft.models.seq2seq import Seq2SeqLM
-
-    if isinstance(model, Seq2SeqLM):  # T5 / BART: encoder once, then the decoder loop
-        from jaxsft.generation import seq2seq as seq2seq_generation
-
-        if sharding_rules is not None or kv_cache_bytes is not None:
-            raise ValueError("generate(): sharding_rules and kv_cache_bytes are not supported for encoder-decoder "
-                             "models yet.")
-        return seq2seq_generation.generate(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, num_return_sequences=num_return_sequences, seed=seed, stop=stop, return_tokens=return_tokens,
-            chat=chat, batch_size=batch_size, eos_token_ids=eos_token_ids, skip_special_tokens=skip_special_tokens,
-            mesh=mesh,
-        )
-    if not isinstance(model, CausalLM):
-        raise TypeError(f"generate(): model must be a jaxsft CausalLM or Seq2SeqLM, got {type(model).__name__}.")
+    adapter_for(model)
     samplers = _SAMPLERS.setdefault(model, {})
     key = (mesh, sharding_rules)
     sampler = samplers.get(key)
     if sampler is None:
         sampler = samplers[key] = Sampler(model, tokenizer, mesh=mesh, sharding_rules=sharding_rules)
     sampler.tokenizer = tokenizer
-    return sampler.generate(
-        prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        num_return_sequences=num_return_sequences, seed=seed, stop=stop, return_tokens=return_tokens, chat=chat,
-        batch_size=batch_size, eos_token_ids=eos_token_ids, skip_special_tokens=skip_special_tokens,
-        stop_check_every=stop_check_every, kv_cache_bytes=kv_cache_bytes,
-    )
+    return sampler.generate(prompts, sampling=sampling, return_tokens=return_tokens, chat=chat, batch_size=batch_size,
+                            kv_cache_bytes=kv_cache_bytes, **options)
 
 
 # ---------------------------------------------------------------------------- host helpers
-def default_max_new_tokens(model: CausalLM, prompt_length: int) -> int:
+def default_max_new_tokens(model: Any, prompt_length: int) -> int:
     """HF's budget when ``max_new_tokens`` is not given: the model's generation config ``max_new_tokens``,
-    else its ``max_length`` less the (longest) prompt, else HF's default of 20 new tokens."""
+    else its ``max_length`` less ``prompt_length`` (what HF counts in it: a decoder's prompt, an
+    encoder-decoder's start token), else HF's default of 20 new tokens."""
     from transformers import GenerationConfig
 
     config = model.config
@@ -508,94 +473,6 @@ def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         warnings.warn(message, stacklevel=3)
-
-
-def _token_prompt(prompt: Any) -> Optional[list[int]]:
-    """A prompt given as token ids (a list/tuple/1-D array of ints), else None."""
-    if isinstance(prompt, np.ndarray) and prompt.ndim == 1 and np.issubdtype(prompt.dtype, np.integer):
-        return [int(t) for t in prompt]
-    if isinstance(prompt, (list, tuple)) and prompt and all(_is_int(t) for t in prompt):
-        return [int(t) for t in prompt]
-    return None
-
-
-def prompt_token_ids(tokenizer: Any, prompts: Sequence[Any], chat: bool, vocab_size: int) -> list[list[int]]:
-    """Every prompt as token ids: token-id prompts as given, strings and chats through the tokenizer."""
-    out: list[Optional[list[int]]] = [None] * len(prompts)
-    rest = []
-    for i, prompt in enumerate(prompts):
-        ids = _token_prompt(prompt)
-        if ids is not None:
-            bad = [t for t in ids if not 0 <= t < vocab_size]
-            if bad:
-                raise ValueError(f"generate(): prompts[{i}] holds token ids {bad[:5]!r} outside this model's vocabulary "
-                                 f"(0 .. {vocab_size - 1}).")
-            out[i] = ids
-        elif isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
-                                         and all(isinstance(m, dict) for m in prompt)):
-            rest.append(i)
-        else:
-            raise TypeError(f"generate(): prompts[{i}]={prompt!r} must be a string, a chat (a list of "
-                            "{'role': ..., 'content': ...} messages) or a non-empty list of token ids.")
-    if rest:
-        texts = format_prompts(tokenizer, [prompts[i] for i in rest], chat)
-        is_chat = [chat or not isinstance(prompts[i], str) for i in rest]
-        for i, ids in zip(rest, _tokenize(tokenizer, texts, is_chat)):
-            out[i] = ids
-    return out  # type: ignore[return-value]
-
-
-def _tokenize(tokenizer: Any, texts: list[str], is_chat: list[bool]) -> list[list[int]]:
-    out: list[Optional[list[int]]] = [None] * len(texts)
-    for flag in (False, True):  # chat templates already hold their special tokens
-        idx = [i for i, c in enumerate(is_chat) if c == flag]
-        if not idx:
-            continue
-        ids = tokenizer([texts[i] for i in idx], add_special_tokens=not flag)["input_ids"]
-        for i, row in zip(idx, ids):
-            if len(row) == 0:
-                raise ValueError(f"generate(): prompt {i} tokenizes to no tokens; give it some text.")
-            out[i] = list(row)
-    return out  # type: ignore[return-value]
-
-
-def _eos_ids(model: CausalLM, tokenizer: Any) -> list[int]:
-    ids: list[int] = []
-
-    def add(value):
-        if value is None:
-            return
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is not None and int(v) not in ids:
-                ids.append(int(v))
-
-    add(getattr(tokenizer, "eos_token_id", None))
-    add(model.spec.eos_token_id)
-    return ids
-
-
-def _pad_id(tokenizer: Any, spec, eos: list[int]) -> int:
-    for value in (getattr(tokenizer, "pad_token_id", None), spec.pad_token_id, eos[0] if eos else None):
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def _first_stop(text: str, stops: list[str]) -> Optional[int]:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _tokens_through_stop(tokenizer, toks: np.ndarray, stops, skip_special_tokens) -> np.ndarray:
-    """The shortest prefix of ``toks`` whose decoding already contains a stop string (binary search)."""
-    lo, hi = 1, len(toks)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _first_stop(tokenizer.decode(toks[:mid].tolist(), skip_special_tokens=skip_special_tokens), stops) is None:
-            lo = mid + 1
-        else:
-            hi = mid
-    return toks[:lo]
 
 
 def _params_signature(state) -> tuple:

@@ -5,11 +5,17 @@ and its ``n`` samples per group; the group count comes from a KV memory budget).
 ahead-of-time compiled programs, all on fixed shapes:
 
 * ``init``: an empty :class:`DecodeState` (every row free);
-* ``prefill``: runs up to ``Gp`` prompts (a power of two), writes their K/V once into free
-  groups' prefix cache (:mod:`jaxsft.generation.kv_cache`), samples each row's first token;
+* ``prefill``: runs up to ``Gp`` prompts (a power of two) into free groups' cache (the prompt's
+  part once per group), samples each row's first token;
 * ``decode``: a ``lax.while_loop`` of decode steps over all slots that returns to the host
   when enough groups have finished for the waiting prompts to take them (or a step limit, for
   stop strings, or everything is done).
+
+What a model kind does inside prefill and a decode step (its cache layout, its attention) sits
+behind :class:`DecodeModel`, so this module never asks which kind it runs: the decoder-only
+adapter (:mod:`jaxsft.generation.causal`) and the encoder-decoder one
+(:mod:`jaxsft.generation.seq2seq`) implement it. Slots, refill, sampling and stopping are here,
+once for both.
 
 The host loop harvests finished groups, prefills waiting prompts into their slots and decodes
 again, until the queue is empty and every row is done. A row's key is ``fold_in(key(seed),
@@ -20,29 +26,24 @@ or on how many slots there were.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft.infra import sharding as shd
-from jaxsft.generation import kv_cache
 from jaxsft.generation.sampling import Mode, Sampling, row_keys, sample
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
-MAX_EOS_IDS = 8  # EOS ids are a padded run-time array of this size (no recompile per tokenizer)
 
 
 class DecodeState(NamedTuple):
     """Everything the engine's programs carry between calls (a pytree; donated from program to program)."""
 
-    cache: list  # [layers] of kv_cache.LayerKV
-    prefix_mask: Any  # [G, Lp] bool
-    prompt_len: Any  # [G] int32
+    cache: Any  # the model kind's cache (DecodeModel.empty_cache): K/V and per-group prompt facts
     tokens: Any  # [B, Ls + 1] int32: generated so far (column Ls absorbs finished rows' writes)
     last: Any  # [B] int32: the token the next step feeds in
     gen_len: Any  # [B] int32: tokens generated so far
@@ -66,6 +67,50 @@ class Shape:
         return self.groups * self.n
 
 
+class DecodeModel(Protocol):
+    """What the engine needs of a model kind; an adapter implements it over a jaxsft model class.
+
+    Methods taking ``model`` run inside the engine's programs on the merged model; ``cache`` is the
+    adapter's own pytree (groups [G, ...] and rows [G * n, ...] on the leading axis).
+    """
+
+    prompt_padding: str  # "left" (the prompt's last token at the end) or "right" (positions from 0)
+    accepts_chat: bool  # whether chat prompts (a template's turns) make sense for this kind (host side)
+
+    def tokens_before_new(self, longest_prompt: int) -> int:
+        """What HF's ``max_length`` counts besides the new tokens (host side: the default budget)."""
+
+    def check_lengths(self, prompt_ids: list, max_new_tokens: int) -> Optional[str]:
+        """Refuse what the model's positions cannot hold (host side, before any work); return a warning or None."""
+
+    def merge(self, graphdef: Any, state: Any) -> Any:
+        """The model a program computes with (e.g. its weights cast to the compute dtype once)."""
+
+    def empty_cache(self, shape: Shape) -> Any:
+        """Zeroed cache buffers for ``shape`` (every group free)."""
+
+    def cache_layouts(self, mesh: Any, shape: Shape, rules: Any) -> Any:
+        """The cache's shardings (a pytree like :meth:`empty_cache`'s)."""
+
+    def prefill(self, model: Any, cache: Any, ids: jax.Array, mask: jax.Array, slots: jax.Array, shape: Shape
+                ) -> tuple[Any, jax.Array]:
+        """Prompts ``ids``/``mask`` [Gp, Lp] into groups ``slots`` [Gp] (out of range: dropped); returns the
+        cache and each prompt's next-token logits [Gp, V] (fp32), shared by its ``n`` rows."""
+
+    def decode_context(self, model: Any, cache: Any, shape: Shape) -> Any:
+        """What every decode step of one decode call reuses (split weights, per-group positions)."""
+
+    def decode_step(self, model: Any, context: Any, cache: Any, last: jax.Array, index: jax.Array, shape: Shape
+                    ) -> tuple[Any, jax.Array]:
+        """Feed ``last`` [B], token ``index`` [B] of each row's continuation; returns the cache and logits [B, V]."""
+
+    def kv_bytes_per_group(self, n: int, prompt_slots: int, new_slots: int) -> int:
+        """Cache bytes one group holds (the slot count follows from the KV budget)."""
+
+    def prefill_group_cap(self, prompt_slots: int, budget: int) -> int:
+        """Prompts per prefill call so that its attention scores stay under ``budget`` bytes."""
+
+
 def pow2_at_least(n: int, minimum: int = 1) -> int:
     """The smallest power of two >= ``n`` (and >= ``minimum``): the generation programs' bucket sizes."""
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
@@ -75,67 +120,30 @@ def pow2_at_most(n: int) -> int:
     return 1 << (max(1, int(n)).bit_length() - 1)
 
 
-def kv_bytes_per_group(spec, dtype, shape_n: int, prompt_slots: int, new_slots: int) -> int:
-    """KV bytes one group holds: its prompt once plus ``n`` continuations, every layer (a sliding layer only
-    its window's, :func:`kv_cache.layer_slots`): the budget then fits more slot groups."""
-    per_slot = 2 * spec.num_kv_heads * spec.head_dim * jnp.dtype(dtype).itemsize
-    slots = kv_cache.layer_slots(spec.windows(), prompt_slots, new_slots)
-    return per_slot * sum(lp + shape_n * ls for lp, ls in slots)
-
-
-def prefill_group_cap(spec, prompt_slots: int, budget: int) -> int:
-    """Prompts per prefill call so that its attention scores (fp32 [Gp, heads, Lp, Lp]) stay under ``budget``."""
-    return pow2_at_most(max(1, budget // (spec.num_heads * prompt_slots * prompt_slots * 4)))
-
-
-# ---------------------------------------------------------------------------- compute view
-def compute_view(state, dtype):
-    """Parameters cast to the compute dtype once per program (the model casts them at use anyway).
-
-    Without this, a model keeping fp32 parameters with bf16 compute would re-cast every
-    weight on every decode step. The final norm is left alone: a LayerNorm reads it in fp32.
-    """
-    dtype = jnp.dtype(dtype)
-
-    def cast(path, x):
-        floating = jnp.issubdtype(x.dtype, jnp.floating)
-        if floating and x.dtype != dtype and "final_norm" not in jax.tree_util.keystr(path):
-            return x.astype(dtype)
-        return x
-
-    return jax.tree_util.tree_map_with_path(cast, state)
-
-
 # ---------------------------------------------------------------------------- jitted bodies
-def make_init(spec, dtype, shape: Shape):
+def make_init(adapter: DecodeModel, shape: Shape):
     def init() -> DecodeState:
-        g, b = shape.groups, shape.rows
-        cache = kv_cache.empty_layers(spec.windows(), g, shape.n, spec.num_kv_heads, shape.prompt_slots,
-                                      shape.new_slots, spec.head_dim, dtype)
-        prefix_mask = jnp.zeros((g, shape.prompt_slots), bool).at[:, -1].set(True)  # free groups: never empty
+        b = shape.rows
         return DecodeState(
-            cache=cache, prefix_mask=prefix_mask, prompt_len=jnp.ones((g,), jnp.int32),
-            tokens=jnp.zeros((b, shape.new_slots + 1), jnp.int32), last=jnp.zeros((b,), jnp.int32),
-            gen_len=jnp.ones((b,), jnp.int32), keys=row_keys(jnp.uint32(0), jnp.arange(b)),
-            done=jnp.ones((b,), bool), finished_by_eos=jnp.zeros((b,), bool), steps=jnp.int32(0),
+            cache=adapter.empty_cache(shape), tokens=jnp.zeros((b, shape.new_slots + 1), jnp.int32),
+            last=jnp.zeros((b,), jnp.int32), gen_len=jnp.ones((b,), jnp.int32),
+            keys=row_keys(jnp.uint32(0), jnp.arange(b)), done=jnp.ones((b,), bool),
+            finished_by_eos=jnp.zeros((b,), bool), steps=jnp.int32(0),
         )
 
     return init
 
 
-def make_prefill(graphdef, dtype, shape: Shape, mode: Mode):
+def make_prefill(adapter: DecodeModel, graphdef, shape: Shape, mode: Mode):
     """Prefill ``Gp`` prompts into the group slots ``inputs['slots']`` (``G`` = a filler, dropped)."""
-    n, lp = shape.n, shape.prompt_slots
+    n = shape.n
 
     def prefill(state, st: DecodeState, inputs, sampling: Sampling) -> DecodeState:
-        model = nnx.merge(graphdef, compute_view(state, dtype))
-        ids, mask = inputs["input_ids"], inputs["mask"].astype(bool)
+        model = adapter.merge(graphdef, state)
+        ids, mask, slots = inputs["input_ids"], inputs["mask"].astype(bool), inputs["slots"]
         gp = ids.shape[0]
-        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
-        cache = model.init_cache(gp, lp, dtype)
-        hidden, cache = model.forward_with_cache(ids, positions, cache, jnp.int32(0), mask)
-        logits = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], n, axis=0)  # [Gp * n, V]
-        slots = inputs["slots"]
+        cache, logits = adapter.prefill(model, st.cache, ids, mask, slots, shape)
+        logits = jnp.repeat(logits, n, axis=0)  # [Gp * n, V]: one prompt, n rows
         rows = (slots[:, None] * n + jnp.arange(n)[None, :]).reshape(-1)
         rows = jnp.where(jnp.repeat(slots, n) < shape.groups, rows, shape.rows)  # fillers: out of range, dropped
         keys = row_keys(sampling.seed, inputs["row_ids"])
@@ -147,26 +155,21 @@ def make_prefill(graphdef, dtype, shape: Shape, mode: Mode):
         def put(buf, value):
             return buf.at[rows].set(value, mode="drop")
 
-        prompt_len = jnp.sum(mask, axis=-1).astype(jnp.int32)
         return st._replace(
-            cache=kv_cache.write_prefix(st.cache, cache.k, cache.v, slots),
-            prefix_mask=st.prefix_mask.at[slots].set(mask, mode="drop"),
-            prompt_len=st.prompt_len.at[slots].set(prompt_len, mode="drop"),
-            tokens=put(st.tokens, first), last=put(st.last, tok), gen_len=put(st.gen_len, jnp.ones_like(tok)),
+            cache=cache, tokens=put(st.tokens, first), last=put(st.last, tok), gen_len=put(st.gen_len, jnp.ones_like(tok)),
             keys=put(st.keys, keys), done=put(st.done, done), finished_by_eos=put(st.finished_by_eos, hit),
         )
 
     return prefill
 
 
-def make_decode(graphdef, dtype, shape: Shape, mode: Mode):
+def make_decode(adapter: DecodeModel, graphdef, shape: Shape, mode: Mode):
     """Decode steps until ``limit`` steps ran, every row is done, or ``refill_at`` groups are free."""
-    n, g, lp = shape.n, shape.groups, shape.prompt_slots
+    n, g = shape.n, shape.groups
 
     def decode(state, st: DecodeState, sampling: Sampling, limit, refill_at) -> DecodeState:
-        model = nnx.merge(graphdef, compute_view(state, dtype))
-        layer_params = model.decode_params()  # split once, outside the loop
-        prefix_pos = (jnp.arange(lp)[None, :] - (lp - st.prompt_len)[:, None]).astype(jnp.int32)
+        model = adapter.merge(graphdef, state)
+        context = adapter.decode_context(model, st.cache, shape)  # once, outside the loop
 
         def cond(st: DecodeState):
             free = jnp.sum(jnp.all(st.done.reshape(g, n), axis=1))
@@ -174,15 +177,7 @@ def make_decode(graphdef, dtype, shape: Shape, mode: Mode):
 
         def body(st: DecodeState):
             index = st.gen_len - 1  # the token fed now is token gen_len - 1 of its row
-            query_pos = jnp.repeat(st.prompt_len, n) + index
-            rows = kv_cache.RowView(suffix_index=index, prefix_mask=st.prefix_mask, query_pos=query_pos,
-                                    prefix_pos=prefix_pos)
-
-            def attend(q, k, v, layer, *, window, scale, softcap):
-                return kv_cache.shared_prefix_attention(q, k, v, layer, rows, window, scale, softcap)
-
-            hidden, cache = model.decode_step(st.last[:, None], query_pos[:, None], st.cache, attend, layer_params)
-            logits = model.logits(hidden)[:, 0]
+            cache, logits = adapter.decode_step(model, context, st.cache, st.last, index, shape)
             tok = sample(logits, st.keys, st.gen_len, mode, sampling.temperature, sampling.top_p)
             live = ~st.done
             tok = jnp.where(live, tok, sampling.pad)
@@ -194,8 +189,7 @@ def make_decode(graphdef, dtype, shape: Shape, mode: Mode):
             return st._replace(cache=cache, tokens=tokens, last=jnp.where(live, tok, st.last), gen_len=gen_len,
                                done=done, finished_by_eos=st.finished_by_eos | hit, steps=st.steps + 1)
 
-        st = jax.lax.while_loop(cond, body, st._replace(steps=jnp.int32(0)))
-        return st
+        return jax.lax.while_loop(cond, body, st._replace(steps=jnp.int32(0)))
 
     return decode
 
@@ -223,32 +217,23 @@ class Programs(NamedTuple):
     decode: Callable
 
 
-def layouts(spec, mesh, shape: Shape, rules) -> DecodeState:
-    """Shardings of the engine state: groups/rows over the batch axes when they divide, KV heads over tensor."""
+def layouts(adapter: DecodeModel, mesh, shape: Shape, rules) -> DecodeState:
+    """Shardings of the engine state: rows over the batch axes when they divide; the cache's from its adapter."""
 
     def named(axes, shp):
         return NamedSharding(mesh, shd.activation_spec(axes, shp, mesh, rules))
 
-    kv, heads = spec.num_kv_heads, ("batch", "kv_heads", None, None)
-    cache = []
-    for lp, ls in kv_cache.layer_slots(spec.windows(), shape.prompt_slots, shape.new_slots):
-        pre = named(heads, (shape.groups, kv, lp, spec.head_dim))
-        suf = named(heads, (shape.rows, kv, ls, spec.head_dim))
-        cache.append(kv_cache.LayerKV(pre, pre, suf, suf))
     rows1 = named(("batch",), (shape.rows,))
-    rows2 = named(("batch", None), (shape.rows, 1))
-    groups1 = named(("batch",), (shape.groups,))
-    groups2 = named(("batch", None), (shape.groups, 1))
     return DecodeState(
-        cache=cache, prefix_mask=groups2,
-        prompt_len=groups1, tokens=rows2, last=rows1, gen_len=rows1, keys=rows1, done=rows1, finished_by_eos=rows1,
-        steps=NamedSharding(mesh, P()),
+        cache=adapter.cache_layouts(mesh, shape, rules), tokens=named(("batch", None), (shape.rows, 1)), last=rows1,
+        gen_len=rows1, keys=rows1, done=rows1, finished_by_eos=rows1, steps=NamedSharding(mesh, P()),
     )
 
 
 def run(programs: Programs, state, queue: Queue, shape: Shape, pad_id: int, max_new: int, prefill_cap: int,
         place_inputs: Callable, place_scalar: Callable, place_rows: Callable, scalars: Sampling, *,
-        step_limit: Optional[int] = None, on_chunk: Optional[Callable] = None) -> list[tuple[np.ndarray, str]]:
+        left_pad: bool = True, step_limit: Optional[int] = None, on_chunk: Optional[Callable] = None
+        ) -> list[tuple[np.ndarray, str]]:
     """Drive the engine until every prompt of ``queue`` has ``n`` finished rows; results prompt-major.
 
     ``on_chunk(host, running_rows) -> rows to stop`` (stop strings) is called after every decode call
@@ -278,17 +263,21 @@ def run(programs: Programs, state, queue: Queue, shape: Shape, pad_id: int, max_
                 owner[slot] = -1
         free = [s for s in range(g) if owner[s] < 0]
         while free and queue.waiting():
-            gp = min(prefill_cap, pow2_at_least(min(len(free), queue.waiting())))
+            # The first fill prefills every group (fillers where prompts run out): a call with fewer prompts
+            # than slots then runs the one prefill program its shape already has, not one per prompt count.
+            first_fill = host is None and len(free) == g
+            gp = min(prefill_cap, g if first_fill else pow2_at_least(min(len(free), queue.waiting())))
             taken = queue.take(min(gp, len(free)))
             slots, free = free[: len(taken)], free[len(taken):]
             ids = np.full((gp, shape.prompt_slots), pad_id, np.int32)
             mask = np.zeros((gp, shape.prompt_slots), np.int32)
             for i, p in enumerate(taken):
                 toks = queue.prompt_ids[p]
-                ids[i, shape.prompt_slots - len(toks):] = toks
-                mask[i, shape.prompt_slots - len(toks):] = 1
+                at = slice(shape.prompt_slots - len(toks), None) if left_pad else slice(0, len(toks))
+                ids[i, at] = toks
+                mask[i, at] = 1
                 owner[slots[i]] = p
-            mask[len(taken):, -1] = 1  # fillers: one real token so no attention row is empty
+            mask[len(taken):, -1 if left_pad else 0] = 1  # fillers: one real token so no attention row is empty
             slot_arr = np.full((gp,), g, np.int32)
             slot_arr[: len(taken)] = slots
             row_ids = np.full((gp * n,), -1, np.int32)

@@ -13,7 +13,9 @@ write wraps around; each slot's position is then recovered from the row's length
 reads positions, not slot numbers. Its memory is O(W), not O(prompt + new tokens).
 
 Attention of a decode token reads its group's prefix plus its own filled suffix, as one softmax
-over both (:func:`shared_prefix_attention`). Heads lead the per-row slot axis, so both score
+over both (:func:`shared_prefix_attention`): this module's XLA form everywhere, the reference; on GPU,
+for layers without window or soft cap, two flash-decoding kernels (:mod:`jaxsft.kernels.decode_attention`)
+that read each prompt once per group and each continuation only as far as it is filled. Heads lead the per-row slot axis, so both score
 products are batched matmuls over (group, kv head) with no transpose of the cache.
 """
 
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsft.kernels import decode_attention
 from jaxsft.models.layers import soft_cap
 
 
@@ -102,9 +105,15 @@ def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer: Lay
     index = rows.suffix_index
     sk = _write_rows(layer.suffix_k, k[:, 0].astype(layer.suffix_k.dtype), index % ls)
     sv = _write_rows(layer.suffix_v, v[:, 0].astype(layer.suffix_v.dtype), index % ls)
+    scale = np.float32(1.0 / math.sqrt(d) if scale is None else scale)
+    if decode_attention.kernel_applies(d, sliding_window, softcap):  # GPU: two flash-decoding passes
+        # A global layer's continuation never wraps (ls covers every new token), so slots 0..index are filled.
+        prefix_start = lp - jnp.sum(rows.prefix_mask[:, -lp:], axis=1)
+        out = decode_attention.shared_prefix_attention(q, layer.prefix_k, layer.prefix_v, prefix_start, sk, sv,
+                                                       index + 1, scale)
+        return out, layer._replace(suffix_k=sk, suffix_v=sv)
     cdt = q.dtype
     qg = q.reshape(g, n, kv, h, d)  # query head j reads kv head j // h (HF's repeat_kv order)
-    scale = np.float32(1.0 / math.sqrt(d) if scale is None else scale)
     s_pre = jnp.einsum("gnkhd,gksd->gnkhs", qg, layer.prefix_k.astype(cdt), preferred_element_type=jnp.float32)
     s_suf = jnp.einsum("gnkhd,gnksd->gnkhs", qg, sk.reshape(g, n, kv, ls, d).astype(cdt),
                        preferred_element_type=jnp.float32)

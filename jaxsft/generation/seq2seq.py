@@ -1,230 +1,190 @@
-"""Generation for encoder-decoder models (T5, BART): the encoder once, then a decoder loop over a KV cache.
+"""The encoder-decoder side of the engine: a :class:`~jaxsft.generation.engine.DecodeModel` over ``Seq2SeqLM``.
 
-One ahead-of-time compiled program per bucket runs the whole thing on device:
-the encoder over the (right-padded) prompts, the cross-attention keys and values
-of every decoder layer (computed once), then a ``lax.while_loop`` that feeds one
-decoder token per iteration, appends its self-attention keys/values to a cache
-that grows one slot per token, and samples the next token. Buckets as in
-``jaxsft.generation``: prompt length and new-token budget rounded up to powers of
-two (>= 16), rows to a power of two; temperature, top-p, seed, EOS ids and the
-true token budget are run-time values. Sampling is per row from
-``fold_in(fold_in(key(seed), row), step)``, temperature -> top-k -> top-p as HF;
-temperature 0 is greedy. No dropout is ever applied here.
+Prefill runs a group's (right-padded) prompt through the encoder once, keeps every decoder layer's
+cross-attention K/V once per group (its ``n`` samples read the same), and feeds the decoder start
+token, whose self-attention K/V every row of the group starts from. A decode step writes each
+row's new self-attention K/V at its own position and attends over its filled slots, then over its
+group's cross K/V. T5 (relative position bias) and BART (learned positions) alike.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from jaxsft.infra import sharding as shd
-from jaxsft.generation.common import GenerationResult, check_sampling_arguments
-from jaxsft.generation.engine import pow2_at_least
-from jaxsft.generation.sampling import Mode, sample
-from jaxsft.models.seq2seq import Seq2SeqLM
-
-MIN_BUCKET = 16
-MAX_EOS_IDS = 8
-
-_PROGRAMS: dict[tuple, Any] = {}
-_COMPILES = {"seq2seq": 0}
+from jaxsft.generation.engine import Shape, pow2_at_most
 
 
-def compiled_programs() -> int:
-    """How many encoder-decoder generation programs this process has compiled."""
-    return _COMPILES["seq2seq"]
+class LayerKV(NamedTuple):
+    """One decoder layer's cache."""
+
+    self_k: jax.Array  # [G * n, heads, new_slots, head_dim]: row r's decoder tokens, position p at slot p
+    self_v: jax.Array
+    cross_k: jax.Array  # [G, heads, prompt_slots, head_dim]: the group's encoder output, projected once
+    cross_v: jax.Array
 
 
-def generate(
-    model: Seq2SeqLM,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    num_return_sequences: int = 1,
-    seed: int = 0,
-    return_tokens: bool = False,
-    batch_size: Optional[int] = None,
-    eos_token_ids: Optional[Sequence[int]] = None,
-    skip_special_tokens: bool = True,
-    mesh: Optional[jax.sharding.Mesh] = None,
-    stop: Any = None,
-    chat: bool = False,
-    **unsupported: Any,
-):
-    """Generate targets for ``prompts`` (encoder inputs, tokenized with the tokenizer's special tokens).
+class EncoderCache(NamedTuple):
+    """The encoder-decoder's engine cache."""
 
-    Same arguments and return values as :func:`jaxsft.generate` (which calls this for a
-    ``Seq2SeqLM``); generated tokens start after the decoder start token, which is not returned.
-    """
-
-    if unsupported:
-        raise TypeError(f"generate(): unexpected keyword argument(s) {sorted(unsupported)} for an encoder-decoder model.")
-    if stop is not None or chat:
-        raise ValueError("generate(): stop strings and chat prompts are not supported for encoder-decoder models yet.")
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError("generate(): prompts for an encoder-decoder must be a list of strings.")
-    prompts = list(prompts)
-    if not prompts:
-        return GenerationResult([], [], [], [], num_return_sequences) if return_tokens else []
-    check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, num_return_sequences, batch_size)
-    spec = model.spec
-    if spec.position == "learned" and max_new_tokens > spec.max_position_embeddings:
-        raise ValueError(
-            f"generate(): max_new_tokens ({max_new_tokens}) exceeds the decoder's {spec.max_position_embeddings} "
-            "positions; lower max_new_tokens."
-        )
-    prompt_ids = [list(row) for row in tokenizer(prompts)["input_ids"]]
-    for i, row in enumerate(prompt_ids):
-        if not row:
-            raise ValueError(f"generate(): prompt {i} tokenizes to no tokens; give it some text.")
-        if spec.position == "learned" and len(row) > spec.max_position_embeddings:
-            raise ValueError(
-                f"generate(): prompts[{i}] is {len(row)} tokens, over the encoder's {spec.max_position_embeddings} "
-                "positions; shorten it (or truncate with the tokenizer)."
-            )
-    if spec.position == "relative":
-        longest = max(len(row) for row in prompt_ids)
-        if longest > spec.max_position_embeddings:
-            _warn_once(f"generate(): a {longest}-token prompt runs past the {spec.max_position_embeddings} tokens "
-                       "this encoder was trained on; quality may drop.")
-    if eos_token_ids is not None and any(
-        isinstance(e, bool) or not isinstance(e, (int, np.integer)) or not 0 <= int(e) < spec.vocab_size
-        for e in eos_token_ids
-    ):
-        raise ValueError(f"generate(): eos_token_ids={list(eos_token_ids)!r} must be token ids of this model's "
-                         f"vocabulary (0 .. {spec.vocab_size - 1}).")
-    eos = _eos_ids(spec, tokenizer) if eos_token_ids is None else [int(e) for e in eos_token_ids]
-    if len(eos) > MAX_EOS_IDS:
-        raise ValueError(f"generate(): at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}.")
-    nrs = int(num_return_sequences)
-    greedy = temperature == 0.0
-    mode: tuple = ("greedy",) if greedy else ("sample", None if top_k is None else int(top_k), top_p is not None and top_p < 1.0)
-    scalars = dict(
-        temperature=np.float32(1.0 if greedy else temperature),
-        top_p=np.float32(1.0 if top_p is None else top_p),
-        eos=np.asarray(eos + [-1] * (MAX_EOS_IDS - len(eos)), np.int32),
-        max_new=np.int32(max_new_tokens),
-        seed=np.uint32(seed % (1 << 32)),
-    )
-    new_bucket = pow2_at_least(max_new_tokens, MIN_BUCKET)
-    prompts_per_chunk = max(1, (batch_size or 64) // nrs)
-
-    graphdef, state = nnx.split(model)
-    if mesh is not None:
-        state = shd.place_state(state, mesh)
-    else:
-        mesh = shd.mesh_of(state, shd.make_mesh(devices=jax.devices()[:1]))
-    tokens_out: list[np.ndarray] = []
-    reasons: list[str] = []
-    with jax.set_mesh(mesh):
-        for start in range(0, len(prompt_ids), prompts_per_chunk):
-            chunk = prompt_ids[start : start + prompts_per_chunk]
-            toks, done = _run_chunk(graphdef, state, spec, model.dtype, chunk, start, nrs, new_bucket, mode, scalars)
-            tokens_out += toks
-            reasons += done
-    texts = []
-    for toks, reason in zip(tokens_out, reasons):
-        body = toks[:-1] if reason == "eos" else toks
-        texts.append(tokenizer.decode(body.tolist(), skip_special_tokens=skip_special_tokens))
-    if not return_tokens:
-        return texts
-    return GenerationResult(
-        texts=texts, tokens=tokens_out, prompt_tokens=[np.asarray(prompt_ids[r // nrs]) for r in range(len(texts))],
-        finish_reasons=reasons, num_return_sequences=nrs,
-    )
+    layers: list  # [decoder layers] of LayerKV
+    enc_mask: Any  # [G, Lp] bool: encoder slots holding real tokens
 
 
-def _eos_ids(spec, tokenizer) -> list[int]:
-    ids: list[int] = []
-    for value in (getattr(tokenizer, "eos_token_id", None), spec.eos_token_id):
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is not None and int(v) not in ids:
-                ids.append(int(v))
-    return ids
+def _shapes(spec, shape: Shape) -> tuple[tuple, tuple]:
+    heads, d = spec.num_heads, spec.head_dim
+    return (shape.rows, heads, shape.new_slots, d), (shape.groups, heads, shape.prompt_slots, d)
 
 
-def _run_chunk(graphdef, state, spec, dtype, chunk, first_prompt, nrs, new_bucket, mode, scalars):
-    """Right-pad the chunk's prompts to their bucket, run the program, cut each row at its EOS or budget."""
-
-    longest = max(len(p) for p in chunk)
-    enc_bucket = pow2_at_least(longest, MIN_BUCKET)
-    rows = pow2_at_least(len(chunk) * nrs)
-    ids = np.full((rows, enc_bucket), spec.pad_token_id, np.int32)
-    mask = np.zeros((rows, enc_bucket), np.int32)
-    for i, p in enumerate(chunk):
-        for j in range(nrs):
-            ids[i * nrs + j, : len(p)] = p
-            mask[i * nrs + j, : len(p)] = 1
-    # Filler rows get one token so their softmax is well defined; their outputs are dropped.
-    mask[len(chunk) * nrs :, 0] = 1
-    row_ids = np.arange(rows, dtype=np.int32) + first_prompt * nrs
-    key = (graphdef, _signature(state), spec, str(dtype), rows, enc_bucket, new_bucket, mode)
-    program = _PROGRAMS.get(key)
-    args = (state, ids, mask, row_ids, scalars)
-    if program is None:
-        _COMPILES["seq2seq"] += 1
-        program = jax.jit(_make_program(graphdef, spec, dtype, new_bucket, mode)).lower(*args).compile()
-        _PROGRAMS[key] = program
-    tokens, lengths, finished = jax.device_get(program(*args))
-    out, reasons = [], []
-    for r in range(len(chunk) * nrs):
-        out.append(np.asarray(tokens[r, : int(lengths[r])], np.int64))
-        reasons.append("eos" if finished[r] else "length")
-    return out, reasons
+def _softmax_attend(scores: jax.Array, ok: jax.Array, v: jax.Array, spec: str) -> jax.Array:
+    """softmax over the last axis of fp32 ``scores`` where ``ok``, then the weighted sum of ``v``."""
+    probs = jax.nn.softmax(jnp.where(ok, scores, -jnp.inf), axis=-1)
+    return jnp.einsum(spec, probs.astype(v.dtype), v)
 
 
-_WARNED: set[str] = set()
+class Seq2SeqAdapter:
+    """The engine's view of an encoder-decoder model (spec and compute dtype fixed per adapter)."""
+
+    prompt_padding = "right"  # BART's encoder positions count from the first slot
+    accepts_chat = False  # an encoder reads text, not a chat template's turns
+
+    def __init__(self, spec, dtype):
+        self.spec, self.dtype = spec, jnp.dtype(dtype)
+
+    # ------------------------------------------------------------------ host side
+    def tokens_before_new(self, longest_prompt: int) -> int:
+        """What HF's ``max_length`` counts besides the new tokens: the decoder start token."""
+        return 1
+
+    def check_lengths(self, prompt_ids: list[list[int]], max_new_tokens: int) -> Optional[str]:
+        """Refuse what learned positions cannot hold; a warning (returned) past T5's trained length."""
+        spec = self.spec
+        limit = spec.max_position_embeddings
+        if spec.position == "learned":
+            if max_new_tokens > limit:
+                raise ValueError(f"generate(): max_new_tokens ({max_new_tokens}) exceeds the decoder's {limit} "
+                                 "positions; lower max_new_tokens.")
+            for i, row in enumerate(prompt_ids):
+                if len(row) > limit:
+                    raise ValueError(f"generate(): prompts[{i}] is {len(row)} tokens, over the encoder's {limit} "
+                                     "positions; shorten it (or truncate with the tokenizer).")
+            return None
+        longest = max(len(p) for p in prompt_ids)
+        if longest > limit:
+            return (f"generate(): a {longest}-token prompt runs past the {limit} tokens this encoder was trained on; "
+                    "quality may drop.")
+        return None
+
+    # ------------------------------------------------------------------ inside the programs
+
+    def merge(self, graphdef, state):
+        return nnx.merge(graphdef, state)  # the model casts its layer weights to the compute dtype itself
+
+    def empty_cache(self, shape: Shape) -> EncoderCache:
+        own, cross = _shapes(self.spec, shape)
+        layers = [LayerKV(jnp.zeros(own, self.dtype), jnp.zeros(own, self.dtype), jnp.zeros(cross, self.dtype),
+                          jnp.zeros(cross, self.dtype)) for _ in range(self.spec.num_decoder_layers)]
+        enc_mask = jnp.zeros((shape.groups, shape.prompt_slots), bool).at[:, 0].set(True)  # free groups: never empty
+        return EncoderCache(layers, enc_mask)
+
+    def cache_layouts(self, mesh, shape: Shape, rules) -> EncoderCache:
+        def named(axes, shp):
+            return NamedSharding(mesh, shd.activation_spec(axes, shp, mesh, rules))
+
+        own, cross = _shapes(self.spec, shape)
+        heads = ("batch", "kv_heads", None, None)
+        layer = LayerKV(named(heads, own), named(heads, own), named(heads, cross), named(heads, cross))
+        return EncoderCache([layer] * self.spec.num_decoder_layers, named(("batch", None), (shape.groups, 1)))
+
+    def prefill(self, model, cache: EncoderCache, ids, mask, slots, shape: Shape):
+        spec, n, gp = self.spec, shape.n, ids.shape[0]
+        enc = model.encode(ids, mask)  # once per prompt
+        cross_k, cross_v = model.cross_kv(enc)  # [layers, Gp, Lp, heads, D], once per prompt
+        start = jnp.full((gp, 1), spec.decoder_start_token_id, jnp.int32)
+        started = []
+
+        def self_attention(q, k, v, layer):  # the start token attends to itself only: softmax of one score is 1
+            started.append((k[:, 0], v[:, 0]))
+            return v, layer
+
+        def cross_attention(q, i):
+            k, v = cross_k[i].astype(q.dtype), cross_v[i].astype(q.dtype)
+            return _attention(spec, q, k, v, mask)
+
+        hidden, _ = model.decode_step(start, jnp.zeros((gp, 1), jnp.int32), range(spec.num_decoder_layers),
+                                      self_attention, cross_attention, model.decode_params())
+        rows = (slots[:, None] * n + jnp.arange(n)[None, :]).reshape(-1)
+        rows = jnp.where(jnp.repeat(slots, n) < shape.groups, rows, shape.rows)  # fillers: dropped
+        layers = []
+        for i, (layer, (k0, v0)) in enumerate(zip(cache.layers, started)):
+            def put_rows(buf, x):  # position 0 of every row of the group
+                return buf.at[rows, :, 0].set(jnp.repeat(x, n, axis=0).astype(buf.dtype), mode="drop")
+
+            def put_groups(buf, x):  # [Gp, Lp, heads, D] -> the groups' [heads, Lp, D]
+                return buf.at[slots].set(jnp.swapaxes(x, 1, 2).astype(buf.dtype), mode="drop")
+
+            layers.append(LayerKV(put_rows(layer.self_k, k0), put_rows(layer.self_v, v0),
+                                  put_groups(layer.cross_k, cross_k[i]), put_groups(layer.cross_v, cross_v[i])))
+        cache = EncoderCache(layers, cache.enc_mask.at[slots].set(mask, mode="drop"))
+        return cache, model.logits(hidden)[:, 0]
+
+    def decode_context(self, model, cache: EncoderCache, shape: Shape):
+        return model.decode_params()  # weights split once, outside the loop
+
+    def decode_step(self, model, context, cache: EncoderCache, last, index, shape: Shape):
+        spec, n, ls = self.spec, shape.n, shape.new_slots
+        position = index + 1  # continuation token i sits at decoder position i + 1 (the start token at 0)
+        bias = model.self_attention_bias(position, ls)  # [B, heads, 1, Ls] or None, shared by the layers
+        own_ok = (jnp.arange(ls)[None, :] <= position[:, None])[:, None, None, :]  # [B, 1, 1, Ls]
+        scale = np.float32(spec.head_dim ** -0.5) if spec.scale_attention else None
+
+        def self_attention(q, k, v, layer: LayerKV):
+            at = position % ls  # within the bucket (position < max_new <= Ls); % keeps stale rows in range
+            write = jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], s, axis=1))
+            sk = write(layer.self_k, k[:, 0].astype(layer.self_k.dtype), at)
+            sv = write(layer.self_v, v[:, 0].astype(layer.self_v.dtype), at)
+            scores = jnp.einsum("btnd,bnsd->bnts", q, sk.astype(q.dtype), preferred_element_type=jnp.float32)
+            if scale is not None:
+                scores = scores * scale
+            if bias is not None:
+                scores = scores + bias.astype(jnp.float32)
+            attn = _softmax_attend(scores, own_ok, sv.astype(q.dtype), "bnts,bnsd->btnd")
+            return attn, layer._replace(self_k=sk, self_v=sv)
+
+        def cross_attention(q, layer: LayerKV):
+            b, _, heads, d = q.shape
+            qg = q.reshape(b // n, n, heads, d)
+            scores = jnp.einsum("gjnd,gnsd->gjns", qg, layer.cross_k.astype(q.dtype), preferred_element_type=jnp.float32)
+            if scale is not None:
+                scores = scores * scale
+            ok = cache.enc_mask[:, None, None, :]
+            attn = _softmax_attend(scores, ok, layer.cross_v.astype(q.dtype), "gjns,gnsd->gjnd")
+            return attn.reshape(b, 1, heads, d)
+
+        hidden, layers = model.decode_step(last[:, None], position[:, None], cache.layers, self_attention,
+                                           cross_attention, context)
+        return cache._replace(layers=layers), model.logits(hidden)[:, 0]
+
+    def kv_bytes_per_group(self, n: int, prompt_slots: int, new_slots: int) -> int:
+        """Per decoder layer: the prompt's cross K/V once plus ``n`` rows' own K/V."""
+        spec = self.spec
+        per_slot = 2 * spec.num_heads * spec.head_dim * jnp.dtype(self.dtype).itemsize
+        return per_slot * spec.num_decoder_layers * (prompt_slots + n * new_slots)
+
+    def prefill_group_cap(self, prompt_slots: int, budget: int) -> int:
+        """Prompts per prefill call so that the encoder's scores (fp32 [Gp, heads, Lp, Lp]) stay under ``budget``."""
+        return pow2_at_most(max(1, budget // (self.spec.num_heads * prompt_slots * prompt_slots * 4)))
 
 
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)
-
-
-def _signature(state) -> tuple:
-    return tuple((tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", ""))) for x in jax.tree.leaves(state))
-
-
-def _make_program(graphdef, spec, dtype, new_bucket: int, mode: tuple):
-    def program(state, ids, mask, row_ids, a):
-        model = nnx.merge(graphdef, state)
-        enc = model.encode(ids, mask)  # once
-        cache = model.init_cache(enc, new_bucket, dtype)  # cross-attention K/V: once
-        rows = ids.shape[0]
-        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.PRNGKey(a["seed"]), r))(row_ids)
-
-        def cond(st):
-            return (st["t"] < a["max_new"]) & ~jnp.all(st["done"])
-
-        def body(st):
-            t = st["t"]
-            hidden, new_cache = model.decode_step(st["token"][:, None], st["cache"], t, mask)
-            logits = model.logits(hidden)[:, 0]
-            nxt = sample(logits.astype(jnp.float32), keys, jnp.full((rows,), t, jnp.int32), Mode(*mode),
-                         a["temperature"], a["top_p"])  # the decoder engine's sampling
-            nxt = jnp.where(st["done"], 0, nxt)
-            tokens = st["tokens"].at[:, t].set(nxt)
-            is_eos = jnp.any(nxt[:, None] == a["eos"][None, :], axis=-1) & ~st["done"]
-            lengths = jnp.where(st["done"], st["lengths"], t + 1)
-            return dict(t=t + 1, token=nxt, cache=new_cache, tokens=tokens, lengths=lengths,
-                        done=st["done"] | is_eos, finished=st["finished"] | is_eos)
-
-        st = dict(
-            t=jnp.int32(0), token=jnp.full((rows,), spec.decoder_start_token_id, jnp.int32), cache=cache,
-            tokens=jnp.zeros((rows, new_bucket), jnp.int32), lengths=jnp.zeros((rows,), jnp.int32),
-            done=jnp.zeros((rows,), bool), finished=jnp.zeros((rows,), bool),
-        )
-        st = jax.lax.while_loop(cond, body, st)
-        return st["tokens"], st["lengths"], st["finished"]
-
-    return program
+def _attention(spec, q, k, v, mask) -> jax.Array:
+    """Prefill's cross-attention: q [Gp, 1, N, D] over k/v [Gp, Lp, N, D] where ``mask`` [Gp, Lp]."""
+    scores = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
+    if spec.scale_attention:
+        scores = scores * np.float32(spec.head_dim ** -0.5)
+    return _softmax_attend(scores, mask[:, None, None, :], v, "bnts,bsnd->btnd")

@@ -2,7 +2,7 @@
 
 A checkpoint is a folder ``checkpoint-<global_step>`` holding two orbax items: ``arrays``
 (parameters and optimizer state, written shard by shard from every process, so nothing is
-gathered onto one host) and ``trainer_state`` (JSON: step counters, log history, the shuffling
+gathered onto one host) and ``trainer_state`` (JSON: step counters, the dropout key, log history, the shuffling
 RNG, the model's architecture and one checksum per array). orbax writes it under a temporary
 name and renames it into place once every part is on disk (its atomic commit), so a crash
 mid-save leaves the previous checkpoint as the newest complete one; the temporary folders of
@@ -38,8 +38,11 @@ import numpy as np
 
 from jaxsft.infra import distributed, fingerprint
 
-FORMAT = "jaxsft-trainer-checkpoint/3"  # /3: the host JSON carries its own checksum (HOST_CHECKSUM)
-_OLDER_FORMATS = ("jaxsft-trainer-checkpoint/2",)  # still restored (no host checksum to verify)
+FORMAT = "jaxsft-trainer-checkpoint/4"  # /4: the trainer fields hold the device state's dropout key
+# Still restored: /3 (no dropout key: the trainer derives one and says so when it uses dropout) and /2 (nor a
+# host checksum to verify).
+_OLDER_FORMATS = ("jaxsft-trainer-checkpoint/3", "jaxsft-trainer-checkpoint/2")
+_UNCHECKSUMMED_FORMATS = ("jaxsft-trainer-checkpoint/2",)
 HOST_CHECKSUM = "host_checksum"
 ARRAYS_ITEM = "arrays"
 STATE_ITEM = "trainer_state"
@@ -47,7 +50,8 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 _PREVIOUS = re.compile(r"^checkpoint-(\d+)\.previous$")
 _RESAVE_PREFIX = ".jaxsft-resave-"
 _TMP_MARK = ".orbax-checkpoint-tmp"
-HOST_FIELDS = ("global_step", "rng", "counters", "log_history")
+HOST_FIELDS = ("global_step", "dropout_key", "rng", "counters", "log_history")
+LEGACY_HOST_FIELDS = ("global_step", "rng", "counters", "log_history")  # formats /2 and /3
 SAVE = "save_checkpoint()"
 RESTORE = "restore_checkpoint()"
 
@@ -276,7 +280,8 @@ def read(trainer: Checkpointable, path: str) -> dict[str, Any]:
             f"{bad[0]}); the files were changed or damaged after saving. Restore an older checkpoint."
         )
     _refuse_non_finite(named, what="restore_checkpoint", where=path)
-    return {"params": arrays["params"], "opt_state": arrays["opt_state"], **{k: saved["trainer"][k] for k in HOST_FIELDS}}
+    fields = HOST_FIELDS if saved["format"] == FORMAT else LEGACY_HOST_FIELDS
+    return {"params": arrays["params"], "opt_state": arrays["opt_state"], **{k: saved["trainer"][k] for k in fields}}
 
 
 def _read_and_check_host(trainer: Checkpointable, path: Any) -> tuple[dict[str, Any], Any]:
@@ -397,14 +402,14 @@ def _read_host_json(path: str, state_file: str) -> dict[str, Any]:
         if not isinstance(saved.get(key), kind):
             raise broken(f"field {key!r} missing or not a {kind.__name__}")
     host = saved["trainer"]
-    missing = [k for k in HOST_FIELDS if k not in host]
+    missing = [k for k in (HOST_FIELDS if saved["format"] == FORMAT else LEGACY_HOST_FIELDS) if k not in host]
     if missing:
         raise broken(f"trainer fields {missing} missing")
     for name, entry in saved["arrays"].items():
         if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list) and isinstance(entry.get("dtype"), str)
                 and isinstance(entry.get("checksum"), list)):
             raise broken(f"array entry {name!r} lacks shape, dtype or checksum")
-    if saved["format"] == FORMAT and saved.get(HOST_CHECKSUM) != host_checksum(saved):
+    if saved["format"] not in _UNCHECKSUMMED_FORMATS and saved.get(HOST_CHECKSUM) != host_checksum(saved):
         raise broken(
             "its checksum does not match its contents: the step counters, log history or RNG state were edited or "
             "damaged after saving"

@@ -22,6 +22,8 @@ The model-side knobs (compute dtype, remat, attention kernel, layer loop) are
 turned into the model's :class:`~jaxsft.models.options.RunOptions` in one place,
 :meth:`TrainConfig.run_options` (which takes the model's options and returns a copy:
 this module imports nothing of ``jaxsft.models``, so host-side batching does not load it).
+It imports no JAX at module level either (``run_options`` does, when called): the facade's config
+(``compat.config``) takes its constants from here where only torch and transformers are installed.
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ import math
 import numbers
 import os
 from typing import Any, Mapping, Optional, Sequence
-
-import jax.numpy as jnp
 
 SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -398,6 +398,8 @@ class TrainConfig:
           ``UNROLL_MAX_LAYERS`` layers (faster on one device and on FSDP meshes; benchmarks/RESULTS.md);
         * dropout: ``dropout`` (the HF config's rates, in training steps only).
         """
+        import jax.numpy as jnp  # here, not at the top: the module's constants import without JAX
+
         return dataclasses.replace(
             model,
             dtype=jnp.dtype(jnp.bfloat16) if self.bf16 else model.dtype,

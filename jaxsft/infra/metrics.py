@@ -17,8 +17,6 @@ import socket
 import time
 from typing import Any, Optional, Sequence
 
-from jaxsft.training.callbacks import TrainerCallback
-
 _PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
@@ -48,13 +46,23 @@ def scalar_tags(logs: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-class ScalarWriter(TrainerCallback):
-    """Base of the sinks: turns each log entry into tagged scalars at its step."""
+class ScalarWriter:
+    """Base of the sinks: turns each log entry into tagged scalars at its step.
+
+    A trainer callback by shape (the three hooks of ``jaxsft.training.callbacks.TrainerCallback``, which the
+    trainer checks by name): the infrastructure imports nothing of the training side.
+    """
 
     def on_log(self, trainer: Any, logs: dict[str, Any]) -> None:
         scalars = scalar_tags(logs)
         if scalars:
             self.write(scalars, int(logs.get("step", trainer.state.global_step)))
+
+    def on_step_end(self, trainer: Any, step: int) -> None:
+        """Nothing: the sinks write log entries only."""
+
+    def on_evaluate(self, trainer: Any, metrics: dict[str, Any], step: int) -> None:
+        """Nothing: an evaluation's metrics reach ``on_log`` as its log entry."""
 
     def write(self, scalars: dict[str, float], step: int) -> None:
         raise NotImplementedError

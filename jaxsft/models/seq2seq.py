@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,16 +30,6 @@ from jaxsft.models.seq2seq_spec import Seq2SeqSpec
 from jaxsft.infra.sharding import constrain
 
 _MASKED = float(np.finfo(np.float32).min)
-
-
-class Seq2SeqCache(NamedTuple):
-    """Decoder self-attention keys/values [layers, B, max_len, heads, head_dim] (grow one slot per token)
-    and cross-attention keys/values [layers, B, enc_len, heads, head_dim] (computed once per prompt batch)."""
-
-    k: jax.Array
-    v: jax.Array
-    cross_k: jax.Array
-    cross_v: jax.Array
 
 
 ParamTable = dict[str, tuple[tuple[int, ...], tuple[Optional[str], ...], str]]
@@ -235,34 +225,27 @@ def _encoder_layer(spec: Seq2SeqSpec, h, p, *, bias, mask, key):
     return _sublayer(spec, h, p, "mlp_norm", lambda x: _mlp(spec, x, p, key, 2), key, 3)
 
 
-def _decoder_layer(spec: Seq2SeqSpec, h, p, *, bias, mask, enc, cross_mask, key, self_kv=None, write_index=None,
-                   cross_kv=None):
-    """One decoder block; with ``self_kv`` the new keys/values are written at ``write_index`` first."""
+def _decoder_layer(spec: Seq2SeqSpec, h, p, *, bias, mask, enc, cross_mask, key, self_attend=None, cross_attend=None):
+    """One decoder block. Generation hands its cache's attention in: ``self_attend(q, k, v)`` and
+    ``cross_attend(q)`` return [B, T, N, D] in place of attention over the whole sequence and ``enc``."""
     h = constrain(h, ("batch", None, None))
-    new_kv = None
 
     def self_attn(x):
-        nonlocal new_kv
         q, k, v = (_project(x, p, n, spec.bias) for n in ("q", "k", "v"))
-        if self_kv is not None:
-            k_cache = jax.lax.dynamic_update_slice_in_dim(self_kv[0], k.astype(self_kv[0].dtype), write_index, axis=1)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(self_kv[1], v.astype(self_kv[1].dtype), write_index, axis=1)
-            new_kv = (k_cache, v_cache)
-            k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+        if self_attend is not None:
+            return _output(self_attend(q, k, v), p, "", spec.bias)
         return _output(_attend(spec, q, k, v, bias=bias, mask=mask, key=key, site=0), p, "", spec.bias)
 
     def cross_attn(x):
         q = _project(x, p, "cross_q", spec.bias)
-        if cross_kv is not None:
-            k, v = (c.astype(q.dtype) for c in cross_kv)
-        else:
-            k, v = (_project(enc, p, n, spec.bias) for n in ("cross_k", "cross_v"))
+        if cross_attend is not None:
+            return _output(cross_attend(q), p, "cross_", spec.bias)
+        k, v = (_project(enc, p, n, spec.bias) for n in ("cross_k", "cross_v"))
         return _output(_attend(spec, q, k, v, bias=None, mask=cross_mask, key=key, site=2), p, "cross_", spec.bias)
 
     h = _sublayer(spec, h, p, "attn_norm", self_attn, key, 1)
     h = _sublayer(spec, h, p, "cross_norm", cross_attn, key, 3)
-    h = _sublayer(spec, h, p, "mlp_norm", lambda x: _mlp(spec, x, p, key, 4), key, 5)
-    return h, new_kv
+    return _sublayer(spec, h, p, "mlp_norm", lambda x: _mlp(spec, x, p, key, 4), key, 5)
 
 
 # ---------------------------------------------------------------------------- the module
@@ -394,61 +377,60 @@ class Seq2SeqLM(nnx.Module):
 
         def layer(h, xs):
             p, key = xs
-            out, _ = _decoder_layer(spec, h, p, bias=bias, mask=mask, enc=enc, cross_mask=cross_mask, key=key)
-            return out, None
+            return _decoder_layer(spec, h, p, bias=bias, mask=mask, enc=enc, cross_mask=cross_mask, key=key), None
 
         h = self._scan(layer, h, params, dropout_key, spec.num_decoder_layers)
         return self._decoder_output(h, dropout_key)
 
     # ------------------------------------------------------------------ generation
-    def init_cache(self, enc: jax.Array, max_length: int, dtype: Any = None) -> Seq2SeqCache:
-        """An empty self-attention cache of ``max_length`` slots and the cross-attention K/V of ``enc``, once."""
-        spec = self.spec
-        dtype = dtype or self.dtype
-        b = enc.shape[0]
-        shape = (spec.num_decoder_layers, b, max_length, spec.num_heads, spec.head_dim)
-        params = self._stack_params(self.decoder)
+    # The cache layout and its attention belong to the generation engine (jaxsft.generation.seq2seq),
+    # as the decoder-only model's do: the model hands it each layer's projections.
+    def cross_kv(self, enc: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Every decoder layer's cross-attention keys and values of ``enc`` [B, S, H], once per prompt:
+        [layers, B, S, heads, head_dim] each."""
         enc = enc.astype(self.dtype)
 
         def cross(p):
-            return tuple(_project(enc, p, n, spec.bias).astype(dtype) for n in ("cross_k", "cross_v"))
+            return tuple(_project(enc, p, n, self.spec.bias) for n in ("cross_k", "cross_v"))
 
-        ck, cv = jax.lax.map(cross, params)
-        return Seq2SeqCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), ck, cv)
+        return jax.lax.map(cross, self._stack_params(self.decoder))
 
-    def decode_step(self, decoder_input_ids, cache: Seq2SeqCache, write_index, enc_mask) -> tuple[jax.Array, Seq2SeqCache]:
-        """Run T new decoder tokens at positions ``write_index..``; the self-attention cache grows by T slots."""
-        spec = self.spec
-        ids = jnp.asarray(decoder_input_ids)
-        b, t = ids.shape
-        slots = cache.k.shape[2]
-        query_pos = write_index + jnp.arange(t)
-        mask = (jnp.arange(slots)[None, :] <= query_pos[:, None])[None, None]
-        cross_mask = jnp.asarray(enc_mask).astype(bool)[:, None, None, :]
-        bias = None
-        if spec.position == "relative":
-            table = jnp.asarray(relative_buckets(slots, slots, bidirectional=False, num_buckets=spec.relative_buckets,
-                                                 max_distance=spec.relative_max_distance))
-            buckets = jax.lax.dynamic_slice_in_dim(table, write_index, t, axis=0)
-            bias = jnp.take(self.dec_rel_bias[...], buckets, axis=0).transpose(2, 0, 1)[None].astype(self.dtype)
-        h = self._embed(ids, "dec", query_pos, None)
+    def decode_params(self) -> list[dict[str, jax.Array]]:
+        """The decoder layers' weights in the compute dtype, one dict per layer (split once, outside a loop)."""
         params = self._stack_params(self.decoder)
+        return [{k: v[i] for k, v in params.items()} for i in range(self.spec.num_decoder_layers)]
 
-        def layer(carry, xs):
-            h, k_all, v_all = carry
-            p, ck, cv, i = xs
-            h, (k_layer, v_layer) = _decoder_layer(
-                spec, h, p, bias=bias, mask=mask, enc=None, cross_mask=cross_mask, key=None,
-                self_kv=(k_all[i], v_all[i]), write_index=write_index, cross_kv=(ck, cv),
-            )
-            start = (i, 0, write_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, jax.lax.dynamic_slice_in_dim(k_layer, write_index, t, 1)[None], start)
-            v_all = jax.lax.dynamic_update_slice(v_all, jax.lax.dynamic_slice_in_dim(v_layer, write_index, t, 1)[None], start)
-            return (h, k_all, v_all), None
+    def self_attention_bias(self, query_positions: jax.Array, key_slots: int) -> Optional[jax.Array]:
+        """T5's relative-position bias [B, heads, 1, key_slots] of one query per row (at ``query_positions`` [B])
+        over decoder positions ``0 .. key_slots - 1``; None for a model without one (BART)."""
+        spec = self.spec
+        if spec.position != "relative":
+            return None
+        table = jnp.asarray(relative_buckets(key_slots, key_slots, bidirectional=False,
+                                             num_buckets=spec.relative_buckets, max_distance=spec.relative_max_distance))
+        buckets = jnp.take(table, query_positions, axis=0)  # [B, S]
+        return jnp.take(self.dec_rel_bias[...], buckets, axis=0).transpose(0, 2, 1)[:, :, None].astype(self.dtype)
 
-        ids_l = jnp.arange(spec.num_decoder_layers, dtype=jnp.int32)
-        (h, k, v), _ = jax.lax.scan(layer, (h, cache.k, cache.v), (params, cache.cross_k, cache.cross_v, ids_l))
-        return self._decoder_output(h, None), Seq2SeqCache(k, v, cache.cross_k, cache.cross_v)
+    def decode_step(self, decoder_input_ids, positions, layer_caches, self_attention, cross_attention, layer_params
+                    ) -> tuple[jax.Array, list[Any]]:
+        """One decoder token per row [B, 1] at ``positions`` [B, 1] through every layer (unrolled over the
+        per-layer caches); returns the output states and the new caches.
+
+        ``self_attention(q, k, v, layer_caches[i]) -> (attn, new_cache)`` (the row's new K/V written and
+        attended with its earlier ones) and ``cross_attention(q, layer_caches[i]) -> attn`` are the cache's."""
+        h = self._embed(jnp.asarray(decoder_input_ids), "dec", positions, None)
+        out = []
+        for p, cache in zip(layer_params, layer_caches):
+            new = [cache]
+
+            def self_attend(q, k, v, cache=cache, new=new):
+                attn, new[0] = self_attention(q, k, v, cache)
+                return attn
+
+            h = _decoder_layer(self.spec, h, p, bias=None, mask=None, enc=None, cross_mask=None, key=None,
+                               self_attend=self_attend, cross_attend=lambda q, cache=cache: cross_attention(q, cache))
+            out.append(new[0])
+        return self._decoder_output(h, None), out
 
     # ------------------------------------------------------------------ internals
     def _stack_params(self, stack: LayerStack) -> dict[str, jax.Array]:

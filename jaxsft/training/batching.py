@@ -18,7 +18,8 @@ from jaxsft.infra import chat
 from jaxsft.infra.config import IGNORE_INDEX, TRUNCATION_MODES
 
 # step()'s input keywords (token arrays or texts), the one list the core, the facade and eval datasets use.
-STEP_KEYWORDS = ("input_ids", "attention_mask", "labels", "texts", "texts_labels")
+TOKEN_KEYWORDS = ("input_ids", "attention_mask", "labels")  # step()'s token-array keywords
+STEP_KEYWORDS = (*TOKEN_KEYWORDS, "texts", "texts_labels")
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -267,7 +268,7 @@ def is_empty(value: Any) -> bool:
 
 def refuse_tokens_with_texts(inputs: dict[str, Any], fix: str) -> None:
     """step(texts=...) takes no token arrays: name the ones given, then ``fix``."""
-    given = [n for n in ("input_ids", "attention_mask", "labels") if inputs.get(n) is not None]
+    given = [n for n in TOKEN_KEYWORDS if inputs.get(n) is not None]
     if given:
         raise ValueError(f"step() got texts=... together with {', '.join(given)}; {fix}")
 
@@ -343,7 +344,7 @@ def step_inputs_of_dataset(dataset: Any) -> dict[str, Any]:
     columns = getattr(dataset, "column_names", None)
     if columns is not None and hasattr(dataset, "__getitem__"):  # datasets.Dataset
         if "input_ids" in columns:
-            return {k: dataset[k] for k in ("input_ids", "attention_mask", "labels") if k in columns}
+            return {k: dataset[k] for k in TOKEN_KEYWORDS if k in columns}
         for key in ("text", "texts"):
             if key in columns:
                 return {"texts": dataset[key]}
@@ -360,7 +361,7 @@ def step_inputs_of_dataset(dataset: Any) -> dict[str, Any]:
         if all(isinstance(x, dict) for x in dataset):
             if not all("input_ids" in row for row in dataset):
                 raise ValueError("eval_dataset rows must each have an input_ids entry.")
-            keys = [k for k in ("input_ids", "attention_mask", "labels") if k in dataset[0]]
+            keys = [k for k in TOKEN_KEYWORDS if k in dataset[0]]
             return {k: [row[k] for row in dataset] for k in keys}
         return {"input_ids": list(dataset)}
     raise TypeError(

@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsft.training import batching, fast_path
+from jaxsft.training import agreement, batching, fast_path
 
-from jaxsft.infra import distributed
 from jaxsft.infra.config import IGNORE_INDEX
 from jaxsft.training.loss import causal_lm_loss
 
@@ -82,7 +81,7 @@ class Objective(abc.ABC):
         checked = batching.check_example_weights(weights)
         if batching.is_empty(texts if texts is not None else input_ids):
             # No examples this call (a filter that kept nothing). Multi-process: this process still joins
-            # every collective program with zero-weight filler rows (distributed.agree_on_microbatches).
+            # every collective program with zero-weight filler rows (agreement.agree_on_microbatches).
             batching.check_empty_call(**inputs)
             batching.with_weights([], checked)  # weights given for no examples must be empty too
             return []
@@ -128,7 +127,7 @@ class Objective(abc.ABC):
         ``label_weights``, its filler rows too).
         """
         local = self.plan_local(examples, settings, rng, shuffle=shuffle) if examples else []
-        return distributed.agree_on_microbatches(local, settings.rows, packed=settings.pack, weighted=weighted)
+        return agreement.agree_on_microbatches(local, settings.rows, packed=settings.pack, weighted=weighted)
 
     @abc.abstractmethod
     def plan_local(self, examples, settings: PlanSettings, rng: np.random.Generator, *, shuffle: bool) -> list[Any]:

@@ -2,8 +2,9 @@
 
 :class:`TrainPrograms` owns the ahead-of-time cache (one program per kind and batch shapes, so the count
 is exact and a varying loop never recompiles beyond its buckets), the lowerings, the XLA options and the
-shardings. Update programs take the :class:`~jaxsft.training.train_state.TrainState` whole and give it back,
-donated; evaluation and logits programs read its parameters. The functions compiled are
+shardings. Update programs take the :class:`~jaxsft.training.train_state.TrainState` whole, advance every
+field inside (parameters, optimizer state, step, dropout key, non-finite streak) and give it back, donated;
+evaluation and logits programs read its parameters. The functions compiled are
 :mod:`jaxsft.training.step`'s, around the trainer's objective.
 """
 
@@ -14,7 +15,7 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -26,12 +27,49 @@ from jaxsft.training.train_state import TrainState
 Lowerings = list[tuple[tuple, Callable[[], jax.stages.Lowered]]]
 
 
-def _on_state(update: Callable) -> Callable:
-    """An update ``(params, opt_state, ...) -> (params, opt_state, metrics)`` as ``(state, ...) -> (state, metrics)``."""
+def _with_key(batch: dict, key: jax.Array, index: Any, takes_key: bool) -> dict:
+    return {**batch, "dropout_rng": TrainState.microbatch_key(key, index)} if takes_key else batch
 
-    def run(state: TrainState, *args):
-        params, opt_state, metrics = update(state.params, state.opt_state, *args)
-        return TrainState(params, opt_state), metrics
+
+def fused_on_state(update: Callable, takes_key: bool) -> Callable:
+    """``update(params, opt_state, batch, frozen) -> (params, opt_state, metrics)`` as one pure program on the
+    whole :class:`TrainState`: the micro-batch's dropout key derived from the state's, and every field advanced."""
+
+    def run(state: TrainState, batch: dict, frozen: tuple = ()):
+        batch = _with_key(batch, state.dropout_key, 0, takes_key)
+        params, opt_state, metrics = update(state.params, state.opt_state, batch, frozen)
+        new = state.after_update(params, opt_state, metrics)
+        return new, new.updated_metrics(metrics)
+
+    return run
+
+
+def counted_zeros(zeros: Callable) -> Callable:
+    """The accumulator's zeros with a micro-batch counter (which dropout key the next micro-batch takes)."""
+
+    def run(params):
+        return zeros(params), jnp.zeros((), jnp.int32)
+
+    return run
+
+
+def counted_accumulate(accumulate: Callable, takes_key: bool) -> Callable:
+    """One micro-batch into the sums, with its dropout key (derived from the state's, read, never donated)."""
+
+    def run(params, acc_and_count, batch: dict, frozen: tuple, dropout_key: jax.Array):
+        acc, index = acc_and_count
+        return accumulate(params, acc, _with_key(batch, dropout_key, index, takes_key), frozen), index + 1
+
+    return run
+
+
+def apply_on_state(apply: Callable) -> Callable:
+    """``apply(params, opt_state, acc)`` on the whole :class:`TrainState`, every field advanced."""
+
+    def run(state: TrainState, acc_and_count):
+        params, opt_state, metrics = apply(state.params, state.opt_state, acc_and_count[0])
+        new = state.after_update(params, opt_state, metrics)
+        return new, new.updated_metrics(metrics)
 
     return run
 
@@ -39,8 +77,9 @@ def _on_state(update: Callable) -> Callable:
 class TrainPrograms:
     """Compiles, caches and runs the train / accumulate / apply / eval / logits programs of one trainer.
 
-    ``takes_dropout_key(train)`` says whether a batch carries a ``dropout_rng`` key (drawn from the
-    trainer's RNG in :meth:`device_batch`, so resume is exact).
+    ``takes_dropout_key(train)`` says whether a training batch gets a ``dropout_rng`` key: derived inside the
+    update programs from :attr:`TrainState.dropout_key` and the micro-batch's index (checkpointed with the
+    state, so resume is exact).
     """
 
     def __init__(
@@ -69,28 +108,19 @@ class TrainPrograms:
         return len(self.cache)
 
     # ------------------------------------------------------------------ batches
-    def device_batch(self, mb: Any, *, train: bool = True, rng: Optional[np.random.Generator] = None) -> dict:
-        """The micro-batch on the mesh. A training batch with dropout on (the model's own, or LoRA's) carries
-        one ``dropout_rng`` key drawn from ``rng``; evaluation batches carry none, so evaluation is deterministic."""
-        batch = {name: shd.place_batch(rows, self.mesh) for name, rows in self.objective.batch_fields(mb).items()}
-        if self.takes_dropout_key(train):
-            seed = int(rng.integers(0, 2**31 - 1))
-            batch["dropout_rng"] = jax.device_put(jax.random.PRNGKey(seed), shd.replicated(self.mesh))
-        return batch
+    def device_batch(self, mb: Any) -> dict:
+        """The micro-batch's fields on the mesh (a training batch's dropout key is added inside the program)."""
+        return {name: shd.place_batch(rows, self.mesh) for name, rows in self.objective.batch_fields(mb).items()}
 
-    def abstract_batch(self, mb: Any, *, train: bool = True) -> dict[str, jax.ShapeDtypeStruct]:
-        """What :meth:`device_batch` would place (global shapes, shardings), with no transfer and no RNG draw."""
+    def abstract_batch(self, mb: Any) -> dict[str, jax.ShapeDtypeStruct]:
+        """What :meth:`device_batch` would place (global shapes, shardings), with no transfer."""
         processes = jax.process_count()
-        batch = {
+        return {
             name: jax.ShapeDtypeStruct(
                 (rows.shape[0] * processes, *rows.shape[1:]), rows.dtype, sharding=shd.batch_sharding(self.mesh, rows.ndim)
             )
             for name, rows in self.objective.batch_fields(mb).items()
         }
-        if self.takes_dropout_key(train):
-            key = jax.eval_shape(jax.random.PRNGKey, 0)
-            batch["dropout_rng"] = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=shd.replicated(self.mesh))
-        return batch
 
     # ------------------------------------------------------------------ the cache
     @staticmethod
@@ -119,7 +149,7 @@ class TrainPrograms:
         """The one-micro-batch update (gradients and optimizer step) for ``batch``'s shape; the state donated."""
         fused = step_fns.make_fused_update(self.graphdef, self.tx, self.objective, self.skip_nonfinite)
         return self.lower(
-            _on_state(fused), (state, batch, frozen), donate=(0,),
+            fused_on_state(fused, self.takes_dropout_key(True)), (state, batch, frozen), donate=(0,),
             out_shardings=(self.state_shardings(state), shd.replicated(self.mesh)),
         )
 
@@ -134,28 +164,30 @@ class TrainPrograms:
         if len(update) == 1 and self.gradient_accumulation_steps == 1:
             batch = self.abstract_batch(update[0])
             return [(self.key("fused", batch), lambda: self.lower_fused(state, batch, frozen))]
-        zeros = step_fns.make_zero_accumulator(self.objective)
+        zeros = counted_zeros(step_fns.make_zero_accumulator(self.objective))
+        takes_key = self.takes_dropout_key(True)
 
         def params_sh():
             return jax.tree.map(lambda x: x.sharding, state.params)
 
         def acc():
-            grads, *sums = jax.eval_shape(zeros, state.params)
+            (grads, *sums), count = jax.eval_shape(zeros, state.params)
             grads = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), grads, params_sh())
-            return (grads, *jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), sums))
+            sums = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), sums)
+            return (grads, *sums), jax.ShapeDtypeStruct(count.shape, count.dtype, sharding=rep)
 
         def sums_out():
-            return (params_sh(), rep, rep, rep)
+            return (params_sh(), rep, rep, rep), rep
 
         out = [(self.key("zeros", None), lambda: self.lower(zeros, (state.params,), donate=(), out_shardings=sums_out()))]
         for mb in update:
             batch = self.abstract_batch(mb)
             out.append((self.key("accumulate", batch), lambda batch=batch: self.lower(
-                step_fns.make_accumulate(self.graphdef, self.objective), (state.params, acc(), batch, frozen),
-                donate=(1,), out_shardings=sums_out(),
+                counted_accumulate(step_fns.make_accumulate(self.graphdef, self.objective), takes_key),
+                (state.params, acc(), batch, frozen, state.dropout_key), donate=(1,), out_shardings=sums_out(),
             )))
         out.append((self.key("apply", None), lambda: self.lower(
-            _on_state(step_fns.make_apply(self.tx, self.skip_nonfinite)), (state, acc()),
+            apply_on_state(step_fns.make_apply(self.tx, self.skip_nonfinite)), (state, acc()),
             donate=(0,), out_shardings=(self.state_shardings(state), rep),
         )))
         return out
@@ -182,22 +214,23 @@ class TrainPrograms:
                 self.cache[key] = future.result()
 
     def run_update(
-        self, state: TrainState, update: Sequence[Any], lowerings: Lowerings, frozen: tuple, rng: np.random.Generator
+        self, state: TrainState, update: Sequence[Any], lowerings: Lowerings, frozen: tuple
     ) -> tuple[TrainState, dict[str, jax.Array]]:
-        """Run one update's programs (any still missing compile here); ``state`` is donated, the new one returned."""
+        """Run one update's programs (any still missing compile here); ``state`` is donated, the new one returned
+        (its step, dropout key and counters advanced inside the programs: no host round trip)."""
         programs = [self.cached(key, lambda lower=lower: self.built(lower())) for key, lower in lowerings]
         if len(programs) == 1:  # one micro-batch, no accumulation: gradients and the optimizer step in one program
-            return programs[0](state, self.device_batch(update[0], rng=rng), frozen)
+            return programs[0](state, self.device_batch(update[0]), frozen)
         zeros, *accumulates, apply = programs
         acc = zeros(state.params)
         for mb, accumulate in zip(update, accumulates):
-            acc = accumulate(state.params, acc, self.device_batch(mb, rng=rng), frozen)
+            acc = accumulate(state.params, acc, self.device_batch(mb), frozen, state.dropout_key)
         return apply(state, acc)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, params: Any, mb: Any, frozen: tuple):
         """(loss sum, denominator, aux) of one evaluation micro-batch (no dropout)."""
-        batch = self.device_batch(mb, train=False)
+        batch = self.device_batch(mb)
         program = self.cached(self.key("eval", batch), lambda: self.built(self.lower(
             step_fns.make_eval(self.graphdef, self.objective), (params, batch, frozen), donate=(),
             out_shardings=shd.replicated(self.mesh),

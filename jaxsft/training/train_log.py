@@ -29,12 +29,12 @@ def collect_logs(
     cfg = config
     pending = list(state.loss_since_log)
     last_logged = state.last_logged_step
-    in_a_row = state.nonfinite_in_a_row
+    in_a_row = state.nonfinite_in_a_row  # (no update: unchanged)
     stopped = None
     events: list[tuple[str, Any, Any]] = []
     for step_number, metrics in zip(applied_steps, host_metrics):
         finite = finite_update(metrics)
-        in_a_row = 0 if finite else in_a_row + 1
+        in_a_row = int(metrics["nonfinite_in_a_row"])  # the device state's streak after this update
         if finite or not bool(metrics.get("skipped", False)):
             pending.append(float(metrics["loss"]))  # a skipped update's NaN never enters the logged loss
         if step_number in eval_metrics:  # measured right after this update, reported before its log (as HF)

@@ -19,8 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxsft.training import batching, buffers, objectives
-
+from jaxsft.training import agreement, batching, buffers, objectives
 from jaxsft.infra import compile_options, distributed, fingerprint
 from jaxsft.training.argument_checks import check_built_optimizer, check_trainer_arguments
 from jaxsft.infra import checkpoint as checkpointing
@@ -159,7 +158,7 @@ class IterativeSFTTrainer:
         else:  # LoRA: only the adapters train; the base weights are frozen program inputs, never donated
             self._graphdef, params, *frozen = nnx.split(view, lora_lib.LoraParam, ...)
         params = buffers.exclusive(shd.place_state(params, self.mesh, self.sharding_rules), self)
-        self.train_state = TrainState(params, None)  # the optimizer state follows below
+        self.train_state = TrainState(params, None, None, None, None)  # (buffers.exclusive reads it) completed below
         self._frozen = tuple(shd.place_state(f, self.mesh, self.sharding_rules) for f in frozen)
 
         self._tx, schedule = optimizer_and_schedule(  # clipping included
@@ -171,8 +170,9 @@ class IterativeSFTTrainer:
             opt_shardings = shd.optimizer_state_shardings(jax.eval_shape(self._tx.init, params), params, self.mesh)
             # Kept: reset() rebuilds the initial optimizer state with this same compiled program.
             self._init_opt_state = jax.jit(self._tx.init, out_shardings=opt_shardings)
-            # The device half of the state, one pytree: the update programs take and donate it whole.
-            self.train_state = TrainState(params, self._init_opt_state(params))
+            # The device half of the state, one pytree: the update programs take, advance and donate it whole.
+            opt_state, replicated = self._init_opt_state(params), shd.replicated(self.mesh)
+            self.train_state = TrainState.fresh(params, opt_state, seed=config.seed, sharding=replicated)
         self._initial_params: Optional[HostSnapshot] = None  # taken before the first donation (reset())
         self._rng = np.random.default_rng(config.seed)
         # Multi-process: the same initial weights, optimizer and schedule everywhere, or no training at all.
@@ -313,7 +313,7 @@ class IterativeSFTTrainer:
                 stacklevel=2,
             )
         updates = batching.group_into_updates(microbatches, self.config.gradient_accumulation_steps)
-        totals = distributed.global_label_counts(updates)
+        totals = agreement.global_label_counts(updates)
 
         # 1. run: the updates on device. Whatever happens, the caller's model ends up on live arrays and
         #    global_step counts the updates that ran (the arrays they consumed are donated, so no going back).
@@ -338,16 +338,19 @@ class IterativeSFTTrainer:
                     continue
                 self._keep_initial_params()
                 self.train_state, metrics = self.programs.run_update(
-                    self.train_state, update, update_lowerings, self._frozen, self._rng
+                    self.train_state, update, update_lowerings, self._frozen
                 )
                 per_update_metrics.append(metrics)
-                self.state.global_step += 1
                 self._params_version += 1
-                if self._eval_due(self.state.global_step):
+                step_number = first_step + len(per_update_metrics)  # what the state's step now holds
+                if self._eval_due(step_number):
                     # Now, on this update's weights (a later update of the call would otherwise be measured).
-                    eval_metrics[self.state.global_step] = self.measure_eval(self.eval_dataset)
+                    eval_metrics[step_number] = self.measure_eval(self.eval_dataset)
                 if progress is not None:
                     progress.update(1)
+        except BaseException:  # interrupted: the step mirror counts the updates that ran (no device read here)
+            self.state.global_step = first_step + len(per_update_metrics)
+            raise
         finally:
             if progress is not None:
                 progress.close()
@@ -355,20 +358,20 @@ class IterativeSFTTrainer:
                 # The caller's model object shares the arrays the first update donated: point it at the new
                 # ones, so the model passed in is trained in place (as a torch model would be) and stays usable.
                 nnx.update(self._user_model, self._params)
-        applied_steps = list(range(first_step + 1, self.state.global_step + 1))
+        applied_steps = list(range(first_step + 1, first_step + len(per_update_metrics) + 1))
 
         # 2. collect: every host-side consequence, computed before any of it is stored.
-        host_metrics = jax.device_get(per_update_metrics)  # the call's one host sync
+        host_metrics = jax.device_get(per_update_metrics)  # the call's one host sync (the state's step and streak too)
         elapsed = time.perf_counter() - started
         input_tokens = distributed.global_sum(sum(int(mb.attention_mask.sum()) for mb in microbatches))
         truncated = distributed.global_sum(sum(bool(ex.truncated) for ex in examples or ()))
         label_tokens = int(sum(totals))
-        events, stopped, host = train_log.collect_logs(
-            self.state, self.config, self.learning_rate_at, applied_steps, host_metrics, eval_metrics
-        )
+        events, stopped, host = train_log.collect_logs(self.state, self.config, self.learning_rate_at, applied_steps,
+                                                        host_metrics, eval_metrics)
 
         # 3. apply: counters and logs in one go. 4. notify: callbacks see a complete state; one that raises
         #    cannot leave it half-done.
+        self.state.global_step = int(host_metrics[-1]["global_step"]) if host_metrics else first_step  # the mirror
         self.state.num_input_tokens_seen += input_tokens
         self.state.total_label_tokens += label_tokens
         for name, value in host.items():
@@ -513,33 +516,35 @@ class IterativeSFTTrainer:
             return np.zeros((0,), np.float32), np.zeros((0,), np.int64)
         return batching.concat_padded(predictions), batching.concat_padded(labels)
 
-    def generate(self, prompts: Sequence[Any], *, seed: Optional[int] = None, **kwargs: Any):
+    def generate(self, prompts: Sequence[Any], *, sampling: Any = None, **kwargs: Any):
         """Sample from the current training weights (see :func:`jaxsft.generate` for the arguments).
 
-        ``seed=None`` (the default) advances per call: call *n* samples with a seed derived from
-        ``(TrainConfig.seed, n)``, so every round of a loop draws fresh samples and a rerun with the
-        same config draws the same ones (the call count is saved in checkpoints). An explicit
-        ``seed=`` gives exactly the samples of any other call with that seed, and does not advance
-        the count. (The function ``jaxsft.generate`` is pure: its seed defaults to 0.)
+        ``seed`` (a keyword or ``sampling.seed``) None, the default, advances per call: call *n*
+        samples with a seed derived from ``(TrainConfig.seed, n)``, so every round of a loop draws
+        fresh samples and a rerun with the same config draws the same ones (the call count is saved
+        in checkpoints). An explicit seed gives exactly the samples of any other call with that
+        seed, and does not advance the count. (The function ``jaxsft.generate`` is pure: its seed
+        defaults to 0.)
 
         The trainer keeps one :class:`jaxsft.generation.Sampler` on its mesh and sharding rules,
         so generate/train loops compile the generation programs once.
         """
-        from jaxsft.generation import Sampler, generate
+        from jaxsft.generation import Sampler, SamplingParams, generate
 
         if self.tokenizer is None:
             raise ValueError("generate(): the trainer has no tokenizer; pass tokenizer= at construction.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise TypeError(f"generate(): seed={seed!r} must be an integer, or None to advance per call.")
-        chosen = self.next_generation_seed() if seed is None else int(seed)
-        if not isinstance(self._user_model, CausalLM) or "mesh" in kwargs or "sharding_rules" in kwargs:  # no own sampler
-            out = generate(self.model, self.tokenizer, prompts, seed=chosen, **kwargs)
+        fields = {f.name for f in dataclasses.fields(SamplingParams)}
+        params = SamplingParams.of(sampling, {k: kwargs.pop(k) for k in list(kwargs) if k in fields})
+        advancing = params.seed is None
+        params = dataclasses.replace(params, seed=self.next_generation_seed() if advancing else params.seed)
+        if "mesh" in kwargs or "sharding_rules" in kwargs:  # another layout: not the trainer's own sampler
+            out = generate(self.model, self.tokenizer, prompts, sampling=params, **kwargs)
         else:
             if self._sampler is None:
                 self._sampler = Sampler(self.model, self.tokenizer, sharding_rules=self.sharding_rules)
             self._sampler.tokenizer = self.tokenizer
-            out = self._sampler.generate(prompts, model=self.model, seed=chosen, **kwargs)
-        if seed is None:
+            out = self._sampler.generate(prompts, sampling=params, model=self.model, **kwargs)
+        if advancing:
             self.state.generate_calls += 1  # only once the call succeeded: a rejected call changes nothing
         return out
 
@@ -571,19 +576,10 @@ class IterativeSFTTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything ``step()`` depends on, as one pytree (the one thing checkpoints read and write).
 
-        ``params`` (a pure dict of the trained arrays: of a LoRA model, its adapters only; the frozen
-        base is not trainer state and comes from its own folder), ``opt_state``, ``global_step``, ``rng`` (the shuffling
-        generator's state), ``counters`` and ``log_history``. The arrays are the trainer's own (no copy):
-        the next ``step()`` donates them, so copy what you want to keep past it.
+        ``params`` (pure dict; a LoRA model's adapters only), ``opt_state``, ``global_step``, ``dropout_key``, device
+        ``counters`` from the TrainState; ``rng``, ``log_history``, host counters. The next ``step()`` donates the arrays.
         """
-        return {
-            "params": nnx.to_pure_dict(self._params),
-            "opt_state": self._opt_state,
-            "global_step": self.state.global_step,
-            "rng": self._rng.bit_generator.state,
-            "counters": {name: train_state.plain(getattr(self.state, name)) for name in COUNTER_FIELDS},
-            "log_history": [dict(entry) for entry in self.state.log_history],
-        }
+        return train_state.state_dict_of(self.train_state, self.state, self._rng)
 
     def load_state_dict(self, state: dict[str, Any], *, copy: bool = True) -> None:
         """Replace the whole state with ``state`` (from :meth:`state_dict` or ``jaxsft.infra.checkpoint.read``).
@@ -591,13 +587,15 @@ class IterativeSFTTrainer:
         Everything is checked first (keys, tree structure, shapes, dtypes, host fields); on any mismatch
         a ``ValueError`` names it and nothing changes. Arrays are placed onto this trainer's mesh (any
         source mesh works); ``copy=False`` lets the trainer take ownership of arrays already placed there.
+        The previous layout (no ``dropout_key``: format-3 checkpoints) loads too, its dropout stream restarted.
         """
-        pure_params, opt_state, rng, host = train_state.checked_state(state, self.state_dict(), copy=copy)
+        new_state, rng, host = train_state.checked_state(
+            state, self.state_dict(), self._params, copy=copy, seed=self.config.seed,
+            uses_dropout=self._takes_dropout_key(True), replicated=shd.replicated(self.mesh),
+        )
         self._keep_initial_params()
         # Nothing above changed the trainer; from here on it is assignment only.
-        params = jax.tree.map(lambda x: x, self._params)
-        nnx.replace_by_pure_dict(params, pure_params)
-        self.train_state, self._rng = TrainState(params, opt_state), rng
+        self.train_state, self._rng = new_state, rng
         self.state.global_step = host["global_step"]
         self.state.log_history[:] = host["log_history"]  # in place: whoever holds the list (the facade) sees it
         for name in COUNTER_FIELDS:
@@ -615,10 +613,11 @@ class IterativeSFTTrainer:
         afresh each round. Nothing recompiles. The starting weights are copied to the host (this process's
         shards) once, just before the first update or ``load_state_dict`` replaces them. Call it on every process.
         """
-        if self._initial_params is not None:
+        if self._initial_params is not None:  # (else nothing replaced the device state since construction)
             params = self._initial_params.restore()
             with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):  # as at construction: a cache hit
-                self.train_state = TrainState(params, self._init_opt_state(params))
+                opt_state = self._init_opt_state(params)
+            self.train_state = TrainState.fresh(params, opt_state, seed=self.config.seed, sharding=shd.replicated(self.mesh))
             self._params_version += 1
             nnx.update(self._user_model, self._params)
         self._rng = np.random.default_rng(self.config.seed)

@@ -1,0 +1,114 @@
+"""The decode-attention kernels (jaxsft.kernels.decode_attention) against the engine's XLA form, in Pallas interpret
+mode on CPU: values (ragged prompts, continuations filled to different lengths), continuations read only as far as
+they are filled,
+and the rule that picks them (compiled on a GPU in tests/test_gpu_tier.py)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsft.generation import kv_cache
+from jaxsft.kernels import decode_attention as kernel
+
+
+def _case(groups, n, kv, h, d, lp, ls, dtype, seed=0):
+    """Random caches with ragged prompts (left-padded) and continuations filled to different lengths."""
+    rng = np.random.default_rng(seed)
+    b = groups * n
+    f = lambda *s: jnp.asarray(rng.normal(size=s), dtype)  # noqa: E731
+    real = rng.integers(1, lp + 1, size=groups)
+    real[0] = lp  # one prompt fills its bucket
+    prefix_mask = jnp.asarray(np.arange(lp)[None, :] >= (lp - real)[:, None])
+    index = jnp.asarray(rng.integers(0, ls, size=b), jnp.int32)  # this token's continuation index
+    layer = kv_cache.LayerKV(f(groups, kv, lp, d), f(groups, kv, lp, d), f(b, kv, ls, d), f(b, kv, ls, d))
+    query_pos = jnp.repeat(jnp.asarray(real, jnp.int32), n) + index
+    rows = kv_cache.RowView(suffix_index=index, prefix_mask=prefix_mask, query_pos=query_pos,
+                            prefix_pos=jnp.zeros((groups, lp), jnp.int32))
+    return f(b, 1, kv * h, d), f(b, 1, kv, d), f(b, 1, kv, d), layer, rows
+
+
+@pytest.mark.parametrize("n, h", [(1, 7), (4, 2), (3, 4)])
+def test_kernel_equals_the_xla_form(monkeypatch, n, h):
+    """Groups of n samples over 2 KV heads with h query heads each: the two kernel passes merged equal the XLA
+    softmax over prompt + own continuation (the cache write is shared, so the new K/V is read by both). fp32 here
+    (XLA:CPU has no bf16 x bf16 -> f32 dot); bf16 is compared compiled in the GPU tier."""
+    q, k, v, layer, rows = _case(groups=3, n=n, kv=2, h=h, d=16, lp=32, ls=64, dtype=jnp.float32)
+    monkeypatch.setenv(kernel.ENV, "xla")
+    ref, ref_layer = kv_cache.shared_prefix_attention(q, k, v, layer, rows, None, scale=0.3)
+    monkeypatch.setenv(kernel.ENV, "pallas")
+    out, out_layer = kv_cache.shared_prefix_attention(q, k, v, layer, rows, None, scale=0.3)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(out_layer.suffix_k), np.asarray(ref_layer.suffix_k))
+
+
+def test_continuation_blocks_past_the_filled_length_are_never_read(monkeypatch):
+    """NaN in every continuation slot from the second 64-slot block on, rows filled to under 64 slots: the kernel
+    pass stops at the filled block, so its output equals the clean reference; the XLA form, which reads every
+    slot (masked, but 0 * NaN is NaN), turns NaN: the test tells the two reading patterns apart."""
+    q, k, v, layer, rows = _case(groups=2, n=2, kv=2, h=2, d=16, lp=32, ls=256, dtype=jnp.float32, seed=1)
+    rows = rows._replace(suffix_index=rows.suffix_index % 60)
+    monkeypatch.setenv(kernel.ENV, "xla")
+    ref, _ = kv_cache.shared_prefix_attention(q, k, v, layer, rows, None)
+    late = np.arange(256)[None, None, :, None] >= 64
+    poisoned = layer._replace(suffix_k=jnp.where(late, jnp.nan, layer.suffix_k),
+                              suffix_v=jnp.where(late, jnp.nan, layer.suffix_v))
+    assert np.isnan(np.asarray(kv_cache.shared_prefix_attention(q, k, v, poisoned, rows, None)[0])).any()
+    monkeypatch.setenv(kernel.ENV, "pallas")
+    out, _ = kv_cache.shared_prefix_attention(q, k, v, poisoned, rows, None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+
+
+def test_the_rule_picks_the_kernel_on_gpu_for_plain_layers_only(monkeypatch):
+    assert kernel.kernel_applies(64, None, None, backend="gpu", choice="auto")
+    assert not kernel.kernel_applies(64, None, None, backend="cpu", choice="auto")
+    assert not kernel.kernel_applies(64, None, None, backend="tpu", choice="auto")
+    assert not kernel.kernel_applies(64, 4096, None, backend="gpu", choice="auto")  # sliding window: XLA
+    assert not kernel.kernel_applies(256, None, 50.0, backend="gpu", choice="auto")  # soft cap: XLA
+    assert not kernel.kernel_applies(80, None, None, backend="gpu", choice="auto")  # not a power of two
+    assert not kernel.kernel_applies(64, None, None, backend="gpu", choice="xla")
+    monkeypatch.setenv(kernel.ENV, "fast")
+    with pytest.raises(ValueError, match="JAXSFT_DECODE_ATTENTION='fast'"):
+        kernel.implementation()
+
+
+def test_kernels_lower_to_triton_for_a_gpu_on_any_host(monkeypatch):
+    """Lowering for CUDA runs the Pallas Triton lowering of both passes without a GPU (block shapes, masks)."""
+    monkeypatch.setenv(kernel.ENV, "pallas")
+    q, k, v, layer, rows = _case(groups=2, n=4, kv=2, h=7, d=64, lp=128, ls=256, dtype=jnp.bfloat16)
+
+    def attend(q, k, v, layer, rows):
+        return kernel.shared_prefix_attention(q, layer.prefix_k, layer.prefix_v, jnp.zeros(2, jnp.int32),
+                                              layer.suffix_k, layer.suffix_v, rows.suffix_index + 1, 0.125,
+                                              interpret=False)
+
+    lowered = jax.jit(attend).trace(q, k, v, layer, rows).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("xla.gpu.triton") == 2  # the prompt pass and the continuation pass
+
+
+@pytest.mark.slow
+def test_engine_with_the_kernels_greedy_equals_transformers(monkeypatch):
+    """The whole engine with both kernel passes (interpret mode): 5 prompts through 2 slot groups of 2 samples each,
+    rows ending at different EOS positions; every row equals HF's greedy."""
+    import tiny
+    from test_generate import PROMPTS, hf_greedy, models
+
+    from jaxsft.generation import Sampler, causal
+
+    monkeypatch.setenv(kernel.ENV, "pallas")
+    tok = tiny.load_tokenizer(tiny.tokenizer_dir(str(__import__("tempfile").mkdtemp())))
+    torch_model, model = models("llama")
+    budget = 2 * causal.kv_bytes_per_group(model.spec, model.dtype, 2, 64, 16)
+    sampler = Sampler(model, tok, kv_cache_bytes=budget)
+    free = sampler.generate(PROMPTS, max_new_tokens=10, return_tokens=True, eos_token_ids=[])
+    extra = [int(free.tokens[0][2]), int(free.tokens[3][5])]
+    ours = sampler.generate(PROMPTS, max_new_tokens=10, return_tokens=True, eos_token_ids=[1] + extra,
+                            num_return_sequences=2)
+    want = hf_greedy(torch_model, tok, PROMPTS, 10, eos_token_id=[1] + extra)
+    for r, row in enumerate(ours.tokens):  # row 2i + j is sample j of prompt i; at T=0 both equal HF's row i
+        ref = want[r // 2]
+        np.testing.assert_array_equal(row, ref[: len(row)], err_msg=f"row {r}")
+        assert (ref[len(row):] == tok.pad_token_id).all(), f"row {r}: HF continued past our end"
+    assert len({len(t) for t in ours.tokens}) >= 2  # rows ended at different EOS positions
