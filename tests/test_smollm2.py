@@ -142,18 +142,20 @@ def test_smollm2_save_reloads_in_transformers_and_jaxsft(smollm2, converted, tmp
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_smollm2_greedy_matches_transformers(smollm2, optimized_xla):
-    """10 chat prompts x 32 greedy tokens on the default mesh, against transformers' generate on the same model.
+def test_smollm2_greedy_matches_transformers(smollm2, converted, optimized_xla):
+    """10 chat prompts x 32 greedy tokens on one device, against transformers' generate on the same model.
 
     It takes the module's GGUF-loaded tokenizer and model (a second GGUF read would cost ~25 s of
-    transformers' Python); the tokenizer is left as it was (left padding is asked for per call)."""
-    import jaxsft
+    transformers' Python) and their conversion; the tokenizer is left as it was (left padding is asked for
+    per call). One device, not the suite's 8 simulated ones: the real model on 8 devices that share 2 cores
+    ran 3x longer, and that generation on a mesh equals one device is tests/test_generate.py's and
+    tests/test_engine.py's to show, on the tiny models."""
     from jaxsft.generation import generate
 
     from test_generate import assert_same_as_hf
 
     tok, torch_model, _ = smollm2
-    model = jaxsft.from_pretrained(torch_model)
+    model, _ = converted
     questions = [
         "What is the capital of France?", "Name three colors.", "What is 12 + 35?", "Write a haiku about the sea.",
         "Who wrote Hamlet?", "Give me a synonym for happy.", "How many legs does a spider have?",
