@@ -75,10 +75,12 @@ def explain(dump: str, kernel: str, width: int = 220) -> list[str]:
     """What a kernel computes, from the optimised HLO XLA dumped: the fusion's call line and its root (shapes and op),
     searched in the largest after-optimisations module that defines it (the decode program)."""
     fusion = kernel.split("(")[0].strip()
+    # Kernel names spell the HLO instruction's "." as "_" (gemm_fusion_dot.290 runs as gemm_fusion_dot_290).
+    pattern = re.sub(r"_(\d+)$", r"[._]\1", re.escape(fusion))
     files = sorted(glob.glob(os.path.join(dump, "*after_optimizations.txt")), key=os.path.getsize, reverse=True)
     for path in files:
         text = Path(path).read_text()
-        call = re.search(rf"^\s*(ROOT )?%?{re.escape(fusion)} = .*$", text, re.M)
+        call = re.search(rf"^\s*(ROOT )?%?{pattern} = .*$", text, re.M)
         if not call:
             continue
         out = [call.group(0).strip()[:width]]
