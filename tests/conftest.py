@@ -65,6 +65,24 @@ def optimized_xla():
     jax.config.update("jax_disable_most_optimizations", old)
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> str:
+    """jaxsft.testing.tiny_model's folder, built once per run and shared (read-only) by the in-process tests
+    that run a loop on it: building it teaches the model 150 updates (~8 s of one core), and its build is
+    deterministic. Under pytest-xdist the workers share one folder in the run's temporary root (a file lock
+    makes the first builder the only one; tiny_model returns a finished folder as it is)."""
+    import fcntl
+
+    from jaxsft.testing import tiny_model
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by this run's workers
+    with open(root / "tiny-chat-model.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return tiny_model(root / "tiny-chat-model")
+
+
 # ---------------------------------------------------------------------------- parallel runs (pytest -n 2)
 # The README's test command runs the suite on two pytest-xdist workers. Both share the compile cache
 # above: a program one worker compiled is a load for the other. jax writes an entry with one plain

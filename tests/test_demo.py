@@ -11,12 +11,10 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tiny_chat_model):
     """jaxsft.testing's tiny chat model (a Hugging Face folder, what --model takes): it ends its replies with
     EOS, so samples finish (a reply cut by the token budget never counts, whatever the verifier)."""
-    from jaxsft.testing import tiny_model
-
-    return tiny_model(tmp_path_factory.mktemp("demo-model") / "hf")
+    return tiny_chat_model
 
 
 @pytest.mark.slow

@@ -112,11 +112,11 @@ def test_trl_switch_example_command_tiny(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_rft_command_runs_on_the_tiny_model(tmp_path, monkeypatch):
+def test_the_rft_command_runs_on_the_tiny_model(tmp_path, monkeypatch, tiny_chat_model):
     """The README's rft command, with the tiny model for --model, its data files written as the README
     describes them, and one round."""
     from jaxsft import __main__ as cli
-    from jaxsft.testing import addition_problems, tiny_model
+    from jaxsft.testing import addition_problems
 
     block = re.search(r"^```sh\n(.*?)^```$", README.read_text(), re.S | re.M).group(1)
     argv = shlex.split(block.replace("\\\n", " "))
@@ -127,7 +127,7 @@ def test_the_rft_command_runs_on_the_tiny_model(tmp_path, monkeypatch):
         assert name in args
         Path(name).write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}], "answer": a}) + "\n"
                                       for q, a in addition_problems(8, seed)))
-    args[args.index("--model") + 1] = tiny_model(tmp_path / "tiny")
+    args[args.index("--model") + 1] = tiny_chat_model  # jaxsft.testing.tiny_model's folder
     args[args.index("--rounds") + 1] = "1"
     assert cli.main(["rft", *args, "--max-new-tokens", "8", "--quiet"]) == 0
     out = tmp_path / args[args.index("--output-dir") + 1]

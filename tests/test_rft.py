@@ -183,11 +183,9 @@ def test_backend_notice_hints_at_an_idle_gpu():
 
 # ---------------------------------------------------------------------------- end to end on the tiny model
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from jaxsft.testing import tiny_model
-
+def tiny(tmp_path_factory, tiny_chat_model):
     root = tmp_path_factory.mktemp("rft")
-    return tiny_model(root / "tiny"), *addition_files(root)
+    return tiny_chat_model, *addition_files(root)
 
 
 def rft_config(tiny, out, **kw):
