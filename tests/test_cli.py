@@ -7,7 +7,7 @@ import re
 import pytest
 
 from jaxsft import __main__ as cli
-from jaxsft.app import demo
+from jaxsft.rft import demo
 from jaxsft.rft import loop
 
 
@@ -51,7 +51,7 @@ def test_unknown_task_is_refused_by_the_parser(no_loading, capsys):
 
 
 def test_help_describes_tasks_and_shows_each_default_once(capsys):
-    from jaxsft.app.tasks import TASKS
+    from jaxsft.rft.tasks import TASKS
 
     with pytest.raises(SystemExit):
         cli.main(["demo", "--help"])
@@ -97,4 +97,4 @@ def test_export_help_names_the_python_helpers(capsys):
     with pytest.raises(SystemExit):
         cli.main(["export", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "jaxsft.app.bundled.export(dir)" in out and "jaxsft.app.bundled.torch_model()" in out
+    assert "jaxsft.rft.bundled.export(dir)" in out and "jaxsft.rft.bundled.torch_model()" in out

@@ -19,8 +19,8 @@ def model_dir(tiny_chat_model):
 
 @pytest.mark.slow
 def test_demo_end_to_end(model_dir, tmp_path, capsys):
-    from jaxsft.app import tasks
-    from jaxsft.app.demo import DemoConfig, run
+    from jaxsft.rft import tasks
+    from jaxsft.rft.demo import DemoConfig, run
 
     class Lenient(tasks.Task):
         """Accept every non-empty reply, so that every round keeps samples and trains."""
@@ -68,17 +68,17 @@ def test_demo_end_to_end(model_dir, tmp_path, capsys):
 
 def test_cli_parses_demo_as_default(monkeypatch, tmp_path):
     import jaxsft.__main__ as cli
-    import jaxsft.app.demo
+    import jaxsft.rft.demo
 
     seen = []
-    monkeypatch.setattr(jaxsft.app.demo, "run", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(jaxsft.rft.demo, "run", lambda cfg: seen.append(cfg))
     folder = tmp_path / "some-folder"  # --model must name a model folder (checked before loading; tests/test_cli.py)
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     assert cli.main([]) == 0
     assert cli.main(["--rounds", "2", "--task", "sub", "--seed", "3"]) == 0
     assert cli.main(["demo", "--output-dir", "x", "--model", str(folder), "--no-replay"]) == 0
-    assert seen[0] == jaxsft.app.demo.DemoConfig()
+    assert seen[0] == jaxsft.rft.demo.DemoConfig()
     assert (seen[1].rounds, seen[1].task, seen[1].seed) == (2, "sub", 3)
     assert (seen[2].output_dir, seen[2].model, seen[2].replay) == ("x", str(folder), False)
     assert cli.main(["--resume", "--output-dir", str(tmp_path / "nothing-yet")]) == 0 and seen[3].resume

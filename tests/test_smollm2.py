@@ -54,7 +54,7 @@ def smollm2():
     from transformers import AutoTokenizer
 
     from gguf_reference import load_gguf_causal_lm
-    from jaxsft.app import bundled
+    from jaxsft.rft import bundled
 
     folder = _package_dir()
     assert bundled.GGUF == GGUF
@@ -94,8 +94,8 @@ def test_smollm2_logits_match_transformers(smollm2, converted):
 
 
 def test_torch_free_gguf_reader_equals_transformers(smollm2, converted):
-    """jaxsft.app.bundled.load (gguf + numpy, no torch): the same weights bit for bit, the same logits, the same tokenizer."""
-    from jaxsft.app import bundled
+    """jaxsft.rft.bundled.load (gguf + numpy, no torch): the same weights bit for bit, the same logits, the same tokenizer."""
+    from jaxsft.rft import bundled
 
     tokenizer, torch_model, ids = smollm2
     reference, _ = converted
@@ -112,7 +112,7 @@ def test_torch_free_gguf_reader_equals_transformers(smollm2, converted):
             == tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
     for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
         assert getattr(ours, name) == getattr(tokenizer, name), name
-    # the torch model jaxsft.app.bundled hands out holds the reference's weights
+    # the torch model jaxsft.rft.bundled hands out holds the reference's weights
     theirs = bundled.torch_model().state_dict()
     assert all(torch.equal(theirs[k], v) for k, v in torch_model.state_dict().items())
 
@@ -196,6 +196,6 @@ def test_export_is_a_folder_transformers_loads_with_the_gguf_weights(smollm2, tm
     with torch.no_grad():
         np.testing.assert_array_equal(exported(ids).logits.numpy(), reference(ids).logits.numpy())
     assert exported.generation_config.eos_token_id == tokenizer.eos_token_id
-    from jaxsft.app import bundled
+    from jaxsft.rft import bundled
 
     bundled.torch_model().save_pretrained(str(tmp_path / "torch-save"))  # a plain torch model (GGUF-loaded refuses)

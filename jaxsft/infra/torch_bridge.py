@@ -3,7 +3,7 @@
 The JAX core never needs torch: it reads and writes safetensors with ``safetensors``
 and numpy alone. This module is the only place in ``jaxsft`` that imports torch,
 and only when a caller hands over a torch object (``from_pretrained(torch_model)``)
-or asks for a torch model (``jaxsft.app.bundled.torch_model``). GGUF files are read without it
+or asks for a torch model (``jaxsft.rft.bundled.torch_model``). GGUF files are read without it
 (:mod:`jaxsft.models.gguf_io`).
 Installing torch is the ``compat`` extra's business (``pip install jaxsft[compat]``).
 """

@@ -371,7 +371,7 @@ def load_model(model: Optional[str], *, dtype: Any = None) -> tuple[Any, Any]:
     import jaxsft
 
     if model is None:
-        from jaxsft.app import bundled
+        from jaxsft.rft import bundled
 
         return bundled.load(dtype=dtype)
     from transformers import AutoTokenizer

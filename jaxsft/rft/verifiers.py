@@ -13,7 +13,7 @@ import re
 import sys
 from typing import Callable
 
-from jaxsft.app.tasks import check
+from jaxsft.rft.tasks import check
 
 Verifier = Callable[[str, str], float]
 BUILT_IN = ("exact", "last-number", "contains", "regex:PATTERN", "module:function")

@@ -1,6 +1,6 @@
 """The main demo: ``python -m jaxsft rft`` on a bundled task with a programmatic verifier and the bundled model.
 
-The task (:mod:`jaxsft.app.tasks`) makes the prompts and answers: ``rounds × train_prompts`` training
+The task (:mod:`jaxsft.rft.tasks`) makes the prompts and answers: ``rounds × train_prompts`` training
 problems, of which each round samples the next ``train_prompts``, and ``eval_prompts`` held-out ones.
 The rft loop (:mod:`jaxsft.rft.loop`) then samples ``samples_per_prompt`` answers per problem,
 keeps those the task's verifier accepts, trains on them with ``IterativeSFTTrainer.step(texts=...,
@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from jaxsft.app import tasks as task_lib
+from jaxsft.rft import tasks as task_lib
 from jaxsft.rft import loop
 from jaxsft.rft.data import Example
 
