@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -308,6 +309,7 @@ def test_an_interrupt_swallowed_by_python_still_stops_the_run():
     """Python prints and drops a KeyboardInterrupt raised inside a garbage-collection callback (JAX registers
     one); the run's SIGINT handler remembers the request and stops at the next phase boundary instead."""
     stop = loop.StopRequest()
+    before = sys.unraisablehook
     with stop.installed():
         try:
             os.kill(os.getpid(), signal.SIGINT)
@@ -316,4 +318,16 @@ def test_an_interrupt_swallowed_by_python_still_stops_the_run():
             pass  # as if swallowed elsewhere
         with pytest.raises(KeyboardInterrupt):
             stop.check()
+        # What Python does with an exception raised in a weakref or GC callback: the unraisable hook, which would
+        # print a traceback; the remembered interrupt is not printed, anything else still is.
+        seen = []
+        outer, sys.unraisablehook = sys.unraisablehook, seen.append
+        try:
+            with stop.installed():
+                sys.unraisablehook(types.SimpleNamespace(exc_value=KeyboardInterrupt()))
+                sys.unraisablehook(types.SimpleNamespace(exc_value=ValueError("other")))
+        finally:
+            sys.unraisablehook = outer
+        assert [type(u.exc_value) for u in seen] == [ValueError]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler is back
+    assert sys.unraisablehook is before  # and the previous unraisable hook

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -130,10 +131,20 @@ class StopRequest:
             yield  # signals reach the main thread only
             return
         previous = signal.signal(signal.SIGINT, self.handler)
+        previous_hook = sys.unraisablehook
+
+        def quiet_when_remembered(unraisable: Any) -> None:
+            # Python would print the swallowed interrupt's traceback; check() raises it again, so say nothing here
+            # (Ctrl-C's promise is one line).
+            if not (self.requested and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+                previous_hook(unraisable)
+
+        sys.unraisablehook = quiet_when_remembered
         try:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+            sys.unraisablehook = previous_hook
 
 
 def prompt_text(tokenizer: Any, prompt: Any) -> str:
