@@ -82,20 +82,24 @@ def make_ragged(torch_model, scale: float) -> None:
         torch_model.get_input_embeddings().weight[EOS_ID].mul_(scale)
 
 
+def _median_seconds(f, x, repeats: int = 5) -> float:
+    """Median wall time of ``f(x)`` on the device after one warm-up call (compile excluded)."""
+    f(x).block_until_ready()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[repeats // 2]
+
+
 def measured_bandwidth() -> float:
     """HBM bytes/s measured with jax on this device: a 2 GiB bf16 array read and written once (x * 2), median of 5."""
     import jax
     import jax.numpy as jnp
 
     x = jax.random.normal(jax.random.key(0), (1 << 30,), jnp.bfloat16)
-    f = jax.jit(lambda y: y * 2)
-    f(x).block_until_ready()
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    return 2 * x.nbytes / sorted(ts)[2]
+    return 2 * x.nbytes / _median_seconds(jax.jit(lambda y: y * 2), x)
 
 
 def matmul_peak() -> float:
@@ -105,14 +109,7 @@ def matmul_peak() -> float:
 
     n = 8192
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    return 2 * n**3 / sorted(ts)[2]
+    return 2 * n**3 / _median_seconds(jax.jit(lambda x: x @ x), a)
 
 
 def roof_tok_s(shape: str, rows: int, prompt_len: int, mean_new: float, bandwidth: float, peak: float,
