@@ -30,21 +30,23 @@ def _case(groups, n, kv, h, d, lp, ls, dtype, seed=0):
     return f(b, 1, kv * h, d), f(b, 1, kv, d), f(b, 1, kv, d), layer, rows
 
 
+@pytest.mark.parametrize("which", ["fused", "pallas"])
 @pytest.mark.parametrize("n, h", [(1, 7), (4, 2), (3, 4)])
-def test_kernel_equals_the_xla_form(monkeypatch, n, h):
-    """Groups of n samples over 2 KV heads with h query heads each: the two kernel passes merged equal the XLA
+def test_kernel_equals_the_xla_form(monkeypatch, n, h, which):
+    """Groups of n samples over 2 KV heads with h query heads each: the one-pass kernel, and the two passes merged, equal the XLA
     softmax over prompt + own continuation (the cache write is shared, so the new K/V is read by both). fp32 here
     (XLA:CPU has no bf16 x bf16 -> f32 dot); bf16 is compared compiled in the GPU tier."""
     q, k, v, layer, rows = _case(groups=3, n=n, kv=2, h=h, d=16, lp=32, ls=64, dtype=jnp.float32)
     monkeypatch.setenv(kernel.ENV, "xla")
     ref, ref_layer = kv_cache.shared_prefix_attention(q, k, v, layer, rows, None, scale=0.3)
-    monkeypatch.setenv(kernel.ENV, "pallas")
+    monkeypatch.setenv(kernel.ENV, which)
     out, out_layer = kv_cache.shared_prefix_attention(q, k, v, layer, rows, None, scale=0.3)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
     np.testing.assert_array_equal(np.asarray(out_layer.suffix_k), np.asarray(ref_layer.suffix_k))
 
 
-def test_continuation_blocks_past_the_filled_length_are_never_read(monkeypatch):
+@pytest.mark.parametrize("which", ["fused", "pallas"])
+def test_continuation_blocks_past_the_filled_length_are_never_read(monkeypatch, which):
     """NaN in every continuation slot from the second 64-slot block on, rows filled to under 64 slots: the kernel
     pass stops at the filled block, so its output equals the clean reference; the XLA form, which reads every
     slot (masked, but 0 * NaN is NaN), turns NaN: the test tells the two reading patterns apart."""
@@ -56,7 +58,7 @@ def test_continuation_blocks_past_the_filled_length_are_never_read(monkeypatch):
     poisoned = layer._replace(suffix_k=jnp.where(late, jnp.nan, layer.suffix_k),
                               suffix_v=jnp.where(late, jnp.nan, layer.suffix_v))
     assert np.isnan(np.asarray(kv_cache.shared_prefix_attention(q, k, v, poisoned, rows, None)[0])).any()
-    monkeypatch.setenv(kernel.ENV, "pallas")
+    monkeypatch.setenv(kernel.ENV, which)
     out, _ = kv_cache.shared_prefix_attention(q, k, v, poisoned, rows, None)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
@@ -69,6 +71,8 @@ def test_the_rule_picks_the_kernel_on_gpu_for_plain_layers_only(monkeypatch):
     assert not kernel.kernel_applies(256, None, 50.0, backend="gpu", choice="auto")  # soft cap: XLA
     assert not kernel.kernel_applies(80, None, None, backend="gpu", choice="auto")  # not a power of two
     assert not kernel.kernel_applies(64, None, None, backend="gpu", choice="xla")
+    assert kernel.kernel_applies(64, None, None, backend="cpu", choice="fused")  # interpret mode off GPU
+    assert kernel.kernel_name("auto") == "fused" and kernel.kernel_name("pallas") == "pallas"
     monkeypatch.setenv(kernel.ENV, "fast")
     with pytest.raises(ValueError, match="JAXSFT_DECODE_ATTENTION='fast'"):
         kernel.implementation()
@@ -87,17 +91,25 @@ def test_kernels_lower_to_triton_for_a_gpu_on_any_host(monkeypatch):
     lowered = jax.jit(attend).trace(q, k, v, layer, rows).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 2  # the prompt pass and the continuation pass
 
+    def attend_once(q, k, v, layer, rows):
+        return kernel.one_pass_attention(q, layer.prefix_k, layer.prefix_v, jnp.zeros(2, jnp.int32),
+                                         layer.suffix_k, layer.suffix_v, rows.suffix_index + 1, 0.125,
+                                         interpret=False)
+
+    lowered = jax.jit(attend_once).trace(q, k, v, layer, rows).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("xla.gpu.triton") == 1  # prompt and continuation in one kernel
+
 
 @pytest.mark.slow
 def test_engine_with_the_kernels_greedy_equals_transformers(monkeypatch):
-    """The whole engine with both kernel passes (interpret mode): 5 prompts through 2 slot groups of 2 samples each,
+    """The whole engine with the default (one-pass) kernel (interpret mode): 5 prompts through 2 slot groups of 2 samples each,
     rows ending at different EOS positions; every row equals HF's greedy."""
     import tiny
     from test_generate import PROMPTS, hf_greedy, models
 
     from jaxsft.generation import Sampler, causal
 
-    monkeypatch.setenv(kernel.ENV, "pallas")
+    monkeypatch.setenv(kernel.ENV, "fused")
     tok = tiny.load_tokenizer(tiny.tokenizer_dir(str(__import__("tempfile").mkdtemp())))
     torch_model, model = models("llama")
     budget = 2 * causal.kv_bytes_per_group(model.spec, model.dtype, 2, 64, 16)

@@ -234,9 +234,12 @@ def test_fused_add_rms_norm_kernel_equals_its_xla_form_compiled(dtype):
 
 
 # ----------------------------------------------------------------------------- the decode-attention kernels
+@pytest.mark.parametrize("which", ["fused", "pallas"])
 @pytest.mark.parametrize("n", [1, 8])
-def test_decode_attention_kernels_equal_the_xla_form_compiled(monkeypatch, n):
-    """The engine's two flash-decoding passes (prompt once per group, continuation up to its filled length) against
+def test_decode_attention_kernels_equal_the_xla_form_compiled(monkeypatch, n, which):
+    """The engine's decode-attention kernels (``fused``: one pass per row and KV head; ``pallas``: jax's decode
+    kernel twice, prompt once per group, merged) reading the prompt from its first real slot and the continuation
+    up to its filled length, against
     the XLA form, bf16 at Qwen2.5-0.5B's head layout (14 query heads over 2 KV heads of 64), ragged prompts and
     continuations; bf16 probabilities on both sides, so the bound is a few bf16 ulps of the output scale."""
     from jaxsft.generation import kv_cache
@@ -257,7 +260,7 @@ def test_decode_attention_kernels_equal_the_xla_form_compiled(monkeypatch, n):
     run = jax.jit(lambda q, k, v, layer, rows: kv_cache.shared_prefix_attention(q, k, v, layer, rows, None)[0])
     monkeypatch.setenv(kernel.ENV, "xla")
     ref = np.asarray(run(q, k, v, layer, rows), np.float32)
-    monkeypatch.setenv(kernel.ENV, "pallas")
+    monkeypatch.setenv(kernel.ENV, which)
     run = jax.jit(lambda q, k, v, layer, rows: kv_cache.shared_prefix_attention(q, k, v, layer, rows, None)[0])
     assert "triton" in run.lower(q, k, v, layer, rows).as_text()  # the kernels, not the XLA form
     out = np.asarray(run(q, k, v, layer, rows), np.float32)

@@ -109,8 +109,9 @@ def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer: Lay
     if decode_attention.kernel_applies(d, sliding_window, softcap):  # GPU: two flash-decoding passes
         # A global layer's continuation never wraps (ls covers every new token), so slots 0..index are filled.
         prefix_start = lp - jnp.sum(rows.prefix_mask[:, -lp:], axis=1)
-        out = decode_attention.shared_prefix_attention(q, layer.prefix_k, layer.prefix_v, prefix_start, sk, sv,
-                                                       index + 1, scale)
+        attend = (decode_attention.one_pass_attention if decode_attention.kernel_name() == "fused"
+                  else decode_attention.shared_prefix_attention)
+        out = attend(q, layer.prefix_k, layer.prefix_v, prefix_start, sk, sv, index + 1, scale)
         return out, layer._replace(suffix_k=sk, suffix_v=sv)
     cdt = q.dtype
     qg = q.reshape(g, n, kv, h, d)  # query head j reads kv head j // h (HF's repeat_kv order)

@@ -23,13 +23,14 @@ the tests compare this with (Pallas interpret mode on CPU, compiled in the GPU t
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "pallas", "xla")
+IMPLEMENTATIONS = ("auto", "fused", "pallas", "xla")
 ENV = "JAXSFT_DECODE_ATTENTION"
 _MAX_QUERY_BLOCK = 64  # query rows per program of the prompt pass (n * h above this splits over programs)
 
@@ -44,13 +45,19 @@ def implementation() -> str:
 
 def kernel_applies(head_dim: int, sliding_window: Optional[int], softcap: Optional[float],
                    backend: Optional[str] = None, choice: Optional[str] = None) -> bool:
-    """Whether a decode layer takes the kernels: ``auto`` on a GPU (``pallas`` anywhere, in interpret mode
-    off GPU), a layer without window or soft cap, a power-of-two head size >= 16."""
+    """Whether a decode layer takes a kernel: ``auto`` on a GPU (``fused``/``pallas`` anywhere, in interpret
+    mode off GPU), a layer without window or soft cap, a power-of-two head size >= 16."""
     choice = choice or implementation()
     fits = sliding_window is None and softcap is None and head_dim >= 16 and head_dim & (head_dim - 1) == 0
     if choice == "xla" or not fits:
         return False
-    return choice == "pallas" or (backend or jax.default_backend()) == "gpu"
+    return choice in ("fused", "pallas") or (backend or jax.default_backend()) == "gpu"
+
+
+def kernel_name(choice: Optional[str] = None) -> str:
+    """Which kernel a layer that :func:`kernel_applies` to runs: ``fused`` (one pass) unless ``pallas`` asks for
+    the two passes of jax's decode kernel."""
+    return "pallas" if (choice or implementation()) == "pallas" else "fused"
 
 
 def _pow2_at_least(n: int, minimum: int) -> int:
@@ -104,3 +111,86 @@ def shared_prefix_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Arr
     w_pre, w_suf = jnp.exp(m_pre - top), jnp.exp(m_suf - top)
     out = (o_pre * w_pre[..., None] + o_suf * w_suf[..., None]) / (l_pre * w_pre + l_suf * w_suf)[..., None]
     return out.reshape(b, 1, n_heads, d).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------- one pass (the default kernel)
+_NEG = -1e30  # a masked score: exp(_NEG - any real maximum) is 0, and _NEG - _NEG is 0, never NaN
+
+
+def _one_pass_kernel(start_ref, length_ref, q_ref, pk_ref, pv_ref, sk_ref, sv_ref, o_ref, *, block_p: int,
+                     block_s: int):
+    """One (row, KV head): the row's queries [Hp, D] against its group's prompt slots ``start..Lp`` and then its
+    own continuation slots ``0..length``, one online softmax over both, normalised output written once."""
+    from jax.experimental import pallas as pl
+
+    q = q_ref[...]
+
+    def attend(k_ref, v_ref, block: int, lo, hi, carry):
+        def body(i, carry):
+            acc, top, total = carry
+            at = i * block
+            k = k_ref[pl.ds(at, block), :]
+            scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            slot = at + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
+            scores = jnp.where((slot >= lo) & (slot < hi), scores, _NEG)
+            new_top = jnp.maximum(top, jnp.max(scores, axis=1))
+            weights = jnp.exp(scores - new_top[:, None])
+            rescale = jnp.exp(top - new_top)
+            v = v_ref[pl.ds(at, block), :]
+            acc = acc * rescale[:, None] + jax.lax.dot_general(
+                weights.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            return acc, new_top, total * rescale + jnp.sum(weights, axis=1)
+
+        return jax.lax.fori_loop(lo // block, (hi + block - 1) // block, body, carry)
+
+    rows, dim = q.shape
+    carry = (jnp.zeros((rows, dim), jnp.float32), jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    carry = attend(pk_ref, pv_ref, block_p, start_ref[...], pk_ref.shape[0], carry)
+    acc, _, total = attend(sk_ref, sv_ref, block_s, 0, length_ref[...], carry)
+    o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
+
+
+def one_pass_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, prefix_start: jax.Array,
+                       suffix_k: jax.Array, suffix_v: jax.Array, suffix_len: jax.Array,
+                       scale, interpret: Optional[bool] = None) -> jax.Array:
+    """:func:`shared_prefix_attention`'s arguments and result, as one Pallas kernel per (row, KV head).
+
+    Why one pass: the two-pass form launches two kernels plus the merge's and jax's split-combining
+    elementwise kernels per layer (a dozen launches of a few microseconds for a few megabytes), and
+    writes unnormalised partial outputs to memory to read them back. Here each program streams its
+    group's prompt and then its own filled continuation through one online softmax and writes the
+    normalised output once. The prompt is read once per sample rather than once per group: the ``n``
+    programs of a group run side by side and meet it in L2.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pl_triton
+
+    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    b, _, n_heads, d = q.shape
+    g, kv, lp, _ = prefix_k.shape
+    ls = suffix_k.shape[2]
+    n, h = b // g, n_heads // kv
+    rows = _pow2_at_least(h, 16)  # Triton's smallest dot tile
+    q = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(b, kv, h, d)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - h), (0, 0)))
+    kernel = functools.partial(_one_pass_kernel, block_p=min(64, lp), block_s=min(64, ls))
+    out = pl.pallas_call(
+        kernel,
+        grid=(b, kv),
+        in_specs=[
+            pl.BlockSpec((None,), lambda r, k: (r // n,)),  # the group's first real prompt slot
+            pl.BlockSpec((None,), lambda r, k: (r,)),  # the row's filled continuation slots
+            pl.BlockSpec((None, None, rows, d), lambda r, k: (r, k, 0, 0)),
+            pl.BlockSpec((None, None, lp, d), lambda r, k: (r // n, k, 0, 0)),
+            pl.BlockSpec((None, None, lp, d), lambda r, k: (r // n, k, 0, 0)),
+            pl.BlockSpec((None, None, ls, d), lambda r, k: (r, k, 0, 0)),
+            pl.BlockSpec((None, None, ls, d), lambda r, k: (r, k, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, rows, d), lambda r, k: (r, k, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, kv, rows, d), q.dtype),
+        compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="shared_prefix_decode_attention",
+    )(prefix_start.astype(jnp.int32), jnp.clip(suffix_len, 1, ls).astype(jnp.int32), q, prefix_k, prefix_v,
+      suffix_k, suffix_v)
+    return out[:, :, :h].reshape(b, 1, n_heads, d)
