@@ -14,8 +14,8 @@ reads positions, not slot numbers. Its memory is O(W), not O(prompt + new tokens
 
 Attention of a decode token reads its group's prefix plus its own filled suffix, as one softmax
 over both (:func:`shared_prefix_attention`): this module's XLA form everywhere, the reference; on GPU,
-for layers without window or soft cap, two flash-decoding kernels (:mod:`jaxsft.kernels.decode_attention`)
-that read each prompt once per group and each continuation only as far as it is filled. Heads lead the per-row slot axis, so both score
+for layers without window or soft cap, a Pallas kernel (:mod:`jaxsft.kernels.decode_attention`) that
+reads each prompt from its first real slot and each continuation only as far as it is filled. Heads lead the per-row slot axis, so both score
 products are batched matmuls over (group, kv head) with no transpose of the cache.
 """
 

@@ -1,24 +1,24 @@
-"""Decode attention over the engine's shared-prefix cache as two flash-decoding kernels (Pallas Triton).
+"""Decode attention over the engine's shared-prefix cache as Pallas Triton kernels.
 
 Why: on an H100 the XLA form (``jaxsft.generation.kv_cache.shared_prefix_attention``) spends about half
 of a Qwen2.5-0.5B decode step in its four attention products: batched matmuls with as few as seven query
 rows per KV head, which the GEMM emitters tile poorly, and which read every slot of each continuation
-buffer, filled or not. Here a decode token's attention is two passes of jax's Pallas decode kernel
-(``jax.experimental.pallas.ops.gpu.decode_attention.mqa``), each one program per (row, KV head) looping
-over blocks of slots:
+buffer, filled or not. Two kernel forms read only what a row needs:
 
-* the prompt pass runs per *group*: the queries of all ``n`` samples of a prompt (``n * h`` rows) read
-  the prompt's K/V once, from its first real (left-padded) slot;
-* the continuation pass runs per sample and stops at the row's filled length, so it reads only the
-  slots written so far;
+* ``fused`` (the default, :func:`one_pass_attention`): one program per (row, KV head) streams the
+  group's prompt from its first real (left-padded) slot, then the row's continuation up to its filled
+  length, through one online softmax, and writes the normalised output once: one launch per layer;
+* ``pallas`` (:func:`shared_prefix_attention`): two passes of jax's Pallas decode kernel
+  (``jax.experimental.pallas.ops.gpu.decode_attention.mqa``), the prompt pass per *group* (the ``n * h``
+  queries of a prompt's samples read its K/V once), the continuation pass per sample, the two partial
+  softmaxes merged by their maxima and sums (the log-sum-exp rule): two launches plus the merge's
+  elementwise kernels per layer.
 
-and the two partial softmaxes are merged by their maxima and sums (the log-sum-exp rule), which gives
-the one softmax over prompt + continuation that the XLA form computes.
-
-Where it applies: GPU, layers without a sliding window or score soft cap, power-of-two head sizes of
-at least 16 (Triton blocks); everything else, CPU and TPU included, takes the XLA form, the reference
-the tests compare this with (Pallas interpret mode on CPU, compiled in the GPU tier).
-``JAXSFT_DECODE_ATTENTION=xla|pallas|auto`` overrides the choice for measurements (default ``auto``).
+Both give the one softmax over prompt + continuation that the XLA form computes. Where they apply: GPU,
+layers without a sliding window or score soft cap, power-of-two head sizes of at least 16 (Triton
+blocks); everything else, CPU and TPU included, takes the XLA form, the reference the tests compare them
+with (Pallas interpret mode on CPU, compiled in the GPU tier). ``JAXSFT_DECODE_ATTENTION=auto|fused|pallas|xla``
+overrides the choice for measurements (default ``auto``: ``fused`` on GPU).
 """
 
 from __future__ import annotations
