@@ -364,3 +364,26 @@ def generate_texts(model, tok):
     import jaxsft
 
     return jaxsft.generate(model, tok, PROMPTS[:3], max_new_tokens=6)
+
+
+def test_generation_programs_compile_with_the_trainers_xla_options(tok, tmp_path):
+    """TrainConfig.xla_options reach trainer.generate's programs as they reach the train step (one setting, one
+    source): XLA dumps every program it compiles where ``xla_dump_to`` says, so the engine's init, prefill and
+    decode programs appear there. A Sampler given an option XLA does not know refuses it when built, naming the
+    argument; its default is the backend's measured rule (XLA's own settings on CPU)."""
+    import jaxsft
+    from jaxsft.generation import Sampler
+    from jaxsft.infra import compile_options
+
+    dump = tmp_path / "dump"
+    torch_model = tiny.tiny_torch_model("llama", seed=2)
+    model = jaxsft.from_pretrained(torch_model, mesh=jaxsft.single_device_mesh())
+    trainer = jaxsft.IterativeSFTTrainer(
+        model, jaxsft.TrainConfig(max_length=32, length_buckets=(32,), per_device_train_batch_size=2, disable_tqdm=True,
+                                  xla_options={"xla_dump_to": str(dump)}), tok)
+    trainer.generate(PROMPTS[:2], max_new_tokens=4)
+    compiled = {p.name.split(".")[1] for p in dump.iterdir() if p.name.startswith("module_")}
+    assert {"jit_init", "jit_prefill", "jit_decode"} <= compiled, sorted(compiled)
+    with pytest.raises(ValueError, match=r"Sampler\(xla_options=\.\.\.\).*xla_no_such_option"):
+        Sampler(model, tok, xla_options={"xla_no_such_option": 1})
+    assert Sampler(model, tok).xla_options == compile_options.resolve(None, hidden_size=model.spec.hidden_size) == {}

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsft.infra import sharding as shd
+from jaxsft.infra import compile_options, sharding as shd
 from jaxsft.generation import engine
 from jaxsft.generation.causal import CausalAdapter
 from jaxsft.generation.engine import MIN_NEW_TOKENS_BUCKET, MIN_PROMPT_BUCKET, DecodeState, pow2_at_least
@@ -133,6 +133,7 @@ class Sampler:
         mesh: Optional[jax.sharding.Mesh] = None,
         sharding_rules: Optional[shd.ShardingRules] = None,
         kv_cache_bytes: Optional[int] = None,
+        xla_options: Optional[dict[str, Any]] = None,
     ):
         adapter_for(model)  # refuses other model types
         if sharding_rules is not None and not isinstance(sharding_rules, shd.ShardingRules):
@@ -143,6 +144,12 @@ class Sampler:
         self.sharding_rules = sharding_rules or shd.DEFAULT_RULES
         # The KV memory the engine's slots may hold (None: default_kv_cache_bytes()); the slot count follows.
         self.kv_cache_bytes = _check_budget(kv_cache_bytes, "Sampler()")
+        # The XLA options the engine's programs compile with: None takes the backend's measured defaults for
+        # this model's width (jaxsft.infra.compile_options: on GPU, models >= 768 wide give every matmul to
+        # cuBLAS, which decodes faster there too: benchmarks/RESULTS.md), {} XLA's own; the trainer passes its own.
+        self.xla_options = compile_options.resolve(xla_options, hidden_size=model.spec.hidden_size)
+        if xla_options:
+            compile_options.check(self.xla_options, "Sampler(xla_options=...)")
         self._programs: dict[tuple, Any] = {}
 
     @property
@@ -280,8 +287,9 @@ class Sampler:
         def place_scalar(v):
             return shd.place_array(np.asarray(np.int32(v)), rep)
 
+        options = self.xla_options or None
         init = self._program(("init", graphdef, sig, mesh, shape), lambda: jax.jit(
-            engine.make_init(adapter, shape), out_shardings=layouts).lower().compile())
+            engine.make_init(adapter, shape), out_shardings=layouts).lower().compile(compiler_options=options))
 
         def example():  # the engine state's abstract value, for compiling (traced only then)
             abstract = jax.eval_shape(engine.make_init(adapter, shape))
@@ -293,13 +301,14 @@ class Sampler:
                                       np.zeros((gp, shape.prompt_slots), np.int32), np.zeros((gp,), np.int32),
                                       np.zeros((gp * shape.n,), np.int32))
                 return jax.jit(engine.make_prefill(adapter, graphdef, shape, mode), donate_argnums=(1,),
-                               out_shardings=layouts).lower(state, example(), inputs, scalars).compile()
+                               out_shardings=layouts).lower(state, example(), inputs, scalars).compile(
+                                   compiler_options=options)
 
             return self._program(("prefill",) + base + (gp,), build)
 
         decode = self._program(("decode",) + base, lambda: jax.jit(
             engine.make_decode(adapter, graphdef, shape, mode), donate_argnums=(1,), out_shardings=layouts,
-        ).lower(state, example(), scalars, place_scalar(0), place_scalar(0)).compile())
+        ).lower(state, example(), scalars, place_scalar(0), place_scalar(0)).compile(compiler_options=options))
         programs = engine.Programs(init=init, prefill=prefill, decode=decode)
         cap = adapter.prefill_group_cap(shape.prompt_slots, PREFILL_SCORE_BYTES)
         on_chunk, step_limit = None, None

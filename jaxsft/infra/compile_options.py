@@ -76,7 +76,7 @@ def _compile_scalar(options: dict[str, Any]) -> None:
     jax.jit(lambda x: x + 1).lower(jax.numpy.zeros((), jax.numpy.float32)).compile(compiler_options=options)
 
 
-def check(options: dict[str, Any]) -> None:
+def check(options: dict[str, Any], where: str = "TrainConfig.xla_options") -> None:
     """Compile a scalar program with ``options`` so a bad name or value fails at construction, not mid-step."""
     if not options:
         return
@@ -84,6 +84,6 @@ def check(options: dict[str, Any]) -> None:
         _compile_scalar(options)
     except Exception as err:  # XLA raises JaxRuntimeError (INVALID_ARGUMENT) for unknown names and bad values
         raise ValueError(
-            f"TrainConfig.xla_options={options!r} was refused by XLA ({err}); pass valid XLA option names and values "
+            f"{where}={options!r} was refused by XLA ({err}); pass valid XLA option names and values "
             "(see xla/debug_options_flags.cc), or {} for XLA's defaults."
         ) from None

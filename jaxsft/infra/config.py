@@ -211,7 +211,7 @@ class Performance:
     # ``min_bucket_length`` up to max_length, plus max_length itself.
     length_buckets: Optional[Sequence[int]] = None
     min_bucket_length: int = 32
-    # XLA compiler options for the train and eval programs (``compile(compiler_options=...)``).
+    # XLA compiler options for the train, eval and generation programs (``compile(compiler_options=...)``).
     # None: jaxsft's measured defaults for the backend and model width (jaxsft.infra.compile_options.BACKEND_DEFAULTS:
     # on GPU, cuBLAS for every matmul of models 768 or more wide); {}: XLA's own defaults. jaxsft.infra.compile_options.gpu_overlap_options()
     # is an opt-in preset for GPU communication/compute overlap.

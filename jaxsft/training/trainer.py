@@ -235,7 +235,7 @@ class IterativeSFTTrainer:
 
     @property
     def xla_options(self) -> dict[str, Any]:
-        """The XLA options the train and eval programs compile with (``TrainConfig.xla_options`` resolved)."""
+        """The XLA options the train, eval and generation programs compile with (``TrainConfig.xla_options`` resolved)."""
         return dict(self._xla_options)
 
     @property
@@ -541,7 +541,8 @@ class IterativeSFTTrainer:
             out = generate(self.model, self.tokenizer, prompts, sampling=params, **kwargs)
         else:
             if self._sampler is None:
-                self._sampler = Sampler(self.model, self.tokenizer, sharding_rules=self.sharding_rules)
+                self._sampler = Sampler(self.model, self.tokenizer, sharding_rules=self.sharding_rules,
+                                        xla_options=self._xla_options)
             self._sampler.tokenizer = self.tokenizer
             out = self._sampler.generate(prompts, sampling=params, model=self.model, **kwargs)
         if advancing:
