@@ -132,10 +132,12 @@ def test_prefill_then_decode_steps_match_the_full_forward(family):
                                    err_msg=f"step {t}")
 
 
+@pytest.mark.parametrize("dtype, temperature", [("float32", 1.0), ("bfloat16", 0.7)])
 @pytest.mark.parametrize("v", [3 * 256 + 37, 128 * 37], ids=["padded", "blocks-of-128"])
-def test_sampling_draw_is_the_categorical_distribution(v):
+def test_sampling_draw_is_the_categorical_distribution(v, dtype, temperature):
     """The two-level inverse-CDF draw (a vocabulary padded to whole blocks, or cut into blocks of 128 without
-    padding), with -inf entries never drawn."""
+    padding), with -inf entries never drawn; from bf16 logits (what a bf16 model's decode step hands it) with
+    the temperature applied inside the draw, the distribution is softmax(bf16 logits / T) computed in fp32."""
     import jax
     import jax.numpy as jnp
 
@@ -144,14 +146,19 @@ def test_sampling_draw_is_the_categorical_distribution(v):
     assert block_size(v) == (256 if v % 128 else 128)
     logits = np.random.default_rng(0).normal(size=v).astype(np.float32) * 1.5
     logits[::7] = -np.inf
+    given = jnp.asarray(logits).astype(dtype)
     u = jax.random.uniform(jax.random.key(0), (20000,))
-    draws = np.asarray(jax.jit(jax.vmap(lambda x: inverse_cdf_draw(jnp.asarray(logits)[None], x[None])[0]))(u))
-    p = np.exp(logits - logits[np.isfinite(logits)].max())
+    draws = np.asarray(jax.jit(jax.vmap(lambda x: inverse_cdf_draw(given[None], x[None], temperature)[0]))(u))
+    rounded = np.asarray(given.astype(jnp.float32)) / temperature
+    p = np.exp(rounded - rounded[np.isfinite(rounded)].max())
     p /= p.sum()
     assert not np.isin(draws, np.arange(0, v, 7)).any()
     from test_generate import chi_square_pvalue
 
     assert chi_square_pvalue(draws, p) > 1e-3
+    if temperature != 1.0:  # and it is not the untempered distribution
+        flat = np.exp(logits - logits[np.isfinite(logits)].max())
+        assert chi_square_pvalue(draws, flat / flat.sum()) < 1e-6
 
 
 def test_max_new_tokens_defaults_to_the_generation_config_as_hf(tok):

@@ -113,7 +113,7 @@ class CausalAdapter:
             prefix_mask=cache.prefix_mask.at[slots].set(mask, mode="drop"),
             prompt_len=cache.prompt_len.at[slots].set(jnp.sum(mask, axis=-1).astype(jnp.int32), mode="drop"),
         )
-        return cache, model.logits(hidden[:, -1:])[:, 0]
+        return cache, model.logits(hidden[:, -1:], self.dtype)[:, 0]
 
     def decode_context(self, model, cache: PromptCache, shape: Shape):
         lp = shape.prompt_slots
@@ -130,7 +130,7 @@ class CausalAdapter:
             return kv_cache.shared_prefix_attention(q, k, v, layer, rows, window, scale, softcap)
 
         hidden, layers = model.decode_step(last[:, None], query_pos[:, None], cache.layers, attend, layer_params)
-        return cache._replace(layers=layers), model.logits(hidden)[:, 0]
+        return cache._replace(layers=layers), model.logits(hidden, self.dtype)[:, 0]
 
     def kv_bytes_per_group(self, n: int, prompt_slots: int, new_slots: int) -> int:
         return kv_bytes_per_group(self.spec, self.dtype, n, prompt_slots, new_slots)

@@ -95,7 +95,8 @@ class DecodeModel(Protocol):
     def prefill(self, model: Any, cache: Any, ids: jax.Array, mask: jax.Array, slots: jax.Array, shape: Shape
                 ) -> tuple[Any, jax.Array]:
         """Prompts ``ids``/``mask`` [Gp, Lp] into groups ``slots`` [Gp] (out of range: dropped); returns the
-        cache and each prompt's next-token logits [Gp, V] (fp32), shared by its ``n`` rows."""
+        cache and each prompt's next-token logits [Gp, V] (the compute dtype, as HF's generate samples them),
+        shared by its ``n`` rows."""
 
     def decode_context(self, model: Any, cache: Any, shape: Shape) -> Any:
         """What every decode step of one decode call reuses (split weights, per-group positions)."""

@@ -132,7 +132,7 @@ class Seq2SeqAdapter:
             layers.append(LayerKV(put_rows(layer.self_k, k0), put_rows(layer.self_v, v0),
                                   put_groups(layer.cross_k, cross_k[i]), put_groups(layer.cross_v, cross_v[i])))
         cache = EncoderCache(layers, cache.enc_mask.at[slots].set(mask, mode="drop"))
-        return cache, model.logits(hidden)[:, 0]
+        return cache, model.logits(hidden, self.dtype)[:, 0]
 
     def decode_context(self, model, cache: EncoderCache, shape: Shape):
         return model.decode_params()  # weights split once, outside the loop
@@ -169,7 +169,7 @@ class Seq2SeqAdapter:
 
         hidden, layers = model.decode_step(last[:, None], position[:, None], cache.layers, self_attention,
                                            cross_attention, context)
-        return cache._replace(layers=layers), model.logits(hidden)[:, 0]
+        return cache._replace(layers=layers), model.logits(hidden, self.dtype)[:, 0]
 
     def kv_bytes_per_group(self, n: int, prompt_slots: int, new_slots: int) -> int:
         """Per decoder layer: the prompt's cross K/V once plus ``n`` rows' own K/V."""

@@ -139,11 +139,14 @@ class CausalLM(nnx.Module):
         """The lm head's operands (hidden, [V, H] weight, final-logit soft cap) for the fused loss and the sampler."""
         return LMHead(hidden, self.unembedding(), self.spec.final_logit_softcap)
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
+    def logits(self, hidden: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+        """The lm head's logits in ``dtype``: fp32 for losses and eval; generation asks for the compute dtype,
+        the logits HF's generate samples from, which halves what a decode step writes and reads over the vocabulary."""
         head = self.lm_head_operands(hidden)
         w = head.weight.astype(self.dtype)
-        out = jnp.einsum("bth,vh->btv", head.hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
-        return L.soft_cap(out, head.softcap)
+        out = jnp.einsum("bth,vh->btv", head.hidden.astype(self.dtype), w,
+                         preferred_element_type=jnp.float32 if head.softcap else dtype)
+        return L.soft_cap(out, head.softcap).astype(dtype)
 
     def hidden_states(
         self,

@@ -302,12 +302,15 @@ class Seq2SeqLM(nnx.Module):
     def unembedding(self) -> jax.Array:
         return self.embed[...] if self.spec.tie_word_embeddings else self.lm_head[...]
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
+    def logits(self, hidden: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+        """The lm head's logits in ``dtype`` (fp32 for losses; generation asks for the compute dtype, as HF's generate)."""
         w = self.unembedding().astype(self.dtype)
-        out = jnp.einsum("bth,vh->btv", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
-        if self.spec.final_logits_bias:
+        bias = self.spec.final_logits_bias
+        out = jnp.einsum("bth,vh->btv", hidden.astype(self.dtype), w,
+                         preferred_element_type=jnp.float32 if bias else dtype)
+        if bias:
             out = out + self.final_logits_bias[...].astype(jnp.float32)
-        return out
+        return out.astype(dtype)
 
     def lm_head_operands(self, hidden: jax.Array) -> LMHead:
         """(hidden', W', no soft cap) with hidden' . W'^T = the logits, for the fused loss (which takes no bias).
