@@ -541,8 +541,7 @@ class IterativeSFTTrainer:
             out = generate(self.model, self.tokenizer, prompts, sampling=params, **kwargs)
         else:
             if self._sampler is None:
-                self._sampler = Sampler(self.model, self.tokenizer, sharding_rules=self.sharding_rules,
-                                        xla_options=self._xla_options)
+                self._sampler = Sampler(self.model, self.tokenizer, sharding_rules=self.sharding_rules, xla_options=self.xla_options)
             self._sampler.tokenizer = self.tokenizer
             out = self._sampler.generate(prompts, sampling=params, model=self.model, **kwargs)
         if advancing:
