@@ -72,7 +72,7 @@ def test_the_rule_picks_the_kernel_on_gpu_for_plain_layers_only(monkeypatch):
     assert not kernel.kernel_applies(80, None, None, backend="gpu", choice="auto")  # not a power of two
     assert not kernel.kernel_applies(64, None, None, backend="gpu", choice="xla")
     assert kernel.kernel_applies(64, None, None, backend="cpu", choice="fused")  # interpret mode off GPU
-    assert kernel.kernel_name("auto") == "fused" and kernel.kernel_name("pallas") == "pallas"
+    assert kernel.kernel("auto") is kernel.one_pass_attention and kernel.kernel("pallas") is kernel.shared_prefix_attention
     monkeypatch.setenv(kernel.ENV, "fast")
     with pytest.raises(ValueError, match="JAXSFT_DECODE_ATTENTION='fast'"):
         kernel.implementation()

@@ -106,12 +106,10 @@ def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer: Lay
     sk = _write_rows(layer.suffix_k, k[:, 0].astype(layer.suffix_k.dtype), index % ls)
     sv = _write_rows(layer.suffix_v, v[:, 0].astype(layer.suffix_v.dtype), index % ls)
     scale = np.float32(1.0 / math.sqrt(d) if scale is None else scale)
-    if decode_attention.kernel_applies(d, sliding_window, softcap):  # GPU: two flash-decoding passes
+    if decode_attention.kernel_applies(d, sliding_window, softcap):  # GPU: a Pallas decode kernel
         # A global layer's continuation never wraps (ls covers every new token), so slots 0..index are filled.
         prefix_start = lp - jnp.sum(rows.prefix_mask[:, -lp:], axis=1)
-        attend = (decode_attention.one_pass_attention if decode_attention.kernel_name() == "fused"
-                  else decode_attention.shared_prefix_attention)
-        out = attend(q, layer.prefix_k, layer.prefix_v, prefix_start, sk, sv, index + 1, scale)
+        out = decode_attention.kernel()(q, layer.prefix_k, layer.prefix_v, prefix_start, sk, sv, index + 1, scale)
         return out, layer._replace(suffix_k=sk, suffix_v=sv)
     cdt = q.dtype
     qg = q.reshape(g, n, kv, h, d)  # query head j reads kv head j // h (HF's repeat_kv order)

@@ -76,12 +76,23 @@ def _compile_scalar(options: dict[str, Any]) -> None:
     jax.jit(lambda x: x + 1).lower(jax.numpy.zeros((), jax.numpy.float32)).compile(compiler_options=options)
 
 
+@functools.lru_cache(maxsize=None)
+def _accepted_together(items: tuple) -> None:
+    """One scalar compile per set of options (a trainer and its sampler check the same set; a refusal is not cached)."""
+    _compile_scalar(dict(items))
+
+
 def check(options: dict[str, Any], where: str = "TrainConfig.xla_options") -> None:
     """Compile a scalar program with ``options`` so a bad name or value fails at construction, not mid-step."""
     if not options:
         return
     try:
-        _compile_scalar(options)
+        key = tuple(sorted(options.items()))
+        hash(key)
+    except TypeError:  # a value that cannot be a cache key: checked uncached
+        key = None
+    try:
+        _accepted_together(key) if key is not None else _compile_scalar(options)
     except Exception as err:  # XLA raises JaxRuntimeError (INVALID_ARGUMENT) for unknown names and bad values
         raise ValueError(
             f"{where}={options!r} was refused by XLA ({err}); pass valid XLA option names and values "

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -54,10 +54,10 @@ def kernel_applies(head_dim: int, sliding_window: Optional[int], softcap: Option
     return choice in ("fused", "pallas") or (backend or jax.default_backend()) == "gpu"
 
 
-def kernel_name(choice: Optional[str] = None) -> str:
-    """Which kernel a layer that :func:`kernel_applies` to runs: ``fused`` (one pass) unless ``pallas`` asks for
-    the two passes of jax's decode kernel."""
-    return "pallas" if (choice or implementation()) == "pallas" else "fused"
+def kernel(choice: Optional[str] = None) -> Callable[..., jax.Array]:
+    """The kernel a layer that :func:`kernel_applies` to runs (both take the same arguments): the one pass
+    (:func:`one_pass_attention`) unless ``pallas`` asks for the two passes of jax's decode kernel."""
+    return shared_prefix_attention if (choice or implementation()) == "pallas" else one_pass_attention
 
 
 def _pow2_at_least(n: int, minimum: int) -> int:
