@@ -14,6 +14,12 @@ the bandwidth measured in the same run (a 2 GiB read and write), matmul FLOPs at
 
     python benchmarks/bench_generate.py --shape qwen05 --batches 64,512,1024 --new-tokens 256
     python benchmarks/bench_generate.py --quick                         # a small CPU run
+    python benchmarks/bench_generate.py --shape qwen05 --batches 4096 --samples 8 --new-tokens 1024 \
+        --temperature 1 --repeats 0 --skip-hf                            # the 80 GB memory run
+
+``--batches`` counts prompts; with ``--samples N`` each prompt gets N rows (num_return_sequences), so
+a row of the table holds batch x N outputs. ``--repeats 0`` times the first call alone (compiles
+included). The jaxsft rows print the device's peak memory in use (XLA's allocator statistics).
 
 Timing: one warm-up call per (side, batch) (compiles), then ``--repeats`` timed calls; median.
 """
@@ -38,12 +44,19 @@ def timed(fn, repeats: int):
     t0 = time.perf_counter()
     out = fn()
     warm = time.perf_counter() - t0
-    times = []
+    times = [warm] if repeats == 0 else []
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
     return warm, times, out
+
+
+def peak_gib(device) -> float | None:
+    """The device's peak bytes in use so far (XLA's allocator), in GiB; None where it keeps no statistics (CPU)."""
+    stats = device.memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
 
 
 def main(argv=None) -> int:
@@ -60,6 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-jax", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=1,
+                   help="num_return_sequences: each of --batches prompts gets this many rows (T > 0)")
     args = p.parse_args(argv)
     if args.quick:
         args.shape, args.batches, args.prompt_len, args.new_tokens, args.repeats = "tiny", "8", 32, 32, 1
@@ -76,6 +91,8 @@ def main(argv=None) -> int:
     torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and (on_gpu_jax or torch_device == "cuda"))
     ragged = args.ragged is not None
+    if args.samples < 1 or (args.samples > 1 and args.temperature <= 0 and not ragged):
+        p.error("--samples N > 1 needs --temperature > 0 (n greedy samples are one sample)")
     temperature = 1.0 if ragged else args.temperature
     torch_model = build_torch_model(args.shape, args.seed)
     if ragged:
@@ -87,6 +104,7 @@ def main(argv=None) -> int:
     peak = matmul_peak() if on_gpu_jax else float("nan")
     eos = [EOS_ID] if ragged else []
     rows = []
+    peaks: dict[int, float] = {}
     jdtype = jnp.bfloat16 if bf16 else jnp.float32
     model = None if args.skip_jax else jaxsft.from_pretrained(torch_model, dtype=jdtype, param_dtype=jdtype)
     tmodel = None
@@ -98,11 +116,12 @@ def main(argv=None) -> int:
 
             def run_jax():
                 res = generate(model, IdTokenizer(), prompts, max_new_tokens=args.new_tokens, eos_token_ids=eos,
-                               temperature=temperature, return_tokens=True)
-                return [len(t) for t in res.tokens]
+                               temperature=temperature, num_return_sequences=args.samples, return_tokens=True)
+                return [len(t) for t in res.tokens]  # one entry per output row (prompt-major)
 
             warm, times, lengths = timed(run_jax, args.repeats)
             rows.append(("jaxsft", batch, warm, times, lengths))
+            peaks[batch] = peak_gib(jax.devices()[0])
         if not args.skip_hf:
             if tmodel is None:
                 tmodel = torch_model.to(device=torch_device, dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -115,12 +134,13 @@ def main(argv=None) -> int:
                     kw.update(temperature=temperature, top_k=0)
                 with torch.inference_mode():
                     out = tmodel.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                          max_new_tokens=args.new_tokens, pad_token_id=0, **kw)
+                                          max_new_tokens=args.new_tokens, pad_token_id=0,
+                                          num_return_sequences=args.samples, **kw)
                 if torch_device == "cuda":
                     torch.cuda.synchronize()
                 new = out[:, args.prompt_len:].cpu().numpy()
                 if not ragged:
-                    return [new.shape[1]] * batch
+                    return [new.shape[1]] * (batch * args.samples)
                 hit = new == EOS_ID
                 return [int(np.argmax(r)) + 1 if r.any() else new.shape[1] for r in hit]
 
@@ -130,19 +150,23 @@ def main(argv=None) -> int:
     dev = torch.cuda.get_device_name() if torch_device == "cuda" else kind
     print(f"\nshape {args.shape} ({n_params / 1e6:.0f}M params), {'bf16' if bf16 else 'fp32'}, prompt {args.prompt_len}, "
           f"{'EOS-ragged (scale %g, T=1) up to ' % args.ragged if ragged else ''}{args.new_tokens} new, T={temperature}, "
-          f"median of {args.repeats}; device {dev}; bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
-    print("| side | batch | first call s | seconds | useful new tok/s | mean len | median len | p90 len | roof tok/s | % roof |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"{args.samples} sample(s) per prompt, median of {max(args.repeats, 1)}; device {dev}; bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
+    print("| side | prompts | rows | first call s | seconds | useful new tok/s | mean len | median len | p90 len | roof tok/s | % roof | peak GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, batch, warm, times, lengths in rows:
         med = statistics.median(times)
         useful = sum(lengths)
         mean = useful / len(lengths)
-        roof = roof_tok_s(args.shape, batch, args.prompt_len, mean, bw, peak)
+        n_rows = batch * args.samples
+        roof = roof_tok_s(args.shape, n_rows, args.prompt_len, mean, bw, peak, shared_prompt_n=args.samples)
         tps = useful / med
-        print(f"| {name} | {batch} | {warm:.1f} | {med:.3f} | {tps:.0f} | {mean:.1f} | {np.median(lengths):.0f} | "
-              f"{np.percentile(lengths, 90):.0f} | {roof:.0f} | {100 * tps / roof:.0f} |")
-        print("RESULT " + json.dumps(dict(side=name, shape=args.shape, batch=batch, seconds=med, tok_s=tps, mean_len=mean,
-                                          ragged=args.ragged, temperature=temperature, roof=roof, device=dev)))
+        mem = peaks.get(batch) if name == "jaxsft" else None
+        print(f"| {name} | {batch} | {n_rows} | {warm:.1f} | {med:.3f} | {tps:.0f} | {mean:.1f} | {np.median(lengths):.0f} | "
+              f"{np.percentile(lengths, 90):.0f} | {roof:.0f} | {100 * tps / roof:.0f} | "
+              f"{'-' if mem is None else f'{mem:.1f}'} |")
+        print("RESULT " + json.dumps(dict(side=name, shape=args.shape, batch=batch, samples=args.samples, seconds=med,
+                                          tok_s=tps, mean_len=mean, ragged=args.ragged, temperature=temperature,
+                                          roof=roof, peak_gib=mem, device=dev)))
     return 0
 
 
