@@ -63,6 +63,30 @@ def test_continuation_blocks_past_the_filled_length_are_never_read(monkeypatch, 
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
+def test_finished_rows_read_nothing_and_live_rows_are_unchanged(monkeypatch):
+    """The drain tail: rows marked finished (``live`` False) read none of their K/V. Their continuation slots, and
+    the prompt of a group whose rows have all finished, are NaN here; the live rows still equal the clean XLA
+    reference and the finished rows come out as zeros, not NaN (nothing read, nothing divided by zero)."""
+    groups, n = 3, 2
+    q, k, v, layer, rows = _case(groups=groups, n=n, kv=2, h=4, d=16, lp=32, ls=64, dtype=jnp.float32, seed=2)
+    live = np.array([True, False, False, False, True, True])  # group 1: both finished; group 0: one of two
+    monkeypatch.setenv(kernel.ENV, "xla")
+    ref, _ = kv_cache.shared_prefix_attention(q, k, v, layer, rows, None)
+    dead_row = ~live[:, None, None, None]
+    dead_group = ~live.reshape(groups, n).any(axis=1)[:, None, None, None]
+    poisoned = layer._replace(suffix_k=jnp.where(dead_row, jnp.nan, layer.suffix_k),
+                              suffix_v=jnp.where(dead_row, jnp.nan, layer.suffix_v),
+                              prefix_k=jnp.where(dead_group, jnp.nan, layer.prefix_k),
+                              prefix_v=jnp.where(dead_group, jnp.nan, layer.prefix_v))
+    monkeypatch.setenv(kernel.ENV, "fused")
+    out, _ = kv_cache.shared_prefix_attention(q, k, v, poisoned, rows._replace(live=jnp.asarray(live)), None)
+    out = np.asarray(out)
+    np.testing.assert_allclose(out[live], np.asarray(ref)[live], rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(out[~live], 0.0)
+    # Without ``live`` the same poisoned cache is read, and the finished rows turn NaN: the skip is what the test sees.
+    assert np.isnan(np.asarray(kv_cache.shared_prefix_attention(q, k, v, poisoned, rows, None)[0])[~live]).any()
+
+
 def test_the_rule_picks_the_kernel_on_gpu_for_plain_layers_only(monkeypatch):
     assert kernel.kernel_applies(64, None, None, backend="gpu", choice="auto")
     assert not kernel.kernel_applies(64, None, None, backend="cpu", choice="auto")

@@ -120,11 +120,11 @@ class CausalAdapter:
         prefix_pos = (jnp.arange(lp)[None, :] - (lp - cache.prompt_len)[:, None]).astype(jnp.int32)
         return model.decode_params(), prefix_pos  # weights split once, outside the loop
 
-    def decode_step(self, model, context, cache: PromptCache, last, index, shape: Shape):
+    def decode_step(self, model, context, cache: PromptCache, last, index, live, shape: Shape):
         layer_params, prefix_pos = context
         query_pos = jnp.repeat(cache.prompt_len, shape.n) + index
         rows = kv_cache.RowView(suffix_index=index, prefix_mask=cache.prefix_mask, query_pos=query_pos,
-                                prefix_pos=prefix_pos)
+                                prefix_pos=prefix_pos, live=live)
 
         def attend(q, k, v, layer, *, window, scale, softcap):
             return kv_cache.shared_prefix_attention(q, k, v, layer, rows, window, scale, softcap)

@@ -101,9 +101,12 @@ class DecodeModel(Protocol):
     def decode_context(self, model: Any, cache: Any, shape: Shape) -> Any:
         """What every decode step of one decode call reuses (split weights, per-group positions)."""
 
-    def decode_step(self, model: Any, context: Any, cache: Any, last: jax.Array, index: jax.Array, shape: Shape
-                    ) -> tuple[Any, jax.Array]:
-        """Feed ``last`` [B], token ``index`` [B] of each row's continuation; returns the cache and logits [B, V]."""
+    def decode_step(self, model: Any, context: Any, cache: Any, last: jax.Array, index: jax.Array, live: jax.Array,
+                    shape: Shape) -> tuple[Any, jax.Array]:
+        """Feed ``last`` [B], token ``index`` [B] of each row's continuation; returns the cache and logits [B, V].
+
+        ``live`` [B] bool: the rows still generating. A finished (or free) row's logits are discarded, so an
+        adapter may skip its attention work (the drain tail of a ragged call is mostly such rows)."""
 
     def kv_bytes_per_group(self, n: int, prompt_slots: int, new_slots: int) -> int:
         """Cache bytes one group holds (the slot count follows from the KV budget)."""
@@ -178,9 +181,9 @@ def make_decode(adapter: DecodeModel, graphdef, shape: Shape, mode: Mode):
 
         def body(st: DecodeState):
             index = st.gen_len - 1  # the token fed now is token gen_len - 1 of its row
-            cache, logits = adapter.decode_step(model, context, st.cache, st.last, index, shape)
-            tok = sample(logits, st.keys, st.gen_len, mode, sampling.temperature, sampling.top_p)
             live = ~st.done
+            cache, logits = adapter.decode_step(model, context, st.cache, st.last, index, live, shape)
+            tok = sample(logits, st.keys, st.gen_len, mode, sampling.temperature, sampling.top_p)
             tok = jnp.where(live, tok, sampling.pad)
             hit = jnp.any(tok[:, None] == sampling.eos[None, :], axis=-1) & live
             tokens = jax.vmap(lambda row, t, i: jax.lax.dynamic_update_slice_in_dim(row, t[None], i, 0))(

@@ -48,6 +48,7 @@ class RowView(NamedTuple):
     prefix_mask: jax.Array  # [G, Lp] bool: prompt slots holding real tokens
     query_pos: jax.Array  # [B] int32: this token's position
     prefix_pos: jax.Array  # [G, Lp] int32: positions of the prompt slots
+    live: Optional[jax.Array] = None  # [B] bool: rows still generating (None: all); others' outputs are discarded
 
 
 def layer_slots(windows: Sequence[Optional[int]], prompt_slots: int, new_slots: int) -> list[tuple[int, int]]:
@@ -109,7 +110,8 @@ def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer: Lay
     if decode_attention.kernel_applies(d, sliding_window, softcap):  # GPU: a Pallas decode kernel
         # A global layer's continuation never wraps (ls covers every new token), so slots 0..index are filled.
         prefix_start = lp - jnp.sum(rows.prefix_mask[:, -lp:], axis=1)
-        out = decode_attention.kernel()(q, layer.prefix_k, layer.prefix_v, prefix_start, sk, sv, index + 1, scale)
+        out = decode_attention.kernel()(q, layer.prefix_k, layer.prefix_v, prefix_start, sk, sv, index + 1, scale,
+                                        live=rows.live)
         return out, layer._replace(suffix_k=sk, suffix_v=sv)
     cdt = q.dtype
     qg = q.reshape(g, n, kv, h, d)  # query head j reads kv head j // h (HF's repeat_kv order)

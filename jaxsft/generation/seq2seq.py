@@ -137,7 +137,8 @@ class Seq2SeqAdapter:
     def decode_context(self, model, cache: EncoderCache, shape: Shape):
         return model.decode_params()  # weights split once, outside the loop
 
-    def decode_step(self, model, context, cache: EncoderCache, last, index, shape: Shape):
+    def decode_step(self, model, context, cache: EncoderCache, last, index, live, shape: Shape):
+        del live  # XLA attention over fixed shapes: a finished row costs the same, and its logits are discarded
         spec, n, ls = self.spec, shape.n, shape.new_slots
         position = index + 1  # continuation token i sits at decoder position i + 1 (the start token at 0)
         bias = model.self_attention_bias(position, ls)  # [B, heads, 1, Ls] or None, shared by the layers

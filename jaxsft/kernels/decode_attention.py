@@ -77,15 +77,18 @@ def _partial(q, k, v, start, length, block_h: int, interpret: bool):
 
 def shared_prefix_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, prefix_start: jax.Array,
                             suffix_k: jax.Array, suffix_v: jax.Array, suffix_len: jax.Array,
-                            scale, interpret: Optional[bool] = None) -> jax.Array:
+                            scale, interpret: Optional[bool] = None, live: Optional[jax.Array] = None) -> jax.Array:
     """Attention of one decode token per row over its group's prompt plus its own continuation.
 
     ``q`` [B, 1, N, D] (B = groups * n, query head j reads KV head j // (N / K)); ``prefix_k/v``
     [G, K, Lp, D], real slots from ``prefix_start`` [G] on; ``suffix_k/v`` [B, K, Ls, D], the first
     ``suffix_len`` [B] slots filled (this token's included); ``scale`` the query scale (a number or a
     traced scalar: the layer loop carries it), applied to ``q`` before the kernels, which take a static
-    scale of 1. Returns [B, 1, N, D] in ``q``'s dtype.
+    scale of 1. ``live`` [B] (optional): rows whose output is used; this form computes every row anyway
+    (jax's kernel takes no empty row), :func:`one_pass_attention` skips the others. Returns [B, 1, N, D] in
+    ``q``'s dtype.
     """
+    del live
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     b, _, n_heads, d = q.shape
     g, kv, lp, _ = prefix_k.shape
@@ -120,7 +123,10 @@ _NEG = -1e30  # a masked score: exp(_NEG - any real maximum) is 0, and _NEG - _N
 def _one_pass_kernel(start_ref, length_ref, q_ref, pk_ref, pv_ref, sk_ref, sv_ref, o_ref, *, block_p: int,
                      block_s: int):
     """One (row, KV head): the row's queries [Hp, D] against its group's prompt slots ``start..Lp`` and then its
-    own continuation slots ``0..length``, one online softmax over both, normalised output written once."""
+    own continuation slots ``0..length``, one online softmax over both, normalised output written once.
+
+    A row with nothing to read (``start = Lp``, ``length = 0``: a finished row) runs no loop iteration and
+    writes zeros."""
     from jax.experimental import pallas as pl
 
     q = q_ref[...]
@@ -147,12 +153,12 @@ def _one_pass_kernel(start_ref, length_ref, q_ref, pk_ref, pv_ref, sk_ref, sv_re
     carry = (jnp.zeros((rows, dim), jnp.float32), jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
     carry = attend(pk_ref, pv_ref, block_p, start_ref[...], pk_ref.shape[0], carry)
     acc, _, total = attend(sk_ref, sv_ref, block_s, 0, length_ref[...], carry)
-    o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
+    o_ref[...] = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(o_ref.dtype)
 
 
 def one_pass_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, prefix_start: jax.Array,
                        suffix_k: jax.Array, suffix_v: jax.Array, suffix_len: jax.Array,
-                       scale, interpret: Optional[bool] = None) -> jax.Array:
+                       scale, interpret: Optional[bool] = None, live: Optional[jax.Array] = None) -> jax.Array:
     """:func:`shared_prefix_attention`'s arguments and result, as one Pallas kernel per (row, KV head).
 
     Why one pass: the two-pass form launches two kernels plus the merge's and jax's split-combining
@@ -161,6 +167,9 @@ def one_pass_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, p
     group's prompt and then its own filled continuation through one online softmax and writes the
     normalised output once. The prompt is read once per sample rather than once per group: the ``n``
     programs of a group run side by side and meet it in L2.
+
+    ``live`` [B] (optional): rows whose output is used. The others read nothing and give zeros, so a call's
+    drain tail (most rows finished, a few still running) costs the live rows' K/V, not every row's.
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pl_triton
@@ -174,11 +183,15 @@ def one_pass_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, p
     q = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(b, kv, h, d)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - h), (0, 0)))
     kernel = functools.partial(_one_pass_kernel, block_p=min(64, lp), block_s=min(64, ls))
+    start = jnp.repeat(prefix_start.astype(jnp.int32), n)  # per row
+    length = jnp.clip(suffix_len, 1, ls).astype(jnp.int32)
+    if live is not None:
+        start, length = jnp.where(live, start, lp), jnp.where(live, length, 0)
     out = pl.pallas_call(
         kernel,
         grid=(b, kv),
         in_specs=[
-            pl.BlockSpec((None,), lambda r, k: (r // n,)),  # the group's first real prompt slot
+            pl.BlockSpec((None,), lambda r, k: (r,)),  # the row's first prompt slot to read (its group's first real one)
             pl.BlockSpec((None,), lambda r, k: (r,)),  # the row's filled continuation slots
             pl.BlockSpec((None, None, rows, d), lambda r, k: (r, k, 0, 0)),
             pl.BlockSpec((None, None, lp, d), lambda r, k: (r // n, k, 0, 0)),
@@ -191,6 +204,5 @@ def one_pass_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, p
         compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="shared_prefix_decode_attention",
-    )(prefix_start.astype(jnp.int32), jnp.clip(suffix_len, 1, ls).astype(jnp.int32), q, prefix_k, prefix_v,
-      suffix_k, suffix_v)
+    )(start, length, q, prefix_k, prefix_v, suffix_k, suffix_v)
     return out[:, :, :h].reshape(b, 1, n_heads, d)
