@@ -30,11 +30,12 @@ def _case(groups, n, kv, h, d, lp, ls, dtype, seed=0):
     return f(b, 1, kv * h, d), f(b, 1, kv, d), f(b, 1, kv, d), layer, rows
 
 
-@pytest.mark.parametrize("which", ["fused", "pallas"])
+@pytest.mark.parametrize("which", ["fused", "fused_write", "pallas"])
 @pytest.mark.parametrize("n, h", [(1, 7), (4, 2), (3, 4)])
 def test_kernel_equals_the_xla_form(monkeypatch, n, h, which):
     """Groups of n samples over 2 KV heads with h query heads each: the one-pass kernel, and the two passes merged, equal the XLA
-    softmax over prompt + own continuation (the cache write is shared, so the new K/V is read by both). fp32 here
+    softmax over prompt + own continuation, and the cache comes back with this token's K/V in its slot, as XLA writes it
+    (``fused_write`` writes it inside the kernel, into the aliased buffers, and reads the new K/V from registers). fp32 here
     (XLA:CPU has no bf16 x bf16 -> f32 dot); bf16 is compared compiled in the GPU tier."""
     q, k, v, layer, rows = _case(groups=3, n=n, kv=2, h=h, d=16, lp=32, ls=64, dtype=jnp.float32)
     monkeypatch.setenv(kernel.ENV, "xla")
@@ -43,9 +44,10 @@ def test_kernel_equals_the_xla_form(monkeypatch, n, h, which):
     out, out_layer = kv_cache.shared_prefix_attention(q, k, v, layer, rows, None, scale=0.3)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
     np.testing.assert_array_equal(np.asarray(out_layer.suffix_k), np.asarray(ref_layer.suffix_k))
+    np.testing.assert_array_equal(np.asarray(out_layer.suffix_v), np.asarray(ref_layer.suffix_v))
 
 
-@pytest.mark.parametrize("which", ["fused", "pallas"])
+@pytest.mark.parametrize("which", ["fused", "fused_write", "pallas"])
 def test_continuation_blocks_past_the_filled_length_are_never_read(monkeypatch, which):
     """NaN in every continuation slot from the second 64-slot block on, rows filled to under 64 slots: the kernel
     pass stops at the filled block, so its output equals the clean reference; the XLA form, which reads every
@@ -63,7 +65,8 @@ def test_continuation_blocks_past_the_filled_length_are_never_read(monkeypatch, 
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
-def test_finished_rows_read_nothing_and_live_rows_are_unchanged(monkeypatch):
+@pytest.mark.parametrize("which", ["fused", "fused_write"])
+def test_finished_rows_read_nothing_and_live_rows_are_unchanged(monkeypatch, which):
     """The drain tail: rows marked finished (``live`` False) read none of their K/V. Their continuation slots, and
     the prompt of a group whose rows have all finished, are NaN here; the live rows still equal the clean XLA
     reference and the finished rows come out as zeros, not NaN (nothing read, nothing divided by zero)."""
@@ -78,7 +81,7 @@ def test_finished_rows_read_nothing_and_live_rows_are_unchanged(monkeypatch):
                               suffix_v=jnp.where(dead_row, jnp.nan, layer.suffix_v),
                               prefix_k=jnp.where(dead_group, jnp.nan, layer.prefix_k),
                               prefix_v=jnp.where(dead_group, jnp.nan, layer.prefix_v))
-    monkeypatch.setenv(kernel.ENV, "fused")
+    monkeypatch.setenv(kernel.ENV, which)
     out, _ = kv_cache.shared_prefix_attention(q, k, v, poisoned, rows._replace(live=jnp.asarray(live)), None)
     out = np.asarray(out)
     np.testing.assert_allclose(out[live], np.asarray(ref)[live], rtol=2e-5, atol=2e-5)
@@ -96,7 +99,8 @@ def test_the_rule_picks_the_kernel_on_gpu_for_plain_layers_only(monkeypatch):
     assert not kernel.kernel_applies(80, None, None, backend="gpu", choice="auto")  # not a power of two
     assert not kernel.kernel_applies(64, None, None, backend="gpu", choice="xla")
     assert kernel.kernel_applies(64, None, None, backend="cpu", choice="fused")  # interpret mode off GPU
-    assert kernel.kernel("auto") is kernel.one_pass_attention and kernel.kernel("pallas") is kernel.shared_prefix_attention
+    assert kernel.kernel_applies(64, None, None, backend="cpu", choice="fused_write")
+    assert kernel.kernel("fused_write") is kernel.one_pass_attention_with_write
     monkeypatch.setenv(kernel.ENV, "fast")
     with pytest.raises(ValueError, match="JAXSFT_DECODE_ATTENTION='fast'"):
         kernel.implementation()
@@ -124,16 +128,37 @@ def test_kernels_lower_to_triton_for_a_gpu_on_any_host(monkeypatch):
     assert lowered.as_text().count("xla.gpu.triton") == 1  # prompt and continuation in one kernel
 
 
+@pytest.mark.parametrize("which, writes_in_xla", [("fused", True), ("fused_write", False)])
+def test_fused_write_leaves_no_xla_cache_write(which, writes_in_xla):
+    """Lowered for CUDA on any host: with ``fused_write`` the layer's attention is the one Triton kernel, updating
+    both cache buffers in place (aliased operands), with no XLA write of the cache, no query scaling or padding
+    fusion and no slice of its output around it; ``fused`` still writes in XLA (the check can tell them apart)."""
+    q, k, v, layer, rows = _case(groups=2, n=4, kv=2, h=7, d=64, lp=128, ls=256, dtype=jnp.bfloat16)
+
+    def attend(q, k, v, layer, rows):
+        return kernel.kernel(which)(q, k, v, layer.prefix_k, layer.prefix_v, jnp.zeros(2, jnp.int32), layer.suffix_k,
+                                    layer.suffix_v, rows.suffix_index, 0.125, interpret=False)
+
+    text = jax.jit(attend).trace(q, k, v, layer, rows).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
+    assert ("dynamic_update_slice" in text or "scatter" in text) == writes_in_xla
+    assert ("stablehlo.pad" in text) == writes_in_xla  # the query padded to a Triton tile outside the kernel
+    if not writes_in_xla:
+        assert "output_operand_aliases" in text
+
+
 @pytest.mark.slow
-def test_engine_with_the_kernels_greedy_equals_transformers(monkeypatch):
-    """The whole engine with the default (one-pass) kernel (interpret mode): 5 prompts through 2 slot groups of 2 samples each,
-    rows ending at different EOS positions; every row equals HF's greedy."""
+@pytest.mark.parametrize("which", ["fused", "fused_write"])
+def test_engine_with_the_kernels_greedy_equals_transformers(monkeypatch, which):
+    """The whole engine with the one-pass kernel (the default, and the form that writes the cache itself; interpret
+    mode): 5 prompts through 2 slot groups of 2 samples each, rows ending at different EOS positions (finished rows
+    skipped while others run); every row equals HF's greedy."""
     import tiny
     from test_generate import PROMPTS, hf_greedy, models
 
     from jaxsft.generation import Sampler, causal
 
-    monkeypatch.setenv(kernel.ENV, "fused")
+    monkeypatch.setenv(kernel.ENV, which)
     tok = tiny.load_tokenizer(tiny.tokenizer_dir(str(__import__("tempfile").mkdtemp())))
     torch_model, model = models("llama")
     budget = 2 * causal.kv_bytes_per_group(model.spec, model.dtype, 2, 64, 16)

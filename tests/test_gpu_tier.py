@@ -234,7 +234,7 @@ def test_fused_add_rms_norm_kernel_equals_its_xla_form_compiled(dtype):
 
 
 # ----------------------------------------------------------------------------- the decode-attention kernels
-@pytest.mark.parametrize("which", ["fused", "pallas"])
+@pytest.mark.parametrize("which", ["fused", "fused_write", "pallas"])
 @pytest.mark.parametrize("n", [1, 8])
 def test_decode_attention_kernels_equal_the_xla_form_compiled(monkeypatch, n, which):
     """The engine's decode-attention kernels (``fused``: one pass per row and KV head; ``pallas``: jax's decode
@@ -257,15 +257,20 @@ def test_decode_attention_kernels_equal_the_xla_form_compiled(monkeypatch, n, wh
                             query_pos=jnp.repeat(jnp.asarray(real, jnp.int32), n) + index,
                             prefix_pos=jnp.zeros((groups, lp), jnp.int32))
     q, k, v = f(b, 1, kv * h, d), f(b, 1, kv, d), f(b, 1, kv, d)
-    run = jax.jit(lambda q, k, v, layer, rows: kv_cache.shared_prefix_attention(q, k, v, layer, rows, None)[0])
+    run = jax.jit(lambda q, k, v, layer, rows: kv_cache.shared_prefix_attention(q, k, v, layer, rows, None))
     monkeypatch.setenv(kernel.ENV, "xla")
-    ref = np.asarray(run(q, k, v, layer, rows), np.float32)
+    ref, ref_layer = run(q, k, v, layer, rows)
+    ref = np.asarray(ref, np.float32)
     monkeypatch.setenv(kernel.ENV, which)
-    run = jax.jit(lambda q, k, v, layer, rows: kv_cache.shared_prefix_attention(q, k, v, layer, rows, None)[0])
+    run = jax.jit(lambda q, k, v, layer, rows: kv_cache.shared_prefix_attention(q, k, v, layer, rows, None))
     assert "triton" in run.lower(q, k, v, layer, rows).as_text()  # the kernels, not the XLA form
-    out = np.asarray(run(q, k, v, layer, rows), np.float32)
+    out, out_layer = run(q, k, v, layer, rows)
+    out = np.asarray(out, np.float32)
     np.testing.assert_allclose(out, ref, rtol=3e-2, atol=3e-2 * np.abs(ref).max())
-    if which == "fused":  # finished rows (every third) read nothing and give zeros; the live rows are unchanged
+    np.testing.assert_array_equal(np.asarray(out_layer.suffix_k), np.asarray(ref_layer.suffix_k))  # the token's K/V
+    np.testing.assert_array_equal(np.asarray(out_layer.suffix_v), np.asarray(ref_layer.suffix_v))
+    run = jax.jit(lambda q, k, v, layer, rows: kv_cache.shared_prefix_attention(q, k, v, layer, rows, None)[0])
+    if which != "pallas":  # finished rows (every third) read nothing and give zeros; the live rows are unchanged
         live = np.arange(b) % 3 != 0
         out = np.asarray(run(q, k, v, layer, rows._replace(live=jnp.asarray(live))), np.float32)
         np.testing.assert_allclose(out[live], ref[live], rtol=3e-2, atol=3e-2 * np.abs(ref).max())

@@ -86,11 +86,6 @@ def write_prefix(layers: list[LayerKV], k: jax.Array, v: jax.Array, group_slots:
     return out
 
 
-def _write_rows(buf: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """buf [B, K, S, D] with new [B, K, D] written at each row's slot (a batched in-place update)."""
-    return jax.vmap(lambda b, x, s: jax.lax.dynamic_update_slice_in_dim(b, x[:, None], s, axis=1))(buf, new, slots)
-
-
 def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer: LayerKV, rows: RowView,
                             sliding_window: Optional[int], scale: Optional[float] = None,
                             softcap: Optional[float] = None) -> tuple[jax.Array, LayerKV]:
@@ -104,15 +99,15 @@ def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer: Lay
     n = b // g
     h = n_heads // kv
     index = rows.suffix_index
-    sk = _write_rows(layer.suffix_k, k[:, 0].astype(layer.suffix_k.dtype), index % ls)
-    sv = _write_rows(layer.suffix_v, v[:, 0].astype(layer.suffix_v.dtype), index % ls)
     scale = np.float32(1.0 / math.sqrt(d) if scale is None else scale)
     if decode_attention.kernel_applies(d, sliding_window, softcap):  # GPU: a Pallas decode kernel
         # A global layer's continuation never wraps (ls covers every new token), so slots 0..index are filled.
         prefix_start = lp - jnp.sum(rows.prefix_mask[:, -lp:], axis=1)
-        out = decode_attention.kernel()(q, layer.prefix_k, layer.prefix_v, prefix_start, sk, sv, index + 1, scale,
-                                        live=rows.live)
+        out, sk, sv = decode_attention.kernel()(q, k, v, layer.prefix_k, layer.prefix_v, prefix_start, layer.suffix_k,
+                                                layer.suffix_v, index, scale, live=rows.live)
         return out, layer._replace(suffix_k=sk, suffix_v=sv)
+    sk = decode_attention.write_token(layer.suffix_k, k[:, 0].astype(layer.suffix_k.dtype), index % ls)
+    sv = decode_attention.write_token(layer.suffix_v, v[:, 0].astype(layer.suffix_v.dtype), index % ls)
     cdt = q.dtype
     qg = q.reshape(g, n, kv, h, d)  # query head j reads kv head j // h (HF's repeat_kv order)
     s_pre = jnp.einsum("gnkhd,gksd->gnkhs", qg, layer.prefix_k.astype(cdt), preferred_element_type=jnp.float32)

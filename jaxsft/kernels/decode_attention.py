@@ -14,10 +14,14 @@ buffer, filled or not. Two kernel forms read only what a row needs:
   softmaxes merged by their maxima and sums (the log-sum-exp rule): two launches plus the merge's
   elementwise kernels per layer.
 
-Both give the one softmax over prompt + continuation that the XLA form computes. Where they apply: GPU,
+* ``fused_write`` (:func:`one_pass_attention_with_write`): the one pass that also writes this token's K/V
+  into the cache (aliased buffers, one slot per row), scales and pads the query and writes an unpadded
+  output, so no XLA kernel runs around it; selectable until a GPU measurement makes it the default.
+
+All give the one softmax over prompt + continuation that the XLA form computes. Where they apply: GPU,
 layers without a sliding window or score soft cap, power-of-two head sizes of at least 16 (Triton
 blocks); everything else, CPU and TPU included, takes the XLA form, the reference the tests compare them
-with (Pallas interpret mode on CPU, compiled in the GPU tier). ``JAXSFT_DECODE_ATTENTION=auto|fused|pallas|xla``
+with (Pallas interpret mode on CPU, compiled in the GPU tier). ``JAXSFT_DECODE_ATTENTION=auto|fused|fused_write|pallas|xla``
 overrides the choice for measurements (default ``auto``: ``fused`` on GPU).
 """
 
@@ -30,7 +34,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "fused", "pallas", "xla")
+IMPLEMENTATIONS = ("auto", "fused", "fused_write", "pallas", "xla")
 ENV = "JAXSFT_DECODE_ATTENTION"
 _MAX_QUERY_BLOCK = 64  # query rows per program of the prompt pass (n * h above this splits over programs)
 
@@ -45,19 +49,44 @@ def implementation() -> str:
 
 def kernel_applies(head_dim: int, sliding_window: Optional[int], softcap: Optional[float],
                    backend: Optional[str] = None, choice: Optional[str] = None) -> bool:
-    """Whether a decode layer takes a kernel: ``auto`` on a GPU (``fused``/``pallas`` anywhere, in interpret
+    """Whether a decode layer takes a kernel: ``auto`` on a GPU (any named kernel anywhere, in interpret
     mode off GPU), a layer without window or soft cap, a power-of-two head size >= 16."""
     choice = choice or implementation()
     fits = sliding_window is None and softcap is None and head_dim >= 16 and head_dim & (head_dim - 1) == 0
     if choice == "xla" or not fits:
         return False
-    return choice in ("fused", "pallas") or (backend or jax.default_backend()) == "gpu"
+    return choice != "auto" or (backend or jax.default_backend()) == "gpu"
 
 
-def kernel(choice: Optional[str] = None) -> Callable[..., jax.Array]:
-    """The kernel a layer that :func:`kernel_applies` to runs (both take the same arguments): the one pass
-    (:func:`one_pass_attention`) unless ``pallas`` asks for the two passes of jax's decode kernel."""
-    return shared_prefix_attention if (choice or implementation()) == "pallas" else one_pass_attention
+def write_token(buf: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """buf [B, K, S, D] with new [B, K, D] written at each row's slot (a batched in-place update in XLA)."""
+    return jax.vmap(lambda b, x, s: jax.lax.dynamic_update_slice_in_dim(b, x[:, None], s, axis=1))(buf, new, slots)
+
+
+def _with_xla_write(attend: Callable[..., jax.Array]) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
+    """A kernel that reads a cache already holding this token's K/V, behind the write-and-attend interface."""
+
+    def run(q, k, v, prefix_k, prefix_v, prefix_start, suffix_k, suffix_v, index, scale, live=None, interpret=None):
+        slots = index % suffix_k.shape[2]
+        sk = write_token(suffix_k, k[:, 0].astype(suffix_k.dtype), slots)
+        sv = write_token(suffix_v, v[:, 0].astype(suffix_v.dtype), slots)
+        out = attend(q, prefix_k, prefix_v, prefix_start, sk, sv, index + 1, scale, interpret=interpret, live=live)
+        return out, sk, sv
+
+    return run
+
+
+def kernel(choice: Optional[str] = None) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
+    """What a layer that :func:`kernel_applies` to runs, one interface for every form:
+    ``(q, k, v, prefix_k, prefix_v, prefix_start, suffix_k, suffix_v, index, scale, live=None) -> (out, suffix_k,
+    suffix_v)``: this token's K/V [B, 1, K, D] written at continuation slot ``index`` [B], then attention over the
+    prompt and the filled continuation. ``fused`` (the default) and ``pallas`` write in XLA and then run
+    :func:`one_pass_attention` / :func:`shared_prefix_attention`; ``fused_write`` is the one pass doing the write,
+    the query scale and the head padding itself (:func:`one_pass_attention_with_write`)."""
+    choice = choice or implementation()
+    if choice == "fused_write":
+        return one_pass_attention_with_write
+    return _with_xla_write(shared_prefix_attention if choice == "pallas" else one_pass_attention)
 
 
 def _pow2_at_least(n: int, minimum: int) -> int:
@@ -206,3 +235,118 @@ def one_pass_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, p
         name="shared_prefix_decode_attention",
     )(start, length, q, prefix_k, prefix_v, suffix_k, suffix_v)
     return out[:, :, :h].reshape(b, 1, n_heads, d)
+
+
+# ---------------------------------------------------------------------------- one pass that also writes the token
+def _one_pass_write_kernel(scale_ref, start_ref, filled_ref, live_ref, q_ref, k_ref, v_ref, pk_ref, pv_ref, sk_ref,
+                           sv_ref, o_ref, sk_out, sv_out, *, heads: int, rows: int, block_p: int, block_s: int):
+    """One (row, KV head), as :func:`_one_pass_kernel`, plus what XLA did around it: the query's scale and its
+    padding to ``rows`` (masked loads of the ``heads`` real rows), this token's K/V written into its continuation
+    slot ``filled`` (the buffers are aliased: only that slot is stored), and an unpadded output.
+
+    The continuation is read from slot 0 to ``filled - 1`` (the cache as it was), and this token's key and value
+    join the softmax from registers, so no read waits on the write. A finished row (``live`` 0) reads, writes and
+    attends to nothing and gives zeros."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pl_triton
+
+    real = jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < heads
+    q = pl_triton.load(q_ref.at[pl.ds(0, rows), :], mask=real, other=0)
+    q = (q.astype(jnp.float32) * scale_ref[0]).astype(q_ref.dtype)  # the rounding XLA's scaling had
+    live = live_ref[...] > 0
+    k_new, v_new = k_ref[...], v_ref[...]  # [D] each, in the cache dtype
+
+    def attend(k_ref, v_ref, block: int, lo, hi, carry):
+        def body(i, carry):
+            acc, top, total = carry
+            at = i * block
+            k = k_ref[pl.ds(at, block), :]
+            scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            slot = at + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
+            scores = jnp.where((slot >= lo) & (slot < hi), scores, _NEG)
+            new_top = jnp.maximum(top, jnp.max(scores, axis=1))
+            weights = jnp.exp(scores - new_top[:, None])
+            rescale = jnp.exp(top - new_top)
+            v = v_ref[pl.ds(at, block), :]
+            acc = acc * rescale[:, None] + jax.lax.dot_general(
+                weights.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            return acc, new_top, total * rescale + jnp.sum(weights, axis=1)
+
+        return jax.lax.fori_loop(lo // block, (hi + block - 1) // block, body, carry)
+
+    dim = q.shape[1]
+    carry = (jnp.zeros((rows, dim), jnp.float32), jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    carry = attend(pk_ref, pv_ref, block_p, start_ref[...], pk_ref.shape[0], carry)
+    filled = filled_ref[...]
+    acc, top, total = attend(sk_ref, sv_ref, block_s, 0, filled, carry)
+    # This token: one more key, from registers (the product in fp32, as the dot's accumulation is).
+    score = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1)
+    score = jnp.where(live, score, _NEG)
+    new_top = jnp.maximum(top, score)
+    weight = jnp.where(live, jnp.exp(score - new_top), 0.0)
+    rescale = jnp.exp(top - new_top)
+    acc = acc * rescale[:, None] + weight.astype(v_new.dtype).astype(jnp.float32)[:, None] * v_new.astype(jnp.float32)[None, :]
+    total = total * rescale + weight
+    out = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(o_ref.dtype)
+    pl_triton.store(o_ref.at[pl.ds(0, rows), :], out, mask=real)
+
+    @pl.when(live)
+    def _():
+        sk_out[pl.ds(filled, 1), :] = k_new[None, :]
+        sv_out[pl.ds(filled, 1), :] = v_new[None, :]
+
+
+def one_pass_attention_with_write(q: jax.Array, k: jax.Array, v: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
+                                  prefix_start: jax.Array, suffix_k: jax.Array, suffix_v: jax.Array, index: jax.Array,
+                                  scale, live: Optional[jax.Array] = None, interpret: Optional[bool] = None
+                                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`kernel`'s interface as one kernel: the write of this token's K/V, the query scale, the padding of
+    the query heads to a Triton tile and the slice back all happen inside the one-pass kernel.
+
+    Why: around the attention kernel a decode layer otherwise runs XLA kernels of a few microseconds each (the
+    two cache writes, the scaled and padded query, the sliced output); at small models and batches, where a step
+    is a chain of such launches, they are a visible share of the step. Global layers only (``index`` < the
+    continuation slots, as :func:`kernel_applies` guarantees); the cache buffers are updated in place
+    (``input_output_aliases``), one slot per live row.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pl_triton
+
+    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    b, _, n_heads, d = q.shape
+    g, kv, lp, _ = prefix_k.shape
+    ls = suffix_k.shape[2]
+    n, h = b // g, n_heads // kv
+    live = jnp.ones((b,), bool) if live is None else live
+    start = jnp.where(live, jnp.repeat(prefix_start.astype(jnp.int32), n), lp)
+    filled = jnp.where(live, index, 0).astype(jnp.int32)  # continuation slots holding earlier tokens
+    kernel = functools.partial(_one_pass_write_kernel, heads=h, rows=_pow2_at_least(h, 16), block_p=min(64, lp),
+                               block_s=min(64, ls))
+    row_head = lambda r, k: (r, k, 0, 0)  # noqa: E731
+    out, sk, sv = pl.pallas_call(
+        kernel,
+        grid=(b, kv),
+        in_specs=[
+            pl.BlockSpec((1,), lambda r, k: (0,)),  # the query scale
+            pl.BlockSpec((None,), lambda r, k: (r,)),  # the row's first prompt slot to read
+            pl.BlockSpec((None,), lambda r, k: (r,)),  # continuation slots already filled (this token's slot)
+            pl.BlockSpec((None,), lambda r, k: (r,)),  # live
+            pl.BlockSpec((None, None, h, d), row_head),  # the row's queries of this KV head, unpadded
+            pl.BlockSpec((None, None, d), lambda r, k: (r, k, 0)),  # this token's key
+            pl.BlockSpec((None, None, d), lambda r, k: (r, k, 0)),  # and value
+            pl.BlockSpec((None, None, lp, d), lambda r, k: (r // n, k, 0, 0)),
+            pl.BlockSpec((None, None, lp, d), lambda r, k: (r // n, k, 0, 0)),
+            pl.BlockSpec((None, None, ls, d), row_head),
+            pl.BlockSpec((None, None, ls, d), row_head),
+        ],
+        out_specs=[pl.BlockSpec((None, None, h, d), row_head), pl.BlockSpec((None, None, ls, d), row_head),
+                   pl.BlockSpec((None, None, ls, d), row_head)],
+        out_shape=[jax.ShapeDtypeStruct((b, kv, h, d), q.dtype), jax.ShapeDtypeStruct(suffix_k.shape, suffix_k.dtype),
+                   jax.ShapeDtypeStruct(suffix_v.shape, suffix_v.dtype)],
+        input_output_aliases={9: 1, 10: 2},
+        compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="shared_prefix_decode_attention_write",
+    )(jnp.reshape(jnp.asarray(scale, jnp.float32), (1,)), start, filled, live.astype(jnp.int32), q.reshape(b, kv, h, d),
+      k[:, 0].astype(suffix_k.dtype), v[:, 0].astype(suffix_v.dtype), prefix_k, prefix_v, suffix_k, suffix_v)
+    return out.reshape(b, 1, n_heads, d), sk, sv
