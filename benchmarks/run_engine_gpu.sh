@@ -21,6 +21,11 @@ for section in "$@"; do
     gen05_t1) timeout 150 python3 $B/bench_generate.py --shape qwen05 --batches 512,1024 --new-tokens 256 --temperature 1 --repeats 2 > $OUT/$section.log 2>&1 ;;
     gen05_t1_before) (cd $MAIN && PYTHONPATH=/tmp/site:$MAIN timeout 150 python3 $B/bench_generate.py --shape qwen05 --batches 512,1024 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf) > $OUT/$section.log 2>&1 ;;
     gen05_t1_no_command_buffers) XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 150 python3 $B/bench_generate.py --shape qwen05 --batches 512 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf > $OUT/$section.log 2>&1 ;;
+    gen05_fused_write) JAXSFT_DECODE_ATTENTION=fused_write timeout 150 python3 $B/bench_generate.py --shape qwen05 --batches 512 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf > $OUT/$section.log 2>&1 ;;
+    gen135_fused_write) JAXSFT_DECODE_ATTENTION=fused_write timeout 120 python3 $B/bench_generate.py --shape smollm2 --batches 64 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf > $OUT/$section.log 2>&1 ;;
+    ragged05) timeout 120 python3 $B/bench_generate.py --shape qwen05 --batches 512 --new-tokens 512 --ragged 6 --repeats 2 --skip-hf > $OUT/$section.log 2>&1 ;;
+    gemm_floor) for sh in "qwen05 512,1024" "smollm2 64" "qwen15 512"; do set -- $sh; timeout 60 python3 $B/bench_decode_gemms.py --shape $1 --rows $2; done > $OUT/$section.log 2>&1 ;;
+    memory_4096x8) timeout 590 python3 $B/bench_generate.py --shape qwen05 --batches 4096 --samples 8 --new-tokens 1024 --temperature 1 --repeats 0 --skip-hf > $OUT/$section.log 2>&1 ;;
     profile_t1_explain) timeout 150 python3 $B/profile_decode.py --label t1 --shape qwen05 --batch 512 --new 256 --explain --top 14 > $OUT/$section.log 2>&1 ;;
   esac
   echo "== $section done $(date +%T)" >> $OUT/progress.log
