@@ -119,10 +119,10 @@ def test_kernels_lower_to_triton_for_a_gpu_on_any_host(monkeypatch):
     lowered = jax.jit(attend).trace(q, k, v, layer, rows).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 2  # the prompt pass and the continuation pass
 
-    def attend_once(q, k, v, layer, rows):
+    def attend_once(q, k, v, layer, rows):  # with finished rows, as the engine runs it
         return kernel.one_pass_attention(q, layer.prefix_k, layer.prefix_v, jnp.zeros(2, jnp.int32),
                                          layer.suffix_k, layer.suffix_v, rows.suffix_index + 1, 0.125,
-                                         interpret=False)
+                                         interpret=False, live=rows.suffix_index % 2 == 0)
 
     lowered = jax.jit(attend_once).trace(q, k, v, layer, rows).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 1  # prompt and continuation in one kernel
