@@ -149,6 +149,35 @@ def shared_prefix_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Arr
 _NEG = -1e30  # a masked score: exp(_NEG - any real maximum) is 0, and _NEG - _NEG is 0, never NaN
 
 
+def _empty_softmax(rows: int, dim: int):
+    """An online softmax over no slots yet: (acc, running max, running sum)."""
+    return jnp.zeros((rows, dim), jnp.float32), jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32)
+
+
+def _attend_slots(q, k_ref, v_ref, block: int, lo, hi, carry):
+    """Inside a one-pass kernel: fold slots ``lo..hi-1`` of ``k_ref``/``v_ref`` [S, D] into the online softmax
+    ``carry = (acc [R, D], running max [R], running sum [R])`` of queries ``q`` [R, D], ``block`` slots per step;
+    blocks wholly outside the range are never loaded."""
+    from jax.experimental import pallas as pl
+
+    def body(i, carry):
+        acc, top, total = carry
+        at = i * block
+        k = k_ref[pl.ds(at, block), :]
+        scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        slot = at + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
+        scores = jnp.where((slot >= lo) & (slot < hi), scores, _NEG)
+        new_top = jnp.maximum(top, jnp.max(scores, axis=1))
+        weights = jnp.exp(scores - new_top[:, None])
+        rescale = jnp.exp(top - new_top)
+        v = v_ref[pl.ds(at, block), :]
+        acc = acc * rescale[:, None] + jax.lax.dot_general(
+            weights.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return acc, new_top, total * rescale + jnp.sum(weights, axis=1)
+
+    return jax.lax.fori_loop(lo // block, (hi + block - 1) // block, body, carry)
+
+
 def _one_pass_kernel(start_ref, length_ref, q_ref, pk_ref, pv_ref, sk_ref, sv_ref, o_ref, *, block_p: int,
                      block_s: int):
     """One (row, KV head): the row's queries [Hp, D] against its group's prompt slots ``start..Lp`` and then its
@@ -156,32 +185,10 @@ def _one_pass_kernel(start_ref, length_ref, q_ref, pk_ref, pv_ref, sk_ref, sv_re
 
     A row with nothing to read (``start = Lp``, ``length = 0``: a finished row) runs no loop iteration and
     writes zeros."""
-    from jax.experimental import pallas as pl
-
     q = q_ref[...]
-
-    def attend(k_ref, v_ref, block: int, lo, hi, carry):
-        def body(i, carry):
-            acc, top, total = carry
-            at = i * block
-            k = k_ref[pl.ds(at, block), :]
-            scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            slot = at + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
-            scores = jnp.where((slot >= lo) & (slot < hi), scores, _NEG)
-            new_top = jnp.maximum(top, jnp.max(scores, axis=1))
-            weights = jnp.exp(scores - new_top[:, None])
-            rescale = jnp.exp(top - new_top)
-            v = v_ref[pl.ds(at, block), :]
-            acc = acc * rescale[:, None] + jax.lax.dot_general(
-                weights.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-            return acc, new_top, total * rescale + jnp.sum(weights, axis=1)
-
-        return jax.lax.fori_loop(lo // block, (hi + block - 1) // block, body, carry)
-
-    rows, dim = q.shape
-    carry = (jnp.zeros((rows, dim), jnp.float32), jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
-    carry = attend(pk_ref, pv_ref, block_p, start_ref[...], pk_ref.shape[0], carry)
-    acc, _, total = attend(sk_ref, sv_ref, block_s, 0, length_ref[...], carry)
+    carry = _empty_softmax(*q.shape)
+    carry = _attend_slots(q, pk_ref, pv_ref, block_p, start_ref[...], pk_ref.shape[0], carry)
+    acc, _, total = _attend_slots(q, sk_ref, sv_ref, block_s, 0, length_ref[...], carry)
     o_ref[...] = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(o_ref.dtype)
 
 
@@ -256,29 +263,10 @@ def _one_pass_write_kernel(scale_ref, start_ref, filled_ref, live_ref, q_ref, k_
     live = live_ref[...] > 0
     k_new, v_new = k_ref[...], v_ref[...]  # [D] each, in the cache dtype
 
-    def attend(k_ref, v_ref, block: int, lo, hi, carry):
-        def body(i, carry):
-            acc, top, total = carry
-            at = i * block
-            k = k_ref[pl.ds(at, block), :]
-            scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            slot = at + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
-            scores = jnp.where((slot >= lo) & (slot < hi), scores, _NEG)
-            new_top = jnp.maximum(top, jnp.max(scores, axis=1))
-            weights = jnp.exp(scores - new_top[:, None])
-            rescale = jnp.exp(top - new_top)
-            v = v_ref[pl.ds(at, block), :]
-            acc = acc * rescale[:, None] + jax.lax.dot_general(
-                weights.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-            return acc, new_top, total * rescale + jnp.sum(weights, axis=1)
-
-        return jax.lax.fori_loop(lo // block, (hi + block - 1) // block, body, carry)
-
-    dim = q.shape[1]
-    carry = (jnp.zeros((rows, dim), jnp.float32), jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
-    carry = attend(pk_ref, pv_ref, block_p, start_ref[...], pk_ref.shape[0], carry)
+    carry = _empty_softmax(rows, q.shape[1])
+    carry = _attend_slots(q, pk_ref, pv_ref, block_p, start_ref[...], pk_ref.shape[0], carry)
     filled = filled_ref[...]
-    acc, top, total = attend(sk_ref, sv_ref, block_s, 0, filled, carry)
+    acc, top, total = _attend_slots(q, sk_ref, sv_ref, block_s, 0, filled, carry)
     # This token: one more key, from registers (the product in fp32, as the dot's accumulation is).
     score = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1)
     score = jnp.where(live, score, _NEG)
