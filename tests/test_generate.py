@@ -369,7 +369,7 @@ def generate_texts(model, tok):
 def test_generation_programs_compile_with_the_trainers_xla_options(tok, tmp_path):
     """TrainConfig.xla_options reach trainer.generate's programs as they reach the train step (one setting, one
     source): XLA dumps every program it compiles where ``xla_dump_to`` says, so the engine's init, prefill and
-    decode programs appear there. A Sampler given an option XLA does not know refuses it when built, naming the
+    decode programs appear there, also for a call on another mesh. A Sampler given an option XLA does not know refuses it when built, naming the
     argument; its default is the backend's measured rule (XLA's own settings on CPU)."""
     import jaxsft
     from jaxsft.generation import Sampler
@@ -384,6 +384,13 @@ def test_generation_programs_compile_with_the_trainers_xla_options(tok, tmp_path
     trainer.generate(PROMPTS[:2], max_new_tokens=4)
     compiled = {p.name.split(".")[1] for p in dump.iterdir() if p.name.startswith("module_")}
     assert {"jit_init", "jit_prefill", "jit_decode"} <= compiled, sorted(compiled)
+
+    def decode_modules():
+        return {p.name.split(".")[0] for p in dump.iterdir() if ".jit_decode." in p.name}
+
+    before = decode_modules()  # another layout (mesh=) is served outside the trainer's sampler, with its options too
+    trainer.generate(PROMPTS[:2], max_new_tokens=4, mesh=jaxsft.single_device_mesh())
+    assert decode_modules() > before
     with pytest.raises(ValueError, match=r"Sampler\(xla_options=\.\.\.\).*xla_no_such_option"):
         Sampler(model, tok, xla_options={"xla_no_such_option": 1})
     assert Sampler(model, tok).xla_options == compile_options.resolve(None, hidden_size=model.spec.hidden_size) == {}

@@ -415,6 +415,7 @@ def generate(
     mesh: Optional[jax.sharding.Mesh] = None,
     sharding_rules: Optional[shd.ShardingRules] = None,
     kv_cache_bytes: Optional[int] = None,
+    xla_options: Optional[dict[str, Any]] = None,
     **options: Any,
 ) -> Union[list[str], GenerationResult]:
     """Generate completions for ``prompts`` with a jaxsft model (decoder-only or T5 / BART).
@@ -432,7 +433,8 @@ def generate(
     (prompts x samples) run at once; ``kv_cache_bytes`` the KV memory the engine's slots hold
     (default: a quarter of the accelerator's memory), which sets how many rows decode together.
     ``mesh`` defaults to the mesh the model's params live on; another mesh moves them there
-    first (per ``sharding_rules``, default the rules table).
+    first (per ``sharding_rules``, default the rules table). ``xla_options``: what the programs compile with
+    (:class:`Sampler`'s argument; None: the backend's measured defaults).
 
     Returns the generated texts, prompt-major (``len(prompts) * num_return_sequences``), or a
     :class:`GenerationResult` with ``return_tokens``. An encoder-decoder's tokens start after
@@ -444,10 +446,11 @@ def generate(
     """
     adapter_for(model)
     samplers = _SAMPLERS.setdefault(model, {})
-    key = (mesh, sharding_rules)
+    key = (mesh, sharding_rules, None if xla_options is None else tuple(sorted(xla_options.items())))
     sampler = samplers.get(key)
     if sampler is None:
-        sampler = samplers[key] = Sampler(model, tokenizer, mesh=mesh, sharding_rules=sharding_rules)
+        sampler = samplers[key] = Sampler(model, tokenizer, mesh=mesh, sharding_rules=sharding_rules,
+                                          xla_options=xla_options)
     sampler.tokenizer = tokenizer
     return sampler.generate(prompts, sampling=sampling, return_tokens=return_tokens, chat=chat, batch_size=batch_size,
                             kv_cache_bytes=kv_cache_bytes, **options)

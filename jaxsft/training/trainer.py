@@ -538,7 +538,7 @@ class IterativeSFTTrainer:
         advancing = params.seed is None
         params = dataclasses.replace(params, seed=self.next_generation_seed() if advancing else params.seed)
         if "mesh" in kwargs or "sharding_rules" in kwargs:  # another layout: not the trainer's own sampler
-            out = generate(self.model, self.tokenizer, prompts, sampling=params, **kwargs)
+            out = generate(self.model, self.tokenizer, prompts, sampling=params, xla_options=self.xla_options, **kwargs)
         else:
             if self._sampler is None:
                 self._sampler = Sampler(self.model, self.tokenizer, sharding_rules=self.sharding_rules, xla_options=self.xla_options)
