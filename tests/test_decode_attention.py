@@ -101,6 +101,7 @@ def test_the_rule_picks_the_kernel_on_gpu_for_plain_layers_only(monkeypatch):
     assert kernel.kernel_applies(64, None, None, backend="cpu", choice="fused")  # interpret mode off GPU
     assert kernel.kernel_applies(64, None, None, backend="cpu", choice="fused_write")
     assert kernel.kernel("fused_write") is kernel.one_pass_attention_with_write
+    assert kernel.kernel("auto") is kernel.one_pass_attention_with_write  # the measured default on GPU
     monkeypatch.setenv(kernel.ENV, "fast")
     with pytest.raises(ValueError, match="JAXSFT_DECODE_ATTENTION='fast'"):
         kernel.implementation()

@@ -314,3 +314,25 @@ def test_window_cache_on_a_mesh_matches_single_device(tok):
     sharded = jaxsft.generate(model, tok, PROMPTS[:4], mesh=jaxsft.make_mesh(2, 2, 2), **kw)
     for r, (a, b) in enumerate(zip(single.tokens, sharded.tokens)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"row {r}")
+
+
+def test_decode_joins_projection_weights_once_outside_the_loop():
+    """The decode weights hold q/k/v as one matrix and gate/up as another, joined in that order (the greedy-vs-HF
+    tests check the split back); with a tensor axis splitting heads they stay apart (joined columns would mix shards)."""
+    import jax
+    import numpy as np
+
+    import jaxsft
+    from jaxsft.models import decoder
+
+    _, model = models("llama")
+    spec, layer = model.spec, model.decode_params()[1]
+    assert {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}.isdisjoint(layer)
+    weights = {k: np.asarray(v[1].astype(model.dtype)) for k, v in model.layers.arrays().items()}
+    flat = lambda name: weights[name].reshape(spec.hidden_size, -1)  # noqa: E731
+    np.testing.assert_array_equal(layer[decoder.JOINED_QKV], np.concatenate([flat("q_proj"), flat("k_proj"), flat("v_proj")], -1))
+    np.testing.assert_array_equal(layer[decoder.JOINED_GATE_UP], np.concatenate([weights["gate_proj"], weights["up_proj"]], -1))
+    with jax.set_mesh(jaxsft.make_mesh(2, 2, 2)):
+        assert not decoder.projections_joinable()
+    with jax.set_mesh(jaxsft.make_mesh(4, 2, 1)):
+        assert decoder.projections_joinable()

@@ -5,7 +5,7 @@ of a Qwen2.5-0.5B decode step in its four attention products: batched matmuls wi
 rows per KV head, which the GEMM emitters tile poorly, and which read every slot of each continuation
 buffer, filled or not. Two kernel forms read only what a row needs:
 
-* ``fused`` (the default, :func:`one_pass_attention`): one program per (row, KV head) streams the
+* ``fused`` (:func:`one_pass_attention`): one program per (row, KV head) streams the
   group's prompt from its first real (left-padded) slot, then the row's continuation up to its filled
   length, through one online softmax, and writes the normalised output once: one launch per layer;
 * ``pallas`` (:func:`shared_prefix_attention`): two passes of jax's Pallas decode kernel
@@ -14,15 +14,17 @@ buffer, filled or not. Two kernel forms read only what a row needs:
   softmaxes merged by their maxima and sums (the log-sum-exp rule): two launches plus the merge's
   elementwise kernels per layer.
 
-* ``fused_write`` (:func:`one_pass_attention_with_write`): the one pass that also writes this token's K/V
-  into the cache (aliased buffers, one slot per row), scales and pads the query and writes an unpadded
-  output, so no XLA kernel runs around it; selectable until a GPU measurement makes it the default.
+* ``fused_write`` (the default, :func:`one_pass_attention_with_write`): the one pass that also writes this
+  token's K/V into the cache (aliased buffers, one slot per row), scales and pads the query and writes an
+  unpadded output, so no XLA kernel runs around it. Measured on one H100 against ``fused`` (ninth session,
+  benchmarks/RESULTS.md): 0.5B at batch 512 147.8k against 142.9k new tok/s, 135M at batch 64 54.4k
+  against 52.2k; the GPU tier passed with both.
 
 All give the one softmax over prompt + continuation that the XLA form computes. Where they apply: GPU,
 layers without a sliding window or score soft cap, power-of-two head sizes of at least 16 (Triton
 blocks); everything else, CPU and TPU included, takes the XLA form, the reference the tests compare them
 with (Pallas interpret mode on CPU, compiled in the GPU tier). ``JAXSFT_DECODE_ATTENTION=auto|fused|fused_write|pallas|xla``
-overrides the choice for measurements (default ``auto``: ``fused`` on GPU).
+overrides the choice for measurements (default ``auto``: ``fused_write`` on GPU).
 """
 
 from __future__ import annotations
@@ -80,11 +82,11 @@ def kernel(choice: Optional[str] = None) -> Callable[..., tuple[jax.Array, jax.A
     """What a layer that :func:`kernel_applies` to runs, one interface for every form:
     ``(q, k, v, prefix_k, prefix_v, prefix_start, suffix_k, suffix_v, index, scale, live=None) -> (out, suffix_k,
     suffix_v)``: this token's K/V [B, 1, K, D] written at continuation slot ``index`` [B], then attention over the
-    prompt and the filled continuation. ``fused`` (the default) and ``pallas`` write in XLA and then run
-    :func:`one_pass_attention` / :func:`shared_prefix_attention`; ``fused_write`` is the one pass doing the write,
-    the query scale and the head padding itself (:func:`one_pass_attention_with_write`)."""
+    prompt and the filled continuation. ``fused`` and ``pallas`` write in XLA and then run
+    :func:`one_pass_attention` / :func:`shared_prefix_attention`; ``fused_write`` (what ``auto`` takes) is the one
+    pass doing the write, the query scale and the head padding itself (:func:`one_pass_attention_with_write`)."""
     choice = choice or implementation()
-    if choice == "fused_write":
+    if choice in ("auto", "fused_write"):
         return one_pass_attention_with_write
     return _with_xla_write(shared_prefix_attention if choice == "pallas" else one_pass_attention)
 

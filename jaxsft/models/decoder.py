@@ -21,7 +21,7 @@ from jaxsft.models import lora as lora_lib
 from jaxsft.models.embedding import embedding_lookup
 from jaxsft.models.interface import LMHead
 from jaxsft.models.options import REMAT_POLICIES, RunOptions
-from jaxsft.infra.sharding import constrain
+from jaxsft.infra.sharding import active_mesh, constrain
 from jaxsft.models.spec import ModelSpec, layer_param_shapes, norm_identity_init
 
 
@@ -227,10 +227,13 @@ class CausalLM(nnx.Module):
         """The layers' weights (and adapters) in the compute dtype, split into one dict per layer.
 
         Called once outside a decode loop: the loop body then indexes nothing, so no weight is
-        sliced (copied) per step.
+        sliced (copied) per step. Projections that read the same input are joined here
+        (:func:`join_projections`), once per program instead of once per step.
         """
         dtype = self.dtype
         params = {k: v.astype(dtype) for k, v in self.layers.arrays().items()}
+        if projections_joinable():
+            params = join_projections(self.spec, params)
         params.update(lora_lib.layer_inputs(self, dtype, None))
         return [{k: v[i] for k, v in params.items()} for i in range(self.spec.num_layers)]
 
@@ -412,6 +415,35 @@ def _norm(spec: ModelSpec, x, p, name: str):
     return L.norm(spec.norm, x, p[f"{name}_scale"], p.get(f"{name}_bias"), spec.norm_eps)
 
 
+JOINED_QKV, JOINED_GATE_UP = "joined_qkv_proj", "joined_gate_up_proj"  # decode-only layer weights
+
+
+def projections_joinable() -> bool:
+    """Whether :func:`join_projections` may run here: no ``tensor`` axis splits heads or the MLP (joined
+    columns would mix the shards of different projections), i.e. no jaxsft mesh or one without tensor
+    parallelism."""
+    mesh = active_mesh()
+    return mesh is None or mesh.shape["tensor"] == 1
+
+
+def join_projections(spec: ModelSpec, params: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Stacked layer weights with q/k/v joined into one ``[L, H, (N + 2K) * D]`` matrix and gate/up into one
+    ``[L, H, 2F]``: a decode step then runs one matmul per input instead of three and two.
+
+    Why: XLA merges dots that share an operand on its own, but inside the decode loop it joins the weights
+    anew on every step (one H100 profile, Qwen2.5-0.5B at batch 512: 0.40 ms of a 3.47 ms step, 24 copies
+    of 17 MB each). Joined here, outside the loop, it happens once per call.
+    """
+    out = {k: v for k, v in params.items() if k not in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")}
+    flat = [params[name].reshape(*params[name].shape[:2], -1) for name in ("q_proj", "k_proj", "v_proj")]
+    out[JOINED_QKV] = jnp.concatenate(flat, axis=-1)
+    if spec.mlp == "gated":
+        out[JOINED_GATE_UP] = jnp.concatenate([params["gate_proj"], params["up_proj"]], axis=-1)
+    else:
+        out["up_proj"] = params["up_proj"]
+    return out
+
+
 def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cache, write_index, lora=None, segments=None,
                    window=None, cached_attention=None):
     """One pre-norm transformer block (with Gemma's post-norms when the spec has them); returns (h, (k_cache, v_cache) or None).
@@ -424,9 +456,17 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
     h = constrain(h, ("batch", None, None))
     mask = _layer_mask(mask, p)
     x = _norm(spec, h, p, "attn_norm")
-    q = lora_lib.adapted(jnp.einsum("bth,hnd->btnd", x, p["q_proj"]), x, p, "q_proj", lora)
-    k = lora_lib.adapted(jnp.einsum("bth,hnd->btnd", x, p["k_proj"]), x, p, "k_proj", lora)
-    v = lora_lib.adapted(jnp.einsum("bth,hnd->btnd", x, p["v_proj"]), x, p, "v_proj", lora)
+    if JOINED_QKV in p:  # decode: one matmul against the weights joined outside the loop
+        n, kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        q, k, v = jnp.split(x @ p[JOINED_QKV], [n * d, (n + kv) * d], axis=-1)
+        q, k, v = (y.reshape(*y.shape[:-1], heads, d) for y, heads in ((q, n), (k, kv), (v, kv)))
+    else:
+        q = jnp.einsum("bth,hnd->btnd", x, p["q_proj"])
+        k = jnp.einsum("bth,hnd->btnd", x, p["k_proj"])
+        v = jnp.einsum("bth,hnd->btnd", x, p["v_proj"])
+    q = lora_lib.adapted(q, x, p, "q_proj", lora)
+    k = lora_lib.adapted(k, x, p, "k_proj", lora)
+    v = lora_lib.adapted(v, x, p, "v_proj", lora)
     if spec.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     q = constrain(q, ("batch", None, "q_heads", None))
@@ -471,11 +511,15 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
         o = _norm(spec, o, p, "post_attn_norm")
     h = h + L.dropout(o, spec.resid_dropout, None if key is None else jax.random.fold_in(key, 1))
     x = _norm(spec, h, p, "mlp_norm")
-    up = lora_lib.adapted(x @ p["up_proj"], x, p, "up_proj", lora)
+    if JOINED_GATE_UP in p:
+        gate, up = jnp.split(x @ p[JOINED_GATE_UP], 2, axis=-1)
+    else:
+        up, gate = x @ p["up_proj"], (x @ p["gate_proj"] if spec.mlp == "gated" else None)
+    up = lora_lib.adapted(up, x, p, "up_proj", lora)
     if spec.mlp_bias:
         up = up + p["up_bias"]
     if spec.mlp == "gated":
-        gate = lora_lib.adapted(x @ p["gate_proj"], x, p, "gate_proj", lora)
+        gate = lora_lib.adapted(gate, x, p, "gate_proj", lora)
         if spec.mlp_bias:
             gate = gate + p["gate_bias"]
         inner = L.activation(spec.activation, gate) * up
