@@ -9,6 +9,12 @@ them), beside an 8192^3 matmul on random data (the peak). Their sum over the lay
 matmuls can be with these kernels, so ``rows / floor`` bounds new tokens/s even if attention, sampling and
 every elementwise pass cost nothing.
 
+Measured limit of this method (one H100, ninth session, benchmarks/RESULTS.md): timed alone, a small matmul
+carries its launch and dispatch, which the engine's decode loop hides behind XLA's command buffers. At
+SmolLM2-135M, 64 rows, it printed a floor of 1.38 ms (46k tok/s) that the engine beat (54k). So at small shapes
+it overstates the floor; the decode profile's GEMM kernel time (``profile_decode.py``, kernels inside the
+real loop) is the figure RESULTS uses for the goals, this one only for the per-matmul share of peak.
+
     python benchmarks/bench_decode_gemms.py --shape qwen05 --rows 512
 """
 
