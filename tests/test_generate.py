@@ -297,14 +297,16 @@ def test_bad_arguments(tok):
 
 
 @pytest.mark.slow
-def test_generate_on_an_explicit_mesh_matches_single_device(tok):
-    """``mesh=`` moves the params onto another mesh (here 2x2x2, kv heads split) with identical greedy output."""
+@pytest.mark.parametrize("axes", [(2, 2, 2), (4, 2, 1)], ids=["tensor-split", "fsdp-joined-weights"])
+def test_generate_on_an_explicit_mesh_matches_single_device(tok, axes):
+    """``mesh=`` moves the params onto another mesh with identical greedy output: 2x2x2 splits the kv heads (the
+    decode weights stay apart), 4x2x1 splits the weights over fsdp with q/k/v and gate/up joined."""
     import jaxsft
     from jaxsft.generation import generate
 
     _, model = models("llama")
     single = generate(model, tok, PROMPTS[:3], max_new_tokens=6)
-    sharded = generate(model, tok, PROMPTS[:3], max_new_tokens=6, mesh=jaxsft.make_mesh(2, 2, 2))
+    sharded = generate(model, tok, PROMPTS[:3], max_new_tokens=6, mesh=jaxsft.make_mesh(*axes))
     assert sharded == single
 
 
