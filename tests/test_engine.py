@@ -132,6 +132,40 @@ def test_prefill_then_decode_steps_match_the_full_forward(family):
                                    err_msg=f"step {t}")
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_right_aligned_prefill_equals_the_masked_one(family):
+    """Prefill runs left-padded prompts right-padded (no padding mask: the training attention kernel serves) and puts
+    their K/V back left-padded: the last token's logits and every real prompt slot's K/V equal the masked prefill's
+    (rows with 0, 3 and 7 pad slots; GPT-2 checks the learned positions)."""
+    import jax.numpy as jnp
+
+    from jaxsft.generation import causal, engine
+
+    _, model = models(family)
+    shape = engine.Shape(groups=3, n=2, prompt_slots=8, new_slots=4)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 200, size=(3, 8)).astype(np.int32)
+    mask = np.ones((3, 8), np.int32)
+    mask[1, :3], mask[2, :7] = 0, 0
+    ids[mask == 0] = 0
+
+    class Masked(causal.CausalAdapter):
+        right_aligned_prefill = False
+
+    out = {}
+    for name, adapter in (("right", causal.CausalAdapter(model.spec, model.dtype)), ("masked", Masked(model.spec, model.dtype))):
+        assert adapter.right_aligned_prefill == (name == "right")
+        cache, logits = adapter.prefill(model, adapter.empty_cache(shape), jnp.asarray(ids), jnp.asarray(mask),
+                                        jnp.arange(3), shape)
+        out[name] = (np.asarray(logits), cache)
+    np.testing.assert_allclose(out["right"][0], out["masked"][0], atol=2e-5, rtol=1e-5)
+    real = mask.astype(bool)
+    for right, masked in zip(out["right"][1].layers, out["masked"][1].layers):
+        for a, b in ((right.prefix_k, masked.prefix_k), (right.prefix_v, masked.prefix_v)):  # [G, K, Lp, D]
+            np.testing.assert_allclose(np.asarray(a).transpose(0, 2, 1, 3)[real], np.asarray(b).transpose(0, 2, 1, 3)[real],
+                                       atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype, temperature", [("float32", 1.0), ("bfloat16", 0.7)])
 @pytest.mark.parametrize("v", [3 * 256 + 37, 128 * 37], ids=["padded", "blocks-of-128"])
 def test_sampling_draw_is_the_categorical_distribution(v, dtype, temperature):

@@ -105,15 +105,45 @@ class CausalAdapter:
         return PromptCache(layers, named(("batch", None), (shape.groups, 1)), named(("batch",), (shape.groups,)))
 
     def prefill(self, model, cache: PromptCache, ids, mask, slots, shape: Shape):
-        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+        lengths = jnp.sum(mask, axis=-1).astype(jnp.int32)
         full = model.init_cache(ids.shape[0], shape.prompt_slots, self.dtype)
-        hidden, full = model.forward_with_cache(ids, positions, full, jnp.int32(0), mask)
+        if self.right_aligned_prefill:
+            hidden, k, v = self._prefill_right_aligned(model, full, ids, lengths)
+        else:
+            positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+            hidden, full = model.forward_with_cache(ids, positions, full, jnp.int32(0), mask)
+            hidden, k, v = hidden[:, -1:], full.k, full.v
         cache = PromptCache(
-            layers=kv_cache.write_prefix(cache.layers, full.k, full.v, slots),
+            layers=kv_cache.write_prefix(cache.layers, k, v, slots),
             prefix_mask=cache.prefix_mask.at[slots].set(mask, mode="drop"),
-            prompt_len=cache.prompt_len.at[slots].set(jnp.sum(mask, axis=-1).astype(jnp.int32), mode="drop"),
+            prompt_len=cache.prompt_len.at[slots].set(lengths, mode="drop"),
         )
-        return cache, model.logits(hidden[:, -1:], self.dtype)[:, 0]
+        return cache, model.logits(hidden, self.dtype)[:, 0]
+
+    @property
+    def right_aligned_prefill(self) -> bool:
+        """Whether prefill runs its prompts right-padded (every model without sliding-window layers)."""
+        return all(w is None for w in self.spec.windows())
+
+    @staticmethod
+    def _prefill_right_aligned(model, full, ids, lengths):
+        """The left-padded prompts ``ids`` [Gp, Lp] run right-padded, their K/V returned left-padded again.
+
+        Why: with the padding at the end, causal attention alone is exact for every real token, so prefill takes
+        the attention kernel training uses (cuDNN's flash attention on GPU) instead of XLA attention under a
+        padding mask, which materialises and transposes [Gp, K, Lp, H/K, Lp] scores per layer (about 10 % of a
+        0.5B, 512-prompt generate call on one H100). Returns (the last real token's hidden state [Gp, 1, H],
+        K and V [layers, Gp, Lp, K, D] in the cache's left-padded layout)."""
+        width = ids.shape[1]
+        shift = (width - lengths)[:, None]  # each row's left padding
+        slot = jnp.arange(width)[None, :]
+        right = jnp.take_along_axis(ids, (slot + shift) % width, axis=1)
+        positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), ids.shape)
+        hidden, full = model.forward_with_cache(right, positions, full, jnp.int32(0), None)
+        back = ((slot - shift) % width)[None, :, :, None, None]  # left slot s holds right slot s - shift
+        k, v = (jnp.take_along_axis(x, back, axis=2) for x in (full.k, full.v))
+        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
+        return last, k, v
 
     def decode_context(self, model, cache: PromptCache, shape: Shape):
         lp = shape.prompt_slots

@@ -206,19 +206,28 @@ class CausalLM(nnx.Module):
         positions: jax.Array,
         cache: KVCache,
         write_index: jax.Array,
-        kv_mask: jax.Array,
+        kv_mask: Optional[jax.Array],
     ) -> tuple[jax.Array, KVCache]:
         """Run T new tokens against a KV cache; returns final hidden states and the updated cache.
 
         The new keys/values are written at cache slots ``write_index .. write_index+T-1``
         (the same slots for every row: prompts are left-padded). ``kv_mask`` [B, S]
         marks cache slots holding real tokens, the new ones included.
+
+        ``kv_mask=None``: rows are right-padded prompts filling an empty cache (``write_index`` 0, T = S), so
+        plain causal attention is exact for every real token and no mask is built: the attention kernel of
+        training (cuDNN's on GPU) serves. Models with sliding windows need the mask.
         """
         t = input_ids.shape[1]
-        slots = jnp.arange(cache.k.shape[2])
-        query_slots = write_index + jnp.arange(t)
-        causal = slots[None, :] <= query_slots[:, None]  # [T, S]
-        mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]  # windows: _run_layers, per layer
+        mask = None
+        if kv_mask is not None:
+            slots = jnp.arange(cache.k.shape[2])
+            query_slots = write_index + jnp.arange(t)
+            causal = slots[None, :] <= query_slots[:, None]  # [T, S]
+            mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]  # windows: _run_layers, per layer
+        elif any(w is not None for w in self.spec.windows()) or t != cache.k.shape[2]:
+            raise ValueError("forward_with_cache(kv_mask=None) takes right-padded prompts filling the cache, for "
+                             "models without sliding windows; pass kv_mask otherwise.")
         h = self._embed(input_ids, positions)
         h, cache = self._run_layers(h, positions, mask=mask, causal=True, cache=cache, write_index=write_index)
         return self._final_norm(h), cache
