@@ -131,9 +131,10 @@ class CausalAdapter:
 
         Why: with the padding at the end, causal attention alone is exact for every real token, so prefill takes
         the attention kernel training uses (cuDNN's flash attention on GPU) instead of XLA attention under a
-        padding mask, which materialises and transposes [Gp, K, Lp, H/K, Lp] scores per layer (31 ms of transposes
-        alone in a 0.5B, 512-prompt generate call on one H100, benchmarks/RESULTS.md). Returns (the last real token's hidden state [Gp, 1, H],
-        K and V [layers, Gp, Lp, K, D] in the cache's left-padded layout)."""
+        padding mask, which materialises and transposes [Gp, K, Lp, H/K, Lp] scores per layer (31 ms of
+        transposes alone in a 0.5B, 512-prompt generate call on one H100, benchmarks/RESULTS.md).
+        Returns (the last real token's hidden state [Gp, 1, H], K and V [layers, Gp, Lp, K, D] in the cache's
+        left-padded layout)."""
         width = ids.shape[1]
         shift = (width - lengths)[:, None]  # each row's left padding
         slot = jnp.arange(width)[None, :]

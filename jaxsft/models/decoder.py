@@ -446,7 +446,7 @@ def join_projections(spec: ModelSpec, params: dict[str, jax.Array]) -> dict[str,
     Memory: parameters kept in another dtype (fp32 masters under bf16 compute) are cast here anyway, and the
     cast writes the joined copy instead of separate ones. Parameters already in the compute dtype (a bf16
     base under LoRA) get a second copy of these weights while the decode program runs: about 0.7 of the
-    layer weights (10 GB at a 7B shape in bf16).
+    layer weights (about 9 GB at a Llama-7B shape in bf16).
     """
     out = {k: v for k, v in params.items() if k not in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")}
     flat = [params[name].reshape(*params[name].shape[:2], -1) for name in ("q_proj", "k_proj", "v_proj")]
