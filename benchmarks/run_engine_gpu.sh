@@ -1,6 +1,7 @@
 #!/bin/bash
 # The engine's GPU measurements (issue 22), one section per argument, logs to $OUT/<section>.log.
 # Run from the project root on a GPU machine with the TRL wheels on PYTHONPATH; MAIN=<an older checkout> for "before".
+# Environment settings pass through to every section (e.g. JAXSFT_DECODE_ATTENTION=fused for another kernel).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 B=benchmarks
@@ -21,12 +22,9 @@ for section in "$@"; do
     gen05_t1) timeout 150 python3 $B/bench_generate.py --shape qwen05 --batches 512,1024 --new-tokens 256 --temperature 1 --repeats 2 > $OUT/$section.log 2>&1 ;;
     gen05_t1_before) (cd $MAIN && PYTHONPATH=/tmp/site:$MAIN timeout 150 python3 $B/bench_generate.py --shape qwen05 --batches 512,1024 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf) > $OUT/$section.log 2>&1 ;;
     gen05_t1_no_command_buffers) XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 150 python3 $B/bench_generate.py --shape qwen05 --batches 512 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf > $OUT/$section.log 2>&1 ;;
-    gen05_fused_write) JAXSFT_DECODE_ATTENTION=fused_write timeout 150 python3 $B/bench_generate.py --shape qwen05 --batches 512 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf > $OUT/$section.log 2>&1 ;;
-    gen135_fused_write) JAXSFT_DECODE_ATTENTION=fused_write timeout 120 python3 $B/bench_generate.py --shape smollm2 --batches 64 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf > $OUT/$section.log 2>&1 ;;
     ragged05) timeout 120 python3 $B/bench_generate.py --shape qwen05 --batches 512 --new-tokens 512 --ragged 6 --repeats 2 --skip-hf > $OUT/$section.log 2>&1 ;;
     gemm_floor) for sh in "qwen05 512,1024" "smollm2 64" "qwen15 512"; do set -- $sh; timeout 60 python3 $B/bench_decode_gemms.py --shape $1 --rows $2; done > $OUT/$section.log 2>&1 ;;
     memory_4096x8) timeout 590 python3 $B/bench_generate.py --shape qwen05 --batches 4096 --samples 8 --new-tokens 1024 --temperature 1 --repeats 0 --skip-hf > $OUT/$section.log 2>&1 ;;
-    gen05_t1_main_before) (cd $MAIN && PYTHONPATH=/tmp/site:$MAIN JAXSFT_DECODE_ATTENTION=fused_write timeout 120 python3 $B/bench_generate.py --shape qwen05 --batches 512 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf) > $OUT/$section.log 2>&1 ;;
     loop05_ragged_jax) timeout 150 python3 $B/bench_loop.py --impl jaxsft --shape qwen05 --ragged 6 --new 512 > $OUT/$section.log 2>&1 ;;
     loop05_ragged_trl) timeout 200 python3 $B/bench_loop.py --impl trl --shape qwen05 --ragged 6 --new 512 > $OUT/$section.log 2>&1 ;;
     profile_t1_explain) timeout 150 python3 $B/profile_decode.py --label t1 --shape qwen05 --batch 512 --new 256 --explain --top 14 > $OUT/$section.log 2>&1 ;;

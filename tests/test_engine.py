@@ -132,38 +132,52 @@ def test_prefill_then_decode_steps_match_the_full_forward(family):
                                    err_msg=f"step {t}")
 
 
+def prefill_right_and_masked(model, shape):
+    """The engine's prefill, jitted, both ways: ``right`` (the default: right-aligned, no padding mask) and
+    ``masked`` (the masked path forced); each takes (ids, mask) and returns (cache, last-token logits)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsft.generation import causal
+
+    class Masked(causal.CausalAdapter):
+        right_aligned_prefill = False
+
+    def program(adapter):
+        return jax.jit(lambda ids, mask: adapter.prefill(model, adapter.empty_cache(shape), ids, mask,
+                                                         jnp.arange(ids.shape[0]), shape))
+
+    adapters = {"right": causal.CausalAdapter(model.spec, model.dtype), "masked": Masked(model.spec, model.dtype)}
+    assert adapters["right"].right_aligned_prefill and not adapters["masked"].right_aligned_prefill
+    return {name: program(adapter) for name, adapter in adapters.items()}
+
+
+def real_prompt_kv(cache, mask):
+    """Per layer, the prefix K and V at the prompt slots holding real tokens ([tokens, K, D] each, fp32)."""
+    real = np.asarray(mask, bool)
+    return [[np.asarray(x, np.float32).transpose(0, 2, 1, 3)[real] for x in (layer.prefix_k, layer.prefix_v)]
+            for layer in cache.layers]
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_right_aligned_prefill_equals_the_masked_one(family):
     """Prefill runs left-padded prompts right-padded (no padding mask: the training attention kernel serves) and puts
     their K/V back left-padded: the last token's logits and every real prompt slot's K/V equal the masked prefill's
     (rows with 0, 3 and 7 pad slots; GPT-2 checks the learned positions)."""
-    import jax.numpy as jnp
-
-    from jaxsft.generation import causal, engine
+    from jaxsft.generation import engine
 
     _, model = models(family)
-    shape = engine.Shape(groups=3, n=2, prompt_slots=8, new_slots=4)
     rng = np.random.default_rng(1)
     ids = rng.integers(3, 200, size=(3, 8)).astype(np.int32)
     mask = np.ones((3, 8), np.int32)
     mask[1, :3], mask[2, :7] = 0, 0
     ids[mask == 0] = 0
-
-    class Masked(causal.CausalAdapter):
-        right_aligned_prefill = False
-
-    out = {}
-    for name, adapter in (("right", causal.CausalAdapter(model.spec, model.dtype)), ("masked", Masked(model.spec, model.dtype))):
-        assert adapter.right_aligned_prefill == (name == "right")
-        cache, logits = adapter.prefill(model, adapter.empty_cache(shape), jnp.asarray(ids), jnp.asarray(mask),
-                                        jnp.arange(3), shape)
-        out[name] = (np.asarray(logits), cache)
-    np.testing.assert_allclose(out["right"][0], out["masked"][0], atol=2e-5, rtol=1e-5)
-    real = mask.astype(bool)
-    for right, masked in zip(out["right"][1].layers, out["masked"][1].layers):
-        for a, b in ((right.prefix_k, masked.prefix_k), (right.prefix_v, masked.prefix_v)):  # [G, K, Lp, D]
-            np.testing.assert_allclose(np.asarray(a).transpose(0, 2, 1, 3)[real], np.asarray(b).transpose(0, 2, 1, 3)[real],
-                                       atol=2e-5, rtol=1e-5)
+    runs = prefill_right_and_masked(model, engine.Shape(groups=3, n=2, prompt_slots=8, new_slots=4))
+    (right_cache, right_logits), (masked_cache, masked_logits) = (runs[name](ids, mask) for name in ("right", "masked"))
+    np.testing.assert_allclose(np.asarray(right_logits), np.asarray(masked_logits), atol=2e-5, rtol=1e-5)
+    for got, want in zip(real_prompt_kv(right_cache, mask), real_prompt_kv(masked_cache, mask)):
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype, temperature", [("float32", 1.0), ("bfloat16", 0.7)])

@@ -280,28 +280,19 @@ def test_decode_attention_kernels_equal_the_xla_form_compiled(monkeypatch, n, wh
 def test_right_aligned_prefill_takes_cudnn_and_equals_the_masked_prefill():
     """Generation's prefill on GPU in bf16: the right-aligned form (no padding mask) compiles to cuDNN attention and
     gives the masked XLA prefill's last-token logits and real-slot K/V within bf16 rounding, with left padding."""
-    from jaxsft.generation import causal, engine
+    from jaxsft.generation import engine
+    from test_engine import prefill_right_and_masked, real_prompt_kv
 
     model = jaxsft.from_pretrained(tiny.tiny_torch_model("llama"), dtype="bfloat16")
-    shape = engine.Shape(groups=4, n=1, prompt_slots=64, new_slots=8)
     rng = np.random.default_rng(0)
     lengths = np.array([64, 40, 9, 1])
-    mask = (np.arange(64)[None, :] >= (64 - lengths)[:, None]).astype(np.int32)
-    ids = np.where(mask > 0, rng.integers(3, 200, size=(4, 64)), 0).astype(np.int32)
-
-    class Masked(causal.CausalAdapter):
-        right_aligned_prefill = False
-
-    out = {}
-    for name, adapter in (("right", causal.CausalAdapter(model.spec, model.dtype)), ("masked", Masked(model.spec, model.dtype))):
-        run = jax.jit(lambda ids, mask, a=adapter: a.prefill(model, a.empty_cache(shape), ids, mask, jnp.arange(4), shape))
-        if name == "right":
-            assert "cudnn" in run.lower(jnp.asarray(ids), jnp.asarray(mask)).compile().as_text().lower()
-        cache, logits = run(jnp.asarray(ids), jnp.asarray(mask))
-        out[name] = (np.asarray(logits, np.float32), cache)
-    want = out["masked"][0]
-    np.testing.assert_allclose(out["right"][0], want, atol=3e-2 * np.abs(want).max())
-    real = mask.astype(bool)
-    for a, b in zip(out["right"][1].layers, out["masked"][1].layers):
-        got, ref = (np.asarray(x.prefix_k, np.float32).transpose(0, 2, 1, 3)[real] for x in (a, b))
-        np.testing.assert_allclose(got, ref, atol=3e-2 * np.abs(ref).max())
+    mask = jnp.asarray((np.arange(64)[None, :] >= (64 - lengths)[:, None]).astype(np.int32))
+    ids = jnp.asarray(np.where(mask > 0, rng.integers(3, 200, size=(4, 64)), 0).astype(np.int32))
+    runs = prefill_right_and_masked(model, engine.Shape(groups=4, n=1, prompt_slots=64, new_slots=8))
+    assert "cudnn" in runs["right"].lower(ids, mask).compile().as_text().lower()
+    (right_cache, right_logits), (masked_cache, masked_logits) = (runs[name](ids, mask) for name in ("right", "masked"))
+    want = np.asarray(masked_logits, np.float32)
+    np.testing.assert_allclose(np.asarray(right_logits, np.float32), want, atol=3e-2 * np.abs(want).max())
+    for got, ref in zip(real_prompt_kv(right_cache, mask), real_prompt_kv(masked_cache, mask)):
+        for a, b in zip(got, ref):
+            np.testing.assert_allclose(a, b, atol=3e-2 * np.abs(b).max())

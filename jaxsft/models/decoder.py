@@ -446,15 +446,14 @@ def join_projections(spec: ModelSpec, params: dict[str, jax.Array]) -> dict[str,
     Memory: parameters kept in another dtype (fp32 masters under bf16 compute) are cast here anyway, and the
     cast writes the joined copy instead of separate ones. Parameters already in the compute dtype (a bf16
     base under LoRA) get a second copy of these weights while the decode program runs: about 0.7 of the
-    layer weights (about 9 GB at a Llama-7B shape in bf16).
+    layer weights (about 9 GB at a Llama-7B shape in bf16, by a count of its weights).
     """
-    out = {k: v for k, v in params.items() if k not in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")}
-    flat = [params[name].reshape(*params[name].shape[:2], -1) for name in ("q_proj", "k_proj", "v_proj")]
-    out[JOINED_QKV] = jnp.concatenate(flat, axis=-1)
-    if spec.mlp == "gated":
+    gated = spec.mlp == "gated"
+    joined = ("q_proj", "k_proj", "v_proj") + (("gate_proj", "up_proj") if gated else ())
+    out = {k: v for k, v in params.items() if k not in joined}
+    out[JOINED_QKV] = jnp.concatenate([params[name].reshape(*params[name].shape[:2], -1) for name in joined[:3]], axis=-1)
+    if gated:
         out[JOINED_GATE_UP] = jnp.concatenate([params["gate_proj"], params["up_proj"]], axis=-1)
-    else:
-        out["up_proj"] = params["up_proj"]
     return out
 
 
