@@ -347,8 +347,13 @@ def print_table(rows: list[dict], peak_tflops) -> None:
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}×" if base else "-"
         mfu = 100 * flops_per_token(r["shape"], r["attended"]) * r["tokens_per_s"] / (peak_tflops * 1e12) if peak_tflops == peak_tflops and peak_tflops else float("nan")
         print(f"| {r['shape']} | {r['workload']} | {r['label']} | {r['tokens_per_s']:,.0f} | {ratio} | {mfu:.1f} | "
-              f"{r['first_step_s']:.1f} | {r['peak_gib']:.1f} | {r['losses'][0]:.4f} | {r['losses'][-1]:.4f} | "
+              f"{r['first_step_s']:.1f} | {r['peak_gib']:.1f} | {_loss(r['losses'][0])} | {_loss(r['losses'][-1])} | "
               f"{_programs(r)} |")
+
+
+def _loss(value: float) -> str:
+    """TRL's step() returns None, so its rows carry no loss (NaN in the JSON): say so rather than print nan."""
+    return "not reported" if value != value else f"{value:.4f}"
 
 
 def _programs(r: dict) -> str:
