@@ -85,3 +85,15 @@ def test_step_reads_the_device_once_per_call(monkeypatch):
     assert stats["num_updates"] == 2 and stats["num_microbatches"] == 6
     assert len(fetches) == 1
     assert trainer.state.global_step == 4
+
+
+def test_global_step_refuses_assignment_and_keeps_the_count():
+    """HF lets a script assign ``state.global_step``; here the schedule reads the device count, so an assignment
+    would be overwritten unseen by the next step(): it is refused by name, and nothing changes."""
+    trainer = _trainer()
+    trainer.step(input_ids=_ids(4))
+    assert trainer.state.global_step == 2
+    with pytest.raises(AttributeError, match=r"global_step is read-only.*load_state_dict"):
+        trainer.state.global_step = 100
+    assert trainer.state.global_step == int(peek(trainer.train_state.step)) == 2
+    assert trainer.step(input_ids=_ids(2, seed=1))["global_step"] == 3

@@ -97,12 +97,12 @@ class TrainerState:
     """The host half of the trainer's state (HF TrainerState's fields that matter here, plus logging position).
 
     The trainer is its only writer; :meth:`IterativeSFTTrainer.state_dict` carries it, with the
-    device :class:`TrainState` and the shuffling RNG, in and out of checkpoints. ``global_step`` and
-    ``nonfinite_in_a_row`` mirror the device state's ``step`` and ``nonfinite_in_a_row`` (refreshed once per
-    ``step()`` call); state_dict() and checkpoints read the device fields, never these mirrors.
+    device :class:`TrainState` and the shuffling RNG, in and out of checkpoints. ``global_step`` (read-only:
+    assigning it raises) and ``nonfinite_in_a_row`` mirror the device state's ``step`` and ``nonfinite_in_a_row``
+    (refreshed once per ``step()`` call); state_dict() and checkpoints read the device fields, never these mirrors.
     """
 
-    global_step: int = 0  # mirror of TrainState.step
+    step_mirror: int = dataclasses.field(default=0, repr=False)  # TrainState.step as of the last step() / load
     log_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     num_input_tokens_seen: int = 0
     total_label_tokens: int = 0
@@ -111,6 +111,21 @@ class TrainerState:
     # Mirror of TrainState.nonfinite_in_a_row (TrainConfig.max_nonfinite_in_a_row).
     nonfinite_in_a_row: int = 0
     generate_calls: int = 0  # trainer.generate() calls that took the trainer's seed (it advances per call)
+
+    @property
+    def global_step(self) -> int:
+        """Updates applied so far (as HF's ``TrainerState.global_step``)."""
+        return self.step_mirror
+
+    @global_step.setter
+    def global_step(self, value: int) -> None:
+        # HF lets a script assign it; here the count lives on the device (the schedule and dropout read it
+        # there), so an assignment would be silently overwritten by the next step(): refuse it instead.
+        raise AttributeError(
+            f"trainer.state.global_step is read-only (tried to set it to {value!r}): it mirrors the update count "
+            "that the learning-rate schedule and dropout read on the device. To continue from another step, load "
+            "a state saved at that step (trainer.load_state_dict(...) or a checkpoint); trainer.reset() goes back to 0."
+        )
 
 
 COUNTER_FIELDS = (

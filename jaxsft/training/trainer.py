@@ -349,7 +349,7 @@ class IterativeSFTTrainer:
                 if progress is not None:
                     progress.update(1)
         except BaseException:  # interrupted: the step mirror counts the updates that ran (no device read here)
-            self.state.global_step = first_step + len(per_update_metrics)
+            self.state.step_mirror = first_step + len(per_update_metrics)
             raise
         finally:
             if progress is not None:
@@ -371,7 +371,7 @@ class IterativeSFTTrainer:
 
         # 3. apply: counters and logs in one go. 4. notify: callbacks see a complete state; one that raises
         #    cannot leave it half-done.
-        self.state.global_step = int(host_metrics[-1]["global_step"]) if host_metrics else first_step  # the mirror
+        self.state.step_mirror = int(host_metrics[-1]["global_step"]) if host_metrics else first_step  # the mirror
         self.state.num_input_tokens_seen += input_tokens
         self.state.total_label_tokens += label_tokens
         for name, value in host.items():
@@ -596,7 +596,7 @@ class IterativeSFTTrainer:
         self._keep_initial_params()
         # Nothing above changed the trainer; from here on it is assignment only.
         self.train_state, self._rng = new_state, rng
-        self.state.global_step = host["global_step"]
+        self.state.step_mirror = host["global_step"]
         self.state.log_history[:] = host["log_history"]  # in place: whoever holds the list (the facade) sees it
         for name in COUNTER_FIELDS:
             setattr(self.state, name, host["counters"][name])
@@ -622,7 +622,7 @@ class IterativeSFTTrainer:
             nnx.update(self._user_model, self._params)
         self._rng = np.random.default_rng(self.config.seed)
         fresh = TrainerState()
-        self.state.global_step = 0
+        self.state.step_mirror = 0
         self.state.log_history.clear()  # in place: whoever holds the list (the facade) sees it
         for name in COUNTER_FIELDS:
             if name != "generate_calls":
