@@ -57,10 +57,9 @@ from compat.arguments import ignored_argument_message, save_steps_of, training_a
 from compat.config import IterativeSFTConfig
 from compat.inputs import IGNORE_INDEX, convert_step_inputs
 from compat.optimizers import describe_optimizer, describe_scheduler, is_optax_transformation
-from compat import peft_models
+from compat import peft_models, publishing
 from compat.torch_sync import TorchWeightSync, hf_decay_table
 
-TAGS = ("trl", "iterative-sft", "jaxsft")
 # torch model -> the trainer whose sync hooks it carries (the newest one built on it)
 _HOOK_OWNER: "weakref.WeakKeyDictionary[Any, weakref.ref]" = weakref.WeakKeyDictionary()
 
@@ -138,7 +137,7 @@ class IterativeSFTTrainer:
             ``peft.PeftModel`` with one LoRA adapter; other PEFT methods are refused.
     """
 
-    _tag_names = list(TAGS[:2])
+    _tag_names = list(publishing.TAGS[:2])
 
     def __init__(
         self,
@@ -631,40 +630,8 @@ class IterativeSFTTrainer:
         """Write ``<output_dir>/README.md`` (trainer "Iterative SFT", tags trl, iterative-sft, jaxsft)."""
         if not self.state.is_world_process_zero:
             return
-        from huggingface_hub import ModelCardData
-
-        config = self._torch_model.config
-        base_model = getattr(config, "_name_or_path", None) or None
-        if base_model is not None and os.path.isdir(base_model):
-            base_model = None
-        tag_set = {tags} if isinstance(tags, str) else set(tags or ())
-        tag_set.update(TAGS)
-        if "JOB_ID" in os.environ:
-            tag_set.add("hf_jobs")
-        data = ModelCardData(
-            base_model=base_model, datasets=dataset_name, library_name="transformers", model_name=model_name,
-            tags=sorted(tag_set),
-        )
-        title = model_name or Path(self.args.output_dir).name
-        origin = f"a fine-tuned version of [{base_model}](https://huggingface.co/{base_model})" if base_model else (
-            "a fine-tuned model"
-        )
-        trained_on = f" on the [{dataset_name}](https://huggingface.co/datasets/{dataset_name}) dataset" if (
-            dataset_name) else ""
-        import flax
-        import transformers
-
-        card = (
-            f"---\n{data.to_yaml()}\n---\n\n# Model Card for {title}\n\n"
-            f"This model is {origin}{trained_on}.\n"
-            "It has been trained with Iterative SFT: jaxsft's TRL-compatible `IterativeSFTTrainer`, which runs "
-            "TRL's IterativeSFTTrainer API on a JAX/Flax training core.\n\n"
-            "## Training procedure\n\nThis model was trained with Iterative SFT (`step()` calls between "
-            "generation and filtering).\n\n"
-            "### Framework versions\n\n"
-            f"- jaxsft: {_version('jaxsft')}\n- JAX: {jax.__version__}\n- Flax: {flax.__version__}\n"
-            f"- Transformers: {transformers.__version__}\n- PyTorch: {torch.__version__}\n"
-        )
+        card = publishing.model_card(publishing.base_model_of(self._torch_model.config), model_name, dataset_name, tags,
+                                     title=model_name or Path(self.args.output_dir).name)
         output_dir = Path(self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "README.md").write_text(card)
@@ -689,25 +656,11 @@ class IterativeSFTTrainer:
         if not self.state.is_world_process_zero:
             return None
         repo_id = getattr(self.args, "hub_model_id", None) or Path(output_dir).absolute().name
-        from huggingface_hub import HfApi, constants
-        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-        saved = f"The model was saved to {output_dir}; upload it later with huggingface_hub.HfApi().upload_folder("
-        saved += f"repo_id={repo_id!r}, folder_path={output_dir!r})."
-        if constants.HF_HUB_OFFLINE:
-            raise ConnectionError(
-                f"push_to_hub: cannot upload to the Hugging Face Hub because offline mode is enabled "
-                f"(HF_HUB_OFFLINE=1). {saved} Unset HF_HUB_OFFLINE to push."
-            )
-        api = HfApi(token=token or getattr(self.args, "hub_token", None))
-        try:
-            api.create_repo(repo_id, exist_ok=True, private=getattr(self.args, "hub_private_repo", None))
-            return api.upload_folder(
-                repo_id=repo_id, folder_path=output_dir, commit_message=commit_message, revision=revision,
-                run_as_future=not blocking, ignore_patterns=["_*", "checkpoint-*"],
-            )
-        except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as err:
-            raise ConnectionError(f"push_to_hub: uploading to {repo_id!r} failed: {err}. {saved}") from err
+        return publishing.upload_folder(
+            output_dir, repo_id, token=token or getattr(self.args, "hub_token", None),
+            private=getattr(self.args, "hub_private_repo", None), commit_message=commit_message, revision=revision,
+            blocking=blocking,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -942,15 +895,6 @@ def _dtype_name_of(torch_model: Any) -> str:
     """The torch model's parameter dtype as the name save_pretrained takes ("float32", "bfloat16", "float16")."""
     dtype = next(torch_model.parameters()).dtype
     return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 __all__ = ["IterativeSFTTrainer", "IterativeSFTConfig"]
