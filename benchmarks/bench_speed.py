@@ -119,8 +119,10 @@ def tokenizer():
 
 
 # ------------------------------------------------------------------------------------------- workers
-def _timed(step, calls, sync) -> tuple[list[float], list[float], list[int]]:
-    """Per call: seconds, loss, and jaxsft's compiled-program count after it (-1 for TRL, whose step() returns None)."""
+def _timed(step, calls, sync, after=None) -> tuple[list[float], list[float], list[int]]:
+    """Per call: seconds, loss, and jaxsft's compiled-program count after it (-1 for TRL, whose step() returns None).
+
+    ``after()``, when given, supplies the call's stats once the clock has stopped (TRL's loss)."""
     times, losses, compiled = [], [], []
     for call in calls:
         sync()
@@ -128,6 +130,8 @@ def _timed(step, calls, sync) -> tuple[list[float], list[float], list[int]]:
         stats = step(call)
         sync()
         times.append(time.perf_counter() - t)
+        if after is not None:
+            stats = after()
         losses.append(float(stats["loss"]) if isinstance(stats, dict) else float("nan"))
         compiled.append(int(stats.get("compiled_shapes", -1)) if isinstance(stats, dict) else -1)
     return times, losses, compiled
@@ -150,6 +154,16 @@ def _trl_args(cls, w: str, cpu: bool, **extra):
         logging_steps=1000, report_to=[], save_strategy="no", bf16=not cpu, use_cpu=cpu, max_steps=1000,
         gradient_checkpointing=False, max_length=SEQ if w == "fixed" else MAX_LEN, disable_tqdm=True, **extra,
     )
+
+
+def _trl_call_loss(trainer) -> dict:
+    """TRL 0.23.1's step() returns None; it sums each update's loss into ``tr_loss`` (zeroed only when it logs,
+    never here: logging_steps=1000). The call's loss is then the mean of its updates' losses (jaxsft's is the
+    token-weighted mean: the same on the fixed workload), read after the clock stopped."""
+    total, updates = float(trainer.tr_loss), trainer.state.global_step
+    seen_total, seen_updates = getattr(trainer, "_bench_seen", (0.0, 0))
+    trainer._bench_seen = (total, updates)
+    return {"loss": (total - seen_total) / max(updates - seen_updates, 1)}
 
 
 def run_trl(shape: str, w: str, cpu: bool, compile_: bool, facade: bool) -> dict:
@@ -176,7 +190,7 @@ def run_trl(shape: str, w: str, cpu: bool, compile_: bool, facade: bool) -> dict
     else:
         sync = torch.cuda.synchronize if not cpu else (lambda: None)
     step = lambda b: trainer.step(input_ids=b, attention_mask=[torch.ones_like(x) for x in b], labels=b)  # noqa: E731
-    times, losses, compiled = _timed(step, tensors, sync)
+    times, losses, compiled = _timed(step, tensors, sync, after=None if facade else (lambda: _trl_call_loss(trainer)))
     if facade:
         compiled = [int(trainer.core.compiled_shapes)] * len(times)  # the facade's step() returns TRL's None
     peak = 0.0
@@ -352,7 +366,7 @@ def print_table(rows: list[dict], peak_tflops) -> None:
 
 
 def _loss(value: float) -> str:
-    """TRL's step() returns None, so its rows carry no loss (NaN in the JSON): say so rather than print nan."""
+    """A row without a loss (NaN in the JSON: the facade's step() returns None, as TRL's does) says so."""
     return "not reported" if value != value else f"{value:.4f}"
 
 
