@@ -156,14 +156,20 @@ def _trl_args(cls, w: str, cpu: bool, **extra):
     )
 
 
-def _trl_call_loss(trainer) -> dict:
-    """TRL 0.23.1's step() returns None; it sums each update's loss into ``tr_loss`` (zeroed only when it logs,
-    never here: logging_steps=1000). The call's loss is then the mean of its updates' losses (jaxsft's is the
-    token-weighted mean: the same on the fixed workload), read after the clock stopped."""
-    total, updates = float(trainer.tr_loss), trainer.state.global_step
-    seen_total, seen_updates = getattr(trainer, "_bench_seen", (0.0, 0))
-    trainer._bench_seen = (total, updates)
-    return {"loss": (total - seen_total) / max(updates - seen_updates, 1)}
+def _trl_loss_reader(trainer):
+    """A function giving each TRL call's loss. TRL 0.23.1's step() returns None; it sums each update's loss into
+    ``tr_loss`` (zeroed only when it logs, never here: logging_steps=1000). A call's loss is then the mean of its
+    updates' losses (jaxsft's is the token-weighted mean: the same on the fixed workload), read after the clock
+    stopped."""
+    seen = {"total": 0.0, "updates": 0}
+
+    def read() -> dict:
+        total, updates = float(trainer.tr_loss), trainer.state.global_step
+        loss = (total - seen["total"]) / max(updates - seen["updates"], 1)
+        seen.update(total=total, updates=updates)
+        return {"loss": loss}
+
+    return read
 
 
 def run_trl(shape: str, w: str, cpu: bool, compile_: bool, facade: bool) -> dict:
@@ -190,7 +196,7 @@ def run_trl(shape: str, w: str, cpu: bool, compile_: bool, facade: bool) -> dict
     else:
         sync = torch.cuda.synchronize if not cpu else (lambda: None)
     step = lambda b: trainer.step(input_ids=b, attention_mask=[torch.ones_like(x) for x in b], labels=b)  # noqa: E731
-    times, losses, compiled = _timed(step, tensors, sync, after=None if facade else (lambda: _trl_call_loss(trainer)))
+    times, losses, compiled = _timed(step, tensors, sync, after=None if facade else _trl_loss_reader(trainer))
     if facade:
         compiled = [int(trainer.core.compiled_shapes)] * len(times)  # the facade's step() returns TRL's None
     peak = 0.0
