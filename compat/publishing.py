@@ -39,6 +39,8 @@ def model_card(
     import torch
     import transformers
 
+    import jaxsft
+
     return (
         f"---\n{data.to_yaml()}\n---\n\n# Model Card for {title}\n\n"
         f"This model is {origin}{trained_on}.\n"
@@ -47,7 +49,7 @@ def model_card(
         "## Training procedure\n\nThis model was trained with Iterative SFT (`step()` calls between "
         "generation and filtering).\n\n"
         "### Framework versions\n\n"
-        f"- jaxsft: {_version('jaxsft')}\n- JAX: {jax.__version__}\n- Flax: {flax.__version__}\n"
+        f"- jaxsft: {jaxsft.__version__}\n- JAX: {jax.__version__}\n- Flax: {flax.__version__}\n"
         f"- Transformers: {transformers.__version__}\n- PyTorch: {torch.__version__}\n"
     )
 
@@ -86,11 +88,3 @@ def upload_folder(
     except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as err:
         raise ConnectionError(f"push_to_hub: uploading to {repo_id!r} failed: {err}. {saved}") from err
 
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"

@@ -123,7 +123,7 @@ class CausalAdapter:
     @property
     def right_aligned_prefill(self) -> bool:
         """Whether prefill runs its prompts right-padded (every model without sliding-window layers)."""
-        return all(w is None for w in self.spec.windows())
+        return not self.spec.has_windows
 
     @staticmethod
     def _prefill_right_aligned(model, full, ids, lengths):

@@ -225,7 +225,7 @@ class CausalLM(nnx.Module):
             query_slots = write_index + jnp.arange(t)
             causal = slots[None, :] <= query_slots[:, None]  # [T, S]
             mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]  # windows: _run_layers, per layer
-        elif any(w is not None for w in self.spec.windows()) or t != cache.k.shape[2]:
+        elif self.spec.has_windows or t != cache.k.shape[2]:
             raise ValueError("forward_with_cache(kv_mask=None) takes right-padded prompts filling the cache, for "
                              "models without sliding windows; pass kv_mask otherwise.")
         h = self._embed(input_ids, positions)
@@ -315,7 +315,7 @@ class CausalLM(nnx.Module):
             rope = (jnp.stack([rope[0], local[0]]), jnp.stack([rope[1], local[1]]))
             params[ROPE_KEY] = jnp.asarray(spec.local_rope_layers(), jnp.int32)
         window = None  # one static window for every layer (a kernel's local window when nothing else masks)
-        if any(w is not None for w in spec.windows()):
+        if spec.has_windows:
             if not spec.windows_vary and mask is None and segments is None and cache is None:
                 window = spec.windows()[0]
             else:  # the window becomes part of the mask, per layer when layers differ

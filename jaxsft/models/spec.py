@@ -73,6 +73,11 @@ class ModelSpec:
         return (self.sliding_window,) * self.num_layers
 
     @property
+    def has_windows(self) -> bool:
+        """True when any layer attends within a sliding window (such layers need an explicit mask or kernel window)."""
+        return any(w is not None for w in self.windows())
+
+    @property
     def windows_vary(self) -> bool:
         """True when layers differ in their window (the window then rides in the layer loop as data)."""
         return len(set(self.windows())) > 1
