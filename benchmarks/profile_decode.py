@@ -94,6 +94,23 @@ def explain(dump: str, kernel: str, width: int = 220) -> list[str]:
     return []
 
 
+def print_sequence(kernels, count: int, dump) -> None:
+    """``count`` kernels in start order from the middle of the trace: what one stretch of a decode step runs,
+    each kernel's time and the gap since the previous one ended (launch latency the step pays)."""
+    ordered = sorted(kernels, key=lambda k: k[1])
+    middle = len(ordered) // 2
+    stretch = ordered[middle: middle + count]
+    print(f"{count} consecutive kernels from the middle of the call (duration, idle gap before it):")
+    previous_end = None
+    for name, start, dur in stretch:
+        gap = "" if previous_end is None else f"{(start - previous_end) / 1e3:6.2f}us"
+        print(f"  {dur / 1e3:7.2f}us gap {gap:>8}  {name[:90]}")
+        previous_end = start + dur
+        if dump:
+            for line in explain(dump, name, width=160)[1:]:
+                print(f"        {line}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="qwen05", choices=sorted(SHAPES))
@@ -106,6 +123,9 @@ def main() -> None:
     p.add_argument("--label", default="")
     p.add_argument("--explain", action="store_true",
                    help="dump the optimised HLO and print what each top kernel computes (its fusion's root and operands)")
+    p.add_argument("--sequence", type=int, default=0,
+                   help="also print this many consecutive kernels from the middle of the call, in launch order, with "
+                        "each one's duration and the idle gap before it (one decode step's layer pattern)")
     a = p.parse_args()
     dump = tempfile.mkdtemp(prefix="decode-hlo") if a.explain else None
     if dump:  # before jax is imported: XLA reads its flags once
@@ -155,6 +175,8 @@ def main() -> None:
         if dump:
             for line in explain(dump, name):
                 print(f"        {line}")
+    if a.sequence:
+        print_sequence(kernels, a.sequence, dump)
     print("RESULT " + json.dumps(dict(label=a.label, wall=plain, busy=busy, kernels_per_step=len(kernels) / steps,
                                       ms_per_step=plain / steps * 1e3, tok_s=a.batch * a.new / plain,
                                       categories={k: v[0] / 1e6 / steps for k, v in by_cat.items()})))

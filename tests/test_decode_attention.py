@@ -5,6 +5,8 @@ and the rule that picks them (compiled on a GPU in tests/test_gpu_tier.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,9 +41,9 @@ def test_kernel_equals_the_xla_form(monkeypatch, n, h, which):
     (XLA:CPU has no bf16 x bf16 -> f32 dot); bf16 is compared compiled in the GPU tier."""
     q, k, v, layer, rows = _case(groups=3, n=n, kv=2, h=h, d=16, lp=32, ls=64, dtype=jnp.float32)
     monkeypatch.setenv(kernel.ENV, "xla")
-    ref, ref_layer = kv_cache.shared_prefix_attention(q, k, v, layer, rows, None, scale=0.3)
+    ref, ref_layer = kv_cache.shared_prefix_attention((q, k, v), layer, rows, None, scale=0.3)
     monkeypatch.setenv(kernel.ENV, which)
-    out, out_layer = kv_cache.shared_prefix_attention(q, k, v, layer, rows, None, scale=0.3)
+    out, out_layer = kv_cache.shared_prefix_attention((q, k, v), layer, rows, None, scale=0.3)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
     np.testing.assert_array_equal(np.asarray(out_layer.suffix_k), np.asarray(ref_layer.suffix_k))
     np.testing.assert_array_equal(np.asarray(out_layer.suffix_v), np.asarray(ref_layer.suffix_v))
@@ -55,13 +57,13 @@ def test_continuation_blocks_past_the_filled_length_are_never_read(monkeypatch, 
     q, k, v, layer, rows = _case(groups=2, n=2, kv=2, h=2, d=16, lp=32, ls=256, dtype=jnp.float32, seed=1)
     rows = rows._replace(suffix_index=rows.suffix_index % 60)
     monkeypatch.setenv(kernel.ENV, "xla")
-    ref, _ = kv_cache.shared_prefix_attention(q, k, v, layer, rows, None)
+    ref, _ = kv_cache.shared_prefix_attention((q, k, v), layer, rows, None)
     late = np.arange(256)[None, None, :, None] >= 64
     poisoned = layer._replace(suffix_k=jnp.where(late, jnp.nan, layer.suffix_k),
                               suffix_v=jnp.where(late, jnp.nan, layer.suffix_v))
-    assert np.isnan(np.asarray(kv_cache.shared_prefix_attention(q, k, v, poisoned, rows, None)[0])).any()
+    assert np.isnan(np.asarray(kv_cache.shared_prefix_attention((q, k, v), poisoned, rows, None)[0])).any()
     monkeypatch.setenv(kernel.ENV, which)
-    out, _ = kv_cache.shared_prefix_attention(q, k, v, poisoned, rows, None)
+    out, _ = kv_cache.shared_prefix_attention((q, k, v), poisoned, rows, None)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
@@ -74,7 +76,7 @@ def test_finished_rows_read_nothing_and_live_rows_are_unchanged(monkeypatch, whi
     q, k, v, layer, rows = _case(groups=groups, n=n, kv=2, h=4, d=16, lp=32, ls=64, dtype=jnp.float32, seed=2)
     live = np.array([True, False, False, False, True, True])  # group 1: both finished; group 0: one of two
     monkeypatch.setenv(kernel.ENV, "xla")
-    ref, _ = kv_cache.shared_prefix_attention(q, k, v, layer, rows, None)
+    ref, _ = kv_cache.shared_prefix_attention((q, k, v), layer, rows, None)
     dead_row = ~live[:, None, None, None]
     dead_group = ~live.reshape(groups, n).any(axis=1)[:, None, None, None]
     poisoned = layer._replace(suffix_k=jnp.where(dead_row, jnp.nan, layer.suffix_k),
@@ -82,12 +84,87 @@ def test_finished_rows_read_nothing_and_live_rows_are_unchanged(monkeypatch, whi
                               prefix_k=jnp.where(dead_group, jnp.nan, layer.prefix_k),
                               prefix_v=jnp.where(dead_group, jnp.nan, layer.prefix_v))
     monkeypatch.setenv(kernel.ENV, which)
-    out, _ = kv_cache.shared_prefix_attention(q, k, v, poisoned, rows._replace(live=jnp.asarray(live)), None)
+    out, _ = kv_cache.shared_prefix_attention((q, k, v), poisoned, rows._replace(live=jnp.asarray(live)), None)
     out = np.asarray(out)
     np.testing.assert_allclose(out[live], np.asarray(ref)[live], rtol=2e-5, atol=2e-5)
     np.testing.assert_array_equal(out[~live], 0.0)
     # Without ``live`` the same poisoned cache is read, and the finished rows turn NaN: the skip is what the test sees.
-    assert np.isnan(np.asarray(kv_cache.shared_prefix_attention(q, k, v, poisoned, rows, None)[0])[~live]).any()
+    assert np.isnan(np.asarray(kv_cache.shared_prefix_attention((q, k, v), poisoned, rows, None)[0])[~live]).any()
+
+
+def _joined_case(n, h, d, biased, rotate, seed=3):
+    """A layer's joined projection (query heads, key heads, value heads), its bias and RoPE tables, beside the
+    random caches of :func:`_case`."""
+    from jaxsft.models.layers import JoinedQKV
+
+    _, _, _, layer, rows = _case(groups=3, n=n, kv=2, h=h, d=d, lp=32, ls=64, dtype=jnp.float32, seed=seed)
+    rng = np.random.default_rng(seed + 10)
+    b, width = 3 * n, (2 * h + 4) * d
+    angles = rng.uniform(0, 6.3, size=(b, 1, d // 2))
+    rope = tuple(jnp.asarray(np.concatenate([f(angles)] * 2, axis=-1), jnp.float32) for f in (np.cos, np.sin))
+    joined = JoinedQKV(jnp.asarray(rng.normal(size=(b, 1, width)), jnp.float32),
+                       jnp.asarray(rng.normal(size=width), jnp.float32) if biased else None,
+                       rope if rotate else None, 2 * h, 2, d)
+    return joined, layer, rows
+
+
+@pytest.mark.parametrize("biased, rotate", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("n, h, d", [(1, 7, 64), (4, 2, 32)])
+def test_projection_kernel_equals_the_xla_form(monkeypatch, n, h, d, biased, rotate):
+    """The kernel that takes the joined q/k/v projection (splitting it, adding the bias and rotating q and k inside)
+    against the XLA form of the same layer (``JoinedQKV.split``: the model's own split, bias and RoPE, then the XLA
+    attention): the output, and the cache with this token's rotated key and biased value in its slot, for rows with
+    and without finished ones. fp32 (interpret mode)."""
+    joined, layer, rows = _joined_case(n, h, d, biased, rotate)
+    monkeypatch.setenv(kernel.ENV, "xla")
+    ref, ref_layer = kv_cache.shared_prefix_attention(joined, layer, rows, None, scale=0.3)
+    monkeypatch.setenv(kernel.ENV, "fused_projection")
+    out, out_layer = kv_cache.shared_prefix_attention(joined, layer, rows, None, scale=0.3)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(out_layer.suffix_k), np.asarray(ref_layer.suffix_k), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out_layer.suffix_v), np.asarray(ref_layer.suffix_v), rtol=1e-6, atol=1e-6)
+    live = np.arange(3 * n) % 3 != 0
+    out, _ = kv_cache.shared_prefix_attention(joined, layer, rows._replace(live=jnp.asarray(live)), None, scale=0.3)
+    np.testing.assert_allclose(np.asarray(out)[live], np.asarray(ref)[live], rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(out)[~live], 0.0)
+
+
+def test_projection_kernel_rotates_and_biases_what_it_reads():
+    """The same joined projection read without its bias, or without RoPE, gives other outputs and another cached
+    key: the kernel's bias and rotation are not no-ops that the equality above could miss."""
+    joined, layer, rows = _joined_case(2, 2, 32, True, True)
+
+    def run(j):
+        return kernel.projection_attention_with_write(
+            j.out, j.bias, j.rope, layer.prefix_k, layer.prefix_v, jnp.zeros(3, jnp.int32), layer.suffix_k,
+            layer.suffix_v, rows.suffix_index, 0.3, heads=j.heads)
+
+    out, sk, _ = run(joined)
+    for other in (dataclasses.replace(joined, bias=None), dataclasses.replace(joined, rope=None)):
+        out2, sk2, _ = run(other)
+        assert np.abs(np.asarray(out2) - np.asarray(out)).max() > 1e-3
+        assert np.abs(np.asarray(sk2) - np.asarray(sk)).max() > 1e-3
+
+
+def test_projection_kernel_is_the_only_kernel_between_the_projection_and_the_output():
+    """Lowered for CUDA on any host: the joined projection goes into one Triton kernel, which updates both cache
+    buffers in place; no split, concatenate (RoPE's rotate-half), pad or cache write runs in XLA around it."""
+    joined, layer, rows = _joined_case(4, 7, 64, True, True)
+    cast = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
+    joined = dataclasses.replace(joined, out=cast(joined.out), bias=cast(joined.bias), rope=tuple(map(cast, joined.rope)))
+    layer = jax.tree.map(cast, layer)
+
+    def attend(out, bias, rope, layer, index):
+        return kernel.projection_attention_with_write(out, bias, rope, layer.prefix_k, layer.prefix_v,
+                                                      jnp.zeros(3, jnp.int32), layer.suffix_k, layer.suffix_v, index,
+                                                      0.125, heads=14, interpret=False)
+
+    text = jax.jit(attend).trace(joined.out, joined.bias, joined.rope, layer, rows.suffix_index).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
+    for op in ("stablehlo.concatenate", "stablehlo.slice", "stablehlo.pad", "dynamic_update_slice", "scatter"):
+        assert op not in text, op
+    assert "output_operand_aliases" in text
 
 
 def test_the_rule_picks_the_kernel_on_gpu_for_plain_layers_only(monkeypatch):
@@ -102,6 +179,12 @@ def test_the_rule_picks_the_kernel_on_gpu_for_plain_layers_only(monkeypatch):
     assert kernel.kernel_applies(64, None, None, backend="cpu", choice="fused_write")
     assert kernel.kernel("fused_write") is kernel.one_pass_attention_with_write
     assert kernel.kernel("auto") is kernel.one_pass_attention_with_write  # the measured default on GPU
+    # A layer that hands over its joined projection: the projection kernel under auto on GPU, halves of >= 32 columns.
+    assert kernel.projection_applies(64, None, None, backend="gpu", choice="auto")
+    assert not kernel.projection_applies(64, None, None, backend="cpu", choice="auto")
+    assert not kernel.projection_applies(16, None, None, backend="gpu", choice="auto")
+    assert not kernel.projection_applies(64, 4096, None, backend="gpu", choice="auto")
+    assert not kernel.projection_applies(64, None, None, backend="gpu", choice="fused_write")  # the older form, kept
     monkeypatch.setenv(kernel.ENV, "fast")
     with pytest.raises(ValueError, match="JAXSFT_DECODE_ATTENTION='fast'"):
         kernel.implementation()
@@ -149,19 +232,26 @@ def test_fused_write_leaves_no_xla_cache_write(which, writes_in_xla):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["fused", "fused_write"])
-def test_engine_with_the_kernels_greedy_equals_transformers(monkeypatch, which):
+@pytest.mark.parametrize("which, family", [("fused", "llama"), ("fused_write", "llama"), ("fused_projection", "llama"),
+                                           ("fused_projection", "qwen2")])
+def test_engine_with_the_kernels_greedy_equals_transformers(monkeypatch, which, family):
     """The whole engine with the one-pass kernel (the default, and the form that writes the cache itself; interpret
     mode): 5 prompts through 2 slot groups of 2 samples each, rows ending at different EOS positions (finished rows
     skipped while others run); every row equals HF's greedy."""
     import tiny
     from test_generate import PROMPTS, hf_greedy, models
 
+    import jaxsft
     from jaxsft.generation import Sampler, causal
 
     monkeypatch.setenv(kernel.ENV, which)
     tok = tiny.load_tokenizer(tiny.tokenizer_dir(str(__import__("tempfile").mkdtemp())))
-    torch_model, model = models("llama")
+    if which == "fused_projection":  # heads of 32 (halves of 16 columns: Triton tiles); qwen2 has q/k/v biases
+        torch_model = tiny.tiny_torch_model(family, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+        model = jaxsft.from_pretrained(torch_model)
+        assert kernel.projection_applies(model.spec.head_dim, None, None)
+    else:
+        torch_model, model = models(family)
     budget = 2 * causal.kv_bytes_per_group(model.spec, model.dtype, 2, 64, 16)
     sampler = Sampler(model, tok, kv_cache_bytes=budget)
     free = sampler.generate(PROMPTS, max_new_tokens=10, return_tokens=True, eos_token_ids=[])

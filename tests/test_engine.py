@@ -123,8 +123,8 @@ def test_prefill_then_decode_steps_match_the_full_forward(family):
         rows = kv_cache.RowView(suffix_index=jnp.full((g * n,), t, jnp.int32), prefix_mask=jnp.asarray(mask, bool),
                                 query_pos=jnp.repeat(prompt_len, n) + t, prefix_pos=prefix_pos)
 
-        def attend(q, k, v, c, *, window, scale, softcap):
-            return kv_cache.shared_prefix_attention(q, k, v, c, rows, window, scale, softcap)
+        def attend(qkv, c, *, window, scale, softcap):
+            return kv_cache.shared_prefix_attention(qkv, c, rows, window, scale, softcap)
 
         h, layers = model.decode_step(jnp.asarray(cont[:, t : t + 1]), (jnp.repeat(prompt_len, n) + t)[:, None], layers,
                                       attend, params)

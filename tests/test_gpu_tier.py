@@ -257,24 +257,68 @@ def test_decode_attention_kernels_equal_the_xla_form_compiled(monkeypatch, n, wh
                             query_pos=jnp.repeat(jnp.asarray(real, jnp.int32), n) + index,
                             prefix_pos=jnp.zeros((groups, lp), jnp.int32))
     q, k, v = f(b, 1, kv * h, d), f(b, 1, kv, d), f(b, 1, kv, d)
-    run = jax.jit(lambda q, k, v, layer, rows: kv_cache.shared_prefix_attention(q, k, v, layer, rows, None))
+    run = jax.jit(lambda q, k, v, layer, rows: kv_cache.shared_prefix_attention((q, k, v), layer, rows, None))
     monkeypatch.setenv(kernel.ENV, "xla")
     ref, ref_layer = run(q, k, v, layer, rows)
     ref = np.asarray(ref, np.float32)
     monkeypatch.setenv(kernel.ENV, which)
-    run = jax.jit(lambda q, k, v, layer, rows: kv_cache.shared_prefix_attention(q, k, v, layer, rows, None))
+    run = jax.jit(lambda q, k, v, layer, rows: kv_cache.shared_prefix_attention((q, k, v), layer, rows, None))
     assert "triton" in run.lower(q, k, v, layer, rows).as_text()  # the kernels, not the XLA form
     out, out_layer = run(q, k, v, layer, rows)
     out = np.asarray(out, np.float32)
     np.testing.assert_allclose(out, ref, rtol=3e-2, atol=3e-2 * np.abs(ref).max())
     np.testing.assert_array_equal(np.asarray(out_layer.suffix_k), np.asarray(ref_layer.suffix_k))  # the token's K/V
     np.testing.assert_array_equal(np.asarray(out_layer.suffix_v), np.asarray(ref_layer.suffix_v))
-    run = jax.jit(lambda q, k, v, layer, rows: kv_cache.shared_prefix_attention(q, k, v, layer, rows, None)[0])
+    run = jax.jit(lambda q, k, v, layer, rows: kv_cache.shared_prefix_attention((q, k, v), layer, rows, None)[0])
     if which != "pallas":  # finished rows (every third) read nothing and give zeros; the live rows are unchanged
         live = np.arange(b) % 3 != 0
         out = np.asarray(run(q, k, v, layer, rows._replace(live=jnp.asarray(live))), np.float32)
         np.testing.assert_allclose(out[live], ref[live], rtol=3e-2, atol=3e-2 * np.abs(ref).max())
         np.testing.assert_array_equal(out[~live], 0.0)
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_projection_kernel_equals_the_xla_form_compiled(monkeypatch, n):
+    """The decode kernel that takes a layer's joined q/k/v projection (split, bias and RoPE inside) against the XLA
+    form of the same layer (the model's split, bias and RoPE, then XLA attention), compiled, bf16 at Qwen2.5-0.5B's
+    head layout (14 query heads over 2 KV heads of 64, q/k/v biases), real RoPE tables at ragged positions; every
+    third row finished. Bounds as for the other decode kernels; the cached key and value within one bf16 rounding."""
+    from jaxsft.generation import kv_cache
+    from jaxsft.kernels import decode_attention as kernel
+    from jaxsft.models.layers import JoinedQKV
+
+    rng = np.random.default_rng(10 + n)
+    groups, kv, h, d, lp, ls = 16, 2, 7, 64, 128, 256
+    b = groups * n
+    f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.bfloat16)  # noqa: E731
+    real = rng.integers(1, lp + 1, size=groups)
+    index = jnp.asarray(rng.integers(0, ls, size=b), jnp.int32)
+    layer = kv_cache.LayerKV(f(groups, kv, lp, d), f(groups, kv, lp, d), f(b, kv, ls, d), f(b, kv, ls, d))
+    query_pos = jnp.repeat(jnp.asarray(real, jnp.int32), n) + index
+    rows = kv_cache.RowView(suffix_index=index, prefix_mask=jnp.asarray(np.arange(lp)[None, :] >= (lp - real)[:, None]),
+                            query_pos=query_pos, prefix_pos=jnp.zeros((groups, lp), jnp.int32),
+                            live=jnp.asarray(np.arange(b) % 3 != 0))
+    inv = 1.0 / (1e6 ** (np.arange(0, d, 2) / d))
+    angles = np.asarray(query_pos)[:, None, None] * inv[None, None, :]
+    rope = tuple(jnp.asarray(np.concatenate([g(angles)] * 2, axis=-1), jnp.bfloat16) for g in (np.cos, np.sin))
+    joined = JoinedQKV(f(b, 1, (kv * h + 2 * kv) * d), f((kv * h + 2 * kv) * d), rope, kv * h, kv, d)
+
+    def run():
+        return jax.jit(lambda j, layer, rows: kv_cache.shared_prefix_attention(j, layer, rows, None))
+
+    monkeypatch.setenv(kernel.ENV, "xla")
+    ref, ref_layer = run()(joined, layer, rows)
+    monkeypatch.setenv(kernel.ENV, "auto")
+    text = run().lower(joined, layer, rows).as_text()
+    assert "triton" in text and "stablehlo.concatenate" not in text  # the kernel, and no XLA rotate-half around it
+    out, out_layer = run()(joined, layer, rows)
+    live = np.asarray(rows.live)
+    ref, out = np.asarray(ref, np.float32), np.asarray(out, np.float32)
+    np.testing.assert_allclose(out[live], ref[live], rtol=3e-2, atol=3e-2 * np.abs(ref).max())
+    np.testing.assert_array_equal(out[~live], 0.0)
+    for got, want in ((out_layer.suffix_k, ref_layer.suffix_k), (out_layer.suffix_v, ref_layer.suffix_v)):
+        got, want = np.asarray(got, np.float32)[live], np.asarray(want, np.float32)[live]
+        np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -7 * np.abs(want).max())
 
 
 def test_right_aligned_prefill_takes_cudnn_and_equals_the_masked_prefill():

@@ -157,8 +157,8 @@ class CausalAdapter:
         rows = kv_cache.RowView(suffix_index=index, prefix_mask=cache.prefix_mask, query_pos=query_pos,
                                 prefix_pos=prefix_pos, live=live)
 
-        def attend(q, k, v, layer, *, window, scale, softcap):
-            return kv_cache.shared_prefix_attention(q, k, v, layer, rows, window, scale, softcap)
+        def attend(qkv, layer, *, window, scale, softcap):
+            return kv_cache.shared_prefix_attention(qkv, layer, rows, window, scale, softcap)
 
         hidden, layers = model.decode_step(last[:, None], query_pos[:, None], cache.layers, attend, layer_params)
         return cache._replace(layers=layers), model.logits(hidden, self.dtype)[:, 0]

@@ -22,14 +22,14 @@ products are batched matmuls over (group, kv head) with no transpose of the cach
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxsft.kernels import decode_attention
-from jaxsft.models.layers import soft_cap
+from jaxsft.models.layers import JoinedQKV, soft_cap
 
 
 class LayerKV(NamedTuple):
@@ -86,24 +86,31 @@ def write_prefix(layers: list[LayerKV], k: jax.Array, v: jax.Array, group_slots:
     return out
 
 
-def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer: LayerKV, rows: RowView,
-                            sliding_window: Optional[int], scale: Optional[float] = None,
+def shared_prefix_attention(qkv: Union[tuple[jax.Array, jax.Array, jax.Array], JoinedQKV], layer: LayerKV,
+                            rows: RowView, sliding_window: Optional[int], scale: Optional[float] = None,
                             softcap: Optional[float] = None) -> tuple[jax.Array, LayerKV]:
     """One decode token per row: write its K/V [B, 1, K, D], attend over prefix + own suffix; returns [B, 1, N, D].
 
-    ``scale``: the query scale (None: head_dim ** -0.5); ``softcap``: the score soft cap (Gemma 2), applied
-    to the scaled scores before masking, as transformers does."""
-    b, _, n_heads, d = q.shape
-    g, kv, lp, _ = layer.prefix_k.shape  # lp / ls: this layer's slots (a sliding layer may keep fewer)
+    ``qkv``: (q [B, 1, N, D], k, v [B, 1, K, D]), or the layer's :class:`~jaxsft.models.layers.JoinedQKV`, which the
+    GPU kernel takes whole and everything else splits. ``scale``: the query scale (None: head_dim ** -0.5);
+    ``softcap``: the score soft cap (Gemma 2), applied to the scaled scores before masking, as transformers does."""
+    g, kv, lp, d = layer.prefix_k.shape  # lp / ls: this layer's slots (a sliding layer may keep fewer)
     ls = layer.suffix_k.shape[2]
-    n = b // g
-    h = n_heads // kv
     index = rows.suffix_index
     scale = np.float32(1.0 / math.sqrt(d) if scale is None else scale)
+    # A global layer's continuation never wraps (ls covers every new token), so slots 0..index are filled.
+    prefix_start = lambda: lp - jnp.sum(rows.prefix_mask[:, -lp:], axis=1)  # noqa: E731
+    if isinstance(qkv, JoinedQKV) and decode_attention.projection_applies(d, sliding_window, softcap):
+        out, sk, sv = decode_attention.projection_attention_with_write(
+            qkv.out, qkv.bias, qkv.rope, layer.prefix_k, layer.prefix_v, prefix_start(), layer.suffix_k, layer.suffix_v,
+            index, scale, heads=qkv.heads, live=rows.live)
+        return out, layer._replace(suffix_k=sk, suffix_v=sv)
+    q, k, v = qkv.split() if isinstance(qkv, JoinedQKV) else qkv
+    b, _, n_heads, _ = q.shape
+    n = b // g
+    h = n_heads // kv
     if decode_attention.kernel_applies(d, sliding_window, softcap):  # GPU: a Pallas decode kernel
-        # A global layer's continuation never wraps (ls covers every new token), so slots 0..index are filled.
-        prefix_start = lp - jnp.sum(rows.prefix_mask[:, -lp:], axis=1)
-        out, sk, sv = decode_attention.kernel()(q, k, v, layer.prefix_k, layer.prefix_v, prefix_start, layer.suffix_k,
+        out, sk, sv = decode_attention.kernel()(q, k, v, layer.prefix_k, layer.prefix_v, prefix_start(), layer.suffix_k,
                                                 layer.suffix_v, index, scale, live=rows.live)
         return out, layer._replace(suffix_k=sk, suffix_v=sv)
     sk = decode_attention.write_token(layer.suffix_k, k[:, 0].astype(layer.suffix_k.dtype), index % ls)

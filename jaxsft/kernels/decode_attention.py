@@ -20,11 +20,16 @@ buffer, filled or not. Two kernel forms read only what a row needs:
   benchmarks/RESULTS.md): 0.5B at batch 512 147.8k against 142.9k new tok/s, 135M at batch 64 54.4k
   against 52.2k; the GPU tier passed with both.
 
+* ``fused_projection`` (what ``auto`` takes where a layer hands over its joined q/k/v projection,
+  :func:`projection_attention_with_write`): ``fused_write`` that also splits the projection, adds its bias and
+  applies RoPE, so nothing runs between the q/k/v matmul and the attention.
+
 All give the one softmax over prompt + continuation that the XLA form computes. Where they apply: GPU,
 layers without a sliding window or score soft cap, power-of-two head sizes of at least 16 (Triton
 blocks); everything else, CPU and TPU included, takes the XLA form, the reference the tests compare them
 with (Pallas interpret mode on CPU, compiled in the GPU tier). ``JAXSFT_DECODE_ATTENTION=auto|fused|fused_write|pallas|xla``
-overrides the choice for measurements (default ``auto``: ``fused_write`` on GPU).
+overrides the choice for measurements (default ``auto``: ``fused_projection`` on GPU where the layer hands over its
+joined projection, else ``fused_write``).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "fused", "fused_write", "pallas", "xla")
+IMPLEMENTATIONS = ("auto", "fused", "fused_write", "fused_projection", "pallas", "xla")
 ENV = "JAXSFT_DECODE_ATTENTION"
 _MAX_QUERY_BLOCK = 64  # query rows per program of the prompt pass (n * h above this splits over programs)
 
@@ -86,7 +91,7 @@ def kernel(choice: Optional[str] = None) -> Callable[..., tuple[jax.Array, jax.A
     :func:`one_pass_attention` / :func:`shared_prefix_attention`; ``fused_write`` (what ``auto`` takes) is the one
     pass doing the write, the query scale and the head padding itself (:func:`one_pass_attention_with_write`)."""
     choice = choice or implementation()
-    if choice in ("auto", "fused_write"):
+    if choice in ("auto", "fused_write", "fused_projection"):
         return one_pass_attention_with_write
     return _with_xla_write(shared_prefix_attention if choice == "pallas" else one_pass_attention)
 
@@ -159,14 +164,23 @@ def _empty_softmax(rows: int, dim: int):
 def _attend_slots(q, k_ref, v_ref, block: int, lo, hi, carry):
     """Inside a one-pass kernel: fold slots ``lo..hi-1`` of ``k_ref``/``v_ref`` [S, D] into the online softmax
     ``carry = (acc [R, D], running max [R], running sum [R])`` of queries ``q`` [R, D], ``block`` slots per step;
-    blocks wholly outside the range are never loaded."""
+    blocks wholly outside the range are never loaded.
+
+    ``q`` may also be a tuple of column parts ``((q_part [R, w], first column), ...)`` covering D (a query rotated
+    in halves inside the kernel): the scores are then the sum of each part's product with those key columns."""
     from jax.experimental import pallas as pl
+
+    parts = q if isinstance(q, tuple) else ((q, None),)
 
     def body(i, carry):
         acc, top, total = carry
         at = i * block
-        k = k_ref[pl.ds(at, block), :]
-        scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        scores = None
+        for part, first in parts:
+            cols = slice(None) if first is None else pl.ds(first, part.shape[1])
+            k = k_ref[pl.ds(at, block), cols]
+            product = jax.lax.dot_general(part, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            scores = product if scores is None else scores + product
         slot = at + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
         scores = jnp.where((slot >= lo) & (slot < hi), scores, _NEG)
         new_top = jnp.maximum(top, jnp.max(scores, axis=1))
@@ -178,6 +192,18 @@ def _attend_slots(q, k_ref, v_ref, block: int, lo, hi, carry):
         return acc, new_top, total * rescale + jnp.sum(weights, axis=1)
 
     return jax.lax.fori_loop(lo // block, (hi + block - 1) // block, body, carry)
+
+
+def _with_new_token(carry, score, v_new, live):
+    """Fold this token's key (its ``score`` [R] per query, computed from registers) and value ``v_new`` [D] into the
+    online softmax; a finished row (``live`` False) adds nothing."""
+    acc, top, total = carry
+    score = jnp.where(live, score, _NEG)
+    new_top = jnp.maximum(top, score)
+    weight = jnp.where(live, jnp.exp(score - new_top), 0.0)
+    rescale = jnp.exp(top - new_top)
+    acc = acc * rescale[:, None] + weight.astype(v_new.dtype).astype(jnp.float32)[:, None] * v_new.astype(jnp.float32)[None, :]
+    return acc, new_top, total * rescale + weight
 
 
 def _one_pass_kernel(start_ref, length_ref, q_ref, pk_ref, pv_ref, sk_ref, sv_ref, o_ref, *, block_p: int,
@@ -268,15 +294,10 @@ def _one_pass_write_kernel(scale_ref, start_ref, filled_ref, live_ref, q_ref, k_
     carry = _empty_softmax(rows, q.shape[1])
     carry = _attend_slots(q, pk_ref, pv_ref, block_p, start_ref[...], pk_ref.shape[0], carry)
     filled = filled_ref[...]
-    acc, top, total = _attend_slots(q, sk_ref, sv_ref, block_s, 0, filled, carry)
+    carry = _attend_slots(q, sk_ref, sv_ref, block_s, 0, filled, carry)
     # This token: one more key, from registers (the product in fp32, as the dot's accumulation is).
     score = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1)
-    score = jnp.where(live, score, _NEG)
-    new_top = jnp.maximum(top, score)
-    weight = jnp.where(live, jnp.exp(score - new_top), 0.0)
-    rescale = jnp.exp(top - new_top)
-    acc = acc * rescale[:, None] + weight.astype(v_new.dtype).astype(jnp.float32)[:, None] * v_new.astype(jnp.float32)[None, :]
-    total = total * rescale + weight
+    acc, _, total = _with_new_token(carry, score, v_new, live)
     out = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(o_ref.dtype)
     pl_triton.store(o_ref.at[pl.ds(0, rows), :], out, mask=real)
 
@@ -340,3 +361,138 @@ def one_pass_attention_with_write(q: jax.Array, k: jax.Array, v: jax.Array, pref
     )(jnp.reshape(jnp.asarray(scale, jnp.float32), (1,)), start, filled, live.astype(jnp.int32), q.reshape(b, kv, h, d),
       k[:, 0].astype(suffix_k.dtype), v[:, 0].astype(suffix_v.dtype), prefix_k, prefix_v, suffix_k, suffix_v)
     return out.reshape(b, 1, n_heads, d), sk, sv
+
+
+# ---------------------------------------------------------------------------- one pass from the joined projection
+def _projection_write_kernel(scale_ref, start_ref, filled_ref, live_ref, q_ref, k_ref, v_ref, qb_ref, kb_ref, vb_ref,
+                             cos_ref, sin_ref, pk_ref, pv_ref, sk_ref, sv_ref, o_ref, sk_out, sv_out, *, heads: int,
+                             rows: int, block_p: int, block_s: int, biased: bool, rotate: bool):
+    """:func:`_one_pass_write_kernel` reading this token's q/k/v straight from the joined projection's output: the
+    bias added and RoPE applied (rotate-half, in two column halves) here, rounded to the compute dtype as XLA's
+    ops are, so no XLA kernel runs between the projection matmul and this one."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pl_triton
+
+    f32, dtype, cache_dtype = jnp.float32, o_ref.dtype, sk_out.dtype
+    d = q_ref.shape[-1]
+    half = d // 2
+    real = jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < heads
+    halves = (pl.ds(0, half), pl.ds(half, half)) if rotate else (slice(None),)
+
+    def query(cols):  # the query heads' columns plus their bias, in the compute dtype
+        x = pl_triton.load(q_ref.at[pl.ds(0, rows), cols], mask=real, other=0).astype(f32)
+        if biased:
+            x = x + pl_triton.load(qb_ref.at[pl.ds(0, rows), cols], mask=real, other=0).astype(f32)
+        return x.astype(dtype).astype(f32)
+
+    def vector(ref, bias_ref, cols):  # this token's key or value columns plus bias, in the compute dtype
+        x = ref[cols].astype(f32)
+        return (x + bias_ref[cols].astype(f32) if biased else x).astype(dtype).astype(f32)
+
+    def rotated(parts, table_cols):  # rotate-half RoPE on (first half, second half)
+        if not rotate:
+            return parts
+        (x1, x2), (c1, c2), (s1, s2) = parts, *table_cols
+        return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+
+    cos = tuple(cos_ref[cols].astype(f32) for cols in halves)
+    sin = tuple(sin_ref[cols].astype(f32) for cols in halves)
+    q = rotated(tuple(query(cols) for cols in halves), ((cos[0][None], cos[-1][None]), (sin[0][None], sin[-1][None])))
+    q = tuple((x.astype(dtype).astype(f32) * scale_ref[0]).astype(dtype) for x in q)  # XLA's rounding, then scale
+    k_new = rotated(tuple(vector(k_ref, kb_ref, cols) for cols in halves), (cos, sin))
+    k_new = tuple(x.astype(dtype).astype(cache_dtype) for x in k_new)
+    v_new = vector(v_ref, vb_ref, slice(None)).astype(cache_dtype)
+    live = live_ref[...] > 0
+    q_parts = tuple((x, cols.start if rotate else 0) for x, cols in zip(q, halves)) if rotate else q[0]
+
+    carry = _empty_softmax(rows, d)
+    carry = _attend_slots(q_parts, pk_ref, pv_ref, block_p, start_ref[...], pk_ref.shape[0], carry)
+    filled = filled_ref[...]
+    carry = _attend_slots(q_parts, sk_ref, sv_ref, block_s, 0, filled, carry)
+    score = sum(jnp.sum(x.astype(f32) * kx.astype(f32)[None, :], axis=1) for x, kx in zip(q, k_new))
+    acc, _, total = _with_new_token(carry, score, v_new, live)
+    out = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(o_ref.dtype)
+    pl_triton.store(o_ref.at[pl.ds(0, rows), :], out, mask=real)
+
+    @pl.when(live)
+    def _():
+        for x, cols in zip(k_new, halves):
+            sk_out[pl.ds(filled, 1), cols] = x[None, :]
+        sv_out[pl.ds(filled, 1), :] = v_new[None, :]
+
+
+def projection_applies(head_dim: int, sliding_window: Optional[int], softcap: Optional[float],
+                       backend: Optional[str] = None, choice: Optional[str] = None) -> bool:
+    """Whether a layer that hands over its joined projection runs :func:`projection_attention_with_write`: where
+    :func:`kernel_applies`, under ``auto`` or ``fused_projection`` (``fused_write`` and the others keep their forms
+    for measurements), with a head size whose halves are Triton tiles (>= 32)."""
+    choice = choice or implementation()
+    return (choice in ("auto", "fused_projection") and head_dim >= 32
+            and kernel_applies(head_dim, sliding_window, softcap, backend, choice))
+
+
+def projection_attention_with_write(qkv: jax.Array, bias: Optional[jax.Array], rope: Optional[tuple[jax.Array, jax.Array]],
+                                    prefix_k: jax.Array, prefix_v: jax.Array, prefix_start: jax.Array,
+                                    suffix_k: jax.Array, suffix_v: jax.Array, index: jax.Array, scale, *, heads: int,
+                                    live: Optional[jax.Array] = None, interpret: Optional[bool] = None
+                                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`one_pass_attention_with_write` taking this token's joined projection ``qkv`` [B, 1, (N + 2K) * D] (query
+    heads, then key heads, then value heads, as :func:`jaxsft.models.layers.JoinedQKV` describes), its ``bias``
+    [(N + 2K) * D] (or None) and the RoPE tables ``rope = (cos, sin)`` [B, 1, D] (or None): the split, the bias and
+    the rotation happen inside the kernel.
+
+    Why: between the q/k/v matmul and the attention kernel XLA otherwise runs the split, the bias and RoPE as two or
+    three fusions of a couple of microseconds each per layer (one H100 profile, Qwen2.5-0.5B at batch 512: two
+    "concatenate" fusions of 2.3 and 1.8 us per layer); at small models a decode step is a chain of such launches.
+    Returns (out [B, 1, N, D], suffix_k, suffix_v) as the other forms do.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pl_triton
+
+    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    g, kv, lp, d = prefix_k.shape
+    b, ls = qkv.shape[0], suffix_k.shape[2]
+    n, h = b // g, heads // kv
+    joined = qkv.reshape(b, heads + 2 * kv, d)
+    biased, rotate = bias is not None, rope is not None
+    bias = (bias if biased else jnp.zeros((heads + 2 * kv) * d, qkv.dtype)).reshape(heads + 2 * kv, d)
+    cos, sin = (x.reshape(b, d) for x in rope) if rotate else (jnp.zeros((1, d), qkv.dtype),) * 2
+    live = jnp.ones((b,), bool) if live is None else live
+    start = jnp.where(live, jnp.repeat(prefix_start.astype(jnp.int32), n), lp)
+    filled = jnp.where(live, index, 0).astype(jnp.int32)
+    kernel = functools.partial(_projection_write_kernel, heads=h, rows=_pow2_at_least(h, 16), block_p=min(64, lp),
+                               block_s=min(64, ls), biased=biased, rotate=rotate)
+    row_head = lambda r, k: (r, k, 0, 0)  # noqa: E731
+    table = (lambda r, k: (r, 0)) if rotate else (lambda r, k: (0, 0))
+    out, sk, sv = pl.pallas_call(
+        kernel,
+        grid=(b, kv),
+        in_specs=[
+            pl.BlockSpec((1,), lambda r, k: (0,)),  # the query scale
+            pl.BlockSpec((None,), lambda r, k: (r,)),  # the row's first prompt slot to read
+            pl.BlockSpec((None,), lambda r, k: (r,)),  # continuation slots already filled (this token's slot)
+            pl.BlockSpec((None,), lambda r, k: (r,)),  # live
+            pl.BlockSpec((None, h, d), lambda r, k: (r, k, 0)),  # the query heads of this KV head (blocks of h)
+            pl.BlockSpec((None, None, d), lambda r, k: (r, heads + k, 0)),  # this token's key head
+            pl.BlockSpec((None, None, d), lambda r, k: (r, heads + kv + k, 0)),  # and value head
+            pl.BlockSpec((h, d), lambda r, k: (k, 0)),  # their biases
+            pl.BlockSpec((None, d), lambda r, k: (heads + k, 0)),
+            pl.BlockSpec((None, d), lambda r, k: (heads + kv + k, 0)),
+            pl.BlockSpec((None, d), table),  # the row's cos
+            pl.BlockSpec((None, d), table),  # and sin
+            pl.BlockSpec((None, None, lp, d), lambda r, k: (r // n, k, 0, 0)),
+            pl.BlockSpec((None, None, lp, d), lambda r, k: (r // n, k, 0, 0)),
+            pl.BlockSpec((None, None, ls, d), row_head),
+            pl.BlockSpec((None, None, ls, d), row_head),
+        ],
+        out_specs=[pl.BlockSpec((None, None, h, d), row_head), pl.BlockSpec((None, None, ls, d), row_head),
+                   pl.BlockSpec((None, None, ls, d), row_head)],
+        out_shape=[jax.ShapeDtypeStruct((b, kv, h, d), qkv.dtype), jax.ShapeDtypeStruct(suffix_k.shape, suffix_k.dtype),
+                   jax.ShapeDtypeStruct(suffix_v.shape, suffix_v.dtype)],
+        input_output_aliases={14: 1, 15: 2},
+        compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="shared_prefix_decode_attention_projection",
+    )(jnp.reshape(jnp.asarray(scale, jnp.float32), (1,)), start, filled, live.astype(jnp.int32), joined, joined, joined,
+      bias, bias, bias, cos, sin, prefix_k, prefix_v, suffix_k, suffix_v)
+    return out.reshape(b, 1, heads, d), sk, sv

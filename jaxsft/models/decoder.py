@@ -257,7 +257,8 @@ class CausalLM(nnx.Module):
         """One token per row [B, 1] through every layer; returns the final hidden states and the new caches.
 
         The layers run unrolled over per-layer caches (``layer_caches[i]``, any pytree), each updated by
-        ``cached_attention(q, k, v, layer_caches[i], window=, scale=, softcap=) -> (attn, new_cache)`` (the
+        ``cached_attention(qkv, layer_caches[i], window=, scale=, softcap=) -> (attn, new_cache)`` (``qkv``: (q, k, v)
+        or a :class:`~jaxsft.models.layers.JoinedQKV`, see :func:`_decoder_block`; the
         layer's attention window, query scale and score soft cap; None = none / head_dim ** -0.5): a loop that carries one
         buffer per layer updates each in place, where a stacked cache would be sliced and written back
         whole every step. ``layer_params`` comes from :meth:`decode_params`.
@@ -424,7 +425,7 @@ def _norm(spec: ModelSpec, x, p, name: str):
     return L.norm(spec.norm, x, p[f"{name}_scale"], p.get(f"{name}_bias"), spec.norm_eps)
 
 
-JOINED_QKV, JOINED_GATE_UP = "joined_qkv_proj", "joined_gate_up_proj"  # decode-only layer weights
+JOINED_QKV, JOINED_QKV_BIAS, JOINED_GATE_UP = "joined_qkv_proj", "joined_qkv_bias", "joined_gate_up_proj"  # decode only
 
 
 def projections_joinable() -> bool:
@@ -453,27 +454,27 @@ def join_projections(spec: ModelSpec, params: dict[str, jax.Array]) -> dict[str,
     joined = ("q_proj", "k_proj", "v_proj") + (("gate_proj", "up_proj") if gated else ())
     out = {k: v for k, v in params.items() if k not in joined}
     out[JOINED_QKV] = jnp.concatenate([params[name].reshape(*params[name].shape[:2], -1) for name in joined[:3]], axis=-1)
+    if spec.qkv_bias:  # the biases in the same column order, so a kernel can add them to the joined output
+        out[JOINED_QKV_BIAS] = jnp.concatenate([params[f"{name[0]}_bias"].reshape(params[name].shape[0], -1)
+                                                for name in joined[:3]], axis=-1)
     if gated:
         out[JOINED_GATE_UP] = jnp.concatenate([params["gate_proj"], params["up_proj"]], axis=-1)
     return out
 
 
-def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cache, write_index, lora=None, segments=None,
-                   window=None, cached_attention=None):
-    """One pre-norm transformer block (with Gemma's post-norms when the spec has them); returns (h, (k_cache, v_cache) or None).
+def _hands_over_projection(spec: ModelSpec, p: dict, lora) -> bool:
+    """Whether a decode layer gives its attention the joined projection untouched (:class:`~jaxsft.models.layers.
+    JoinedQKV`): the weights were joined, and nothing but the bias and RoPE stands between the matmul and the
+    attention (no q/k norm, no LoRA term on q, k or v)."""
+    adapted = lora is not None and any(lora.site_of(name) is not None for name in ("q_proj", "k_proj", "v_proj"))
+    return JOINED_QKV in p and not spec.qk_norm and not adapted
 
-    ``lora`` (a static LoraSetup) adds each adapted projection's ``x @ A @ B`` term (lora.adapted). ``window``:
-    one static attention window (kernel path, no mask); per-layer windows arrive in ``mask`` and ``p``.
-    ``cached_attention(q, k, v, layer_cache, window=, scale=, softcap=) -> (attn, new_layer_cache)`` (decode steps)
-    replaces the attention.
-    """
-    h = constrain(h, ("batch", None, None))
-    mask = _layer_mask(mask, p)
-    x = _norm(spec, h, p, "attn_norm")
-    if JOINED_QKV in p:  # decode: one matmul against the weights joined outside the loop
-        n, kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        q, k, v = jnp.split(x @ p[JOINED_QKV], [n * d, (n + kv) * d], axis=-1)
-        q, k, v = (y.reshape(*y.shape[:-1], heads, d) for y, heads in ((q, n), (k, kv), (v, kv)))
+
+def _projected_qkv(spec: ModelSpec, x, p, rope, lora):
+    """(q, k, v) of the normalised input ``x``: projections, LoRA terms, biases, q/k norms and RoPE (``rope`` the
+    layer's own (cos, sin) or None)."""
+    if JOINED_QKV in p:  # decode with q/k norms or adapters: one matmul against the weights joined outside the loop
+        q, k, v = L.JoinedQKV(x @ p[JOINED_QKV], None, None, spec.num_heads, spec.num_kv_heads, spec.head_dim).split()
     else:
         q = jnp.einsum("bth,hnd->btnd", x, p["q_proj"])
         k = jnp.einsum("bth,hnd->btnd", x, p["k_proj"])
@@ -490,34 +491,55 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
         q = L.norm(spec.norm, q, p["q_norm_scale"], None, spec.norm_eps)
         k = L.norm(spec.norm, k, p["k_norm_scale"], None, spec.norm_eps)
     if rope is not None:
-        cos, sin = rope
-        if ROPE_KEY in p:  # [2, B, T, D] tables: this layer's own
-            cos, sin = cos[p[ROPE_KEY]], sin[p[ROPE_KEY]]
-        q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-    new_kv = None
-    if cached_attention is not None:  # generation's decode step: the cache layout and its attention are the caller's
-        attn, new_kv = cached_attention(q, k, v, layer_cache, window=window, scale=spec.attention_scale,
-                                        softcap=spec.attn_logit_softcap)
-    elif layer_cache is not None:
-        k_cache, v_cache = layer_cache
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
-        new_kv = (k_cache, v_cache)
-        k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-    key = p.get(DROPOUT_KEY)  # training with the config's dropout only
-    if cached_attention is not None:
-        pass
-    elif key is not None and spec.attention_dropout > 0:  # no fused kernel drops probabilities: the XLA path
-        full = mask if segments is None or mask is not None else segments.mask()
-        attn = L.attention_with_dropout(q, k, v, mask=full, causal=causal, sliding_window=window,
-                                        rate=spec.attention_dropout, key=jax.random.fold_in(key, 0),
-                                        scale=spec.attention_scale, softcap=spec.attn_logit_softcap)
-    elif segments is not None:
-        attn = L.packed_attention(q, k, v, segments, mask=mask, sliding_window=window, implementation=impl,
-                                  scale=spec.attention_scale, softcap=spec.attn_logit_softcap)
+        q, k = L.apply_rope(q, *rope), L.apply_rope(k, *rope)
+    return q, k, v
+
+
+def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cache, write_index, lora=None, segments=None,
+                   window=None, cached_attention=None):
+    """One pre-norm transformer block (with Gemma's post-norms when the spec has them); returns (h, (k_cache, v_cache) or None).
+
+    ``lora`` (a static LoraSetup) adds each adapted projection's ``x @ A @ B`` term (lora.adapted). ``window``:
+    one static attention window (kernel path, no mask); per-layer windows arrive in ``mask`` and ``p``.
+    ``cached_attention(qkv, layer_cache, window=, scale=, softcap=) -> (attn, new_layer_cache)`` (decode steps)
+    replaces the attention; ``qkv`` is (q, k, v), biased and rotated, or, where :func:`_hands_over_projection`,
+    the :class:`~jaxsft.models.layers.JoinedQKV` still to split, bias and rotate.
+    """
+    h = constrain(h, ("batch", None, None))
+    mask = _layer_mask(mask, p)
+    x = _norm(spec, h, p, "attn_norm")
+    if rope is not None and ROPE_KEY in p:  # [2, B, T, D] tables: this layer's own
+        rope = (rope[0][p[ROPE_KEY]], rope[1][p[ROPE_KEY]])
+    if cached_attention is not None and _hands_over_projection(spec, p, lora):
+        # decode: the joined projection as it is; the cache's attention splits, biases and rotates it (in its kernel)
+        qkv = L.JoinedQKV(x @ p[JOINED_QKV], p.get(JOINED_QKV_BIAS), rope, spec.num_heads, spec.num_kv_heads,
+                          spec.head_dim)
     else:
-        attn = L.attention(q, k, v, mask=mask, causal=causal, sliding_window=window, implementation=impl,
-                           scale=spec.attention_scale, softcap=spec.attn_logit_softcap)
+        qkv = _projected_qkv(spec, x, p, rope, lora)
+    new_kv = None
+    key = p.get(DROPOUT_KEY)  # training with the config's dropout only
+    if cached_attention is not None:  # generation's decode step: the cache layout and its attention are the caller's
+        attn, new_kv = cached_attention(qkv, layer_cache, window=window, scale=spec.attention_scale,
+                                        softcap=spec.attn_logit_softcap)
+    else:
+        q, k, v = qkv
+        if layer_cache is not None:
+            k_cache, v_cache = layer_cache
+            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=1)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
+            new_kv = (k_cache, v_cache)
+            k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+        if key is not None and spec.attention_dropout > 0:  # no fused kernel drops probabilities: the XLA path
+            full = mask if segments is None or mask is not None else segments.mask()
+            attn = L.attention_with_dropout(q, k, v, mask=full, causal=causal, sliding_window=window,
+                                            rate=spec.attention_dropout, key=jax.random.fold_in(key, 0),
+                                            scale=spec.attention_scale, softcap=spec.attn_logit_softcap)
+        elif segments is not None:
+            attn = L.packed_attention(q, k, v, segments, mask=mask, sliding_window=window, implementation=impl,
+                                      scale=spec.attention_scale, softcap=spec.attn_logit_softcap)
+        else:
+            attn = L.attention(q, k, v, mask=mask, causal=causal, sliding_window=window, implementation=impl,
+                               scale=spec.attention_scale, softcap=spec.attn_logit_softcap)
     o = lora_lib.adapted(jnp.einsum("btnd,ndh->bth", attn, p["o_proj"]), attn, p, "o_proj", lora)
     if spec.o_bias:
         o = o + p["o_bias"]

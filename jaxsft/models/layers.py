@@ -6,6 +6,7 @@ that ``jax.checkpoint`` (remat) and ``lax.scan`` can transform freely.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple, Optional
@@ -142,6 +143,35 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["out", "bias", "rope"],
+                   meta_fields=["heads", "kv_heads", "head_dim"])
+@dataclasses.dataclass(frozen=True)
+class JoinedQKV:
+    """A decode layer's query, key and value as its joined projection left them, before the split, bias and RoPE.
+
+    Why: a decode step's attention kernel can take this whole (:func:`jaxsft.kernels.decode_attention.
+    projection_attention_with_write`) and do the split, bias and rotation itself, so no XLA kernel runs between the
+    q/k/v matmul and the attention; every other consumer calls :meth:`split`, which is the model's own computation.
+    """
+
+    out: jax.Array  # [B, T, (heads + 2 * kv_heads) * head_dim]: query heads, then key heads, then value heads
+    bias: Optional[jax.Array]  # [(heads + 2 * kv_heads) * head_dim] or None
+    rope: Optional[tuple[jax.Array, jax.Array]]  # (cos, sin) [B, T, head_dim] or None (no rotary positions)
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    def split(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(q [B, T, heads, D], k, v [B, T, kv_heads, D]), biased and rotated."""
+        n, kv, d = self.heads, self.kv_heads, self.head_dim
+        y = self.out if self.bias is None else self.out + self.bias
+        q, k, v = jnp.split(y, [n * d, (n + kv) * d], axis=-1)
+        q, k, v = (x.reshape(*x.shape[:-1], heads, d) for x, heads in ((q, n), (k, kv), (v, kv)))
+        if self.rope is not None:
+            q, k = apply_rope(q, *self.rope), apply_rope(k, *self.rope)
+        return q, k, v
 
 
 def attention_kernel(implementation: str, *, softcap: Optional[float], windows_vary: bool) -> str:
