@@ -185,6 +185,14 @@ def test_the_rule_picks_the_kernel_on_gpu_for_plain_layers_only(monkeypatch):
     assert not kernel.projection_applies(16, None, None, backend="gpu", choice="auto")
     assert not kernel.projection_applies(64, 4096, None, backend="gpu", choice="auto")
     assert not kernel.projection_applies(64, None, None, backend="gpu", choice="fused_write")  # the older form, kept
+    monkeypatch.setenv(kernel.TILING_ENV, "128,8,3")
+    assert kernel.configured_tiling() == kernel.Tiling(block=128, num_warps=8, num_stages=3)
+    for bad in ("96,4,2", "64,4", "a,b,c", "64,0,2"):
+        monkeypatch.setenv(kernel.TILING_ENV, bad)
+        with pytest.raises(ValueError, match="JAXSFT_DECODE_TILING"):
+            kernel.configured_tiling()
+    monkeypatch.delenv(kernel.TILING_ENV)
+    assert kernel.configured_tiling() == kernel.TILING
     monkeypatch.setenv(kernel.ENV, "fast")
     with pytest.raises(ValueError, match="JAXSFT_DECODE_ATTENTION='fast'"):
         kernel.implementation()

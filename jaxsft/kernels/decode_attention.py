@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -421,6 +421,35 @@ def _projection_write_kernel(scale_ref, start_ref, filled_ref, live_ref, q_ref, 
         sv_out[pl.ds(filled, 1), :] = v_new[None, :]
 
 
+class Tiling(NamedTuple):
+    """How the projection kernel walks the cache: ``block`` slots per loop step, Triton's warps per program and
+    software-pipelining stages."""
+
+    block: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+TILING = Tiling()  # the one-pass kernels' settings since the seventh session
+TILING_ENV = "JAXSFT_DECODE_TILING"
+
+
+def configured_tiling() -> Tiling:
+    """:data:`TILING`, or ``JAXSFT_DECODE_TILING=block,warps,stages`` (read when a program is traced) for
+    measurements, checked."""
+    value = os.environ.get(TILING_ENV)
+    if not value:
+        return TILING
+    try:
+        tiling = Tiling(*(int(x) for x in value.split(",")))
+    except (TypeError, ValueError):
+        tiling = None
+    if tiling is None or len(value.split(",")) != 3 or min(tiling) < 1 or tiling.block & (tiling.block - 1):
+        raise ValueError(f"{TILING_ENV}={value!r}: must be 'block,warps,stages', positive integers with a power-of-two "
+                         "block (e.g. '64,4,2'); unset it for the default.")
+    return tiling
+
+
 def projection_applies(head_dim: int, sliding_window: Optional[int], softcap: Optional[float],
                        backend: Optional[str] = None, choice: Optional[str] = None) -> bool:
     """Whether a layer that hands over its joined projection runs :func:`projection_attention_with_write`: where
@@ -434,8 +463,8 @@ def projection_applies(head_dim: int, sliding_window: Optional[int], softcap: Op
 def projection_attention_with_write(qkv: jax.Array, bias: Optional[jax.Array], rope: Optional[tuple[jax.Array, jax.Array]],
                                     prefix_k: jax.Array, prefix_v: jax.Array, prefix_start: jax.Array,
                                     suffix_k: jax.Array, suffix_v: jax.Array, index: jax.Array, scale, *, heads: int,
-                                    live: Optional[jax.Array] = None, interpret: Optional[bool] = None
-                                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                                    live: Optional[jax.Array] = None, interpret: Optional[bool] = None,
+                                    tiling: Optional[Tiling] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`one_pass_attention_with_write` taking this token's joined projection ``qkv`` [B, 1, (N + 2K) * D] (query
     heads, then key heads, then value heads, as :func:`jaxsft.models.layers.JoinedQKV` describes), its ``bias``
     [(N + 2K) * D] (or None) and the RoPE tables ``rope = (cos, sin)`` [B, 1, D] (or None): the split, the bias and
@@ -444,7 +473,8 @@ def projection_attention_with_write(qkv: jax.Array, bias: Optional[jax.Array], r
     Why: between the q/k/v matmul and the attention kernel XLA otherwise runs the split, the bias and RoPE as two or
     three fusions of a couple of microseconds each per layer (one H100 profile, Qwen2.5-0.5B at batch 512: two
     "concatenate" fusions of 2.3 and 1.8 us per layer); at small models a decode step is a chain of such launches.
-    Returns (out [B, 1, N, D], suffix_k, suffix_v) as the other forms do.
+    Returns (out [B, 1, N, D], suffix_k, suffix_v) as the other forms do. ``tiling``: slots per loop step and the
+    Triton launch settings (None: :func:`configured_tiling`; ``benchmarks/bench_decode_kernel.py`` measures them).
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pl_triton
@@ -460,8 +490,9 @@ def projection_attention_with_write(qkv: jax.Array, bias: Optional[jax.Array], r
     live = jnp.ones((b,), bool) if live is None else live
     start = jnp.where(live, jnp.repeat(prefix_start.astype(jnp.int32), n), lp)
     filled = jnp.where(live, index, 0).astype(jnp.int32)
-    kernel = functools.partial(_projection_write_kernel, heads=h, rows=_pow2_at_least(h, 16), block_p=min(64, lp),
-                               block_s=min(64, ls), biased=biased, rotate=rotate)
+    tiling = tiling or configured_tiling()
+    kernel = functools.partial(_projection_write_kernel, heads=h, rows=_pow2_at_least(h, 16),
+                               block_p=min(tiling.block, lp), block_s=min(tiling.block, ls), biased=biased, rotate=rotate)
     row_head = lambda r, k: (r, k, 0, 0)  # noqa: E731
     table = (lambda r, k: (r, 0)) if rotate else (lambda r, k: (0, 0))
     out, sk, sv = pl.pallas_call(
@@ -490,7 +521,7 @@ def projection_attention_with_write(qkv: jax.Array, bias: Optional[jax.Array], r
         out_shape=[jax.ShapeDtypeStruct((b, kv, h, d), qkv.dtype), jax.ShapeDtypeStruct(suffix_k.shape, suffix_k.dtype),
                    jax.ShapeDtypeStruct(suffix_v.shape, suffix_v.dtype)],
         input_output_aliases={14: 1, 15: 2},
-        compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=pl_triton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
         name="shared_prefix_decode_attention_projection",
     )(jnp.reshape(jnp.asarray(scale, jnp.float32), (1,)), start, filled, live.astype(jnp.int32), joined, joined, joined,
