@@ -489,6 +489,51 @@ def test_a_call_compiles_its_new_programs_side_by_side_before_running(llama, ga,
     assert not calls  # a second call of the same shapes compiles nothing
 
 
+def test_the_first_call_copies_the_starting_weights_while_its_program_compiles(llama, monkeypatch):
+    """The host copy of the starting weights (reset()) is taken once, on the main thread, while the call's
+    program compiles on a worker thread (one new program included), not after it; reset() still returns
+    the weights the trainer started from."""
+    import threading
+    import time
+
+    from jaxsft.training import trainer as trainer_module
+    from jaxsft.training.train_state import HostSnapshot
+
+    compiles, snapshots = [], []
+    real_compile = jax.stages.Lowered.compile
+
+    def slow_compile(self, *args, **kwargs):
+        start = time.perf_counter()
+        time.sleep(0.5)  # a compile as slow as a real model's, so the overlap shows
+        out = real_compile(self, *args, **kwargs)
+        compiles.append((start, time.perf_counter(), threading.current_thread() is threading.main_thread()))
+        return out
+
+    class RecordingSnapshot(HostSnapshot):
+        @classmethod
+        def of(cls, tree):
+            start = time.perf_counter()
+            out = HostSnapshot.of(tree)
+            snapshots.append((start, time.perf_counter(), threading.current_thread() is threading.main_thread()))
+            return out
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", slow_compile)
+    monkeypatch.setattr(trainer_module, "HostSnapshot", RecordingSnapshot)
+    rng = np.random.default_rng(3)
+    trainer = make_trainer(llama)
+    start_weights = weights(trainer)
+    trainer.step(input_ids=[rng.integers(3, VOCAB, size=12) for _ in range(8)])  # one micro-batch: one program
+    assert len(compiles) == 1 and not compiles[0][2]  # compiled ahead, on a worker thread
+    assert len(snapshots) == 1 and snapshots[0][2]
+    (compile_start, compile_end, _), (snap_start, snap_end, _) = compiles[0], snapshots[0]
+    assert compile_start < snap_start < compile_end  # taken while the program compiled
+    trainer.step(input_ids=[rng.integers(3, VOCAB, size=12) for _ in range(8)])
+    assert len(snapshots) == 1 and len(compiles) == 1  # once per trainer; the same shape compiles nothing
+    assert any(not np.array_equal(w, start_weights[k]) for k, w in weights(trainer).items())  # it trained
+    trainer.reset()
+    assert_same_weights(weights(trainer), start_weights)
+
+
 # ----------------------------------------------------------------------------- sharding
 
 

@@ -192,24 +192,30 @@ class TrainPrograms:
         )))
         return out
 
-    def compile_missing(self, lowerings: Sequence[Lowerings]) -> None:
+    def compile_missing(self, lowerings: Sequence[Lowerings], meanwhile: Optional[Callable[[], None]] = None) -> None:
         """Compile the call's not-yet-built programs side by side before the first one runs.
 
         XLA compiles outside the GIL, so a call that meets several new shapes (packing and buckets
         make a few) waits about as long as its lowerings plus its slowest compile, not the sum of
-        the compiles. Lowering stays on this thread, overlapping the compiles already started; a
-        single missing program is left to the lazy path.
+        the compiles. Lowering stays on this thread, overlapping the compiles already started.
+        ``meanwhile`` is host work the call needs before its first update (the trainer's copy of the
+        starting weights for ``reset()``): it runs on this thread once every program is lowered,
+        while they compile, instead of after them; it runs (once) even when nothing is missing.
         """
         missing: dict[tuple, Callable[[], jax.stages.Lowered]] = {}
         for update_lowerings in lowerings:
             for key, lower in update_lowerings:
                 if key not in self.cache:
                     missing.setdefault(key, lower)
-        if len(missing) < 2:
+        if not missing:
+            if meanwhile is not None:
+                meanwhile()
             return
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(missing), os.cpu_count() or 1)) as pool:
             # Each program starts compiling as soon as it is lowered, while the next one is lowered here.
             futures = {key: pool.submit(self.built, lower()) for key, lower in missing.items()}
+            if meanwhile is not None:
+                meanwhile()
             for key, future in futures.items():
                 self.cache[key] = future.result()
 

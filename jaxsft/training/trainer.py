@@ -322,12 +322,7 @@ class IterativeSFTTrainer:
         first_step = self.state.global_step
         progress = train_log.progress_bar(self.config, len(updates))
         try:
-            # Each update's programs, described once: compiled ahead (side by side) where missing, then run.
-            lowerings = [
-                self.programs.update_lowerings(self.train_state, update, self._frozen) if total else []
-                for update, total in zip(updates, totals)
-            ]
-            self.programs.compile_missing(lowerings)
+            lowerings = self._prepare_updates(updates, totals)
             for update, total, update_lowerings in zip(updates, totals, lowerings):
                 if total == 0:
                     warnings.warn(
@@ -627,6 +622,17 @@ class IterativeSFTTrainer:
         for name in COUNTER_FIELDS:
             if name != "generate_calls":
                 setattr(self.state, name, getattr(fresh, name))
+
+    def _prepare_updates(self, updates: list, totals: Sequence[int]) -> list:
+        """Each update's programs, described once (none for an update without label tokens, which is skipped)
+        and compiled ahead, side by side, where missing; the first call's host copy of the starting weights
+        (``reset()``) is taken while they compile rather than after (a device-to-host copy of every weight)."""
+        lowerings = [
+            self.programs.update_lowerings(self.train_state, update, self._frozen) if total else []
+            for update, total in zip(updates, totals)
+        ]
+        self.programs.compile_missing(lowerings, meanwhile=self._keep_initial_params if any(totals) else None)
+        return lowerings
 
     def _keep_initial_params(self) -> None:
         """Copy the starting weights to the host once, before anything replaces or donates them."""
