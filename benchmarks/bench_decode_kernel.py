@@ -93,7 +93,7 @@ def main(argv=None) -> None:
         rows.append((us, tiling))
         print(f"  block {block:4d} warps {warps} stages {stages}: {us:7.2f} us per call, "
               f"{kv_bytes / (us * 1e-6) / bandwidth * 100:5.1f} % of the bandwidth"
-              f"{'  (the default)' if tiling == kernel.TILING else ''}")
+              f"{'  (the default for this call)' if tiling == kernel.tiling_for(b * kv) else ''}")
     if rows:
         us, best = min(rows)
         print(f"fastest: {best} at {us:.2f} us per call")

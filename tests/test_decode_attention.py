@@ -179,20 +179,25 @@ def test_the_rule_picks_the_kernel_on_gpu_for_plain_layers_only(monkeypatch):
     assert kernel.kernel_applies(64, None, None, backend="cpu", choice="fused_write")
     assert kernel.kernel("fused_write") is kernel.one_pass_attention_with_write
     assert kernel.kernel("auto") is kernel.one_pass_attention_with_write  # the measured default on GPU
-    # A layer that hands over its joined projection: the projection kernel under auto on GPU, halves of >= 32 columns.
-    assert kernel.projection_applies(64, None, None, backend="gpu", choice="auto")
-    assert not kernel.projection_applies(64, None, None, backend="cpu", choice="auto")
-    assert not kernel.projection_applies(16, None, None, backend="gpu", choice="auto")
-    assert not kernel.projection_applies(64, 4096, None, backend="gpu", choice="auto")
-    assert not kernel.projection_applies(64, None, None, backend="gpu", choice="fused_write")  # the older form, kept
+    # A layer that hands over its joined projection: the projection kernel when chosen (not yet under auto: its GPU
+    # tier has not run), on any backend (interpret mode off GPU), halves of >= 32 columns, global layers.
+    assert kernel.projection_applies(64, None, None, backend="gpu", choice="fused_projection")
+    assert kernel.projection_applies(64, None, None, backend="cpu", choice="fused_projection")
+    assert not kernel.projection_applies(64, None, None, backend="gpu", choice="auto")
+    assert not kernel.projection_applies(16, None, None, backend="gpu", choice="fused_projection")
+    assert not kernel.projection_applies(64, 4096, None, backend="gpu", choice="fused_projection")
+    assert not kernel.projection_applies(64, None, None, backend="gpu", choice="fused_write")
+    # Its tiling follows the call's program count (rows x KV heads): few programs, two warps and three stages.
+    assert kernel.configured_tiling(64 * 3) == kernel.FEW_PROGRAMS_TILING != kernel.TILING
+    assert kernel.configured_tiling(512 * 2) == kernel.TILING
     monkeypatch.setenv(kernel.TILING_ENV, "128,8,3")
-    assert kernel.configured_tiling() == kernel.Tiling(block=128, num_warps=8, num_stages=3)
+    assert kernel.configured_tiling(64) == kernel.configured_tiling(4096) == kernel.Tiling(128, 8, 3)
     for bad in ("96,4,2", "64,4", "a,b,c", "64,0,2"):
         monkeypatch.setenv(kernel.TILING_ENV, bad)
         with pytest.raises(ValueError, match="JAXSFT_DECODE_TILING"):
-            kernel.configured_tiling()
+            kernel.configured_tiling(64)
     monkeypatch.delenv(kernel.TILING_ENV)
-    assert kernel.configured_tiling() == kernel.TILING
+    assert kernel.configured_tiling(4096) == kernel.TILING
     monkeypatch.setenv(kernel.ENV, "fast")
     with pytest.raises(ValueError, match="JAXSFT_DECODE_ATTENTION='fast'"):
         kernel.implementation()

@@ -20,16 +20,16 @@ buffer, filled or not. Two kernel forms read only what a row needs:
   benchmarks/RESULTS.md): 0.5B at batch 512 147.8k against 142.9k new tok/s, 135M at batch 64 54.4k
   against 52.2k; the GPU tier passed with both.
 
-* ``fused_projection`` (what ``auto`` takes where a layer hands over its joined q/k/v projection,
+* ``fused_projection`` (for a layer that hands over its joined q/k/v projection,
   :func:`projection_attention_with_write`): ``fused_write`` that also splits the projection, adds its bias and
-  applies RoPE, so nothing runs between the q/k/v matmul and the attention.
+  applies RoPE, so nothing runs between the q/k/v matmul and the attention. Measured faster; the default once
+  its GPU-tier test has passed on a GPU (see :func:`projection_applies`).
 
 All give the one softmax over prompt + continuation that the XLA form computes. Where they apply: GPU,
 layers without a sliding window or score soft cap, power-of-two head sizes of at least 16 (Triton
 blocks); everything else, CPU and TPU included, takes the XLA form, the reference the tests compare them
 with (Pallas interpret mode on CPU, compiled in the GPU tier). ``JAXSFT_DECODE_ATTENTION=auto|fused|fused_write|pallas|xla``
-overrides the choice for measurements (default ``auto``: ``fused_projection`` on GPU where the layer hands over its
-joined projection, else ``fused_write``).
+overrides the choice for measurements (default ``auto``: ``fused_write`` on GPU).
 """
 
 from __future__ import annotations
@@ -430,16 +430,30 @@ class Tiling(NamedTuple):
     num_stages: int = 2
 
 
-TILING = Tiling()  # the one-pass kernels' settings since the seventh session
+TILING = Tiling()  # the one-pass kernels' settings since the seventh session: calls of many programs
+FEW_PROGRAMS_TILING = Tiling(64, 2, 3)  # calls of few programs
+FEW_PROGRAMS = 512  # (rows x KV heads) at most this many take FEW_PROGRAMS_TILING
 TILING_ENV = "JAXSFT_DECODE_TILING"
 
 
-def configured_tiling() -> Tiling:
-    """:data:`TILING`, or ``JAXSFT_DECODE_TILING=block,warps,stages`` (read when a program is traced) for
-    measurements, checked."""
+def tiling_for(programs: int) -> Tiling:
+    """The tiling for a call of ``programs`` (rows x KV heads) kernel programs.
+
+    Why by the program count: with few programs (a batch of 64) each one's loop over its slots is the step's
+    critical path, and two warps with three pipeline stages keep more loads in flight per program; with many
+    (batch 512) four warps with two stages fill the card better. Measured end to end on one H100 (eleventh
+    session, benchmarks/RESULTS.md): SmolLM2-135M at batch 64 (192 programs) 61.4k against 57.1-59.9k new tok/s,
+    Qwen2.5-0.5B at 64 (128) 53.5k against 52.5k; at batch 512 the other way, 135M (1,536) 179.4k against 173.3k.
+    """
+    return FEW_PROGRAMS_TILING if programs <= FEW_PROGRAMS else TILING
+
+
+def configured_tiling(programs: int) -> Tiling:
+    """:func:`tiling_for` ``programs``, or ``JAXSFT_DECODE_TILING=block,warps,stages`` (read when a program is
+    traced) for measurements, checked."""
     value = os.environ.get(TILING_ENV)
     if not value:
-        return TILING
+        return tiling_for(programs)
     try:
         tiling = Tiling(*(int(x) for x in value.split(",")))
     except (TypeError, ValueError):
@@ -453,11 +467,17 @@ def configured_tiling() -> Tiling:
 def projection_applies(head_dim: int, sliding_window: Optional[int], softcap: Optional[float],
                        backend: Optional[str] = None, choice: Optional[str] = None) -> bool:
     """Whether a layer that hands over its joined projection runs :func:`projection_attention_with_write`: where
-    :func:`kernel_applies`, under ``auto`` or ``fused_projection`` (``fused_write`` and the others keep their forms
-    for measurements), with a head size whose halves are Triton tiles (>= 32)."""
+    :func:`kernel_applies`, with a head size whose halves are Triton tiles (>= 32), when ``fused_projection`` is
+    chosen.
+
+    Not yet what ``auto`` takes: measured faster on one H100 (eleventh session, benchmarks/RESULTS.md: +4.0 % at
+    Qwen2.5-0.5B batch 512, +7.0 % at SmolLM2-135M batch 64), but its GPU-tier test
+    (``tests/test_gpu_tier.py::test_projection_kernel_equals_the_xla_form_compiled``) has not yet run on a GPU,
+    and a default's compiled numerics are checked there first. It is checked on CPU in Pallas interpret mode.
+    """
     choice = choice or implementation()
-    return (choice in ("auto", "fused_projection") and head_dim >= 32
-            and kernel_applies(head_dim, sliding_window, softcap, backend, choice))
+    return choice == "fused_projection" and head_dim >= 32 and kernel_applies(head_dim, sliding_window, softcap,
+                                                                            backend, choice)
 
 
 def projection_attention_with_write(qkv: jax.Array, bias: Optional[jax.Array], rope: Optional[tuple[jax.Array, jax.Array]],
@@ -490,7 +510,7 @@ def projection_attention_with_write(qkv: jax.Array, bias: Optional[jax.Array], r
     live = jnp.ones((b,), bool) if live is None else live
     start = jnp.where(live, jnp.repeat(prefix_start.astype(jnp.int32), n), lp)
     filled = jnp.where(live, index, 0).astype(jnp.int32)
-    tiling = tiling or configured_tiling()
+    tiling = tiling or configured_tiling(b * kv)
     kernel = functools.partial(_projection_write_kernel, heads=h, rows=_pow2_at_least(h, 16),
                                block_p=min(tiling.block, lp), block_s=min(tiling.block, ls), biased=biased, rotate=rotate)
     row_head = lambda r, k: (r, k, 0, 0)  # noqa: E731
