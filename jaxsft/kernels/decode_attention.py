@@ -389,21 +389,23 @@ def _projection_write_kernel(scale_ref, start_ref, filled_ref, live_ref, q_ref, 
         x = ref[cols].astype(f32)
         return (x + bias_ref[cols].astype(f32) if biased else x).astype(dtype).astype(f32)
 
-    def rotated(parts, table_cols):  # rotate-half RoPE on (first half, second half)
-        if not rotate:
-            return parts
-        (x1, x2), (c1, c2), (s1, s2) = parts, *table_cols
-        return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
-
     cos = tuple(cos_ref[cols].astype(f32) for cols in halves)
     sin = tuple(sin_ref[cols].astype(f32) for cols in halves)
-    q = rotated(tuple(query(cols) for cols in halves), ((cos[0][None], cos[-1][None]), (sin[0][None], sin[-1][None])))
+
+    def rotated(parts, lead=lambda t: t):  # rotate-half RoPE on (first half, second half); ``lead`` shapes the tables
+        if not rotate:
+            return parts
+        (x1, x2), (c1, c2), (s1, s2) = parts, map(lead, cos), map(lead, sin)
+        return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+
+    q = rotated(tuple(query(cols) for cols in halves), lead=lambda t: t[None])  # tables broadcast over the heads
     q = tuple((x.astype(dtype).astype(f32) * scale_ref[0]).astype(dtype) for x in q)  # XLA's rounding, then scale
-    k_new = rotated(tuple(vector(k_ref, kb_ref, cols) for cols in halves), (cos, sin))
+    k_new = rotated(tuple(vector(k_ref, kb_ref, cols) for cols in halves))
     k_new = tuple(x.astype(dtype).astype(cache_dtype) for x in k_new)
     v_new = vector(v_ref, vb_ref, slice(None)).astype(cache_dtype)
     live = live_ref[...] > 0
-    q_parts = tuple((x, cols.start if rotate else 0) for x, cols in zip(q, halves)) if rotate else q[0]
+    # The scores' query: column parts (each half against those key columns) when rotated in halves, else whole.
+    q_parts = tuple((x, cols.start) for x, cols in zip(q, halves)) if rotate else q[0]
 
     carry = _empty_softmax(rows, d)
     carry = _attend_slots(q_parts, pk_ref, pv_ref, block_p, start_ref[...], pk_ref.shape[0], carry)
