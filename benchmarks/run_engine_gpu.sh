@@ -28,6 +28,11 @@ for section in "$@"; do
     loop05_ragged_jax) timeout 150 python3 $B/bench_loop.py --impl jaxsft --shape qwen05 --ragged 6 --new 512 > $OUT/$section.log 2>&1 ;;
     loop05_ragged_trl) timeout 200 python3 $B/bench_loop.py --impl trl --shape qwen05 --ragged 6 --new 512 > $OUT/$section.log 2>&1 ;;
     profile_t1_explain) timeout 150 python3 $B/profile_decode.py --label t1 --shape qwen05 --batch 512 --new 256 --explain --top 14 > $OUT/$section.log 2>&1 ;;
+    projection_tier) JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -k "decode_attention or projection" tests/test_gpu_tier.py > $OUT/$section.log 2>&1 ;;
+    projection_vs_default) for sh in "qwen05 512" "smollm2 64" "qwen15 512"; do set -- $sh; for form in fused_projection fused_write; do
+        echo "### $1 $2 $form"; JAXSFT_DECODE_ATTENTION=$form timeout 60 python3 $B/bench_generate.py --shape $1 --batches $2 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf; done; done > $OUT/$section.log 2>&1 ;;
+    decode_kernel_sweep) for sh in "qwen05 512" "smollm2 64"; do set -- $sh; timeout 80 python3 $B/bench_decode_kernel.py --shape $1 --batch $2; done > $OUT/$section.log 2>&1 ;;
+    profile_sequence_135) timeout 120 python3 $B/profile_decode.py --shape smollm2 --batch 64 --new 256 --explain --sequence 40 --top 12 > $OUT/$section.log 2>&1 ;;
   esac
   echo "== $section done $(date +%T)" >> $OUT/progress.log
 done
