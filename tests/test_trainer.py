@@ -238,7 +238,7 @@ def test_stats_dict(llama):
         "loss": float, "learning_rate": float, "grad_norm": float, "num_tokens": int, "update_losses": list,
         "num_updates": int, "skipped_updates": int, "num_microbatches": int, "truncated_examples": int,
         "global_step": int, "tokens_per_second": float,
-        "seconds": float, "compiled_shapes": int,
+        "seconds": float, "compiled_shapes": int, "compile_seconds": float,
     }
     assert set(out) == set(expected)
     for key, typ in expected.items():
@@ -489,6 +489,28 @@ def test_a_call_compiles_its_new_programs_side_by_side_before_running(llama, ga,
     assert not calls  # a second call of the same shapes compiles nothing
 
 
+def test_stats_report_the_seconds_a_call_spent_compiling(llama, monkeypatch):
+    """``compile_seconds``: the part of a call's ``seconds`` spent on its new programs (here each compile is held
+    0.4 s, so a wrong clock shows); 0.0 for a call whose shapes are built; a new shape costs time again."""
+    import time
+
+    real_compile = jax.stages.Lowered.compile
+
+    def slow_compile(self, *args, **kwargs):
+        time.sleep(0.4)
+        return real_compile(self, *args, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", slow_compile)
+    rng = np.random.default_rng(4)
+    trainer = make_trainer(llama)
+    first = trainer.step(input_ids=[rng.integers(3, VOCAB, size=12) for _ in range(8)])
+    assert 0.4 <= first["compile_seconds"] <= first["seconds"]
+    again = trainer.step(input_ids=[rng.integers(3, VOCAB, size=12) for _ in range(8)])
+    assert again["compile_seconds"] == 0.0 and again["compiled_shapes"] == first["compiled_shapes"]
+    longer = trainer.step(input_ids=[rng.integers(3, VOCAB, size=40) for _ in range(8)])  # a new bucket
+    assert longer["compiled_shapes"] > first["compiled_shapes"] and 0.4 <= longer["compile_seconds"] <= longer["seconds"]
+
+
 def test_the_first_call_copies_the_starting_weights_while_its_program_compiles(llama, monkeypatch):
     """The host copy of the starting weights (reset()) is taken once, on the main thread, while the call's
     program compiles on a worker thread (one new program included), not after it; reset() still returns
@@ -525,7 +547,7 @@ def test_the_first_call_copies_the_starting_weights_while_its_program_compiles(l
     trainer.step(input_ids=[rng.integers(3, VOCAB, size=12) for _ in range(8)])  # one micro-batch: one program
     assert len(compiles) == 1 and not compiles[0][2]  # compiled ahead, on a worker thread
     assert len(snapshots) == 1 and snapshots[0][2]
-    (compile_start, compile_end, _), (snap_start, snap_end, _) = compiles[0], snapshots[0]
+    (compile_start, compile_end, _), (snap_start, _, _) = compiles[0], snapshots[0]
     assert compile_start < snap_start < compile_end  # taken while the program compiled
     trainer.step(input_ids=[rng.integers(3, VOCAB, size=12) for _ in range(8)])
     assert len(snapshots) == 1 and len(compiles) == 1  # once per trainer; the same shape compiles nothing

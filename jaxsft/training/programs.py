@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -192,7 +193,7 @@ class TrainPrograms:
         )))
         return out
 
-    def compile_missing(self, lowerings: Sequence[Lowerings], meanwhile: Optional[Callable[[], None]] = None) -> None:
+    def compile_missing(self, lowerings: Sequence[Lowerings], meanwhile: Optional[Callable[[], None]] = None) -> float:
         """Compile the call's not-yet-built programs side by side before the first one runs.
 
         XLA compiles outside the GIL, so a call that meets several new shapes (packing and buckets
@@ -201,6 +202,9 @@ class TrainPrograms:
         ``meanwhile`` is host work the call needs before its first update (the trainer's copy of the
         starting weights for ``reset()``): it runs on this thread once every program is lowered,
         while they compile, instead of after them; it runs (once) even when nothing is missing.
+
+        Returns the seconds spent lowering and compiling (0.0 when every program was built already; an
+        overlapped ``meanwhile`` counts only where it outlasts the compiles).
         """
         missing: dict[tuple, Callable[[], jax.stages.Lowered]] = {}
         for update_lowerings in lowerings:
@@ -210,7 +214,8 @@ class TrainPrograms:
         if not missing:
             if meanwhile is not None:
                 meanwhile()
-            return
+            return 0.0
+        started = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(missing), os.cpu_count() or 1)) as pool:
             # Each program starts compiling as soon as it is lowered, while the next one is lowered here.
             futures = {key: pool.submit(self.built, lower()) for key, lower in missing.items()}
@@ -218,6 +223,7 @@ class TrainPrograms:
                 meanwhile()
             for key, future in futures.items():
                 self.cache[key] = future.result()
+        return time.perf_counter() - started
 
     def run_update(
         self, state: TrainState, update: Sequence[Any], lowerings: Lowerings, frozen: tuple

@@ -318,11 +318,12 @@ class IterativeSFTTrainer:
         # 1. run: the updates on device. Whatever happens, the caller's model ends up on live arrays and
         #    global_step counts the updates that ran (the arrays they consumed are donated, so no going back).
         per_update_metrics = []
+        compile_seconds = 0.0
         eval_metrics: dict[int, dict[str, float]] = {}
         first_step = self.state.global_step
         progress = train_log.progress_bar(self.config, len(updates))
         try:
-            lowerings = self._prepare_updates(updates, totals)
+            lowerings, compile_seconds = self._prepare_updates(updates, totals)
             for update, total, update_lowerings in zip(updates, totals, lowerings):
                 if total == 0:
                     warnings.warn(
@@ -388,6 +389,7 @@ class IterativeSFTTrainer:
             global_step=self.state.global_step,
             tokens_per_second=input_tokens / elapsed if elapsed > 0 else float("nan"),
             seconds=elapsed, compiled_shapes=self.compiled_shapes,
+            compile_seconds=compile_seconds,  # of ``seconds``: lowering and compiling this call's new programs
         )
 
     def evaluate(
@@ -623,16 +625,17 @@ class IterativeSFTTrainer:
             if name != "generate_calls":
                 setattr(self.state, name, getattr(fresh, name))
 
-    def _prepare_updates(self, updates: list, totals: Sequence[int]) -> list:
+    def _prepare_updates(self, updates: list, totals: Sequence[int]) -> tuple[list, float]:
         """Each update's programs, described once (none for an update without label tokens, which is skipped)
         and compiled ahead, side by side, where missing; the first call's host copy of the starting weights
-        (``reset()``) is taken while they compile rather than after (a device-to-host copy of every weight)."""
+        (``reset()``) is taken while they compile rather than after (a device-to-host copy of every weight).
+        Returns the lowerings and the seconds spent compiling (0.0 when nothing was new)."""
         lowerings = [
             self.programs.update_lowerings(self.train_state, update, self._frozen) if total else []
             for update, total in zip(updates, totals)
         ]
-        self.programs.compile_missing(lowerings, meanwhile=self._keep_initial_params if any(totals) else None)
-        return lowerings
+        seconds = self.programs.compile_missing(lowerings, meanwhile=self._keep_initial_params if any(totals) else None)
+        return lowerings, seconds
 
     def _keep_initial_params(self) -> None:
         """Copy the starting weights to the host once, before anything replaces or donates them."""
