@@ -234,6 +234,25 @@ def test_fused_add_rms_norm_kernel_equals_its_xla_form_compiled(dtype):
 
 
 # ----------------------------------------------------------------------------- the decode-attention kernels
+def _decode_case(rng, n: int):
+    """bf16 random caches at Qwen2.5-0.5B's head layout (14 query heads over 2 KV heads of 64): 16 groups of ``n``
+    rows, prompts of 128 slots left-padded to ragged lengths, continuations of 256 slots filled to ragged lengths.
+    Returns (a bf16 random-array maker, the layer's cache, the rows' view, (rows, KV heads, heads per KV head, D))."""
+    from jaxsft.generation import kv_cache
+
+    groups, kv, h, d, lp, ls = 16, 2, 7, 64, 128, 256
+    b = groups * n
+    f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.bfloat16)  # noqa: E731
+    real = rng.integers(1, lp + 1, size=groups)
+    index = jnp.asarray(rng.integers(0, ls, size=b), jnp.int32)
+    layer = kv_cache.LayerKV(f(groups, kv, lp, d), f(groups, kv, lp, d), f(b, kv, ls, d), f(b, kv, ls, d))
+    rows = kv_cache.RowView(suffix_index=index,
+                            prefix_mask=jnp.asarray(np.arange(lp)[None, :] >= (lp - real)[:, None]),
+                            query_pos=jnp.repeat(jnp.asarray(real, jnp.int32), n) + index,
+                            prefix_pos=jnp.zeros((groups, lp), jnp.int32))
+    return f, layer, rows, (b, kv, h, d)
+
+
 @pytest.mark.parametrize("which", ["fused", "fused_write", "pallas"])
 @pytest.mark.parametrize("n", [1, 8])
 def test_decode_attention_kernels_equal_the_xla_form_compiled(monkeypatch, n, which):
@@ -246,16 +265,7 @@ def test_decode_attention_kernels_equal_the_xla_form_compiled(monkeypatch, n, wh
     from jaxsft.kernels import decode_attention as kernel
 
     rng = np.random.default_rng(n)
-    groups, kv, h, d, lp, ls = 16, 2, 7, 64, 128, 256
-    b = groups * n
-    f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.bfloat16)  # noqa: E731
-    real = rng.integers(1, lp + 1, size=groups)
-    index = jnp.asarray(rng.integers(0, ls, size=b), jnp.int32)
-    layer = kv_cache.LayerKV(f(groups, kv, lp, d), f(groups, kv, lp, d), f(b, kv, ls, d), f(b, kv, ls, d))
-    rows = kv_cache.RowView(suffix_index=index,
-                            prefix_mask=jnp.asarray(np.arange(lp)[None, :] >= (lp - real)[:, None]),
-                            query_pos=jnp.repeat(jnp.asarray(real, jnp.int32), n) + index,
-                            prefix_pos=jnp.zeros((groups, lp), jnp.int32))
+    f, layer, rows, (b, kv, h, d) = _decode_case(rng, n)
     q, k, v = f(b, 1, kv * h, d), f(b, 1, kv, d), f(b, 1, kv, d)
     run = jax.jit(lambda q, k, v, layer, rows: kv_cache.shared_prefix_attention((q, k, v), layer, rows, None))
     monkeypatch.setenv(kernel.ENV, "xla")
@@ -288,16 +298,9 @@ def test_projection_kernel_equals_the_xla_form_compiled(monkeypatch, n):
     from jaxsft.models.layers import JoinedQKV
 
     rng = np.random.default_rng(10 + n)
-    groups, kv, h, d, lp, ls = 16, 2, 7, 64, 128, 256
-    b = groups * n
-    f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.bfloat16)  # noqa: E731
-    real = rng.integers(1, lp + 1, size=groups)
-    index = jnp.asarray(rng.integers(0, ls, size=b), jnp.int32)
-    layer = kv_cache.LayerKV(f(groups, kv, lp, d), f(groups, kv, lp, d), f(b, kv, ls, d), f(b, kv, ls, d))
-    query_pos = jnp.repeat(jnp.asarray(real, jnp.int32), n) + index
-    rows = kv_cache.RowView(suffix_index=index, prefix_mask=jnp.asarray(np.arange(lp)[None, :] >= (lp - real)[:, None]),
-                            query_pos=query_pos, prefix_pos=jnp.zeros((groups, lp), jnp.int32),
-                            live=jnp.asarray(np.arange(b) % 3 != 0))
+    f, layer, rows, (b, kv, h, d) = _decode_case(rng, n)
+    rows = rows._replace(live=jnp.asarray(np.arange(b) % 3 != 0))
+    query_pos = rows.query_pos
     inv = 1.0 / (1e6 ** (np.arange(0, d, 2) / d))
     angles = np.asarray(query_pos)[:, None, None] * inv[None, None, :]
     rope = tuple(jnp.asarray(np.concatenate([g(angles)] * 2, axis=-1), jnp.bfloat16) for g in (np.cos, np.sin))

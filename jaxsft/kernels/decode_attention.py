@@ -272,6 +272,30 @@ def one_pass_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, p
     return out[:, :, :h].reshape(b, 1, n_heads, d)
 
 
+def _written_cache_specs(n: int, lp: int, ls: int, d: int, h: int):
+    """The block specs the kernels that write the cache share, for a (row, KV head) program: the inputs
+    (group prompt K and V, then the row's continuation K and V) and the outputs (the row's h query heads, and the
+    continuation K and V, updated in place)."""
+    from jax.experimental import pallas as pl
+
+    def row_head(r, k):
+        return r, k, 0, 0
+
+    def group_head(r, k):
+        return r // n, k, 0, 0
+
+    inputs = [pl.BlockSpec((None, None, lp, d), group_head), pl.BlockSpec((None, None, lp, d), group_head),
+              pl.BlockSpec((None, None, ls, d), row_head), pl.BlockSpec((None, None, ls, d), row_head)]
+    outputs = [pl.BlockSpec((None, None, h, d), row_head), pl.BlockSpec((None, None, ls, d), row_head),
+               pl.BlockSpec((None, None, ls, d), row_head)]
+    return inputs, outputs
+
+
+def _written_cache_shapes(out_shape: tuple, out_dtype, suffix_k: jax.Array, suffix_v: jax.Array):
+    return [jax.ShapeDtypeStruct(out_shape, out_dtype), jax.ShapeDtypeStruct(suffix_k.shape, suffix_k.dtype),
+            jax.ShapeDtypeStruct(suffix_v.shape, suffix_v.dtype)]
+
+
 # ---------------------------------------------------------------------------- one pass that also writes the token
 def _one_pass_write_kernel(scale_ref, start_ref, filled_ref, live_ref, q_ref, k_ref, v_ref, pk_ref, pv_ref, sk_ref,
                            sv_ref, o_ref, sk_out, sv_out, *, heads: int, rows: int, block_p: int, block_s: int):
@@ -333,7 +357,7 @@ def one_pass_attention_with_write(q: jax.Array, k: jax.Array, v: jax.Array, pref
     filled = jnp.where(live, index, 0).astype(jnp.int32)  # continuation slots holding earlier tokens
     kernel = functools.partial(_one_pass_write_kernel, heads=h, rows=_pow2_at_least(h, 16), block_p=min(64, lp),
                                block_s=min(64, ls))
-    row_head = lambda r, k: (r, k, 0, 0)  # noqa: E731
+    cache_in, cache_out = _written_cache_specs(n, lp, ls, d, h)
     out, sk, sv = pl.pallas_call(
         kernel,
         grid=(b, kv),
@@ -342,18 +366,13 @@ def one_pass_attention_with_write(q: jax.Array, k: jax.Array, v: jax.Array, pref
             pl.BlockSpec((None,), lambda r, k: (r,)),  # the row's first prompt slot to read
             pl.BlockSpec((None,), lambda r, k: (r,)),  # continuation slots already filled (this token's slot)
             pl.BlockSpec((None,), lambda r, k: (r,)),  # live
-            pl.BlockSpec((None, None, h, d), row_head),  # the row's queries of this KV head, unpadded
+            pl.BlockSpec((None, None, h, d), lambda r, k: (r, k, 0, 0)),  # the row's queries of this KV head, unpadded
             pl.BlockSpec((None, None, d), lambda r, k: (r, k, 0)),  # this token's key
             pl.BlockSpec((None, None, d), lambda r, k: (r, k, 0)),  # and value
-            pl.BlockSpec((None, None, lp, d), lambda r, k: (r // n, k, 0, 0)),
-            pl.BlockSpec((None, None, lp, d), lambda r, k: (r // n, k, 0, 0)),
-            pl.BlockSpec((None, None, ls, d), row_head),
-            pl.BlockSpec((None, None, ls, d), row_head),
+            *cache_in,
         ],
-        out_specs=[pl.BlockSpec((None, None, h, d), row_head), pl.BlockSpec((None, None, ls, d), row_head),
-                   pl.BlockSpec((None, None, ls, d), row_head)],
-        out_shape=[jax.ShapeDtypeStruct((b, kv, h, d), q.dtype), jax.ShapeDtypeStruct(suffix_k.shape, suffix_k.dtype),
-                   jax.ShapeDtypeStruct(suffix_v.shape, suffix_v.dtype)],
+        out_specs=cache_out,
+        out_shape=_written_cache_shapes((b, kv, h, d), q.dtype, suffix_k, suffix_v),
         input_output_aliases={9: 1, 10: 2},
         compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
@@ -515,7 +534,7 @@ def projection_attention_with_write(qkv: jax.Array, bias: Optional[jax.Array], r
     tiling = tiling or configured_tiling(b * kv)
     kernel = functools.partial(_projection_write_kernel, heads=h, rows=_pow2_at_least(h, 16),
                                block_p=min(tiling.block, lp), block_s=min(tiling.block, ls), biased=biased, rotate=rotate)
-    row_head = lambda r, k: (r, k, 0, 0)  # noqa: E731
+    cache_in, cache_out = _written_cache_specs(n, lp, ls, d, h)
     table = (lambda r, k: (r, 0)) if rotate else (lambda r, k: (0, 0))
     out, sk, sv = pl.pallas_call(
         kernel,
@@ -533,15 +552,10 @@ def projection_attention_with_write(qkv: jax.Array, bias: Optional[jax.Array], r
             pl.BlockSpec((None, d), lambda r, k: (heads + kv + k, 0)),
             pl.BlockSpec((None, d), table),  # the row's cos
             pl.BlockSpec((None, d), table),  # and sin
-            pl.BlockSpec((None, None, lp, d), lambda r, k: (r // n, k, 0, 0)),
-            pl.BlockSpec((None, None, lp, d), lambda r, k: (r // n, k, 0, 0)),
-            pl.BlockSpec((None, None, ls, d), row_head),
-            pl.BlockSpec((None, None, ls, d), row_head),
+            *cache_in,
         ],
-        out_specs=[pl.BlockSpec((None, None, h, d), row_head), pl.BlockSpec((None, None, ls, d), row_head),
-                   pl.BlockSpec((None, None, ls, d), row_head)],
-        out_shape=[jax.ShapeDtypeStruct((b, kv, h, d), qkv.dtype), jax.ShapeDtypeStruct(suffix_k.shape, suffix_k.dtype),
-                   jax.ShapeDtypeStruct(suffix_v.shape, suffix_v.dtype)],
+        out_specs=cache_out,
+        out_shape=_written_cache_shapes((b, kv, h, d), qkv.dtype, suffix_k, suffix_v),
         input_output_aliases={14: 1, 15: 2},
         compiler_params=pl_triton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
