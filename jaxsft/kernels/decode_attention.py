@@ -272,6 +272,15 @@ def one_pass_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, p
     return out[:, :, :h].reshape(b, 1, n_heads, d)
 
 
+def _row_scalar_specs():
+    """The block specs of the scalars the cache-writing kernels take first: the query scale, then per row its
+    first prompt slot to read, its continuation slots already filled (this token's slot) and whether it is live."""
+    from jax.experimental import pallas as pl
+
+    per_row = pl.BlockSpec((None,), lambda r, k: (r,))
+    return [pl.BlockSpec((1,), lambda r, k: (0,)), per_row, per_row, per_row]
+
+
 def _written_cache_specs(n: int, lp: int, ls: int, d: int, h: int):
     """The block specs the kernels that write the cache share, for a (row, KV head) program: the inputs
     (group prompt K and V, then the row's continuation K and V) and the outputs (the row's h query heads, and the
@@ -357,15 +366,12 @@ def one_pass_attention_with_write(q: jax.Array, k: jax.Array, v: jax.Array, pref
     filled = jnp.where(live, index, 0).astype(jnp.int32)  # continuation slots holding earlier tokens
     kernel = functools.partial(_one_pass_write_kernel, heads=h, rows=_pow2_at_least(h, 16), block_p=min(64, lp),
                                block_s=min(64, ls))
-    cache_in, cache_out = _written_cache_specs(n, lp, ls, d, h)
+    scalars_in, (cache_in, cache_out) = _row_scalar_specs(), _written_cache_specs(n, lp, ls, d, h)
     out, sk, sv = pl.pallas_call(
         kernel,
         grid=(b, kv),
         in_specs=[
-            pl.BlockSpec((1,), lambda r, k: (0,)),  # the query scale
-            pl.BlockSpec((None,), lambda r, k: (r,)),  # the row's first prompt slot to read
-            pl.BlockSpec((None,), lambda r, k: (r,)),  # continuation slots already filled (this token's slot)
-            pl.BlockSpec((None,), lambda r, k: (r,)),  # live
+            *scalars_in,
             pl.BlockSpec((None, None, h, d), lambda r, k: (r, k, 0, 0)),  # the row's queries of this KV head, unpadded
             pl.BlockSpec((None, None, d), lambda r, k: (r, k, 0)),  # this token's key
             pl.BlockSpec((None, None, d), lambda r, k: (r, k, 0)),  # and value
@@ -534,16 +540,13 @@ def projection_attention_with_write(qkv: jax.Array, bias: Optional[jax.Array], r
     tiling = tiling or configured_tiling(b * kv)
     kernel = functools.partial(_projection_write_kernel, heads=h, rows=_pow2_at_least(h, 16),
                                block_p=min(tiling.block, lp), block_s=min(tiling.block, ls), biased=biased, rotate=rotate)
-    cache_in, cache_out = _written_cache_specs(n, lp, ls, d, h)
+    scalars_in, (cache_in, cache_out) = _row_scalar_specs(), _written_cache_specs(n, lp, ls, d, h)
     table = (lambda r, k: (r, 0)) if rotate else (lambda r, k: (0, 0))
     out, sk, sv = pl.pallas_call(
         kernel,
         grid=(b, kv),
         in_specs=[
-            pl.BlockSpec((1,), lambda r, k: (0,)),  # the query scale
-            pl.BlockSpec((None,), lambda r, k: (r,)),  # the row's first prompt slot to read
-            pl.BlockSpec((None,), lambda r, k: (r,)),  # continuation slots already filled (this token's slot)
-            pl.BlockSpec((None,), lambda r, k: (r,)),  # live
+            *scalars_in,
             pl.BlockSpec((None, h, d), lambda r, k: (r, k, 0)),  # the query heads of this KV head (blocks of h)
             pl.BlockSpec((None, None, d), lambda r, k: (r, heads + k, 0)),  # this token's key head
             pl.BlockSpec((None, None, d), lambda r, k: (r, heads + kv + k, 0)),  # and value head
