@@ -5,15 +5,31 @@ The environment must be set before jax is imported anywhere, hence module level 
 
 import os
 import pathlib
+import re
+import sys
 
 from xla_settings import DEVICE_COUNT_FLAG, with_test_flags  # noqa: E402  (tests/ is on sys.path)
 
+
+def gpu_tier_selected(argv: list[str]) -> bool:
+    """Whether the command line selects the GPU tier (a ``-m`` expression naming ``gpu``, not ``not gpu``).
+
+    Why: such a run must not get the CPU defaults below. With them, the GPU's jaxlib meets XLA:CPU's flags and
+    aborts before pytest prints a line (one such tier run printed nothing at all, eleventh session), and the
+    tier's numerics would be those of unoptimised programs."""
+    expressions = [b for a, b in zip(argv, argv[1:]) if a == "-m"] + [a[2:] for a in argv if a.startswith("-m") and len(a) > 2]
+    return any(re.search(r"\bgpu\b", e) and not re.search(r"\bnot\s+gpu\b", e) for e in expressions)
+
+
+_GPU_TIER = gpu_tier_selected(sys.argv)
+
 # 8 simulated devices unless XLA_FLAGS says otherwise, and the suite's compile flags (tests/xla_settings.py
 # says why each).
-# Only for a CPU run: the GPU tier (JAX_PLATFORMS=cuda pytest -m gpu) runs on another jaxlib, which may not
+# Only for a CPU run: the GPU tier (pytest -m gpu) runs on another jaxlib, which may not
 # know XLA:CPU's flags, and an unknown flag in XLA_FLAGS aborts the process before pytest can print a line.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if os.environ["JAX_PLATFORMS"] == "cpu":
+if not _GPU_TIER:  # the GPU tier lets jax pick its accelerator (JAX_PLATFORMS=cuda still works)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if os.environ.get("JAX_PLATFORMS") == "cpu":
     _flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = with_test_flags(_flags if DEVICE_COUNT_FLAG in _flags else f"{DEVICE_COUNT_FLAG}=8 {_flags}")
 # XLA's LLVM backend optimisations off for the whole run, worker processes included (they inherit the
@@ -21,7 +37,7 @@ if os.environ["JAX_PLATFORMS"] == "cpu":
 # (fusion, collective combining) still run, so programs keep their structure; only machine-code
 # optimisation is skipped. Measured on the 2-core CI-like machine: test_seq2seq_training.py and
 # test_dropout.py took 145 s instead of 207 s from a cold compile cache.
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "0" if _GPU_TIER else "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -80,3 +80,17 @@ def jax_leaves(model):
     import jax
 
     return jax.tree.leaves(nnx.state(model))
+
+
+def test_the_gpu_tier_command_line_keeps_the_cpu_defaults_out():
+    """conftest's rule: only a ``-m`` expression that selects ``gpu`` (not one that excludes it) lifts the CPU pin,
+    so ``pytest -m gpu`` on a GPU machine runs the tier instead of aborting on XLA:CPU flags."""
+    from conftest import gpu_tier_selected
+
+    assert gpu_tier_selected(["pytest", "-m", "gpu", "-q"])
+    assert gpu_tier_selected(["pytest", "-mgpu"])
+    assert gpu_tier_selected(["pytest", "-q", "-m", "gpu and not slow", "tests/test_gpu_tier.py"])
+    assert not gpu_tier_selected(["pytest", "-m", "not gpu"])
+    assert not gpu_tier_selected(["pytest", "-m", "slow"])
+    assert not gpu_tier_selected(["pytest", "-q", "-n", "2"])
+    assert not gpu_tier_selected(["pytest", "-k", "gpu"])  # a -k filter is not the tier
