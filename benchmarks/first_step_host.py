@@ -22,6 +22,10 @@ lowering here, compiles side by side in threads, the snapshot taken while they c
 ``--no-overlap`` the snapshot is taken after the compiles instead (the order before the overlap).
 Wall seconds are noisy on a shared machine: ``cpu s`` (this process's CPU time, all threads) is printed too.
 
+It drives the trainer's private steps on purpose (no public call plans and compiles without training), so it
+is tied to this version of the trainer. The public measure of a call's compiling is ``step()``'s
+``compile_seconds``, which ``bench_speed.py`` prints beside the first step.
+
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu python benchmarks/first_step_host.py --shape qwen05
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu python benchmarks/first_step_host.py --shape tiny --calls 3
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu python benchmarks/first_step_host.py --compile call [--no-overlap]
