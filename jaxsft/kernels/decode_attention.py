@@ -28,7 +28,7 @@ buffer, filled or not. Two kernel forms read only what a row needs:
 All give the one softmax over prompt + continuation that the XLA form computes. Where they apply: GPU,
 layers without a sliding window or score soft cap, power-of-two head sizes of at least 16 (Triton
 blocks); everything else, CPU and TPU included, takes the XLA form, the reference the tests compare them
-with (Pallas interpret mode on CPU, compiled in the GPU tier). ``JAXSFT_DECODE_ATTENTION=auto|fused|fused_write|pallas|xla``
+with (Pallas interpret mode on CPU, compiled in the GPU tier). ``JAXSFT_DECODE_ATTENTION=auto|fused|fused_write|fused_projection|pallas|xla``
 overrides the choice for measurements (default ``auto``: ``fused_write`` on GPU).
 """
 
@@ -89,7 +89,9 @@ def kernel(choice: Optional[str] = None) -> Callable[..., tuple[jax.Array, jax.A
     suffix_v)``: this token's K/V [B, 1, K, D] written at continuation slot ``index`` [B], then attention over the
     prompt and the filled continuation. ``fused`` and ``pallas`` write in XLA and then run
     :func:`one_pass_attention` / :func:`shared_prefix_attention`; ``fused_write`` (what ``auto`` takes) is the one
-    pass doing the write, the query scale and the head padding itself (:func:`one_pass_attention_with_write`)."""
+    pass doing the write, the query scale and the head padding itself (:func:`one_pass_attention_with_write`), which
+    ``fused_projection`` also runs for layers that hand over split q/k/v (their projection kernel:
+    :func:`projection_attention_with_write`)."""
     choice = choice or implementation()
     if choice in ("auto", "fused_write", "fused_projection"):
         return one_pass_attention_with_write
