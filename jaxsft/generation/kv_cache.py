@@ -98,8 +98,11 @@ def shared_prefix_attention(qkv: Union[tuple[jax.Array, jax.Array, jax.Array], J
     ls = layer.suffix_k.shape[2]
     index = rows.suffix_index
     scale = np.float32(1.0 / math.sqrt(d) if scale is None else scale)
-    # A global layer's continuation never wraps (ls covers every new token), so slots 0..index are filled.
-    prefix_start = lambda: lp - jnp.sum(rows.prefix_mask[:, -lp:], axis=1)  # noqa: E731
+
+    def prefix_start():  # each group's first real prompt slot (the kernels' only use of the mask)
+        return lp - jnp.sum(rows.prefix_mask[:, -lp:], axis=1)
+
+    # A kernel's layer is global: its continuation never wraps (ls covers every new token), so slots 0..index hold it.
     if isinstance(qkv, JoinedQKV) and decode_attention.projection_applies(d, sliding_window, softcap):
         out, sk, sv = decode_attention.projection_attention_with_write(
             qkv.out, qkv.bias, qkv.rope, layer.prefix_k, layer.prefix_v, prefix_start(), layer.suffix_k, layer.suffix_v,

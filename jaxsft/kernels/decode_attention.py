@@ -46,6 +46,21 @@ ENV = "JAXSFT_DECODE_ATTENTION"
 _MAX_QUERY_BLOCK = 64  # query rows per program of the prompt pass (n * h above this splits over programs)
 
 
+class Tiling(NamedTuple):
+    """How a one-pass kernel walks the cache: ``block`` slots per loop step, Triton's warps per program and
+    software-pipelining stages."""
+
+    block: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+TILING = Tiling()  # every one-pass kernel's settings since the seventh session; the projection kernel's for many programs
+FEW_PROGRAMS_TILING = Tiling(64, 2, 3)  # calls of few programs
+FEW_PROGRAMS = 512  # (rows x KV heads) at most this many take FEW_PROGRAMS_TILING
+TILING_ENV = "JAXSFT_DECODE_TILING"
+
+
 def implementation() -> str:
     """The override from ``JAXSFT_DECODE_ATTENTION`` (read when a program is traced), checked."""
     value = os.environ.get(ENV, "auto")
@@ -168,18 +183,17 @@ def _attend_slots(q, k_ref, v_ref, block: int, lo, hi, carry):
     ``carry = (acc [R, D], running max [R], running sum [R])`` of queries ``q`` [R, D], ``block`` slots per step;
     blocks wholly outside the range are never loaded.
 
-    ``q`` may also be a tuple of column parts ``((q_part [R, w], first column), ...)`` covering D (a query rotated
+    ``q`` may also be a tuple of column parts ``((q_part [R, w], its columns), ...)`` covering D (a query rotated
     in halves inside the kernel): the scores are then the sum of each part's product with those key columns."""
     from jax.experimental import pallas as pl
 
-    parts = q if isinstance(q, tuple) else ((q, None),)
+    parts = q if isinstance(q, tuple) else ((q, slice(None)),)
 
     def body(i, carry):
         acc, top, total = carry
         at = i * block
         scores = None
-        for part, first in parts:
-            cols = slice(None) if first is None else pl.ds(first, part.shape[1])
+        for part, cols in parts:
             k = k_ref[pl.ds(at, block), cols]
             product = jax.lax.dot_general(part, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             scores = product if scores is None else scores + product
@@ -206,6 +220,35 @@ def _with_new_token(carry, score, v_new, live):
     rescale = jnp.exp(top - new_top)
     acc = acc * rescale[:, None] + weight.astype(v_new.dtype).astype(jnp.float32)[:, None] * v_new.astype(jnp.float32)[None, :]
     return acc, new_top, total * rescale + weight
+
+
+def _attend_and_write(q_parts, k_parts, v_new, live, real, start_ref, filled_ref, cache_refs, out_refs, block_p: int,
+                      block_s: int) -> None:
+    """The part both cache-writing kernels share: the queries (``q_parts``: (tile [R, w], its columns) covering D)
+    over the group's prompt from ``start`` and the row's continuation up to ``filled``, then this token's key (same
+    column parts) and value from registers, so no read waits on the write; the normalised output stored for the
+    ``real`` query rows, and this token's K/V written into its slot of the aliased cache (live rows only)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pl_triton
+
+    pk_ref, pv_ref, sk_ref, sv_ref = cache_refs
+    o_ref, sk_out, sv_out = out_refs
+    carry = _empty_softmax(q_parts[0][0].shape[0], v_new.shape[0])
+    carry = _attend_slots(q_parts, pk_ref, pv_ref, block_p, start_ref[...], pk_ref.shape[0], carry)
+    filled = filled_ref[...]
+    carry = _attend_slots(q_parts, sk_ref, sv_ref, block_s, 0, filled, carry)
+    # This token: one more key (the product in fp32, as the dot's accumulation is).
+    score = sum(jnp.sum(x.astype(jnp.float32) * k.astype(jnp.float32)[None, :], axis=1)
+                for (x, _), (k, _) in zip(q_parts, k_parts))
+    acc, _, total = _with_new_token(carry, score, v_new, live)
+    out = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(o_ref.dtype)
+    pl_triton.store(o_ref.at[pl.ds(0, out.shape[0]), :], out, mask=real)
+
+    @pl.when(live)
+    def _():
+        for k, cols in k_parts:
+            sk_out[pl.ds(filled, 1), cols] = k[None, :]
+        sv_out[pl.ds(filled, 1), :] = v_new[None, :]
 
 
 def _one_pass_kernel(start_ref, length_ref, q_ref, pk_ref, pv_ref, sk_ref, sv_ref, o_ref, *, block_p: int,
@@ -248,7 +291,7 @@ def one_pass_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, p
     rows = _pow2_at_least(h, 16)  # Triton's smallest dot tile
     q = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(b, kv, h, d)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - h), (0, 0)))
-    kernel = functools.partial(_one_pass_kernel, block_p=min(64, lp), block_s=min(64, ls))
+    kernel = functools.partial(_one_pass_kernel, block_p=min(TILING.block, lp), block_s=min(TILING.block, ls))
     start = jnp.repeat(prefix_start.astype(jnp.int32), n)  # per row
     length = jnp.clip(suffix_len, 1, ls).astype(jnp.int32)
     if live is not None:
@@ -267,7 +310,7 @@ def one_pass_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, p
         ],
         out_specs=pl.BlockSpec((None, None, rows, d), lambda r, k: (r, k, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((b, kv, rows, d), q.dtype),
-        compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=pl_triton.CompilerParams(num_warps=TILING.num_warps, num_stages=TILING.num_stages),
         interpret=interpret,
         name="shared_prefix_decode_attention",
     )(start, length, q, prefix_k, prefix_v, suffix_k, suffix_v)
@@ -281,6 +324,15 @@ def _row_scalar_specs():
 
     per_row = pl.BlockSpec((None,), lambda r, k: (r,))
     return [pl.BlockSpec((1,), lambda r, k: (0,)), per_row, per_row, per_row]
+
+
+def _row_scalars(scale, prefix_start: jax.Array, index: jax.Array, live: Optional[jax.Array], n: int, lp: int):
+    """The operands :func:`_row_scalar_specs` describes: the query scale [1], each row's first prompt slot (its
+    group's), its continuation slots already filled and whether it is live; a finished row reads no slot."""
+    live = jnp.ones(index.shape, bool) if live is None else live
+    start = jnp.where(live, jnp.repeat(prefix_start.astype(jnp.int32), n), lp)
+    filled = jnp.where(live, index, 0).astype(jnp.int32)  # continuation slots holding earlier tokens
+    return jnp.reshape(jnp.asarray(scale, jnp.float32), (1,)), start, filled, live.astype(jnp.int32)
 
 
 def _written_cache_specs(n: int, lp: int, ls: int, d: int, h: int):
@@ -326,20 +378,8 @@ def _one_pass_write_kernel(scale_ref, start_ref, filled_ref, live_ref, q_ref, k_
     live = live_ref[...] > 0
     k_new, v_new = k_ref[...], v_ref[...]  # [D] each, in the cache dtype
 
-    carry = _empty_softmax(rows, q.shape[1])
-    carry = _attend_slots(q, pk_ref, pv_ref, block_p, start_ref[...], pk_ref.shape[0], carry)
-    filled = filled_ref[...]
-    carry = _attend_slots(q, sk_ref, sv_ref, block_s, 0, filled, carry)
-    # This token: one more key, from registers (the product in fp32, as the dot's accumulation is).
-    score = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1)
-    acc, _, total = _with_new_token(carry, score, v_new, live)
-    out = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(o_ref.dtype)
-    pl_triton.store(o_ref.at[pl.ds(0, rows), :], out, mask=real)
-
-    @pl.when(live)
-    def _():
-        sk_out[pl.ds(filled, 1), :] = k_new[None, :]
-        sv_out[pl.ds(filled, 1), :] = v_new[None, :]
+    _attend_and_write(((q, slice(None)),), ((k_new, slice(None)),), v_new, live, real, start_ref, filled_ref,
+                      (pk_ref, pv_ref, sk_ref, sv_ref), (o_ref, sk_out, sv_out), block_p, block_s)
 
 
 def one_pass_attention_with_write(q: jax.Array, k: jax.Array, v: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
@@ -363,11 +403,8 @@ def one_pass_attention_with_write(q: jax.Array, k: jax.Array, v: jax.Array, pref
     g, kv, lp, _ = prefix_k.shape
     ls = suffix_k.shape[2]
     n, h = b // g, n_heads // kv
-    live = jnp.ones((b,), bool) if live is None else live
-    start = jnp.where(live, jnp.repeat(prefix_start.astype(jnp.int32), n), lp)
-    filled = jnp.where(live, index, 0).astype(jnp.int32)  # continuation slots holding earlier tokens
-    kernel = functools.partial(_one_pass_write_kernel, heads=h, rows=_pow2_at_least(h, 16), block_p=min(64, lp),
-                               block_s=min(64, ls))
+    kernel = functools.partial(_one_pass_write_kernel, heads=h, rows=_pow2_at_least(h, 16),
+                               block_p=min(TILING.block, lp), block_s=min(TILING.block, ls))
     scalars_in, (cache_in, cache_out) = _row_scalar_specs(), _written_cache_specs(n, lp, ls, d, h)
     out, sk, sv = pl.pallas_call(
         kernel,
@@ -382,10 +419,10 @@ def one_pass_attention_with_write(q: jax.Array, k: jax.Array, v: jax.Array, pref
         out_specs=cache_out,
         out_shape=_written_cache_shapes((b, kv, h, d), q.dtype, suffix_k, suffix_v),
         input_output_aliases={9: 1, 10: 2},
-        compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=pl_triton.CompilerParams(num_warps=TILING.num_warps, num_stages=TILING.num_stages),
         interpret=interpret,
         name="shared_prefix_decode_attention_write",
-    )(jnp.reshape(jnp.asarray(scale, jnp.float32), (1,)), start, filled, live.astype(jnp.int32), q.reshape(b, kv, h, d),
+    )(*_row_scalars(scale, prefix_start, index, live, n, lp), q.reshape(b, kv, h, d),
       k[:, 0].astype(suffix_k.dtype), v[:, 0].astype(suffix_v.dtype), prefix_k, prefix_v, suffix_k, suffix_v)
     return out.reshape(b, 1, n_heads, d), sk, sv
 
@@ -430,39 +467,8 @@ def _projection_write_kernel(scale_ref, start_ref, filled_ref, live_ref, q_ref, 
     k_new = rotated(tuple(vector(k_ref, kb_ref, cols) for cols in halves))
     k_new = tuple(x.astype(dtype).astype(cache_dtype) for x in k_new)
     v_new = vector(v_ref, vb_ref, slice(None)).astype(cache_dtype)
-    live = live_ref[...] > 0
-    # The scores' query: column parts (each half against those key columns) when rotated in halves, else whole.
-    q_parts = tuple((x, cols.start) for x, cols in zip(q, halves)) if rotate else q[0]
-
-    carry = _empty_softmax(rows, d)
-    carry = _attend_slots(q_parts, pk_ref, pv_ref, block_p, start_ref[...], pk_ref.shape[0], carry)
-    filled = filled_ref[...]
-    carry = _attend_slots(q_parts, sk_ref, sv_ref, block_s, 0, filled, carry)
-    score = sum(jnp.sum(x.astype(f32) * kx.astype(f32)[None, :], axis=1) for x, kx in zip(q, k_new))
-    acc, _, total = _with_new_token(carry, score, v_new, live)
-    out = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(o_ref.dtype)
-    pl_triton.store(o_ref.at[pl.ds(0, rows), :], out, mask=real)
-
-    @pl.when(live)
-    def _():
-        for x, cols in zip(k_new, halves):
-            sk_out[pl.ds(filled, 1), cols] = x[None, :]
-        sv_out[pl.ds(filled, 1), :] = v_new[None, :]
-
-
-class Tiling(NamedTuple):
-    """How the projection kernel walks the cache: ``block`` slots per loop step, Triton's warps per program and
-    software-pipelining stages."""
-
-    block: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-TILING = Tiling()  # the one-pass kernels' settings since the seventh session: calls of many programs
-FEW_PROGRAMS_TILING = Tiling(64, 2, 3)  # calls of few programs
-FEW_PROGRAMS = 512  # (rows x KV heads) at most this many take FEW_PROGRAMS_TILING
-TILING_ENV = "JAXSFT_DECODE_TILING"
+    _attend_and_write(tuple(zip(q, halves)), tuple(zip(k_new, halves)), v_new, live_ref[...] > 0, real, start_ref,
+                      filled_ref, (pk_ref, pv_ref, sk_ref, sv_ref), (o_ref, sk_out, sv_out), block_p, block_s)
 
 
 def tiling_for(programs: int) -> Tiling:
@@ -483,11 +489,9 @@ def configured_tiling(programs: int) -> Tiling:
     value = os.environ.get(TILING_ENV)
     if not value:
         return tiling_for(programs)
-    try:
-        tiling = Tiling(*(int(x) for x in value.split(",")))
-    except (TypeError, ValueError):
-        tiling = None
-    if tiling is None or len(value.split(",")) != 3 or min(tiling) < 1 or tiling.block & (tiling.block - 1):
+    parts = value.split(",")
+    tiling = Tiling(*map(int, parts)) if len(parts) == 3 and all(p.strip().isdigit() for p in parts) else None
+    if tiling is None or min(tiling) < 1 or tiling.block & (tiling.block - 1):
         raise ValueError(f"{TILING_ENV}={value!r}: must be 'block,warps,stages', positive integers with a power-of-two "
                          "block (e.g. '64,4,2'); unset it for the default.")
     return tiling
@@ -536,9 +540,6 @@ def projection_attention_with_write(qkv: jax.Array, bias: Optional[jax.Array], r
     biased, rotate = bias is not None, rope is not None
     bias = (bias if biased else jnp.zeros((heads + 2 * kv) * d, qkv.dtype)).reshape(heads + 2 * kv, d)
     cos, sin = (x.reshape(b, d) for x in rope) if rotate else (jnp.zeros((1, d), qkv.dtype),) * 2
-    live = jnp.ones((b,), bool) if live is None else live
-    start = jnp.where(live, jnp.repeat(prefix_start.astype(jnp.int32), n), lp)
-    filled = jnp.where(live, index, 0).astype(jnp.int32)
     tiling = tiling or configured_tiling(b * kv)
     kernel = functools.partial(_projection_write_kernel, heads=h, rows=_pow2_at_least(h, 16),
                                block_p=min(tiling.block, lp), block_s=min(tiling.block, ls), biased=biased, rotate=rotate)
@@ -565,6 +566,6 @@ def projection_attention_with_write(qkv: jax.Array, bias: Optional[jax.Array], r
         compiler_params=pl_triton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
         name="shared_prefix_decode_attention_projection",
-    )(jnp.reshape(jnp.asarray(scale, jnp.float32), (1,)), start, filled, live.astype(jnp.int32), joined, joined, joined,
+    )(*_row_scalars(scale, prefix_start, index, live, n, lp), joined, joined, joined,
       bias, bias, bias, cos, sin, prefix_k, prefix_v, suffix_k, suffix_v)
     return out.reshape(b, 1, heads, d), sk, sv

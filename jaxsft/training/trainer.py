@@ -332,7 +332,7 @@ class IterativeSFTTrainer:
                         stacklevel=2,
                     )
                     continue
-                self._keep_initial_params()
+                # (the starting weights were copied for reset() by _prepare_updates, before any donation)
                 self.train_state, metrics = self.programs.run_update(
                     self.train_state, update, update_lowerings, self._frozen
                 )
