@@ -238,8 +238,8 @@ def _attend_and_write(q_parts, k_parts, v_new, live, real, start_ref, filled_ref
     filled = filled_ref[...]
     carry = _attend_slots(q_parts, sk_ref, sv_ref, block_s, 0, filled, carry)
     # This token: one more key (the product in fp32, as the dot's accumulation is).
-    score = sum(jnp.sum(x.astype(jnp.float32) * k.astype(jnp.float32)[None, :], axis=1)
-                for (x, _), (k, _) in zip(q_parts, k_parts))
+    score = functools.reduce(jnp.add, (jnp.sum(x.astype(jnp.float32) * k.astype(jnp.float32)[None, :], axis=1)
+                                       for (x, _), (k, _) in zip(q_parts, k_parts)))  # one part: no extra add
     acc, _, total = _with_new_token(carry, score, v_new, live)
     out = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(o_ref.dtype)
     pl_triton.store(o_ref.at[pl.ds(0, out.shape[0]), :], out, mask=real)
