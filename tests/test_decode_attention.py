@@ -178,12 +178,15 @@ def test_the_rule_picks_the_kernel_on_gpu_for_plain_layers_only(monkeypatch):
     assert kernel.kernel_applies(64, None, None, backend="cpu", choice="fused")  # interpret mode off GPU
     assert kernel.kernel_applies(64, None, None, backend="cpu", choice="fused_write")
     assert kernel.kernel("fused_write") is kernel.one_pass_attention_with_write
-    assert kernel.kernel("auto") is kernel.one_pass_attention_with_write  # the measured default on GPU
-    # A layer that hands over its joined projection: the projection kernel when chosen (not yet under auto: its GPU
-    # tier has not run), on any backend (interpret mode off GPU), halves of >= 32 columns, global layers.
+    assert kernel.kernel("auto") is kernel.one_pass_attention_with_write  # split q/k/v on GPU: the one pass with write
+    # A layer that hands over its joined projection: the projection kernel under auto on a GPU (the measured default;
+    # XLA on CPU and TPU), when named on any backend (interpret mode off GPU), halves of >= 32 columns, global layers.
+    assert kernel.projection_applies(64, None, None, backend="gpu", choice="auto")
+    assert not kernel.projection_applies(64, None, None, backend="cpu", choice="auto")
+    assert not kernel.projection_applies(64, None, None, backend="tpu", choice="auto")
     assert kernel.projection_applies(64, None, None, backend="gpu", choice="fused_projection")
     assert kernel.projection_applies(64, None, None, backend="cpu", choice="fused_projection")
-    assert not kernel.projection_applies(64, None, None, backend="gpu", choice="auto")
+    assert not kernel.projection_applies(64, None, None, backend="gpu", choice="xla")
     assert not kernel.projection_applies(16, None, None, backend="gpu", choice="fused_projection")
     assert not kernel.projection_applies(64, 4096, None, backend="gpu", choice="fused_projection")
     assert not kernel.projection_applies(64, None, None, backend="gpu", choice="fused_write")

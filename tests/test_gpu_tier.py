@@ -312,7 +312,7 @@ def test_projection_kernel_equals_the_xla_form_compiled(monkeypatch, n):
 
     monkeypatch.setenv(kernel.ENV, "xla")
     ref, ref_layer = run()(joined, layer, rows)
-    monkeypatch.setenv(kernel.ENV, "fused_projection")  # auto once this test has passed on a GPU
+    monkeypatch.setenv(kernel.ENV, "auto")  # the default takes the projection kernel on GPU
     text = run().lower(joined, layer, rows).as_text()
     assert "triton" in text and "stablehlo.concatenate" not in text  # the kernel, and no XLA rotate-half around it
     out, out_layer = run()(joined, layer, rows)

@@ -14,7 +14,8 @@ buffer, filled or not. Two kernel forms read only what a row needs:
   softmaxes merged by their maxima and sums (the log-sum-exp rule): two launches plus the merge's
   elementwise kernels per layer.
 
-* ``fused_write`` (the default, :func:`one_pass_attention_with_write`): the one pass that also writes this
+* ``fused_write`` (:func:`one_pass_attention_with_write`; what ``auto`` takes for a layer that hands over split
+  q/k/v): the one pass that also writes this
   token's K/V into the cache (aliased buffers, one slot per row), scales and pads the query and writes an
   unpadded output, so no XLA kernel runs around it. Measured on one H100 against ``fused`` (ninth session,
   benchmarks/RESULTS.md): 0.5B at batch 512 147.8k against 142.9k new tok/s, 135M at batch 64 54.4k
@@ -22,14 +23,15 @@ buffer, filled or not. Two kernel forms read only what a row needs:
 
 * ``fused_projection`` (for a layer that hands over its joined q/k/v projection,
   :func:`projection_attention_with_write`): ``fused_write`` that also splits the projection, adds its bias and
-  applies RoPE, so nothing runs between the q/k/v matmul and the attention. Measured faster; the default once
-  its GPU-tier test has passed on a GPU (see :func:`projection_applies`).
+  applies RoPE, so nothing runs between the q/k/v matmul and the attention. What ``auto`` takes on GPU for a
+  layer that hands over its joined projection (see :func:`projection_applies`).
 
 All give the one softmax over prompt + continuation that the XLA form computes. Where they apply: GPU,
 layers without a sliding window or score soft cap, power-of-two head sizes of at least 16 (Triton
 blocks); everything else, CPU and TPU included, takes the XLA form, the reference the tests compare them
 with (Pallas interpret mode on CPU, compiled in the GPU tier). ``JAXSFT_DECODE_ATTENTION=auto|fused|fused_write|fused_projection|pallas|xla``
-overrides the choice for measurements (default ``auto``: ``fused_write`` on GPU).
+overrides the choice for measurements (default ``auto``: ``fused_projection`` on GPU where a layer hands over its
+joined projection, else ``fused_write``).
 """
 
 from __future__ import annotations
@@ -103,10 +105,10 @@ def kernel(choice: Optional[str] = None) -> Callable[..., tuple[jax.Array, jax.A
     ``(q, k, v, prefix_k, prefix_v, prefix_start, suffix_k, suffix_v, index, scale, live=None) -> (out, suffix_k,
     suffix_v)``: this token's K/V [B, 1, K, D] written at continuation slot ``index`` [B], then attention over the
     prompt and the filled continuation. ``fused`` and ``pallas`` write in XLA and then run
-    :func:`one_pass_attention` / :func:`shared_prefix_attention`; ``fused_write`` (what ``auto`` takes) is the one
-    pass doing the write, the query scale and the head padding itself (:func:`one_pass_attention_with_write`), which
-    ``fused_projection`` also runs for layers that hand over split q/k/v (their projection kernel:
-    :func:`projection_attention_with_write`)."""
+    :func:`one_pass_attention` / :func:`shared_prefix_attention`; ``fused_write`` is the one pass doing the write,
+    the query scale and the head padding itself (:func:`one_pass_attention_with_write`), which ``auto`` and
+    ``fused_projection`` also run for layers that hand over split q/k/v (a layer that hands over its joined
+    projection runs :func:`projection_attention_with_write` where :func:`projection_applies`)."""
     choice = choice or implementation()
     if choice in ("auto", "fused_write", "fused_projection"):
         return one_pass_attention_with_write
@@ -500,17 +502,17 @@ def configured_tiling(programs: int) -> Tiling:
 def projection_applies(head_dim: int, sliding_window: Optional[int], softcap: Optional[float],
                        backend: Optional[str] = None, choice: Optional[str] = None) -> bool:
     """Whether a layer that hands over its joined projection runs :func:`projection_attention_with_write`: where
-    :func:`kernel_applies`, with a head size whose halves are Triton tiles (>= 32), when ``fused_projection`` is
-    chosen.
+    :func:`kernel_applies` to ``auto`` or ``fused_projection``, with a head size whose halves are Triton tiles (>= 32).
 
-    Not yet what ``auto`` takes: measured faster on one H100 (eleventh session, benchmarks/RESULTS.md: +4.0 % at
-    Qwen2.5-0.5B batch 512, +7.0 % at SmolLM2-135M batch 64), but its GPU-tier test
-    (``tests/test_gpu_tier.py::test_projection_kernel_equals_the_xla_form_compiled``) has not yet run on a GPU,
-    and a default's compiled numerics are checked there first. It is checked on CPU in Pallas interpret mode.
+    ``auto`` takes it: measured faster than ``fused_write`` on one H100 (eleventh session, benchmarks/RESULTS.md:
+    +4.0 % at Qwen2.5-0.5B batch 512, +7.0 % at SmolLM2-135M batch 64; the same at Qwen2.5-1.5B batch 512 in the
+    twelfth), and its compiled numerics passed the GPU tier
+    (``tests/test_gpu_tier.py::test_projection_kernel_equals_the_xla_form_compiled``, twelfth session). On CPU it is
+    checked in Pallas interpret mode.
     """
     choice = choice or implementation()
-    return choice == "fused_projection" and head_dim >= 32 and kernel_applies(head_dim, sliding_window, softcap,
-                                                                            backend, choice)
+    return choice in ("auto", "fused_projection") and head_dim >= 32 and kernel_applies(head_dim, sliding_window,
+                                                                                      softcap, backend, choice)
 
 
 def projection_attention_with_write(qkv: jax.Array, bias: Optional[jax.Array], rope: Optional[tuple[jax.Array, jax.Array]],
