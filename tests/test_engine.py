@@ -209,6 +209,55 @@ def test_sampling_draw_is_the_categorical_distribution(v, dtype, temperature):
         assert chi_square_pvalue(draws, flat / flat.sum()) < 1e-6
 
 
+def test_sampling_draw_over_many_blocks_is_the_categorical_distribution():
+    """A vocabulary of 300 blocks (Qwen's has 1,187): the draw locates its block in groups, so the tokens with mass
+    sit in scattered blocks with whole groups of empty blocks between them; the distribution is still exact."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsft.generation.sampling import inverse_cdf_draw
+
+    v = 128 * 300
+    rng = np.random.default_rng(1)
+    logits = np.full(v, -np.inf, np.float32)
+    alive = rng.choice(v, 150, replace=False)
+    logits[alive] = rng.normal(size=alive.size).astype(np.float32) * 0.5
+    u = jax.random.uniform(jax.random.key(2), (30000,))
+    draws = np.asarray(jax.jit(jax.vmap(lambda x: inverse_cdf_draw(jnp.asarray(logits)[None], x[None])[0]))(u))
+    assert np.isin(draws, alive).all()
+    p = np.where(np.isfinite(logits), np.exp(logits - logits[alive].max()), 0.0)
+    from test_generate import chi_square_pvalue
+
+    assert chi_square_pvalue(draws, p / p.sum()) > 1e-3
+
+
+@pytest.mark.parametrize("n", [37, 1187, 5000])
+def test_locate_finds_the_interval_holding_the_target(n):
+    """locate (the draw's search, in groups of a short cumulative sum) against numpy's search over the float64
+    cumulative sum, on rows with runs of zero weight as long as several groups; targets within rounding of a
+    boundary are left out."""
+    import jax
+
+    from jaxsft.generation.sampling import locate
+
+    rng = np.random.default_rng(n)
+    w = rng.exponential(size=(8, n)).astype(np.float32)
+    w[:, rng.random(n) < 0.3] = 0.0
+    w[:, n // 4: n // 4 + 200] = 0.0
+    cum = np.cumsum(w.astype(np.float64), axis=-1)
+    target = rng.random((8, 64)) * cum[:, -1:]
+    got_i, got_before = jax.jit(jax.vmap(locate, in_axes=(None, 1), out_axes=1))(w, target.astype(np.float32))
+    got_i, got_before = np.asarray(got_i), np.asarray(got_before)
+    for r in range(8):
+        want = np.searchsorted(cum[r], target[r], side="right")
+        clear = np.abs(cum[r][np.minimum(want, n - 1)] - target[r]) > 1e-5 * cum[r, -1]
+        clear &= np.abs(np.where(want > 0, cum[r][np.maximum(want - 1, 0)], 0.0) - target[r]) > 1e-5 * cum[r, -1]
+        assert clear.sum() > 50
+        np.testing.assert_array_equal(got_i[r][clear], want[clear])
+        assert (w[r][got_i[r]] > 0).all()
+        np.testing.assert_allclose(got_before[r], cum[r][got_i[r]] - w[r][got_i[r]], rtol=1e-4, atol=1e-3)
+
+
 def test_max_new_tokens_defaults_to_the_generation_config_as_hf(tok):
     """Without max_new_tokens: as many new tokens as the installed transformers' generate makes."""
     import jaxsft
