@@ -88,6 +88,9 @@ def inverse_cdf_draw(logits: jax.Array, uniforms: jax.Array, temperature: Any = 
         return jnp.exp((x.astype(jnp.float32) - top) / temperature)
 
     mass = jnp.sum(weights(grouped, m[:, :, None]), axis=-1)  # [B, blocks]; the max token has 1
+    # Kept as computed: otherwise XLA folds the total's sum of block sums into one more exp-and-sum pass over the
+    # logits (66 µs of a 0.5B decode step on an H100, twelfth session) instead of adding [B, blocks] numbers.
+    mass = jax.lax.optimization_barrier(mass)
     target = uniforms * jnp.sum(mass, axis=-1)
     block, before = locate(mass, target)
     inner = weights(jnp.take_along_axis(grouped, block[:, None, None], axis=1)[:, 0], m)  # [B, size]
