@@ -273,3 +273,39 @@ def test_group_into_updates_keeps_leftover_group():
     assert [int(b.input_ids[0, 0]) for u in updates for b in u] == list(range(1, 8))
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         group_into_updates(batches, 0)
+
+
+def test_default_buckets_pad_a_sequence_by_less_than_half():
+    """The default buckets put three halves of each power of two between them: any length pads by less than half
+    (powers of two alone padded 33 tokens to 64), and a generate-filter-train loop's 128 + 256-token sequences
+    train at 384, plain or packed, not at 512."""
+    from jaxsft import TrainConfig
+    from jaxsft.training.batching.plan import bucket_for
+
+    config = TrainConfig(max_length=4096)
+    buckets, row_lengths = config.buckets(), config.packed_row_lengths()
+    assert buckets[:6] == (32, 48, 64, 96, 128, 192) and buckets[-1] == 4096
+    assert all(bucket_for(n, buckets) < 1.5 * n for n in range(32, 4097))
+    rng = np.random.default_rng(0)
+    examples = [Example(np.full(384, 5, np.int32), np.full(384, 5, np.int32)) for _ in range(8)]
+    for pack in (False, True):
+        (b,) = plan_microbatches(examples, rows=8, buckets=buckets, rng=rng, pack=pack, longer_rows=pack,
+                                 row_lengths=row_lengths)
+        assert b.input_ids.shape == (8, 384) and not b.packed, (pack, b.input_ids.shape)
+
+
+def test_packed_rows_take_only_the_octave_lengths():
+    """Packed rows vary their count as well as their length, so they take only the power-of-two buckets (and
+    max_length): the midpoints would multiply the shapes a ragged loop compiles. Here three examples of 300 tokens
+    would fill two rows of 768 (1,536 tokens) but take two rows of 1,024: still fewer than 8 plain rows of 384."""
+    from jaxsft import TrainConfig
+
+    config = TrainConfig(max_length=4096)
+    row_lengths = config.packed_row_lengths()
+    assert row_lengths == (32, 64, 128, 256, 512, 1024, 2048, 4096)
+    examples = [Example(np.full(n, 5, np.int32), np.full(n, 5, np.int32)) for n in (300, 300, 300, 200, 200)]
+    plan = dict(rows=8, buckets=config.buckets(), rng=np.random.default_rng(0), pack=True, longer_rows=True)
+    (b,) = plan_microbatches(examples, row_lengths=row_lengths, **plan)
+    assert b.packed and b.input_ids.shape[1] in row_lengths and b.input_ids.size < 8 * 384
+    (every,) = plan_microbatches(examples, **plan)  # without the subset, any bucket
+    assert every.packed and every.input_ids.shape[1] not in row_lengths

@@ -35,7 +35,7 @@ def test_groups_and_keywords_combine_and_replace_keeps_working():
     assert changed.weight_decay == 0.1 and changed.warmup_steps == 3 and changed.disable_tqdm
     assert config.weight_decay == 0.0  # the original is untouched (groups are copied, not shared)
     assert TrainConfig(precision=PrecisionAndMemory(bf16=True)).bf16 is True
-    assert TrainConfig(performance=Performance(min_bucket_length=8)).buckets(32) == (8, 16, 32)
+    assert TrainConfig(performance=Performance(min_bucket_length=8)).buckets(32) == (8, 12, 16, 24, 32)
 
 
 def test_bad_values_name_the_field():

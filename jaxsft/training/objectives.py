@@ -41,6 +41,7 @@ class PlanSettings:
     pack: bool = False
     row_multiple: int = 1
     longer_rows: bool = False
+    row_lengths: Optional[tuple[int, ...]] = None  # the lengths a packed row may take (None: ``buckets``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +195,7 @@ class CausalSFT(Objective):
         return batching.plan_microbatches(
             examples, rows=settings.rows, buckets=settings.buckets, rng=rng, shuffle=shuffle, pack=settings.pack,
             row_multiple=settings.row_multiple if settings.pack else 1, longer_rows=settings.longer_rows,
+            row_lengths=settings.row_lengths,
         )
 
     def batch_fields(self, mb):

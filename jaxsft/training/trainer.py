@@ -122,6 +122,7 @@ class IterativeSFTTrainer:
                 )
             self.sharding_rules = sharding_rules or shd.DEFAULT_RULES
             self.buckets = config.buckets(model.spec.max_position_embeddings)
+            self.packed_row_lengths = config.packed_row_lengths(model.spec.max_position_embeddings)
             self.max_length = self.buckets[-1]
             if model.spec.position == "learned" and self.max_length > model.spec.max_position_embeddings:
                 raise ValueError(
@@ -686,7 +687,7 @@ class IterativeSFTTrainer:
         """The examples as micro-batches of ``rows`` global rows, agreed over processes (the objective's plan)."""
         local_rows = rows // jax.process_count()
         settings = objectives.PlanSettings(
-            rows=local_rows, buckets=self.buckets, pack=pack,
+            rows=local_rows, buckets=self.buckets, pack=pack, row_lengths=self.packed_row_lengths,
             row_multiple=max(1, self._shards // jax.process_count()), longer_rows=self._ragged_attention,
         )
         return self.objective.plan(examples, settings, self._rng, shuffle=shuffle, weighted=weighted)

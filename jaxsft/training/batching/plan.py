@@ -99,11 +99,13 @@ def _pack_segments(
     buckets: tuple[int, ...],
     row_multiple: int,
     longer_rows: bool,
+    row_lengths: tuple[int, ...],
 ) -> MicroBatch:
     """Lay a group's examples end to end in rows (first-fit, longest first), in the cheapest layout.
 
-    Candidate row lengths are the longest example's bucket and, with ``longer_rows`` (for attention
-    whose cost follows the segments, not the row: cuDNN's ragged kernel), the buckets above it;
+    Candidate row lengths are the smallest of ``row_lengths`` that holds the longest example and, with
+    ``longer_rows`` (for attention whose cost follows the segments, not the row: cuDNN's ragged kernel),
+    the ones above it;
     each needs as many rows as first-fit makes, rounded up to ``row_multiple`` (every device gets
     whole rows). The fewest row x length tokens wins (a tie goes to longer rows: fewer distinct
     shapes). When packing does not beat one example per row, the plain layout is kept: its
@@ -118,8 +120,9 @@ def _pack_segments(
     lengths = [int(ex.input_ids.shape[0]) for ex in group]
     plain_length = bucket_for(max(lengths), buckets)
     plain_tokens = max_rows * plain_length
+    shortest = bucket_for(max(lengths), row_lengths)
     layouts: list[tuple[int, int, list[list[int]]]] = []  # (rows, length, bins), one per candidate length
-    for length in (b for b in buckets if b >= plain_length and (longer_rows or b == plain_length)):
+    for length in (b for b in row_lengths if b >= shortest and (longer_rows or b == shortest)):
         bins = _first_fit(lengths, length)
         layouts.append((-(-len(bins) // row_multiple) * row_multiple, length, bins))
         if len(bins) == 1:
@@ -195,6 +198,7 @@ def plan_microbatches(
     pack: bool = False,
     row_multiple: int = 1,
     longer_rows: bool = False,
+    row_lengths: Optional[tuple[int, ...]] = None,
 ) -> list[MicroBatch]:
     """Shuffle once, cut into groups of ``rows``, pad each group to its smallest fitting bucket.
 
@@ -203,7 +207,8 @@ def plan_microbatches(
     With ``pack`` each group (the same examples as unpacked, so updates, shuffling and
     losses do not change) is laid end to end into as few rows as fit, a multiple of
     ``row_multiple`` (which must divide ``rows``), of its bucket's length or, with
-    ``longer_rows``, of a longer bucket where that pads less (see :func:`_pack_segments`).
+    ``longer_rows``, of a longer bucket where that pads less (see :func:`_pack_segments`). Packed rows take
+    lengths from ``row_lengths`` (default: ``buckets``), a subset keeping the shapes of varying rows few.
     """
     buckets = _checked_buckets(buckets)
     if pack and (not isinstance(row_multiple, (int, np.integer)) or row_multiple < 1 or rows % row_multiple):
@@ -211,7 +216,8 @@ def plan_microbatches(
     batches = []
     for group in shuffled_groups(examples, rows, rng, shuffle):
         if pack:
-            batches.append(_pack_segments(group, rows, buckets, row_multiple, longer_rows))
+            batches.append(_pack_segments(group, rows, buckets, row_multiple, longer_rows,
+                                          _checked_buckets(row_lengths) if row_lengths else buckets))
         else:
             batches.append(_pack(group, rows, bucket_for(max(ex.input_ids.shape[0] for ex in group), buckets)))
     return batches
