@@ -10,7 +10,9 @@ same prompts (batch x prompt-len random ids, no padding), bf16 on GPU (fp32 on C
   and the row lengths are printed.
 
 Each row also prints the roof: new tokens/s if a decode step cost only max(weights + KV bytes at
-the bandwidth measured in the same run (a 2 GiB read and write), matmul FLOPs at the measured bf16 peak).
+the bandwidth measured in the same run (a 2 GiB read and write), matmul FLOPs at the measured bf16 peak), and the
+serial roof: the matmuls at the peak plus the KV reads at the bandwidth, one after the other, with the prefill's
+matmuls spread over the steps (what a step of GEMMs then attention can reach; ``gen_common.serial_roof_tok_s``).
 
     python benchmarks/bench_generate.py --shape qwen05 --batches 64,512,1024 --new-tokens 256
     python benchmarks/bench_generate.py --quick                         # a small CPU run
@@ -37,7 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gen_common import EOS_ID, SHAPES, IdTokenizer, build_torch_model, make_ragged, measured_bandwidth, matmul_peak, roof_tok_s
+from gen_common import (EOS_ID, SHAPES, IdTokenizer, build_torch_model, make_ragged, matmul_peak, measured_bandwidth,
+                        roof_tok_s, serial_roof_tok_s)
 
 
 def timed(fn, repeats: int):
@@ -151,22 +154,23 @@ def main(argv=None) -> int:
     print(f"\nshape {args.shape} ({n_params / 1e6:.0f}M params), {'bf16' if bf16 else 'fp32'}, prompt {args.prompt_len}, "
           f"{'EOS-ragged (scale %g, T=1) up to ' % args.ragged if ragged else ''}{args.new_tokens} new, T={temperature}, "
           f"{args.samples} sample(s) per prompt, median of {max(args.repeats, 1)}; device {dev}; bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
-    print("| side | prompts | rows | first call s | seconds | useful new tok/s | mean len | median len | p90 len | roof tok/s | % roof | peak GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| side | prompts | rows | first call s | seconds | useful new tok/s | mean len | median len | p90 len | roof tok/s | % roof | serial roof | % serial | peak GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, batch, warm, times, lengths in rows:
         med = statistics.median(times)
         useful = sum(lengths)
         mean = useful / len(lengths)
         n_rows = batch * args.samples
         roof = roof_tok_s(args.shape, n_rows, args.prompt_len, mean, bw, peak, shared_prompt_n=args.samples)
+        serial = serial_roof_tok_s(args.shape, n_rows, args.prompt_len, mean, bw, peak, shared_prompt_n=args.samples)
         tps = useful / med
         mem = peaks.get(batch) if name == "jaxsft" else None
         print(f"| {name} | {batch} | {n_rows} | {warm:.1f} | {med:.3f} | {tps:.0f} | {mean:.1f} | {np.median(lengths):.0f} | "
-              f"{np.percentile(lengths, 90):.0f} | {roof:.0f} | {100 * tps / roof:.0f} | "
+              f"{np.percentile(lengths, 90):.0f} | {roof:.0f} | {100 * tps / roof:.0f} | {serial:.0f} | {100 * tps / serial:.0f} | "
               f"{'-' if mem is None else f'{mem:.1f}'} |")
         print("RESULT " + json.dumps(dict(side=name, shape=args.shape, batch=batch, samples=args.samples, seconds=med,
                                           tok_s=tps, mean_len=mean, ragged=args.ragged, temperature=temperature,
-                                          roof=roof, peak_gib=mem, device=dev)))
+                                          roof=roof, serial_roof=serial, peak_gib=mem, device=dev)))
     return 0
 
 

@@ -116,6 +116,24 @@ def roof_tok_s(shape: str, rows: int, prompt_len: int, mean_new: float, bandwidt
                shared_prompt_n: int = 1) -> float:
     """New tokens/s if a decode step took max(bytes / bandwidth, flops / peak): bf16 weights read once plus
     every row's KV at its mean filled length (a prompt shared by ``shared_prompt_n`` samples read once)."""
+    bytes_step, flops_step, kv_bytes, _ = _step_costs(shape, rows, prompt_len, mean_new, shared_prompt_n)
+    return rows / max(bytes_step / bandwidth, flops_step / peak)
+
+
+def serial_roof_tok_s(shape: str, rows: int, prompt_len: int, mean_new: float, bandwidth: float, peak: float,
+                      shared_prompt_n: int = 1) -> float:
+    """New tokens/s if the matmuls ran at the peak (or read their weights at the bandwidth, where that is slower)
+    and attention read its KV at the bandwidth, one after the other (as the engine runs them: the GEMMs, then the
+    attention kernel), with the prefill's matmuls spread over the decode steps. Unlike :func:`roof_tok_s`, no
+    overlap of the compute-bound and memory-bound parts."""
+    bytes_step, flops_step, kv_bytes, prefill_flops = _step_costs(shape, rows, prompt_len, mean_new, shared_prompt_n)
+    matmuls = max(flops_step / peak, (bytes_step - kv_bytes) / bandwidth)
+    step = matmuls + kv_bytes / bandwidth + prefill_flops / peak / max(mean_new, 1.0)
+    return rows / step
+
+
+def _step_costs(shape: str, rows: int, prompt_len: int, mean_new: float, shared_prompt_n: int):
+    """(bytes, matmul FLOPs, KV bytes) of one decode step and the prefill's matmul FLOPs."""
     s = SHAPES[shape]
     h, f, layers, v = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
     heads, kv = s["num_attention_heads"], s["num_key_value_heads"]
@@ -124,7 +142,7 @@ def roof_tok_s(shape: str, rows: int, prompt_len: int, mean_new: float, bandwidt
     matmul_params = layers * layer_params + v * h  # the lm head is a matmul every step
     kv_token = 2 * layers * kv * d * 2
     ctx = prompt_len / shared_prompt_n + mean_new / 2
-    bytes_step = 2 * matmul_params + rows * ctx * kv_token
+    kv_bytes = rows * ctx * kv_token
     flops_step = 2 * matmul_params * rows
-    step = max(bytes_step / bandwidth, flops_step / peak)
-    return rows / step
+    prefill_flops = 2 * layers * layer_params * prompt_len * rows / shared_prompt_n  # the lm head runs on one token
+    return 2 * matmul_params + kv_bytes, flops_step, kv_bytes, prefill_flops
