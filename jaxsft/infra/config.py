@@ -209,7 +209,8 @@ class Performance:
     packing: Optional[bool] = None
     # Sequence-length buckets (ascending). None: ``min_bucket_length`` times powers of two and, between them,
     # three halves of each (32, 48, 64, 96, 128, 192, ...) up to max_length, plus max_length itself: a length pads
-    # by less than half, not by up to double (the loop benchmark's 384-token sequences trained as 512 before).
+    # by less than half, not by up to double (a 384-token sequence trained as 512 before, wherever max_length is
+    # longer).
     length_buckets: Optional[Sequence[int]] = None
     min_bucket_length: int = 32
     # XLA compiler options for the train, eval and generation programs (``compile(compiler_options=...)``).
