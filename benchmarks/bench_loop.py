@@ -79,7 +79,7 @@ def run_jaxsft(a):
 
     model = jaxsft.from_pretrained(torch_model_for(a))
     tc = jaxsft.TrainConfig(learning_rate=1e-5, lr_scheduler_type="constant", per_device_train_batch_size=8,
-                            max_length=a.prompt_len + a.new, bf16=jax.default_backend() != "cpu", logging_steps=0,
+                            max_length=a.max_length or a.prompt_len + a.new, bf16=jax.default_backend() != "cpu", logging_steps=0,
                             disable_tqdm=True, dropout=False)
     trainer = jaxsft.IterativeSFTTrainer(model, tc, IdTokenizer())
     eos = [EOS_ID] if a.ragged is not None else []
@@ -116,7 +116,7 @@ def trl_trainer(a, model, compat: bool):
     cuda = model.device.type == "cuda"
     args = trl.IterativeSFTConfig(per_device_train_batch_size=8, learning_rate=1e-5, logging_steps=1000, report_to=[],
                                   output_dir="/tmp/bench_loop", save_strategy="no", bf16=cuda, use_cpu=not cuda,
-                                  gradient_checkpointing=False, max_length=a.prompt_len + a.new)
+                                  gradient_checkpointing=False, max_length=a.max_length or a.prompt_len + a.new)
     return trl.IterativeSFTTrainer(model=model, args=args, processing_class=tok)
 
 
@@ -177,6 +177,8 @@ def main() -> None:
     p.add_argument("--keep-every", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ragged", type=float, default=None)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="both trainers' max_length (default prompt-len + new: no sequence is padded past its length)")
     a = p.parse_args()
     log, dev = run_jaxsft(a) if a.impl == "jaxsft" else run_torch_side(a, a.impl == "compat")
     gen = statistics.median(r[0] for r in log)
@@ -186,7 +188,7 @@ def main() -> None:
         impl=a.impl, shape=a.shape, device=dev, ragged=a.ragged, prompts=a.prompts, samples=a.samples,
         prompt_len=a.prompt_len, new=a.new, kept=statistics.median(r[2] for r in log), round_s=round(gen + train, 3),
         generate_s=round(gen, 3), train_s=round(train, 3), gen_share=round(gen / (gen + train), 3),
-        new_tokens=new_tokens, gen_tok_s=round(new_tokens / gen), rounds=a.rounds)), flush=True)
+        new_tokens=new_tokens, gen_tok_s=round(new_tokens / gen), rounds=a.rounds, max_length=a.max_length)), flush=True)
 
 
 if __name__ == "__main__":

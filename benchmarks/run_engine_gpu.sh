@@ -19,6 +19,8 @@ for section in "$@"; do
     loop05_trl) timeout 150 python3 $B/bench_loop.py --impl trl --shape qwen05 > $OUT/$section.log 2>&1 ;;
     loop15_jax) timeout 150 python3 $B/bench_loop.py --impl jaxsft --shape qwen15 > $OUT/$section.log 2>&1 ;;
     loop15_trl) timeout 150 python3 $B/bench_loop.py --impl trl --shape qwen15 > $OUT/$section.log 2>&1 ;;
+    loop15_max1024_jax) timeout 150 python3 $B/bench_loop.py --impl jaxsft --shape qwen15 --max-length 1024 > $OUT/$section.log 2>&1 ;;
+    loop15_max1024_trl) timeout 170 python3 $B/bench_loop.py --impl trl --shape qwen15 --max-length 1024 > $OUT/$section.log 2>&1 ;;
     gen05_t1) timeout 150 python3 $B/bench_generate.py --shape qwen05 --batches 512,1024 --new-tokens 256 --temperature 1 --repeats 2 > $OUT/$section.log 2>&1 ;;
     gen05_t1_before) (cd $MAIN && PYTHONPATH=/tmp/site:$MAIN timeout 150 python3 $B/bench_generate.py --shape qwen05 --batches 512,1024 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf) > $OUT/$section.log 2>&1 ;;
     gen05_t1_no_command_buffers) XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 150 python3 $B/bench_generate.py --shape qwen05 --batches 512 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf > $OUT/$section.log 2>&1 ;;
