@@ -206,9 +206,10 @@ def plan_microbatches(
     so every micro-batch has the compiled shape but the filler carries no weight.
     With ``pack`` each group (the same examples as unpacked, so updates, shuffling and
     losses do not change) is laid end to end into as few rows as fit, a multiple of
-    ``row_multiple`` (which must divide ``rows``), of its bucket's length or, with
-    ``longer_rows``, of a longer bucket where that pads less (see :func:`_pack_segments`). Packed rows take
-    lengths from ``row_lengths`` (default: ``buckets``), a subset keeping the shapes of varying rows few.
+    ``row_multiple`` (which must divide ``rows``), of the shortest of ``row_lengths`` (default: ``buckets``; the
+    trainer passes a subset, which keeps the shapes of layouts that vary their row count few) that holds its
+    longest example or, with ``longer_rows``, of a longer one where that pads less (see :func:`_pack_segments`);
+    where packing pads no less than the plain layout at the group's bucket, the plain layout is kept.
     """
     buckets = _checked_buckets(buckets)
     if pack and (not isinstance(row_multiple, (int, np.integer)) or row_multiple < 1 or rows % row_multiple):
