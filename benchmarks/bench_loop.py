@@ -188,7 +188,8 @@ def main() -> None:
         impl=a.impl, shape=a.shape, device=dev, ragged=a.ragged, prompts=a.prompts, samples=a.samples,
         prompt_len=a.prompt_len, new=a.new, kept=statistics.median(r[2] for r in log), round_s=round(gen + train, 3),
         generate_s=round(gen, 3), train_s=round(train, 3), gen_share=round(gen / (gen + train), 3),
-        new_tokens=new_tokens, gen_tok_s=round(new_tokens / gen), rounds=a.rounds, max_length=a.max_length)), flush=True)
+        new_tokens=new_tokens, gen_tok_s=round(new_tokens / gen), rounds=a.rounds, max_length=a.max_length,
+        each_round_s=[round(r[0] + r[1], 3) for r in log])), flush=True)  # TRL's rounds vary: judge a ratio over them
 
 
 if __name__ == "__main__":
