@@ -30,6 +30,7 @@ is tied to this version of the trainer. The public measure of a call's compiling
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu python benchmarks/first_step_host.py --shape tiny --calls 3
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu python benchmarks/first_step_host.py --compile call [--no-overlap]
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu python benchmarks/first_step_host.py --compile none --workload fixed
+    PYTHONPATH=$PWD JAX_PLATFORMS=cpu python benchmarks/first_step_host.py --scan-layers    # the first step's compiles, scanned
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main() -> None:
     p.add_argument("--longer-rows", action=argparse.BooleanOptionalAction, default=True,
                    help="plan the GPU's packed layouts (rows may be longer than the longest example's bucket)")
     p.add_argument("--fp32", action="store_true", help="fp32 compute (default bf16, as bench_speed on a GPU)")
+    p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="force the layer loop scanned (one layer body to compile) or unrolled (default: the trainer's rule)")
     p.add_argument("--json", default=None, help="append each call's summary as a JSON line to this file")
     args = p.parse_args()
 
@@ -81,7 +84,7 @@ def main() -> None:
     cfg = jaxsft.TrainConfig(
         learning_rate=1e-5, lr_scheduler_type="constant", per_device_train_batch_size=bench_speed.MICRO_BATCH,
         max_length=bench_speed.SEQ if fixed else bench_speed.MAX_LEN, bf16=not args.fp32, logging_steps=0,
-        disable_tqdm=True, weight_decay=0.0, max_grad_norm=1.0, packing=True,
+        disable_tqdm=True, weight_decay=0.0, max_grad_norm=1.0, packing=True, scan_layers=args.scan_layers,
         **({"length_buckets": (bench_speed.SEQ,)} if fixed else {}),
     )
     trainer = jaxsft.IterativeSFTTrainer(model, cfg, mesh=mesh)
