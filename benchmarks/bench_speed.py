@@ -28,9 +28,9 @@ import json
 import os
 import subprocess
 import sys
-from typing import Optional
 import tempfile
 import time
+from typing import Optional
 
 SHAPES = {
     # name: (model_type, hidden, intermediate, layers, heads, kv_heads, vocab)  all tied

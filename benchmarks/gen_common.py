@@ -116,7 +116,7 @@ def roof_tok_s(shape: str, rows: int, prompt_len: int, mean_new: float, bandwidt
                shared_prompt_n: int = 1) -> float:
     """New tokens/s if a decode step took max(bytes / bandwidth, flops / peak): bf16 weights read once plus
     every row's KV at its mean filled length (a prompt shared by ``shared_prompt_n`` samples read once)."""
-    bytes_step, flops_step, kv_bytes, _ = _step_costs(shape, rows, prompt_len, mean_new, shared_prompt_n)
+    bytes_step, flops_step, _, _ = _step_costs(shape, rows, prompt_len, mean_new, shared_prompt_n)
     return rows / max(bytes_step / bandwidth, flops_step / peak)
 
 

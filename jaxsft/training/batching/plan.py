@@ -212,13 +212,13 @@ def plan_microbatches(
     where packing pads no less than the plain layout at the group's bucket, the plain layout is kept.
     """
     buckets = _checked_buckets(buckets)
+    row_lengths = _checked_buckets(row_lengths) if row_lengths else buckets
     if pack and (not isinstance(row_multiple, (int, np.integer)) or row_multiple < 1 or rows % row_multiple):
         raise ValueError(f"row_multiple={row_multiple!r} must be a positive integer dividing rows={rows}.")
     batches = []
     for group in shuffled_groups(examples, rows, rng, shuffle):
         if pack:
-            batches.append(_pack_segments(group, rows, buckets, row_multiple, longer_rows,
-                                          _checked_buckets(row_lengths) if row_lengths else buckets))
+            batches.append(_pack_segments(group, rows, buckets, row_multiple, longer_rows, row_lengths))
         else:
             batches.append(_pack(group, rows, bucket_for(max(ex.input_ids.shape[0] for ex in group), buckets)))
     return batches
