@@ -128,6 +128,15 @@ class TrainPrograms:
     def key(kind: str, batch: Optional[dict]) -> tuple:
         return (kind, tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))) if batch is not None else (kind,)
 
+    @staticmethod
+    def layout(key: tuple) -> str:
+        """A program key as words: ``"fused 8x512 packed"``, ``"apply"``."""
+        if len(key) == 1:
+            return key[0]
+        fields = dict(key[1])
+        shape = "x".join(map(str, fields.get("input_ids", next(iter(fields.values()), ()))))
+        return f"{key[0]} {shape}{' packed' if 'segment_ids' in fields else ''}"
+
     def cached(self, key: tuple, build: Callable[[], Any]):
         if key not in self.cache:
             self.cache[key] = build()
@@ -224,6 +233,22 @@ class TrainPrograms:
             for key, future in futures.items():
                 self.cache[key] = future.result()
         return time.perf_counter() - started
+
+    def compile_each(self, lowerings: Sequence[Lowerings]) -> list[tuple[tuple, float, float]]:
+        """:meth:`compile_missing` one program at a time: ``(key, lowering seconds, compiling seconds)`` for each
+        program built here, in the order met. For measurements (``benchmarks/first_step_host.py``), where the
+        side-by-side form's overlap would hide which program costs what."""
+        timings = []
+        for update_lowerings in lowerings:
+            for key, lower in update_lowerings:
+                if key in self.cache:
+                    continue
+                started = time.perf_counter()
+                lowered = lower()
+                lowered_at = time.perf_counter()
+                self.cache[key] = self.built(lowered)
+                timings.append((key, lowered_at - started, time.perf_counter() - lowered_at))
+        return timings
 
     def run_update(
         self, state: TrainState, update: Sequence[Any], lowerings: Lowerings, frozen: tuple

@@ -9,6 +9,7 @@ recompiles beyond the declared buckets.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import warnings
@@ -393,6 +394,65 @@ class IterativeSFTTrainer:
             compile_seconds=compile_seconds,  # of ``seconds``: lowering and compiling this call's new programs
         )
 
+    def precompile(
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        labels: Any = None,
+        texts: Optional[Sequence[str]] = None,
+        texts_labels: Optional[Sequence[str]] = None,
+        *,
+        example_weights: Optional[Sequence[float]] = None,
+        side_by_side: bool = True,
+    ) -> dict[str, Any]:
+        """Compile, without training, every program a :meth:`step` call with these inputs would run.
+
+        Why: a loop's first ``step()`` waits for XLA to compile its programs (seconds to tens of seconds on
+        a GPU), and so does each later call that meets a new length bucket. Called before the loop with
+        examples of the lengths the loop will produce, those compiles happen here instead; with a
+        persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``) a rerun's come from disk.
+
+        Takes :meth:`step`'s arguments with its checks (a bad one raises the same error, before anything
+        compiles) and plans the examples exactly as ``step()`` would, with a copy of the trainer's shuffling
+        RNG: the weights, optimizer state, schedule, RNG and counters are left as they were, so a later
+        ``step()`` trains as it would have without this call. Before the first ``step()`` it also takes the
+        host copy of the starting weights that :meth:`reset` needs, while the programs compile, as ``step()``
+        would. ``side_by_side=False`` compiles one program at a time (to time each; slower).
+
+        Returns ``{"programs": [layout, ...], "new_programs": n, "compile_seconds": s, "compiled_shapes": total}``
+        (the layouts of every program the call runs, e.g. ``"fused 8x512"``) and, compiled one at a
+        time, ``"each": [(layout, lowering seconds, compiling seconds), ...]``.
+        """
+        error: Optional[Exception] = None
+        try:
+            examples = self._examples(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
+                texts_labels=texts_labels, example_weights=example_weights,
+            )
+        except Exception as err:  # shared, as in step(): every process raises
+            error = err
+        weighted = example_weights is not None
+        distributed.agree(
+            "precompile()", error, {**self._fingerprint(), "example_weights": weighted},
+            self.config.agreement_timeout_s,
+        )
+        microbatches = self._plan(examples, self.rows, shuffle=True, pack=self.packing, weighted=weighted,
+                                  rng=copy.deepcopy(self._rng))
+        updates = batching.group_into_updates(microbatches, self.config.gradient_accumulation_steps)
+        lowerings = [self.programs.update_lowerings(self.train_state, update, self._frozen) for update in updates]
+        keys = list(dict.fromkeys(key for update_lowerings in lowerings for key, _ in update_lowerings))
+        new = sum(key not in self.programs.cache for key in keys)
+        report: dict[str, Any] = {"programs": [TrainPrograms.layout(key) for key in keys], "new_programs": new}
+        if side_by_side:
+            report["compile_seconds"] = self.programs.compile_missing(lowerings, meanwhile=self._keep_initial_params)
+        else:
+            each = self.programs.compile_each(lowerings)
+            report["each"] = [(TrainPrograms.layout(key), lower_s, compile_s) for key, lower_s, compile_s in each]
+            report["compile_seconds"] = sum(lower_s + compile_s for _, lower_s, compile_s in each)
+            self._keep_initial_params()
+        report["compiled_shapes"] = self.compiled_shapes
+        return report
+
     def evaluate(
         self, eval_dataset: Any = None, *, ignore_keys: Optional[Sequence[str]] = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
@@ -683,14 +743,17 @@ class IterativeSFTTrainer:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return int(eos) if isinstance(eos, (int, np.integer)) else None
 
-    def _plan(self, examples, rows: int, *, shuffle: bool, pack: bool = False, weighted: bool = False) -> list:
-        """The examples as micro-batches of ``rows`` global rows, agreed over processes (the objective's plan)."""
+    def _plan(self, examples, rows: int, *, shuffle: bool, pack: bool = False, weighted: bool = False,
+              rng: Optional[np.random.Generator] = None) -> list:
+        """The examples as micro-batches of ``rows`` global rows, agreed over processes (the objective's plan),
+        shuffled with ``rng`` (default: the trainer's own, advanced)."""
         local_rows = rows // jax.process_count()
         settings = objectives.PlanSettings(
             rows=local_rows, buckets=self.buckets, pack=pack, row_lengths=self.packed_row_lengths,
             row_multiple=max(1, self._shards // jax.process_count()), longer_rows=self._ragged_attention,
         )
-        return self.objective.plan(examples, settings, self._rng, shuffle=shuffle, weighted=weighted)
+        return self.objective.plan(examples, settings, self._rng if rng is None else rng, shuffle=shuffle,
+                                   weighted=weighted)
 
     # ------------------------------------------------------------------ programs
     def compile_update(self, batch: dict[str, jax.Array]) -> jax.stages.Compiled:

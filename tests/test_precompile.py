@@ -1,0 +1,72 @@
+"""``IterativeSFTTrainer.precompile``: it compiles what the next ``step()`` with the same inputs runs, and
+changes nothing else (weights, optimizer state, RNG, counters), so that step trains exactly as without it."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import jaxsft
+
+import tiny
+from test_trainer import VOCAB, make_trainer, opt_state_leaves, random_ids, weights, assert_same_weights
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny.tiny_torch_model("llama", seed=7)
+
+
+def test_precompiled_step_compiles_nothing_and_trains_as_without(llama):
+    rng = np.random.default_rng(3)
+    calls = [random_ids(rng, 13, lo=5, hi=60), random_ids(rng, 9, lo=5, hi=20)]  # two buckets in the first call
+    plain, ahead = make_trainer(llama, per_device_train_batch_size=4), make_trainer(llama, per_device_train_batch_size=4)
+    rng_state, w0, opt0 = ahead._rng.bit_generator.state, weights(ahead), opt_state_leaves(ahead)
+
+    report = ahead.precompile(input_ids=calls[0])
+    assert report["new_programs"] == len(report["programs"]) == report["compiled_shapes"] > 1
+    assert report["compile_seconds"] > 0
+    # nothing but the program cache changed
+    assert ahead._rng.bit_generator.state == rng_state and ahead.state.global_step == 0
+    assert_same_weights(weights(ahead), w0)
+    assert all(np.array_equal(a, b) for a, b in zip(opt0, opt_state_leaves(ahead)))
+    again = ahead.precompile(input_ids=calls[0])
+    assert again["new_programs"] == 0 and again["compile_seconds"] == 0.0 and again["programs"] == report["programs"]
+
+    for call in calls:
+        want, got = plain.step(input_ids=call), ahead.step(input_ids=call)
+        assert got["loss"] == want["loss"] and got["update_losses"] == want["update_losses"]  # the same shuffle, the same updates
+        if call is calls[0]:
+            assert got["compile_seconds"] == 0.0 and got["compiled_shapes"] == report["compiled_shapes"]
+    assert_same_weights(weights(ahead), weights(plain))
+    ahead.reset()  # the starting weights were kept by precompile(), before any update
+    assert_same_weights(weights(ahead), w0)
+
+
+def test_precompile_one_at_a_time_times_each_program(llama):
+    trainer = make_trainer(llama, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    report = trainer.precompile(input_ids=random_ids(np.random.default_rng(4), 8, lo=5, hi=14), side_by_side=False)
+    layouts = [layout for layout, _, _ in report["each"]]
+    assert layouts == report["programs"] and {"zeros", "apply"} <= set(layouts)
+    assert any(layout.startswith("accumulate 4x") for layout in layouts)
+    assert all(lower_s > 0 and compile_s > 0 for _, lower_s, compile_s in report["each"])
+
+
+def test_precompile_rejects_what_step_rejects_before_compiling(llama):
+    trainer = make_trainer(llama)
+    bad = [np.array([3, 4, VOCAB + 5])]
+    with pytest.raises(ValueError) as from_step:
+        trainer.step(input_ids=bad)
+    with pytest.raises(ValueError) as from_precompile:
+        trainer.precompile(input_ids=bad)
+    assert str(from_precompile.value) == str(from_step.value)
+    assert trainer.compiled_shapes == 0
