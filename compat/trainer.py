@@ -421,21 +421,7 @@ class IterativeSFTTrainer:
         learned alone). The examples are shuffled and cut into micro-batches of
         ``per_device_train_batch_size``; every ``gradient_accumulation_steps`` micro-batches make one update.
         """
-        if unexpected:
-            raise TypeError(
-                f"step() got unexpected keyword argument(s) {', '.join(sorted(unexpected))}; it accepts "
-                f"{', '.join(STEP_KEYWORDS)}."
-            )
-        inputs = convert_step_inputs(
-            input_ids, attention_mask, labels, texts, texts_labels, is_encoder_decoder=self.is_encoder_decoder
-        )
-        if inputs.texts is not None and self.processing_class is None:
-            raise ValueError(
-                "step(texts=...) needs a tokenizer, and none was given or found in the model folder; pass "
-                "processing_class=<tokenizer> to the trainer, or pass input_ids=... instead."
-            )
-        if self.is_encoder_decoder and inputs.labels is not None:
-            inputs = dataclasses.replace(inputs, labels=self._seq2seq_label_padding(inputs.labels))
+        inputs = self._core_inputs("step", input_ids, attention_mask, labels, texts, texts_labels, unexpected)
         self._stepping = True
         try:
             stats = self.core.step(**inputs.as_kwargs())
@@ -446,6 +432,41 @@ class IterativeSFTTrainer:
             del inputs
             _free_device_memory()
         return stats
+
+    def precompile(
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        labels: Any = None,
+        texts: Any = None,
+        texts_labels: Any = None,
+        **unexpected: Any,
+    ) -> dict[str, Any]:
+        """A jaxsft addition (TRL has none): compile, without training, what :meth:`step` with these inputs would
+        run, so a loop's first ``step()`` compiles nothing. Takes ``step()``'s arguments, converted as it converts
+        them; the core's ``precompile`` (``jaxsft.IterativeSFTTrainer.precompile``) says what it returns. The
+        model, optimizer and schedule are left as they were."""
+        inputs = self._core_inputs("precompile", input_ids, attention_mask, labels, texts, texts_labels, unexpected)
+        return self.core.precompile(**inputs.as_kwargs())
+
+    def _core_inputs(self, call: str, input_ids, attention_mask, labels, texts, texts_labels, unexpected: dict):
+        """step()'s arguments as the core's inputs, checked (``call`` names the method in the errors)."""
+        if unexpected:
+            raise TypeError(
+                f"{call}() got unexpected keyword argument(s) {', '.join(sorted(unexpected))}; it accepts "
+                f"{', '.join(STEP_KEYWORDS)}."
+            )
+        inputs = convert_step_inputs(
+            input_ids, attention_mask, labels, texts, texts_labels, is_encoder_decoder=self.is_encoder_decoder
+        )
+        if inputs.texts is not None and self.processing_class is None:
+            raise ValueError(
+                f"{call}(texts=...) needs a tokenizer, and none was given or found in the model folder; pass "
+                "processing_class=<tokenizer> to the trainer, or pass input_ids=... instead."
+            )
+        if self.is_encoder_decoder and inputs.labels is not None:
+            inputs = dataclasses.replace(inputs, labels=self._seq2seq_label_padding(inputs.labels))
+        return inputs
 
     def _seq2seq_label_padding(self, labels: list) -> list:
         """TRL's seq2seq collation: every label equal to the pad id becomes -100 (DataCollatorForSeq2Seq pads

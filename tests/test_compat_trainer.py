@@ -780,3 +780,21 @@ def test_max_grad_norm_zero_disables_clipping(tmp_path, tokenizer):
     norm, stats = _update_norm(trainer, [[5, 6, 7, 8, 9]])
     assert stats["grad_norm"] > 0 and norm == pytest.approx(stats["grad_norm"], rel=1e-4)  # sgd at rate 1: -grad
     assert trainer.state.log_history[-1]["learning_rate"] == pytest.approx(0.95)
+
+
+def test_precompile_converts_like_step_and_trains_nothing(tmp_path, tokenizer):
+    """The facade's precompile(): step()'s torch inputs, converted as step() converts them, compiled by the core;
+    the caller's model is untouched and the step that follows compiles nothing."""
+    model = tiny.tiny_torch_model("llama", seed=5)
+    before = torch_snapshot(model)
+    trainer = IterativeSFTTrainer(model, targs(tmp_path), tokenizer, max_length=32, mesh=single_mesh())
+    batch = torch.randint(4, 60, (3, 12))
+    mask = torch.ones_like(batch)
+    mask[0, 9:] = 0  # a padded row: the mask must reach the plan, as in step()
+    report = trainer.precompile(input_ids=batch, attention_mask=mask)
+    assert report["new_programs"] >= 1 and trainer.state.global_step == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(TypeError, match=r"precompile\(\) got unexpected keyword argument\(s\) label"):
+        trainer.precompile(input_ids=batch, label=batch)
+    stats = trainer.step(input_ids=batch, attention_mask=mask)
+    assert stats["compile_seconds"] == 0.0 and stats["compiled_shapes"] == report["compiled_shapes"]
