@@ -5,7 +5,7 @@
 Times ``projection_attention_with_write`` (the GPU default: split, bias, RoPE, the K/V write and attention over
 prompt + filled continuation) run ``--layers`` times inside one compiled loop (as a decode step runs it once per
 layer, so launch overhead is what the engine's command buffers leave, not a host round trip), for every
-(block, warps, stages) in the sweep, and prints microseconds per call beside the bytes of K/V it must read at
+(block, warps, stages, splits) in the sweep (each call's output summed, as the next matmul reads all of it), and prints microseconds per call beside the bytes of K/V it must read at
 the bandwidth measured in the same run (the kernel's roof). Random bf16 data; the rows' continuations are
 filled to ``--filled`` on average (uniform 0 .. 2 x filled).
 """
@@ -34,6 +34,7 @@ def main(argv=None) -> None:
     p.add_argument("--blocks", default="32,64,128")
     p.add_argument("--warps", default="2,4,8")
     p.add_argument("--stages", default="1,2,3")
+    p.add_argument("--splits", default="1", help="programs per (row, KV head), merged after (flash-decoding)")
     a = p.parse_args(argv)
 
     import jax
@@ -69,13 +70,14 @@ def main(argv=None) -> None:
                 out, sk, sv = kernel.projection_attention_with_write(
                     qkv, bias, rope, pk, pv, start, sk, sv, index, 0.125, heads=heads, tiling=tiling,
                     interpret=interpret)
-                return sk, sv, acc + out[0, 0, 0, 0].astype(jnp.float32)
+                return sk, sv, acc + jnp.sum(out.astype(jnp.float32))  # every output read, as o_proj reads it
             return jax.lax.fori_loop(0, a.layers, layer, (sk, sv, jnp.float32(0)))
         return jax.jit(run, donate_argnums=(0, 1))
 
     rows = []
-    for block, warps, stages in itertools.product(*(map(int, x.split(",")) for x in (a.blocks, a.warps, a.stages))):
-        tiling = kernel.Tiling(block, warps, stages)
+    sweep = (a.blocks, a.warps, a.stages, a.splits)
+    for block, warps, stages, splits in itertools.product(*(map(int, x.split(",")) for x in sweep)):
+        tiling = kernel.Tiling(block, warps, stages, splits)
         try:
             run = program(tiling)
             sk, sv, _ = run(sk, sv)
@@ -91,7 +93,7 @@ def main(argv=None) -> None:
             print(f"  {tiling}: failed ({type(e).__name__}: {str(e)[:120]})")
             continue
         rows.append((us, tiling))
-        print(f"  block {block:4d} warps {warps} stages {stages}: {us:7.2f} us per call, "
+        print(f"  block {block:4d} warps {warps} stages {stages} splits {splits}: {us:7.2f} us per call, "
               f"{kv_bytes / (us * 1e-6) / bandwidth * 100:5.1f} % of the bandwidth"
               f"{'  (the default for this call)' if tiling == kernel.tiling_for(b * kv) else ''}")
     if rows:

@@ -108,17 +108,21 @@ def _joined_case(n, h, d, biased, rotate, seed=3):
     return joined, layer, rows
 
 
-@pytest.mark.parametrize("biased, rotate", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("biased, rotate, splits", [(True, True, 1), (False, True, 1), (True, False, 1), (True, True, 3)])
 @pytest.mark.parametrize("n, h, d", [(1, 7, 64), (4, 2, 32)])
-def test_projection_kernel_equals_the_xla_form(monkeypatch, n, h, d, biased, rotate):
+def test_projection_kernel_equals_the_xla_form(monkeypatch, n, h, d, biased, rotate, splits):
     """The kernel that takes the joined q/k/v projection (splitting it, adding the bias and rotating q and k inside)
     against the XLA form of the same layer (``JoinedQKV.split``: the model's own split, bias and RoPE, then the XLA
     attention): the output, and the cache with this token's rotated key and biased value in its slot, for rows with
-    and without finished ones. fp32 (interpret mode)."""
+    and without finished ones; in one program per (row, KV head) and, with ``splits``, in several, each over its
+    share of the slots (blocks of 16, so a share starts and ends inside a block), merged after. fp32 (interpret
+    mode)."""
     joined, layer, rows = _joined_case(n, h, d, biased, rotate)
     monkeypatch.setenv(kernel.ENV, "xla")
     ref, ref_layer = kv_cache.shared_prefix_attention(joined, layer, rows, None, scale=0.3)
     monkeypatch.setenv(kernel.ENV, "fused_projection")
+    if splits > 1:
+        monkeypatch.setenv(kernel.TILING_ENV, f"16,2,3,{splits}")
     out, out_layer = kv_cache.shared_prefix_attention(joined, layer, rows, None, scale=0.3)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(np.asarray(out_layer.suffix_k), np.asarray(ref_layer.suffix_k), rtol=1e-6, atol=1e-6)
@@ -146,9 +150,12 @@ def test_projection_kernel_rotates_and_biases_what_it_reads():
         assert np.abs(np.asarray(sk2) - np.asarray(sk)).max() > 1e-3
 
 
-def test_projection_kernel_is_the_only_kernel_between_the_projection_and_the_output():
+@pytest.mark.parametrize("splits", [1, 4])
+def test_projection_kernel_is_the_only_kernel_between_the_projection_and_the_output(monkeypatch, splits):
     """Lowered for CUDA on any host: the joined projection goes into one Triton kernel, which updates both cache
-    buffers in place; no split, concatenate (RoPE's rotate-half), pad or cache write runs in XLA around it."""
+    buffers in place; no split, concatenate (RoPE's rotate-half), pad or cache write runs in XLA around it (split
+    over programs, only the merge's reductions follow it)."""
+    monkeypatch.setenv(kernel.TILING_ENV, f"64,2,3,{splits}")
     joined, layer, rows = _joined_case(4, 7, 64, True, True)
     cast = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
     joined = dataclasses.replace(joined, out=cast(joined.out), bias=cast(joined.bias), rope=tuple(map(cast, joined.rope)))
@@ -195,7 +202,9 @@ def test_the_rule_picks_the_kernel_on_gpu_for_plain_layers_only(monkeypatch):
     assert kernel.configured_tiling(512 * 2) == kernel.TILING
     monkeypatch.setenv(kernel.TILING_ENV, "128,8,3")
     assert kernel.configured_tiling(64) == kernel.configured_tiling(4096) == kernel.Tiling(128, 8, 3)
-    for bad in ("96,4,2", "64,4", "a,b,c", "64,0,2"):
+    monkeypatch.setenv(kernel.TILING_ENV, "64,2,3,4")
+    assert kernel.configured_tiling(64) == kernel.Tiling(64, 2, 3, 4)
+    for bad in ("96,4,2", "64,4", "a,b,c", "64,0,2", "64,2,3,0", "64,2,3,4,1"):
         monkeypatch.setenv(kernel.TILING_ENV, bad)
         with pytest.raises(ValueError, match="JAXSFT_DECODE_TILING"):
             kernel.configured_tiling(64)

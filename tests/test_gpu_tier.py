@@ -288,12 +288,13 @@ def test_decode_attention_kernels_equal_the_xla_form_compiled(monkeypatch, n, wh
         np.testing.assert_array_equal(out[~live], 0.0)
 
 
-@pytest.mark.parametrize("n", [1, 8])
-def test_projection_kernel_equals_the_xla_form_compiled(monkeypatch, n):
+@pytest.mark.parametrize("n, splits", [(1, 1), (8, 1), (1, 3), (8, 4)])
+def test_projection_kernel_equals_the_xla_form_compiled(monkeypatch, n, splits):
     """The decode kernel that takes a layer's joined q/k/v projection (split, bias and RoPE inside) against the XLA
     form of the same layer (the model's split, bias and RoPE, then XLA attention), compiled, bf16 at Qwen2.5-0.5B's
     head layout (14 query heads over 2 KV heads of 64, q/k/v biases), real RoPE tables at ragged positions; every
-    third row finished. Bounds as for the other decode kernels; the cached key and value within one bf16 rounding."""
+    third row finished; in one program per (row, KV head) and split over ``splits`` (flash-decoding). Bounds as for
+    the other decode kernels; the cached key and value within one bf16 rounding."""
     from jaxsft.generation import kv_cache
     from jaxsft.kernels import decode_attention as kernel
     from jaxsft.models.layers import JoinedQKV
@@ -313,6 +314,7 @@ def test_projection_kernel_equals_the_xla_form_compiled(monkeypatch, n):
     monkeypatch.setenv(kernel.ENV, "xla")
     ref, ref_layer = run()(joined, layer, rows)
     monkeypatch.setenv(kernel.ENV, "auto")  # the default takes the projection kernel on GPU
+    monkeypatch.setenv(kernel.TILING_ENV, f"64,2,3,{splits}")
     text = run().lower(joined, layer, rows).as_text()
     assert "triton" in text and "stablehlo.concatenate" not in text  # the kernel, and no XLA rotate-half around it
     out, out_layer = run()(joined, layer, rows)

@@ -26,6 +26,11 @@ buffer, filled or not. Two kernel forms read only what a row needs:
   applies RoPE, so nothing runs between the q/k/v matmul and the attention. What ``auto`` takes on GPU for a
   layer that hands over its joined projection (see :func:`projection_applies`).
 
+``fused_projection`` can also split each (row, KV head) over several programs (``Tiling.splits``, flash-decoding:
+each program reads its share of the slots, and their partial softmaxes are merged by the log-sum-exp rule in one
+small XLA reduction after), so a call of few programs (a batch of 64) has more loads in flight than a program
+walking all of a row's slots alone. ``JAXSFT_DECODE_TILING=block,warps,stages,splits`` sets it for measurements.
+
 All give the one softmax over prompt + continuation that the XLA form computes. Where they apply: GPU,
 layers without a sliding window or score soft cap, power-of-two head sizes of at least 16 (Triton
 blocks); everything else, CPU and TPU included, takes the XLA form, the reference the tests compare them
@@ -50,11 +55,13 @@ _MAX_QUERY_BLOCK = 64  # query rows per program of the prompt pass (n * h above 
 
 class Tiling(NamedTuple):
     """How a one-pass kernel walks the cache: ``block`` slots per loop step, Triton's warps per program and
-    software-pipelining stages."""
+    software-pipelining stages; ``splits``: programs per (row, KV head), each over its own share of the slots, their
+    partial softmaxes merged after (flash-decoding; 1: one program reads them all)."""
 
     block: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    splits: int = 1
 
 
 TILING = Tiling()  # every one-pass kernel's settings since the seventh session; the projection kernel's for many programs
@@ -430,16 +437,15 @@ def one_pass_attention_with_write(q: jax.Array, k: jax.Array, v: jax.Array, pref
 
 
 # ---------------------------------------------------------------------------- one pass from the joined projection
-def _projection_write_kernel(scale_ref, start_ref, filled_ref, live_ref, q_ref, k_ref, v_ref, qb_ref, kb_ref, vb_ref,
-                             cos_ref, sin_ref, pk_ref, pv_ref, sk_ref, sv_ref, o_ref, sk_out, sv_out, *, heads: int,
-                             rows: int, block_p: int, block_s: int, biased: bool, rotate: bool):
-    """:func:`_one_pass_write_kernel` reading this token's q/k/v straight from the joined projection's output: the
-    bias added and RoPE applied (rotate-half, in two column halves) here, rounded to the compute dtype as XLA's
-    ops are, so no XLA kernel runs between the projection matmul and this one."""
+def _projected_token(scale_ref, q_ref, k_ref, v_ref, qb_ref, kb_ref, vb_ref, cos_ref, sin_ref, *, heads: int,
+                     rows: int, biased: bool, rotate: bool, dtype, cache_dtype):
+    """This token's q/k/v read from the joined projection's output inside a kernel: the bias added and RoPE applied
+    (rotate-half, in two column halves), rounded to the compute dtype as XLA's ops are, the query scaled. Returns
+    (query parts ((tile [rows, w], its columns), ...), key parts (same columns), value [D], the real query rows)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pl_triton
 
-    f32, dtype, cache_dtype = jnp.float32, o_ref.dtype, sk_out.dtype
+    f32 = jnp.float32
     d = q_ref.shape[-1]
     half = d // 2
     real = jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < heads
@@ -469,8 +475,73 @@ def _projection_write_kernel(scale_ref, start_ref, filled_ref, live_ref, q_ref, 
     k_new = rotated(tuple(vector(k_ref, kb_ref, cols) for cols in halves))
     k_new = tuple(x.astype(dtype).astype(cache_dtype) for x in k_new)
     v_new = vector(v_ref, vb_ref, slice(None)).astype(cache_dtype)
-    _attend_and_write(tuple(zip(q, halves)), tuple(zip(k_new, halves)), v_new, live_ref[...] > 0, real, start_ref,
-                      filled_ref, (pk_ref, pv_ref, sk_ref, sv_ref), (o_ref, sk_out, sv_out), block_p, block_s)
+    return tuple(zip(q, halves)), tuple(zip(k_new, halves)), v_new, real
+
+
+def _projection_write_kernel(scale_ref, start_ref, filled_ref, live_ref, q_ref, k_ref, v_ref, qb_ref, kb_ref, vb_ref,
+                             cos_ref, sin_ref, pk_ref, pv_ref, sk_ref, sv_ref, o_ref, sk_out, sv_out, *, heads: int,
+                             rows: int, block_p: int, block_s: int, biased: bool, rotate: bool):
+    """:func:`_one_pass_write_kernel` reading this token's q/k/v straight from the joined projection's output
+    (:func:`_projected_token`), so no XLA kernel runs between the projection matmul and this one."""
+    q_parts, k_parts, v_new, real = _projected_token(
+        scale_ref, q_ref, k_ref, v_ref, qb_ref, kb_ref, vb_ref, cos_ref, sin_ref, heads=heads, rows=rows,
+        biased=biased, rotate=rotate, dtype=o_ref.dtype, cache_dtype=sk_out.dtype)
+    _attend_and_write(q_parts, k_parts, v_new, live_ref[...] > 0, real, start_ref, filled_ref,
+                      (pk_ref, pv_ref, sk_ref, sv_ref), (o_ref, sk_out, sv_out), block_p, block_s)
+
+
+def _projection_split_kernel(scale_ref, start_ref, filled_ref, live_ref, q_ref, k_ref, v_ref, qb_ref, kb_ref, vb_ref,
+                             cos_ref, sin_ref, pk_ref, pv_ref, sk_ref, sv_ref, acc_ref, top_ref, sum_ref, sk_out, sv_out,
+                             *, heads: int, rows: int, block_p: int, block_s: int, biased: bool, rotate: bool,
+                             splits: int):
+    """One of ``splits`` programs of a (row, KV head): the online softmax over its share of the row's slots (the
+    group's prompt from ``start``, then the row's continuation up to ``filled``, cut into ``splits`` equal runs), left
+    unnormalised (``acc``, running max, running sum) for :func:`_merge_splits`. The last split also folds in this
+    token's key and value from registers; the first writes them into the cache (live rows only)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pl_triton
+
+    split = pl.program_id(2)
+    q_parts, k_parts, v_new, real = _projected_token(
+        scale_ref, q_ref, k_ref, v_ref, qb_ref, kb_ref, vb_ref, cos_ref, sin_ref, heads=heads, rows=rows,
+        biased=biased, rotate=rotate, dtype=q_ref.dtype, cache_dtype=sk_out.dtype)
+    live = live_ref[...] > 0
+    start, filled, lp = start_ref[...], filled_ref[...], pk_ref.shape[0]
+    prompt = lp - start
+    share = (prompt + filled + splits - 1) // splits
+    lo, hi = split * share, jnp.minimum((split + 1) * share, prompt + filled)  # this split's run of the joined slots
+
+    def run(first, last):  # an empty run reads no block (a fully masked first block would count its slots)
+        return jnp.where(last > first, first, 0), jnp.where(last > first, last, 0)
+
+    carry = _empty_softmax(rows, v_new.shape[0])
+    carry = _attend_slots(q_parts, pk_ref, pv_ref, block_p, *run(start + jnp.minimum(lo, prompt),
+                                                                   start + jnp.minimum(hi, prompt)), carry)
+    carry = _attend_slots(q_parts, sk_ref, sv_ref, block_s, *run(jnp.clip(lo - prompt, 0, filled),
+                                                                   jnp.clip(hi - prompt, 0, filled)), carry)
+    score = functools.reduce(jnp.add, (jnp.sum(x.astype(jnp.float32) * k.astype(jnp.float32)[None, :], axis=1)
+                                       for (x, _), (k, _) in zip(q_parts, k_parts)))
+    acc, top, total = _with_new_token(carry, score, v_new, live & (split == splits - 1))
+    pl_triton.store(acc_ref.at[pl.ds(0, rows), :], acc, mask=real)
+    row_real = real[:, 0]
+    pl_triton.store(top_ref.at[pl.ds(0, rows)], top, mask=row_real)
+    pl_triton.store(sum_ref.at[pl.ds(0, rows)], total, mask=row_real)
+
+    @pl.when(live & (split == 0))
+    def _():
+        for k, cols in k_parts:
+            sk_out[pl.ds(filled, 1), cols] = k[None, :]
+        sv_out[pl.ds(filled, 1), :] = v_new[None, :]
+
+
+def _merge_splits(acc: jax.Array, top: jax.Array, total: jax.Array, dtype) -> jax.Array:
+    """The splits' partial softmaxes (``acc`` [..., S, h, D], running max and sum [..., S, h]) as one normalised
+    output [..., h, D]: each rescaled to the largest maximum (the log-sum-exp rule); nothing read gives zeros."""
+    best = jnp.max(top, axis=-2, keepdims=True)
+    weight = jnp.exp(top - best)
+    denominator = jnp.sum(total * weight, axis=-2)
+    out = jnp.sum(acc * weight[..., None], axis=-3) / jnp.where(denominator > 0, denominator, 1.0)[..., None]
+    return out.astype(dtype)
 
 
 def tiling_for(programs: int) -> Tiling:
@@ -486,16 +557,16 @@ def tiling_for(programs: int) -> Tiling:
 
 
 def configured_tiling(programs: int) -> Tiling:
-    """:func:`tiling_for` ``programs``, or ``JAXSFT_DECODE_TILING=block,warps,stages`` (read when a program is
-    traced) for measurements, checked."""
+    """:func:`tiling_for` ``programs``, or ``JAXSFT_DECODE_TILING=block,warps,stages[,splits]`` (read when a program
+    is traced) for measurements, checked."""
     value = os.environ.get(TILING_ENV)
     if not value:
         return tiling_for(programs)
     parts = value.split(",")
-    tiling = Tiling(*map(int, parts)) if len(parts) == 3 and all(p.strip().isdigit() for p in parts) else None
+    tiling = Tiling(*map(int, parts)) if len(parts) in (3, 4) and all(p.strip().isdigit() for p in parts) else None
     if tiling is None or min(tiling) < 1 or tiling.block & (tiling.block - 1):
-        raise ValueError(f"{TILING_ENV}={value!r}: must be 'block,warps,stages', positive integers with a power-of-two "
-                         "block (e.g. '64,4,2'); unset it for the default.")
+        raise ValueError(f"{TILING_ENV}={value!r}: must be 'block,warps,stages[,splits]', positive integers with a "
+                         "power-of-two block (e.g. '64,4,2' or '64,2,3,4'); unset it for the default.")
     return tiling
 
 
@@ -543,31 +614,56 @@ def projection_attention_with_write(qkv: jax.Array, bias: Optional[jax.Array], r
     bias = (bias if biased else jnp.zeros((heads + 2 * kv) * d, qkv.dtype)).reshape(heads + 2 * kv, d)
     cos, sin = (x.reshape(b, d) for x in rope) if rotate else (jnp.zeros((1, d), qkv.dtype),) * 2
     tiling = tiling or configured_tiling(b * kv)
-    kernel = functools.partial(_projection_write_kernel, heads=h, rows=_pow2_at_least(h, 16),
-                               block_p=min(tiling.block, lp), block_s=min(tiling.block, ls), biased=biased, rotate=rotate)
+    settings = dict(heads=h, rows=_pow2_at_least(h, 16), block_p=min(tiling.block, lp), block_s=min(tiling.block, ls),
+                    biased=biased, rotate=rotate)
     scalars_in, (cache_in, cache_out) = _row_scalar_specs(), _written_cache_specs(n, lp, ls, d, h)
     table = (lambda r, k: (r, 0)) if rotate else (lambda r, k: (0, 0))
-    out, sk, sv = pl.pallas_call(
-        kernel,
-        grid=(b, kv),
-        in_specs=[
-            *scalars_in,
-            pl.BlockSpec((None, h, d), lambda r, k: (r, k, 0)),  # the query heads of this KV head (blocks of h)
-            pl.BlockSpec((None, None, d), lambda r, k: (r, heads + k, 0)),  # this token's key head
-            pl.BlockSpec((None, None, d), lambda r, k: (r, heads + kv + k, 0)),  # and value head
-            pl.BlockSpec((h, d), lambda r, k: (k, 0)),  # their biases
-            pl.BlockSpec((None, d), lambda r, k: (heads + k, 0)),
-            pl.BlockSpec((None, d), lambda r, k: (heads + kv + k, 0)),
-            pl.BlockSpec((None, d), table),  # the row's cos
-            pl.BlockSpec((None, d), table),  # and sin
-            *cache_in,
-        ],
-        out_specs=cache_out,
-        out_shape=_written_cache_shapes((b, kv, h, d), qkv.dtype, suffix_k, suffix_v),
-        input_output_aliases={14: 1, 15: 2},
-        compiler_params=pl_triton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+    in_specs = [
+        *scalars_in,
+        pl.BlockSpec((None, h, d), lambda r, k: (r, k, 0)),  # the query heads of this KV head (blocks of h)
+        pl.BlockSpec((None, None, d), lambda r, k: (r, heads + k, 0)),  # this token's key head
+        pl.BlockSpec((None, None, d), lambda r, k: (r, heads + kv + k, 0)),  # and value head
+        pl.BlockSpec((h, d), lambda r, k: (k, 0)),  # their biases
+        pl.BlockSpec((None, d), lambda r, k: (heads + k, 0)),
+        pl.BlockSpec((None, d), lambda r, k: (heads + kv + k, 0)),
+        pl.BlockSpec((None, d), table),  # the row's cos
+        pl.BlockSpec((None, d), table),  # and sin
+        *cache_in,
+    ]
+    operands = (*_row_scalars(scale, prefix_start, index, live, n, lp), joined, joined, joined, bias, bias, bias, cos,
+                sin, prefix_k, prefix_v, suffix_k, suffix_v)
+    params = pl_triton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+    if tiling.splits == 1:
+        out, sk, sv = pl.pallas_call(
+            functools.partial(_projection_write_kernel, **settings),
+            grid=(b, kv),
+            in_specs=in_specs,
+            out_specs=cache_out,
+            out_shape=_written_cache_shapes((b, kv, h, d), qkv.dtype, suffix_k, suffix_v),
+            input_output_aliases={14: 1, 15: 2},
+            compiler_params=params,
+            interpret=interpret,
+            name="shared_prefix_decode_attention_projection",
+        )(*operands)
+        return out.reshape(b, 1, heads, d), sk, sv
+    splits = tiling.splits
+
+    def split_grid(spec):  # a (row, KV head) block spec for the (row, KV head, split) grid
+        return pl.BlockSpec(spec.block_shape, lambda r, k, _, index=spec.index_map: index(r, k))
+
+    per_split = lambda *block: pl.BlockSpec((None, None, None, *block), lambda r, k, i: (r, k, i) + (0,) * len(block))  # noqa: E731
+    f32 = jnp.float32
+    acc, top, total, sk, sv = pl.pallas_call(
+        functools.partial(_projection_split_kernel, **settings, splits=splits),
+        grid=(b, kv, splits),
+        in_specs=[split_grid(spec) for spec in in_specs],
+        out_specs=[per_split(h, d), per_split(h), per_split(h), *map(split_grid, cache_out[1:])],
+        out_shape=[jax.ShapeDtypeStruct((b, kv, splits, h, d), f32), jax.ShapeDtypeStruct((b, kv, splits, h), f32),
+                   jax.ShapeDtypeStruct((b, kv, splits, h), f32), jax.ShapeDtypeStruct(suffix_k.shape, suffix_k.dtype),
+                   jax.ShapeDtypeStruct(suffix_v.shape, suffix_v.dtype)],
+        input_output_aliases={14: 3, 15: 4},
+        compiler_params=params,
         interpret=interpret,
-        name="shared_prefix_decode_attention_projection",
-    )(*_row_scalars(scale, prefix_start, index, live, n, lp), joined, joined, joined,
-      bias, bias, bias, cos, sin, prefix_k, prefix_v, suffix_k, suffix_v)
-    return out.reshape(b, 1, heads, d), sk, sv
+        name="shared_prefix_decode_attention_projection_split",
+    )(*operands)
+    return _merge_splits(acc, top, total, qkv.dtype).reshape(b, 1, heads, d), sk, sv
