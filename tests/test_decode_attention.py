@@ -133,6 +133,28 @@ def test_projection_kernel_equals_the_xla_form(monkeypatch, n, h, d, biased, rot
     np.testing.assert_array_equal(np.asarray(out)[~live], 0.0)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_projection_kernel_reads_only_filled_slots_of_live_rows(monkeypatch, splits):
+    """NaN in every 16-slot continuation block past the one holding each row's last filled slot, and in all of a
+    finished row's K/V: the projection kernel (blocks of 16), whole or split over programs, loads none of it, so
+    live rows equal the clean XLA reference and finished rows come out as zeros, not NaN."""
+    joined, layer, rows = _joined_case(2, 7, 64, True, True, seed=5)
+    live = np.array([True, False, True, True, False, True])
+    monkeypatch.setenv(kernel.ENV, "xla")
+    ref, _ = kv_cache.shared_prefix_attention(joined, layer, rows, None, scale=0.3)
+    first_unread = -(-np.asarray(rows.suffix_index) // 16) * 16  # the filled slots' blocks, rounded up
+    slots = np.arange(layer.suffix_k.shape[2])[None, None, :, None]
+    unread = (slots >= first_unread[:, None, None, None]) | ~live[:, None, None, None]
+    poisoned = layer._replace(suffix_k=jnp.where(unread, jnp.nan, layer.suffix_k),
+                              suffix_v=jnp.where(unread, jnp.nan, layer.suffix_v))
+    monkeypatch.setenv(kernel.ENV, "fused_projection")
+    monkeypatch.setenv(kernel.TILING_ENV, f"16,2,3,{splits}")
+    out, _ = kv_cache.shared_prefix_attention(joined, poisoned, rows._replace(live=jnp.asarray(live)), None, scale=0.3)
+    out = np.asarray(out)
+    np.testing.assert_allclose(out[live], np.asarray(ref)[live], rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(out[~live], 0.0)
+
+
 def test_projection_kernel_rotates_and_biases_what_it_reads():
     """The same joined projection read without its bias, or without RoPE, gives other outputs and another cached
     key: the kernel's bias and rotation are not no-ops that the equality above could miss."""
@@ -257,12 +279,13 @@ def test_fused_write_leaves_no_xla_cache_write(which, writes_in_xla):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which, family", [("fused", "llama"), ("fused_write", "llama"), ("fused_projection", "llama"),
-                                           ("fused_projection", "qwen2")])
-def test_engine_with_the_kernels_greedy_equals_transformers(monkeypatch, which, family):
+@pytest.mark.parametrize("which, family, splits", [("fused", "llama", 1), ("fused_write", "llama", 1),
+                                                   ("fused_projection", "llama", 1), ("fused_projection", "qwen2", 1),
+                                                   ("fused_projection", "qwen2", 3)])
+def test_engine_with_the_kernels_greedy_equals_transformers(monkeypatch, which, family, splits):
     """The whole engine with the one-pass kernel (the default, and the form that writes the cache itself; interpret
-    mode): 5 prompts through 2 slot groups of 2 samples each, rows ending at different EOS positions (finished rows
-    skipped while others run); every row equals HF's greedy."""
+    mode), the projection kernel also split over programs: 5 prompts through 2 slot groups of 2 samples each, rows
+    ending at different EOS positions (finished rows skipped while others run); every row equals HF's greedy."""
     import tiny
     from test_generate import PROMPTS, hf_greedy, models
 
@@ -270,6 +293,8 @@ def test_engine_with_the_kernels_greedy_equals_transformers(monkeypatch, which, 
     from jaxsft.generation import Sampler, causal
 
     monkeypatch.setenv(kernel.ENV, which)
+    if splits > 1:
+        monkeypatch.setenv(kernel.TILING_ENV, f"16,2,3,{splits}")
     tok = tiny.load_tokenizer(tiny.tokenizer_dir(str(__import__("tempfile").mkdtemp())))
     if which == "fused_projection":  # heads of 32 (halves of 16 columns: Triton tiles); qwen2 has q/k/v biases
         torch_model = tiny.tiny_torch_model(family, num_attention_heads=2, num_key_value_heads=1, head_dim=32)

@@ -511,7 +511,7 @@ def _projection_split_kernel(scale_ref, start_ref, filled_ref, live_ref, q_ref, 
     share = (prompt + filled + splits - 1) // splits
     lo, hi = split * share, jnp.minimum((split + 1) * share, prompt + filled)  # this split's run of the joined slots
 
-    def run(first, last):  # an empty run reads no block (a fully masked first block would count its slots)
+    def run(first, last):  # an empty run loads no block (its one block would be wholly masked: a wasted load)
         return jnp.where(last > first, first, 0), jnp.where(last > first, last, 0)
 
     carry = _empty_softmax(rows, v_new.shape[0])
