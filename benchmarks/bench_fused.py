@@ -73,10 +73,11 @@ def main() -> None:
             _, vjp = jax.vjp(forward, h, delta)
             return vjp((g_s, g_y))
 
-        for name, body, moved in (("forward", forward_body, 4), ("forward+backward", backward_body, 4 + 6)):
+        for name, body, moved in (("forward", forward_body, 4), ("forward+backward", backward_body, 4 + 4)):
             seconds = timed(chained(body, inner), (h, delta), repeats=args.repeats) / inner
             # rows x hidden bf16 tensors each application must read or write at least: forward h, delta in,
-            # s, y out; the backward adds s (or h and delta), both cotangents in and the input cotangent out
+            # s, y out; the backward s, both cotangents in and the input cotangent out (the scale's gradient is
+            # not asked for here)
             floor_bytes = moved * args.rows * args.hidden * 2
             print(json.dumps({"form": form, "pass": name, "rows": args.rows, "hidden": args.hidden,
                               "us": round(1e6 * seconds, 2), "GB_per_s_at_floor": round(floor_bytes / seconds / 1e9, 1),

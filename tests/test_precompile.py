@@ -3,27 +3,12 @@ changes nothing else (weights, optimizer state, RNG, counters), so that step tra
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 
-import jaxsft
-
-import tiny
-from test_trainer import VOCAB, make_trainer, opt_state_leaves, random_ids, weights, assert_same_weights
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny.tiny_torch_model("llama", seed=7)
+# test_trainer's fixtures (its autouse fast compiles, its tiny Llama) apply here too, imported by name.
+from test_trainer import (VOCAB, assert_same_weights, fast_compiles, llama, make_trainer,  # noqa: F401
+                          opt_state_leaves, random_ids, weights)
 
 
 def test_precompiled_step_compiles_nothing_and_trains_as_without(llama):

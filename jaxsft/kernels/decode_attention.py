@@ -137,6 +137,17 @@ def _partial(q, k, v, start, length, block_h: int, interpret: bool):
     return out.astype(jnp.float32), top, total
 
 
+def _merge_splits(acc: jax.Array, top: jax.Array, total: jax.Array, dtype) -> jax.Array:
+    """Partial softmaxes over disjoint slots (``acc`` [..., S, h, D] unnormalised, running max and sum [..., S, h]:
+    the split kernel's programs, or the two-pass form's prompt and continuation) as one normalised output
+    [..., h, D]: each rescaled to the largest maximum (the log-sum-exp rule); nothing read gives zeros."""
+    best = jnp.max(top, axis=-2, keepdims=True)
+    weight = jnp.exp(top - best)
+    denominator = jnp.sum(total * weight, axis=-2)
+    out = jnp.sum(acc * weight[..., None], axis=-3) / jnp.where(denominator > 0, denominator, 1.0)[..., None]
+    return out.astype(dtype)
+
+
 def shared_prefix_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, prefix_start: jax.Array,
                             suffix_k: jax.Array, suffix_v: jax.Array, suffix_len: jax.Array,
                             scale, interpret: Optional[bool] = None, live: Optional[jax.Array] = None) -> jax.Array:
@@ -171,11 +182,10 @@ def shared_prefix_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Arr
         q.reshape(b * kv, h, d), suffix_k.reshape(b * kv, ls, d), suffix_v.reshape(b * kv, ls, d), None,
         jnp.repeat(jnp.clip(suffix_len, 1, ls).astype(jnp.int32), kv), _pow2_at_least(h, 16), interpret)
     o_suf, m_suf, l_suf = o_suf.reshape(b, kv, h, d), m_suf.reshape(b, kv, h), l_suf.reshape(b, kv, h)
-    # One softmax over both: rescale each part to the larger maximum (an empty prompt part has sum 0).
-    top = jnp.maximum(m_pre, m_suf)
-    w_pre, w_suf = jnp.exp(m_pre - top), jnp.exp(m_suf - top)
-    out = (o_pre * w_pre[..., None] + o_suf * w_suf[..., None]) / (l_pre * w_pre + l_suf * w_suf)[..., None]
-    return out.reshape(b, 1, n_heads, d).astype(q.dtype)
+    # One softmax over both (an empty prompt part has sum 0).
+    out = _merge_splits(jnp.stack([o_pre, o_suf], axis=-3), jnp.stack([m_pre, m_suf], axis=-2),
+                        jnp.stack([l_pre, l_suf], axis=-2), q.dtype)
+    return out.reshape(b, 1, n_heads, d)
 
 
 # ---------------------------------------------------------------------------- one pass (the default kernel)
@@ -532,16 +542,6 @@ def _projection_split_kernel(scale_ref, start_ref, filled_ref, live_ref, q_ref, 
         for k, cols in k_parts:
             sk_out[pl.ds(filled, 1), cols] = k[None, :]
         sv_out[pl.ds(filled, 1), :] = v_new[None, :]
-
-
-def _merge_splits(acc: jax.Array, top: jax.Array, total: jax.Array, dtype) -> jax.Array:
-    """The splits' partial softmaxes (``acc`` [..., S, h, D], running max and sum [..., S, h]) as one normalised
-    output [..., h, D]: each rescaled to the largest maximum (the log-sum-exp rule); nothing read gives zeros."""
-    best = jnp.max(top, axis=-2, keepdims=True)
-    weight = jnp.exp(top - best)
-    denominator = jnp.sum(total * weight, axis=-2)
-    out = jnp.sum(acc * weight[..., None], axis=-3) / jnp.where(denominator > 0, denominator, 1.0)[..., None]
-    return out.astype(dtype)
 
 
 def tiling_for(programs: int) -> Tiling:

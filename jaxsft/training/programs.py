@@ -215,11 +215,7 @@ class TrainPrograms:
         Returns the seconds spent lowering and compiling (0.0 when every program was built already; an
         overlapped ``meanwhile`` counts only where it outlasts the compiles).
         """
-        missing: dict[tuple, Callable[[], jax.stages.Lowered]] = {}
-        for update_lowerings in lowerings:
-            for key, lower in update_lowerings:
-                if key not in self.cache:
-                    missing.setdefault(key, lower)
+        missing = self.missing(lowerings)
         if not missing:
             if meanwhile is not None:
                 meanwhile()
@@ -239,16 +235,22 @@ class TrainPrograms:
         program built here, in the order met. For measurements (``benchmarks/first_step_host.py``), where the
         side-by-side form's overlap would hide which program costs what."""
         timings = []
+        for key, lower in self.missing(lowerings).items():
+            started = time.perf_counter()
+            lowered = lower()
+            lowered_at = time.perf_counter()
+            self.cache[key] = self.built(lowered)
+            timings.append((key, lowered_at - started, time.perf_counter() - lowered_at))
+        return timings
+
+    def missing(self, lowerings: Sequence[Lowerings]) -> dict[tuple, Callable[[], jax.stages.Lowered]]:
+        """The programs of ``lowerings`` not built yet, each once, in the order met: key -> its lowering."""
+        out: dict[tuple, Callable[[], jax.stages.Lowered]] = {}
         for update_lowerings in lowerings:
             for key, lower in update_lowerings:
-                if key in self.cache:
-                    continue
-                started = time.perf_counter()
-                lowered = lower()
-                lowered_at = time.perf_counter()
-                self.cache[key] = self.built(lowered)
-                timings.append((key, lowered_at - started, time.perf_counter() - lowered_at))
-        return timings
+                if key not in self.cache:
+                    out.setdefault(key, lower)
+        return out
 
     def run_update(
         self, state: TrainState, update: Sequence[Any], lowerings: Lowerings, frozen: tuple

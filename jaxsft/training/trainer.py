@@ -291,19 +291,9 @@ class IterativeSFTTrainer:
         empty round. ``num_tokens`` stays the real count; ``weighted_num_tokens`` is the weighted one.
         A weighted call runs its own programs (one more compile per shape the first time).
         """
-        error: Optional[Exception] = None
-        try:
-            examples = self._examples(
-                input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
-                texts_labels=texts_labels, example_weights=example_weights,
-            )
-        except Exception as err:  # any type (an input whose len() raises): shared, so every process raises
-            error = err
-        weighted = example_weights is not None
-        # Multi-process: every process learns every process's verdict before any collective runs (weighted
-        # calls run other programs, so every process must pass weights or none).
-        distributed.agree(
-            "step()", error, {**self._fingerprint(), "example_weights": weighted}, self.config.agreement_timeout_s
+        examples, weighted = self._agreed_examples(
+            "step()", input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
+            texts_labels=texts_labels, example_weights=example_weights,
         )
         started = time.perf_counter()
         microbatches = self._plan(examples, self.rows, shuffle=True, pack=self.packing, weighted=weighted)
@@ -423,26 +413,17 @@ class IterativeSFTTrainer:
         (the layouts of every program the call runs, e.g. ``"fused 8x512"``) and, compiled one at a
         time, ``"each": [(layout, lowering seconds, compiling seconds), ...]``.
         """
-        error: Optional[Exception] = None
-        try:
-            examples = self._examples(
-                input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
-                texts_labels=texts_labels, example_weights=example_weights,
-            )
-        except Exception as err:  # shared, as in step(): every process raises
-            error = err
-        weighted = example_weights is not None
-        distributed.agree(
-            "precompile()", error, {**self._fingerprint(), "example_weights": weighted},
-            self.config.agreement_timeout_s,
+        examples, weighted = self._agreed_examples(
+            "precompile()", input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
+            texts_labels=texts_labels, example_weights=example_weights,
         )
         microbatches = self._plan(examples, self.rows, shuffle=True, pack=self.packing, weighted=weighted,
                                   rng=copy.deepcopy(self._rng))
         updates = batching.group_into_updates(microbatches, self.config.gradient_accumulation_steps)
         lowerings = [self.programs.update_lowerings(self.train_state, update, self._frozen) for update in updates]
-        keys = list(dict.fromkeys(key for update_lowerings in lowerings for key, _ in update_lowerings))
-        new = sum(key not in self.programs.cache for key in keys)
-        report: dict[str, Any] = {"programs": [TrainPrograms.layout(key) for key in keys], "new_programs": new}
+        keys = dict.fromkeys(key for update_lowerings in lowerings for key, _ in update_lowerings)
+        report: dict[str, Any] = {"programs": [TrainPrograms.layout(key) for key in keys],
+                                  "new_programs": len(self.programs.missing(lowerings))}
         if side_by_side:
             report["compile_seconds"] = self.programs.compile_missing(lowerings, meanwhile=self._keep_initial_params)
         else:
@@ -728,6 +709,21 @@ class IterativeSFTTrainer:
             "mesh": {k: int(v) for k, v in self.mesh.shape.items()},
             "skip_nonfinite_updates": self.config.skip_nonfinite_updates,
         }
+
+    def _agreed_examples(self, call: str, **inputs: Any) -> tuple[list, bool]:
+        """``step()``'s keywords as checked examples, and whether the call is weighted, once every process has
+        checked its own: any process's error is raised on all of them, before any state changes or collective
+        runs (weighted calls run other programs, so every process must pass weights or none)."""
+        error: Optional[Exception] = None
+        examples: list = []
+        try:
+            examples = self._examples(**inputs)
+        except Exception as err:  # any type (an input whose len() raises): shared, so every process raises
+            error = err
+        weighted = inputs.get("example_weights") is not None
+        distributed.agree(call, error, {**self._fingerprint(), "example_weights": weighted},
+                          self.config.agreement_timeout_s)
+        return examples, weighted
 
     def _examples(self, **inputs: Any) -> list:
         """step()'s keywords as checked examples (the objective's routing); ``[]`` for an empty call."""
