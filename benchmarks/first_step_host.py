@@ -74,7 +74,7 @@ def main() -> None:
     trainer = jaxsft.IterativeSFTTrainer(model, cfg, mesh=mesh)
     jax.block_until_ready(trainer.train_state)  # the random init runs asynchronously: not part of any timing below
     # The GPU's rule (cuDNN's ragged kernel): packed rows may take a longer bucket. Only planning reads it.
-    trainer._ragged_attention = args.longer_rows
+    trainer.longer_packed_rows = args.longer_rows
     setup_s = time.perf_counter() - t0
     print(f"# {args.shape} ({trainer.spec.num_layers} layers, scan_layers={trainer.scan_layers}), {args.workload}, "
           f"bf16={not args.fp32}, packing={trainer.packing}, longer_rows={args.longer_rows}, compile={args.compile}"

@@ -55,3 +55,19 @@ def test_precompile_rejects_what_step_rejects_before_compiling(llama):
         trainer.precompile(input_ids=bad)
     assert str(from_precompile.value) == str(from_step.value)
     assert trainer.compiled_shapes == 0
+
+
+def test_a_plan_may_follow_the_gpus_longer_packed_rows(llama):
+    """``longer_packed_rows`` is the planning rule of cuDNN's ragged attention (packed rows may outgrow the longest
+    example's bucket); it is public so that a host-side measurement plans as a GPU would. Off on CPU; on, the same
+    call packs into fewer, longer rows."""
+    rng = np.random.default_rng(5)
+    examples = [rng.integers(3, VOCAB, size=n) for n in (60, 50, 40, 30, 20, 10, 5, 3)]  # one update of 8
+    cpu_rule = make_trainer(llama, per_device_train_batch_size=8, packing=True, max_length=256)
+    gpu_rule = make_trainer(llama, per_device_train_batch_size=8, packing=True, max_length=256)
+    assert cpu_rule.packing and not cpu_rule.longer_packed_rows
+    gpu_rule.longer_packed_rows = True
+    on_cpu, as_gpu = cpu_rule.precompile(input_ids=examples), gpu_rule.precompile(input_ids=examples)
+    assert on_cpu["programs"] != as_gpu["programs"], on_cpu["programs"]
+    assert cpu_rule.step(input_ids=examples)["compile_seconds"] == 0.0  # each plan is what its own step() runs
+    assert gpu_rule.step(input_ids=examples)["compile_seconds"] == 0.0

@@ -149,8 +149,9 @@ class IterativeSFTTrainer:
         # the caller's model keeps its own options).
         self.run_options = config.run_options(RunOptions.of(model), num_layers=model.spec.num_layers)
         self.scan_layers = self.run_options.scan_layers
-        # TrainConfig.packing resolved for this backend, and whether packed rows may outgrow their bucket.
-        self.packing, self._ragged_attention = self.objective.packing(
+        # TrainConfig.packing resolved for this backend, and whether packed rows may outgrow their bucket (the
+        # planning rule of cuDNN's ragged attention; public so that a host-side measurement can plan as a GPU would).
+        self.packing, self.longer_packed_rows = self.objective.packing(
             config.packing, self.run_options, self.spec, dropout=self.dropout_enabled
         )
         view = with_options(model, self.run_options)
@@ -746,7 +747,7 @@ class IterativeSFTTrainer:
         local_rows = rows // jax.process_count()
         settings = objectives.PlanSettings(
             rows=local_rows, buckets=self.buckets, pack=pack, row_lengths=self.packed_row_lengths,
-            row_multiple=max(1, self._shards // jax.process_count()), longer_rows=self._ragged_attention,
+            row_multiple=max(1, self._shards // jax.process_count()), longer_rows=self.longer_packed_rows,
         )
         return self.objective.plan(examples, settings, self._rng if rng is None else rng, shuffle=shuffle,
                                    weighted=weighted)
