@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 from typing import Any, NamedTuple, Optional
 
 import transformers
@@ -471,3 +472,23 @@ def arguments_table_markdown() -> str:
     for row in ARGUMENTS:
         lines.append(f"| `{row.field}` | {row.fate} | {_cell(row.maps_to)} | {_cell(row.note)} |")
     return "\n".join(lines) + "\n"
+
+
+def resume_path(args: Any) -> Optional[str]:
+    """``args.resume_from_checkpoint`` as a folder: a path as given, True (or "true") the newest in output_dir."""
+    from jaxsft.infra.checkpoint import latest_checkpoint
+
+    value = getattr(args, "resume_from_checkpoint", None)
+    if value is None or value is False:
+        return None
+    if value is True or (isinstance(value, str) and value.lower() == "true"):
+        newest = latest_checkpoint(str(args.output_dir))
+        if newest is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True: no complete checkpoint-N folder in output_dir={str(args.output_dir)!r}; "
+                "save one with trainer.save_checkpoint() (or save_steps), or pass the checkpoint's path."
+            )
+        return newest
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"resume_from_checkpoint must be a checkpoint folder path or True, got {type(value).__name__}.")
+    return os.fspath(value)

@@ -17,12 +17,15 @@ torch-exact clipping (``max_grad_norm``) in front of every optimizer.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
 
-from jaxsft.infra.config import OptimizerDescription, ScheduleDescription
+from jaxsft.infra.config import OptimizerDescription, ScheduleDescription, TrainConfig
+
+from compat.torch_sync import hf_decay_table
 
 # A function from the set of HF parameter names that get weight decay to the core's decay table
 # (jaxsft parameter name -> decays), see compat.torch_sync.hf_decay_table.
@@ -311,3 +314,29 @@ def _closed_form(s: Any, base: float) -> tuple[str, dict[str, Any]]:
     if isinstance(s, sched.CosineAnnealingLR):
         return "cosine_annealing", {"base": base, "eta_min": float(s.eta_min), "T_max": float(s.T_max)}
     raise TypeError(f"scheduler must be one of: {_SUPPORTED_SCHEDULERS} - got {type(s)}.")
+
+
+def optimizer_and_schedule(opt: Any, sched: Any, config: TrainConfig, torch_model: Any, spec: Any):
+    """``optimizers=(opt, sched)`` -> (config, optimizer or its description or None, schedule or its description or
+    None) for the core.
+
+    The core builds every chain and schedule (and puts clipping in front); this only reads the torch objects.
+    """
+    if opt is None:  # the core builds AdamW + clipping + schedule from config
+        return config, None, None
+    if is_optax_transformation(opt):
+        if isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
+            raise TypeError(
+                "a torch LR scheduler cannot drive an optax optimizer; pass an optax schedule (and build the optax "
+                "optimizer with it), or a torch optimizer with its scheduler."
+            )
+        if sched is not None and not callable(sched):
+            raise TypeError(
+                f"with an optax optimizer, the scheduler must be None or an optax schedule (count -> rate), "
+                f"used to log the learning rate - got {type(sched)}."
+            )
+        return config, opt, sched
+    description = describe_optimizer(opt, decay_mask_fn=hf_decay_table(spec), model=torch_model)
+    if sched is None:  # HF Trainer.create_scheduler: args' schedule type on the user's optimizer
+        return dataclasses.replace(config, learning_rate=float(description.learning_rate)), description, None
+    return config, description, describe_scheduler(sched)

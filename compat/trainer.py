@@ -48,17 +48,18 @@ import jaxsft
 from jaxsft.training import batching
 from jaxsft.infra.atomic_folder import write_folder
 from jaxsft.training.batching import STEP_KEYWORDS
-from jaxsft.infra.config import TrainConfig
 from jaxsft.models.hf_io import is_weights_file
 from jaxsft.training.trainer import IterativeSFTTrainer as CoreTrainer
 from jaxsft.training.trainer import TrainerCallback as CoreCallback
 
-from compat.arguments import ignored_argument_message, save_steps_of, training_arguments_to_config
-from compat.config import IterativeSFTConfig
-from compat.inputs import IGNORE_INDEX, convert_step_inputs
-from compat.optimizers import describe_optimizer, describe_scheduler, is_optax_transformation
 from compat import peft_models, publishing
-from compat.torch_sync import TorchWeightSync, hf_decay_table
+from compat.arguments import ignored_argument_message, resume_path, save_steps_of, training_arguments_to_config
+from compat.config import IterativeSFTConfig
+from compat.evaluation import hf_compute_metrics, is_dataset_dict, torch_preprocess
+from compat.inputs import IGNORE_INDEX, convert_step_inputs
+from compat.optimizers import optimizer_and_schedule
+from compat.torch_models import check_torch_model, dtype_name_of, load_torch_model, local_tokenizer
+from compat.torch_sync import TorchWeightSync
 
 # torch model -> the trainer whose sync hooks it carries (the newest one built on it)
 _HOOK_OWNER: "weakref.WeakKeyDictionary[Any, weakref.ref]" = weakref.WeakKeyDictionary()
@@ -247,12 +248,12 @@ class IterativeSFTTrainer:
                 )
             torch_model = model
         else:
-            torch_model = _load_torch_model(model_id, model_init_kwargs or {})
+            torch_model = load_torch_model(model_id, model_init_kwargs or {})
         torch_model = peft_models.wrap(torch_model, peft_config)  # a PeftModel to train the adapters of, or as is
         peft = peft_models.is_peft_model(torch_model)
-        _check_torch_model(torch_model.get_base_model() if peft else torch_model, adapters=peft)
+        check_torch_model(torch_model.get_base_model() if peft else torch_model, adapters=peft)
         if tokenizer is None:
-            tokenizer = _local_tokenizer(model_id)
+            tokenizer = local_tokenizer(model_id)
         self.processing_class = tokenizer
         self.is_encoder_decoder = bool(getattr(torch_model.config, "is_encoder_decoder", False))
         self._pad_token_id = getattr(torch_model.config, "pad_token_id", None)
@@ -263,7 +264,7 @@ class IterativeSFTTrainer:
         set_seed(int(args.seed))  # as Trainer.__init__: seeds python, numpy and torch (e.g. for generate())
         jax_model = jaxsft.from_pretrained(torch_model, mesh=mesh)  # a PeftModel: base and adapters
         self._sync = peft_models.TorchAdapterSync(torch_model) if peft else TorchWeightSync(torch_model, jax_model.spec)
-        config, tx, schedule = _optimizer_and_schedule(opt, sched, config, torch_model, jax_model.spec)
+        config, tx, schedule = optimizer_and_schedule(opt, sched, config, torch_model, jax_model.spec)
 
         self._torch_model = torch_model
         self.data_collator = data_collator
@@ -300,7 +301,7 @@ class IterativeSFTTrainer:
         self.state.train_batch_size = self.core.rows
         self.control = TrainerControl()
         self.callback_handler = _make_callback_handler(self, callbacks)
-        resume = _resume_path(args)
+        resume = resume_path(args)
         if resume is not None:
             self.restore_checkpoint(resume)
 
@@ -387,7 +388,7 @@ class IterativeSFTTrainer:
     def compute_metrics(self, fn: Optional[Callable]) -> None:
         """HF's ``compute_metrics(EvalPrediction)``; the core calls it with its own numpy predictions."""
         self._compute_metrics = fn
-        self.core.compute_metrics = None if fn is None else _hf_compute_metrics(fn)
+        self.core.compute_metrics = None if fn is None else hf_compute_metrics(fn)
 
     @property
     def preprocess_logits_for_metrics(self) -> Optional[Callable]:
@@ -397,7 +398,7 @@ class IterativeSFTTrainer:
     def preprocess_logits_for_metrics(self, fn: Optional[Callable]) -> None:
         """HF's ``preprocess_logits_for_metrics(logits, labels)`` on torch tensors, once per eval batch."""
         self._preprocess_logits = fn
-        self.core.preprocess_logits_for_metrics = None if fn is None else _torch_preprocess(fn)
+        self.core.preprocess_logits_for_metrics = None if fn is None else torch_preprocess(fn)
 
     @property
     def lr_scheduler(self) -> _LearningRateView:
@@ -491,7 +492,7 @@ class IterativeSFTTrainer:
         """What the core evaluates during step(): one dataset, converted; a dict of named sets only by evaluate()."""
         if dataset is None:
             return None
-        if not _is_dataset_dict(dataset):
+        if not is_dataset_dict(dataset):
             return self._core_eval_kwargs(dataset)
         if eval_steps:
             raise ValueError(
@@ -578,7 +579,7 @@ class IterativeSFTTrainer:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")
-        if _is_dataset_dict(dataset):  # HF: a dict of named eval sets
+        if is_dataset_dict(dataset):  # HF: a dict of named eval sets
             metrics: dict[str, float] = {}
             for key, value in dataset.items():
                 metrics.update(self.evaluate(value, ignore_keys, f"{metric_key_prefix}_{key}"))
@@ -618,7 +619,7 @@ class IterativeSFTTrainer:
             if self.is_peft_model:
                 peft_models.save_adapter(self.core.model, output_dir)
             else:
-                jaxsft.save_pretrained(self.core.model, output_dir, dtype=_dtype_name_of(self._torch_model))
+                jaxsft.save_pretrained(self.core.model, output_dir, dtype=dtype_name_of(self._torch_model))
             return
         # Written whole into a folder beside output_dir and swapped in when complete: a failure (a full disk)
         # leaves the previous save exactly as it was and raises OSError naming output_dir.
@@ -632,7 +633,7 @@ class IterativeSFTTrainer:
                 self.processing_class.save_pretrained(str(folder))
             torch.save(self.args, folder / "training_args.bin")
             return
-        dtype = _dtype_name_of(self._torch_model)
+        dtype = dtype_name_of(self._torch_model)
         jaxsft.save_pretrained(self.core.model, folder, tokenizer=self.processing_class, dtype=dtype)
         generation_config = getattr(self._torch_model, "generation_config", None)
         if generation_config is not None:
@@ -728,109 +729,6 @@ def _warn_about_collator(collator: Any) -> None:
     )
 
 
-def _load_torch_model(model_id: str, init_kwargs: dict[str, Any]) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    if not os.path.isdir(model_id) and (os.path.isabs(model_id) or model_id.startswith((".", "~"))
-                                         or model_id.count("/") > 1 or os.sep + os.sep in model_id):
-        # A path, not a hub id: say the folder is missing (transformers would call it a malformed repo id).
-        raise FileNotFoundError(
-            f"model={model_id!r}: no such local folder. Pass an existing model folder (config.json and safetensors "
-            "weights) or a transformers model instance; jaxsft does not download."
-        )
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(model_id, **init_kwargs)
-    except (OSError, ValueError) as err:
-        raise type(err)(
-            f"could not load a causal LM from {model_id!r}: {err}. Pass a local model folder (config.json and "
-            "safetensors weights) or a transformers model instance."
-        ) from err
-
-
-def _check_torch_model(model: Any, adapters: bool = False) -> None:
-    """``adapters``: the base of a PeftModel, whose weights are frozen on purpose (only adapters train)."""
-    config = model.config
-    if getattr(config, "is_encoder_decoder", False) and config.model_type not in jaxsft.models.SEQ2SEQ_MODEL_TYPES:
-        raise ValueError(
-            f"{type(model).__name__} is an encoder-decoder (seq2seq) model of type {config.model_type!r}; jaxsft "
-            f"trains the encoder-decoders {', '.join(jaxsft.models.SEQ2SEQ_MODEL_TYPES)} (T5, Flan-T5, BART) and "
-            f"the causal LMs {', '.join(jaxsft.models.SUPPORTED_MODEL_TYPES)}."
-        )
-    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-    if frozen and not adapters:
-        raise ValueError(
-            f"{len(frozen)} parameter(s) of the model have requires_grad=False (e.g. {frozen[:3]}); jaxsft trains "
-            "every parameter. Unfreeze them (param.requires_grad_(True)) before building the trainer."
-        )
-    can_generate = getattr(model, "can_generate", None)
-    if callable(can_generate) and not can_generate():
-        warnings.warn(
-            f"The current model class {type(model)} is not compatible with `.generate()`"
-            "Please make sure that this is intended.",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
-def _local_tokenizer(model_id: Optional[str]) -> Any:
-    """TRL 0.18+ loads the tokenizer from the model id; jaxsft only looks in a local folder (never downloads)."""
-    if not model_id or not os.path.isdir(model_id):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_id)
-    except Exception:  # a weights-only folder: step(input_ids=...) still works
-        return None
-
-
-def _optimizer_and_schedule(opt: Any, sched: Any, config: TrainConfig, torch_model: Any, spec: Any):
-    """``optimizers=(opt, sched)`` -> (config, optimizer or its description or None, schedule or its description or
-    None) for the core.
-
-    The core builds every chain and schedule (and puts clipping in front); this only reads the torch objects.
-    """
-    if opt is None:  # the core builds AdamW + clipping + schedule from config
-        return config, None, None
-    if is_optax_transformation(opt):
-        if isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
-            raise TypeError(
-                "a torch LR scheduler cannot drive an optax optimizer; pass an optax schedule (and build the optax "
-                "optimizer with it), or a torch optimizer with its scheduler."
-            )
-        if sched is not None and not callable(sched):
-            raise TypeError(
-                f"with an optax optimizer, the scheduler must be None or an optax schedule (count -> rate), "
-                f"used to log the learning rate - got {type(sched)}."
-            )
-        return config, opt, sched
-    description = describe_optimizer(opt, decay_mask_fn=hf_decay_table(spec), model=torch_model)
-    if sched is None:  # HF Trainer.create_scheduler: args' schedule type on the user's optimizer
-        return dataclasses.replace(config, learning_rate=float(description.learning_rate)), description, None
-    return config, description, describe_scheduler(sched)
-
-
-def _resume_path(args: Any) -> Optional[str]:
-    """``args.resume_from_checkpoint`` as a folder: a path as given, True (or "true") the newest in output_dir."""
-    from jaxsft.infra.checkpoint import latest_checkpoint
-
-    value = getattr(args, "resume_from_checkpoint", None)
-    if value is None or value is False:
-        return None
-    if value is True or (isinstance(value, str) and value.lower() == "true"):
-        newest = latest_checkpoint(str(args.output_dir))
-        if newest is None:
-            raise ValueError(
-                f"resume_from_checkpoint=True: no complete checkpoint-N folder in output_dir={str(args.output_dir)!r}; "
-                "save one with trainer.save_checkpoint() (or save_steps), or pass the checkpoint's path."
-            )
-        return newest
-    if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"resume_from_checkpoint must be a checkpoint folder path or True, got {type(value).__name__}.")
-    return os.fspath(value)
-
-
 def _make_callback_handler(trainer: IterativeSFTTrainer, callbacks: Optional[Iterable[Any]]):
     from transformers.integrations import get_reporting_integration_callbacks
     from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback
@@ -885,37 +783,6 @@ def _free_device_memory() -> None:
     compiled programs, so this only collects garbage, which releases device buffers held by dead objects.
     """
     gc.collect()
-
-
-def _is_dataset_dict(dataset: Any) -> bool:
-    return isinstance(dataset, dict) and bool(dataset) and not set(dataset) <= set(STEP_KEYWORDS)
-
-
-def _to_numpy(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_numpy(v) for v in value)
-    return np.asarray(value)
-
-
-def _hf_compute_metrics(fn: Callable) -> Callable:
-    """The core's EvalPrediction -> ``transformers.EvalPrediction``, which HF metric functions expect."""
-    from transformers import EvalPrediction
-
-    return lambda prediction: fn(EvalPrediction(predictions=prediction.predictions, label_ids=prediction.label_ids))
-
-
-def _torch_preprocess(fn: Callable) -> Callable:
-    """HF hands ``preprocess_logits_for_metrics`` torch tensors; the core has numpy arrays."""
-    return lambda logits, labels: _to_numpy(fn(torch.from_numpy(logits), torch.from_numpy(labels)))
-
-
-def _dtype_name_of(torch_model: Any) -> str:
-    """The torch model's parameter dtype as the name save_pretrained takes ("float32", "bfloat16", "float16")."""
-    dtype = next(torch_model.parameters()).dtype
-    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
 
 
 __all__ = ["IterativeSFTTrainer", "IterativeSFTConfig"]
