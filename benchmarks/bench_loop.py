@@ -80,7 +80,8 @@ def run_jaxsft(a):
     model = jaxsft.from_pretrained(torch_model_for(a))
     tc = jaxsft.TrainConfig(learning_rate=1e-5, lr_scheduler_type="constant", per_device_train_batch_size=8,
                             max_length=a.max_length or a.prompt_len + a.new, bf16=jax.default_backend() != "cpu", logging_steps=0,
-                            disable_tqdm=True, dropout=False)
+                            disable_tqdm=True, dropout=False,
+                            compilation_cache=False)  # compile times as on a fresh machine
     trainer = jaxsft.IterativeSFTTrainer(model, tc, IdTokenizer())
     eos = [EOS_ID] if a.ragged is not None else []
     log = []

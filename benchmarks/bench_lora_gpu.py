@@ -121,6 +121,7 @@ def run_jax(shape: str, seq: int, warmup: int, timed: int) -> dict:
     cfg = jaxsft.TrainConfig(
         learning_rate=LR, lr_scheduler_type="constant", per_device_train_batch_size=MICRO, max_length=seq,
         length_buckets=(seq,), bf16=True, max_grad_norm=1.0, weight_decay=0.0, logging_steps=0, disable_tqdm=True,
+        compilation_cache=False,  # compile times as on a fresh machine
     )
     trainer = jaxsft.IterativeSFTTrainer(model, cfg, mesh=mesh)
     times, losses = [], []

@@ -223,7 +223,7 @@ def run_jaxsft(shape: str, w: str, cpu: bool, options: dict, model_options: dict
     cfg = jaxsft.TrainConfig(**{
         "learning_rate": 1e-5, "lr_scheduler_type": "constant", "per_device_train_batch_size": MICRO_BATCH,
         "max_length": SEQ if w == "fixed" else MAX_LEN, "bf16": not cpu, "logging_steps": 0, "disable_tqdm": True,
-        "weight_decay": 0.0, "max_grad_norm": 1.0, **({"length_buckets": (SEQ,)} if w == "fixed" else {}), **options,
+        "weight_decay": 0.0, "max_grad_norm": 1.0, "compilation_cache": False, **({"length_buckets": (SEQ,)} if w == "fixed" else {}), **options,
     })
     trainer = jaxsft.IterativeSFTTrainer(model, cfg, mesh=mesh)
     calls = workload(w, model.spec.vocab_size)

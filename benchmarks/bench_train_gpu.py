@@ -93,7 +93,7 @@ def run_jax(shape: str, mesh_shape: tuple[int, int, int], warmup: int, timed: in
     cfg = jaxsft.TrainConfig(
         learning_rate=1e-5, lr_scheduler_type="constant", per_device_train_batch_size=PER_DEVICE_BATCH,
         max_length=SEQ, length_buckets=(SEQ,), bf16=True, logging_steps=0, disable_tqdm=True,
-        gradient_checkpointing=remat,
+        gradient_checkpointing=remat, compilation_cache=False,  # compile times as on a fresh machine
         # JAXSFT_BENCH_SCAN=1/0 forces scanned/unrolled layers; unset = the trainer's automatic choice.
         scan_layers={"1": True, "0": False}.get(os.environ.get("JAXSFT_BENCH_SCAN", "")),
         # "full": never chunk the lm_head + loss; "auto": chunk over tokens when fp32 logits pass 1 GiB/device.

@@ -105,7 +105,7 @@ def run_jaxsft(w: Workload) -> dict:
     cfg = jaxsft.TrainConfig(
         learning_rate=w.lr, lr_scheduler_type="constant", per_device_train_batch_size=w.batch, max_length=w.seq,
         length_buckets=(w.seq,), bf16=w.dtype == "bf16", logging_steps=0, disable_tqdm=True, seed=w.seed,
-        max_grad_norm=1.0, weight_decay=0.0,
+        max_grad_norm=1.0, weight_decay=0.0, compilation_cache=False,  # first steps compile, as on a fresh machine
     )
     trainer = jaxsft.IterativeSFTTrainer(model, cfg, mesh=mesh)
     times, losses, stats = [], [], {}

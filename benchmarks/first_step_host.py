@@ -69,6 +69,7 @@ def main() -> None:
         learning_rate=1e-5, lr_scheduler_type="constant", per_device_train_batch_size=bench_speed.MICRO_BATCH,
         max_length=bench_speed.SEQ if fixed else bench_speed.MAX_LEN, bf16=not args.fp32, logging_steps=0,
         disable_tqdm=True, weight_decay=0.0, max_grad_norm=1.0, packing=True, scan_layers=args.scan_layers,
+        compilation_cache=False,  # what it measures is compiling
         **({"length_buckets": (bench_speed.SEQ,)} if fixed else {}),
     )
     trainer = jaxsft.IterativeSFTTrainer(model, cfg, mesh=mesh)

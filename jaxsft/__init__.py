@@ -26,7 +26,7 @@ _NAMES = {
     "save_adapter": "jaxsft.models", "load_adapter": "jaxsft.models",
     "make_mesh": "jaxsft.infra.sharding", "single_device_mesh": "jaxsft.infra.sharding",
     "IterativeSFTTrainer": "jaxsft.training.trainer", "generate": "jaxsft.generation",
-    "SamplingParams": "jaxsft.generation",
+    "SamplingParams": "jaxsft.generation", "use_compilation_cache": "jaxsft.infra.compile_cache",
 }
 # User-facing modules under their short names (``jaxsft.distributed.initialize()``).
 _PUBLIC_MODULES = {

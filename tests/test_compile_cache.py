@@ -1,54 +1,68 @@
-"""A rerun's first step loads its programs from jax's persistent compilation cache (the README's recipe).
-
-The trainer compiles ahead of time (``Lowered.compile`` on worker threads), a path that could bypass the cache
-that ``jax.jit`` consults; this checks that it does not: a second process with the same cache directory finds
-every program of its first step there (jax's cache-hit and cache-miss events, no timing), and the directory
-holds the update program.
-"""
+"""``TrainConfig.compilation_cache``: a trainer keeps its compiled programs on disk, so a rerun of the same script
+loads them instead of compiling, and trains the same; bad folders are refused by name before anything changes."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import jaxsft
+from jaxsft.infra import compile_cache
+from test_trainer import fast_compiles, llama, make_trainer  # noqa: F401  (its fixtures, imported by name)
 from xla_settings import child_env
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-
-FIRST_STEP = """
-import collections, json, sys
-import jax
-import numpy as np
-import jaxsft
-events = collections.Counter()
-jax.monitoring.register_event_listener(lambda name, **kwargs: events.update([name]))
-from tiny import tiny_torch_model
-model = jaxsft.from_pretrained(tiny_torch_model("llama", num_hidden_layers=4, hidden_size=128, intermediate_size=256))
-trainer = jaxsft.IterativeSFTTrainer(model, jaxsft.TrainConfig(max_length=64, disable_tqdm=True, logging_steps=0))
-rng = np.random.default_rng(0)
-out = trainer.step(input_ids=[rng.integers(3, 300, 40) for _ in range(8)])
-print(json.dumps({"hits": events["/jax/compilation_cache/cache_hits"], "misses": events["/jax/compilation_cache/cache_misses"],
-                  "loss": out["loss"]}))
-"""
+HERE = Path(__file__).resolve().parent
 
 
-@pytest.mark.slow
-def test_a_rerun_loads_the_first_steps_programs_from_the_persistent_cache(tmp_path):
-    env = child_env(ROOT, TESTS)
-    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    runs = []
-    for _ in range(2):
-        proc = subprocess.run([sys.executable, "-c", FIRST_STEP], env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    first, rerun = runs
-    assert rerun["loss"] == first["loss"]  # the same programs
-    assert first["misses"] >= 2 and first["hits"] == 0, runs  # the update program and the optimizer's init at least
-    assert rerun["hits"] >= first["misses"] and rerun["misses"] == 0, runs
-    assert any(p.name.startswith("jit_run-") for p in (tmp_path / "cache").iterdir())  # the update program
+def run_worker(mode: str, folder: Path, **env_extra: str) -> dict:
+    env = {k: v for k, v in child_env(HERE).items() if not k.startswith("JAX_PERSISTENT_CACHE")}
+    env.pop("JAX_COMPILATION_CACHE_DIR")  # a fresh process with no cache of its own, as a user's script starts
+    env.update(env_extra)
+    done = subprocess.run([sys.executable, str(HERE / "compile_cache_worker.py"), mode, str(folder)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_rerun_loads_the_programs_and_trains_the_same(tmp_path):
+    folder = tmp_path / "xla"
+    first = run_worker("named", folder)
+    assert first["cache_dir"] == str(folder) and first["hits"] == 0 and first["misses"] >= first["programs"] > 0
+    assert len(list(folder.iterdir())) >= first["programs"]
+    second = run_worker("named", folder)
+    assert second["misses"] == 0 and second["hits"] == first["misses"]  # every program loaded, none compiled
+    assert second["update_losses"] == first["update_losses"]
+
+
+def test_the_default_folder_and_off(tmp_path):
+    default = run_worker("default", tmp_path, JAXSFT_COMPILATION_CACHE_DIR=str(tmp_path / "from-env"))
+    assert default["cache_dir"] == str(tmp_path / "from-env") and any((tmp_path / "from-env").iterdir())
+    off = run_worker("off", tmp_path, JAXSFT_COMPILATION_CACHE_DIR=str(tmp_path / "unused"))
+    assert off["cache_dir"] is None and off["hits"] == off["misses"] == 0 and not (tmp_path / "unused").exists()
+
+
+def test_an_unwritable_folder_is_refused_by_name(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    refused = run_worker("named", blocker / "xla")
+    assert "TrainConfig.compilation_cache_dir=" in refused["error"] and "writable folder" in refused["error"]
+
+
+def test_a_process_keeps_its_one_cache(tmp_path, llama):
+    """This test process has the suite's cache (conftest): a trainer keeps it, and refuses another folder before
+    it builds anything."""
+    current = compile_cache.in_use()
+    assert current and compile_cache.resolve(True, None) == current
+    with pytest.raises(ValueError, match=r"TrainConfig.compilation_cache_dir=.*already caches compiled programs"):
+        compile_cache.resolve(True, tmp_path / "other")
+    assert compile_cache.resolve(False, tmp_path / "other") is None and compile_cache.in_use() == current
+    assert jaxsft.use_compilation_cache() == current
+    with pytest.raises(ValueError, match=r"TrainConfig.compilation_cache_dir=.*Pass that folder, or None"):
+        make_trainer(llama, compilation_cache_dir=str(tmp_path / "other"))
+    assert make_trainer(llama, compilation_cache_dir=current).config.compilation_cache_dir == current
+    assert not (tmp_path / "other").exists() and compile_cache.in_use() == current

@@ -218,6 +218,12 @@ class Performance:
     # on GPU, cuBLAS for every matmul of models 768 or more wide); {}: XLA's own defaults. jaxsft.infra.compile_options.gpu_overlap_options()
     # is an opt-in preset for GPU communication/compute overlap.
     xla_options: Optional[dict[str, Any]] = None
+    # Keep compiled programs on disk (JAX's persistent compilation cache, process-wide), so that a script's rerun
+    # loads its train and generation programs instead of compiling them (most of a first step). The folder: None
+    # is the process's own cache if it has one, else $JAXSFT_COMPILATION_CACHE_DIR or ~/.cache/jaxsft/xla
+    # (jaxsft.infra.compile_cache). False leaves the process's cache as it is.
+    compilation_cache: bool = True
+    compilation_cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -626,6 +632,7 @@ _FIELD_KINDS: dict[str, tuple[str, bool]] = {
     "length_buckets": ("ints", True),
     "min_bucket_length": ("int", False), "loss_chunk_size": ("int", True), "loss_chunk_bytes": ("int", False),
     "attention_implementation": ("str", False), "scan_layers": ("bool", True), "xla_options": ("dict", True),
+    "compilation_cache": ("bool", False), "compilation_cache_dir": ("path", True),
     "disable_tqdm": ("bool", False), "agreement_timeout_s": ("float", False), "packing": ("bool", True), "dropout": ("bool", False),
     "report_to": ("sinks", True), "logging_dir": ("path", True), "output_dir": ("path", True),
     "save_steps": ("int", False), "save_total_limit": ("int", True),

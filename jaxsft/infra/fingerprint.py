@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 # TrainConfig fields that change nothing any process computes (display, sinks, waiting): may differ.
-LOCAL_FIELDS = ("disable_tqdm", "report_to", "logging_dir", "agreement_timeout_s", "logging_steps")
+LOCAL_FIELDS = ("disable_tqdm", "report_to", "logging_dir", "agreement_timeout_s", "logging_steps", "compilation_cache",
+                "compilation_cache_dir")
 
 
 def as_json(value: Any) -> Any:

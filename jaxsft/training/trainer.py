@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from jaxsft.training import agreement, batching, buffers, objectives
-from jaxsft.infra import compile_options, distributed, fingerprint
+from jaxsft.infra import compile_cache, compile_options, distributed, fingerprint
 from jaxsft.training.argument_checks import check_built_optimizer, check_trainer_arguments
 from jaxsft.infra import checkpoint as checkpointing
 from jaxsft.infra import metrics as metrics_sinks
@@ -136,6 +136,7 @@ class IterativeSFTTrainer:
             shd.check_model_fits(self.spec, self.mesh, self.sharding_rules)
             self._xla_options = compile_options.resolve(config.xla_options, hidden_size=model.spec.hidden_size)  # None: measured defaults
             compile_options.check(self._xla_options)
+            cache_folder = compile_cache.resolve(config.compilation_cache, config.compilation_cache_dir)
             shd.check_batch_split_over_processes(self.mesh)
             # Checked now, so that evaluation inside step() (eval_steps) cannot fail after an update.
             self._eval_examples = None if eval_dataset is None else self._eval_inputs(eval_dataset)
@@ -144,6 +145,7 @@ class IterativeSFTTrainer:
         timeout = config.agreement_timeout_s if isinstance(config, TrainConfig) else TrainConfig().agreement_timeout_s
         agreed = {} if error else {**self._fingerprint(), **fingerprint.of_training(config, model.spec, RunOptions.of(model))}
         distributed.agree("IterativeSFTTrainer()", error, agreed, timeout)
+        compile_cache.use(cache_folder)  # before this trainer compiles anything
 
         # The training view: the model's arrays under the config's compute options (a derived module;
         # the caller's model keeps its own options).

@@ -1,0 +1,89 @@
+"""Compiled programs that outlive the process: JAX's persistent compilation cache, on for trainers by default.
+
+Why: most of a first ``step()`` is XLA compiling the train programs (91-93 % of a 14-21 s first step at the
+Qwen2.5-0.5B shape on H100s, benchmarks/RESULTS.md), and a generate-filter-train script is run again and again
+with the same model and settings. With the cache, a rerun loads each program from disk instead of compiling
+it; on GPU the stored executable carries XLA's autotuning results too. The cache's key holds the program, the
+compile options and the jax/XLA versions, so a changed model, setting or install compiles afresh.
+
+The cache is process-wide (JAX has one), so a directory the process already set (``JAX_COMPILATION_CACHE_DIR``,
+``jax.config.update("jax_compilation_cache_dir", ...)``) is kept; a trainer never switches it to another.
+JAX's own thresholds still decide what is stored (by default programs that took at least a second to compile).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import jax
+
+# Where the cache goes when no folder is named: this variable, else $XDG_CACHE_HOME/jaxsft/xla, else ~/.cache/jaxsft/xla.
+DIRECTORY_ENV = "JAXSFT_COMPILATION_CACHE_DIR"
+
+PathLike = Union[str, os.PathLike]
+
+
+def default_directory() -> Path:
+    """The folder used when none is named (see :data:`DIRECTORY_ENV`)."""
+    named = os.environ.get(DIRECTORY_ENV)
+    if named:
+        return Path(named).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jaxsft" / "xla"
+
+
+def in_use() -> Optional[str]:
+    """The folder this process's JAX caches compiled programs in, or None."""
+    return jax.config.jax_compilation_cache_dir or None
+
+
+def resolve(enabled: bool, directory: Optional[PathLike], *, argument: str = "TrainConfig.compilation_cache_dir") -> Optional[str]:
+    """The folder to cache in (created, checked writable), or None for no change; raises before anything changes.
+
+    ``enabled=False``: None (a cache the process already uses stays: it is the process's, not the trainer's).
+    ``directory=None``: the process's cache if it has one, else :func:`default_directory`. A named folder other
+    than the one the process already uses is refused: JAX has one cache per process.
+    """
+    if not enabled:
+        return None
+    current = in_use()
+    if directory is None:
+        if current:
+            return current
+        folder = default_directory()
+    else:
+        folder = Path(os.fspath(directory)).expanduser()
+    folder = folder.absolute()
+    if current and Path(current).expanduser().absolute() != folder:
+        raise ValueError(
+            f"{argument}={str(folder)!r}: this process already caches compiled programs in {current!r} (jax's "
+            "jax_compilation_cache_dir), and JAX has one cache per process. Pass that folder, or None to use it."
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"{argument}={str(folder)!r}: cannot write compiled programs there ({err}). Pass a writable folder, "
+            f"set {DIRECTORY_ENV}, or turn the cache off with compilation_cache=False."
+        ) from err
+    return str(folder)
+
+
+def use(folder: Optional[str]) -> None:
+    """Point this process's JAX cache at ``folder`` (from :func:`resolve`; None changes nothing)."""
+    if folder is not None and in_use() != folder:
+        jax.config.update("jax_compilation_cache_dir", folder)
+
+
+def use_compilation_cache(directory: Optional[PathLike] = None) -> str:
+    """Cache this process's compiled programs in ``directory`` (None: the process's folder, else
+    :func:`default_directory`), for generation-only scripts; a trainer does this itself
+    (``TrainConfig.compilation_cache``). Returns the folder."""
+    folder = resolve(True, directory, argument="use_compilation_cache(directory)")
+    use(folder)
+    return folder
