@@ -29,7 +29,10 @@ def run_worker(mode: str, folder: Path, **env_extra: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_rerun_loads_the_programs_and_trains_the_same(tmp_path):
+    """The trainer compiles ahead of time (``Lowered.compile`` on worker threads), a path that could bypass the cache
+    that ``jax.jit`` consults: a second process finds every program there (jax's cache events, no timing)."""
     folder = tmp_path / "xla"
     first = run_worker("named", folder)
     assert first["cache_dir"] == str(folder) and first["hits"] == 0 and first["misses"] >= first["programs"] > 0
