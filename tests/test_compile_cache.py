@@ -26,7 +26,7 @@ def run_worker(mode: str, folder: Path, **env_extra: str) -> dict:
     done = subprocess.run([sys.executable, str(HERE / "compile_cache_worker.py"), mode, str(folder)], env=env,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "stderr": done.stderr}
 
 
 @pytest.mark.slow
@@ -54,6 +54,10 @@ def test_an_unwritable_folder_is_refused_by_name(tmp_path):
     blocker.write_text("")
     refused = run_worker("named", blocker / "xla")
     assert "TrainConfig.compilation_cache_dir=" in refused["error"] and "writable folder" in refused["error"]
+    # nobody named the default folder: a read-only home warns and trains uncached
+    unwritable_default = run_worker("default", tmp_path, JAXSFT_COMPILATION_CACHE_DIR=str(blocker / "xla"))
+    assert unwritable_default["cache_dir"] is None and unwritable_default["update_losses"]
+    assert "compiled programs are not cached" in unwritable_default["stderr"]
 
 
 def test_a_process_keeps_its_one_cache(tmp_path, llama):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -44,8 +45,10 @@ def resolve(enabled: bool, directory: Optional[PathLike], *, argument: str = "Tr
     """The folder to cache in (created, checked writable), or None for no change; raises before anything changes.
 
     ``enabled=False``: None (a cache the process already uses stays: it is the process's, not the trainer's).
-    ``directory=None``: the process's cache if it has one, else :func:`default_directory`. A named folder other
-    than the one the process already uses is refused: JAX has one cache per process.
+    ``directory=None``: the process's cache if it has one, else :func:`default_directory`; where that cannot be
+    written (a read-only home on a cluster) a warning says so and nothing is cached, since nobody asked for that
+    folder. A named folder that cannot be written, or other than the one the process already uses (JAX has one
+    cache per process), is refused.
     """
     if not enabled:
         return None
@@ -67,6 +70,13 @@ def resolve(enabled: bool, directory: Optional[PathLike], *, argument: str = "Tr
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
             pass
     except OSError as err:
+        if directory is None:
+            warnings.warn(
+                f"compiled programs are not cached: the default folder {str(folder)!r} cannot be written ({err}). Set "
+                f"{DIRECTORY_ENV} or {argument} to a writable folder, or compilation_cache=False to silence this.",
+                RuntimeWarning, stacklevel=3,
+            )
+            return None
         raise ValueError(
             f"{argument}={str(folder)!r}: cannot write compiled programs there ({err}). Pass a writable folder, "
             f"set {DIRECTORY_ENV}, or turn the cache off with compilation_cache=False."
