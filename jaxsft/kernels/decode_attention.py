@@ -29,7 +29,10 @@ buffer, filled or not. Two kernel forms read only what a row needs:
 ``fused_projection`` can also split each (row, KV head) over several programs (``Tiling.splits``, flash-decoding:
 each program reads its share of the slots, and their partial softmaxes are merged by the log-sum-exp rule in one
 small XLA reduction after), so a call of few programs (a batch of 64) has more loads in flight than a program
-walking all of a row's slots alone. ``JAXSFT_DECODE_TILING=block,warps,stages,splits`` sets it for measurements.
+walking all of a row's slots alone. ``JAXSFT_DECODE_TILING=block,warps,stages,splits`` sets it for measurements;
+no default uses it: on one H100 (fourteenth session, benchmarks/RESULTS.md) 4 splits decoded SmolLM2-135M at batch
+64 at 51.9k against 58.5k new tok/s with one, and Qwen2.5-0.5B at 64 at 50.8k against 51.7k. Its compiled numerics
+passed the GPU tier (1, 3 and 4 splits).
 
 All give the one softmax over prompt + continuation that the XLA form computes. Where they apply: GPU,
 layers without a sliding window or score soft cap, power-of-two head sizes of at least 16 (Triton
