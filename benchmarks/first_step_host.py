@@ -10,8 +10,8 @@ StableHLO) and compiled (XLA). Compiled programs stay in the trainer's cache, so
 counts only the programs it adds, as ``step()`` would.
 
 Packing is forced (``TrainConfig(packing=True)``) and, by default, rows may outgrow the longest example's
-bucket (``--longer-rows``, what the GPU's ragged attention kernel allows; set on the trainer's private flag,
-which only planning reads), so the packed layouts are the GPU's. The lowered programs use the CPU's attention
+bucket (``--longer-rows``, what the GPU's ragged attention kernel allows; the trainer's public
+``longer_packed_rows``, which only planning reads), so the packed layouts are the GPU's. The lowered programs use the CPU's attention
 (XLA, not cuDNN), so lowering times are close to, and compile times unlike, the GPU's. The first call also
 copies the starting weights to the host (kept for ``reset()``), inside its total.
 

@@ -73,3 +73,18 @@ def test_a_process_keeps_its_one_cache(tmp_path, llama):
         make_trainer(llama, compilation_cache_dir=str(tmp_path / "other"))
     assert make_trainer(llama, compilation_cache_dir=current).config.compilation_cache_dir == current
     assert not (tmp_path / "other").exists() and compile_cache.in_use() == current
+
+
+def test_a_bucket_passes_through_unchecked(monkeypatch, tmp_path):
+    """TPU pods share one cache in a bucket (gs://...), which JAX writes through etils: it is neither created nor
+    probed locally, and compared as a location, not as a local path."""
+    monkeypatch.setattr(compile_cache, "in_use", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    assert compile_cache.resolve(True, "gs://bucket/xla") == "gs://bucket/xla"
+    monkeypatch.setenv(compile_cache.DIRECTORY_ENV, "gs://bucket/from-env")
+    assert compile_cache.resolve(True, None) == "gs://bucket/from-env"
+    assert not any(tmp_path.iterdir())  # no local folder named gs:
+    monkeypatch.setattr(compile_cache, "in_use", lambda: "gs://bucket/xla/")
+    assert compile_cache.resolve(True, "gs://bucket/xla") == "gs://bucket/xla/"
+    with pytest.raises(ValueError, match="already caches compiled programs in 'gs://bucket/xla/'"):
+        compile_cache.resolve(True, "gs://bucket/other")

@@ -9,6 +9,7 @@ compile options and the jax/XLA versions, so a changed model, setting or install
 The cache is process-wide (JAX has one), so a directory the process already set (``JAX_COMPILATION_CACHE_DIR``,
 ``jax.config.update("jax_compilation_cache_dir", ...)``) is kept; a trainer never switches it to another.
 JAX's own thresholds still decide what is stored (by default programs that took at least a second to compile).
+A bucket (``gs://...``, which JAX writes through etils) is passed on unchecked, so a TPU pod can share one cache.
 """
 
 from __future__ import annotations
@@ -53,18 +54,23 @@ def resolve(enabled: bool, directory: Optional[PathLike], *, argument: str = "Tr
     if not enabled:
         return None
     current = in_use()
-    if directory is None:
-        if current:
-            return current
-        folder = default_directory()
+    if directory is None and current:
+        return current
+    named = os.environ.get(DIRECTORY_ENV) if directory is None else os.fspath(directory)
+    if named and _is_url(named):  # a bucket (gs://...: TPU pods share one), which JAX writes through etils
+        folder_name = named
     else:
-        folder = Path(os.fspath(directory)).expanduser()
-    folder = folder.absolute()
-    if current and Path(current).expanduser().absolute() != folder:
+        folder = (default_directory() if directory is None else Path(named).expanduser()).absolute()
+        folder_name = str(folder)
+    if current and _normal(current) != _normal(folder_name):
         raise ValueError(
-            f"{argument}={str(folder)!r}: this process already caches compiled programs in {current!r} (jax's "
+            f"{argument}={folder_name!r}: this process already caches compiled programs in {current!r} (jax's "
             "jax_compilation_cache_dir), and JAX has one cache per process. Pass that folder, or None to use it."
         )
+    if current:
+        return current  # the same folder, spelt as the process spelt it
+    if _is_url(folder_name):
+        return folder_name  # not checked here: JAX reports a bucket it cannot write when it stores a program
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
@@ -90,10 +96,18 @@ def use(folder: Optional[str]) -> None:
         jax.config.update("jax_compilation_cache_dir", folder)
 
 
-def use_compilation_cache(directory: Optional[PathLike] = None) -> str:
+def use_compilation_cache(directory: Optional[PathLike] = None) -> Optional[str]:
     """Cache this process's compiled programs in ``directory`` (None: the process's folder, else
     :func:`default_directory`), for generation-only scripts; a trainer does this itself
-    (``TrainConfig.compilation_cache``). Returns the folder."""
+    (``TrainConfig.compilation_cache``). Returns the folder (None where the default folder cannot be written)."""
     folder = resolve(True, directory, argument="use_compilation_cache(directory)")
     use(folder)
     return folder
+
+
+def _is_url(location: str) -> bool:
+    return "://" in location
+
+
+def _normal(location: str) -> str:
+    return location.rstrip("/") if _is_url(location) else str(Path(location).expanduser().absolute())
