@@ -38,6 +38,7 @@ for section in "$@"; do
         echo "### $1 $2 splits $splits"; JAXSFT_DECODE_TILING=64,2,3,$splits timeout 70 python3 $B/bench_generate.py --shape $1 --batches $2 --new-tokens 256 --temperature 1 --repeats 3 --skip-hf; done; done > $OUT/$section.log 2>&1 ;;
     splits_kernel) for sh in "smollm2 64" "qwen05 64" "qwen05 512"; do set -- $sh; timeout 60 python3 $B/bench_decode_kernel.py --shape $1 --batch $2 --blocks 32,64 --warps 2,4 --stages 2,3 --splits 1,2,4,8; done > $OUT/$section.log 2>&1 ;;
     first_step_cache) rm -rf /tmp/jaxsft-xla; timeout 500 python3 $B/bench_speed.py --shapes qwen05 --impls jaxsft --workloads ragged --run-timeout-s 200 --variants '{"cache_fill": [{"compilation_cache": true, "compilation_cache_dir": "/tmp/jaxsft-xla"}, {}], "cache_rerun": [{"compilation_cache": true, "compilation_cache_dir": "/tmp/jaxsft-xla"}, {}]}' > $OUT/$section.log 2>&1 ;;
+    first_step_autotune) timeout 500 python3 $B/bench_speed.py --shapes qwen05 --impls jaxsft --workloads ragged --run-timeout-s 200 --variants '{"autotune_1": [{"xla_options": {"xla_gpu_enable_triton_gemm": false, "xla_gpu_autotune_level": 1}}, {}]}' > $OUT/$section.log 2>&1 ;;
     profile_sequence_135) timeout 120 python3 $B/profile_decode.py --shape smollm2 --batch 64 --new 256 --explain --sequence 40 --top 12 > $OUT/$section.log 2>&1 ;;
   esac
   echo "== $section done $(date +%T)" >> $OUT/progress.log
