@@ -68,6 +68,9 @@ def test_a_plan_may_follow_the_gpus_longer_packed_rows(llama):
     assert cpu_rule.packing and not cpu_rule.longer_packed_rows
     gpu_rule.longer_packed_rows = True
     on_cpu, as_gpu = cpu_rule.precompile(input_ids=examples), gpu_rule.precompile(input_ids=examples)
-    assert on_cpu["programs"] != as_gpu["programs"], on_cpu["programs"]
+    (cpu_rows, cpu_length), (gpu_rows, gpu_length) = (
+        tuple(map(int, report["programs"][0].split()[1].split("x"))) for report in (on_cpu, as_gpu))  # "fused RxL packed"
+    assert len(on_cpu["programs"]) == len(as_gpu["programs"]) == 1
+    assert gpu_rows < cpu_rows and gpu_length > cpu_length, (on_cpu["programs"], as_gpu["programs"])
     assert cpu_rule.step(input_ids=examples)["compile_seconds"] == 0.0  # each plan is what its own step() runs
     assert gpu_rule.step(input_ids=examples)["compile_seconds"] == 0.0

@@ -28,13 +28,13 @@ DIRECTORY_ENV = "JAXSFT_COMPILATION_CACHE_DIR"
 PathLike = Union[str, os.PathLike]
 
 
-def default_directory() -> Path:
-    """The folder used when none is named (see :data:`DIRECTORY_ENV`)."""
+def default_directory() -> str:
+    """The location used when none is named (see :data:`DIRECTORY_ENV`; a bucket there is kept as written)."""
     named = os.environ.get(DIRECTORY_ENV)
     if named:
-        return Path(named).expanduser()
+        return named
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "jaxsft" / "xla"
+    return str(Path(base) / "jaxsft" / "xla")
 
 
 def in_use() -> Optional[str]:
@@ -56,12 +56,9 @@ def resolve(enabled: bool, directory: Optional[PathLike], *, argument: str = "Tr
     current = in_use()
     if directory is None and current:
         return current
-    named = os.environ.get(DIRECTORY_ENV) if directory is None else os.fspath(directory)
-    if named and _is_url(named):  # a bucket (gs://...: TPU pods share one), which JAX writes through etils
-        folder_name = named
-    else:
-        folder = (default_directory() if directory is None else Path(named).expanduser()).absolute()
-        folder_name = str(folder)
+    location = default_directory() if directory is None else os.fspath(directory)
+    folder = None if _is_url(location) else Path(location).expanduser().absolute()
+    folder_name = location if folder is None else str(folder)  # a bucket (gs://...): JAX writes it through etils
     if current and _normal(current) != _normal(folder_name):
         raise ValueError(
             f"{argument}={folder_name!r}: this process already caches compiled programs in {current!r} (jax's "
@@ -69,7 +66,7 @@ def resolve(enabled: bool, directory: Optional[PathLike], *, argument: str = "Tr
         )
     if current:
         return current  # the same folder, spelt as the process spelt it
-    if _is_url(folder_name):
+    if folder is None:
         return folder_name  # not checked here: JAX reports a bucket it cannot write when it stores a program
     try:
         folder.mkdir(parents=True, exist_ok=True)
