@@ -17,6 +17,7 @@ for section in "$@"; do
     gen135_jax) timeout 120 python3 $B/bench_generate.py --shape smollm2 --batches 64,512 --new-tokens 256 --repeats 2 --skip-hf > $OUT/$section.log 2>&1 ;;
     loop05_jax) timeout 150 python3 $B/bench_loop.py --impl jaxsft --shape qwen05 > $OUT/$section.log 2>&1 ;;
     loop05_trl) timeout 150 python3 $B/bench_loop.py --impl trl --shape qwen05 > $OUT/$section.log 2>&1 ;;
+    loop05_compat) timeout 200 python3 $B/bench_loop.py --impl compat --shape qwen05 > $OUT/$section.log 2>&1 ;;
     loop15_jax) timeout 150 python3 $B/bench_loop.py --impl jaxsft --shape qwen15 > $OUT/$section.log 2>&1 ;;
     loop15_trl) timeout 150 python3 $B/bench_loop.py --impl trl --shape qwen15 > $OUT/$section.log 2>&1 ;;
     loop15_max1024_jax) timeout 150 python3 $B/bench_loop.py --impl jaxsft --shape qwen15 --max-length 1024 > $OUT/$section.log 2>&1 ;;
