@@ -87,11 +87,19 @@ def mlp(x, w):
     return (jax.nn.silu(g) * u) @ w["down"]
 
 
+def on_stream(fn, stream: int):
+    """``fn`` as a call XLA runs on GPU stream ``stream`` (the API changed between jax 0.10 and 0.11)."""
+    try:
+        return compute_on(f"gpu_stream:{stream}")(fn)
+    except TypeError:  # jax >= 0.11: compute_on(f, *, compute_type, out_memory_spaces)
+        return compute_on(fn, compute_type=f"gpu_stream:{stream}", out_memory_spaces=jax.memory.Space.Device)
+
+
 def step_fn(form: str, shape, weights, rows_of):
     """One decode step over all layers for both halves (or the whole batch) in ``form``."""
     streamed_attention = jax.jit(attention, static_argnums=(4,))
     if form in ("stream", "grouped") and jax.default_backend() == "gpu":  # CPU: XLA's nested dots refuse bf16
-        streamed_attention = compute_on("gpu_stream:1")(streamed_attention)
+        streamed_attention = on_stream(streamed_attention, 1)
 
     def part(parts, what):
         xs, caches = parts
