@@ -24,6 +24,7 @@ On a CPU the annotations are ignored: a smoke test only.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -39,6 +40,7 @@ try:  # the scheduling-group metadata moved between jax versions
 except ImportError:  # pragma: no cover
     set_xla_metadata = None
 
+FORCE_STREAMS = os.environ.get("BENCH_FORCE_STREAMS") == "1"  # annotate off a GPU too (a CPU smoke test, float32)
 SHAPES = {  # hidden, intermediate, heads, kv heads, head dim, layers (a slice of the model's)
     "qwen05": (896, 4864, 14, 2, 64, 8),
     "qwen15": (1536, 8960, 12, 2, 128, 8),
@@ -97,9 +99,15 @@ def on_stream(fn, stream: int):
 
 def step_fn(form: str, shape, weights, rows_of):
     """One decode step over all layers for both halves (or the whole batch) in ``form``."""
-    streamed_attention = jax.jit(attention, static_argnums=(4,))
-    if form in ("stream", "grouped") and jax.default_backend() == "gpu":  # CPU: XLA's nested dots refuse bf16
-        streamed_attention = on_stream(streamed_attention, 1)
+    def attention_here(x, w, layer, rows):  # the shape closed over: compute_on traces every argument
+        return attention(x, w, layer, rows, shape)
+
+    streamed = attention_here
+    if form in ("stream", "grouped") and (jax.default_backend() == "gpu" or FORCE_STREAMS):
+        streamed = on_stream(attention_here, 1)
+
+    def streamed_attention(x, w, layer, rows, _shape):
+        return streamed(x, w, layer, rows)
 
     def part(parts, what):
         xs, caches = parts
