@@ -190,6 +190,7 @@ def main() -> None:
     p.add_argument("--new-slots", type=int, default=256)
     p.add_argument("--filled", type=int, default=128, help="continuation tokens already in each row")
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--no-loop", action="store_true", help="unroll the steps (no while loop)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", default="bfloat16", help="float32 for a CPU smoke test (XLA:CPU refuses some bf16 dots)")
     p.add_argument("--forms", default="whole,halves,stream,grouped,attn,gemm")
@@ -229,6 +230,11 @@ def main() -> None:
                 xs, cs = carry
                 nx, nc = fn((xs, cs))
                 return [x * 0.5 for x in nx], nc
+            if args.no_loop:  # straight-line steps: XLA refuses stream annotations inside a while loop's body
+                carry = (xs, cs)
+                for i in range(args.steps):
+                    carry = body(i, carry)
+                return carry
             return jax.lax.fori_loop(0, args.steps, body, (xs, cs))
 
         t0 = time.perf_counter()
