@@ -16,7 +16,12 @@ updates count):
 
 Prints ms per step and µs per layer for each, the outputs' largest difference against ``whole``, and the
 attention-only and GEMM-only steps (the overlap's ceiling is ``max`` of those, its floor their sum).
-On a CPU the annotations are ignored: a smoke test only.
+On a CPU the annotations are ignored: a smoke test only (``BENCH_FORCE_STREAMS=1 ... --dtype float32`` traces
+them anyway).
+
+Found on one H200 with jax 0.11.2 (benchmarks/RESULTS.md, fifteenth session): splitting the batch alone costs
+16-31 % per step, and XLA refuses the annotated attention ("No ExecutionStreamId found for call-start"), inside
+the ``while`` loop and unrolled alike, because the call holds nested calls. So the engine keeps one stream.
 
     python benchmarks/bench_stream_overlap.py --shape qwen15 --batch 512
 """
