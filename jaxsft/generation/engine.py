@@ -21,6 +21,11 @@ The host loop harvests finished groups, prefills waiting prompts into their slot
 again, until the queue is empty and every row is done. A row's key is ``fold_in(key(seed),
 global row)`` folded with its token index, so its sample never depends on the slot it ran in
 or on how many slots there were.
+
+A decode step runs on one GPU stream: its GEMMs, then its attention. Overlapping the two on a second
+stream (half the rows each) was measured and is not available: XLA refuses a stream-annotated call
+inside the ``while`` loop, and splitting the rows alone cost 16-31 % a step
+(``benchmarks/bench_stream_overlap.py``, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
