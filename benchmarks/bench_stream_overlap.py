@@ -16,8 +16,7 @@ updates count):
 
 Prints ms per step and µs per layer for each, the outputs' largest difference against ``whole``, and the
 attention-only and GEMM-only steps (the overlap's ceiling is ``max`` of those, its floor their sum).
-On a CPU the annotations are ignored: a smoke test only (``BENCH_FORCE_STREAMS=1 ... --dtype float32`` traces
-them anyway).
+On a CPU the annotations are ignored: a smoke test only (``BENCH_FORCE_STREAMS=1`` traces them anyway).
 
 Found on one H200 with jax 0.11.2 (benchmarks/RESULTS.md, fifteenth session): splitting the batch alone costs
 16-31 % per step, and XLA refuses the annotated attention ("No ExecutionStreamId found for call-start"), inside
@@ -29,6 +28,7 @@ the ``while`` loop and unrolled alike, because the call holds nested calls. So t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -111,9 +111,6 @@ def step_fn(form: str, shape, weights, rows_of):
     if form in ("stream", "grouped") and (jax.default_backend() == "gpu" or FORCE_STREAMS):
         streamed = on_stream(attention_here, 1)
 
-    def streamed_attention(x, w, layer, rows, _shape):
-        return streamed(x, w, layer, rows)
-
     def part(parts, what):
         xs, caches = parts
         out_x, out_c = [], []
@@ -136,6 +133,11 @@ def step_fn(form: str, shape, weights, rows_of):
         return out_x, out_c
 
     def overlapped(parts, grouped: bool):
+        def group(number: int):  # one XLA scheduling group: an attention and the other half's MLP beside it
+            if grouped and set_xla_metadata is not None:
+                return set_xla_metadata(_scheduling_group_id=str(number))
+            return contextlib.nullcontext()
+
         (xa, xb), (ca, cb) = parts
         new_a, new_b = [], []
         rows_a, rows_b = rows_of(0, 2), rows_of(1, 2)
@@ -143,22 +145,13 @@ def step_fn(form: str, shape, weights, rows_of):
         # layer l beside A's MLP of layer l.
         pending_b = None
         for li, w in enumerate(weights):
-            if grouped and set_xla_metadata is not None:
-                with set_xla_metadata(_scheduling_group_id=str(2 * li)):
-                    att_a, la = streamed_attention(xa, w, ca[li], rows_a, shape)
-                    if pending_b is not None:
-                        xb = xb + mlp(xb, pending_b)
-            else:
-                att_a, la = streamed_attention(xa, w, ca[li], rows_a, shape)
+            with group(2 * li):
+                att_a, la = streamed(xa, w, ca[li], rows_a)
                 if pending_b is not None:
                     xb = xb + mlp(xb, pending_b)
             xa = xa + att_a @ w["o"]
-            if grouped and set_xla_metadata is not None:
-                with set_xla_metadata(_scheduling_group_id=str(2 * li + 1)):
-                    att_b, lb = streamed_attention(xb, w, cb[li], rows_b, shape)
-                    xa = xa + mlp(xa, w)
-            else:
-                att_b, lb = streamed_attention(xb, w, cb[li], rows_b, shape)
+            with group(2 * li + 1):
+                att_b, lb = streamed(xb, w, cb[li], rows_b)
                 xa = xa + mlp(xa, w)
             xb = xb + att_b @ w["o"]
             pending_b = w
@@ -197,14 +190,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--no-loop", action="store_true", help="unroll the steps (no while loop)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dtype", default="bfloat16", help="float32 for a CPU smoke test (XLA:CPU refuses some bf16 dots)")
+    p.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 elsewhere (XLA:CPU refuses some bf16 dots)")
     p.add_argument("--forms", default="whole,halves,stream,grouped,attn,gemm")
     args = p.parse_args()
     shape = SHAPES[args.shape]
     hidden, layers = shape[0], shape[5]
     b = args.batch
     key = jax.random.PRNGKey(0)
-    dtype = jnp.dtype(args.dtype)
+    dtype = jnp.dtype(args.dtype if args.dtype != "auto" else
+                      ("bfloat16" if jax.default_backend() == "gpu" else "float32"))
     weights = make_weights(shape, key, dtype)
     cache = make_cache(shape, b, args.prompt_slots, args.new_slots, jax.random.PRNGKey(1), dtype)
     x0 = (jax.random.normal(jax.random.PRNGKey(2), (b, hidden)) * 0.1).astype(dtype)
