@@ -28,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gen_common import SHAPES, matmul_peak
+from gen_common import SHAPES
+from roof import matmul_peak
 
 
 def median_seconds(fn, x, repeats: int = 11) -> float:

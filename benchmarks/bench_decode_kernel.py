@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gen_common import SHAPES, measured_bandwidth
+from gen_common import SHAPES
+from roof import bandwidth as measured_bandwidth
 
 
 def main(argv=None) -> None:

@@ -39,8 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gen_common import (EOS_ID, SHAPES, IdTokenizer, build_torch_model, make_ragged, matmul_peak, measured_bandwidth,
-                        roof_tok_s, serial_roof_tok_s)
+from gen_common import EOS_ID, SHAPES, IdTokenizer, build_torch_model, make_ragged, roof_tok_s, serial_roof_tok_s
+from roof import bandwidth as measured_bandwidth, matmul_peak
 
 
 def timed(fn, repeats: int):

@@ -84,27 +84,15 @@ def random_calls(vocab: int, seq: int, calls: int, seed: int = 0):
 
 # ------------------------------------------------------------------------------------------ workers
 def run_peak(cpu: bool) -> dict:
-    import torch
+    """The card's bf16 matmul peak on random data (``roof.matmul_peak``); a 512-wide one on a CPU (smoke tests)."""
+    from roof import device_name, matmul_peak
 
-    dev = torch.device("cpu" if cpu or not torch.cuda.is_available() else "cuda")
-    n = 8192 if dev.type == "cuda" else 512
-    g = torch.Generator(device=dev).manual_seed(0)
-    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16, generator=g)
-    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16, generator=g)
-    for _ in range(5):
-        a @ b
-    times = []
-    for _ in range(10):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    med = statistics.median(times)
-    name = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
-    return {"impl": "peak", "n": n, "tflops": 2 * n**3 / med / 1e12, "device": name}
+    if cpu:
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+        return {"impl": "peak", "n": 512, "tflops": matmul_peak(512, probe="jax") / 1e12, "device": "cpu"}
+    return {"impl": "peak", "n": 8192, "tflops": matmul_peak() / 1e12, "device": device_name()}
 
 
 def run_jax(shape: str, seq: int, warmup: int, timed: int) -> dict:

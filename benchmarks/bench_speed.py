@@ -247,25 +247,12 @@ def _summary(w: str, calls, times, losses, peak_gib, compiled) -> dict:
 
 
 def run_peak(cpu: bool) -> dict:
-    """bf16 matmul peak on random data (zeros or ones would flatter it), torch, median of 10."""
-    import torch
-
+    """The card's bf16 matmul peak on random data (``roof.matmul_peak``: torch's cuBLAS, warmed, in bursts)."""
     if cpu:
         return {"tflops": float("nan")}
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(5):
-        a @ b
-    samples = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    samples.sort()
-    return {"tflops": 2 * 8192**3 / samples[len(samples) // 2] / 1e12, "device": torch.cuda.get_device_name(0)}
+    from roof import device_name, matmul_peak
+
+    return {"tflops": matmul_peak() / 1e12, "device": device_name()}
 
 
 def worker(args) -> dict:

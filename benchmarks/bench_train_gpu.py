@@ -59,22 +59,11 @@ def random_calls(vocab: int, sequences: int, calls: int, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------------------ workers
-def jax_matmul_peak() -> float:
-    import jax
-    import jax.numpy as jnp
+def card_matmul_peak() -> float:
+    """The card's bf16 matmul peak (``roof.matmul_peak``: one probe for every benchmark)."""
+    from roof import matmul_peak
 
-    n = 8192
-    a = jnp.ones((n, n), jnp.bfloat16)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    samples = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(5):
-            out = f(a)
-        out.block_until_ready()
-        samples.append((time.perf_counter() - t) / 5)
-    return 2 * n**3 / sorted(samples)[len(samples) // 2]
+    return matmul_peak()
 
 
 def run_jax(shape: str, mesh_shape: tuple[int, int, int], warmup: int, timed: int, remat: bool, loss: str) -> dict:
@@ -122,7 +111,7 @@ def run_jax(shape: str, mesh_shape: tuple[int, int, int], warmup: int, timed: in
         "impl": f"jaxsft ({loss} loss, chunk {trainer._chunk_size}{'' if trainer.scan_layers else ', unrolled'})", "mesh": f"{data}x{fsdp}x{tensor}", "gpus": ndev, "tokens_per_s": tokens / median,
         "step_median_s": median, "first_step_s": first, "peak_gib_per_gpu": peak / 2**30,
         "losses": losses, "updates_per_call": stats["num_updates"], "compiled": stats["compiled_shapes"],
-        "matmul_peak_tflops": jax_matmul_peak() / 1e12 if (ndev == 1 and jax.default_backend() == "gpu") else None, "device": str(devices[0].device_kind),
+        "matmul_peak_tflops": card_matmul_peak() / 1e12 if (ndev == 1 and jax.default_backend() == "gpu") else None, "device": str(devices[0].device_kind),
     }
 
 
@@ -164,15 +153,7 @@ def run_torch(shape: str, warmup: int, timed: int) -> dict:
         if i >= warmup:
             times.append(dt)
     median = float(np.median(times))
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ a
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    torch.cuda.synchronize()
-    peak = 2 * 8192**3 * 10 / (time.perf_counter() - t)
+    peak = card_matmul_peak()
     return {
         "impl": "torch loop (amp bf16, fused AdamW, sdpa)", "mesh": "-", "gpus": 1,
         "tokens_per_s": SEQS_PER_WAY * SEQ / median, "step_median_s": median, "first_step_s": first,

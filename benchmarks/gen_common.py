@@ -1,10 +1,8 @@
 """Shared by the generation benchmarks: model shapes (random init, built in torch), an id tokenizer,
-the EOS-ragged workload and the roof of a decode step.
+the EOS-ragged workload and the roof of a decode step (the card's peak and bandwidth come from ``roof.py``).
 """
 
 from __future__ import annotations
-
-import time
 
 SHAPES = {
     # SmolLM2-135M(-Instruct)
@@ -32,8 +30,6 @@ SHAPES = {
     ),
 }
 EOS_ID = 2  # the EOS of the ragged workload (a real vocabulary row; prompts never contain it)
-
-# Memory bandwidth per card (vendor figures) for the roof; matmul peak is measured by the scripts.
 
 
 class IdTokenizer:
@@ -80,36 +76,6 @@ def make_ragged(torch_model, scale: float) -> None:
 
     with torch.no_grad():
         torch_model.get_input_embeddings().weight[EOS_ID].mul_(scale)
-
-
-def _median_seconds(f, x, repeats: int = 5) -> float:
-    """Median wall time of ``f(x)`` on the device after one warm-up call (compile excluded)."""
-    f(x).block_until_ready()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[repeats // 2]
-
-
-def measured_bandwidth() -> float:
-    """HBM bytes/s measured with jax on this device: a 2 GiB bf16 array read and written once (x * 2), median of 5."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jax.random.normal(jax.random.key(0), (1 << 30,), jnp.bfloat16)
-    return 2 * x.nbytes / _median_seconds(jax.jit(lambda y: y * 2), x)
-
-
-def matmul_peak() -> float:
-    """bf16 matmul FLOP/s measured with jax on this device on random data (8192^3, median of 5)."""
-    import jax
-    import jax.numpy as jnp
-
-    n = 8192
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    return 2 * n**3 / _median_seconds(jax.jit(lambda x: x @ x), a)
 
 
 def roof_tok_s(shape: str, rows: int, prompt_len: int, mean_new: float, bandwidth: float, peak: float,
