@@ -234,6 +234,22 @@ def test_fused_add_rms_norm_kernel_equals_its_xla_form_compiled(dtype):
     assert_close_to(outputs_and_grads("pallas", *args), outputs_and_grads("xla", *args), tolerance)
 
 
+def test_model_with_the_fused_norm_equals_the_xla_form_compiled():
+    """``norm_implementation="auto"`` takes the kernel on this GPU; a tiny bf16 model's logits and every gradient
+    stay within bf16 rounding (GRAD_ATOL) of the XLA form's."""
+    from test_fused_norm_model import _calls_the_kernel, _loss_and_grads, _view
+
+    model = jaxsft.from_pretrained(tiny.tiny_torch_model("qwen2"), dtype=jnp.bfloat16)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 300, (2, 24)), jnp.int32)
+    fused, xla = _view(model, "auto", False), _view(model, "xla", False)
+    assert _calls_the_kernel(fused) and not _calls_the_kernel(xla)
+    got, want = _loss_and_grads(fused, ids), _loss_and_grads(xla, ids)
+    assert _rel_err(got[1], want[1]) <= 1e-2, "logits"
+    flat = dict(jax.tree_util.tree_leaves_with_path(want[2]))
+    for path, g in jax.tree_util.tree_leaves_with_path(got[2]):
+        assert _rel_err(g, flat[path]) <= GRAD_ATOL, jax.tree_util.keystr(path)
+
+
 # ----------------------------------------------------------------------------- the decode-attention kernels
 def _decode_case(rng, n: int):
     """bf16 random caches at Qwen2.5-0.5B's head layout (14 query heads over 2 KV heads of 64): 16 groups of ``n``

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsft.kernels.add_rms_norm import add_rms_norm
 from jaxsft.models import layers as L
 from jaxsft.models import lora as lora_lib
 from jaxsft.models.embedding import embedding_lookup
@@ -74,10 +75,12 @@ class CausalLM(nnx.Module):
         attention_implementation: str = "auto",
         scan_layers: bool = True,
         dropout: bool = False,
+        norm_implementation: str = "xla",
         hf_config_json: Optional[str] = None,
         lora: Optional["lora_lib.LoraSetup"] = None,
     ):
-        RunOptions(dtype, remat, remat_policy, attention_implementation, scan_layers, dropout)  # validates the knobs
+        RunOptions(dtype, remat, remat_policy, attention_implementation, scan_layers, dropout,
+                   norm_implementation)  # validates the knobs
         self.spec = spec
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
@@ -86,6 +89,7 @@ class CausalLM(nnx.Module):
         self.attention_implementation = attention_implementation
         self.scan_layers = scan_layers
         self.dropout = dropout  # apply the config's dropout rates when a training step passes a dropout rng
+        self.norm_implementation = norm_implementation
         self.hf_config_json = hf_config_json
         std = spec.initializer_range
         h = spec.hidden_size
@@ -278,6 +282,7 @@ class CausalLM(nnx.Module):
             h, new_cache = _decoder_block(
                 spec, h, p, local_rope if local else rope, mask=None, causal=True, impl=impl, layer_cache=layer_cache,
                 write_index=None, lora=lora, window=window, cached_attention=cached_attention,
+                norm_impl=self.norm_implementation,
             )
             new_caches.append(new_cache)
         return self._final_norm(h), new_caches
@@ -336,7 +341,7 @@ class CausalLM(nnx.Module):
         def block(h, p, layer_cache):
             out, new_kv = _decoder_block(
                 spec, h, p, rope, mask=mask, causal=causal, impl=impl, layer_cache=layer_cache, write_index=write_index,
-                lora=lora, segments=segments, window=window,
+                lora=lora, segments=segments, window=window, norm_impl=self.norm_implementation,
             )
             return out, new_kv
 
@@ -355,7 +360,7 @@ class CausalLM(nnx.Module):
                 p = {k: v.reshape(v.shape[1:]) for k, v in p.items()}  # [1, ...] pieces of the split, here traced once
                 return _decoder_block(
                     spec, h, p, rope, mask=mask, causal=causal, impl=impl, layer_cache=None, write_index=None,
-                    lora=lora, segments=segments, window=window,
+                    lora=lora, segments=segments, window=window, norm_impl=self.norm_implementation,
                 )[0]
 
             if self.remat:
@@ -423,6 +428,22 @@ def _layer_mask(mask, p):
 
 def _norm(spec: ModelSpec, x, p, name: str):
     return L.norm(spec.norm, x, p[f"{name}_scale"], p.get(f"{name}_bias"), spec.norm_eps)
+
+
+def _add_then_mlp_norm(spec: ModelSpec, h, o, p, key, norm_impl: str):
+    """``(h + dropout(o), mlp_norm(h + dropout(o)))``: the residual stream after attention and the MLP's input.
+
+    Why a function: with ``norm_impl`` "auto" or "pallas", an RMSNorm model with no residual dropout in this step
+    runs both as one fused pass each way (:func:`jaxsft.kernels.add_rms_norm.add_rms_norm`, which decides "auto"
+    by backend), on one device only: the Pallas call has no sharding rule, so under a mesh of several devices
+    XLA would gather its operands. Everything else, and "xla", is the XLA form, which the kernel equals.
+    """
+    dropped = key is not None and spec.resid_dropout > 0
+    mesh = active_mesh()
+    if norm_impl != "xla" and spec.norm == "rms" and not dropped and (mesh is None or mesh.size == 1):
+        return add_rms_norm(h, o, p["mlp_norm_scale"], spec.norm_eps, implementation=norm_impl)
+    h = h + L.dropout(o, spec.resid_dropout, None if key is None else jax.random.fold_in(key, 1))
+    return h, _norm(spec, h, p, "mlp_norm")
 
 
 JOINED_QKV, JOINED_QKV_BIAS, JOINED_GATE_UP = "joined_qkv_proj", "joined_qkv_bias", "joined_gate_up_proj"  # decode only
@@ -496,14 +517,15 @@ def _projected_qkv(spec: ModelSpec, x, p, rope, lora):
 
 
 def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cache, write_index, lora=None, segments=None,
-                   window=None, cached_attention=None):
+                   window=None, cached_attention=None, norm_impl: str = "xla"):
     """One pre-norm transformer block (with Gemma's post-norms when the spec has them); returns (h, (k_cache, v_cache) or None).
 
     ``lora`` (a static LoraSetup) adds each adapted projection's ``x @ A @ B`` term (lora.adapted). ``window``:
     one static attention window (kernel path, no mask); per-layer windows arrive in ``mask`` and ``p``.
     ``cached_attention(qkv, layer_cache, window=, scale=, softcap=) -> (attn, new_layer_cache)`` (decode steps)
     replaces the attention; ``qkv`` is (q, k, v), biased and rotated, or, where :func:`_hands_over_projection`,
-    the :class:`~jaxsft.models.layers.JoinedQKV` still to split, bias and rotate.
+    the :class:`~jaxsft.models.layers.JoinedQKV` still to split, bias and rotate. ``norm_impl``: the residual add
+    before the MLP norm and that norm, as :func:`_add_then_mlp_norm` takes them.
     """
     h = constrain(h, ("batch", None, None))
     mask = _layer_mask(mask, p)
@@ -545,8 +567,7 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
         o = o + p["o_bias"]
     if spec.sandwich_norms:
         o = _norm(spec, o, p, "post_attn_norm")
-    h = h + L.dropout(o, spec.resid_dropout, None if key is None else jax.random.fold_in(key, 1))
-    x = _norm(spec, h, p, "mlp_norm")
+    h, x = _add_then_mlp_norm(spec, h, o, p, key, norm_impl)
     if JOINED_GATE_UP in p:
         gate, up = jnp.split(x @ p[JOINED_GATE_UP], 2, axis=-1)
     else:

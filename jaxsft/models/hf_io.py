@@ -288,6 +288,7 @@ def from_pretrained(
     mesh=None,
     remat: bool = False,
     attention_implementation: str = "auto",
+    norm_implementation: str = "xla",
     sharding_rules: Optional[shd.ShardingRules] = None,
 ) -> LanguageModel:
     """Load a Hugging Face causal LM (or a T5 / BART encoder-decoder, as a ``Seq2SeqLM``) as a jaxsft model.
@@ -296,7 +297,8 @@ def from_pretrained(
     index; fp32, bf16 or fp16), a Llama-family ``.gguf`` file (read without torch,
     dequantized to fp32: :mod:`jaxsft.models.gguf_io`) or a ``transformers`` PreTrainedModel
     (converted in memory). ``param_dtype`` (default fp32) is the stored precision, ``dtype`` the
-    compute precision (default: ``param_dtype``). ``mesh`` defaults to all devices on the
+    compute precision (default: ``param_dtype``). ``norm_implementation``: "xla" (default), or "auto" / "pallas" for
+    the fused residual add + RMSNorm kernel (:class:`jaxsft.models.options.RunOptions`). ``mesh`` defaults to all devices on the
     data axis; ``sharding_rules`` (default ``jaxsft.infra.sharding.DEFAULT_RULES``) lay the
     parameters out on it. LoRA adapters (a PEFT folder or a ``peft.PeftModel``):
     :func:`jaxsft.models.peft_io.from_pretrained`, which loads the base through this.
@@ -333,7 +335,8 @@ def from_pretrained(
                 f"peft.PeftModel loads through jaxsft.from_pretrained), got {type(source).__name__}."
             )
         return load(spec, config, tensors, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=remat,
-                    attention_implementation=attention_implementation, sharding_rules=sharding_rules)
+                    attention_implementation=attention_implementation, norm_implementation=norm_implementation,
+                    sharding_rules=sharding_rules)
 
 
 def load(
@@ -346,6 +349,7 @@ def load(
     mesh=None,
     remat: bool = False,
     attention_implementation: str = "auto",
+    norm_implementation: str = "xla",
     sharding_rules: Optional[shd.ShardingRules] = None,
 ) -> LanguageModel:
     """A model of ``spec`` (built once from ``config`` by the caller) filled from HF-named ``tensors``, strictly."""
@@ -362,6 +366,7 @@ def load(
         dtype=jnp.dtype(dtype or param_dtype),
         remat=remat,
         attention_implementation=attention_implementation,
+        norm_implementation=norm_implementation,
         hf_config_json=_plain_config_json(config),
     )
 

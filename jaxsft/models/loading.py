@@ -13,7 +13,7 @@ from jaxsft.models.interface import LanguageModel
 def from_pretrained(source: Any, *, adapter: Union[str, os.PathLike, None] = None, **load_options: Any) -> LanguageModel:
     """Load a Hugging Face model as a jaxsft model; see :func:`jaxsft.models.hf_io.from_pretrained` for
     ``source`` and ``load_options`` (``dtype``, ``param_dtype``, ``mesh``, ``remat``,
-    ``attention_implementation``, ``sharding_rules``). With ``adapter`` (a PEFT LoRA folder) or a
+    ``attention_implementation``, ``norm_implementation``, ``sharding_rules``). With ``adapter`` (a PEFT LoRA folder) or a
     ``peft.PeftModel`` as ``source``, the base loads and the adapter is attached
     (:func:`jaxsft.models.peft_io.from_pretrained`).
     """

@@ -1,4 +1,4 @@
-"""How a model computes, as one value: compute dtype, remat, attention kernel, layer loop.
+"""How a model computes, as one value: compute dtype, remat, attention kernel, layer loop, norm kernel.
 
 These knobs do not change what a :class:`~jaxsft.models.CausalLM` holds (its
 parameters), only the programs traced from it, so they live together in one
@@ -34,9 +34,20 @@ class RunOptions:
     # Apply the HF config's dropout rates when a dropout rng is given (training only; the trainer sets it
     # from TrainConfig.dropout). Evaluation and generation never pass an rng, so never drop anything.
     dropout: bool = False
+    # The residual add before each MLP norm and that norm (RMSNorm models): "xla" (the default), "auto" (the fused
+    # Pallas kernel, jaxsft.kernels.add_rms_norm, on one GPU; XLA elsewhere) or "pallas" (the kernel wherever
+    # there is one device; interpret mode off a GPU). Opt-in until measured end to end (benchmarks/RESULTS.md).
+    norm_implementation: str = "xla"
 
     def __post_init__(self) -> None:
+        from jaxsft.kernels.add_rms_norm import IMPLEMENTATIONS as NORM_IMPLEMENTATIONS  # the kernel's own list
+
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        if self.norm_implementation not in NORM_IMPLEMENTATIONS:
+            raise ValueError(
+                f"norm_implementation={self.norm_implementation!r} is not supported "
+                f"(supported: {', '.join(NORM_IMPLEMENTATIONS)}); pick one of those."
+            )
         if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
                 f"attention_implementation={self.attention_implementation!r} is not supported "

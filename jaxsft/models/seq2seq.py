@@ -264,9 +264,11 @@ class Seq2SeqLM(nnx.Module):
         attention_implementation: str = "auto",
         scan_layers: bool = True,
         dropout: bool = False,
+        norm_implementation: str = "xla",
         hf_config_json: Optional[str] = None,
     ):
-        RunOptions(dtype, remat, remat_policy, attention_implementation, scan_layers, dropout)  # validates the knobs
+        RunOptions(dtype, remat, remat_policy, attention_implementation, scan_layers, dropout,
+                   norm_implementation)  # validates the knobs
         self.spec = spec
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
@@ -275,6 +277,7 @@ class Seq2SeqLM(nnx.Module):
         self.attention_implementation = attention_implementation  # kept for API parity; attention is XLA here
         self.scan_layers = scan_layers
         self.dropout = dropout  # apply the config's dropout rates when a training step passes a dropout rng
+        self.norm_implementation = norm_implementation  # kept for API parity; T5/BART norms are XLA here
         self.hf_config_json = hf_config_json
         for name, (shape, axes, kind) in top_level_shapes(spec).items():
             setattr(self, name, nnx.Param(_init(kind, rngs.params(), shape, spec.initializer_range, param_dtype),

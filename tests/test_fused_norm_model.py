@@ -1,0 +1,103 @@
+"""The model's opt-in fused residual add + MLP norm (``norm_implementation``): wired in, and equal to the XLA form.
+
+``norm_implementation="pallas"`` runs jaxsft.kernels.add_rms_norm (in Pallas interpret mode on this CPU) at
+every layer's add-before-the-MLP-norm; "xla" (the default) runs the plain add and RMSNorm. Equal within
+1e-5 of the largest magnitude in fp32 (the same formulas; only summation order differs), logits and every
+parameter's gradient, scanned and unrolled layers; a trainer step's loss too. The jaxpr shows the kernel is
+really there (and absent for a Gemma norm, which the kernel does not compute).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsft
+from jaxsft.models.options import RunOptions, with_options
+from tiny import tiny_torch_model
+
+TOLERANCE = 1e-5
+
+
+def _view(model, norm_implementation: str, scan_layers: bool):
+    options = RunOptions.of(model)
+    return with_options(model, RunOptions(**{**options.as_kwargs(), "norm_implementation": norm_implementation,
+                                             "scan_layers": scan_layers}))
+
+
+def _loss_and_grads(model, ids):
+    from flax import nnx
+
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(ids)
+        return jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0]), logits
+
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return value, logits, grads
+
+
+def _close(a, b, what):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+    assert err <= TOLERANCE, f"{what}: {err:.2e} of the largest magnitude"
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_fused_norm_equals_the_xla_form_in_logits_and_every_gradient(scan_layers):
+    model = jaxsft.from_pretrained(tiny_torch_model("qwen2"), dtype=jnp.float32)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 300, (2, 12)), jnp.int32)
+    base = _loss_and_grads(_view(model, "xla", scan_layers), ids)
+    fused = _loss_and_grads(_view(model, "pallas", scan_layers), ids)
+    _close(fused[0], base[0], "loss")
+    _close(fused[1], base[1], "logits")
+    flat_base = dict(jax.tree_util.tree_leaves_with_path(base[2]))
+    for path, g in jax.tree_util.tree_leaves_with_path(fused[2]):
+        _close(g, flat_base[path], jax.tree_util.keystr(path))
+
+
+def _calls_the_kernel(model) -> bool:
+    ids = jnp.zeros((1, 8), jnp.int32)
+    return "pallas_call" in str(jax.make_jaxpr(lambda: model(ids))())
+
+
+def test_the_kernel_is_in_the_program_only_where_asked_and_applicable():
+    qwen = jaxsft.from_pretrained(tiny_torch_model("qwen2"), dtype=jnp.float32)
+    assert _calls_the_kernel(_view(qwen, "pallas", True))
+    assert not _calls_the_kernel(_view(qwen, "xla", True))
+    assert not _calls_the_kernel(_view(qwen, "auto", True))  # auto: the kernel on a GPU only
+    gemma = jaxsft.from_pretrained(tiny_torch_model("gemma2"), dtype=jnp.float32)
+    assert not _calls_the_kernel(_view(gemma, "pallas", True))  # (1 + w) RMSNorm: not the kernel's formula
+
+
+def test_a_trainer_step_gives_the_same_loss_with_the_fused_norm():
+    one_device = jaxsft.make_mesh(devices=jax.devices()[:1])  # the kernel runs on one device only
+    losses = []
+    for implementation in ("xla", "pallas"):
+        model = jaxsft.from_pretrained(tiny_torch_model("qwen2"), dtype=jnp.float32, mesh=one_device,
+                                       norm_implementation=implementation)
+        trainer = jaxsft.IterativeSFTTrainer(model, mesh=one_device, config=jaxsft.TrainConfig(
+            learning_rate=1e-3, lr_scheduler_type="constant", per_device_train_batch_size=2, max_length=32, seed=0))
+        assert trainer.run_options.norm_implementation == implementation  # the config keeps the model's choice
+        ids = [np.random.default_rng(i).integers(3, 300, 10 + i) for i in range(4)]
+        losses.append([trainer.step(input_ids=ids)["loss"] for _ in range(2)])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=TOLERANCE)
+
+
+def test_under_a_mesh_of_several_devices_the_xla_form_runs():
+    """The Pallas call has no sharding rule: under 8 devices XLA would gather its operands, so the model keeps
+    the XLA form there (this suite runs 8 simulated CPU devices)."""
+    qwen = _view(jaxsft.from_pretrained(tiny_torch_model("qwen2"), dtype=jnp.float32), "pallas", True)
+    assert len(jax.devices()) > 1
+    with jax.set_mesh(jaxsft.make_mesh()):
+        assert not _calls_the_kernel(qwen)
+    with jax.set_mesh(jaxsft.make_mesh(devices=jax.devices()[:1])):
+        assert _calls_the_kernel(qwen)
+
+
+def test_an_unknown_norm_implementation_is_refused_by_name():
+    with pytest.raises(ValueError, match="norm_implementation='fast'.*pick one"):
+        RunOptions(norm_implementation="fast")
