@@ -396,3 +396,13 @@ def test_generation_programs_compile_with_the_trainers_xla_options(tok, tmp_path
     with pytest.raises(ValueError, match=r"Sampler\(xla_options=\.\.\.\).*xla_no_such_option"):
         Sampler(model, tok, xla_options={"xla_no_such_option": 1})
     assert Sampler(model, tok).xla_options == compile_options.resolve(None, hidden_size=model.spec.hidden_size) == {}
+
+
+def test_a_missing_tokenizer_is_refused_before_any_work():
+    """Token-id prompts still need the tokenizer (it decodes every completion): a clear error up front, not an
+    AttributeError after the whole generation ran."""
+    from jaxsft import generate
+
+    _, model = models("llama")
+    with pytest.raises(ValueError, match="tokenizer is None; pass the model's tokenizer"):
+        generate(model, None, [[5, 6, 7]], max_new_tokens=2)

@@ -184,6 +184,9 @@ class Sampler:
                                 f"Sampler's {type(self.model).__name__}; build a Sampler for it.")
             self.model = model
         model, tokenizer = self.model, self.tokenizer
+        if tokenizer is None:  # it decodes every completion (and tokenizes string prompts): fail before any work
+            raise ValueError("generate(): tokenizer is None; pass the model's tokenizer (it decodes the completions "
+                             "and tokenizes string prompts, also when the prompts are token ids).")
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts and
                                                 isinstance(prompts[0], dict)):
             raise TypeError("generate(): prompts must be a list of prompts (wrap a single prompt or chat in a list).")
