@@ -45,6 +45,13 @@ MUTATIONS = {
         ("tests/test_kernels.py",),
         False,
     ),
+    # The model's fused add + MLP norm given the attention norm's weight: the wiring, not the kernel, is wrong.
+    "fused_norm_wrong_weight": Mutation(
+        "jaxsft/models/decoder.py",
+        (('add_rms_norm(h, o, p["mlp_norm_scale"]', 'add_rms_norm(h, o, p["attn_norm_scale"]'),),
+        ("tests/test_fused_norm_model.py",),
+        False,
+    ),
     "fused_backward_mean_dropped_compiled": Mutation(
         "jaxsft/kernels/add_rms_norm.py",
         (("mean = jnp.sum(d_normed", "mean = 0.0 * jnp.sum(d_normed"),),

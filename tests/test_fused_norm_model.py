@@ -3,8 +3,9 @@
 ``norm_implementation="pallas"`` runs jaxsft.kernels.add_rms_norm (in Pallas interpret mode on this CPU) at
 every layer's add-before-the-MLP-norm; "xla" (the default) runs the plain add and RMSNorm. Equal within
 1e-5 of the largest magnitude in fp32 (the same formulas; only summation order differs), logits and every
-parameter's gradient, scanned and unrolled layers; a trainer step's loss too. The jaxpr shows the kernel is
-really there (and absent for a Gemma norm, which the kernel does not compute).
+parameter's gradient, scanned and unrolled layers; a trainer step's loss and greedy generation too. The jaxpr
+shows the kernel is really there (and absent for a Gemma norm, which the kernel does not compute, and under a
+mesh of several devices). ``tests/mutation_check.py fused_norm_wrong_weight`` shows these tests catch a wrong wiring.
 """
 
 from __future__ import annotations
