@@ -87,10 +87,7 @@ def run_peak(cpu: bool) -> dict:
     """The card's bf16 matmul peak on random data (``roof.matmul_peak``); a 512-wide one on a CPU (smoke tests)."""
     from roof import device_name, matmul_peak
 
-    if cpu:
-        import jax
-
-        jax.config.update("jax_platforms", "cpu")
+    if cpu:  # the worker's environment sets JAX_PLATFORMS=cpu
         return {"impl": "peak", "n": 512, "tflops": matmul_peak(512, probe="jax") / 1e12, "device": "cpu"}
     return {"impl": "peak", "n": 8192, "tflops": matmul_peak() / 1e12, "device": device_name()}
 
@@ -227,7 +224,8 @@ def main() -> None:
     for worker in ("peak", "jax", "trl"):
         if worker in skip:
             continue
-        python = args.trl_python if worker in ("trl", "peak") else sys.executable
+        # the peak runs where jax is (roof.py: torch's probe on CUDA, jax's on a CPU); TRL's interpreter may lack jax
+        python = args.trl_python if worker == "trl" else sys.executable
         cmd = [python, os.path.abspath(__file__), "--worker", worker, "--shape", args.shape, "--seq", str(args.seq),
                "--warmup", str(args.warmup), "--timed", str(args.timed)] + (["--cpu"] if args.cpu else [])
         env = dict(os.environ)

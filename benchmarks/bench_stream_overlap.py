@@ -102,8 +102,9 @@ def on_stream(fn, stream: int):
         return compute_on(fn, compute_type=f"gpu_stream:{stream}", out_memory_spaces=jax.memory.Space.Device)
 
 
-def step_fn(form: str, shape, weights, rows_of):
-    """One decode step over all layers for both halves (or the whole batch) in ``form``."""
+def step_fn(form: str, shape, weights, rows):
+    """One decode step over all layers for both halves (or the whole batch) in ``form``; ``rows``: every piece's
+    :class:`~jaxsft.generation.kv_cache.RowView` (the pieces' rows look alike)."""
     def attention_here(x, w, layer, rows):  # the shape closed over: compute_on traces every argument
         return attention(x, w, layer, rows, shape)
 
@@ -114,8 +115,7 @@ def step_fn(form: str, shape, weights, rows_of):
     def part(parts, what):
         xs, caches = parts
         out_x, out_c = [], []
-        for h, (x, cache) in enumerate(zip(xs, caches)):
-            rows = rows_of(h, len(xs))
+        for x, cache in zip(xs, caches):
             new_cache = []
             for w, layer in zip(weights, cache):
                 if what == "gemm":  # the GEMMs alone: q's share of the joined projection stands in for attention
@@ -140,18 +140,17 @@ def step_fn(form: str, shape, weights, rows_of):
 
         (xa, xb), (ca, cb) = parts
         new_a, new_b = [], []
-        rows_a, rows_b = rows_of(0, 2), rows_of(1, 2)
         # B runs half a layer behind A: A's attention of layer l beside B's MLP of layer l - 1, B's attention of
         # layer l beside A's MLP of layer l.
         pending_b = None
         for li, w in enumerate(weights):
             with group(2 * li):
-                att_a, la = streamed(xa, w, ca[li], rows_a)
+                att_a, la = streamed(xa, w, ca[li], rows)
                 if pending_b is not None:
                     xb = xb + mlp(xb, pending_b)
             xa = xa + att_a @ w["o"]
             with group(2 * li + 1):
-                att_b, lb = streamed(xb, w, cb[li], rows_b)
+                att_b, lb = streamed(xb, w, cb[li], rows)
                 xa = xa + mlp(xa, w)
             xb = xb + att_b @ w["o"]
             pending_b = w
@@ -171,13 +170,9 @@ def step_fn(form: str, shape, weights, rows_of):
 
 
 def split_cache(cache, pieces):
-    out = [[] for _ in range(pieces)]
-    for layer in cache:
-        chunks = [np.array_split(np.arange(layer.prefix_k.shape[0]), pieces)]
-        for i, idx in enumerate(chunks[0]):
-            lo, hi = int(idx[0]), int(idx[-1]) + 1
-            out[i].append(kv_cache.LayerKV(*(t[lo:hi] for t in layer)))
-    return out
+    """The cache's rows cut into ``pieces`` equal halves (or one whole), layer by layer."""
+    size = cache[0].prefix_k.shape[0] // pieces
+    return [[kv_cache.LayerKV(*(t[i * size:(i + 1) * size] for t in layer)) for layer in cache] for i in range(pieces)]
 
 
 def main() -> None:
@@ -205,21 +200,16 @@ def main() -> None:
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, shape {args.shape} {shape}, batch {b}, "
           f"{args.steps} steps, continuation {args.filled}/{args.new_slots}, prompt {args.prompt_slots}")
 
-    def rows_of_pieces(pieces):
+    def rows_for(pieces):  # each piece's rows: every prompt whole, every continuation filled to --filled
         size = b // pieces
-
-        def rows_of(h, _):
-            idx = jnp.full((size,), args.filled, jnp.int32)
-            mask = jnp.ones((size, args.prompt_slots), bool)
-            pos = jnp.broadcast_to(jnp.arange(args.prompt_slots, dtype=jnp.int32), (size, args.prompt_slots))
-            return kv_cache.RowView(idx, mask, jnp.full((size,), args.prompt_slots + args.filled, jnp.int32), pos)
-
-        return rows_of
+        pos = jnp.broadcast_to(jnp.arange(args.prompt_slots, dtype=jnp.int32), (size, args.prompt_slots))
+        return kv_cache.RowView(jnp.full((size,), args.filled, jnp.int32), jnp.ones((size, args.prompt_slots), bool),
+                                jnp.full((size,), args.prompt_slots + args.filled, jnp.int32), pos)
 
     results = {}
     for form in args.forms.split(","):
         pieces = 1 if form == "whole" else 2
-        fn = step_fn(form, shape, weights, rows_of_pieces(pieces))
+        fn = step_fn(form, shape, weights, rows_for(pieces))
         xs = list(jnp.array_split(x0, pieces))
         cs = split_cache(cache, pieces)
 

@@ -23,9 +23,9 @@ global row)`` folded with its token index, so its sample never depends on the sl
 or on how many slots there were.
 
 A decode step runs on one GPU stream: its GEMMs, then its attention. Overlapping the two on a second
-stream (half the rows each) was measured and is not available: XLA refuses a stream-annotated call
-inside the ``while`` loop, and splitting the rows alone cost 16-31 % a step
-(``benchmarks/bench_stream_overlap.py``, benchmarks/RESULTS.md).
+stream (half the rows each) was tried and is not available: jax 0.11.2's XLA refused the stream-annotated
+attention (it holds nested calls), in the ``while`` loop and unrolled alike, and splitting the rows alone
+cost 16-31 % a step on one H200 (``benchmarks/bench_stream_overlap.py``, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
