@@ -21,8 +21,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxsft.models import layers
-
 IMPLEMENTATIONS = ("auto", "pallas", "xla")
 MAX_HIDDEN = 16384  # one row per block; wider rows take the XLA form
 _BLOCK_ELEMENTS = 4096  # rows x lanes per program
@@ -30,6 +28,10 @@ _BLOCK_ELEMENTS = 4096  # rows x lanes per program
 
 def reference(h: jax.Array, delta: jax.Array, scale: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
     """The XLA form: ``(h + delta, rms_norm(h + delta, scale))``, differentiated by layers.rms_norm's VJP."""
+    # Imported here, not at the top: jaxsft.models' package imports the decoder, which imports this module,
+    # so a top-level import made `import jaxsft.kernels.add_rms_norm` (before jaxsft.models) a cycle.
+    from jaxsft.models import layers
+
     s = h + delta
     return s, layers.rms_norm(s, scale, eps)
 
