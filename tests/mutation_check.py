@@ -52,6 +52,13 @@ MUTATIONS = {
         ("tests/test_fused_norm_model.py",),
         False,
     ),
+    # The deferred residual dropped: a layer's MLP output never reaches the next layer's fused add.
+    "fused_norm_pending_dropped": Mutation(
+        "jaxsft/models/decoder.py",
+        (('h, x = add_rms_norm(h, pending, p["attn_norm_scale"]', 'h, x = add_rms_norm(h, 0 * pending, p["attn_norm_scale"]'),),
+        ("tests/test_fused_norm_model.py",),
+        False,
+    ),
     "fused_backward_mean_dropped_compiled": Mutation(
         "jaxsft/kernels/add_rms_norm.py",
         (("mean = jnp.sum(d_normed", "mean = 0.0 * jnp.sum(d_normed"),),

@@ -1,11 +1,13 @@
 """The model's opt-in fused residual add + MLP norm (``norm_implementation``): wired in, and equal to the XLA form.
 
 ``norm_implementation="pallas"`` runs jaxsft.kernels.add_rms_norm (in Pallas interpret mode on this CPU) at
-every layer's add-before-the-MLP-norm; "xla" (the default) runs the plain add and RMSNorm. Equal within
+both of every layer's residual adds with the norm after each (the MLP output's add carried into the next layer's
+attention norm); "xla" (the default) runs the plain adds and RMSNorms. Equal within
 1e-5 of the largest magnitude in fp32 (the same formulas; only summation order differs), logits and every
 parameter's gradient, scanned and unrolled layers; a trainer step's loss and greedy generation too. The jaxpr
 shows the kernel is really there (and absent for a Gemma norm, which the kernel does not compute, and under a
-mesh of several devices). ``tests/mutation_check.py fused_norm_wrong_weight`` shows these tests catch a wrong wiring.
+mesh of several devices). ``tests/mutation_check.py fused_norm_wrong_weight`` and ``fused_norm_pending_dropped`` show
+these tests catch a wrong wiring at either site.
 """
 
 from __future__ import annotations

@@ -276,16 +276,18 @@ class CausalLM(nnx.Module):
         impl = L.resolve_attention_implementation(self.attention_implementation, self.dtype)
         lora = lora_lib.lora_setup(self)
         h = self._embed(input_ids, positions)
+        pending = jnp.zeros_like(h) if fuses_norms(spec, self.norm_implementation, dropout=False) else None
         new_caches = []
         layers = zip(layer_params, layer_caches, spec.windows(), spec.local_rope_layers())
         for p, layer_cache, window, local in layers:  # unrolled: each layer's window and RoPE table are static
-            h, new_cache = _decoder_block(
+            out, new_cache = _decoder_block(
                 spec, h, p, local_rope if local else rope, mask=None, causal=True, impl=impl, layer_cache=layer_cache,
                 write_index=None, lora=lora, window=window, cached_attention=cached_attention,
-                norm_impl=self.norm_implementation,
+                norm_impl=self.norm_implementation, pending=pending,
             )
+            h, pending = out if pending is not None else (out, None)
             new_caches.append(new_cache)
-        return self._final_norm(h), new_caches
+        return self._final_norm(h if pending is None else h + pending), new_caches
 
     # ------------------------------------------------------------------ internals
     def _own_dropout_key(self, dropout_key: Optional[jax.Array]) -> Optional[jax.Array]:
@@ -337,13 +339,19 @@ class CausalLM(nnx.Module):
         if own_rng is not None:
             params[DROPOUT_KEY] = jax.random.split(jax.random.fold_in(own_rng, 2), spec.num_layers)
         lora = lora_lib.lora_setup(self)
+        # The stream: h, or (h, the last MLP output not yet added) where the adds run in the fused norm kernel.
+        deferred = fuses_norms(spec, self.norm_implementation, dropout=own_rng is not None)
+        stream = (h, jnp.zeros_like(h)) if deferred else h
 
-        def block(h, p, layer_cache):
-            out, new_kv = _decoder_block(
+        def block(stream, p, layer_cache):
+            h, pending = stream if deferred else (stream, None)
+            return _decoder_block(
                 spec, h, p, rope, mask=mask, causal=causal, impl=impl, layer_cache=layer_cache, write_index=write_index,
-                lora=lora, segments=segments, window=window, norm_impl=self.norm_implementation,
+                lora=lora, segments=segments, window=window, norm_impl=self.norm_implementation, pending=pending,
             )
-            return out, new_kv
+
+        def added(stream):
+            return stream[0] + stream[1] if deferred else stream
 
         if self.remat and cache is None:
             block = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=())
@@ -356,11 +364,12 @@ class CausalLM(nnx.Module):
             # The block is a jitted function of explicit arrays, so it is traced, linearized and
             # transposed once and called per layer (XLA inlines the calls): tracing no longer
             # grows with depth, which a call meeting several new shapes (packing) pays per shape.
-            def train_block(h, p, rope, mask, segments):
+            def train_block(stream, p, rope, mask, segments):
                 p = {k: v.reshape(v.shape[1:]) for k, v in p.items()}  # [1, ...] pieces of the split, here traced once
+                h, pending = stream if deferred else (stream, None)
                 return _decoder_block(
                     spec, h, p, rope, mask=mask, causal=causal, impl=impl, layer_cache=None, write_index=None,
-                    lora=lora, segments=segments, window=window, norm_impl=self.norm_implementation,
+                    lora=lora, segments=segments, window=window, norm_impl=self.norm_implementation, pending=pending,
                 )[0]
 
             if self.remat:
@@ -368,28 +377,28 @@ class CausalLM(nnx.Module):
             layer_fn = jax.jit(train_block)
             pieces = {k: jax.lax.split(v, [1] * spec.num_layers, axis=0) for k, v in params.items()}
             for i in range(spec.num_layers):
-                h = layer_fn(h, {k: pieces[k][i] for k in params}, rope, mask, segments)
-            return h, None
+                stream = layer_fn(stream, {k: pieces[k][i] for k in params}, rope, mask, segments)
+            return added(stream), None
         if cache is None:
-            h, _ = jax.lax.scan(lambda c, p: (block(c, p, None)[0], None), h, params)
-            return h, None
+            stream, _ = jax.lax.scan(lambda c, p: (block(c, p, None)[0], None), stream, params)
+            return added(stream), None
         # The whole cache rides in the scan carry and only the T new slots of each layer are written back, in
         # place: scanning over it as xs/ys would rebuild (copy) the full [layers, B, S, ...] cache every call,
         # which dominated CPU decode steps.
         t = h.shape[1]
 
         def cached_layer(carry, xs):
-            h, k_all, v_all = carry
+            stream, k_all, v_all = carry
             p, i = xs
-            h, (k_layer, v_layer) = block(h, p, (k_all[i], v_all[i]))
+            stream, (k_layer, v_layer) = block(stream, p, (k_all[i], v_all[i]))
             start = (i, 0, write_index, 0, 0)
             k_all = jax.lax.dynamic_update_slice(k_all, jax.lax.dynamic_slice_in_dim(k_layer, write_index, t, 1)[None], start)
             v_all = jax.lax.dynamic_update_slice(v_all, jax.lax.dynamic_slice_in_dim(v_layer, write_index, t, 1)[None], start)
-            return (h, k_all, v_all), None
+            return (stream, k_all, v_all), None
 
         layer_ids = jnp.arange(spec.num_layers, dtype=jnp.int32)
-        (h, k, v), _ = jax.lax.scan(cached_layer, (h, cache.k, cache.v), (params, layer_ids))
-        return h, KVCache(k, v)
+        (stream, k, v), _ = jax.lax.scan(cached_layer, (stream, cache.k, cache.v), (params, layer_ids))
+        return added(stream), KVCache(k, v)
 
 
 DROPOUT_KEY = "model_dropout_key"  # per-layer keys of the config's dropout, scanned with the weights
@@ -430,17 +439,24 @@ def _norm(spec: ModelSpec, x, p, name: str):
     return L.norm(spec.norm, x, p[f"{name}_scale"], p.get(f"{name}_bias"), spec.norm_eps)
 
 
+def fuses_norms(spec: ModelSpec, norm_impl: str, *, dropout: bool) -> bool:
+    """Whether the residual adds and the RMSNorms after them run as the fused kernel's passes (``norm_impl`` "auto"
+    or "pallas"): an RMSNorm model (Gemma's ``1 + w`` is not the kernel's formula), no residual dropout in this
+    step (``dropout``: the config's dropout is on), and one device: the Pallas call has no sharding rule, so under a
+    mesh of several devices XLA would gather its operands."""
+    mesh = active_mesh()
+    dropped = dropout and spec.resid_dropout > 0
+    return norm_impl != "xla" and spec.norm == "rms" and not dropped and (mesh is None or mesh.size == 1)
+
+
 def _add_then_mlp_norm(spec: ModelSpec, h, o, p, key, norm_impl: str):
     """``(h + dropout(o), mlp_norm(h + dropout(o)))``: the residual stream after attention and the MLP's input.
 
-    Why a function: with ``norm_impl`` "auto" or "pallas", an RMSNorm model with no residual dropout in this step
-    runs both as one fused pass each way (:func:`jaxsft.kernels.add_rms_norm.add_rms_norm`, which decides "auto"
-    by backend), on one device only: the Pallas call has no sharding rule, so under a mesh of several devices
-    XLA would gather its operands. Everything else, and "xla", is the XLA form, which the kernel equals.
+    Why a function: where :func:`fuses_norms`, both run as one fused pass each way
+    (:func:`jaxsft.kernels.add_rms_norm.add_rms_norm`, which decides "auto" by backend). Everything else, and
+    "xla", is the XLA form, which the kernel equals.
     """
-    dropped = key is not None and spec.resid_dropout > 0
-    mesh = active_mesh()
-    if norm_impl != "xla" and spec.norm == "rms" and not dropped and (mesh is None or mesh.size == 1):
+    if fuses_norms(spec, norm_impl, dropout=key is not None):
         return add_rms_norm(h, o, p["mlp_norm_scale"], spec.norm_eps, implementation=norm_impl)
     h = h + L.dropout(o, spec.resid_dropout, None if key is None else jax.random.fold_in(key, 1))
     return h, _norm(spec, h, p, "mlp_norm")
@@ -517,7 +533,7 @@ def _projected_qkv(spec: ModelSpec, x, p, rope, lora):
 
 
 def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cache, write_index, lora=None, segments=None,
-                   window=None, cached_attention=None, norm_impl: str = "xla"):
+                   window=None, cached_attention=None, norm_impl: str = "xla", pending=None):
     """One pre-norm transformer block (with Gemma's post-norms when the spec has them); returns (h, (k_cache, v_cache) or None).
 
     ``lora`` (a static LoraSetup) adds each adapted projection's ``x @ A @ B`` term (lora.adapted). ``window``:
@@ -526,10 +542,17 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
     replaces the attention; ``qkv`` is (q, k, v), biased and rotated, or, where :func:`_hands_over_projection`,
     the :class:`~jaxsft.models.layers.JoinedQKV` still to split, bias and rotate. ``norm_impl``: the residual add
     before the MLP norm and that norm, as :func:`_add_then_mlp_norm` takes them.
+
+    ``pending`` (where :func:`fuses_norms`): the previous layer's MLP output, not yet added to ``h``. The block then
+    adds it in the fused kernel that also computes this layer's attention norm, and returns ``((h, down), kv)``
+    with its own MLP output left pending in turn (zeros for the first layer; the caller adds the last one).
     """
     h = constrain(h, ("batch", None, None))
     mask = _layer_mask(mask, p)
-    x = _norm(spec, h, p, "attn_norm")
+    if pending is None:
+        x = _norm(spec, h, p, "attn_norm")
+    else:
+        h, x = add_rms_norm(h, pending, p["attn_norm_scale"], spec.norm_eps, implementation=norm_impl)
     if rope is not None and ROPE_KEY in p:  # [2, B, T, D] tables: this layer's own
         rope = (rope[0][p[ROPE_KEY]], rope[1][p[ROPE_KEY]])
     if cached_attention is not None and _hands_over_projection(spec, p, lora):
@@ -588,4 +611,6 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
         down = down + p["down_bias"]
     if spec.sandwich_norms:
         down = _norm(spec, down, p, "post_mlp_norm")
+    if pending is not None:  # fuses_norms held: no residual dropout here
+        return (h, down), new_kv
     return h + L.dropout(down, spec.resid_dropout, None if key is None else jax.random.fold_in(key, 2)), new_kv

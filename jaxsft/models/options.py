@@ -34,7 +34,8 @@ class RunOptions:
     # Apply the HF config's dropout rates when a dropout rng is given (training only; the trainer sets it
     # from TrainConfig.dropout). Evaluation and generation never pass an rng, so never drop anything.
     dropout: bool = False
-    # The residual add before each MLP norm and that norm (RMSNorm models): "xla" (the default), "auto" (the fused
+    # Each layer's two residual adds and the RMSNorm after each (the MLP output's add is carried into the next
+    # layer's attention norm; RMSNorm models): "xla" (the default), "auto" (the fused
     # Pallas kernel, jaxsft.kernels.add_rms_norm, on one GPU; XLA elsewhere) or "pallas" (the kernel wherever
     # there is one device; interpret mode off a GPU). Opt-in until measured end to end (benchmarks/RESULTS.md).
     norm_implementation: str = "xla"
