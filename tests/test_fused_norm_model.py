@@ -90,6 +90,26 @@ def test_a_trainer_step_gives_the_same_loss_with_the_fused_norm():
     np.testing.assert_allclose(losses[1], losses[0], rtol=TOLERANCE)
 
 
+def _lowered_gradient(model) -> str:
+    from flax import nnx
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    ids = jnp.zeros((2, 16), jnp.int32)
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(ids).astype(jnp.float32))  # noqa: E731
+    text = jax.jit(jax.grad(loss)).lower(params).as_text()
+    return "\n".join(line.split(" loc(")[0] for line in text.splitlines() if not line.startswith("#loc"))
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="off a GPU only: there 'auto' takes the kernel")
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_auto_off_a_gpu_lowers_to_the_xla_forms_program(scan_layers):
+    """Off a GPU "auto" must not change the program at all (no carried residual, no add of zeros), so CPU and TPU
+    results stay those of "xla" whatever a user picks."""
+    model = jaxsft.from_pretrained(tiny_torch_model("qwen2"), dtype=jnp.bfloat16)
+    assert _lowered_gradient(_view(model, "auto", scan_layers)) == _lowered_gradient(_view(model, "xla", scan_layers))
+    assert _lowered_gradient(_view(model, "pallas", scan_layers)) != _lowered_gradient(_view(model, "xla", scan_layers))
+
+
 def test_under_a_mesh_of_several_devices_the_xla_form_runs():
     """The Pallas call has no sharding rule: under 8 devices XLA would gather its operands, so the model keeps
     the XLA form there (this suite runs 8 simulated CPU devices)."""

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsft.kernels.add_rms_norm import add_rms_norm
+from jaxsft.kernels.add_rms_norm import add_rms_norm, kernel_applies
 from jaxsft.models import layers as L
 from jaxsft.models import lora as lora_lib
 from jaxsft.models.embedding import embedding_lookup
@@ -444,9 +444,11 @@ def fuses_norms(spec: ModelSpec, norm_impl: str, *, dropout: bool) -> bool:
     or "pallas"): an RMSNorm model (Gemma's ``1 + w`` is not the kernel's formula), no residual dropout in this
     step (``dropout``: the config's dropout is on), and one device: the Pallas call has no sharding rule, so under a
     mesh of several devices XLA would gather its operands."""
+    if norm_impl == "xla" or (norm_impl == "auto" and not kernel_applies(spec.hidden_size)):
+        return False  # off a GPU, "auto" keeps the XLA form's program exactly (no deferred residual either)
     mesh = active_mesh()
     dropped = dropout and spec.resid_dropout > 0
-    return norm_impl != "xla" and spec.norm == "rms" and not dropped and (mesh is None or mesh.size == 1)
+    return spec.norm == "rms" and not dropped and (mesh is None or mesh.size == 1)
 
 
 def _add_then_mlp_norm(spec: ModelSpec, h, o, p, key, norm_impl: str):
