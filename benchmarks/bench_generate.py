@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=1,
                    help="num_return_sequences: each of --batches prompts gets this many rows (T > 0)")
+    p.add_argument("--norm-implementation", choices=["auto", "pallas", "xla"], default=None,
+                   help="the model's residual add + RMSNorm (from_pretrained's norm_implementation); default: jaxsft's")
     args = p.parse_args(argv)
     if args.quick:
         args.shape, args.batches, args.prompt_len, args.new_tokens, args.repeats = "tiny", "8", 32, 32, 1
@@ -109,7 +111,8 @@ def main(argv=None) -> int:
     rows = []
     peaks: dict[int, float] = {}
     jdtype = jnp.bfloat16 if bf16 else jnp.float32
-    model = None if args.skip_jax else jaxsft.from_pretrained(torch_model, dtype=jdtype, param_dtype=jdtype)
+    options = {} if args.norm_implementation is None else {"norm_implementation": args.norm_implementation}
+    model = None if args.skip_jax else jaxsft.from_pretrained(torch_model, dtype=jdtype, param_dtype=jdtype, **options)
     tmodel = None
     for batch in batches:
         rng = np.random.default_rng(args.seed + batch)
