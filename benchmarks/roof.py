@@ -122,9 +122,12 @@ def device_name() -> str:
 
 
 if __name__ == "__main__":  # python benchmarks/roof.py [--small]: the probes alone
-    import sys
+    import argparse
 
-    small = "--small" in sys.argv
+    parser = argparse.ArgumentParser(description="The card's bf16 matmul peak and memory bandwidth, as the benchmarks "
+                                                 "measure them.")
+    parser.add_argument("--small", action="store_true", help="tiny sizes: a smoke test on a CPU")
+    small = parser.parse_args().small
     peak = matmul_peak(512 if small else MATMUL_N)
     bw = bandwidth(1 << 20 if small else BANDWIDTH_ELEMENTS)
     print(f"{device_name()}: bf16 matmul peak {peak / 1e12:.1f} TFLOP/s, bandwidth {bw / 1e12:.3f} TB/s")

@@ -1,0 +1,71 @@
+"""The benchmarks still run: each GPU benchmark's CPU smoke setting, in a fresh interpreter, as a user starts it.
+
+Why: the benchmarks are what the GPU figures in benchmarks/RESULTS.md come from, and a device session is short
+and scarce; a script that fails at import (``bench_fused.py`` did, through an import cycle) or on an argument
+costs a device call. Each case runs the script on this CPU at its smallest setting and checks what it printed,
+not only its exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(*args: str, timeout: float = 240) -> str:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's machine has
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _results(out: str) -> list[dict]:
+    return [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
+
+
+def test_roof_probes_print_a_peak_and_a_bandwidth():
+    out = _run("benchmarks/roof.py", "--small")
+    assert "bf16 matmul peak" in out and "TB/s" in out
+
+
+def test_bench_fused_times_both_forms_both_passes():
+    out = _run("benchmarks/bench_fused.py", "--rows", "64", "--hidden", "96", "--repeats", "2", "--inner", "2")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert {(r["form"], r["pass"]) for r in rows} == {
+        (form, p) for form in ("xla", "pallas") for p in ("forward", "forward+backward")}
+    assert all(r["us"] > 0 for r in rows)
+
+
+def test_bench_generate_quick_with_the_fused_norm():
+    (row,) = _results(_run("benchmarks/bench_generate.py", "--quick", "--skip-hf", "--norm-implementation", "pallas"))
+    assert row["side"] == "jaxsft" and row["tok_s"] > 0 and row["mean_len"] == 32.0
+
+
+def test_bench_loop_runs_a_round_on_the_tiny_shape():
+    (row,) = _results(_run("benchmarks/bench_loop.py", "--impl", "jaxsft", "--shape", "tiny", "--prompts", "4",
+                           "--samples", "2", "--prompt-len", "16", "--new", "16", "--rounds", "1"))
+    assert row["kept"] == 2 and row["round_s"] > 0 and row["generate_s"] > 0 and row["train_s"] > 0
+
+
+def test_bench_speed_runs_a_model_option_variant_with_the_same_losses():
+    """The A/B form the fused-norm measurement uses (``--variants`` with a model option): both rows come back,
+    and the kernel (interpret mode here) gives the XLA form's losses."""
+    out = _run("benchmarks/bench_speed.py", "--cpu", "--shapes", "tiny", "--impls", "jaxsft", "--workloads", "fixed",
+               "--variants", json.dumps({"fused": [{}, {"norm_implementation": "pallas"}]}), timeout=400)
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 11 and cells[0] == "tiny":
+            rows[cells[2]] = cells
+    assert set(rows) == {"jaxsft", "fused"}, out[-2000:]
+    assert rows["fused"][8:10] == rows["jaxsft"][8:10]  # first and last loss, to four places
