@@ -108,7 +108,7 @@ def run_jax(shape: str, mesh_shape: tuple[int, int, int], warmup: int, timed: in
     median = float(np.median(times))
     tokens = SEQS_PER_WAY * ways * SEQ
     return {
-        "impl": f"jaxsft ({loss} loss, chunk {trainer._chunk_size}{'' if trainer.scan_layers else ', unrolled'})", "mesh": f"{data}x{fsdp}x{tensor}", "gpus": ndev, "tokens_per_s": tokens / median,
+        "impl": f"jaxsft ({loss} loss, chunk {trainer.objective.chunk_size}{'' if trainer.scan_layers else ', unrolled'})", "mesh": f"{data}x{fsdp}x{tensor}", "gpus": ndev, "tokens_per_s": tokens / median,
         "step_median_s": median, "first_step_s": first, "peak_gib_per_gpu": peak / 2**30,
         "losses": losses, "updates_per_call": stats["num_updates"], "compiled": stats["compiled_shapes"],
         "matmul_peak_tflops": card_matmul_peak() / 1e12 if (ndev == 1 and jax.default_backend() == "gpu") else None, "device": str(devices[0].device_kind),
