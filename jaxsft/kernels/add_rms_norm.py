@@ -5,7 +5,9 @@ separate passes (the add, the row reduction, the scaling), and the backward agai
 passes, then the add of the residual's cotangent). Here each direction is one Pallas Triton kernel
 over blocks of rows: the forward reads ``h`` and ``delta`` once and writes ``s``, the normalised
 output and one fp32 number per row; the backward reads ``s``, both cotangents and that number once and
-writes the input cotangent. The scale's gradient (a sum over rows) stays an XLA reduction.
+writes the input cotangent and, per program, its block's share of the scale's gradient (fp32 sums over its
+rows), which XLA adds up over the programs: a small array, so ``s`` and the norm's cotangent are not read a
+second time for the scale's gradient.
 
 Numerics are those of the XLA form (``reference``): the add rounded to the stream dtype, the norm in
 fp32, the product with the scale formed in the stream dtype, the backward as
@@ -120,7 +122,8 @@ def _forward_kernel(h_ref, d_ref, w_ref, s_ref, y_ref, rstd_ref, *, eps: float, 
     plgpu.store(rstd_ref.at[row], rstd, mask=row_ok)
 
 
-def _backward_kernel(s_ref, w_ref, rstd_ref, dy_ref, ds_ref, dx_ref, *, block_rows: int, lanes: int):
+def _backward_kernel(s_ref, w_ref, rstd_ref, dy_ref, ds_ref, dx_ref, dw_ref, *, block_rows: int, lanes: int):
+    from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     rows, hidden = s_ref.shape
@@ -136,6 +139,10 @@ def _backward_kernel(s_ref, w_ref, rstd_ref, dy_ref, ds_ref, dx_ref, *, block_ro
     mean = jnp.sum(d_normed * normed, axis=1) / hidden
     dx = (rstd[:, None] * (d_normed - normed * mean[:, None])).astype(dtype).astype(jnp.float32)
     plgpu.store(dx_ref.at[at], (dx + ds).astype(dtype), mask=ok)  # + the residual's own cotangent
+    # This block's share of the scale's gradient, with the normalised values rounded to the stream dtype as
+    # layers.rms_norm's backward rounds them; masked rows and lanes load as zeros and add nothing.
+    share = jnp.sum(dy * normed.astype(dtype).astype(jnp.float32), axis=0)
+    plgpu.store(dw_ref.at[pl.program_id(0) * lanes + lane], share)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -160,12 +167,12 @@ def _fused_bwd(eps: float, interpret: bool, residuals, cotangents):
     s, scale, rstd = residuals
     ds, dy = cotangents
     rows, hidden = s.shape
-    out_shape = jax.ShapeDtypeStruct(s.shape, s.dtype)
+    block_rows, lanes = _blocks(rows, hidden)
+    programs = -(-rows // block_rows)
+    out_shape = (jax.ShapeDtypeStruct(s.shape, s.dtype), jax.ShapeDtypeStruct((programs * lanes,), jnp.float32))
     call = _call(_backward_kernel, out_shape, rows, hidden, interpret, "add_rms_norm_bwd")
-    dx = call(s, scale, rstd, dy.astype(s.dtype), ds.astype(s.dtype))
-    # The scale's gradient: a sum over rows, as layers.rms_norm's backward forms it (fp32).
-    normed = (s.astype(jnp.float32) * rstd[:, None]).astype(s.dtype).astype(jnp.float32)
-    d_scale = jnp.sum(dy.astype(jnp.float32) * normed, axis=0)
+    dx, shares = call(s, scale, rstd, dy.astype(s.dtype), ds.astype(s.dtype))
+    d_scale = jnp.sum(shares.reshape(programs, lanes)[:, :hidden], axis=0)  # fp32, as layers.rms_norm's backward
     return dx, dx, d_scale.astype(scale.dtype)
 
 
