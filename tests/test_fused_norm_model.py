@@ -1,12 +1,12 @@
-"""The model's opt-in fused residual add + MLP norm (``norm_implementation``): wired in, and equal to the XLA form.
+"""The model's opt-in fused residual add + RMSNorm (``norm_implementation``): wired in, and equal to the XLA form.
 
 ``norm_implementation="pallas"`` runs jaxsft.kernels.add_rms_norm (in Pallas interpret mode on this CPU) at
 both of every layer's residual adds with the norm after each (the MLP output's add carried into the next layer's
 attention norm); "xla" (the default) runs the plain adds and RMSNorms. Equal within
 1e-5 of the largest magnitude in fp32 (the same formulas; only summation order differs), logits and every
-parameter's gradient, scanned and unrolled layers; a trainer step's loss and greedy generation too. The jaxpr
-shows the kernel is really there (and absent for a Gemma norm, which the kernel does not compute, and under a
-mesh of several devices). ``tests/mutation_check.py fused_norm_wrong_weight`` and ``fused_norm_pending_dropped`` show
+parameter's gradient, scanned and unrolled layers, on one device and per device under data and FSDP meshes; a
+trainer step's loss and greedy generation too. The jaxpr shows the kernel is really there (and absent for a Gemma
+norm, which the kernel does not compute, and under tensor parallelism). ``tests/mutation_check.py fused_norm_wrong_weight`` and ``fused_norm_pending_dropped`` show
 these tests catch a wrong wiring at either site.
 """
 
@@ -76,13 +76,15 @@ def test_the_kernel_is_in_the_program_only_where_asked_and_applicable():
     assert not _calls_the_kernel(_view(gemma, "pallas", True))  # (1 + w) RMSNorm: not the kernel's formula
 
 
-def test_a_trainer_step_gives_the_same_loss_with_the_fused_norm():
-    one_device = jaxsft.make_mesh(devices=jax.devices()[:1])  # the kernel runs on one device only
+@pytest.mark.parametrize("devices", [1, 8])
+def test_a_trainer_step_gives_the_same_loss_with_the_fused_norm(devices):
+    """On one device and under data parallelism over 8 (where each device's rows take the kernel)."""
+    mesh = jaxsft.make_mesh(devices=jax.devices()[:devices])
     losses = []
     for implementation in ("xla", "pallas"):
-        model = jaxsft.from_pretrained(tiny_torch_model("qwen2"), dtype=jnp.float32, mesh=one_device,
+        model = jaxsft.from_pretrained(tiny_torch_model("qwen2"), dtype=jnp.float32, mesh=mesh,
                                        norm_implementation=implementation)
-        trainer = jaxsft.IterativeSFTTrainer(model, mesh=one_device, config=jaxsft.TrainConfig(
+        trainer = jaxsft.IterativeSFTTrainer(model, mesh=mesh, config=jaxsft.TrainConfig(
             learning_rate=1e-3, lr_scheduler_type="constant", per_device_train_batch_size=2, max_length=32, seed=0))
         assert trainer.run_options.norm_implementation == implementation  # the config keeps the model's choice
         ids = [np.random.default_rng(i).integers(3, 300, 10 + i) for i in range(4)]
@@ -110,15 +112,42 @@ def test_auto_off_a_gpu_lowers_to_the_xla_forms_program(scan_layers):
     assert _lowered_gradient(_view(model, "pallas", scan_layers)) != _lowered_gradient(_view(model, "xla", scan_layers))
 
 
-def test_under_a_mesh_of_several_devices_the_xla_form_runs():
-    """The Pallas call has no sharding rule: under 8 devices XLA would gather its operands, so the model keeps
-    the XLA form there (this suite runs 8 simulated CPU devices)."""
+def _calls_the_kernel_on(model, batch: int) -> bool:
+    ids = jnp.zeros((batch, 8), jnp.int32)
+    return "pallas_call" in str(jax.make_jaxpr(lambda: model(ids))())
+
+
+def test_the_kernel_runs_per_device_where_the_mesh_splits_rows_alone():
+    """The Pallas call has no sharding rule, so it runs inside shard_map on each device's own rows: under data or
+    FSDP parallelism when the rows divide over them; under tensor parallelism (or rows that do not divide) the XLA
+    form runs, since XLA would gather the kernel's operands (this suite runs 8 simulated CPU devices)."""
     qwen = _view(jaxsft.from_pretrained(tiny_torch_model("qwen2"), dtype=jnp.float32), "pallas", True)
-    assert len(jax.devices()) > 1
-    with jax.set_mesh(jaxsft.make_mesh()):
-        assert not _calls_the_kernel(qwen)
+    assert len(jax.devices()) == 8
+    with jax.set_mesh(jaxsft.make_mesh()):  # data = 8
+        assert _calls_the_kernel_on(qwen, 8) and not _calls_the_kernel_on(qwen, 1)
+    with jax.set_mesh(jaxsft.make_mesh(data=2, fsdp=4)):
+        assert _calls_the_kernel_on(qwen, 8)
+    with jax.set_mesh(jaxsft.make_mesh(data=4, tensor=2)):
+        assert not _calls_the_kernel_on(qwen, 8)
     with jax.set_mesh(jaxsft.make_mesh(devices=jax.devices()[:1])):
-        assert _calls_the_kernel(qwen)
+        assert _calls_the_kernel_on(qwen, 1)
+
+
+@pytest.mark.parametrize("axes", [dict(data=8), dict(data=2, fsdp=4)])
+def test_per_device_fused_norm_equals_the_xla_form_under_a_mesh(axes):
+    """Each device normalises its own rows and the scales' gradients are summed over the row axes: logits and
+    every gradient equal the XLA form's under the same mesh (fp32, 1e-5 of the largest magnitude)."""
+    mesh = jaxsft.make_mesh(**axes)
+    model = jaxsft.from_pretrained(tiny_torch_model("qwen2"), dtype=jnp.float32, mesh=mesh)
+    ids = jnp.asarray(np.random.default_rng(3).integers(3, 300, (8, 12)), jnp.int32)
+    with jax.set_mesh(mesh):
+        base = _loss_and_grads(_view(model, "xla", False), ids)
+        fused = _loss_and_grads(_view(model, "pallas", False), ids)
+    _close(fused[0], base[0], "loss")
+    _close(fused[1], base[1], "logits")
+    flat_base = dict(jax.tree_util.tree_leaves_with_path(base[2]))
+    for path, g in jax.tree_util.tree_leaves_with_path(fused[2]):
+        _close(g, flat_base[path], jax.tree_util.keystr(path))
 
 
 def test_an_unknown_norm_implementation_is_refused_by_name():

@@ -14,7 +14,9 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxsft.kernels.add_rms_norm import add_rms_norm, kernel_applies
 from jaxsft.models import layers as L
@@ -22,7 +24,7 @@ from jaxsft.models import lora as lora_lib
 from jaxsft.models.embedding import embedding_lookup
 from jaxsft.models.interface import LMHead
 from jaxsft.models.options import REMAT_POLICIES, RunOptions
-from jaxsft.infra.sharding import active_mesh, constrain
+from jaxsft.infra.sharding import active_mesh, batch_split_axes, constrain
 from jaxsft.models.spec import ModelSpec, layer_param_shapes, norm_identity_init
 
 
@@ -276,7 +278,8 @@ class CausalLM(nnx.Module):
         impl = L.resolve_attention_implementation(self.attention_implementation, self.dtype)
         lora = lora_lib.lora_setup(self)
         h = self._embed(input_ids, positions)
-        pending = jnp.zeros_like(h) if fuses_norms(spec, self.norm_implementation, dropout=False) else None
+        fused = fuses_norms(spec, self.norm_implementation, dropout=False, batch=h.shape[0])
+        pending = jnp.zeros_like(h) if fused else None
         new_caches = []
         layers = zip(layer_params, layer_caches, spec.windows(), spec.local_rope_layers())
         for p, layer_cache, window, local in layers:  # unrolled: each layer's window and RoPE table are static
@@ -340,7 +343,7 @@ class CausalLM(nnx.Module):
             params[DROPOUT_KEY] = jax.random.split(jax.random.fold_in(own_rng, 2), spec.num_layers)
         lora = lora_lib.lora_setup(self)
         # The stream: h, or (h, the last MLP output not yet added) where the adds run in the fused norm kernel.
-        deferred = fuses_norms(spec, self.norm_implementation, dropout=own_rng is not None)
+        deferred = fuses_norms(spec, self.norm_implementation, dropout=own_rng is not None, batch=h.shape[0])
         stream = (h, jnp.zeros_like(h)) if deferred else h
 
         def block(stream, p, layer_cache):
@@ -439,16 +442,42 @@ def _norm(spec: ModelSpec, x, p, name: str):
     return L.norm(spec.norm, x, p[f"{name}_scale"], p.get(f"{name}_bias"), spec.norm_eps)
 
 
-def fuses_norms(spec: ModelSpec, norm_impl: str, *, dropout: bool) -> bool:
+def fuses_norms(spec: ModelSpec, norm_impl: str, *, dropout: bool, batch: int) -> bool:
     """Whether the residual adds and the RMSNorms after them run as the fused kernel's passes (``norm_impl`` "auto"
     or "pallas"): an RMSNorm model (Gemma's ``1 + w`` is not the kernel's formula), no residual dropout in this
-    step (``dropout``: the config's dropout is on), and one device: the Pallas call has no sharding rule, so under a
-    mesh of several devices XLA would gather its operands."""
+    step (``dropout``: the config's dropout is on), and a mesh whose every split axis splits the ``batch`` rows
+    (one device, or data/FSDP parallelism): the kernel then runs on each device's own rows
+    (:func:`_add_rms_norm`). Under tensor parallelism the Pallas call, which has no sharding rule, would have XLA
+    gather its operands, so the XLA form runs there."""
     if norm_impl == "xla" or (norm_impl == "auto" and not kernel_applies(spec.hidden_size)):
         return False  # off a GPU, "auto" keeps the XLA form's program exactly (no deferred residual either)
-    mesh = active_mesh()
     dropped = dropout and spec.resid_dropout > 0
-    return spec.norm == "rms" and not dropped and (mesh is None or mesh.size == 1)
+    return spec.norm == "rms" and not dropped and _rows_split_alone(batch)
+
+
+def _rows_split_alone(batch: int) -> bool:
+    """No jaxsft mesh, one device, or one whose axes of more than one device all split the ``batch`` rows."""
+    mesh = active_mesh()
+    if mesh is None or mesh.size == 1:
+        return True
+    return int(np.prod([mesh.shape[a] for a in batch_split_axes(batch)])) == mesh.size
+
+
+def _add_rms_norm(h, delta, scale, eps: float, norm_impl: str):
+    """The fused add + RMSNorm, on each device's own rows where a mesh splits them (see :func:`fuses_norms`).
+
+    The scale enters replicated (``P()``); shard_map's transpose sums its per-device gradients over the row axes.
+    ``check_vma`` is off because a Pallas call's outputs carry no per-device marking."""
+    axes = batch_split_axes(h.shape[0])
+    if not axes:
+        return add_rms_norm(h, delta, scale, eps, implementation=norm_impl)
+    rows = P(axes)
+
+    def local(h, delta, scale):
+        return add_rms_norm(h, delta, scale, eps, implementation=norm_impl)
+
+    return jax.shard_map(local, in_specs=(rows, rows, P()), out_specs=(rows, rows), axis_names=frozenset(axes),
+                         check_vma=False)(h, delta, scale)
 
 
 def _add_then_mlp_norm(spec: ModelSpec, h, o, p, key, norm_impl: str):
@@ -458,8 +487,8 @@ def _add_then_mlp_norm(spec: ModelSpec, h, o, p, key, norm_impl: str):
     (:func:`jaxsft.kernels.add_rms_norm.add_rms_norm`, which decides "auto" by backend). Everything else, and
     "xla", is the XLA form, which the kernel equals.
     """
-    if fuses_norms(spec, norm_impl, dropout=key is not None):
-        return add_rms_norm(h, o, p["mlp_norm_scale"], spec.norm_eps, implementation=norm_impl)
+    if fuses_norms(spec, norm_impl, dropout=key is not None, batch=h.shape[0]):
+        return _add_rms_norm(h, o, p["mlp_norm_scale"], spec.norm_eps, norm_impl)
     h = h + L.dropout(o, spec.resid_dropout, None if key is None else jax.random.fold_in(key, 1))
     return h, _norm(spec, h, p, "mlp_norm")
 
@@ -554,7 +583,7 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
     if pending is None:
         x = _norm(spec, h, p, "attn_norm")
     else:
-        h, x = add_rms_norm(h, pending, p["attn_norm_scale"], spec.norm_eps, implementation=norm_impl)
+        h, x = _add_rms_norm(h, pending, p["attn_norm_scale"], spec.norm_eps, norm_impl)
     if rope is not None and ROPE_KEY in p:  # [2, B, T, D] tables: this layer's own
         rope = (rope[0][p[ROPE_KEY]], rope[1][p[ROPE_KEY]])
     if cached_attention is not None and _hands_over_projection(spec, p, lora):

@@ -36,8 +36,9 @@ class RunOptions:
     dropout: bool = False
     # Each layer's two residual adds and the RMSNorm after each (the MLP output's add is carried into the next
     # layer's attention norm; RMSNorm models): "xla" (the default), "auto" (the fused
-    # Pallas kernel, jaxsft.kernels.add_rms_norm, on one GPU; XLA elsewhere) or "pallas" (the kernel wherever
-    # there is one device; interpret mode off a GPU). Opt-in until measured end to end (benchmarks/RESULTS.md).
+    # Pallas kernel, jaxsft.kernels.add_rms_norm, on GPUs; XLA elsewhere) or "pallas" (the kernel anywhere;
+    # interpret mode off a GPU). The kernel runs on each device's own rows under data/FSDP meshes and gives way
+    # to XLA under tensor parallelism (decoder.fuses_norms). Opt-in until measured end to end (benchmarks/RESULTS.md).
     norm_implementation: str = "xla"
 
     def __post_init__(self) -> None:
