@@ -49,17 +49,22 @@ def _close(a, b, what):
     assert err <= TOLERANCE, f"{what}: {err:.2e} of the largest magnitude"
 
 
+def _all_close(fused, base):
+    """Loss, logits and every parameter's gradient (``_loss_and_grads``'s triple) within TOLERANCE."""
+    _close(fused[0], base[0], "loss")
+    _close(fused[1], base[1], "logits")
+    flat_base = dict(jax.tree_util.tree_leaves_with_path(base[2]))
+    for path, g in jax.tree_util.tree_leaves_with_path(fused[2]):
+        _close(g, flat_base[path], jax.tree_util.keystr(path))
+
+
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_fused_norm_equals_the_xla_form_in_logits_and_every_gradient(scan_layers):
     model = jaxsft.from_pretrained(tiny_torch_model("qwen2"), dtype=jnp.float32)
     ids = jnp.asarray(np.random.default_rng(0).integers(3, 300, (2, 12)), jnp.int32)
     base = _loss_and_grads(_view(model, "xla", scan_layers), ids)
     fused = _loss_and_grads(_view(model, "pallas", scan_layers), ids)
-    _close(fused[0], base[0], "loss")
-    _close(fused[1], base[1], "logits")
-    flat_base = dict(jax.tree_util.tree_leaves_with_path(base[2]))
-    for path, g in jax.tree_util.tree_leaves_with_path(fused[2]):
-        _close(g, flat_base[path], jax.tree_util.keystr(path))
+    _all_close(fused, base)
 
 
 def _calls_the_kernel(model) -> bool:
@@ -143,11 +148,7 @@ def test_per_device_fused_norm_equals_the_xla_form_under_a_mesh(axes):
     with jax.set_mesh(mesh):
         base = _loss_and_grads(_view(model, "xla", False), ids)
         fused = _loss_and_grads(_view(model, "pallas", False), ids)
-    _close(fused[0], base[0], "loss")
-    _close(fused[1], base[1], "logits")
-    flat_base = dict(jax.tree_util.tree_leaves_with_path(base[2]))
-    for path, g in jax.tree_util.tree_leaves_with_path(fused[2]):
-        _close(g, flat_base[path], jax.tree_util.keystr(path))
+    _all_close(fused, base)
 
 
 def test_an_unknown_norm_implementation_is_refused_by_name():
