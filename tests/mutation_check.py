@@ -59,6 +59,14 @@ MUTATIONS = {
         ("tests/test_fused_norm_model.py",),
         False,
     ),
+    # The per-device path (data/FSDP meshes) given half of each device's delta.
+    "fused_norm_per_device_wrong": Mutation(
+        "jaxsft/models/decoder.py",
+        (("return add_rms_norm(h, delta, scale, eps, implementation=norm_impl)\n\n    return jax.shard_map",
+          "return add_rms_norm(h, 0.5 * delta, scale, eps, implementation=norm_impl)\n\n    return jax.shard_map"),),
+        ("tests/test_fused_norm_model.py",),
+        False,
+    ),
     "fused_backward_mean_dropped_compiled": Mutation(
         "jaxsft/kernels/add_rms_norm.py",
         (("mean = jnp.sum(d_normed", "mean = 0.0 * jnp.sum(d_normed"),),

@@ -156,18 +156,19 @@ def test_an_unknown_norm_implementation_is_refused_by_name():
         RunOptions(norm_implementation="fast")
 
 
-def test_greedy_generation_gives_the_same_tokens_with_the_fused_norm(tmp_path):
-    """The decode step takes the kernel too (one token per row); greedy tokens equal the XLA form's. The lm_head is
-    scaled up so that the next token follows the hidden state closely (a tiny random model's greedy rows otherwise
-    repeat one token whatever the norm computes)."""
+@pytest.mark.parametrize("devices", [1, 8])
+def test_greedy_generation_gives_the_same_tokens_with_the_fused_norm(tmp_path, devices):
+    """The decode step takes the kernel too (one token per row; per device under a data mesh of 8); greedy tokens
+    equal the XLA form's. The lm_head is scaled up so that the next token follows the hidden state closely (a tiny
+    random model's greedy rows otherwise repeat one token whatever the norm computes)."""
     import torch
 
-    one_device = jaxsft.make_mesh(devices=jax.devices()[:1])
+    one_device = jaxsft.make_mesh(devices=jax.devices()[:devices])
     tok = load_tokenizer(tokenizer_dir(str(tmp_path)))
     torch_model = tiny_torch_model("llama", seed=1)
     with torch.no_grad():
         torch_model.lm_head.weight.mul_(40.0)
-    prompts = [list(np.random.default_rng(i).integers(3, 300, 5 + 2 * i)) for i in range(4)]
+    prompts = [list(np.random.default_rng(i).integers(3, 300, 5 + i)) for i in range(8)]  # 8 rows: one per device
     tokens = []
     for implementation in ("xla", "pallas"):
         model = jaxsft.from_pretrained(torch_model, dtype=jnp.float32, mesh=one_device,
