@@ -48,22 +48,22 @@ MUTATIONS = {
     # The model's fused add + MLP norm given the attention norm's weight: the wiring, not the kernel, is wrong.
     "fused_norm_wrong_weight": Mutation(
         "jaxsft/models/decoder.py",
-        (('add_rms_norm(h, o, p["mlp_norm_scale"]', 'add_rms_norm(h, o, p["attn_norm_scale"]'),),
+        (('_add_rms_norm(spec, h, o, p["mlp_norm_scale"]', '_add_rms_norm(spec, h, o, p["attn_norm_scale"]'),),
         ("tests/test_fused_norm_model.py",),
         False,
     ),
     # The deferred residual dropped: a layer's MLP output never reaches the next layer's fused add.
     "fused_norm_pending_dropped": Mutation(
         "jaxsft/models/decoder.py",
-        (('h, x = add_rms_norm(h, pending, p["attn_norm_scale"]', 'h, x = add_rms_norm(h, 0 * pending, p["attn_norm_scale"]'),),
+        (('h, x = _add_rms_norm(spec, h, pending, p["attn_norm_scale"]', 'h, x = _add_rms_norm(spec, h, 0 * pending, p["attn_norm_scale"]'),),
         ("tests/test_fused_norm_model.py",),
         False,
     ),
     # The per-device path (data/FSDP meshes) given half of each device's delta.
     "fused_norm_per_device_wrong": Mutation(
         "jaxsft/models/decoder.py",
-        (("return add_rms_norm(h, delta, scale, eps, implementation=norm_impl)\n\n    return jax.shard_map",
-          "return add_rms_norm(h, 0.5 * delta, scale, eps, implementation=norm_impl)\n\n    return jax.shard_map"),),
+        (("return add_rms_norm(h, delta, scale, eps, implementation=norm_impl, plus_one=plus_one)\n\n    return jax.shard_map",
+          "return add_rms_norm(h, 0.5 * delta, scale, eps, implementation=norm_impl, plus_one=plus_one)\n\n    return jax.shard_map"),),
         ("tests/test_fused_norm_model.py",),
         False,
     ),

@@ -5,8 +5,9 @@ both of every layer's residual adds with the norm after each (the MLP output's a
 attention norm); "xla" (the default) runs the plain adds and RMSNorms. Equal within
 1e-5 of the largest magnitude in fp32 (the same formulas; only summation order differs), logits and every
 parameter's gradient, scanned and unrolled layers, on one device and per device under data and FSDP meshes; a
-trainer step's loss and greedy generation too. The jaxpr shows the kernel is really there (and absent for a Gemma
-norm, which the kernel does not compute, and under tensor parallelism). ``tests/mutation_check.py fused_norm_wrong_weight`` and ``fused_norm_pending_dropped`` show
+trainer step's loss and greedy generation too; Gemma 2 and 3 (``1 + w`` norms between sandwich norms) as well as
+Qwen2. The jaxpr shows the kernel is really there (and absent for GPT-2's LayerNorm, which the kernel does not
+compute, and under tensor parallelism). ``tests/mutation_check.py fused_norm_wrong_weight`` and ``fused_norm_pending_dropped`` show
 these tests catch a wrong wiring at either site.
 """
 
@@ -58,9 +59,10 @@ def _all_close(fused, base):
         _close(g, flat_base[path], jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_fused_norm_equals_the_xla_form_in_logits_and_every_gradient(scan_layers):
-    model = jaxsft.from_pretrained(tiny_torch_model("qwen2"), dtype=jnp.float32)
+@pytest.mark.parametrize("family,scan_layers", [("qwen2", True), ("qwen2", False), ("gemma2", False), ("gemma3", True)])
+def test_fused_norm_equals_the_xla_form_in_logits_and_every_gradient(family, scan_layers):
+    """Llama's RMSNorm (Qwen2) and Gemma's ``1 + w`` form, the latter between Gemma's sandwich norms."""
+    model = jaxsft.from_pretrained(tiny_torch_model(family), dtype=jnp.float32)
     ids = jnp.asarray(np.random.default_rng(0).integers(3, 300, (2, 12)), jnp.int32)
     base = _loss_and_grads(_view(model, "xla", scan_layers), ids)
     fused = _loss_and_grads(_view(model, "pallas", scan_layers), ids)
@@ -78,7 +80,9 @@ def test_the_kernel_is_in_the_program_only_where_asked_and_applicable():
     assert not _calls_the_kernel(_view(qwen, "xla", True))
     assert not _calls_the_kernel(_view(qwen, "auto", True))  # auto: the kernel on a GPU only
     gemma = jaxsft.from_pretrained(tiny_torch_model("gemma2"), dtype=jnp.float32)
-    assert not _calls_the_kernel(_view(gemma, "pallas", True))  # (1 + w) RMSNorm: not the kernel's formula
+    assert _calls_the_kernel(_view(gemma, "pallas", True))  # (1 + w) RMSNorm: the kernel's plus_one form
+    gpt2 = jaxsft.from_pretrained(tiny_torch_model("gpt2"), dtype=jnp.float32)
+    assert not _calls_the_kernel(_view(gpt2, "pallas", True))  # LayerNorm: not the kernel's formula
 
 
 @pytest.mark.parametrize("devices", [1, 8])

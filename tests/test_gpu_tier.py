@@ -234,12 +234,13 @@ def test_fused_add_rms_norm_kernel_equals_its_xla_form_compiled(dtype):
     assert_close_to(outputs_and_grads("pallas", *args), outputs_and_grads("xla", *args), tolerance)
 
 
-def test_model_with_the_fused_norm_equals_the_xla_form_compiled():
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_model_with_the_fused_norm_equals_the_xla_form_compiled(family):
     """``norm_implementation="auto"`` takes the kernel on this GPU; a tiny bf16 model's logits and every gradient
-    stay within bf16 rounding (GRAD_ATOL) of the XLA form's."""
+    stay within bf16 rounding (GRAD_ATOL) of the XLA form's (Llama's norm, and Gemma's ``1 + w`` form)."""
     from test_fused_norm_model import _calls_the_kernel, _loss_and_grads, _view
 
-    model = jaxsft.from_pretrained(tiny.tiny_torch_model("qwen2"), dtype=jnp.bfloat16)
+    model = jaxsft.from_pretrained(tiny.tiny_torch_model(family), dtype=jnp.bfloat16)
     ids = jnp.asarray(np.random.default_rng(0).integers(3, 300, (2, 24)), jnp.int32)
     fused, xla = _view(model, "auto", False), _view(model, "xla", False)
     assert _calls_the_kernel(fused) and not _calls_the_kernel(xla)

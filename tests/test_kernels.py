@@ -29,11 +29,11 @@ def _inputs(shape, dtype, seed=0):
     return h, delta, scale, g_s, g_y
 
 
-def outputs_and_grads(implementation, h, delta, scale, g_s, g_y, eps=1e-6):
+def outputs_and_grads(implementation, h, delta, scale, g_s, g_y, eps=1e-6, plus_one=False):
     """(s, y, dh, d_delta, d_scale) of sum(s * g_s) + sum(y * g_y): both outputs carry a cotangent."""
 
     def f(h, delta, scale):
-        s, y = fused.add_rms_norm(h, delta, scale, eps, implementation=implementation)
+        s, y = fused.add_rms_norm(h, delta, scale, eps, implementation=implementation, plus_one=plus_one)
         return jnp.sum(s.astype(jnp.float32) * g_s) + jnp.sum(y.astype(jnp.float32) * g_y), (s, y)
 
     (_, (s, y)), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(h, delta, scale)
@@ -48,14 +48,25 @@ def assert_close_to(got, want, tolerance, names=("s", "y", "dh", "d_delta", "d_s
         assert err <= tolerance, f"{name}: {err:.2e} of the largest magnitude"
 
 
-def test_kernel_equals_the_xla_form_in_fp32():
+@pytest.mark.parametrize("plus_one", [False, True], ids=["llama_norm", "gemma_norm"])
+def test_kernel_equals_the_xla_form_in_fp32(plus_one):
     args = _inputs((3, 13, 96), jnp.float32)  # 39 rows: not a block multiple; 96 lanes of 128: a masked tail
-    assert_close_to(outputs_and_grads("pallas", *args), outputs_and_grads("xla", *args), 1e-5)
+    assert_close_to(outputs_and_grads("pallas", *args, plus_one=plus_one),
+                    outputs_and_grads("xla", *args, plus_one=plus_one), 1e-5)
 
 
-def test_kernel_equals_the_xla_form_in_bf16():
+@pytest.mark.parametrize("plus_one", [False, True], ids=["llama_norm", "gemma_norm"])
+def test_kernel_equals_the_xla_form_in_bf16(plus_one):
     args = _inputs((2, 19, 96), jnp.bfloat16, seed=1)
-    assert_close_to(outputs_and_grads("pallas", *args), outputs_and_grads("xla", *args), BF16_ULPS)
+    assert_close_to(outputs_and_grads("pallas", *args, plus_one=plus_one),
+                    outputs_and_grads("xla", *args, plus_one=plus_one), BF16_ULPS)
+
+
+def test_the_gemma_form_differs_from_the_llama_form():
+    """So the parametrised comparisons above could tell the two apart (scale near 1: ``1 + w`` is near 2)."""
+    args = _inputs((2, 5, 96), jnp.float32)
+    llama, gemma = outputs_and_grads("pallas", *args), outputs_and_grads("pallas", *args, plus_one=True)
+    assert not np.allclose(np.asarray(llama[1]), np.asarray(gemma[1]), rtol=0.1)
 
 
 def test_auto_takes_the_xla_form_off_gpu_and_bad_arguments_are_refused():
@@ -68,14 +79,15 @@ def test_auto_takes_the_xla_form_off_gpu_and_bad_arguments_are_refused():
         fused.add_rms_norm(h, delta, scale[:4], 1e-6)
 
 
-def test_kernels_lower_to_triton_for_a_gpu_on_any_host():
+@pytest.mark.parametrize("plus_one", [False, True], ids=["llama_norm", "gemma_norm"])
+def test_kernels_lower_to_triton_for_a_gpu_on_any_host(plus_one):
     """Lowering for CUDA runs the Pallas Triton lowering (block shapes, masked loads, every op the kernels use)
     without a GPU, so a kernel the GPU could not take fails here, in the CPU suite, not first on a GPU."""
     rows, hidden = 6, 896  # 896 of 1024 lanes
 
     def forward_and_backward(h, delta, scale, g_s, g_y):
         def f(*args):
-            return fused.add_rms_norm(*args, 1e-6, implementation="pallas", interpret=False)
+            return fused.add_rms_norm(*args, 1e-6, implementation="pallas", interpret=False, plus_one=plus_one)
 
         out, vjp = jax.vjp(f, h, delta, scale)
         return out, vjp((g_s, g_y))

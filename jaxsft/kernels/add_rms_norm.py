@@ -11,7 +11,8 @@ second time for the scale's gradient.
 
 Numerics are those of the XLA form (``reference``): the add rounded to the stream dtype, the norm in
 fp32, the product with the scale formed in the stream dtype, the backward as
-``jaxsft.models.layers.rms_norm``'s. Triton blocks must be powers of two, so a row of ``H`` values
+``jaxsft.models.layers.rms_norm``'s; with ``plus_one`` (Gemma's norm, ``layers.rms_norm_plus_one``) the
+product with ``1 + scale`` is formed in fp32 and the backward is its autodiff's. Triton blocks must be powers of two, so a row of ``H`` values
 (896 at Qwen2.5-0.5B) is loaded as ``next_power_of_2(H)`` lanes with the tail masked.
 """
 
@@ -28,14 +29,15 @@ MAX_HIDDEN = 16384  # one row per block; wider rows take the XLA form
 _BLOCK_ELEMENTS = 4096  # rows x lanes per program
 
 
-def reference(h: jax.Array, delta: jax.Array, scale: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-    """The XLA form: ``(h + delta, rms_norm(h + delta, scale))``, differentiated by layers.rms_norm's VJP."""
+def reference(h: jax.Array, delta: jax.Array, scale: jax.Array, eps: float, plus_one: bool = False
+              ) -> tuple[jax.Array, jax.Array]:
+    """The XLA form: ``(h + delta, rms_norm(h + delta, scale))`` (``rms_norm_plus_one`` with ``plus_one``)."""
     # Imported here, not at the top: jaxsft.models' package imports the decoder, which imports this module,
     # so a top-level import made `import jaxsft.kernels.add_rms_norm` (before jaxsft.models) a cycle.
     from jaxsft.models import layers
 
     s = h + delta
-    return s, layers.rms_norm(s, scale, eps)
+    return s, (layers.rms_norm_plus_one if plus_one else layers.rms_norm)(s, scale, eps)
 
 
 def kernel_applies(hidden_size: int, backend: Optional[str] = None) -> bool:
@@ -45,9 +47,10 @@ def kernel_applies(hidden_size: int, backend: Optional[str] = None) -> bool:
 
 def add_rms_norm(
     h: jax.Array, delta: jax.Array, scale: jax.Array, eps: float, *, implementation: str = "auto",
-    interpret: Optional[bool] = None,
+    interpret: Optional[bool] = None, plus_one: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """``(s, y)`` with ``s = h + delta`` (the new residual stream) and ``y = rms_norm(s) * scale``.
+    """``(s, y)`` with ``s = h + delta`` (the new residual stream) and ``y = rms_norm(s) * scale``
+    (``* (1 + scale)`` in fp32 with ``plus_one``: Gemma's norm).
 
     ``implementation``: "auto" (the kernel on GPU, the XLA form elsewhere), "xla", or "pallas" (the
     kernel). ``interpret``: run the kernel in Pallas interpret mode; None: off a GPU only (tests). False
@@ -63,10 +66,11 @@ def add_rms_norm(
         )
     use_kernel = implementation == "pallas" or (implementation == "auto" and kernel_applies(h.shape[-1]))
     if not use_kernel:
-        return reference(h, delta, scale, eps)
+        return reference(h, delta, scale, eps, plus_one)
     interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
     shape = h.shape
-    s, y = _fused(h.reshape(-1, shape[-1]), delta.reshape(-1, shape[-1]), scale, float(eps), interpret)
+    s, y = _fused(h.reshape(-1, shape[-1]), delta.reshape(-1, shape[-1]), scale, float(eps), interpret,
+                  bool(plus_one))
     return s.reshape(shape), y.reshape(shape)
 
 
@@ -104,7 +108,16 @@ def _indices(rows: int, hidden: int, block_rows: int, lanes: int):
     return row, lane, row_ok, lane_ok, (row[:, None], lane[None, :]), row_ok[:, None] & lane_ok[None, :]
 
 
-def _forward_kernel(h_ref, d_ref, w_ref, s_ref, y_ref, rstd_ref, *, eps: float, block_rows: int, lanes: int):
+def _weight(w_ref, lane, lane_ok, dtype, plus_one: bool):
+    """The scale as the norm multiplies by it, in fp32: ``1 + w`` (Gemma), or ``w`` rounded to the stream dtype."""
+    from jax.experimental.pallas import triton as plgpu
+
+    w = plgpu.load(w_ref.at[lane], mask=lane_ok, other=0.0)
+    return 1.0 + w.astype(jnp.float32) if plus_one else w.astype(dtype).astype(jnp.float32)
+
+
+def _forward_kernel(h_ref, d_ref, w_ref, s_ref, y_ref, rstd_ref, *, eps: float, block_rows: int, lanes: int,
+                    plus_one: bool):
     from jax.experimental.pallas import triton as plgpu
 
     rows, hidden = h_ref.shape
@@ -115,14 +128,17 @@ def _forward_kernel(h_ref, d_ref, w_ref, s_ref, y_ref, rstd_ref, *, eps: float, 
     s = (h + d).astype(dtype)  # the residual stream, rounded as the XLA add rounds it
     s32 = s.astype(jnp.float32)
     rstd = 1.0 / jnp.sqrt(jnp.sum(s32 * s32, axis=1) / hidden + eps)
-    w = plgpu.load(w_ref.at[lane], mask=lane_ok, other=0.0).astype(dtype).astype(jnp.float32)
-    normed = (s32 * rstd[:, None]).astype(dtype).astype(jnp.float32)
+    w = _weight(w_ref, lane, lane_ok, dtype, plus_one)
+    normed = s32 * rstd[:, None]
+    if not plus_one:  # Llama's norm rounds the normalised values before the product; Gemma's stays in fp32
+        normed = normed.astype(dtype).astype(jnp.float32)
     plgpu.store(s_ref.at[at], s, mask=ok)
     plgpu.store(y_ref.at[at], (w[None, :] * normed).astype(dtype), mask=ok)
     plgpu.store(rstd_ref.at[row], rstd, mask=row_ok)
 
 
-def _backward_kernel(s_ref, w_ref, rstd_ref, dy_ref, ds_ref, dx_ref, dw_ref, *, block_rows: int, lanes: int):
+def _backward_kernel(s_ref, w_ref, rstd_ref, dy_ref, ds_ref, dx_ref, dw_ref, *, block_rows: int, lanes: int,
+                     plus_one: bool):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -133,36 +149,39 @@ def _backward_kernel(s_ref, w_ref, rstd_ref, dy_ref, ds_ref, dx_ref, dw_ref, *, 
     dy = plgpu.load(dy_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
     ds = plgpu.load(ds_ref.at[at], mask=ok, other=0.0).astype(jnp.float32)
     rstd = plgpu.load(rstd_ref.at[row], mask=row_ok, other=0.0)
-    w = plgpu.load(w_ref.at[lane], mask=lane_ok, other=0.0).astype(dtype).astype(jnp.float32)
+    w = _weight(w_ref, lane, lane_ok, dtype, plus_one)
     normed = s * rstd[:, None]
-    d_normed = (dy * w[None, :]).astype(dtype).astype(jnp.float32)  # formed in the stream dtype, as autodiff does
+    d_normed = dy * w[None, :]
+    if not plus_one:
+        d_normed = d_normed.astype(dtype).astype(jnp.float32)  # formed in the stream dtype, as autodiff does
     mean = jnp.sum(d_normed * normed, axis=1) / hidden
     dx = (rstd[:, None] * (d_normed - normed * mean[:, None])).astype(dtype).astype(jnp.float32)
     plgpu.store(dx_ref.at[at], (dx + ds).astype(dtype), mask=ok)  # + the residual's own cotangent
     # This block's share of the scale's gradient, with the normalised values rounded to the stream dtype as
-    # layers.rms_norm's backward rounds them; masked rows and lanes load as zeros and add nothing.
-    share = jnp.sum(dy * normed.astype(dtype).astype(jnp.float32), axis=0)
+    # layers.rms_norm's backward rounds them (Gemma's: fp32); masked rows and lanes load as zeros and add nothing.
+    share = jnp.sum(dy * (normed if plus_one else normed.astype(dtype).astype(jnp.float32)), axis=0)
     plgpu.store(dw_ref.at[pl.program_id(0) * lanes + lane], share)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fused(h, delta, scale, eps: float, interpret: bool):
-    return _fused_fwd(h, delta, scale, eps, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused(h, delta, scale, eps: float, interpret: bool, plus_one: bool):
+    return _fused_fwd(h, delta, scale, eps, interpret, plus_one)[0]
 
 
-def _fused_fwd(h, delta, scale, eps: float, interpret: bool):
+def _fused_fwd(h, delta, scale, eps: float, interpret: bool, plus_one: bool):
     rows, hidden = h.shape
     out_shape = (
         jax.ShapeDtypeStruct(h.shape, h.dtype),
         jax.ShapeDtypeStruct(h.shape, h.dtype),
         jax.ShapeDtypeStruct((rows,), jnp.float32),
     )
-    call = _call(functools.partial(_forward_kernel, eps=eps), out_shape, rows, hidden, interpret, "add_rms_norm_fwd")
+    call = _call(functools.partial(_forward_kernel, eps=eps, plus_one=plus_one), out_shape, rows, hidden, interpret,
+                 "add_rms_norm_fwd")
     s, y, rstd = call(h, delta, scale)
     return (s, y), (s, scale, rstd)
 
 
-def _fused_bwd(eps: float, interpret: bool, residuals, cotangents):
+def _fused_bwd(eps: float, interpret: bool, plus_one: bool, residuals, cotangents):
     del eps
     s, scale, rstd = residuals
     ds, dy = cotangents
@@ -170,7 +189,8 @@ def _fused_bwd(eps: float, interpret: bool, residuals, cotangents):
     block_rows, lanes = _blocks(rows, hidden)
     programs = -(-rows // block_rows)
     out_shape = (jax.ShapeDtypeStruct(s.shape, s.dtype), jax.ShapeDtypeStruct((programs * lanes,), jnp.float32))
-    call = _call(_backward_kernel, out_shape, rows, hidden, interpret, "add_rms_norm_bwd")
+    call = _call(functools.partial(_backward_kernel, plus_one=plus_one), out_shape, rows, hidden, interpret,
+                 "add_rms_norm_bwd")
     dx, shares = call(s, scale, rstd, dy.astype(s.dtype), ds.astype(s.dtype))
     d_scale = jnp.sum(shares.reshape(programs, lanes)[:, :hidden], axis=0)  # fp32, as layers.rms_norm's backward
     return dx, dx, d_scale.astype(scale.dtype)

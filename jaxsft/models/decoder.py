@@ -444,7 +444,7 @@ def _norm(spec: ModelSpec, x, p, name: str):
 
 def fuses_norms(spec: ModelSpec, norm_impl: str, *, dropout: bool, batch: int) -> bool:
     """Whether the residual adds and the RMSNorms after them run as the fused kernel's passes (``norm_impl`` "auto"
-    or "pallas"): an RMSNorm model (Gemma's ``1 + w`` is not the kernel's formula), no residual dropout in this
+    or "pallas"): an RMSNorm model (Llama's, or Gemma's ``1 + w``: the kernel's ``plus_one``), no residual dropout in this
     step (``dropout``: the config's dropout is on), and a mesh whose every split axis splits the ``batch`` rows
     (one device, or data/FSDP parallelism): the kernel then runs on each device's own rows
     (:func:`_add_rms_norm`). Under tensor parallelism the Pallas call, which has no sharding rule, would have XLA
@@ -452,7 +452,7 @@ def fuses_norms(spec: ModelSpec, norm_impl: str, *, dropout: bool, batch: int) -
     if norm_impl == "xla" or (norm_impl == "auto" and not kernel_applies(spec.hidden_size)):
         return False  # off a GPU, "auto" keeps the XLA form's program exactly (no deferred residual either)
     dropped = dropout and spec.resid_dropout > 0
-    return spec.norm == "rms" and not dropped and _rows_split_alone(batch)
+    return spec.norm in ("rms", "rms_plus_one") and not dropped and _rows_split_alone(batch)
 
 
 def _rows_split_alone(batch: int) -> bool:
@@ -463,18 +463,20 @@ def _rows_split_alone(batch: int) -> bool:
     return int(np.prod([mesh.shape[a] for a in batch_split_axes(batch)])) == mesh.size
 
 
-def _add_rms_norm(h, delta, scale, eps: float, norm_impl: str):
-    """The fused add + RMSNorm, on each device's own rows where a mesh splits them (see :func:`fuses_norms`).
+def _add_rms_norm(spec: ModelSpec, h, delta, scale, norm_impl: str):
+    """The fused add + the spec's RMSNorm, on each device's own rows where a mesh splits them (see
+    :func:`fuses_norms`).
 
     The scale enters replicated (``P()``); shard_map's transpose sums its per-device gradients over the row axes.
     ``check_vma`` is off because a Pallas call's outputs carry no per-device marking."""
+    eps, plus_one = spec.norm_eps, spec.norm == "rms_plus_one"
     axes = batch_split_axes(h.shape[0])
     if not axes:
-        return add_rms_norm(h, delta, scale, eps, implementation=norm_impl)
+        return add_rms_norm(h, delta, scale, eps, implementation=norm_impl, plus_one=plus_one)
     rows = P(axes)
 
     def local(h, delta, scale):
-        return add_rms_norm(h, delta, scale, eps, implementation=norm_impl)
+        return add_rms_norm(h, delta, scale, eps, implementation=norm_impl, plus_one=plus_one)
 
     return jax.shard_map(local, in_specs=(rows, rows, P()), out_specs=(rows, rows), axis_names=frozenset(axes),
                          check_vma=False)(h, delta, scale)
@@ -488,7 +490,7 @@ def _add_then_mlp_norm(spec: ModelSpec, h, o, p, key, norm_impl: str):
     "xla", is the XLA form, which the kernel equals.
     """
     if fuses_norms(spec, norm_impl, dropout=key is not None, batch=h.shape[0]):
-        return _add_rms_norm(h, o, p["mlp_norm_scale"], spec.norm_eps, norm_impl)
+        return _add_rms_norm(spec, h, o, p["mlp_norm_scale"], norm_impl)
     h = h + L.dropout(o, spec.resid_dropout, None if key is None else jax.random.fold_in(key, 1))
     return h, _norm(spec, h, p, "mlp_norm")
 
@@ -583,7 +585,7 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
     if pending is None:
         x = _norm(spec, h, p, "attn_norm")
     else:
-        h, x = _add_rms_norm(h, pending, p["attn_norm_scale"], spec.norm_eps, norm_impl)
+        h, x = _add_rms_norm(spec, h, pending, p["attn_norm_scale"], norm_impl)
     if rope is not None and ROPE_KEY in p:  # [2, B, T, D] tables: this layer's own
         rope = (rope[0][p[ROPE_KEY]], rope[1][p[ROPE_KEY]])
     if cached_attention is not None and _hands_over_projection(spec, p, lora):
