@@ -3,7 +3,7 @@
 Why: the benchmarks are what the GPU figures in benchmarks/RESULTS.md come from, and a device session is short
 and scarce; a script that fails at import (``bench_fused.py`` did, through an import cycle) or on an argument
 costs a device call. Each case runs the script on this CPU at its smallest setting and checks what it printed,
-not only its exit status.
+not only its exit status (slow tier); one static check reads the GPU call plan, ``run_engine_gpu.sh`` (fast tier).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 
 def _run(*args: str, timeout: float = 240) -> str:
@@ -33,11 +32,13 @@ def _results(out: str) -> list[dict]:
     return [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
 
 
+@pytest.mark.slow
 def test_roof_probes_print_a_peak_and_a_bandwidth():
     out = _run("benchmarks/roof.py", "--small")
     assert "bf16 matmul peak" in out and "TB/s" in out
 
 
+@pytest.mark.slow
 def test_bench_fused_times_both_forms_both_passes():
     out = _run("benchmarks/bench_fused.py", "--rows", "64", "--hidden", "96", "--repeats", "2", "--inner", "2")
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -46,17 +47,20 @@ def test_bench_fused_times_both_forms_both_passes():
     assert all(r["us"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_bench_generate_quick_with_the_fused_norm():
     (row,) = _results(_run("benchmarks/bench_generate.py", "--quick", "--skip-hf", "--norm-implementation", "pallas"))
     assert row["side"] == "jaxsft" and row["tok_s"] > 0 and row["mean_len"] == 32.0
 
 
+@pytest.mark.slow
 def test_bench_loop_runs_a_round_on_the_tiny_shape():
     (row,) = _results(_run("benchmarks/bench_loop.py", "--impl", "jaxsft", "--shape", "tiny", "--prompts", "4",
                            "--samples", "2", "--prompt-len", "16", "--new", "16", "--rounds", "1"))
     assert row["kept"] == 2 and row["round_s"] > 0 and row["generate_s"] > 0 and row["train_s"] > 0
 
 
+@pytest.mark.slow
 def test_bench_speed_runs_a_model_option_variant_with_the_same_losses():
     """The A/B form the fused-norm measurement uses (``--variants`` with a model option): both rows come back,
     and the kernel (interpret mode here) gives the XLA form's losses."""
@@ -69,3 +73,25 @@ def test_bench_speed_runs_a_model_option_variant_with_the_same_losses():
             rows[cells[2]] = cells
     assert set(rows) == {"jaxsft", "fused"}, out[-2000:]
     assert rows["fused"][8:10] == rows["jaxsft"][8:10]  # first and last loss, to four places
+
+
+def test_every_gpu_section_names_existing_scripts_and_their_flags():
+    """``benchmarks/run_engine_gpu.sh`` is what a device call runs: a section naming a script that is gone, or a
+    flag its script does not define (renamed, misspelt), would fail only on the GPU, after a start that costs
+    minutes. Each ``$B/<script>.py`` named must exist, and each ``--flag`` after it must be one of that script's
+    ``add_argument`` flags (static: nothing runs)."""
+    import re
+
+    plan = (ROOT / "benchmarks" / "run_engine_gpu.sh").read_text()
+    calls = re.findall(r"\$B/(\w+\.py)((?:\s+(?:--[\w-]+|[^\s;>|&]+))*)", plan)
+    assert len(calls) > 30  # the sections' calls were found
+    problems = []
+    for script, args in calls:
+        path = ROOT / "benchmarks" / script
+        if not path.exists():
+            problems.append(f"{script}: no such benchmark")
+            continue
+        defined = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", path.read_text()))
+        problems += [f"{script} {flag}: not a flag it defines" for flag in re.findall(r"(--[\w-]+)", args)
+                     if flag not in defined]
+    assert problems == []
