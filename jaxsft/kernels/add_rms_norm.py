@@ -12,8 +12,9 @@ second time for the scale's gradient.
 Numerics are those of the XLA form (``reference``): the add rounded to the stream dtype, the norm in
 fp32, the product with the scale formed in the stream dtype, the backward as
 ``jaxsft.models.layers.rms_norm``'s; with ``plus_one`` (Gemma's norm, ``layers.rms_norm_plus_one``) the
-product with ``1 + scale`` is formed in fp32 and the backward is its autodiff's. Triton blocks must be powers of two, so a row of ``H`` values
-(896 at Qwen2.5-0.5B) is loaded as ``next_power_of_2(H)`` lanes with the tail masked.
+product with ``1 + scale`` is formed in fp32 and the backward is its autodiff's. Triton blocks must be powers
+of two, so a row of ``H`` values (896 at Qwen2.5-0.5B) is loaded as ``next_power_of_2(H)`` lanes with the tail
+masked.
 """
 
 from __future__ import annotations
