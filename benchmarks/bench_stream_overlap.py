@@ -35,7 +35,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.compute_on import compute_on
 
 from jaxsft.generation import kv_cache

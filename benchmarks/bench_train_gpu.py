@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from roof import matmul_peak  # the card's bf16 peak: one probe for every benchmark
+
 SHAPES = {
     # name: (model_type, hidden, intermediate, layers, heads, kv_heads, vocab, tied)
     "tiny": ("qwen2", 128, 256, 2, 4, 2, 1024, True),
@@ -59,13 +61,6 @@ def random_calls(vocab: int, sequences: int, calls: int, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------------------ workers
-def card_matmul_peak() -> float:
-    """The card's bf16 matmul peak (``roof.matmul_peak``: one probe for every benchmark)."""
-    from roof import matmul_peak
-
-    return matmul_peak()
-
-
 def run_jax(shape: str, mesh_shape: tuple[int, int, int], warmup: int, timed: int, remat: bool, loss: str) -> dict:
     import jax
     import numpy as np
@@ -111,7 +106,7 @@ def run_jax(shape: str, mesh_shape: tuple[int, int, int], warmup: int, timed: in
         "impl": f"jaxsft ({loss} loss, chunk {trainer.objective.chunk_size}{'' if trainer.scan_layers else ', unrolled'})", "mesh": f"{data}x{fsdp}x{tensor}", "gpus": ndev, "tokens_per_s": tokens / median,
         "step_median_s": median, "first_step_s": first, "peak_gib_per_gpu": peak / 2**30,
         "losses": losses, "updates_per_call": stats["num_updates"], "compiled": stats["compiled_shapes"],
-        "matmul_peak_tflops": card_matmul_peak() / 1e12 if (ndev == 1 and jax.default_backend() == "gpu") else None, "device": str(devices[0].device_kind),
+        "matmul_peak_tflops": matmul_peak() / 1e12 if (ndev == 1 and jax.default_backend() == "gpu") else None, "device": str(devices[0].device_kind),
     }
 
 
@@ -153,7 +148,7 @@ def run_torch(shape: str, warmup: int, timed: int) -> dict:
         if i >= warmup:
             times.append(dt)
     median = float(np.median(times))
-    peak = card_matmul_peak()
+    peak = matmul_peak()
     return {
         "impl": "torch loop (amp bf16, fused AdamW, sdpa)", "mesh": "-", "gpus": 1,
         "tokens_per_s": SEQS_PER_WAY * SEQ / median, "step_median_s": median, "first_step_s": first,

@@ -38,9 +38,8 @@ for section in "$@"; do
     splits_gen) for sh in "smollm2 64" "qwen05 64" "qwen05 512"; do set -- $sh; for splits in 1 2 4; do
         echo "### $1 $2 splits $splits"; JAXSFT_DECODE_TILING=64,2,3,$splits timeout 70 python3 $B/bench_generate.py --shape $1 --batches $2 --new-tokens 256 --temperature 1 --repeats 3 --skip-hf; done; done > $OUT/$section.log 2>&1 ;;
     splits_kernel) for sh in "smollm2 64" "qwen05 64" "qwen05 512"; do set -- $sh; timeout 60 python3 $B/bench_decode_kernel.py --shape $1 --batch $2 --blocks 32,64 --warps 2,4 --stages 2,3 --splits 1,2,4,8; done > $OUT/$section.log 2>&1 ;;
-    fused_norm) timeout 560 python3 $B/bench_speed.py --shapes qwen05,qwen15 --impls jaxsft --workloads fixed --run-timeout-s 250 --variants '{"fused_norm": [{}, {"norm_implementation": "auto"}]}' > $OUT/$section.log 2>&1 ;;
-    fused_norm_05) timeout 300 python3 $B/bench_speed.py --shapes qwen05 --impls jaxsft --workloads fixed --run-timeout-s 140 --variants '{"fused_norm": [{}, {"norm_implementation": "auto"}]}' > $OUT/$section.log 2>&1 ;;
-    fused_norm_135) timeout 300 python3 $B/bench_speed.py --shapes smollm2 --impls jaxsft --workloads fixed --run-timeout-s 140 --variants '{"fused_norm": [{}, {"norm_implementation": "auto"}]}' > $OUT/$section.log 2>&1 ;;
+    # the fused norm's A/B on the fixed workload; NORM_SHAPES=qwen05 (or smollm2) for one shape in a shorter call
+    fused_norm) timeout 560 python3 $B/bench_speed.py --shapes ${NORM_SHAPES:-qwen05,qwen15} --impls jaxsft --workloads fixed --run-timeout-s 250 --variants '{"fused_norm": [{}, {"norm_implementation": "auto"}]}' > $OUT/$section.log 2>&1 ;;
     fused_norm_gen05) for impl in xla auto; do timeout 100 python3 $B/bench_generate.py --shape qwen05 --batches 512 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf --norm-implementation $impl; done > $OUT/$section.log 2>&1 ;;
     fused_kernel) for h in 576 896 1536; do timeout 50 python3 $B/bench_fused.py --rows 4096 --hidden $h; done > $OUT/$section.log 2>&1 ;;
     roof) timeout 60 python3 $B/roof.py > $OUT/$section.log 2>&1 ;;

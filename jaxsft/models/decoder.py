@@ -77,7 +77,7 @@ class CausalLM(nnx.Module):
         attention_implementation: str = "auto",
         scan_layers: bool = True,
         dropout: bool = False,
-        norm_implementation: str = "xla",
+        norm_implementation: str = RunOptions.norm_implementation,  # the default lives in RunOptions
         hf_config_json: Optional[str] = None,
         lora: Optional["lora_lib.LoraSetup"] = None,
     ):
@@ -346,15 +346,19 @@ class CausalLM(nnx.Module):
         deferred = fuses_norms(spec, self.norm_implementation, dropout=own_rng is not None, batch=h.shape[0])
         stream = (h, jnp.zeros_like(h)) if deferred else h
 
+        def parts(stream):
+            return stream if deferred else (stream, None)
+
         def block(stream, p, layer_cache):
-            h, pending = stream if deferred else (stream, None)
+            h, pending = parts(stream)
             return _decoder_block(
                 spec, h, p, rope, mask=mask, causal=causal, impl=impl, layer_cache=layer_cache, write_index=write_index,
                 lora=lora, segments=segments, window=window, norm_impl=self.norm_implementation, pending=pending,
             )
 
         def added(stream):
-            return stream[0] + stream[1] if deferred else stream
+            h, pending = parts(stream)
+            return h if pending is None else h + pending
 
         if self.remat and cache is None:
             block = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=())
@@ -369,7 +373,7 @@ class CausalLM(nnx.Module):
             # grows with depth, which a call meeting several new shapes (packing) pays per shape.
             def train_block(stream, p, rope, mask, segments):
                 p = {k: v.reshape(v.shape[1:]) for k, v in p.items()}  # [1, ...] pieces of the split, here traced once
-                h, pending = stream if deferred else (stream, None)
+                h, pending = parts(stream)
                 return _decoder_block(
                     spec, h, p, rope, mask=mask, causal=causal, impl=impl, layer_cache=None, write_index=None,
                     lora=lora, segments=segments, window=window, norm_impl=self.norm_implementation, pending=pending,

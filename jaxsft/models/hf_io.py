@@ -32,6 +32,7 @@ from jaxsft.models import weights
 from jaxsft.models.decoder import CausalLM
 from jaxsft.models.families import AnySpec, spec_from_hf_config, table_for
 from jaxsft.models.interface import LanguageModel
+from jaxsft.models.options import RunOptions
 from jaxsft.models.seq2seq import Seq2SeqLM
 from jaxsft.models.seq2seq_spec import Seq2SeqSpec
 from jaxsft.models.spec import ModelSpec
@@ -288,7 +289,7 @@ def from_pretrained(
     mesh=None,
     remat: bool = False,
     attention_implementation: str = "auto",
-    norm_implementation: str = "xla",
+    norm_implementation: str = RunOptions.norm_implementation,
     sharding_rules: Optional[shd.ShardingRules] = None,
 ) -> LanguageModel:
     """Load a Hugging Face causal LM (or a T5 / BART encoder-decoder, as a ``Seq2SeqLM``) as a jaxsft model.
@@ -349,7 +350,7 @@ def load(
     mesh=None,
     remat: bool = False,
     attention_implementation: str = "auto",
-    norm_implementation: str = "xla",
+    norm_implementation: str = RunOptions.norm_implementation,
     sharding_rules: Optional[shd.ShardingRules] = None,
 ) -> LanguageModel:
     """A model of ``spec`` (built once from ``config`` by the caller) filled from HF-named ``tensors``, strictly."""

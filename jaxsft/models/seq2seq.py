@@ -264,7 +264,7 @@ class Seq2SeqLM(nnx.Module):
         attention_implementation: str = "auto",
         scan_layers: bool = True,
         dropout: bool = False,
-        norm_implementation: str = "xla",
+        norm_implementation: str = RunOptions.norm_implementation,  # the default lives in RunOptions
         hf_config_json: Optional[str] = None,
     ):
         RunOptions(dtype, remat, remat_policy, attention_implementation, scan_layers, dropout,
