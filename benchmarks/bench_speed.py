@@ -267,6 +267,34 @@ def worker(args) -> dict:
 IMPLS = ("trl", "trl_compile", "jaxsft", "compat")
 
 
+def plan_problems(shapes: list[str], variants: dict) -> list[str]:
+    """What in ``--shapes`` or ``--variants`` names nothing that runs, found before any run starts (each worker would
+    otherwise fail on it after the peak probe, on a device lease). A variant is ``[TrainConfig overrides, model
+    options]``: the first must build a ``jaxsft.TrainConfig``, the second's keys must be the model's constructor's."""
+    import inspect
+
+    problems = [f"--shapes: unknown {shape!r}; choose from {sorted(SHAPES)}" for shape in shapes if shape not in SHAPES]
+    for label, entry in variants.items():
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, dict) for e in entry)):
+            problems.append(f"--variants {label!r}: give [TrainConfig overrides, model options], two JSON objects")
+            continue
+        options, model_options = entry
+        import jaxsft
+        from jaxsft.models.decoder import CausalLM
+
+        try:
+            jaxsft.TrainConfig(**options)
+        except (TypeError, ValueError) as e:
+            problems.append(f"--variants {label!r}: its TrainConfig overrides (the first object) fail: {e}")
+        known = set(inspect.signature(CausalLM.__init__).parameters) - {"self", "spec", "rngs"}
+        known |= {"seed", "param_dtype", "sharding_rules"}  # init_model's own
+        stray = sorted(set(model_options) - known)
+        if stray:
+            problems.append(f"--variants {label!r}: model options (the second object) {stray} are not the model's; "
+                            f"choose from {sorted(known)}")
+    return problems
+
+
 def spawn(args, impl: str, shape: str, w: str, options: str = "{}", model_options: str = "{}", timeout: float = 900) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--shape", shape, "--workload", w,
            "--options", options, "--model-options", model_options] + (["--cpu"] if args.cpu else [])
@@ -313,6 +341,9 @@ def main() -> None:
     if unknown:
         p.error(f"--impls: unknown {unknown}; choose from {list(IMPLS)} (extra jaxsft settings go in --variants)")
     variants = json.loads(args.variants)
+    problems = plan_problems([s for s in args.shapes.split(",") if s], variants)
+    if problems:
+        p.error("; ".join(problems))
     skip = set(filter(None, args.skip.split(",")))
     labels = set(impls) | set(variants)
     stray = sorted(entry for entry in skip if entry.split(":")[0] not in labels)

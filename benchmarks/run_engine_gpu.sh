@@ -38,9 +38,10 @@ for section in "$@"; do
     splits_gen) for sh in "smollm2 64" "qwen05 64" "qwen05 512"; do set -- $sh; for splits in 1 2 4; do
         echo "### $1 $2 splits $splits"; JAXSFT_DECODE_TILING=64,2,3,$splits timeout 70 python3 $B/bench_generate.py --shape $1 --batches $2 --new-tokens 256 --temperature 1 --repeats 3 --skip-hf; done; done > $OUT/$section.log 2>&1 ;;
     splits_kernel) for sh in "smollm2 64" "qwen05 64" "qwen05 512"; do set -- $sh; timeout 60 python3 $B/bench_decode_kernel.py --shape $1 --batch $2 --blocks 32,64 --warps 2,4 --stages 2,3 --splits 1,2,4,8; done > $OUT/$section.log 2>&1 ;;
-    # the fused norm's A/B on the fixed workload; NORM_SHAPES=qwen05 (or smollm2) for one shape in a shorter call
-    fused_norm) timeout 560 python3 $B/bench_speed.py --shapes ${NORM_SHAPES:-qwen05,qwen15} --impls jaxsft --workloads fixed --run-timeout-s 250 --variants '{"fused_norm": [{}, {"norm_implementation": "auto"}]}' > $OUT/$section.log 2>&1 ;;
-    fused_norm_gen05) for impl in xla auto; do timeout 100 python3 $B/bench_generate.py --shape qwen05 --batches 512 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf --norm-implementation $impl; done > $OUT/$section.log 2>&1 ;;
+    # the fused norm (the default, "auto") against XLA's form on the fixed workload; NORM_SHAPES=qwen05 (or smol) for one shape
+    fused_norm) timeout 560 python3 $B/bench_speed.py --shapes ${NORM_SHAPES:-qwen05,qwen15} --impls jaxsft --workloads fixed --run-timeout-s 250 --variants '{"xla_norm": [{}, {"norm_implementation": "xla"}]}' > $OUT/$section.log 2>&1 ;;
+    # in decode "auto" is XLA's form (decoder.decode_norm_implementation): the kernel there is "pallas"
+    fused_norm_gen05) for impl in xla pallas; do timeout 100 python3 $B/bench_generate.py --shape qwen05 --batches 512 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf --norm-implementation $impl; done > $OUT/$section.log 2>&1 ;;
     fused_kernel) for h in 576 896 1536; do timeout 50 python3 $B/bench_fused.py --rows 4096 --hidden $h; done > $OUT/$section.log 2>&1 ;;
     roof) timeout 60 python3 $B/roof.py > $OUT/$section.log 2>&1 ;;
     fused_norm_tier) JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -k "fused" tests/test_gpu_tier.py > $OUT/$section.log 2>&1 ;;

@@ -95,3 +95,46 @@ def test_every_gpu_section_names_existing_scripts_and_their_flags():
         problems += [f"{script} {flag}: not a flag it defines" for flag in re.findall(r"(--[\w-]+)", args)
                      if flag not in defined]
     assert problems == []
+
+
+def _gpu_plan_calls(script: str) -> list[str]:
+    """The argument text of every ``$B/<script>`` call in run_engine_gpu.sh, ``${VAR:-default}`` read as its default."""
+    import re
+
+    plan = (ROOT / "benchmarks" / "run_engine_gpu.sh").read_text()
+    plan = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", plan)
+    return [args for name, args in re.findall(r"\$B/(\w+\.py)([^;>|&]*)", plan) if name == script]
+
+
+def test_every_gpu_section_names_shapes_and_variants_its_scripts_know(monkeypatch):
+    """A shape a script does not define (``smollm2`` where bench_speed calls it ``smol``), or a variant whose
+    TrainConfig overrides and model options are swapped, each cost a device call in the seventeenth session:
+    bench_speed's own plan check (``plan_problems``, which also refuses them at start-up) and gen_common's shapes
+    must accept every section's."""
+    import re
+    import shlex
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_speed
+    import gen_common
+
+    assert bench_speed.plan_problems(["smollm2"], {"v": [{"norm_implementation": "auto"}, {}]}) != []
+    assert len(bench_speed.plan_problems(["smollm2"], {"v": [{"norm_implementation": "auto"}, {}]})) == 2
+    calls = _gpu_plan_calls("bench_speed.py")
+    assert len(calls) >= 3
+    problems, variants_seen = [], 0
+    for args in calls:
+        words = shlex.split(args)
+        flags = {word: value for word, value in zip(words, words[1:] + [""])
+                 if word.startswith("--") and not value.startswith("--")}
+        shapes = [s for s in flags.get("--shapes", "smol,qwen05,qwen15").split(",") if s]
+        variants = json.loads(flags.get("--variants", "{}"))
+        variants_seen += len(variants)
+        problems += bench_speed.plan_problems(shapes, variants)
+    assert variants_seen >= 3  # the sections' variants were read
+    for script in ("bench_generate.py", "bench_loop.py", "profile_decode.py", "bench_decode_gemms.py",
+                   "bench_decode_kernel.py"):
+        for args in _gpu_plan_calls(script):
+            problems += [f"{script} --shape {shape}" for shape in re.findall(r"--shape\s+(\S+)", args)
+                         if not shape.startswith("$") and shape not in gen_common.SHAPES]
+    assert problems == []

@@ -235,20 +235,17 @@ def test_fused_add_rms_norm_kernel_equals_its_xla_form_compiled(dtype):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
-def test_model_with_the_fused_norm_equals_the_xla_form_compiled(family):
-    """``norm_implementation="auto"`` takes the kernel on this GPU; a tiny bf16 model's logits and every gradient
-    stay within bf16 rounding (GRAD_ATOL) of the XLA form's (Llama's norm, and Gemma's ``1 + w`` form)."""
-    from test_fused_norm_model import _calls_the_kernel, _loss_and_grads, _view
+def test_model_with_the_fused_norm_adds_no_error_beyond_bf16_rounding_compiled(family):
+    """``norm_implementation="auto"`` takes the kernel on this GPU; a tiny bf16 model's logits and every gradient are
+    no further from the fp32 model's than XLA's bf16 form is, within half again (Llama's norm, and Gemma's
+    ``1 + w`` form). Compared with fp32, not with XLA's bf16 form: the two round at different points, and on an
+    H100 Gemma 2's ``q_proj`` gradient differed between them by 1.9 % of its largest entry, each ~1.7 % from fp32
+    (tests/test_fused_norm_model.py:bf16_errors)."""
+    from test_fused_norm_model import _calls_the_kernel, _view, assert_within_bf16_rounding, bf16_errors
 
     model = jaxsft.from_pretrained(tiny.tiny_torch_model(family), dtype=jnp.bfloat16)
-    ids = jnp.asarray(np.random.default_rng(0).integers(3, 300, (2, 24)), jnp.int32)
-    fused, xla = _view(model, "auto", False), _view(model, "xla", False)
-    assert _calls_the_kernel(fused) and not _calls_the_kernel(xla)
-    got, want = _loss_and_grads(fused, ids), _loss_and_grads(xla, ids)
-    assert _rel_err(got[1], want[1]) <= 1e-2, "logits"
-    flat = dict(jax.tree_util.tree_leaves_with_path(want[2]))
-    for path, g in jax.tree_util.tree_leaves_with_path(got[2]):
-        assert _rel_err(g, flat[path]) <= GRAD_ATOL, jax.tree_util.keystr(path)
+    assert _calls_the_kernel(_view(model, "auto", False)) and not _calls_the_kernel(_view(model, "xla", False))
+    assert_within_bf16_rounding(bf16_errors(family, "auto"))
 
 
 # ----------------------------------------------------------------------------- the decode-attention kernels

@@ -278,7 +278,8 @@ class CausalLM(nnx.Module):
         impl = L.resolve_attention_implementation(self.attention_implementation, self.dtype)
         lora = lora_lib.lora_setup(self)
         h = self._embed(input_ids, positions)
-        fused = fuses_norms(spec, self.norm_implementation, dropout=False, batch=h.shape[0])
+        norm_impl = decode_norm_implementation(self.norm_implementation)
+        fused = fuses_norms(spec, norm_impl, dropout=False, batch=h.shape[0])
         pending = jnp.zeros_like(h) if fused else None
         new_caches = []
         layers = zip(layer_params, layer_caches, spec.windows(), spec.local_rope_layers())
@@ -286,7 +287,7 @@ class CausalLM(nnx.Module):
             out, new_cache = _decoder_block(
                 spec, h, p, local_rope if local else rope, mask=None, causal=True, impl=impl, layer_cache=layer_cache,
                 write_index=None, lora=lora, window=window, cached_attention=cached_attention,
-                norm_impl=self.norm_implementation, pending=pending,
+                norm_impl=norm_impl, pending=pending,
             )
             h, pending = out if pending is not None else (out, None)
             new_caches.append(new_cache)
@@ -457,6 +458,15 @@ def fuses_norms(spec: ModelSpec, norm_impl: str, *, dropout: bool, batch: int) -
         return False  # off a GPU, "auto" keeps the XLA form's program exactly (no deferred residual either)
     dropped = dropout and spec.resid_dropout > 0
     return spec.norm in ("rms", "rms_plus_one") and not dropped and _rows_split_alone(batch)
+
+
+def decode_norm_implementation(norm_impl: str) -> str:
+    """The norm form of the one-token decode step: "auto" takes XLA's form there, "pallas" still forces the kernel.
+
+    Why: measured on one H100 (benchmarks/RESULTS.md, seventeenth session), the kernel's forward alone is slower than
+    XLA's own add-and-norm fusion (20.6 against 18.9 µs at 4,096 × 896). Training gains from its backward (+1.6 to
+    +4.4 % at 135M-1.5B); a decode step has none, and ran 4 % slower with it (0.5B, batch 512)."""
+    return "xla" if norm_impl == "auto" else norm_impl
 
 
 def _rows_split_alone(batch: int) -> bool:

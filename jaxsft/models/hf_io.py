@@ -298,8 +298,8 @@ def from_pretrained(
     index; fp32, bf16 or fp16), a Llama-family ``.gguf`` file (read without torch,
     dequantized to fp32: :mod:`jaxsft.models.gguf_io`) or a ``transformers`` PreTrainedModel
     (converted in memory). ``param_dtype`` (default fp32) is the stored precision, ``dtype`` the
-    compute precision (default: ``param_dtype``). ``norm_implementation``: "xla" (default), or "auto" / "pallas" for
-    the fused residual add + RMSNorm kernel (:class:`jaxsft.models.options.RunOptions`). ``mesh`` defaults to all devices on the
+    compute precision (default: ``param_dtype``). ``norm_implementation``: the fused residual add + RMSNorm kernel
+    on GPUs ("auto", the default), XLA's form ("xla") or the kernel anywhere ("pallas") (:class:`jaxsft.models.options.RunOptions`). ``mesh`` defaults to all devices on the
     data axis; ``sharding_rules`` (default ``jaxsft.infra.sharding.DEFAULT_RULES``) lay the
     parameters out on it. LoRA adapters (a PEFT folder or a ``peft.PeftModel``):
     :func:`jaxsft.models.peft_io.from_pretrained`, which loads the base through this.

@@ -35,11 +35,13 @@ class RunOptions:
     # from TrainConfig.dropout). Evaluation and generation never pass an rng, so never drop anything.
     dropout: bool = False
     # Each layer's two residual adds and the RMSNorm after each (the MLP output's add is carried into the next
-    # layer's attention norm; RMSNorm models): "xla" (the default), "auto" (the fused
-    # Pallas kernel, jaxsft.kernels.add_rms_norm, on GPUs; XLA elsewhere) or "pallas" (the kernel anywhere;
-    # interpret mode off a GPU). The kernel runs on each device's own rows under data/FSDP meshes and gives way
-    # to XLA under tensor parallelism (decoder.fuses_norms). Opt-in until measured end to end (benchmarks/RESULTS.md).
-    norm_implementation: str = "xla"
+    # layer's attention norm; RMSNorm models): "auto" (the default: the fused Pallas kernel,
+    # jaxsft.kernels.add_rms_norm, on GPUs in the layer stack, XLA's form in the one-token decode step and off a
+    # GPU), "xla" (XLA's form everywhere) or "pallas" (the kernel everywhere; interpret mode off a GPU). The kernel
+    # runs on each device's own rows under data/FSDP meshes and gives way to XLA under tensor parallelism
+    # (decoder.fuses_norms). Measured on an H100: training +1.6 to +4.4 % on fixed batches, decode 4 % slower
+    # with it, hence decoder.decode_norm_implementation (benchmarks/RESULTS.md, seventeenth session).
+    norm_implementation: str = "auto"
 
     def __post_init__(self) -> None:
         from jaxsft.kernels.add_rms_norm import IMPLEMENTATIONS as NORM_IMPLEMENTATIONS  # the kernel's own list
