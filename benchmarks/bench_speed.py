@@ -273,15 +273,15 @@ def plan_problems(shapes: list[str], variants: dict) -> list[str]:
     options]``: the first must build a ``jaxsft.TrainConfig``, the second's keys must be the model's constructor's."""
     import inspect
 
+    import jaxsft
+    from jaxsft.models.decoder import CausalLM
+
     problems = [f"--shapes: unknown {shape!r}; choose from {sorted(SHAPES)}" for shape in shapes if shape not in SHAPES]
     for label, entry in variants.items():
         if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, dict) for e in entry)):
             problems.append(f"--variants {label!r}: give [TrainConfig overrides, model options], two JSON objects")
             continue
         options, model_options = entry
-        import jaxsft
-        from jaxsft.models.decoder import CausalLM
-
         try:
             jaxsft.TrainConfig(**options)
         except (TypeError, ValueError) as e:
