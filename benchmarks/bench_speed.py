@@ -41,6 +41,7 @@ SHAPES = {
     "gemma2_tiny": ("gemma2", 64, 128, 2, 4, 2, 1024),
     "gemma2_2b": ("gemma2", 2304, 9216, 26, 8, 4, 256000),  # Gemma-2-2B's shape (head_dim 256, soft caps, windows)
 }
+DEFAULT_SHAPES = "smol,qwen05,qwen15"  # --shapes
 HEAD_DIM = {"gemma2_tiny": 16, "gemma2_2b": 256}  # where it is not hidden // heads
 CALLS = {"fixed": (2, 5), "ragged": (6, 5)}  # (warm-up, timed) step() calls: ragged warms up longer (more shapes)
 EXAMPLES, MICRO_BATCH, SEQ, MAX_LEN = 64, 8, 512, 1024
@@ -316,7 +317,7 @@ def spawn(args, impl: str, shape: str, w: str, options: str = "{}", model_option
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="smol,qwen05,qwen15")
+    p.add_argument("--shapes", default=DEFAULT_SHAPES)
     p.add_argument("--impls", default="trl,trl_compile,jaxsft,compat")
     p.add_argument("--workloads", default="fixed,ragged")
     p.add_argument("--variants", default="{}", help='JSON {"label": [TrainConfig overrides, model options], ...} of extra jaxsft runs')

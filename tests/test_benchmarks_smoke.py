@@ -75,6 +75,16 @@ def test_bench_speed_runs_a_model_option_variant_with_the_same_losses():
     assert rows["fused"][8:10] == rows["jaxsft"][8:10]  # first and last loss, to four places
 
 
+def _gpu_plan_calls() -> list[tuple[str, str]]:
+    """(script, argument text) of every ``$B/<script>.py`` call in run_engine_gpu.sh, ``${VAR:-default}`` read as
+    its default."""
+    import re
+
+    plan = (ROOT / "benchmarks" / "run_engine_gpu.sh").read_text()
+    plan = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", plan)
+    return re.findall(r"\$B/(\w+\.py)([^;>|&]*)", plan)
+
+
 def test_every_gpu_section_names_existing_scripts_and_their_flags():
     """``benchmarks/run_engine_gpu.sh`` is what a device call runs: a section naming a script that is gone, or a
     flag its script does not define (renamed, misspelt), would fail only on the GPU, after a start that costs
@@ -82,8 +92,7 @@ def test_every_gpu_section_names_existing_scripts_and_their_flags():
     ``add_argument`` flags (static: nothing runs)."""
     import re
 
-    plan = (ROOT / "benchmarks" / "run_engine_gpu.sh").read_text()
-    calls = re.findall(r"\$B/(\w+\.py)((?:\s+(?:--[\w-]+|[^\s;>|&]+))*)", plan)
+    calls = _gpu_plan_calls()
     assert len(calls) > 30  # the sections' calls were found
     problems = []
     for script, args in calls:
@@ -95,15 +104,6 @@ def test_every_gpu_section_names_existing_scripts_and_their_flags():
         problems += [f"{script} {flag}: not a flag it defines" for flag in re.findall(r"(--[\w-]+)", args)
                      if flag not in defined]
     assert problems == []
-
-
-def _gpu_plan_calls(script: str) -> list[str]:
-    """The argument text of every ``$B/<script>`` call in run_engine_gpu.sh, ``${VAR:-default}`` read as its default."""
-    import re
-
-    plan = (ROOT / "benchmarks" / "run_engine_gpu.sh").read_text()
-    plan = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", plan)
-    return [args for name, args in re.findall(r"\$B/(\w+\.py)([^;>|&]*)", plan) if name == script]
 
 
 def test_every_gpu_section_names_shapes_and_variants_its_scripts_know(monkeypatch):
@@ -118,23 +118,23 @@ def test_every_gpu_section_names_shapes_and_variants_its_scripts_know(monkeypatc
     import bench_speed
     import gen_common
 
-    assert bench_speed.plan_problems(["smollm2"], {"v": [{"norm_implementation": "auto"}, {}]}) != []
     assert len(bench_speed.plan_problems(["smollm2"], {"v": [{"norm_implementation": "auto"}, {}]})) == 2
-    calls = _gpu_plan_calls("bench_speed.py")
+    calls = [args for script, args in _gpu_plan_calls() if script == "bench_speed.py"]
     assert len(calls) >= 3
     problems, variants_seen = [], 0
     for args in calls:
         words = shlex.split(args)
         flags = {word: value for word, value in zip(words, words[1:] + [""])
                  if word.startswith("--") and not value.startswith("--")}
-        shapes = [s for s in flags.get("--shapes", "smol,qwen05,qwen15").split(",") if s]
+        shapes = [s for s in flags.get("--shapes", bench_speed.DEFAULT_SHAPES).split(",") if s]
         variants = json.loads(flags.get("--variants", "{}"))
         variants_seen += len(variants)
         problems += bench_speed.plan_problems(shapes, variants)
     assert variants_seen >= 3  # the sections' variants were read
-    for script in ("bench_generate.py", "bench_loop.py", "profile_decode.py", "bench_decode_gemms.py",
-                   "bench_decode_kernel.py"):
-        for args in _gpu_plan_calls(script):
+    on_gen_common = ("bench_generate.py", "bench_loop.py", "profile_decode.py", "bench_decode_gemms.py",
+                     "bench_decode_kernel.py")
+    for script, args in _gpu_plan_calls():
+        if script in on_gen_common:
             problems += [f"{script} --shape {shape}" for shape in re.findall(r"--shape\s+(\S+)", args)
                          if not shape.startswith("$") and shape not in gen_common.SHAPES]
     assert problems == []

@@ -252,7 +252,7 @@ def test_greedy_generation_gives_the_same_tokens_with_the_fused_norm(tmp_path, d
     random model's greedy rows otherwise repeat one token whatever the norm computes)."""
     import torch
 
-    one_device = jaxsft.make_mesh(devices=jax.devices()[:devices])
+    mesh = jaxsft.make_mesh(devices=jax.devices()[:devices])
     tok = load_tokenizer(tokenizer_dir(str(tmp_path)))
     torch_model = tiny_torch_model("llama", seed=1)
     with torch.no_grad():
@@ -260,7 +260,7 @@ def test_greedy_generation_gives_the_same_tokens_with_the_fused_norm(tmp_path, d
     prompts = [list(np.random.default_rng(i).integers(3, 300, 5 + i)) for i in range(8)]  # 8 rows: one per device
     tokens = []
     for implementation in ("xla", "pallas"):
-        model = jaxsft.from_pretrained(torch_model, dtype=jnp.float32, mesh=one_device,
+        model = jaxsft.from_pretrained(torch_model, dtype=jnp.float32, mesh=mesh,
                                        norm_implementation=implementation)
         result = jaxsft.generate(model, tok, prompts, max_new_tokens=12, temperature=0.0, return_tokens=True)
         tokens.append([list(map(int, row)) for row in result.tokens])

@@ -496,14 +496,14 @@ def _add_rms_norm(spec: ModelSpec, h, delta, scale, norm_impl: str):
                          check_vma=False)(h, delta, scale)
 
 
-def _add_then_mlp_norm(spec: ModelSpec, h, o, p, key, norm_impl: str):
+def _add_then_mlp_norm(spec: ModelSpec, h, o, p, key, norm_impl: str, fused: bool):
     """``(h + dropout(o), mlp_norm(h + dropout(o)))``: the residual stream after attention and the MLP's input.
 
-    Why a function: where :func:`fuses_norms`, both run as one fused pass each way
-    (:func:`jaxsft.kernels.add_rms_norm.add_rms_norm`, which decides "auto" by backend). Everything else, and
-    "xla", is the XLA form, which the kernel equals.
+    Why a function: where the layer loop chose to fuse (``fused``: :func:`fuses_norms`, decided once by the caller
+    of the blocks), both run as one fused pass each way (:func:`jaxsft.kernels.add_rms_norm.add_rms_norm`, which
+    decides "auto" by backend). Everything else is the XLA form, which the kernel equals.
     """
-    if fuses_norms(spec, norm_impl, dropout=key is not None, batch=h.shape[0]):
+    if fused:
         return _add_rms_norm(spec, h, o, p["mlp_norm_scale"], norm_impl)
     h = h + L.dropout(o, spec.resid_dropout, None if key is None else jax.random.fold_in(key, 1))
     return h, _norm(spec, h, p, "mlp_norm")
@@ -587,12 +587,14 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
     one static attention window (kernel path, no mask); per-layer windows arrive in ``mask`` and ``p``.
     ``cached_attention(qkv, layer_cache, window=, scale=, softcap=) -> (attn, new_layer_cache)`` (decode steps)
     replaces the attention; ``qkv`` is (q, k, v), biased and rotated, or, where :func:`_hands_over_projection`,
-    the :class:`~jaxsft.models.layers.JoinedQKV` still to split, bias and rotate. ``norm_impl``: the residual add
-    before the MLP norm and that norm, as :func:`_add_then_mlp_norm` takes them.
+    the :class:`~jaxsft.models.layers.JoinedQKV` still to split, bias and rotate. ``norm_impl``: the fused kernel's
+    implementation, where ``pending`` is given.
 
-    ``pending`` (where :func:`fuses_norms`): the previous layer's MLP output, not yet added to ``h``. The block then
-    adds it in the fused kernel that also computes this layer's attention norm, and returns ``((h, down), kv)``
-    with its own MLP output left pending in turn (zeros for the first layer; the caller adds the last one).
+    ``pending`` (where the caller's :func:`fuses_norms` held): the previous layer's MLP output, not yet added to
+    ``h``. The block then runs both of its residual adds with the norm after each as the fused kernel (this one
+    into the attention norm, the attention output's into the MLP norm), and returns ``((h, down), kv)`` with its own
+    MLP output left pending in turn (zeros for the first layer; the caller adds the last one). Without it, the
+    XLA form.
     """
     h = constrain(h, ("batch", None, None))
     mask = _layer_mask(mask, p)
@@ -637,7 +639,7 @@ def _decoder_block(spec: ModelSpec, h, p, rope, *, mask, causal, impl, layer_cac
         o = o + p["o_bias"]
     if spec.sandwich_norms:
         o = _norm(spec, o, p, "post_attn_norm")
-    h, x = _add_then_mlp_norm(spec, h, o, p, key, norm_impl)
+    h, x = _add_then_mlp_norm(spec, h, o, p, key, norm_impl, fused=pending is not None)
     if JOINED_GATE_UP in p:
         gate, up = jnp.split(x @ p[JOINED_GATE_UP], 2, axis=-1)
     else:
