@@ -27,11 +27,19 @@ measure taken inside a training call.
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu python benchmarks/first_step_host.py --shape tiny --calls 3
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu python benchmarks/first_step_host.py --compile call --workload fixed
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu python benchmarks/first_step_host.py --scan-layers    # the first step's compiles, scanned
+    JAX_PLATFORMS=cuda python benchmarks/first_step_host.py --trace /tmp/first_trace        # on a GPU: XLA's phases
+
+``--trace DIR`` records the calls with ``jax.profiler`` and prints XLA's own host-side phases (the compiler's
+trace annotations: pass pipelines, LLVM and PTX compilation, autotuning), summed over threads and programs, so
+a first step that only a GPU host can measure is broken down by what its compile spends the time on. Times are
+inclusive (a phase contains its sub-phases), so rows do not add up.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import json
 import os
 import sys
@@ -52,6 +60,8 @@ def main() -> None:
     p.add_argument("--fp32", action="store_true", help="fp32 compute (default bf16, as bench_speed on a GPU)")
     p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
                    help="force the layer loop scanned (one layer body to compile) or unrolled (default: the trainer's rule)")
+    p.add_argument("--trace", default=None, help="record the calls with jax.profiler here and print XLA's compile phases")
+    p.add_argument("--top", type=int, default=30, help="phases printed with --trace")
     p.add_argument("--json", default=None, help="append each call's summary as a JSON line to this file")
     args = p.parse_args()
 
@@ -87,6 +97,8 @@ def main() -> None:
         return value, time.perf_counter() - wall, time.process_time() - cpu
 
     summaries = []
+    tracing = jax.profiler.trace(args.trace) if args.trace else contextlib.nullcontext()
+    tracing.__enter__()
     print("| call | program | lower s | compile s | wall s | cpu s |\n|---:|---|---:|---:|---:|---:|", flush=True)
     for index, call in enumerate(bench_speed.workload(args.workload, trainer.spec.vocab_size)[: args.calls]):
         serial = args.compile == "serial"
@@ -104,7 +116,39 @@ def main() -> None:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"shape": args.shape, "workload": args.workload, "compile": args.compile, **summary})
                         + "\n")
+    tracing.__exit__(None, None, None)
     print(json.dumps(summaries))
+    if args.trace:
+        print_compile_phases(args.trace, args.top)
+
+
+def compile_phases(trace_dir: str) -> dict[str, tuple[int, int, int]]:
+    """name -> (count, total ns, longest ns) of the trace's host events that are not Python frames: XLA's own
+    annotations (``GpuCompiler::RunBackend``, pass pipelines, ``ptxas``, autotuners), summed over threads."""
+    from jax.profiler import ProfileData
+
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+    if not paths:
+        raise SystemExit(f"--trace {trace_dir}: the profiler wrote no *.xplane.pb there")
+    phases: dict[str, list[int]] = {}
+    for plane in ProfileData.from_file(paths[-1]).planes:
+        if not plane.name.startswith("/host"):
+            continue
+        for line in plane.lines:
+            for event in line.events:
+                if event.name.startswith("$"):  # a Python frame (jax's tracing and lowering), not the compiler
+                    continue
+                count, total, longest = phases.setdefault(event.name, [0, 0, 0])
+                phases[event.name] = [count + 1, total + event.duration_ns, max(longest, event.duration_ns)]
+    return {name: tuple(v) for name, v in phases.items()}
+
+
+def print_compile_phases(trace_dir: str, top: int) -> None:
+    phases = sorted(compile_phases(trace_dir).items(), key=lambda kv: -kv[1][1])[:top]
+    print(f"\nXLA's host phases, inclusive, summed over threads (top {top}):\n| phase | count | total s | longest s |"
+          "\n|---|---:|---:|---:|")
+    for name, (count, total, longest) in phases:
+        print(f"| {name[:90]} | {count} | {total / 1e9:.2f} | {longest / 1e9:.2f} |")
 
 
 if __name__ == "__main__":

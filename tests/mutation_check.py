@@ -75,6 +75,13 @@ MUTATIONS = {
         ("tests/test_fused_norm_model.py", "-k", "bf16"),
         False,
     ),
+    # The same broken backward against the GPU tier's model test (compiled Triton kernel, the same bf16 bound).
+    "fused_backward_residual_dropped_bf16_compiled": Mutation(
+        "jaxsft/kernels/add_rms_norm.py",
+        (("(dx + ds).astype(dtype)", "(dx + 0.0 * ds).astype(dtype)"),),
+        ("tests/test_gpu_tier.py", "-m", "gpu", "-k", "fused and model"),
+        True,
+    ),
     "fused_backward_mean_dropped_compiled": Mutation(
         "jaxsft/kernels/add_rms_norm.py",
         (("mean = jnp.sum(d_normed", "mean = 0.0 * jnp.sum(d_normed"),),
