@@ -61,6 +61,15 @@ def test_bench_loop_runs_a_round_on_the_tiny_shape():
 
 
 @pytest.mark.slow
+def test_first_step_host_breaks_the_compile_into_xla_phases(tmp_path):
+    out = _run("benchmarks/first_step_host.py", "--shape", "tiny", "--trace", str(tmp_path / "trace"), "--top", "50")
+    table = out.split("XLA's host phases")[1]
+    phases = {line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ")}
+    assert "backend_compile_and_load" in phases  # the compiler's own phases are read from the trace
+    assert not any(name.startswith("$") for name in phases)  # Python frames (tracing, lowering) are left out
+
+
+@pytest.mark.slow
 def test_bench_speed_runs_a_model_option_variant_with_the_same_losses():
     """The A/B form the fused-norm measurement uses (``--variants`` with a model option): both rows come back,
     and the kernel (interpret mode here) gives the XLA form's losses."""
