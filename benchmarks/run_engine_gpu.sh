@@ -44,6 +44,8 @@ for section in "$@"; do
     fused_norm_gen05) for impl in xla pallas; do timeout 100 python3 $B/bench_generate.py --shape qwen05 --batches 512 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf --norm-implementation $impl; done > $OUT/$section.log 2>&1 ;;
     fused_kernel) for h in 576 896 1536; do timeout 50 python3 $B/bench_fused.py --rows 4096 --hidden $h; done > $OUT/$section.log 2>&1 ;;
     roof) timeout 60 python3 $B/roof.py > $OUT/$section.log 2>&1 ;;
+    # the whole GPU tier (24 tests: over 200 s on an H100, mostly compiling)
+    tier) JAX_PLATFORMS=cuda timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_tier.py > $OUT/$section.log 2>&1 ;;
     fused_norm_tier) JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -k "fused" tests/test_gpu_tier.py > $OUT/$section.log 2>&1 ;;
     first_step_cache) rm -rf /tmp/jaxsft-xla; timeout 500 python3 $B/bench_speed.py --shapes qwen05 --impls jaxsft --workloads ragged --run-timeout-s 200 --variants '{"cache_fill": [{"compilation_cache": true, "compilation_cache_dir": "/tmp/jaxsft-xla"}, {}], "cache_rerun": [{"compilation_cache": true, "compilation_cache_dir": "/tmp/jaxsft-xla"}, {}]}' > $OUT/$section.log 2>&1 ;;
     first_step_autotune) timeout 500 python3 $B/bench_speed.py --shapes qwen05 --impls jaxsft --workloads ragged --run-timeout-s 200 --variants '{"autotune_1": [{"xla_options": {"xla_gpu_enable_triton_gemm": false, "xla_gpu_autotune_level": 1}}, {}]}' > $OUT/$section.log 2>&1 ;;
