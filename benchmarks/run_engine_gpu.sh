@@ -44,6 +44,10 @@ for section in "$@"; do
     fused_norm_gen05) for impl in xla pallas; do timeout 100 python3 $B/bench_generate.py --shape qwen05 --batches 512 --new-tokens 256 --temperature 1 --repeats 2 --skip-hf --norm-implementation $impl; done > $OUT/$section.log 2>&1 ;;
     fused_kernel) for h in 576 896 1536; do timeout 50 python3 $B/bench_fused.py --rows 4096 --hidden $h; done > $OUT/$section.log 2>&1 ;;
     roof) timeout 60 python3 $B/roof.py > $OUT/$section.log 2>&1 ;;
+    # the scanned layer loop against the default (unrolled up to 48 layers): training speed and first step, both workloads
+    scan_vs_unroll) timeout 580 python3 $B/bench_speed.py --shapes qwen05 --impls jaxsft --workloads fixed,ragged --run-timeout-s 200 --variants '{"scanned": [{"scan_layers": true}, {}]}' > $OUT/$section.log 2>&1 ;;
+    # where a first ragged step's compile goes (XLA's phases from a profiler trace), unrolled and scanned
+    first_step_phases) for scan in --no-scan-layers --scan-layers; do JAX_PLATFORMS=cuda timeout 90 python3 $B/first_step_host.py --shape qwen05 --compile call $scan --trace /tmp/first_trace$scan --top 30; done > $OUT/$section.log 2>&1 ;;
     # the whole GPU tier (24 tests: over 200 s on an H100, mostly compiling)
     tier) JAX_PLATFORMS=cuda timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_tier.py > $OUT/$section.log 2>&1 ;;
     fused_norm_tier) JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -k "fused" tests/test_gpu_tier.py > $OUT/$section.log 2>&1 ;;
