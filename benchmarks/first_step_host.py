@@ -97,34 +97,33 @@ def main() -> None:
         return value, time.perf_counter() - wall, time.process_time() - cpu
 
     summaries = []
-    tracing = jax.profiler.trace(args.trace) if args.trace else contextlib.nullcontext()
-    tracing.__enter__()
-    print("| call | program | lower s | compile s | wall s | cpu s |\n|---:|---|---:|---:|---:|---:|", flush=True)
-    for index, call in enumerate(bench_speed.workload(args.workload, trainer.spec.vocab_size)[: args.calls]):
-        serial = args.compile == "serial"
-        report, wall, cpu = timed(lambda: trainer.precompile(input_ids=call, side_by_side=not serial))
-        for layout, lower_s, compile_s in report.get("each", []):
-            print(f"| {index} | {layout} | {lower_s:.2f} | {compile_s:.2f} | {lower_s + compile_s:.2f} | - |", flush=True)
-        summary = {"call": index, "new_programs": report["new_programs"], "layouts": report["programs"],
-                   "compile_s": round(report["compile_seconds"], 3), "host_s": round(wall, 3), "cpu_s": round(cpu, 3),
-                   "load": os.getloadavg()[0]}
-        print(f"| {index} | **call total**: {report['new_programs']} new of {len(report['programs'])} programs"
-              f"{'' if serial else ', side by side'}{'' if index else ' and the host copy of the starting weights'} | - | "
-              f"{report['compile_seconds']:.2f} | {wall:.2f} | {cpu:.2f} |", flush=True)
-        summaries.append(summary)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps({"shape": args.shape, "workload": args.workload, "compile": args.compile, **summary})
-                        + "\n")
-    tracing.__exit__(None, None, None)
+    # The trace covers the calls only (not the model's set-up), so its phases are the first step's.
+    with jax.profiler.trace(args.trace) if args.trace else contextlib.nullcontext():
+        print("| call | program | lower s | compile s | wall s | cpu s |\n|---:|---|---:|---:|---:|---:|", flush=True)
+        for index, call in enumerate(bench_speed.workload(args.workload, trainer.spec.vocab_size)[: args.calls]):
+            serial = args.compile == "serial"
+            report, wall, cpu = timed(lambda: trainer.precompile(input_ids=call, side_by_side=not serial))
+            for layout, lower_s, compile_s in report.get("each", []):
+                print(f"| {index} | {layout} | {lower_s:.2f} | {compile_s:.2f} | {lower_s + compile_s:.2f} | - |", flush=True)
+            summary = {"call": index, "new_programs": report["new_programs"], "layouts": report["programs"],
+                       "compile_s": round(report["compile_seconds"], 3), "host_s": round(wall, 3), "cpu_s": round(cpu, 3),
+                       "load": os.getloadavg()[0]}
+            print(f"| {index} | **call total**: {report['new_programs']} new of {len(report['programs'])} programs"
+                  f"{'' if serial else ', side by side'}{'' if index else ' and the host copy of the starting weights'} | - | "
+                  f"{report['compile_seconds']:.2f} | {wall:.2f} | {cpu:.2f} |", flush=True)
+            summaries.append(summary)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps({"shape": args.shape, "workload": args.workload, "compile": args.compile, **summary})
+                            + "\n")
     print(json.dumps(summaries))
     if args.trace:
         print_compile_phases(args.trace, args.top)
 
 
 def compile_phases(trace_dir: str) -> dict[str, tuple[int, int, int]]:
-    """name -> (count, total ns, longest ns) of the trace's host events that are not Python frames: XLA's own
-    annotations (``GpuCompiler::RunBackend``, pass pipelines, ``ptxas``, autotuners), summed over threads."""
+    """name -> (count, total ns, longest ns) of the trace's host events that are not Python frames, summed over
+    threads: the compiler's annotations (pass pipelines, LLVM, ``PTX->CUBIN``, autotuners) and the runtime's."""
     from jax.profiler import ProfileData
 
     paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
