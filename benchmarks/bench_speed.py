@@ -300,6 +300,9 @@ def spawn(args, impl: str, shape: str, w: str, options: str = "{}", model_option
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--shape", shape, "--workload", w,
            "--options", options, "--model-options", model_options] + (["--cpu"] if args.cpu else [])
     env = dict(os.environ)
+    # First steps are timed cold: a compilation cache named by the environment (TrainConfig.compilation_cache=False
+    # leaves a process's own cache on) would turn their compiles into loads.
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     if args.cpu:
         env.setdefault("JAX_PLATFORMS", "cpu")
     t = time.perf_counter()

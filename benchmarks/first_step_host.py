@@ -46,6 +46,9 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# What it measures is compiling: a compilation cache named by the environment (the test suite names one) would
+# turn the compiles into loads, and TrainConfig.compilation_cache=False leaves a process's own cache on.
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
