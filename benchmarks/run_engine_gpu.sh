@@ -49,7 +49,7 @@ for section in "$@"; do
     # where a first ragged step's compile goes (XLA's phases from a profiler trace), unrolled and scanned
     first_step_phases) for scan in --no-scan-layers --scan-layers; do JAX_PLATFORMS=cuda timeout 90 python3 $B/first_step_host.py --shape qwen05 --compile call $scan --trace /tmp/first_trace$scan --top 30; done > $OUT/$section.log 2>&1 ;;
     # the whole GPU tier (24 tests: over 200 s on an H100, mostly compiling)
-    tier) JAX_PLATFORMS=cuda timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_tier.py > $OUT/$section.log 2>&1 ;;
+    tier) JAX_PLATFORMS=cuda timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=12 tests/test_gpu_tier.py > $OUT/$section.log 2>&1 ;;
     fused_norm_tier) JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -k "fused" tests/test_gpu_tier.py > $OUT/$section.log 2>&1 ;;
     first_step_cache) rm -rf /tmp/jaxsft-xla; timeout 500 python3 $B/bench_speed.py --shapes qwen05 --impls jaxsft --workloads ragged --run-timeout-s 200 --variants '{"cache_fill": [{"compilation_cache": true, "compilation_cache_dir": "/tmp/jaxsft-xla"}, {}], "cache_rerun": [{"compilation_cache": true, "compilation_cache_dir": "/tmp/jaxsft-xla"}, {}]}' > $OUT/$section.log 2>&1 ;;
     first_step_autotune) timeout 500 python3 $B/bench_speed.py --shapes qwen05 --impls jaxsft --workloads ragged --run-timeout-s 200 --variants '{"autotune_1": [{"xla_options": {"xla_gpu_enable_triton_gemm": false, "xla_gpu_autotune_level": 1}}, {}]}' > $OUT/$section.log 2>&1 ;;
