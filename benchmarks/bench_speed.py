@@ -272,10 +272,7 @@ def plan_problems(shapes: list[str], variants: dict) -> list[str]:
     """What in ``--shapes`` or ``--variants`` names nothing that runs, found before any run starts (each worker would
     otherwise fail on it after the peak probe, on a device lease). A variant is ``[TrainConfig overrides, model
     options]``: the first must build a ``jaxsft.TrainConfig``, the second's keys must be the model's constructor's."""
-    import inspect
-
     import jaxsft
-    from jaxsft.models.decoder import CausalLM
 
     problems = [f"--shapes: unknown {shape!r}; choose from {sorted(SHAPES)}" for shape in shapes if shape not in SHAPES]
     for label, entry in variants.items():
@@ -287,8 +284,7 @@ def plan_problems(shapes: list[str], variants: dict) -> list[str]:
             jaxsft.TrainConfig(**options)
         except (TypeError, ValueError) as e:
             problems.append(f"--variants {label!r}: its TrainConfig overrides (the first object) fail: {e}")
-        known = set(inspect.signature(CausalLM.__init__).parameters) - {"self", "spec", "rngs"}
-        known |= {"seed", "param_dtype", "sharding_rules"}  # init_model's own
+        known = model_option_names()
         stray = sorted(set(model_options) - known)
         if stray:
             problems.append(f"--variants {label!r}: model options (the second object) {stray} are not the model's; "
@@ -296,13 +292,32 @@ def plan_problems(shapes: list[str], variants: dict) -> list[str]:
     return problems
 
 
+def model_option_names() -> set[str]:
+    """The keywords a variant's model options may use: ``jaxsft.init_model``'s and the model constructor's it passes
+    on, less what :func:`run_jaxsft` passes itself (``mesh``, ``seed``) and what the constructor is given."""
+    import inspect
+
+    import jaxsft
+    from jaxsft.models.decoder import CausalLM
+
+    init = inspect.signature(jaxsft.init_model).parameters
+    own = {name for name, param in init.items() if param.kind is param.KEYWORD_ONLY}
+    passed_on = set(inspect.signature(CausalLM.__init__).parameters) - {"self", "spec", "rngs"}
+    return (own | passed_on) - {"mesh", "seed"}
+
+
+def drop_named_cache(env) -> None:
+    """Remove from ``env`` (``os.environ`` or a copy) a compilation cache it names. First steps are timed cold, and
+    ``TrainConfig.compilation_cache=False`` leaves a process's own cache on: such a cache would turn compiles into
+    loads (the test suite names one)."""
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+
+
 def spawn(args, impl: str, shape: str, w: str, options: str = "{}", model_options: str = "{}", timeout: float = 900) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--shape", shape, "--workload", w,
            "--options", options, "--model-options", model_options] + (["--cpu"] if args.cpu else [])
     env = dict(os.environ)
-    # First steps are timed cold: a compilation cache named by the environment (TrainConfig.compilation_cache=False
-    # leaves a process's own cache on) would turn their compiles into loads.
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    drop_named_cache(env)
     if args.cpu:
         env.setdefault("JAX_PLATFORMS", "cpu")
     t = time.perf_counter()

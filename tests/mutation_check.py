@@ -29,6 +29,10 @@ class Mutation(NamedTuple):
     needs_gpu: bool
 
 
+# Breaks of the fused norm kernel's backward, each checked on the CPU (interpret mode) and compiled on a GPU.
+MEAN_TERM_DROPPED = (("mean = jnp.sum(d_normed", "mean = 0.0 * jnp.sum(d_normed"),)
+RESIDUAL_COTANGENT_DROPPED = (("(dx + ds).astype(dtype)", "(dx + 0.0 * ds).astype(dtype)"),)
+
 MUTATIONS = {
     # cuDNN's ragged call without its segment tables: plain causal attention over the whole packed row.
     "ragged_mask_dropped": Mutation(
@@ -41,7 +45,7 @@ MUTATIONS = {
     # The fused add + RMSNorm backward without the term that projects out the row's mean direction.
     "fused_backward_mean_dropped": Mutation(
         "jaxsft/kernels/add_rms_norm.py",
-        (("mean = jnp.sum(d_normed", "mean = 0.0 * jnp.sum(d_normed"),),
+        MEAN_TERM_DROPPED,
         ("tests/test_kernels.py",),
         False,
     ),
@@ -71,20 +75,20 @@ MUTATIONS = {
     # bound the GPU tier's model test uses), so that bound is shown not to be a free pass.
     "fused_backward_residual_dropped_bf16": Mutation(
         "jaxsft/kernels/add_rms_norm.py",
-        (("(dx + ds).astype(dtype)", "(dx + 0.0 * ds).astype(dtype)"),),
+        RESIDUAL_COTANGENT_DROPPED,
         ("tests/test_fused_norm_model.py", "-k", "bf16"),
         False,
     ),
     # The same broken backward against the GPU tier's model test (compiled Triton kernel, the same bf16 bound).
     "fused_backward_residual_dropped_bf16_compiled": Mutation(
         "jaxsft/kernels/add_rms_norm.py",
-        (("(dx + ds).astype(dtype)", "(dx + 0.0 * ds).astype(dtype)"),),
+        RESIDUAL_COTANGENT_DROPPED,
         ("tests/test_gpu_tier.py", "-m", "gpu", "-k", "fused and model"),
         True,
     ),
     "fused_backward_mean_dropped_compiled": Mutation(
         "jaxsft/kernels/add_rms_norm.py",
-        (("mean = jnp.sum(d_normed", "mean = 0.0 * jnp.sum(d_normed"),),
+        MEAN_TERM_DROPPED,
         ("tests/test_gpu_tier.py", "-m", "gpu", "-k", "fused"),
         True,
     ),
