@@ -62,7 +62,10 @@ def test_bench_loop_runs_a_round_on_the_tiny_shape():
 
 @pytest.mark.slow
 def test_first_step_host_breaks_the_compile_into_xla_phases(tmp_path):
-    out = _run("benchmarks/first_step_host.py", "--shape", "tiny", "--trace", str(tmp_path / "trace"), "--top", "50")
+    out = _run("benchmarks/first_step_host.py", "--shape", "tiny", "--trace", str(tmp_path / "trace"), "--top", "50",
+               "--profile-lowering", "60")
+    profile = out.split("Python profile of the calls")[1].split("XLA's host phases")[0]
+    assert "lower_fused" in profile  # the lowering's Python is among the profiled functions
     table = out.split("XLA's host phases")[1]
     phases = {line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ")}
     assert "backend_compile_and_load" in phases  # the compiler's own phases are read from the trace
