@@ -45,7 +45,8 @@ for section in "$@"; do
     fused_kernel) for h in 576 896 1536; do timeout 50 python3 $B/bench_fused.py --rows 4096 --hidden $h; done > $OUT/$section.log 2>&1 ;;
     roof) timeout 60 python3 $B/roof.py > $OUT/$section.log 2>&1 ;;
     # the scanned layer loop against the default (unrolled up to 48 layers): training speed and first step, both workloads
-    scan_vs_unroll) timeout 580 python3 $B/bench_speed.py --shapes qwen05 --impls jaxsft --workloads fixed,ragged --run-timeout-s 200 --variants '{"scanned": [{"scan_layers": true}, {}]}' > $OUT/$section.log 2>&1 ;;
+    # (and scanned with the remat policy that trained scanned layers fastest in the third session, dots saved)
+    scan_vs_unroll) timeout 560 python3 $B/bench_speed.py --shapes qwen05 --impls jaxsft --workloads fixed,ragged --run-timeout-s 150 --variants '{"scanned": [{"scan_layers": true}, {}], "scanned_dots": [{"scan_layers": true, "gradient_checkpointing": true}, {"remat_policy": "dots_saveable"}]}' > $OUT/$section.log 2>&1 ;;
     # where a first ragged step's compile goes (XLA's phases from a profiler trace), unrolled and scanned
     first_step_phases) for scan in --no-scan-layers --scan-layers; do JAX_PLATFORMS=cuda timeout 90 python3 $B/first_step_host.py --shape qwen05 --compile call $scan --trace /tmp/first_trace$scan --top 30; done > $OUT/$section.log 2>&1 ;;
     # the whole GPU tier (24 tests: over 200 s on an H100, mostly compiling)
