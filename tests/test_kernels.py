@@ -96,3 +96,32 @@ def test_kernels_lower_to_triton_for_a_gpu_on_any_host(plus_one):
     w = jax.ShapeDtypeStruct((hidden,), jnp.float32)
     lowered = jax.jit(forward_and_backward).trace(x, x, w, x, x).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 2  # the forward and the backward kernel
+
+
+def test_a_kernel_form_is_lowered_once_per_program_however_many_sites_call_it():
+    """A layer calls the kernel at two sites of one shape, and a program's layers all share it: each form (shape,
+    dtype, flags) is lowered to Triton once and called from every site. Lowering a fresh Triton module at each site
+    took about half of a 0.5B training program's lowering (benchmarks/RESULTS.md, nineteenth session). Another
+    shape, or Gemma's ``1 + w`` form, is another form and gets a module of its own."""
+    hidden = 896
+
+    def two_sites(h, d1, d2, scale, plus_one=False):
+        def f(h, d1, d2, scale):
+            s, y = fused.add_rms_norm(h, d1, scale, 1e-6, implementation="pallas", interpret=False)
+            s2, y2 = fused.add_rms_norm(s, d2 + y, scale, 1e-6, implementation="pallas", interpret=False,
+                                        plus_one=plus_one)
+            # squares: every output's value is needed by the backward, so no site's program is pruned to a variant
+            return jnp.sum(jnp.square(s2.astype(jnp.float32))) + jnp.sum(jnp.square(y2.astype(jnp.float32)))
+
+        return jax.grad(f, argnums=(0, 1, 2, 3))(h, d1, d2, scale)
+
+    def kernel_modules(rows: int, plus_one: bool = False) -> int:
+        x = jax.ShapeDtypeStruct((rows, hidden), jnp.bfloat16)
+        w = jax.ShapeDtypeStruct((hidden,), jnp.float32)
+        lowered = jax.jit(lambda *a: two_sites(*a, plus_one=plus_one)).trace(x, x, x, w).lower(
+            lowering_platforms=("cuda",))
+        return lowered.as_text().count("xla.gpu.triton")
+
+    assert kernel_modules(rows=40) == 2  # one forward and one backward module for both sites
+    assert kernel_modules(rows=24) == 2  # a new shape: lowered anew (not a stale module of the first)
+    assert kernel_modules(rows=40, plus_one=True) == 4  # the second site's Gemma form is a form of its own

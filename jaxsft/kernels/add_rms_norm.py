@@ -171,15 +171,33 @@ def _fused(h, delta, scale, eps: float, interpret: bool, plus_one: bool):
 
 def _fused_fwd(h, delta, scale, eps: float, interpret: bool, plus_one: bool):
     rows, hidden = h.shape
+    s, y, rstd = _forward_program(rows, hidden, h.dtype, eps, plus_one, interpret)(h, delta, scale)
+    return (s, y), (s, scale, rstd)
+
+
+# One jitted program per static form (shape, dtype and flags), built once per process. Why: a fresh pallas_call at
+# each site was traced and lowered to Triton at each site: seven kernel lowerings and nine kernel traces in each
+# 0.5B training program, about 40 % of its lowering for a GPU under cProfile (benchmarks/RESULTS.md, nineteenth
+# session). One jitted function is traced once per form, and within one program jax lowers it once and calls it
+# from every site (XLA inlines the calls, so the compiled program is the same).
+@functools.lru_cache(maxsize=256)
+def _forward_program(rows: int, hidden: int, dtype: jnp.dtype, eps: float, plus_one: bool, interpret: bool):
     out_shape = (
-        jax.ShapeDtypeStruct(h.shape, h.dtype),
-        jax.ShapeDtypeStruct(h.shape, h.dtype),
+        jax.ShapeDtypeStruct((rows, hidden), dtype),
+        jax.ShapeDtypeStruct((rows, hidden), dtype),
         jax.ShapeDtypeStruct((rows,), jnp.float32),
     )
-    call = _call(functools.partial(_forward_kernel, eps=eps, plus_one=plus_one), out_shape, rows, hidden, interpret,
-                 "add_rms_norm_fwd")
-    s, y, rstd = call(h, delta, scale)
-    return (s, y), (s, scale, rstd)
+    return jax.jit(_call(functools.partial(_forward_kernel, eps=eps, plus_one=plus_one), out_shape, rows, hidden,
+                         interpret, "add_rms_norm_fwd"))
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_program(rows: int, hidden: int, dtype: jnp.dtype, plus_one: bool, interpret: bool):
+    block_rows, lanes = _blocks(rows, hidden)
+    shares = jax.ShapeDtypeStruct((-(-rows // block_rows) * lanes,), jnp.float32)  # each program's share of dw
+    out_shape = (jax.ShapeDtypeStruct((rows, hidden), dtype), shares)
+    return jax.jit(_call(functools.partial(_backward_kernel, plus_one=plus_one), out_shape, rows, hidden, interpret,
+                         "add_rms_norm_bwd"))
 
 
 def _fused_bwd(eps: float, interpret: bool, plus_one: bool, residuals, cotangents):
@@ -189,9 +207,7 @@ def _fused_bwd(eps: float, interpret: bool, plus_one: bool, residuals, cotangent
     rows, hidden = s.shape
     block_rows, lanes = _blocks(rows, hidden)
     programs = -(-rows // block_rows)
-    out_shape = (jax.ShapeDtypeStruct(s.shape, s.dtype), jax.ShapeDtypeStruct((programs * lanes,), jnp.float32))
-    call = _call(functools.partial(_backward_kernel, plus_one=plus_one), out_shape, rows, hidden, interpret,
-                 "add_rms_norm_bwd")
+    call = _backward_program(rows, hidden, s.dtype, plus_one, interpret)
     dx, shares = call(s, scale, rstd, dy.astype(s.dtype), ds.astype(s.dtype))
     d_scale = jnp.sum(shares.reshape(programs, lanes)[:, :hidden], axis=0)  # fp32, as layers.rms_norm's backward
     return dx, dx, d_scale.astype(scale.dtype)
