@@ -40,6 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft.infra import compile_options, sharding as shd
+from jaxsft.infra.gc_pause import paused_gc
 from jaxsft.generation import engine
 from jaxsft.generation.causal import CausalAdapter
 from jaxsft.generation.engine import MIN_NEW_TOKENS_BUCKET, MIN_PROMPT_BUCKET, DecodeState, pow2_at_least
@@ -291,8 +292,13 @@ class Sampler:
             return shd.place_array(np.asarray(np.int32(v)), rep)
 
         options = self.xla_options or None
-        init = self._program(("init", graphdef, sig, mesh, shape), lambda: jax.jit(
-            engine.make_init(adapter, shape), out_shardings=layouts).lower().compile(compiler_options=options))
+        def built(lower):  # lowered with the collector held off (jaxsft.infra.gc_pause), then compiled
+            with paused_gc():
+                lowered = lower()
+            return lowered.compile(compiler_options=options)
+
+        init = self._program(("init", graphdef, sig, mesh, shape), lambda: built(lambda: jax.jit(
+            engine.make_init(adapter, shape), out_shardings=layouts).lower()))
 
         def example():  # the engine state's abstract value, for compiling (traced only then)
             abstract = jax.eval_shape(engine.make_init(adapter, shape))
@@ -303,15 +309,14 @@ class Sampler:
                 inputs = place_inputs(np.zeros((gp, shape.prompt_slots), np.int32),
                                       np.zeros((gp, shape.prompt_slots), np.int32), np.zeros((gp,), np.int32),
                                       np.zeros((gp * shape.n,), np.int32))
-                return jax.jit(engine.make_prefill(adapter, graphdef, shape, mode), donate_argnums=(1,),
-                               out_shardings=layouts).lower(state, example(), inputs, scalars).compile(
-                                   compiler_options=options)
+                return built(lambda: jax.jit(engine.make_prefill(adapter, graphdef, shape, mode), donate_argnums=(1,),
+                                             out_shardings=layouts).lower(state, example(), inputs, scalars))
 
             return self._program(("prefill",) + base + (gp,), build)
 
-        decode = self._program(("decode",) + base, lambda: jax.jit(
+        decode = self._program(("decode",) + base, lambda: built(lambda: jax.jit(
             engine.make_decode(adapter, graphdef, shape, mode), donate_argnums=(1,), out_shardings=layouts,
-        ).lower(state, example(), scalars, place_scalar(0), place_scalar(0)).compile(compiler_options=options))
+        ).lower(state, example(), scalars, place_scalar(0), place_scalar(0))))
         programs = engine.Programs(init=init, prefill=prefill, decode=decode)
         cap = adapter.prefill_group_cap(shape.prompt_slots, PREFILL_SCORE_BYTES)
         on_chunk, step_limit = None, None

@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxsft.training import objectives
 from jaxsft.infra import sharding as shd
+from jaxsft.infra.gc_pause import paused_gc
 from jaxsft.training import step as step_fns
 from jaxsft.training.train_state import TrainState
 
@@ -143,7 +144,7 @@ class TrainPrograms:
         return self.cache[key]
 
     def lower(self, fn, args, *, donate, out_shardings) -> jax.stages.Lowered:
-        with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):
+        with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules), paused_gc():
             return jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings).lower(*args)
 
     def built(self, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
