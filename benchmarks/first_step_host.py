@@ -29,6 +29,7 @@ measure taken inside a training call.
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu python benchmarks/first_step_host.py --scan-layers    # the first step's compiles, scanned
     JAX_PLATFORMS=cuda python benchmarks/first_step_host.py --trace /tmp/first_trace        # on a GPU: XLA's phases
     JAX_PLATFORMS=cuda python benchmarks/first_step_host.py --profile-lowering 40          # on a GPU: lowering's Python
+    PYTHONPATH=$PWD JAX_PLATFORMS=cpu python benchmarks/first_step_host.py --lower-for-gpu    # a GPU program's lowering, here
 
 ``--trace DIR`` records the calls with ``jax.profiler`` and prints XLA's own host-side phases (the compiler's
 trace annotations: pass pipelines, LLVM and PTX compilation, autotuning), summed over threads and programs, so
@@ -74,6 +75,8 @@ def main() -> None:
     p.add_argument("--trace", default=None, help="record the calls with jax.profiler here and print XLA's compile phases")
     p.add_argument("--top", type=int, default=30, help="phases printed with --trace")
     p.add_argument("--json", default=None, help="append each call's summary as a JSON line to this file")
+    p.add_argument("--lower-for-gpu", action="store_true",
+                   help="on a CPU host: lower each program for CUDA with the GPU's choices, time it, compile nothing")
     p.add_argument("--profile-lowering", type=int, default=0, metavar="N",
                    help="profile the calls' Python (cProfile) and print the N functions with the most cumulative time")
     args = p.parse_args()
@@ -117,7 +120,8 @@ def main() -> None:
             serial = args.compile == "serial"
             if profiler:
                 profiler.enable()
-            report, wall, cpu = timed(lambda: trainer.precompile(input_ids=call, side_by_side=not serial))
+            with gpu_lowering(trainer) if args.lower_for_gpu else contextlib.nullcontext():
+                report, wall, cpu = timed(lambda: trainer.precompile(input_ids=call, side_by_side=not serial))
             if profiler:
                 profiler.disable()
             for layout, lower_s, compile_s in report.get("each", []):
@@ -138,6 +142,36 @@ def main() -> None:
         print_python_profile(profiler, args.profile_lowering)
     if args.trace:
         print_compile_phases(args.trace, args.top)
+
+
+@contextlib.contextmanager
+def gpu_lowering(trainer):
+    """The trainer's programs lowered for CUDA, as a GPU host lowers them, and not compiled (a CPU host has no
+    CUDA compiler): the default backend reads "gpu" while they are traced, so every choice made by backend takes
+    the GPU's path (cuDNN attention and its ragged form, the fused norm kernel lowered to Triton, the GPU's
+    packing), and jax's cuDNN checks are answered as for an H100 (cuDNN 9.14, compute capability 9.0). Each
+    program's compile seconds then read ~0. Lowering is host Python, so this measures it on any machine; a GPU
+    host's own Python may be slower (eighteenth session: 1.9-2.2 s a program on an H100 host)."""
+    import jax
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    saved = (jax.default_backend, cudnn.check_cudnn_version, cudnn.check_compute_capability)
+    jax.default_backend = lambda: "gpu"
+    cudnn.check_cudnn_version = lambda: 91400
+    cudnn.check_compute_capability = lambda capability: True
+    trainer.programs.lowering_platforms = ("cuda",)
+    trainer.programs.built = lambda lowered: lowered  # the instance's, for this block
+    try:
+        yield
+        for key, lowered in trainer.programs.cache.items():  # what was lowered: the GPU's kernels, not the CPU's
+            text = lowered.as_text()
+            print(f"# lowered for CUDA: {trainer.programs.layout(key)}: {text.count('xla.gpu.triton')} Triton kernel "
+                  f"modules, {text.count('__cudnn$fmha')} cuDNN attention calls", flush=True)
+    finally:
+        jax.default_backend, cudnn.check_cudnn_version, cudnn.check_compute_capability = saved
+        trainer.programs.lowering_platforms = None
+        del trainer.programs.built
+        trainer.programs.cache.clear()  # lowered, not compiled: nothing a later call could run
 
 
 def print_python_profile(profiler: cProfile.Profile, top: int) -> None:

@@ -73,6 +73,18 @@ def test_first_step_host_breaks_the_compile_into_xla_phases(tmp_path):
 
 
 @pytest.mark.slow
+def test_first_step_host_lowers_the_gpus_programs_on_a_cpu():
+    """``--lower-for-gpu`` times the GPU's lowering on this host: every program must carry the GPU's kernels (the
+    fused norm's Triton modules, cuDNN's attention), or it would be timing the CPU's programs under the GPU's name."""
+    out = _run("benchmarks/first_step_host.py", "--shape", "tiny", "--lower-for-gpu")
+    lowered = [line for line in out.splitlines() if line.startswith("# lowered for CUDA:")]
+    assert len(lowered) == 3, out[-2000:]  # the first ragged call's three layouts
+    for line in lowered:
+        triton, cudnn = (int(word) for word in line.split(":")[-1].split() if word.isdigit())
+        assert triton == 2 and cudnn > 0, line  # one forward and one backward norm module; attention on cuDNN
+
+
+@pytest.mark.slow
 def test_bench_speed_runs_a_model_option_variant_with_the_same_losses():
     """The A/B form the fused-norm measurement uses (``--variants`` with a model option): both rows come back,
     and the kernel (interpret mode here) gives the XLA form's losses."""

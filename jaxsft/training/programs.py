@@ -103,6 +103,9 @@ class TrainPrograms:
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.takes_dropout_key = takes_dropout_key
         self.cache: dict[tuple, Any] = {}
+        # Lower for these platforms instead of the mesh's own (None): ahead-of-time lowering for another backend,
+        # e.g. a GPU program's lowering timed on a CPU host (benchmarks/first_step_host.py --lower-for-gpu).
+        self.lowering_platforms: Optional[tuple[str, ...]] = None
 
     @property
     def count(self) -> int:
@@ -145,7 +148,8 @@ class TrainPrograms:
 
     def lower(self, fn, args, *, donate, out_shardings) -> jax.stages.Lowered:
         with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules), paused_gc():
-            return jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings).lower(*args)
+            traced = jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings).trace(*args)
+            return traced.lower(lowering_platforms=self.lowering_platforms)
 
     def built(self, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
         """A lowered program compiled with the trainer's XLA options (the one place they are applied)."""
