@@ -1,7 +1,7 @@
 """The cyclic collector is held off while programs are lowered, and given back as the caller had it.
 
-Why it matters: the collector's full passes over a process's objects took a fifth of lowering a first ragged
-training call (benchmarks/RESULTS.md, nineteenth session); a pause that leaked would leave a user's process without
+Why it matters: held off, the collector's passes no longer lengthen lowering on a first step's critical path
+(benchmarks/RESULTS.md, nineteenth session); a pause that leaked would leave a user's process without
 cycle collection, and one that re-enabled a collector the user had turned off would override the user.
 """
 

@@ -2,10 +2,10 @@
 
 Why: tracing allocates in bursts (tracers, equations, MLIR objects), and each burst sets off the collector,
 whose full passes walk every object the process holds: the model, the trainer, and the hundreds of thousands of
-objects that torch and transformers bring. On this repository's CPU, lowering the three programs of a first
-ragged 0.5B training call for a GPU spent 0.66-0.69 s of 3.1 s in the collector (benchmarks/RESULTS.md,
-nineteenth session). Lowering runs on the caller's thread, one program after another, before the last compile can
-start, so the time is on a first step's critical path.
+objects that torch and transformers bring. On this repository's CPU, holding it off took the lowering of a first
+ragged 0.5B training call's three GPU programs from 2.26-2.40 s to 1.60-1.66 s (benchmarks/RESULTS.md, nineteenth
+session). Lowering runs on the caller's thread, one program after another, before the last compile can start, so
+the time is on a first step's critical path.
 
 Only lowering is covered, never a compile or a run: the collector is off for well under a second per program, and
 the cycles tracing leaves behind are collected at the collector's next pass after it is back on. A caller that

@@ -177,9 +177,10 @@ def _fused_fwd(h, delta, scale, eps: float, interpret: bool, plus_one: bool):
 
 # One jitted program per static form (shape, dtype and flags), built once per process. Why: a fresh pallas_call at
 # each site was traced and lowered to Triton at each site: seven kernel lowerings and nine kernel traces in each
-# 0.5B training program, about 40 % of its lowering for a GPU under cProfile (benchmarks/RESULTS.md, nineteenth
-# session). One jitted function is traced once per form, and within one program jax lowers it once and calls it
-# from every site (XLA inlines the calls, so the compiled program is the same).
+# 0.5B training program (a first ragged call's three GPU programs lowered in 2.26-2.40 s before, 1.81-2.15 s after,
+# on this repository's CPU: benchmarks/RESULTS.md, nineteenth session). One jitted function is traced once per form,
+# and within one program jax lowers it once and calls it from every site (XLA inlines the calls, so the compiled
+# program is the same).
 @functools.lru_cache(maxsize=256)
 def _forward_program(rows: int, hidden: int, dtype: jnp.dtype, eps: float, plus_one: bool, interpret: bool):
     out_shape = (
