@@ -57,9 +57,10 @@ for section in "$@"; do
     # where a GPU host's lowering goes (1.9-2.2 s a program on one H100 host, 0.4-0.7 s on the repository's CPU)
     first_step_profile) JAX_PLATFORMS=cuda timeout 120 python3 $B/first_step_host.py --shape qwen05 --compile serial --profile-lowering 45 > $OUT/$section.log 2>&1 ;;
     # compile-time options against the default, first step and speed: PTX compiled in-process (no ptxas process per
-    # module) at 0.5B ragged (3 programs in the first call); at 135M (XLA's Triton GEMMs kept) also no autotuning.
+    # module) and each program's LLVM module split 16 ways at 0.5B ragged (3 programs in the first call); at 135M
+    # (XLA's Triton GEMMs kept) in-process PTX and no autotuning.
     # The driver's JIT cache is off in every run, so no run inherits another's.
-    first_step_flags) CUDA_CACHE_DISABLE=1 timeout 230 python3 $B/bench_speed.py --shapes qwen05 --impls jaxsft --workloads ragged --run-timeout-s 110 --variants '{"nvptx_lib": [{"xla_options": {"xla_gpu_enable_triton_gemm": false, "xla_gpu_enable_libnvptxcompiler": true}}, {}]}' > $OUT/$section.log 2>&1
+    first_step_flags) CUDA_CACHE_DISABLE=1 timeout 340 python3 $B/bench_speed.py --shapes qwen05 --impls jaxsft --workloads ragged --run-timeout-s 110 --variants '{"nvptx_lib": [{"xla_options": {"xla_gpu_enable_triton_gemm": false, "xla_gpu_enable_libnvptxcompiler": true}}, {}], "llvm_split_16": [{"xla_options": {"xla_gpu_enable_triton_gemm": false, "xla_gpu_force_compilation_parallelism": 16}}, {}]}' > $OUT/$section.log 2>&1
         CUDA_CACHE_DISABLE=1 timeout 200 python3 $B/bench_speed.py --shapes smol --impls jaxsft --workloads fixed --run-timeout-s 65 --variants '{"nvptx_lib": [{"xla_options": {"xla_gpu_enable_libnvptxcompiler": true}}, {}], "autotune_0": [{"xla_options": {"xla_gpu_autotune_level": 0}}, {}]}' >> $OUT/$section.log 2>&1 ;;
     profile_sequence_135) timeout 120 python3 $B/profile_decode.py --shape smollm2 --batch 64 --new 256 --explain --sequence 40 --top 12 > $OUT/$section.log 2>&1 ;;
   esac
