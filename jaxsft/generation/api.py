@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft.infra import compile_options, sharding as shd
-from jaxsft.infra.gc_pause import paused_gc
+from jaxsft.infra.side_by_side import compile_side_by_side, lowered_here
 from jaxsft.generation import engine
 from jaxsft.generation.causal import CausalAdapter
 from jaxsft.generation.engine import MIN_NEW_TOKENS_BUCKET, MIN_PROMPT_BUCKET, DecodeState, pow2_at_least
@@ -270,6 +270,13 @@ class Sampler:
             _COMPILES[key[0]] += 1
         return self._programs[key]
 
+    def _compile_missing(self, lowerings: dict[tuple, Callable[[], Any]], compile_one: Callable[[Any], Any]) -> None:
+        """The programs of ``lowerings`` this sampler lacks, compiled side by side (jaxsft.infra.side_by_side)."""
+        missing = {key: lower for key, lower in lowerings.items() if key not in self._programs}
+        for key, program in compile_side_by_side(missing, compile_one).items():
+            self._programs[key] = program
+            _COMPILES[key[0]] += 1
+
     def _run_engine(self, adapter, graphdef, state, mesh, shape: engine.Shape, prompt_ids, params: SamplingParams,
                     call: "_Resolved", sampling: Sampling) -> list[tuple[np.ndarray, str]]:
         mode, rules = params.mode(), self.sharding_rules
@@ -292,33 +299,42 @@ class Sampler:
             return shd.place_array(np.asarray(np.int32(v)), rep)
 
         options = self.xla_options or None
-        def built(lower):  # lowered with the collector held off (jaxsft.infra.gc_pause), then compiled
-            with paused_gc():
-                lowered = lower()
-            return lowered.compile(compiler_options=options)
 
-        init = self._program(("init", graphdef, sig, mesh, shape), lambda: built(lambda: jax.jit(
-            engine.make_init(adapter, shape), out_shardings=layouts).lower()))
+        def compiled(lowered):
+            return lowered.compile(compiler_options=options)
 
         def example():  # the engine state's abstract value, for compiling (traced only then)
             abstract = jax.eval_shape(engine.make_init(adapter, shape))
             return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, layouts)
 
-        def prefill(gp):
-            def build():
-                inputs = place_inputs(np.zeros((gp, shape.prompt_slots), np.int32),
-                                      np.zeros((gp, shape.prompt_slots), np.int32), np.zeros((gp,), np.int32),
-                                      np.zeros((gp * shape.n,), np.int32))
-                return built(lambda: jax.jit(engine.make_prefill(adapter, graphdef, shape, mode), donate_argnums=(1,),
-                                             out_shardings=layouts).lower(state, example(), inputs, scalars))
+        def lower_init():
+            return jax.jit(engine.make_init(adapter, shape), out_shardings=layouts).lower()
 
-            return self._program(("prefill",) + base + (gp,), build)
+        def lower_prefill(gp: int):
+            inputs = place_inputs(np.zeros((gp, shape.prompt_slots), np.int32), np.zeros((gp, shape.prompt_slots), np.int32),
+                                  np.zeros((gp,), np.int32), np.zeros((gp * shape.n,), np.int32))
+            return jax.jit(engine.make_prefill(adapter, graphdef, shape, mode), donate_argnums=(1,),
+                           out_shardings=layouts).lower(state, example(), inputs, scalars)
 
-        decode = self._program(("decode",) + base, lambda: built(lambda: jax.jit(
-            engine.make_decode(adapter, graphdef, shape, mode), donate_argnums=(1,), out_shardings=layouts,
-        ).lower(state, example(), scalars, place_scalar(0), place_scalar(0))))
-        programs = engine.Programs(init=init, prefill=prefill, decode=decode)
+        def lower_decode():
+            return jax.jit(engine.make_decode(adapter, graphdef, shape, mode), donate_argnums=(1,),
+                           out_shardings=layouts).lower(state, example(), scalars, place_scalar(0), place_scalar(0))
+
+        def prefill_key(gp: int) -> tuple:
+            return ("prefill",) + base + (gp,)
+
+        # What every call runs first (init, the first fill's prefill, decode) compiles side by side; a later fill's
+        # other prompt count compiles when first met.
         cap = adapter.prefill_group_cap(shape.prompt_slots, PREFILL_SCORE_BYTES)
+        first_gp = engine.first_fill_size(shape, cap)
+        init_key, decode_key = ("init", graphdef, sig, mesh, shape), ("decode",) + base
+        self._compile_missing({init_key: lower_init, prefill_key(first_gp): lambda: lower_prefill(first_gp),
+                               decode_key: lower_decode}, compiled)
+
+        def prefill(gp: int):
+            return self._program(prefill_key(gp), lambda: compiled(lowered_here(lambda: lower_prefill(gp))))
+
+        programs = engine.Programs(init=self._programs[init_key], prefill=prefill, decode=self._programs[decode_key])
         on_chunk, step_limit = None, None
         if params.stop:
             stops = params.stop

@@ -239,6 +239,12 @@ def layouts(adapter: DecodeModel, mesh, shape: Shape, rules) -> DecodeState:
     )
 
 
+def first_fill_size(shape: Shape, prefill_cap: int) -> int:
+    """Prompts in a call's first prefill: every group slot at once (fillers where prompts run out), up to the cap,
+    so a call runs the prefill program its shape already has. Known before the call, so it compiles beside decode."""
+    return min(prefill_cap, shape.groups)
+
+
 def run(programs: Programs, state, queue: Queue, shape: Shape, pad_id: int, max_new: int, prefill_cap: int,
         place_inputs: Callable, place_scalar: Callable, place_rows: Callable, scalars: Sampling, *,
         left_pad: bool = True, step_limit: Optional[int] = None, on_chunk: Optional[Callable] = None
@@ -275,7 +281,8 @@ def run(programs: Programs, state, queue: Queue, shape: Shape, pad_id: int, max_
             # The first fill prefills every group (fillers where prompts run out): a call with fewer prompts
             # than slots then runs the one prefill program its shape already has, not one per prompt count.
             first_fill = host is None and len(free) == g
-            gp = min(prefill_cap, g if first_fill else pow2_at_least(min(len(free), queue.waiting())))
+            gp = first_fill_size(shape, prefill_cap) if first_fill else min(
+                prefill_cap, pow2_at_least(min(len(free), queue.waiting())))
             taken = queue.take(min(gp, len(free)))
             slots, free = free[: len(taken)], free[len(taken):]
             ids = np.full((gp, shape.prompt_slots), pad_id, np.int32)

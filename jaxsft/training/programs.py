@@ -10,8 +10,6 @@ evaluation and logits programs read its parameters. The functions compiled are
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -22,7 +20,7 @@ from flax import nnx
 
 from jaxsft.training import objectives
 from jaxsft.infra import sharding as shd
-from jaxsft.infra.gc_pause import paused_gc
+from jaxsft.infra.side_by_side import compile_side_by_side, lowered_here
 from jaxsft.training import step as step_fns
 from jaxsft.training.train_state import TrainState
 
@@ -147,9 +145,12 @@ class TrainPrograms:
         return self.cache[key]
 
     def lower(self, fn, args, *, donate, out_shardings) -> jax.stages.Lowered:
-        with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules), paused_gc():
-            traced = jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings).trace(*args)
-            return traced.lower(lowering_platforms=self.lowering_platforms)
+        def lower_now():
+            with jax.set_mesh(self.mesh), shd.use_rules(self.sharding_rules):
+                traced = jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings).trace(*args)
+                return traced.lower(lowering_platforms=self.lowering_platforms)
+
+        return lowered_here(lower_now)
 
     def built(self, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
         """A lowered program compiled with the trainer's XLA options (the one place they are applied)."""
@@ -210,9 +211,8 @@ class TrainPrograms:
     def compile_missing(self, lowerings: Sequence[Lowerings], meanwhile: Optional[Callable[[], None]] = None) -> float:
         """Compile the call's not-yet-built programs side by side before the first one runs.
 
-        XLA compiles outside the GIL, so a call that meets several new shapes (packing and buckets
-        make a few) waits about as long as its lowerings plus its slowest compile, not the sum of
-        the compiles. Lowering stays on this thread, overlapping the compiles already started.
+        A call that meets several new shapes (packing and buckets make a few) waits about as long as its
+        lowerings plus its slowest compile, not the sum of the compiles (:mod:`jaxsft.infra.side_by_side`).
         ``meanwhile`` is host work the call needs before its first update (the trainer's copy of the
         starting weights for ``reset()``): it runs on this thread once every program is lowered,
         while they compile, instead of after them; it runs (once) even when nothing is missing.
@@ -221,19 +221,9 @@ class TrainPrograms:
         overlapped ``meanwhile`` counts only where it outlasts the compiles).
         """
         missing = self.missing(lowerings)
-        if not missing:
-            if meanwhile is not None:
-                meanwhile()
-            return 0.0
         started = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(missing), os.cpu_count() or 1)) as pool:
-            # Each program starts compiling as soon as it is lowered, while the next one is lowered here.
-            futures = {key: pool.submit(self.built, lower()) for key, lower in missing.items()}
-            if meanwhile is not None:
-                meanwhile()
-            for key, future in futures.items():
-                self.cache[key] = future.result()
-        return time.perf_counter() - started
+        self.cache.update(compile_side_by_side(missing, self.built, meanwhile))
+        return time.perf_counter() - started if missing else 0.0
 
     def compile_each(self, lowerings: Sequence[Lowerings]) -> list[tuple[tuple, float, float]]:
         """:meth:`compile_missing` one program at a time: ``(key, lowering seconds, compiling seconds)`` for each
