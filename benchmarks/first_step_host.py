@@ -37,7 +37,7 @@ a first step that only a GPU host can measure is broken down by what its compile
 inclusive (a phase contains its sub-phases), so rows do not add up.
 
 ``--profile-lowering N`` profiles the calls' Python with cProfile: on one H100 host lowering took 1.9-2.2 s a
-program (eighteenth session), against 0.4-0.7 s on this repository's 2-core CPU for the CPU's programs, so where
+program (eighteenth session), against 0.26-0.44 s on this repository's 2-core CPU for the CPU's programs, so where
 a GPU host's lowering goes is measured there, not guessed.
 """
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import threading
 
-import jax
 import numpy as np
 import pytest
 
@@ -107,4 +106,3 @@ def test_training_and_generation_lower_with_the_collector_off(monkeypatch, tmp_p
     trainer.generate(["the quick brown fox"], max_new_tokens=4)
     assert traced_steps and not any(traced_steps)  # the decode program was traced with the collector off
     assert gc.isenabled()
-    jax.block_until_ready(trainer.train_state)

@@ -20,7 +20,8 @@ Key = TypeVar("Key", bound=Hashable)
 
 
 def lowered_here(lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Lowered:
-    """``lower()`` with the collector held off: the one way a program of the trainer or the engine is lowered."""
+    """``lower()`` with the collector held off: the one way a program of the trainer or the engine is lowered
+    (the trainer's lowerings pause it themselves too, for programs built one at a time; a nested pause only counts)."""
     with paused_gc():
         return lower()
 

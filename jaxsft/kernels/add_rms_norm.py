@@ -206,11 +206,10 @@ def _fused_bwd(eps: float, interpret: bool, plus_one: bool, residuals, cotangent
     s, scale, rstd = residuals
     ds, dy = cotangents
     rows, hidden = s.shape
-    block_rows, lanes = _blocks(rows, hidden)
-    programs = -(-rows // block_rows)
     call = _backward_program(rows, hidden, s.dtype, plus_one, interpret)
     dx, shares = call(s, scale, rstd, dy.astype(s.dtype), ds.astype(s.dtype))
-    d_scale = jnp.sum(shares.reshape(programs, lanes)[:, :hidden], axis=0)  # fp32, as layers.rms_norm's backward
+    lanes = _blocks(rows, hidden)[1]  # one row of shares per kernel program
+    d_scale = jnp.sum(shares.reshape(-1, lanes)[:, :hidden], axis=0)  # fp32, as layers.rms_norm's backward
     return dx, dx, d_scale.astype(scale.dtype)
 
 
